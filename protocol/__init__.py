@@ -1,0 +1,28 @@
+"""What sender and receivers agree on: messages, codec, dtypes, errors, transports."""
+
+from .errors import (
+    ManifestMismatch,
+    PeerLost,
+    PeerTimeout,
+    ProtocolError,
+    RemoteError,
+    TransportError,
+    VersionAborted,
+    WeightstreamError,
+)
+from .messages import ALIGNMENT, PROTOCOL_VERSION, decode, encode
+
+__all__ = [
+    "ALIGNMENT",
+    "PROTOCOL_VERSION",
+    "ManifestMismatch",
+    "PeerLost",
+    "PeerTimeout",
+    "ProtocolError",
+    "RemoteError",
+    "TransportError",
+    "VersionAborted",
+    "WeightstreamError",
+    "decode",
+    "encode",
+]

@@ -1,0 +1,142 @@
+"""POSIX shared-memory transport: host slots shared by name between processes.
+
+The sender creates each slot once per session and unlinks it on close; Python's
+resource tracker unlinks it too if the sender is killed. Receivers map a slot by
+name without registering it with their own resource tracker (which would unlink
+the sender's segment when a receiver exits) and cache the mapping per session.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import socket
+from multiprocessing import shared_memory
+from typing import Any
+
+import numpy as np
+
+from .errors import TransportError
+
+try:  # CPython's own binding of shm_open, used by multiprocessing.shared_memory
+    import _posixshmem
+except ImportError:  # pragma: no cover - non-POSIX
+    _posixshmem = None
+
+PREFIX = "ws_"
+
+
+def host_identity() -> str:
+    """Slots by name only make sense on the same host (and the same /dev/shm)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _map_readwrite(fd: int, size: int) -> mmap.mmap:
+    return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+class ShmExportedSlot:
+    def __init__(self, size: int) -> None:
+        name = f"{PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
+        try:
+            self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        except OSError as exc:
+            raise TransportError(
+                f"could not create a {size}-byte shared-memory slot ({exc}); "
+                "free space in /dev/shm or lower bucket_bytes/num_buffers"
+            ) from exc
+        self.size = size
+        self.name = name
+        self._view: np.ndarray | None = np.frombuffer(self._shm.buf, dtype=np.uint8, count=size)
+
+    def descriptor(self) -> dict[str, Any]:
+        return {"name": self.name, "size": self.size, "host": host_identity()}
+
+    def host_view(self) -> np.ndarray:
+        if self._view is None:
+            raise TransportError(f"slot {self.name} is closed")
+        return self._view
+
+    def close(self) -> None:
+        if self._view is None:
+            return
+        self._view = None
+        try:
+            self._shm.close()
+        except BufferError:
+            pass  # a view is still alive somewhere; the mapping goes when it does
+        try:
+            self._shm.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class ShmImportedSlot:
+    def __init__(self, descriptor: dict[str, Any]) -> None:
+        name, size = descriptor.get("name"), descriptor.get("size")
+        if not isinstance(name, str) or not name.startswith(PREFIX) or "/" in name or len(name) > 200:
+            raise TransportError(f"shm slot descriptor: expected a name starting with {PREFIX!r}, got {name!r}")
+        if not isinstance(size, int) or size <= 0:
+            raise TransportError(f"shm slot descriptor: expected a positive size, got {size!r}")
+        if descriptor.get("host") != host_identity():
+            raise TransportError(
+                f"shm slot {name} lives on host {descriptor.get('host')!r}, this receiver runs on {host_identity()!r}; "
+                "shared memory only works on one host: use transport='tcp' across hosts"
+            )
+        if _posixshmem is None:  # pragma: no cover
+            raise TransportError("POSIX shared memory is not available on this platform")
+        try:
+            fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+        except OSError as exc:
+            raise TransportError(f"could not open shared-memory slot {name} ({exc}); is the sender alive?") from exc
+        try:
+            actual = os.fstat(fd).st_size
+            if actual < size:
+                raise TransportError(f"shm slot {name}: expected at least {size} bytes, segment has {actual}")
+            self._mmap: mmap.mmap | None = _map_readwrite(fd, size)
+        finally:
+            os.close(fd)
+        self.name = name
+        self.size = size
+        self._view: np.ndarray | None = np.frombuffer(self._mmap, dtype=np.uint8, count=size)
+
+    def host_view(self) -> np.ndarray:
+        if self._view is None:
+            raise TransportError(f"slot {self.name} is closed")
+        return self._view
+
+    def close(self) -> None:
+        self._view = None
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                pass  # a consumer still holds a view; the mapping is released with it
+            self._mmap = None
+
+
+class ShmTransport:
+    name = "shm"
+
+    def create_slots(self, count: int, size: int) -> list[ShmExportedSlot]:
+        slots: list[ShmExportedSlot] = []
+        try:
+            for _ in range(count):
+                slots.append(ShmExportedSlot(size))
+        except BaseException:
+            for slot in slots:
+                slot.close()
+            raise
+        return slots
+
+    def open_slot(self, descriptor: dict[str, Any]) -> ShmImportedSlot:
+        return ShmImportedSlot(descriptor)
+
+
+TRANSPORT = ShmTransport()

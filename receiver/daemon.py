@@ -1,0 +1,551 @@
+"""``ReceiverDaemon``: the inference rank's asyncio daemon (uvloop, zmq.asyncio).
+
+One DEALER socket to the sender, three concurrent stages per daemon:
+a reader that decodes and validates every frame and maps buckets into typed
+views (at most ``prefetch`` ahead), a heartbeat task, and an apply thread that
+runs the user's ``load_weights`` once per version over a synchronous iterator.
+``serve()`` is the whole daemon for hosts that own a loop; ``start()`` runs it
+on uvloop in a background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from ..protocol import messages as m
+from ..protocol.errors import (
+    PeerLost,
+    PeerTimeout,
+    ProtocolError,
+    VersionAborted,
+    WeightstreamError,
+    from_wire,
+    wire_name,
+)
+from ..protocol.shm import host_identity
+from ..protocol.tensors import Framework
+from ..protocol.transport import ImportedSlot, available_transports, get_transport
+from .manifest import check_manifest
+from .prefetch import PrefetchQueue
+from .version_run import VersionRun
+
+log = logging.getLogger("weightstream.receiver")
+
+ParamSpecs = Mapping[str, tuple[str, Sequence[int]]]
+
+
+@dataclass(frozen=True)
+class DaemonStatus:
+    """A snapshot of a daemon: what it serves and whether the model is whole."""
+
+    state: str  # "idle" | "receiving" | "aborted" | "stopped"
+    committed_version: str | None
+    receiving_version: str | None
+    model_intact: bool
+    last_error: str | None
+    connected: bool
+
+
+class ReceiverDaemon:
+    """Receives versions from a ``BucketSender`` and applies them through ``load_weights``.
+
+    ``load_weights`` is either a plain callable taking an iterator of
+    ``(name, tensor)`` pairs, or a sink (``TorchModuleSink``, ``PaddleLayerSink``,
+    ``NumpySink``, ``PrefixRouter``) or a bound ``load_weights`` of one; a sink
+    supplies ``param_specs`` for the manifest check and the views' framework.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        load_weights: Any,
+        *,
+        rank: int = 0,
+        prefetch: int = 2,
+        framework: Framework | None = None,
+        expected: ParamSpecs | None = None,
+        allow_missing: bool = False,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 10.0,
+        apply_timeout: float = 300.0,
+    ) -> None:
+        if not isinstance(rank, int) or rank < 0:
+            raise WeightstreamError(f"rank must be an int >= 0, got {rank!r}")
+        if prefetch < 1:
+            raise WeightstreamError(f"prefetch must be >= 1, got {prefetch}")
+        self.endpoint = endpoint
+        self.rank = rank
+        self.prefetch = prefetch
+        self._load, self._sink = _resolve_target(load_weights)
+        self.framework: Framework = framework or getattr(self._sink, "framework", None) or "numpy"
+        self._expected = expected
+        self._allow_missing = allow_missing
+        self._hb_interval = heartbeat_interval
+        self._hb_timeout = heartbeat_timeout
+        self._apply_timeout = apply_timeout
+        self._session = secrets.token_hex(8)
+
+        self._cond = threading.Condition()
+        self._committed: str | None = None
+        self._failed: dict[str, WeightstreamError] = {}
+        self._state = "idle"
+        self._model_intact = True
+        self._last_error: str | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._serving = False
+
+        # session state, owned by the loop
+        self._sock: Any = None
+        self._welcome: m.Welcome | None = None
+        self._slots: list[ImportedSlot] = []
+        self._last_heard = 0.0
+        self._run: VersionRun | None = None
+        self._run_task: asyncio.Task[None] | None = None
+        self._inbox: asyncio.Queue[m.Bucket] | None = None
+        self._busy_slots: set[int] = set()
+        self._executor: ThreadPoolExecutor | None = None
+        self._error_limiter = m.ErrorReplyLimiter()
+
+    # --- public, thread-safe ---------------------------------------------------------
+
+    @property
+    def committed_version(self) -> str | None:
+        with self._cond:
+            return self._committed
+
+    @property
+    def status(self) -> DaemonStatus:
+        with self._cond:
+            run = self._run
+            return DaemonStatus(
+                state=self._state,
+                committed_version=self._committed,
+                receiving_version=run.version if run is not None and self._state == "receiving" else None,
+                model_intact=self._model_intact,
+                last_error=self._last_error,
+                connected=self._welcome is not None,
+            )
+
+    def start(self, timeout: float = 10.0) -> ReceiverDaemon:
+        """Run the daemon on a uvloop event loop in a background thread."""
+        if self._thread is not None:
+            raise WeightstreamError("daemon already started; call stop() first")
+        started = threading.Event()
+
+        def main() -> None:
+            try:
+                import uvloop
+
+                loop = uvloop.new_event_loop()
+            except ImportError:  # pragma: no cover - uvloop is a dependency, but keep running without it
+                loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self.serve(_started=started))
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=main, name=f"weightstream-rank{self.rank}", daemon=True)
+        self._thread.start()
+        if not started.wait(timeout):
+            raise PeerTimeout(f"daemon thread did not start within {timeout}s")
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort any version in flight, say BYE, unmap every slot and stop the thread."""
+        loop, event = self._loop, self._stop_event
+        if loop is not None and event is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:
+                pass  # loop already closed
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise PeerTimeout(f"daemon of rank {self.rank} did not stop within {timeout}s")
+            self._thread = None
+
+    def wait_for_version(self, version: str, timeout: float) -> None:
+        """Block until ``version`` is committed; raise its error if it failed, PeerTimeout on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._committed != version:
+                if version in self._failed:
+                    raise self._failed[version]
+                if self._state == "stopped":
+                    raise WeightstreamError(f"daemon stopped before version {version!r} was committed")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PeerTimeout(
+                        f"version {version!r} was not committed within {timeout}s (committed: {self._committed!r}); "
+                        "is the trainer pushing it?"
+                    )
+                self._cond.wait(left)
+
+    def __enter__(self) -> ReceiverDaemon:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- the daemon ------------------------------------------------------------------
+
+    async def serve(self, _started: threading.Event | None = None) -> None:
+        """Run until ``stop()``; for hosts that own an event loop, ``await daemon.serve()``."""
+        if self._serving:
+            raise WeightstreamError("daemon is already serving")
+        self._serving = True
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"weightstream-apply{self.rank}")
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, str(self.rank).encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue stale HELLO/PING for a sender that is not there
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.connect(self.endpoint)
+        self._sock = sock
+        with self._cond:
+            self._state = "idle"
+        tasks = [
+            asyncio.create_task(self._read_loop(), name="weightstream-read"),
+            asyncio.create_task(self._heartbeat_loop(), name="weightstream-heartbeat"),
+        ]
+        if _started is not None:
+            _started.set()
+        try:
+            stop_wait = asyncio.create_task(self._stop_event.wait())
+            done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stop_wait and task.exception() is not None:
+                    log.error("rank %d: daemon task failed: %r", self.rank, task.exception())
+            stop_wait.cancel()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._abort_run(WeightstreamError("daemon stopped"), notify=False)
+            if self._welcome is not None:
+                self._send(m.Bye(reason="daemon stopped"))
+            self._drop_session()
+            sock.close(linger=0)
+            ctx.term()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            with self._cond:
+                self._state = "stopped"
+                self._cond.notify_all()
+            self._serving = False
+
+    def _send(self, msg: m.Message) -> None:
+        """Send without waiting; with IMMEDIATE set, a frame for a gone sender is dropped."""
+        try:
+            self._sock.send(m.encode(msg), flags=zmq.NOBLOCK).add_done_callback(_ignore_send_error)
+        except zmq.ZMQError as exc:
+            log.debug("rank %d: could not send %s: %s", self.rank, msg.TYPE, exc)
+
+    def _hello(self) -> m.Hello:
+        return m.Hello(
+            rank=self.rank,
+            session=self._session,
+            transports=available_transports(),
+            host=host_identity(),
+            device="",
+            pid=os.getpid(),
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            if self._welcome is None:
+                self._send(self._hello())
+                await asyncio.sleep(self._hb_interval)
+                continue
+            silent = time.monotonic() - self._last_heard
+            if silent > self._welcome.heartbeat_timeout:
+                log.warning("rank %d: sender silent for %.1fs; treating it as lost", self.rank, silent)
+                await self._sender_lost(f"the sender sent nothing for {silent:.1f}s (heartbeat timeout)")
+                continue
+            self._send(m.Ping(session=self._welcome.session))
+            await asyncio.sleep(self._welcome.heartbeat_interval)
+
+    async def _sender_lost(self, reason: str) -> None:
+        await self._abort_run(PeerLost(f"{reason}; the version in flight was aborted"), notify=False)
+        self._drop_session()
+        self._send(self._hello())
+
+    async def _read_loop(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart()
+            self._last_heard = time.monotonic()
+            if len(frames) != 1:
+                self._protocol_error(ProtocolError(f"expected 1 frame per message, got {len(frames)}"))
+                continue
+            try:
+                msg = m.decode(frames[0])
+                await self._dispatch(msg)
+            except ProtocolError as exc:
+                self._protocol_error(exc)
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        log.warning("rank %d: %s", self.rank, exc)
+        with self._cond:
+            self._last_error = f"ProtocolError: {exc}"
+        if self._error_limiter.allow(exc, time.monotonic()):
+            self._send(m.Error(error="ProtocolError", message=str(exc)[: m.MAX_TEXT_LEN]))
+
+    async def _dispatch(self, msg: m.Message) -> None:
+        if isinstance(msg, m.Welcome):
+            await self._on_welcome(msg)
+        elif isinstance(msg, m.Pong):
+            if self._welcome is not None and msg.session != self._welcome.session:
+                await self._sender_lost("a new sender answered at the endpoint")
+        elif isinstance(msg, m.Bye):
+            if self._welcome is not None:
+                log.info("rank %d: sender said BYE (%s)", self.rank, msg.reason)
+                await self._abort_run(PeerLost(f"the sender left ({msg.reason})"), notify=False)
+                self._drop_session()
+        elif isinstance(msg, m.Error):
+            log.warning("rank %d: sender reported %s: %s", self.rank, msg.error, msg.message)
+            with self._cond:
+                self._last_error = f"{msg.error}: {msg.message}"
+        elif self._welcome is None:
+            raise ProtocolError(f"{msg.TYPE} before WELCOME; expected HELLO/WELCOME first")
+        elif isinstance(msg, m.Begin):
+            await self._on_begin(msg)
+        elif isinstance(msg, m.Bucket):
+            self._on_bucket(msg)
+        elif isinstance(msg, m.Commit):
+            self._on_commit(msg)
+        elif isinstance(msg, m.Abort):
+            if self._run is not None and self._run.version == msg.version:
+                await self._abort_run(VersionAborted(f"sender aborted version {msg.version!r}: {msg.reason}"), notify=False)
+        else:
+            raise ProtocolError(f"unexpected {msg.TYPE} from the sender")
+
+    async def _on_welcome(self, msg: m.Welcome) -> None:
+        if self._welcome is not None and self._welcome.session == msg.session:
+            return  # a repeated WELCOME for a repeated HELLO
+        if self._welcome is not None:
+            await self._sender_lost("the sender restarted")
+        try:
+            transport = get_transport(msg.transport)
+            slots: list[ImportedSlot] = []
+            try:
+                for desc in msg.slots:
+                    slots.append(transport.open_slot(desc))
+            except BaseException:
+                for slot in slots:
+                    slot.close()
+                raise
+        except WeightstreamError as exc:
+            log.warning("rank %d: cannot map the sender's slots: %s", self.rank, exc)
+            with self._cond:
+                self._last_error = f"{type(exc).__name__}: {exc}"
+            self._send(m.Error(error=wire_name(exc), message=str(exc)))
+            return
+        self._slots = slots
+        self._welcome = msg
+        log.info("rank %d: connected to sender (pid %d, %d %s slots)", self.rank, msg.pid, len(slots), msg.transport)
+
+    def _drop_session(self) -> None:
+        for slot in self._slots:
+            slot.close()
+        self._slots = []
+        self._welcome = None
+        self._busy_slots.clear()
+
+    # --- versions --------------------------------------------------------------------
+
+    async def _on_begin(self, msg: m.Begin) -> None:
+        if self._run is not None:
+            await self._abort_run(VersionAborted(f"superseded by version {msg.version!r}"), notify=False)
+        expected = self._expected
+        if expected is None and self._sink is not None:
+            expected = self._sink.param_specs()
+        if expected:
+            try:
+                check_manifest(msg.names, msg.dtypes, msg.shapes, expected, allow_missing=self._allow_missing)
+            except WeightstreamError as exc:
+                log.warning("rank %d: rejected version %r: %s", self.rank, msg.version, exc)
+                self._record_failure(msg.version, exc, touched=False)
+                self._send(m.Reject(version=msg.version, error=wire_name(exc), reason=str(exc)[: m.MAX_TEXT_LEN]))
+                return
+        loop = asyncio.get_running_loop()
+        run = VersionRun(
+            msg,
+            framework=self.framework,
+            queue=PrefetchQueue(self.prefetch, loop),
+            timeout=self._apply_timeout,
+            on_ack=lambda seq, slot: loop.call_soon_threadsafe(self._ack, run, seq, slot),
+            destination=getattr(self._sink, "destination", None),
+        )
+        self._run = run
+        self._inbox = asyncio.Queue()
+        self._busy_slots.clear()
+        with self._cond:
+            self._state = "receiving"
+        self._run_task = asyncio.create_task(self._apply(run, self._inbox))
+        self._send(m.Ready(version=msg.version))
+
+    def _on_bucket(self, msg: m.Bucket) -> None:
+        run, welcome = self._run, self._welcome
+        if run is None or run.version != msg.version or self._inbox is None or welcome is None:
+            raise ProtocolError(f"BUCKET for version {msg.version!r} with no such version in progress")
+        m.check_bucket_fits(msg, [s.size for s in self._slots], welcome.alignment)
+        if msg.slot in self._busy_slots:
+            raise ProtocolError(f"BUCKET {msg.seq}: slot {msg.slot} reused before this receiver acked it")
+        self._busy_slots.add(msg.slot)
+        self._inbox.put_nowait(msg)
+
+    def _ack(self, run: VersionRun, seq: int, slot: int) -> None:
+        if run is not self._run:
+            return
+        self._busy_slots.discard(slot)
+        self._send(m.Ack(version=run.version, seq=seq))
+
+    def _on_commit(self, msg: m.Commit) -> None:
+        run = self._run
+        if run is None or run.version != msg.version:
+            self._send(
+                m.Failed(version=msg.version, error="VersionAborted", message="COMMIT for a version not in progress on this rank")
+            )
+            return
+        run.commit_requested = True
+        self._maybe_commit(run)
+
+    def _maybe_commit(self, run: VersionRun) -> None:
+        if not (run.commit_requested and run.applied_ok) or run is not self._run:
+            return
+        seconds = time.perf_counter() - run.started
+        with self._cond:
+            self._committed = run.version
+            self._state = "idle"
+            self._model_intact = True
+            self._cond.notify_all()
+        self._run = None
+        self._inbox = None
+        self._send(m.Committed(version=run.version, tensors=run.applied, bytes=run.total_bytes, seconds=seconds))
+        log.info("rank %d: committed %s (%d tensors, %.3fs)", self.rank, run.version, run.applied, seconds)
+
+    async def _apply(self, run: VersionRun, inbox: asyncio.Queue[m.Bucket]) -> None:
+        run.started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        feeder = asyncio.create_task(self._feed(run, inbox))
+        future = loop.run_in_executor(self._executor, self._apply_sync, run)
+        try:
+            await asyncio.shield(future)
+        except WeightstreamError as exc:
+            self._fail_run(run, exc)
+            return
+        except Exception as exc:  # the user's load_weights raised: report it by name
+            self._fail_run(run, exc)
+            return
+        finally:
+            feeder.cancel()
+        run.applied_ok = True
+        self._maybe_commit(run)
+
+    def _apply_sync(self, run: VersionRun) -> None:
+        iterator = run.iterate()
+        self._load(iterator)
+        if not run.complete:
+            raise VersionAborted(
+                f"load_weights returned after applying {run.applied} of {run.total_tensors} tensors of "
+                f"{run.version!r}; it must consume the whole iterator"
+            )
+
+    async def _feed(self, run: VersionRun, inbox: asyncio.Queue[m.Bucket]) -> None:
+        """Prepare buckets (validate, slice into views) at most ``prefetch`` ahead."""
+        while True:
+            msg = await inbox.get()
+            try:
+                prepared = run.prepare(msg, self._slots[msg.slot].host_view())
+            except WeightstreamError as exc:
+                self._protocol_error(exc if isinstance(exc, ProtocolError) else ProtocolError(str(exc)))
+                run.queue.abort(exc)
+                return
+            await run.queue.put(prepared)
+
+    def _fail_run(self, run: VersionRun, exc: BaseException) -> None:
+        if run is not self._run:
+            return
+        log.warning("rank %d: version %r failed: %s: %s", self.rank, run.version, type(exc).__name__, exc)
+        error = exc if isinstance(exc, WeightstreamError) else from_wire(type(exc).__name__, str(exc), rank=self.rank)
+        self._record_failure(run.version, error, touched=run.touched)
+        self._run = None
+        self._inbox = None
+        self._send(
+            m.Failed(
+                version=run.version,
+                error=type(exc).__name__,
+                message=f"{type(exc).__name__}: {exc}"[: m.MAX_TEXT_LEN],
+                model_intact=not run.touched,
+            )
+        )
+
+    def _record_failure(self, version: str, error: WeightstreamError, *, touched: bool) -> None:
+        with self._cond:
+            self._failed[version] = error
+            if len(self._failed) > 64:
+                self._failed.pop(next(iter(self._failed)))
+            self._last_error = f"{type(error).__name__}: {error}"
+            if touched:
+                self._model_intact = False
+                self._state = "aborted"
+            elif self._state == "receiving":
+                self._state = "idle" if self._model_intact else "aborted"
+            self._cond.notify_all()
+
+    async def _abort_run(self, error: WeightstreamError, *, notify: bool) -> None:
+        """Stop the version in flight and wait (bounded) for load_weights to return."""
+        run, task = self._run, self._run_task
+        if run is None:
+            return
+        run.queue.abort(error)
+        if task is not None and not task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout=self._apply_timeout)
+            except asyncio.TimeoutError:
+                log.error("rank %d: load_weights did not return within %.0fs of an abort", self.rank, self._apply_timeout)
+        if self._run is run:  # _apply did not already record it
+            self._record_failure(run.version, error, touched=run.touched)
+            self._run = None
+            self._inbox = None
+        if notify:
+            self._send(m.Failed(version=run.version, error=wire_name(error), message=str(error), model_intact=not run.touched))
+
+
+def _ignore_send_error(future: Any) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("send failed: %s", future.exception())
+
+
+def _resolve_target(target: Any) -> tuple[Callable[[Any], Any], Any]:
+    """Return (load_weights callable, sink or None) for what the user passed."""
+    if hasattr(target, "param_specs") and hasattr(target, "load_weights"):
+        return target.load_weights, target
+    owner = getattr(target, "__self__", None)
+    if callable(target):
+        sink = owner if owner is not None and hasattr(owner, "param_specs") and hasattr(owner, "framework") else None
+        return target, sink
+    from .sinks import as_sink
+
+    sink = as_sink(target)
+    return sink.load_weights, sink

@@ -1,0 +1,55 @@
+"""Pure manifest check: does a version's manifest match the model? No I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from ..protocol.dtypes import DTYPES, by_name
+from ..protocol.errors import ManifestMismatch
+
+ParamSpecs = Mapping[str, tuple[str, Sequence[int]]]
+
+MAX_LISTED = 5
+
+
+def check_manifest(
+    names: Sequence[str],
+    dtype_codes: Sequence[int],
+    shapes: Sequence[Sequence[int]],
+    expected: ParamSpecs,
+    *,
+    allow_missing: bool = False,
+) -> None:
+    """Raise :class:`ManifestMismatch` listing the first offenders of each kind."""
+    unexpected: list[str] = []
+    wrong: list[str] = []
+    seen: set[str] = set()
+    for name, code, shape in zip(names, dtype_codes, shapes):
+        seen.add(name)
+        spec = expected.get(name)
+        if spec is None:
+            unexpected.append(name)
+            continue
+        want_dtype, want_shape = by_name(spec[0]), tuple(int(d) for d in spec[1])
+        got_dtype, got_shape = DTYPES[code], tuple(shape)
+        if want_dtype.code != code or want_shape != got_shape:
+            wrong.append(f"{name}: expected {want_dtype.name}{list(want_shape)}, got {got_dtype.name}{list(got_shape)}")
+    missing = [] if allow_missing else [n for n in expected if n not in seen]
+    if not (unexpected or wrong or missing):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (in the model, not sent): {_first(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (sent, not in the model): {_first(unexpected)}")
+    if wrong:
+        parts.append(f"{len(wrong)} with wrong dtype/shape: {_first(wrong)}")
+    raise ManifestMismatch(
+        "manifest does not match the model; " + "; ".join(parts)
+        + ". Fix the trainer's names/dtypes/shapes (or the model config); the model was not touched"
+    )
+
+
+def _first(items: list[str]) -> str:
+    shown = ", ".join(items[:MAX_LISTED])
+    return shown + (f", … (+{len(items) - MAX_LISTED})" if len(items) > MAX_LISTED else "")

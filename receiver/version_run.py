@@ -1,0 +1,151 @@
+"""One version on a receiver: bucket validation and slicing, and the iterator fed to load_weights.
+
+``prepare`` runs on the daemon's loop as buckets arrive: it checks every entry
+against the version's manifest and slices the slot into typed zero-copy views.
+``iterate`` runs in the apply thread: it yields ``(name, view)`` pairs and acks a
+bucket only once the consumer asked for the item after its last entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..protocol import messages as m
+from ..protocol.dtypes import DTYPES
+from ..protocol.errors import ProtocolError
+from ..protocol.tensors import Framework, view_as
+from .prefetch import PrefetchQueue
+
+
+@dataclass
+class PreparedBucket:
+    seq: int
+    slot: int
+    # (name, typed view, -1) for a whole tensor; (name, raw uint8 piece, byte offset) for a chunk
+    entries: list[tuple[str, Any, int]]
+
+
+class VersionRun:
+    def __init__(
+        self,
+        begin: m.Begin,
+        *,
+        framework: Framework,
+        queue: PrefetchQueue,
+        timeout: float,
+        on_ack: Callable[[int, int], None],
+        before_ack: Callable[[], None] | None = None,
+        destination: Callable[[str], np.ndarray | None] | None = None,
+    ) -> None:
+        self.version = begin.version
+        self.num_buckets = begin.buckets
+        self.total_tensors = len(begin.names)
+        self.total_bytes = begin.total_bytes
+        self.manifest: dict[str, tuple[int, tuple[int, ...], int]] = {
+            name: (code, tuple(shape), m.tensor_nbytes(code, shape))
+            for name, code, shape in zip(begin.names, begin.dtypes, begin.shapes)
+        }
+        self.framework = framework
+        self.queue = queue
+        self.timeout = timeout
+        self._on_ack = on_ack
+        self._before_ack = before_ack
+        self._destination = destination
+        # loop side
+        self.next_seq = 0
+        self._received: dict[str, int] = {}
+        # consumer side
+        self.applied = 0
+        self.touched = False  # something was handed to load_weights or written in place
+        self.finished = False
+        self._partial: dict[str, tuple[np.ndarray, bool]] = {}
+        # set by the daemon
+        self.commit_requested = False
+        self.applied_ok = False
+        self.started = 0.0
+
+    # --- loop side -----------------------------------------------------------------------
+
+    def prepare(self, msg: m.Bucket, slot_view: np.ndarray) -> PreparedBucket:
+        if msg.seq != self.next_seq:
+            raise ProtocolError(f"BUCKET: field 'seq': expected {self.next_seq}, got {msg.seq}")
+        if msg.seq >= self.num_buckets:
+            raise ProtocolError(f"BUCKET: field 'seq': version {self.version!r} has {self.num_buckets} buckets, got seq {msg.seq}")
+        self.next_seq += 1
+        entries: list[tuple[str, Any, int]] = []
+        manifest, received, framework = self.manifest, self._received, self.framework
+        for name, code, shape, offset, nbytes, chunk in zip(
+            msg.names, msg.dtypes, msg.shapes, msg.offsets, msg.nbytes, msg.chunks
+        ):
+            spec = manifest.get(name)
+            if spec is None:
+                raise ProtocolError(f"BUCKET {msg.seq}: tensor {name[:80]!r} is not in the manifest of {self.version!r}")
+            want_code, want_shape, full = spec
+            if code != want_code or tuple(shape) != want_shape:
+                raise ProtocolError(
+                    f"BUCKET {msg.seq}: tensor {name[:80]!r}: expected {DTYPES[want_code].name}{list(want_shape)} "
+                    f"as in BEGIN, got {DTYPES[code].name}{shape}"
+                )
+            have = received.get(name)
+            if (have is not None and have >= full) or chunk != (have or 0):
+                raise ProtocolError(
+                    f"BUCKET {msg.seq}: tensor {name[:80]!r}: expected bytes from offset {have or 0}, got a piece at {chunk}"
+                    " (duplicate or out-of-order piece)"
+                )
+            received[name] = chunk + nbytes
+            data = slot_view[offset : offset + nbytes]
+            if chunk == 0 and nbytes == full:
+                entries.append((name, view_as(framework, data, DTYPES[code], want_shape), -1))
+            else:
+                entries.append((name, data, chunk))
+        return PreparedBucket(msg.seq, msg.slot, entries)
+
+    # --- consumer side -----------------------------------------------------------------
+
+    def iterate(self) -> Iterator[tuple[str, Any]]:
+        for _ in range(self.num_buckets):
+            bucket: PreparedBucket = self.queue.get(self.timeout)
+            for name, data, chunk in bucket.entries:
+                self.touched = True
+                if chunk < 0:
+                    yield name, data
+                    self.applied += 1
+                    continue
+                done = self._write_piece(name, data, chunk)
+                if done is not None:
+                    yield name, done
+                    self.applied += 1
+            if self._before_ack is not None:
+                self._before_ack()  # e.g. a stream sync: the copy out of the slot must be complete
+            self._on_ack(bucket.seq, bucket.slot)
+        self.finished = True
+
+    def _write_piece(self, name: str, data: np.ndarray, chunk: int) -> Any | None:
+        """Write a chunk into its destination; return a view to yield once complete."""
+        code, shape, full = self.manifest[name]
+        held = self._partial.get(name)
+        if held is None:
+            dest = self._destination(name) if self._destination is not None else None
+            if dest is not None and dest.nbytes == full and dest.dtype == np.uint8:
+                held = (dest, True)  # the model's own memory: no full-size temporary
+            else:
+                held = (np.empty(full, dtype=np.uint8), False)
+            self._partial[name] = held
+        buf, in_place = held
+        end = chunk + data.nbytes
+        np.copyto(buf[chunk:end], data)
+        if end < full:
+            return None
+        del self._partial[name]
+        if in_place:
+            self.applied += 1
+            return None
+        return view_as(self.framework, buf, DTYPES[code], shape)
+
+    @property
+    def complete(self) -> bool:
+        return self.finished and self.applied == self.total_tensors

@@ -1,0 +1,328 @@
+"""``BucketSender``: the trainer's handle for pushing versions to inference ranks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from ..protocol import messages as m
+from ..protocol.dtypes import dtype_of
+from ..protocol.errors import ManifestMismatch, TransportError, WeightstreamError, from_wire
+from ..protocol.shm import host_identity
+from ..protocol.tensors import host_bytes, shape_of
+from ..protocol.transport import get_transport
+from ..protocol.versions import read_version
+from .planner import plan_buckets
+from .publisher import Publisher, Round, describe_ranks
+from .ring import SlotRing
+
+log = logging.getLogger("weightstream.sender")
+
+
+@dataclass(frozen=True)
+class ReceiverResult:
+    rank: int
+    tensors: int
+    bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PushReport:
+    """What one ``push`` moved; returned only when every receiver committed."""
+
+    version: str
+    bytes: int
+    tensors: int
+    buckets: int
+    seconds: float
+    receivers: dict[int, ReceiverResult] = field(default_factory=dict)
+
+    @property
+    def gbps(self) -> float:
+        """Payload gigabytes (1e9) per second, end to end."""
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Tensor:
+    name: str
+    tensor: Any
+    dtype_code: int
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+class BucketSender:
+    """Packs named tensors into shared bucket slots and streams them to receivers.
+
+    The sender binds ``endpoint``; receivers connect and may come and go.
+    ``push`` blocks until every connected receiver (at least ``receivers``)
+    applied and committed the version, and raises a typed error otherwise.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        receivers: int = 1,
+        transport: str = "shm",
+        bucket_bytes: int = 256 << 20,
+        num_buffers: int = 2,
+        *,
+        alignment: int = m.ALIGNMENT,
+        timeout: float = 120.0,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 10.0,
+        model_dir: str | Path | None = None,
+    ) -> None:
+        if receivers < 1:
+            raise WeightstreamError(f"receivers must be >= 1, got {receivers}")
+        if not 1 <= num_buffers <= m.MAX_SLOTS:
+            raise WeightstreamError(f"num_buffers must be 1..{m.MAX_SLOTS}, got {num_buffers}")
+        if timeout <= 0 or heartbeat_interval <= 0 or heartbeat_timeout <= heartbeat_interval:
+            raise WeightstreamError(
+                "expected timeout > 0 and heartbeat_timeout > heartbeat_interval > 0, got "
+                f"timeout={timeout}, heartbeat_interval={heartbeat_interval}, heartbeat_timeout={heartbeat_timeout}"
+            )
+        plan_buckets([], bucket_bytes, alignment)  # validates bucket_bytes/alignment early
+        self.endpoint = endpoint
+        self.receivers = receivers
+        self.bucket_bytes = bucket_bytes
+        self.alignment = alignment
+        self.timeout = timeout
+        self.model_dir = Path(model_dir) if model_dir is not None else None
+        self.session = secrets.token_hex(8)
+        self._heartbeat_interval = heartbeat_interval
+        self._heartbeat_timeout = heartbeat_timeout
+        self._transport = get_transport(transport)
+        self._slots = self._transport.create_slots(num_buffers, bucket_bytes)
+        self._closed = False
+        try:
+            self._publisher = Publisher(
+                endpoint,
+                session=self.session,
+                welcome=self._welcome,
+                heartbeat_timeout=heartbeat_timeout,
+                poll_interval=min(heartbeat_interval, 0.25),
+            )
+        except BaseException:
+            for slot in self._slots:
+                slot.close()
+            raise
+        self._ring = SlotRing(num_buffers, self._publisher.cond)
+        self._publisher.on_slot_free = self._ring.release
+        self.committed_version: str | None = None
+
+    # --- context manager -------------------------------------------------------------
+
+    def __enter__(self) -> BucketSender:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Say BYE to the receivers, stop the I/O thread and free every slot."""
+        if self._closed:
+            return
+        self._closed = True
+        self._publisher.close()
+        for slot in self._slots:
+            slot.close()
+
+    # --- handshake -------------------------------------------------------------------
+
+    def _welcome(self, hello: m.Hello) -> m.Welcome:
+        name = self._transport.name
+        if name not in hello.transports:
+            raise TransportError(
+                f"rank {hello.rank} offers transports {hello.transports}, this sender uses {name!r}; "
+                f"install the extra for {name!r} on the rank or pick a transport both sides have"
+            )
+        if name == "shm" and hello.host != host_identity():
+            raise TransportError(
+                f"rank {hello.rank} runs on host {hello.host!r}, the sender on {host_identity()!r}; "
+                "shm needs both on one host"
+            )
+        return m.Welcome(
+            session=self.session,
+            transport=name,
+            bucket_bytes=self.bucket_bytes,
+            alignment=self.alignment,
+            slots=[slot.descriptor() for slot in self._slots],
+            heartbeat_interval=self._heartbeat_interval,
+            heartbeat_timeout=self._heartbeat_timeout,
+            pid=os.getpid(),
+        )
+
+    def wait_for_receivers(self, count: int | None = None, timeout: float | None = None) -> list[int]:
+        """Block until ``count`` (default ``receivers``) ranks said HELLO; return their ranks."""
+        count = self.receivers if count is None else count
+        timeout = self.timeout if timeout is None else timeout
+        pub = self._publisher
+        pub.wait(
+            lambda: len(pub.peers) >= count,
+            timeout,
+            f"{count} receiver(s) to connect to {self.endpoint} (connected ranks: "
+            f"{describe_ranks(pub.snapshot_peers())}); start the ReceiverDaemons or lower receivers=",
+        )
+        return sorted(pub.snapshot_peers())
+
+    # --- push ------------------------------------------------------------------------
+
+    def push(
+        self,
+        named_tensors: Iterable[tuple[str, Any]],
+        version: str | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> PushReport:
+        """Stream one version to every receiver; return when all committed it."""
+        if self._closed:
+            raise WeightstreamError("push on a closed BucketSender; create a new one")
+        timeout = self.timeout if timeout is None else timeout
+        if version is None:
+            if self.model_dir is None:
+                raise WeightstreamError(
+                    "push needs a version: pass version='step_N' or give BucketSender(model_dir=...) "
+                    "holding a version.yaml with 'step:'"
+                )
+            version = read_version(self.model_dir)
+        if not isinstance(version, str) or not version or len(version) > m.MAX_NAME_LEN:
+            raise WeightstreamError(f"version must be a non-empty str of at most {m.MAX_NAME_LEN} chars, got {version!r}")
+        tensors = _describe(named_tensors)
+        plan = plan_buckets([t.nbytes for t in tensors], self.bucket_bytes, self.alignment)
+        total = sum(t.nbytes for t in tensors)
+        self.wait_for_receivers(timeout=timeout)
+        start = time.perf_counter()
+        pub = self._publisher
+        with pub.cond:
+            ranks = {rank: peer.identity for rank, peer in pub.peers.items()}
+            rnd = Round(version=version, ranks=ranks)
+            pub.round = rnd
+        idents = list(ranks.values())
+        self._ring.reset()
+        try:
+            pub.broadcast(
+                idents,
+                m.Begin(
+                    version=version,
+                    names=[t.name for t in tensors],
+                    dtypes=[t.dtype_code for t in tensors],
+                    shapes=[list(t.shape) for t in tensors],
+                    total_bytes=total,
+                    buckets=len(plan),
+                ),
+            )
+            pub.wait(
+                lambda: len(rnd.ready) + len(rnd.rejected) == len(ranks),
+                timeout,
+                f"ranks {describe_ranks(ranks)} to check the manifest of {version!r}",
+            )
+            if rnd.rejected:
+                raise _rejection(version, rnd)
+            self._stream(tensors, plan, rnd, idents, timeout)
+            pub.broadcast(idents, m.Commit(version=version))
+            pub.wait(
+                lambda: len(rnd.committed) == len(ranks),
+                timeout,
+                f"ranks {describe_ranks(set(ranks) - set(rnd.committed))} to commit {version!r}",
+            )
+        except BaseException as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            pub.broadcast(idents, m.Abort(version=version, reason=reason[: m.MAX_TEXT_LEN]))
+            raise
+        finally:
+            with pub.cond:
+                pub.round = None
+        seconds = time.perf_counter() - start
+        self.committed_version = version
+        results = {
+            rank: ReceiverResult(rank, c.tensors, c.bytes, c.seconds) for rank, c in sorted(rnd.committed.items())
+        }
+        report = PushReport(version, total, len(tensors), len(plan), seconds, results)
+        log.info(
+            "pushed %s: %d tensors, %d bytes, %d buckets to %d ranks in %.3fs",
+            version, len(tensors), total, len(plan), len(ranks), seconds,
+        )
+        return report
+
+    def _stream(self, tensors: list[_Tensor], plan: list[Any], rnd: Round, idents: list[bytes], timeout: float) -> None:
+        pub = self._publisher
+        cached_index, cached_bytes = -1, np.empty(0, np.uint8)
+        for bucket in plan:
+            slot = self._ring.acquire(timeout, rnd.check)
+            view = self._slots[slot].host_view()
+            names, dtypes, shapes = [], [], []
+            for index, offset, nbytes, chunk in zip(bucket.tensors, bucket.offsets, bucket.nbytes, bucket.chunks):
+                t = tensors[index]
+                if index != cached_index:  # a chunked tensor is converted once
+                    cached_index, cached_bytes = index, host_bytes(t.tensor)
+                    if cached_bytes.nbytes != t.nbytes:
+                        raise WeightstreamError(
+                            f"tensor {t.name!r} changed while being pushed: expected {t.nbytes} bytes, "
+                            f"got {cached_bytes.nbytes}; do not resize params during push"
+                        )
+                if nbytes:
+                    np.copyto(view[offset : offset + nbytes], cached_bytes[chunk : chunk + nbytes])
+                names.append(t.name)
+                dtypes.append(t.dtype_code)
+                shapes.append(list(t.shape))
+            with pub.cond:
+                rnd.pending[bucket.seq] = (slot, set(rnd.ranks))
+            pub.broadcast(
+                idents,
+                m.Bucket(
+                    version=rnd.version,
+                    seq=bucket.seq,
+                    slot=slot,
+                    names=names,
+                    dtypes=dtypes,
+                    shapes=shapes,
+                    offsets=bucket.offsets,
+                    nbytes=bucket.nbytes,
+                    chunks=bucket.chunks,
+                ),
+            )
+
+
+def _describe(named_tensors: Iterable[tuple[str, Any]]) -> list[_Tensor]:
+    tensors: list[_Tensor] = []
+    seen: set[str] = set()
+    for item in named_tensors:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise WeightstreamError(
+                f"push expects (name, tensor) pairs, e.g. model.named_parameters(); got {type(item).__name__}"
+            )
+        name, tensor = item
+        if not isinstance(name, str) or not name or len(name) > m.MAX_NAME_LEN:
+            raise WeightstreamError(f"tensor names must be non-empty str of at most {m.MAX_NAME_LEN} chars, got {name!r:.80}")
+        if name in seen:
+            raise WeightstreamError(f"tensor name {name!r} appears twice; names must be unique per version")
+        seen.add(name)
+        dtype = dtype_of(tensor)
+        shape = shape_of(tensor)
+        nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64)) if shape else dtype.itemsize
+        tensors.append(_Tensor(name, tensor, dtype.code, shape, nbytes))
+    return tensors
+
+
+def _rejection(version: str, rnd: Round) -> WeightstreamError:
+    parts = [f"rank {rank}: {reason}" for rank, (_, reason) in sorted(rnd.rejected.items())]
+    names = {err for err, _ in rnd.rejected.values()}
+    text = f"version {version!r} rejected before any byte was written; " + " | ".join(parts)
+    if names == {"ManifestMismatch"}:
+        return ManifestMismatch(text, rank=min(rnd.rejected))
+    first = min(rnd.rejected)
+    err = from_wire(rnd.rejected[first][0], text, rank=None)
+    err.rank = first
+    return err

@@ -1,0 +1,357 @@
+"""The sender's I/O thread: one ZMQ ROUTER socket, the peer table and round state.
+
+Only this thread touches the ROUTER socket. The trainer thread hands it frames
+through a queue plus an inproc wake-up socket (no polling loop), and waits on
+one condition variable for round events (READY, ACK, COMMITTED, failures).
+The thread answers HELLO and PING at all times, so receivers see a live sender
+while the trainer is busy between pushes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from ..protocol import messages as m
+from ..protocol.errors import PeerLost, PeerTimeout, ProtocolError, WeightstreamError, from_wire
+
+log = logging.getLogger("weightstream.sender")
+
+
+@dataclass
+class Peer:
+    rank: int
+    identity: bytes
+    session: str
+    pid: int
+    last_seen: float
+
+
+@dataclass
+class Round:
+    """Everything the trainer thread waits on during one version."""
+
+    version: str
+    ranks: dict[int, bytes]  # rank -> routing identity
+    ready: set[int] = field(default_factory=set)
+    rejected: dict[int, tuple[str, str]] = field(default_factory=dict)
+    committed: dict[int, m.Committed] = field(default_factory=dict)
+    failure: WeightstreamError | None = None
+    # seq -> (slot, ranks still to ack)
+    pending: dict[int, tuple[int, set[int]]] = field(default_factory=dict)
+
+    def fail(self, error: WeightstreamError) -> None:
+        if self.failure is None:
+            self.failure = error
+
+    def check(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+
+def identity_of(rank: int) -> bytes:
+    return str(rank).encode()
+
+
+def prepare_ipc_endpoint(endpoint: str) -> None:
+    """Create an ipc endpoint's directory, reachable by its owner only."""
+    if not endpoint.startswith("ipc://"):
+        return
+    path = endpoint[len("ipc://"):]
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+
+
+class Publisher:
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        session: str,
+        welcome: Callable[[m.Hello], m.Message],
+        heartbeat_timeout: float,
+        poll_interval: float,
+    ) -> None:
+        self.endpoint = endpoint
+        self.session = session
+        self._welcome = welcome
+        self._heartbeat_timeout = heartbeat_timeout
+        self._poll_ms = max(1, int(poll_interval * 1000))
+        self.cond = threading.Condition()
+        self.peers: dict[int, Peer] = {}
+        self.round: Round | None = None
+        self.on_slot_free: Callable[[int], None] = lambda slot: None
+        self._error_limiter = m.ErrorReplyLimiter()
+        self._outbox: queue.SimpleQueue[tuple[bytes, bytes] | None] = queue.SimpleQueue()
+
+        self._ctx = zmq.Context()
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer raises, never drops
+        self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted rank takes its identity back
+        self._router.setsockopt(zmq.SNDHWM, 0)
+        self._router.setsockopt(zmq.RCVHWM, 0)
+        prepare_ipc_endpoint(endpoint)
+        wake_addr = f"inproc://ws-wake-{id(self)}"
+        self._wake_rx = self._ctx.socket(zmq.PULL)
+        self._wake_rx.bind(wake_addr)
+        self._wake_tx = self._ctx.socket(zmq.PUSH)
+        self._wake_tx.setsockopt(zmq.LINGER, 0)
+        self._wake_tx.connect(wake_addr)
+        self._wake_lock = threading.Lock()
+        try:
+            self._router.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self._close_sockets()
+            raise WeightstreamError(
+                f"could not bind {endpoint} ({exc}); is another BucketSender bound there? "
+                "Close it first or pick another endpoint"
+            ) from exc
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="weightstream-publisher", daemon=True)
+        self._thread.start()
+
+    # --- called from the trainer thread ----------------------------------------------
+
+    def send(self, rank_identity: bytes, msg: m.Message) -> None:
+        self._outbox.put((rank_identity, m.encode(msg)))
+        self._wake()
+
+    def broadcast(self, identities: list[bytes], msg: m.Message) -> None:
+        frame = m.encode(msg)
+        for ident in identities:
+            self._outbox.put((ident, frame))
+        self._wake()
+
+    def wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        """Wait on round/peer events; raise the round's failure or PeerTimeout."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                if self.round is not None:
+                    self.round.check()
+                if predicate():
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PeerTimeout(f"timed out after {timeout:.1f}s waiting for {what}")
+                self.cond.wait(left)
+
+    def close(self, bye: bool = True) -> None:
+        if bye:
+            with self.cond:
+                idents = [p.identity for p in self.peers.values()]
+            self.broadcast(idents, m.Bye(reason="sender closed"))
+        self._outbox.put(None)
+        self._wake()
+        self._thread.join(timeout=10)
+        if self._thread.is_alive():  # pragma: no cover - the loop always wakes within poll_interval
+            log.warning("publisher thread did not stop within 10s")
+        self._close_sockets()
+        if self.endpoint.startswith("ipc://"):
+            try:
+                os.unlink(self.endpoint[len("ipc://"):])
+            except OSError:
+                pass
+
+    def _close_sockets(self) -> None:
+        for sock in (self._router, self._wake_rx, self._wake_tx):
+            sock.close(linger=0)
+        self._ctx.term()
+
+    def _wake(self) -> None:
+        with self._wake_lock:  # the PUSH socket is shared by caller threads
+            try:
+                self._wake_tx.send(b"", zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # a wake-up is already queued
+
+    # --- the I/O thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll(self._poll_ms))
+            if self._wake_rx in events:
+                while True:
+                    try:
+                        self._wake_rx.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+            if not self._flush_outbox():
+                return
+            if self._router in events:
+                self._drain_router()
+            self._check_heartbeats()
+
+    def _flush_outbox(self) -> bool:
+        while True:
+            try:
+                item = self._outbox.get_nowait()
+            except queue.Empty:
+                return True
+            if item is None:
+                self._flush_outbox()
+                return False
+            ident, frame = item
+            try:
+                self._router.send_multipart([ident, frame], copy=False)
+            except zmq.ZMQError as exc:
+                self._peer_gone(ident, f"send failed ({exc.strerror})")
+
+    def _drain_router(self) -> None:
+        while True:
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                log.warning("dropped a message of %d frames; expected [identity, body]", len(frames))
+                continue
+            ident, body = frames
+            try:
+                msg = m.decode(body)
+            except ProtocolError as exc:
+                log.warning("bad message from %r: %s", ident[:32], exc)
+                with self.cond:
+                    known = self._peer_by_ident(ident) is not None
+                if known and self._error_limiter.allow(exc, time.monotonic()):  # unknown peers get nothing
+                    self._try_send(ident, m.Error(error="ProtocolError", message=str(exc)[: m.MAX_TEXT_LEN]))
+                continue
+            self._handle(ident, msg)
+
+    def _try_send(self, ident: bytes, msg: m.Message) -> None:
+        try:
+            self._router.send_multipart([ident, m.encode(msg)])
+        except zmq.ZMQError:
+            pass
+
+    def _handle(self, ident: bytes, msg: m.Message) -> None:
+        now = time.monotonic()
+        if isinstance(msg, m.Hello):
+            self._on_hello(ident, msg, now)
+            return
+        with self.cond:
+            peer = self._peer_by_ident(ident)
+            if isinstance(msg, m.Ping):
+                if peer is not None:
+                    peer.last_seen = now
+                # An unknown or stale peer learns our session from the PONG and says HELLO again.
+                self._try_send(ident, m.Pong(session=self.session))
+                return
+            if peer is None:
+                log.debug("ignored %s from unknown peer %r", msg.TYPE, ident[:32])
+                return
+            peer.last_seen = now
+            if isinstance(msg, m.Bye):
+                self._drop_peer(peer, f"rank {peer.rank} said BYE ({msg.reason})", clean=True)
+                return
+            if isinstance(msg, m.Pong):
+                return
+            self._on_round_message(peer, msg)
+
+    def _on_hello(self, ident: bytes, msg: m.Hello, now: float) -> None:
+        if ident != identity_of(msg.rank):
+            log.warning("HELLO from identity %r claims rank %d; ignored", ident[:32], msg.rank)
+            return
+        try:
+            reply = self._welcome(msg)
+        except WeightstreamError as exc:
+            log.warning("refused rank %d: %s", msg.rank, exc)
+            self._try_send(ident, m.Error(error=type(exc).__name__, message=str(exc)))
+            return
+        with self.cond:
+            old = self.peers.get(msg.rank)
+            if old is not None and old.session != msg.session:
+                self._drop_peer(old, f"rank {msg.rank} restarted (new receiver session)")
+            self.peers[msg.rank] = Peer(msg.rank, ident, msg.session, msg.pid, now)
+            self.cond.notify_all()
+        log.info("rank %d connected (pid %d)", msg.rank, msg.pid)
+        self._try_send(ident, reply)
+
+    def _peer_by_ident(self, ident: bytes) -> Peer | None:
+        try:
+            peer = self.peers.get(int(ident))
+        except ValueError:
+            return None
+        return peer if peer is not None and peer.identity == ident else None
+
+    def _on_round_message(self, peer: Peer, msg: m.Message) -> None:
+        rnd = self.round
+        if isinstance(msg, m.Error):
+            log.warning("rank %d reported %s: %s", peer.rank, msg.error, msg.message)
+            if rnd is not None and peer.rank in rnd.ranks:
+                rnd.fail(from_wire(msg.error, msg.message, rank=peer.rank))
+                self.cond.notify_all()
+            return
+        version = getattr(msg, "version", None)
+        if rnd is None or version != rnd.version or peer.rank not in rnd.ranks:
+            log.debug("ignored %s for version %r from rank %d", msg.TYPE, version, peer.rank)
+            return
+        if isinstance(msg, m.Ready):
+            rnd.ready.add(peer.rank)
+        elif isinstance(msg, m.Reject):
+            rnd.rejected[peer.rank] = (msg.error, msg.reason)
+        elif isinstance(msg, m.Ack):
+            entry = rnd.pending.get(msg.seq)
+            if entry is None:
+                return
+            slot, waiting = entry
+            waiting.discard(peer.rank)
+            if not waiting:
+                del rnd.pending[msg.seq]
+                self.on_slot_free(slot)
+        elif isinstance(msg, m.Committed):
+            rnd.committed[peer.rank] = msg
+        elif isinstance(msg, m.Failed):
+            rnd.fail(from_wire(msg.error, msg.message, rank=peer.rank))
+        else:
+            log.debug("ignored unexpected %s from rank %d", msg.TYPE, peer.rank)
+            return
+        self.cond.notify_all()
+
+    def _peer_gone(self, ident: bytes, reason: str) -> None:
+        with self.cond:
+            peer = self._peer_by_ident(ident)
+            if peer is not None:
+                self._drop_peer(peer, f"rank {peer.rank}: {reason}")
+
+    def _drop_peer(self, peer: Peer, reason: str, clean: bool = False) -> None:
+        """Caller holds the lock."""
+        if self.peers.get(peer.rank) is peer:
+            del self.peers[peer.rank]
+        (log.info if clean else log.warning)("peer gone: %s", reason)
+        rnd = self.round
+        if rnd is not None and peer.rank in rnd.ranks and len(rnd.committed) < len(rnd.ranks):
+            err = PeerLost(
+                f"{reason} during version {rnd.version!r}; restart the rank (it reconnects on its own) and push again",
+                rank=peer.rank,
+            )
+            rnd.fail(err)
+        self.cond.notify_all()
+
+    def _check_heartbeats(self) -> None:
+        now = time.monotonic()
+        with self.cond:
+            stale = [p for p in self.peers.values() if now - p.last_seen > self._heartbeat_timeout]
+            for peer in stale:
+                self._drop_peer(peer, f"rank {peer.rank} sent nothing for {now - peer.last_seen:.1f}s (heartbeat timeout)")
+
+    def snapshot_peers(self) -> dict[int, Peer]:
+        with self.cond:
+            return dict(self.peers)
+
+
+def describe_ranks(ranks: Any) -> str:
+    return ", ".join(str(r) for r in sorted(ranks)) or "none"

@@ -1,0 +1,47 @@
+"""A ring of reusable bucket slots: a slot is handed out again only once freed.
+
+The publisher frees a slot when every receiver of the round acked the bucket in
+it; the packer waits here, with a timeout, for a free slot.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from ..protocol.errors import PeerTimeout
+
+
+class SlotRing:
+    def __init__(self, count: int, cond: threading.Condition) -> None:
+        self.count = count
+        self._cond = cond  # shared with the publisher so one lock guards round state
+        self._free: deque[int] = deque(range(count))
+
+    def acquire(self, timeout: float, check: Callable[[], None]) -> int:
+        """Wait for a free slot; ``check`` raises if the round failed meanwhile."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                check()
+                if self._free:
+                    return self._free.popleft()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PeerTimeout(
+                        f"no bucket slot was freed within {timeout:.1f}s: receivers did not ack; "
+                        "check the receivers' load_weights, or raise timeout="
+                    )
+                self._cond.wait(left)
+
+    def release(self, slot: int) -> None:
+        """Caller holds the condition's lock."""
+        self._free.append(slot)
+        self._cond.notify_all()
+
+    def reset(self) -> None:
+        with self._cond:
+            self._free = deque(range(self.count))
+            self._cond.notify_all()
