@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from .dtypes import DType
 from .errors import TransportError
+from .tensors import host_bytes, view_as
 
 try:  # CPython's own binding of shm_open, used by multiprocessing.shared_memory
     import _posixshmem
@@ -63,6 +65,15 @@ class ShmExportedSlot:
             raise TransportError(f"slot {self.name} is closed")
         return self._view
 
+    def source_bytes(self, tensor: Any) -> np.ndarray:
+        return host_bytes(tensor)
+
+    def write(self, offset: int, source: np.ndarray, start: int, nbytes: int) -> None:
+        np.copyto(self.host_view()[offset : offset + nbytes], source[start : start + nbytes])
+
+    def flush(self) -> None:
+        """Host stores are visible to other processes once the ZMQ send happens after them."""
+
     def close(self) -> None:
         if self._view is None:
             return
@@ -78,6 +89,8 @@ class ShmExportedSlot:
 
 
 class ShmImportedSlot:
+    domain = "host"
+
     def __init__(self, descriptor: dict[str, Any]) -> None:
         name, size = descriptor.get("name"), descriptor.get("size")
         if not isinstance(name, str) or not name.startswith(PREFIX) or "/" in name or len(name) > 200:
@@ -110,6 +123,21 @@ class ShmImportedSlot:
         if self._view is None:
             raise TransportError(f"slot {self.name} is closed")
         return self._view
+
+    def raw(self, offset: int, nbytes: int) -> np.ndarray:
+        return self.host_view()[offset : offset + nbytes]
+
+    def typed(self, framework: str, buffer: np.ndarray, dtype: DType, shape: tuple[int, ...]) -> Any:
+        return view_as(framework, buffer, dtype, shape)  # type: ignore[arg-type]
+
+    def scratch(self, nbytes: int) -> np.ndarray:
+        return np.empty(nbytes, dtype=np.uint8)
+
+    def copy(self, dst: np.ndarray, at: int, src: np.ndarray) -> None:
+        np.copyto(dst[at : at + src.nbytes], src)
+
+    def sync(self) -> None:
+        """Host copies are synchronous: nothing to wait for."""
 
     def close(self) -> None:
         self._view = None

@@ -11,8 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Protocol
 
-import numpy as np
-
+from .dtypes import DType
 from .errors import TransportError
 
 
@@ -22,7 +21,9 @@ class ExportedSlot(Protocol):
     size: int
 
     def descriptor(self) -> dict[str, Any]: ...
-    def host_view(self) -> np.ndarray: ...  # writable 1-D uint8 view over the slot
+    def source_bytes(self, tensor: Any) -> Any: ...  # flat uint8 view of a tensor, in this slot's memory domain
+    def write(self, offset: int, source: Any, start: int, nbytes: int) -> None: ...
+    def flush(self) -> None: ...  # make every write visible to receivers before the bucket is published
     def close(self) -> None: ...
 
 
@@ -30,8 +31,13 @@ class ImportedSlot(Protocol):
     """A slot mapped on the receiver side: never frees the sender's memory."""
 
     size: int
+    domain: str  # "host" for CPU memory; chunks then go straight into a sink's destination
 
-    def host_view(self) -> np.ndarray: ...
+    def raw(self, offset: int, nbytes: int) -> Any: ...  # flat uint8 view into the slot
+    def typed(self, framework: str, buffer: Any, dtype: DType, shape: tuple[int, ...]) -> Any: ...
+    def scratch(self, nbytes: int) -> Any: ...  # a private flat uint8 buffer in the same domain
+    def copy(self, dst: Any, at: int, src: Any) -> None: ...  # dst[at:at+len(src)] = src
+    def sync(self) -> None: ...  # consumer copies out of the slot are complete (before ACK)
     def close(self) -> None: ...
 
 

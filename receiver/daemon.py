@@ -476,7 +476,7 @@ class ReceiverDaemon:
         while True:
             msg = await inbox.get()
             try:
-                prepared = run.prepare(msg, self._slots[msg.slot].host_view())
+                prepared = run.prepare(msg, self._slots[msg.slot])
             except WeightstreamError as exc:
                 self._protocol_error(exc if isinstance(exc, ProtocolError) else ProtocolError(str(exc)))
                 run.queue.abort(exc)

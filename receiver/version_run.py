@@ -17,7 +17,8 @@ import numpy as np
 from ..protocol import messages as m
 from ..protocol.dtypes import DTYPES
 from ..protocol.errors import ProtocolError
-from ..protocol.tensors import Framework, view_as
+from ..protocol.tensors import Framework
+from ..protocol.transport import ImportedSlot
 from .prefetch import PrefetchQueue
 
 
@@ -25,6 +26,7 @@ from .prefetch import PrefetchQueue
 class PreparedBucket:
     seq: int
     slot: int
+    mapping: ImportedSlot
     # (name, typed view, -1) for a whole tensor; (name, raw uint8 piece, byte offset) for a chunk
     entries: list[tuple[str, Any, int]]
 
@@ -38,7 +40,6 @@ class VersionRun:
         queue: PrefetchQueue,
         timeout: float,
         on_ack: Callable[[int, int], None],
-        before_ack: Callable[[], None] | None = None,
         destination: Callable[[str], np.ndarray | None] | None = None,
     ) -> None:
         self.version = begin.version
@@ -53,7 +54,6 @@ class VersionRun:
         self.queue = queue
         self.timeout = timeout
         self._on_ack = on_ack
-        self._before_ack = before_ack
         self._destination = destination
         # loop side
         self.next_seq = 0
@@ -62,7 +62,7 @@ class VersionRun:
         self.applied = 0
         self.touched = False  # something was handed to load_weights or written in place
         self.finished = False
-        self._partial: dict[str, tuple[np.ndarray, bool]] = {}
+        self._partial: dict[str, tuple[Any, bool]] = {}
         # set by the daemon
         self.commit_requested = False
         self.applied_ok = False
@@ -70,7 +70,7 @@ class VersionRun:
 
     # --- loop side -----------------------------------------------------------------------
 
-    def prepare(self, msg: m.Bucket, slot_view: np.ndarray) -> PreparedBucket:
+    def prepare(self, msg: m.Bucket, slot: ImportedSlot) -> PreparedBucket:
         if msg.seq != self.next_seq:
             raise ProtocolError(f"BUCKET: field 'seq': expected {self.next_seq}, got {msg.seq}")
         if msg.seq >= self.num_buckets:
@@ -97,12 +97,12 @@ class VersionRun:
                     " (duplicate or out-of-order piece)"
                 )
             received[name] = chunk + nbytes
-            data = slot_view[offset : offset + nbytes]
+            data = slot.raw(offset, nbytes)
             if chunk == 0 and nbytes == full:
-                entries.append((name, view_as(framework, data, DTYPES[code], want_shape), -1))
+                entries.append((name, slot.typed(framework, data, DTYPES[code], want_shape), -1))
             else:
                 entries.append((name, data, chunk))
-        return PreparedBucket(msg.seq, msg.slot, entries)
+        return PreparedBucket(msg.seq, msg.slot, slot, entries)
 
     # --- consumer side -----------------------------------------------------------------
 
@@ -115,36 +115,35 @@ class VersionRun:
                     yield name, data
                     self.applied += 1
                     continue
-                done = self._write_piece(name, data, chunk)
+                done = self._write_piece(bucket.mapping, name, data, chunk)
                 if done is not None:
                     yield name, done
                     self.applied += 1
-            if self._before_ack is not None:
-                self._before_ack()  # e.g. a stream sync: the copy out of the slot must be complete
+            bucket.mapping.sync()  # e.g. a CUDA stream sync: copies out of the slot must be complete
             self._on_ack(bucket.seq, bucket.slot)
         self.finished = True
 
-    def _write_piece(self, name: str, data: np.ndarray, chunk: int) -> Any | None:
+    def _write_piece(self, slot: ImportedSlot, name: str, data: Any, chunk: int) -> Any | None:
         """Write a chunk into its destination; return a view to yield once complete."""
         code, shape, full = self.manifest[name]
         held = self._partial.get(name)
         if held is None:
-            dest = self._destination(name) if self._destination is not None else None
+            dest = self._destination(name) if self._destination is not None and slot.domain == "host" else None
             if dest is not None and dest.nbytes == full and dest.dtype == np.uint8:
                 held = (dest, True)  # the model's own memory: no full-size temporary
             else:
-                held = (np.empty(full, dtype=np.uint8), False)
+                held = (slot.scratch(full), False)
             self._partial[name] = held
         buf, in_place = held
+        slot.copy(buf, chunk, data)
         end = chunk + data.nbytes
-        np.copyto(buf[chunk:end], data)
         if end < full:
             return None
         del self._partial[name]
         if in_place:
             self.applied += 1
             return None
-        return view_as(self.framework, buf, DTYPES[code], shape)
+        return slot.typed(self.framework, buf, DTYPES[code], shape)
 
     @property
     def complete(self) -> bool:

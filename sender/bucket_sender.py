@@ -258,33 +258,34 @@ class BucketSender:
 
     def _stream(self, tensors: list[_Tensor], plan: list[Any], rnd: Round, idents: list[bytes], timeout: float) -> None:
         pub = self._publisher
-        cached_index, cached_bytes = -1, np.empty(0, np.uint8)
+        cached_index, cached_bytes = -1, None
         for bucket in plan:
-            slot = self._ring.acquire(timeout, rnd.check)
-            view = self._slots[slot].host_view()
+            slot_index = self._ring.acquire(timeout, rnd.check)
+            slot = self._slots[slot_index]
             names, dtypes, shapes = [], [], []
             for index, offset, nbytes, chunk in zip(bucket.tensors, bucket.offsets, bucket.nbytes, bucket.chunks):
                 t = tensors[index]
                 if index != cached_index:  # a chunked tensor is converted once
-                    cached_index, cached_bytes = index, host_bytes(t.tensor)
+                    cached_index, cached_bytes = index, slot.source_bytes(t.tensor)
                     if cached_bytes.nbytes != t.nbytes:
                         raise WeightstreamError(
                             f"tensor {t.name!r} changed while being pushed: expected {t.nbytes} bytes, "
                             f"got {cached_bytes.nbytes}; do not resize params during push"
                         )
                 if nbytes:
-                    np.copyto(view[offset : offset + nbytes], cached_bytes[chunk : chunk + nbytes])
+                    slot.write(offset, cached_bytes, chunk, nbytes)
                 names.append(t.name)
                 dtypes.append(t.dtype_code)
                 shapes.append(list(t.shape))
+            slot.flush()
             with pub.cond:
-                rnd.pending[bucket.seq] = (slot, set(rnd.ranks))
+                rnd.pending[bucket.seq] = (slot_index, set(rnd.ranks))
             pub.broadcast(
                 idents,
                 m.Bucket(
                     version=rnd.version,
                     seq=bucket.seq,
-                    slot=slot,
+                    slot=slot_index,
                     names=names,
                     dtypes=dtypes,
                     shapes=shapes,

@@ -333,7 +333,7 @@ class Publisher:
             del self.peers[peer.rank]
         (log.info if clean else log.warning)("peer gone: %s", reason)
         rnd = self.round
-        if rnd is not None and peer.rank in rnd.ranks and len(rnd.committed) < len(rnd.ranks):
+        if rnd is not None and peer.rank in rnd.ranks and peer.rank not in rnd.committed:
             err = PeerLost(
                 f"{reason} during version {rnd.version!r}; restart the rank (it reconnects on its own) and push again",
                 rank=peer.rank,
