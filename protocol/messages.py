@@ -167,7 +167,8 @@ class Bucket(Message):
     nbytes: list[int] = _spec(_OFFSETS)
     # byte offset of each piece inside its tensor; all zero unless a tensor is chunked
     chunks: list[int] = _spec(_OFFSETS)
-    checksum: int = _spec(_Int(0, (1 << 64) - 1), default=0)
+    # xxh3_64 of the slot bytes [0, end of last piece) when the sender enables checksums
+    checksum: int | None = _spec(_Int(0, (1 << 64) - 1), default=None)
 
 
 @_message
@@ -238,8 +239,10 @@ class Bye(Message):
 def encode(msg: Message) -> bytes:
     """Serialise a message to one msgpack frame."""
     body: dict[str, Any] = {"type": msg.TYPE, "v": PROTOCOL_VERSION}
-    for name, _spec_, _required in _FIELDS[msg.TYPE]:
-        body[name] = getattr(msg, name)
+    for name, _spec_, required in _FIELDS[msg.TYPE]:
+        value = getattr(msg, name)
+        if required or value is not None:  # optional fields travel only when set
+            body[name] = value
     return msgpack.packb(body, use_bin_type=True)
 
 

@@ -24,6 +24,7 @@ class ExportedSlot(Protocol):
     def source_bytes(self, tensor: Any) -> Any: ...  # flat uint8 view of a tensor, in this slot's memory domain
     def write(self, offset: int, source: Any, start: int, nbytes: int) -> None: ...
     def flush(self) -> None: ...  # make every write visible to receivers before the bucket is published
+    def digest(self, nbytes: int) -> int: ...  # xxh3_64 (or a device digest) of bytes [0, nbytes)
     def close(self) -> None: ...
 
 
@@ -38,6 +39,7 @@ class ImportedSlot(Protocol):
     def scratch(self, nbytes: int) -> Any: ...  # a private flat uint8 buffer in the same domain
     def copy(self, dst: Any, at: int, src: Any) -> None: ...  # dst[at:at+len(src)] = src
     def sync(self) -> None: ...  # consumer copies out of the slot are complete (before ACK)
+    def digest(self, nbytes: int) -> int: ...  # same function as the exporter's digest
     def close(self) -> None: ...
 
 

@@ -34,6 +34,7 @@ from ..protocol.errors import (
     from_wire,
     wire_name,
 )
+from ..protocol.security import CurveKeys, apply_client_curve, check_network_endpoint
 from ..protocol.shm import host_identity
 from ..protocol.tensors import Framework
 from ..protocol.transport import ImportedSlot, available_transports, get_transport
@@ -80,6 +81,9 @@ class ReceiverDaemon:
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 10.0,
         apply_timeout: float = 300.0,
+        curve_keys: CurveKeys | None = None,
+        server_key: bytes | None = None,
+        insecure: bool = False,
     ) -> None:
         if not isinstance(rank, int) or rank < 0:
             raise WeightstreamError(f"rank must be an int >= 0, got {rank!r}")
@@ -96,6 +100,10 @@ class ReceiverDaemon:
         self._hb_timeout = heartbeat_timeout
         self._apply_timeout = apply_timeout
         self._session = secrets.token_hex(8)
+        if (curve_keys is None) != (server_key is None):
+            raise WeightstreamError("CURVE needs both curve_keys= (this rank's key pair) and server_key= (the sender's public key)")
+        check_network_endpoint(endpoint, curve_keys is not None, insecure)
+        self._curve = (curve_keys, server_key) if curve_keys is not None and server_key is not None else None
 
         self._cond = threading.Condition()
         self._committed: str | None = None
@@ -221,6 +229,9 @@ class ReceiverDaemon:
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.setsockopt(zmq.MAXMSGSIZE, m.MAX_MESSAGE_BYTES)
+        if self._curve is not None:
+            apply_client_curve(sock, *self._curve)
         sock.connect(self.endpoint)
         self._sock = sock
         with self._cond:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..protocol import messages as m
 from ..protocol.dtypes import DTYPES
-from ..protocol.errors import ProtocolError
+from ..protocol.errors import ProtocolError, VersionAborted
 from ..protocol.tensors import Framework
 from ..protocol.transport import ImportedSlot
 from .prefetch import PrefetchQueue
@@ -27,6 +27,8 @@ class PreparedBucket:
     seq: int
     slot: int
     mapping: ImportedSlot
+    checksum: int | None
+    used: int  # end of the last piece in the slot: the checksummed range
     # (name, typed view, -1) for a whole tensor; (name, raw uint8 piece, byte offset) for a chunk
     entries: list[tuple[str, Any, int]]
 
@@ -102,13 +104,21 @@ class VersionRun:
                 entries.append((name, slot.typed(framework, data, DTYPES[code], want_shape), -1))
             else:
                 entries.append((name, data, chunk))
-        return PreparedBucket(msg.seq, msg.slot, slot, entries)
+        used = max((o + n for o, n in zip(msg.offsets, msg.nbytes)), default=0)
+        return PreparedBucket(msg.seq, msg.slot, slot, msg.checksum, used, entries)
 
     # --- consumer side -----------------------------------------------------------------
 
     def iterate(self) -> Iterator[tuple[str, Any]]:
         for _ in range(self.num_buckets):
             bucket: PreparedBucket = self.queue.get(self.timeout)
+            if bucket.checksum is not None:
+                got = bucket.mapping.digest(bucket.used)
+                if got != bucket.checksum:  # checked before any byte of the bucket is applied
+                    raise VersionAborted(
+                        f"bucket {bucket.seq} of {self.version!r} failed its checksum (expected {bucket.checksum:#018x}, "
+                        f"got {got:#018x}): the slot was overwritten or corrupted in transit; the version was not committed"
+                    )
             for name, data, chunk in bucket.entries:
                 self.touched = True
                 if chunk < 0:

@@ -17,6 +17,7 @@ import numpy as np
 from ..protocol import messages as m
 from ..protocol.dtypes import dtype_of
 from ..protocol.errors import ManifestMismatch, TransportError, WeightstreamError, from_wire
+from ..protocol.security import CurveKeys
 from ..protocol.shm import host_identity
 from ..protocol.tensors import host_bytes, shape_of
 from ..protocol.transport import get_transport
@@ -83,6 +84,10 @@ class BucketSender:
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 10.0,
         model_dir: str | Path | None = None,
+        checksum: bool = False,
+        curve_keys: CurveKeys | None = None,
+        allowed_clients: Iterable[bytes] | None = None,
+        insecure: bool = False,
     ) -> None:
         if receivers < 1:
             raise WeightstreamError(f"receivers must be >= 1, got {receivers}")
@@ -99,6 +104,7 @@ class BucketSender:
         self.bucket_bytes = bucket_bytes
         self.alignment = alignment
         self.timeout = timeout
+        self.checksum = checksum
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.session = secrets.token_hex(8)
         self._heartbeat_interval = heartbeat_interval
@@ -113,6 +119,9 @@ class BucketSender:
                 welcome=self._welcome,
                 heartbeat_timeout=heartbeat_timeout,
                 poll_interval=min(heartbeat_interval, 0.25),
+                curve_keys=curve_keys,
+                allowed_clients=allowed_clients,
+                insecure=insecure,
             )
         except BaseException:
             for slot in self._slots:
@@ -278,6 +287,7 @@ class BucketSender:
                 dtypes.append(t.dtype_code)
                 shapes.append(list(t.shape))
             slot.flush()
+            digest = slot.digest(bucket.used) if self.checksum else None
             with pub.cond:
                 rnd.pending[bucket.seq] = (slot_index, set(rnd.ranks))
             pub.broadcast(
@@ -292,6 +302,7 @@ class BucketSender:
                     offsets=bucket.offsets,
                     nbytes=bucket.nbytes,
                     chunks=bucket.chunks,
+                    checksum=digest,
                 ),
             )
 

@@ -14,7 +14,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,13 @@ import zmq
 
 from ..protocol import messages as m
 from ..protocol.errors import PeerLost, PeerTimeout, ProtocolError, WeightstreamError, from_wire
+from ..protocol.security import (
+    CurveKeys,
+    apply_server_curve,
+    check_network_endpoint,
+    prepare_ipc_endpoint,
+    start_authenticator,
+)
 
 log = logging.getLogger("weightstream.sender")
 
@@ -61,16 +68,6 @@ def identity_of(rank: int) -> bytes:
     return str(rank).encode()
 
 
-def prepare_ipc_endpoint(endpoint: str) -> None:
-    """Create an ipc endpoint's directory, reachable by its owner only."""
-    if not endpoint.startswith("ipc://"):
-        return
-    path = endpoint[len("ipc://"):]
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-
-
 class Publisher:
     def __init__(
         self,
@@ -80,6 +77,9 @@ class Publisher:
         welcome: Callable[[m.Hello], m.Message],
         heartbeat_timeout: float,
         poll_interval: float,
+        curve_keys: CurveKeys | None = None,
+        allowed_clients: Iterable[bytes] | None = None,
+        insecure: bool = False,
     ) -> None:
         self.endpoint = endpoint
         self.session = session
@@ -93,14 +93,24 @@ class Publisher:
         self._error_limiter = m.ErrorReplyLimiter()
         self._outbox: queue.SimpleQueue[tuple[bytes, bytes] | None] = queue.SimpleQueue()
 
+        check_network_endpoint(endpoint, curve_keys is not None, insecure)
         self._ctx = zmq.Context()
+        self._auth: object | None = None
+        self._auth = start_authenticator(self._ctx, allowed_clients) if curve_keys is not None else None
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer raises, never drops
         self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted rank takes its identity back
         self._router.setsockopt(zmq.SNDHWM, 0)
         self._router.setsockopt(zmq.RCVHWM, 0)
-        prepare_ipc_endpoint(endpoint)
+        self._router.setsockopt(zmq.MAXMSGSIZE, m.MAX_MESSAGE_BYTES)  # libzmq drops oversized frames unread
+        if curve_keys is not None:
+            apply_server_curve(self._router, curve_keys)
+        try:
+            prepare_ipc_endpoint(endpoint, insecure)
+        except BaseException:
+            self._close_sockets()
+            raise
         wake_addr = f"inproc://ws-wake-{id(self)}"
         self._wake_rx = self._ctx.socket(zmq.PULL)
         self._wake_rx.bind(wake_addr)
@@ -164,8 +174,11 @@ class Publisher:
                 pass
 
     def _close_sockets(self) -> None:
-        for sock in (self._router, self._wake_rx, self._wake_tx):
-            sock.close(linger=0)
+        for sock in (self._router, getattr(self, "_wake_rx", None), getattr(self, "_wake_tx", None)):
+            if sock is not None:
+                sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()  # type: ignore[attr-defined]
         self._ctx.term()
 
     def _wake(self) -> None:

@@ -13,6 +13,7 @@ from .protocol.errors import (
     VersionAborted,
     WeightstreamError,
 )
+from .protocol.security import CurveKeys
 from .receiver.daemon import DaemonStatus, ReceiverDaemon
 from .sender.bucket_sender import BucketSender, PushReport
 
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BucketSender",
+    "CurveKeys",
     "DaemonStatus",
     "ManifestMismatch",
     "PeerLost",

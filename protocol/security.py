@@ -1,0 +1,98 @@
+"""Who may reach an endpoint: owner-only ipc directories, CURVE for tcp.
+
+An ``ipc://`` socket lives in a directory created 0700, so only the owner's
+processes can connect. A ``tcp://`` endpoint is reachable from the network, so
+it must be encrypted and authenticated with ZMQ CURVE unless the user says
+``insecure=True`` explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import zmq
+
+from .errors import WeightstreamError
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """A Z85-encoded CURVE key pair (40-byte public and secret keys)."""
+
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def generate(cls) -> CurveKeys:
+        public, secret = zmq.curve_keypair()
+        return cls(public, secret)
+
+
+def needs_network_security(endpoint: str) -> bool:
+    return not (endpoint.startswith("ipc://") or endpoint.startswith("inproc://"))
+
+
+def check_network_endpoint(endpoint: str, has_curve: bool, insecure: bool) -> None:
+    if needs_network_security(endpoint) and not has_curve and not insecure:
+        raise WeightstreamError(
+            f"{endpoint} is reachable over the network but no CURVE keys were given; pass "
+            "curve_keys=CurveKeys.generate() on the sender (and its public key as server_key= plus "
+            "curve_keys= on each receiver), or insecure=True to accept plain TCP on a trusted network"
+        )
+    if has_curve and not zmq.has("curve"):
+        raise WeightstreamError("this libzmq has no CURVE support; install pyzmq's bundled libzmq (pip install pyzmq)")
+
+
+def prepare_ipc_endpoint(endpoint: str, insecure: bool = False) -> None:
+    """Create an ipc endpoint's directory 0700; refuse one others can reach."""
+    if not endpoint.startswith("ipc://"):
+        return
+    path = endpoint[len("ipc://"):]
+    if path.startswith("@"):  # Linux abstract namespace: no directory to protect
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    if insecure:
+        return
+    st = os.stat(directory)
+    if st.st_uid != os.getuid() or st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise WeightstreamError(
+            f"ipc directory {directory} is reachable by other users (mode {stat.S_IMODE(st.st_mode):o}, "
+            f"owner uid {st.st_uid}); expected a directory of yours with mode 700. Use a fresh directory "
+            f"(e.g. ipc:///tmp/ws-{os.getuid()}/gpu0.sock), chmod 700 it, or pass insecure=True"
+        )
+
+
+def apply_server_curve(sock: zmq.Socket, keys: CurveKeys) -> None:
+    sock.setsockopt(zmq.CURVE_SERVER, 1)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+
+
+def apply_client_curve(sock: zmq.Socket, keys: CurveKeys, server_key: bytes) -> None:
+    sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+
+
+def start_authenticator(ctx: zmq.Context, allowed_clients: Iterable[bytes] | None) -> object:
+    """Run ZAP so only listed client public keys (or any CURVE client) get in."""
+    from zmq.auth import CURVE_ALLOW_ANY
+    from zmq.auth.thread import ThreadAuthenticator
+
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    if allowed_clients is None:
+        auth.configure_curve(domain="*", location=CURVE_ALLOW_ANY)
+    else:
+        allowed = set(allowed_clients)
+
+        class _Keys:
+            def callback(self, domain: str, key: bytes) -> bool:
+                return zmq.utils.z85.encode(key) in allowed if len(key) == 32 else key in allowed
+
+        auth.configure_curve_callback(domain="*", credentials_provider=_Keys())
+    return auth
