@@ -13,6 +13,7 @@ Checks that need session context (slot count and size) live in
 from __future__ import annotations
 
 import math
+from itertools import chain
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -309,6 +310,12 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _first_bad(values: list[Any], ok: Any, where: str, expected: str) -> None:
+    for i, x in enumerate(values):
+        if not ok(x):
+            raise ProtocolError(f"field '{where}[{i}]': expected {expected}, got {_short(x)}")
+
+
 def _check(spec: Any, value: Any, where: str) -> Any:
     if spec is bool:
         if type(value) is not bool:
@@ -342,18 +349,28 @@ def _check(spec: Any, value: Any, where: str) -> Any:
         if len(value) > spec.max_len:
             raise ProtocolError(f"field '{where}': expected at most {spec.max_len} items, got {len(value)}")
         item = spec.item
-        # Fast paths for the big parallel arrays of BUCKET/BEGIN.
+        # The big parallel arrays of BUCKET/BEGIN are checked at C speed (type sets, min/max);
+        # only a failing list is walked in Python to name the offending index.
         if isinstance(item, _Int):
-            for i, x in enumerate(value):
-                if type(x) is not int or not item.lo <= x <= item.hi:
-                    raise ProtocolError(f"field '{where}[{i}]': expected int {item.lo}..{item.hi}, got {_short(x)}")
+            if value and (set(map(type, value)) != {int} or min(value) < item.lo or max(value) > item.hi):
+                _first_bad(value, lambda x: type(x) is int and item.lo <= x <= item.hi, where, f"int {item.lo}..{item.hi}")
             return value
         if isinstance(item, _Str):
-            for i, x in enumerate(value):
-                if type(x) is not str or len(x) > item.max_len:
-                    raise ProtocolError(
-                        f"field '{where}[{i}]': expected str of at most {item.max_len} characters, got {_short(x)}"
-                    )
+            if value and (set(map(type, value)) != {str} or max(map(len, value)) > item.max_len):
+                _first_bad(
+                    value, lambda x: type(x) is str and len(x) <= item.max_len, where,
+                    f"str of at most {item.max_len} characters",
+                )
+            return value
+        if isinstance(item, _List) and isinstance(item.item, _Int):  # shapes: a list of int lists
+            lo, hi, max_len = item.item.lo, item.item.hi, item.max_len
+            if value and (set(map(type, value)) != {list} or max(map(len, value)) > max_len):
+                _first_bad(value, lambda x: type(x) is list and len(x) <= max_len, where, f"a list of at most {max_len} ints")
+            flat = list(chain.from_iterable(value))
+            if flat and (set(map(type, flat)) != {int} or min(flat) < lo or max(flat) > hi):
+                _first_bad(
+                    value, lambda x: all(type(d) is int and lo <= d <= hi for d in x), where, f"a list of ints {lo}..{hi}"
+                )
             return value
         return [_check(item, x, f"{where}[{i}]") for i, x in enumerate(value)]
     if isinstance(spec, _Map):
@@ -372,6 +389,9 @@ def _check(spec: Any, value: Any, where: str) -> Any:
 
 def _no_check(msg: Any) -> None:
     return None
+
+
+_ITEMSIZES = tuple(d.itemsize for d in DTYPES)
 
 
 def tensor_nbytes(dtype_code: int, shape: list[int] | tuple[int, ...]) -> int:
@@ -401,8 +421,13 @@ def _check_bucket(msg: Bucket) -> None:
         raise ProtocolError(
             f"BUCKET: names/dtypes/shapes/offsets/nbytes/chunks must be parallel arrays; got lengths {(n, *lengths)}"
         )
-    for i in range(n):
-        full = tensor_nbytes(msg.dtypes[i], msg.shapes[i])
+    itemsizes = _ITEMSIZES
+    for i, (code, shape, chunk, nbytes) in enumerate(zip(msg.dtypes, msg.shapes, msg.chunks, msg.nbytes)):
+        full = itemsizes[code]
+        for d in shape:
+            full *= d
+        if chunk + nbytes <= full and (nbytes or not full):
+            continue
         if msg.chunks[i] + msg.nbytes[i] > full:
             raise ProtocolError(
                 f"BUCKET: entry {i} ('{msg.names[i][:80]}'): chunk at byte {msg.chunks[i]} of {msg.nbytes[i]} bytes "

@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover - non-POSIX
     _posixshmem = None
 
 PREFIX = "ws_"
+_SMALL_COPY = 64 << 10
 
 
 def host_identity() -> str:
@@ -65,6 +66,7 @@ class ShmExportedSlot:
         self.name = name
         self._view: np.ndarray | None = np.frombuffer(self._shm.buf, dtype=np.uint8, count=size)
         self._view.fill(0)  # allocate every page now, not as page faults inside the first push
+        self._mv = memoryview(self._view)
 
     def descriptor(self) -> dict[str, Any]:
         return {"name": self.name, "size": self.size, "host": host_identity()}
@@ -78,7 +80,10 @@ class ShmExportedSlot:
         return host_bytes(tensor)
 
     def write(self, offset: int, source: np.ndarray, start: int, nbytes: int) -> None:
-        np.copyto(self.host_view()[offset : offset + nbytes], source[start : start + nbytes])
+        if nbytes <= _SMALL_COPY:  # per-tensor overhead dominates: a memoryview copy is ~3x cheaper
+            self._mv[offset : offset + nbytes] = source.data[start : start + nbytes]
+        else:  # NumPy releases the GIL for big copies, so the I/O thread keeps running
+            np.copyto(self.host_view()[offset : offset + nbytes], source[start : start + nbytes])
 
     def flush(self) -> None:
         """Host stores are visible to other processes once the ZMQ send happens after them."""
@@ -89,6 +94,7 @@ class ShmExportedSlot:
     def close(self) -> None:
         if self._view is None:
             return
+        self._mv.release()
         self._view = None
         try:
             self._shm.close()

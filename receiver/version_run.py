@@ -22,6 +22,9 @@ from ..protocol.transport import ImportedSlot
 from .prefetch import PrefetchQueue
 
 
+_NUMPY_DTYPES = tuple(d.numpy for d in DTYPES)
+
+
 @dataclass
 class PreparedBucket:
     seq: int
@@ -80,6 +83,8 @@ class VersionRun:
         self.next_seq += 1
         entries: list[tuple[str, Any, int]] = []
         manifest, received, framework = self.manifest, self._received, self.framework
+        host = slot.domain == "host" and framework == "numpy"
+        np_dtypes = _NUMPY_DTYPES
         for name, code, shape, offset, nbytes, chunk in zip(
             msg.names, msg.dtypes, msg.shapes, msg.offsets, msg.nbytes, msg.chunks
         ):
@@ -87,7 +92,7 @@ class VersionRun:
             if spec is None:
                 raise ProtocolError(f"BUCKET {msg.seq}: tensor {name[:80]!r} is not in the manifest of {self.version!r}")
             want_code, want_shape, full = spec
-            if code != want_code or tuple(shape) != want_shape:
+            if code != want_code or len(shape) != len(want_shape) or tuple(shape) != want_shape:
                 raise ProtocolError(
                     f"BUCKET {msg.seq}: tensor {name[:80]!r}: expected {DTYPES[want_code].name}{list(want_shape)} "
                     f"as in BEGIN, got {DTYPES[code].name}{shape}"
@@ -101,7 +106,10 @@ class VersionRun:
             received[name] = chunk + nbytes
             data = slot.raw(offset, nbytes)
             if chunk == 0 and nbytes == full:
-                entries.append((name, slot.typed(framework, data, DTYPES[code], want_shape), -1))
+                if host:  # the hot path for many small tensors: a plain NumPy view
+                    entries.append((name, data.view(np_dtypes[code]).reshape(want_shape), -1))
+                else:
+                    entries.append((name, slot.typed(framework, data, DTYPES[code], want_shape), -1))
             else:
                 entries.append((name, data, chunk))
         used = max((o + n for o, n in zip(msg.offsets, msg.nbytes)), default=0)

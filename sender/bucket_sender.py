@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import time
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..protocol import messages as m
-from ..protocol.dtypes import dtype_of
+from ..protocol.dtypes import BY_NUMPY, dtype_of
 from ..protocol.errors import ManifestMismatch, TransportError, WeightstreamError, from_wire
 from ..protocol.security import CurveKeys
 from ..protocol.shm import host_identity
@@ -61,6 +62,10 @@ class _Tensor:
     dtype_code: int
     shape: tuple[int, ...]
     nbytes: int
+
+    @property
+    def shape_list(self) -> list[int]:
+        return list(self.shape)
 
 
 class BucketSender:
@@ -321,9 +326,13 @@ def _describe(named_tensors: Iterable[tuple[str, Any]]) -> list[_Tensor]:
         if name in seen:
             raise WeightstreamError(f"tensor name {name!r} appears twice; names must be unique per version")
         seen.add(name)
-        dtype = dtype_of(tensor)
-        shape = shape_of(tensor)
-        nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64)) if shape else dtype.itemsize
+        dtype = BY_NUMPY.get(tensor.dtype) if type(tensor) is np.ndarray else None
+        if dtype is not None:  # the common NumPy case without the generic dispatch
+            shape, nbytes = tensor.shape, tensor.nbytes
+        else:
+            dtype = dtype_of(tensor)
+            shape = shape_of(tensor)
+            nbytes = dtype.itemsize * math.prod(shape)
         tensors.append(_Tensor(name, tensor, dtype.code, shape, nbytes))
     return tensors
 

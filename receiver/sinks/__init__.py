@@ -1,0 +1,19 @@
+"""Sinks: where a receiver puts a version's tensors.
+
+A sink has ``framework`` (which views it wants), ``param_specs()`` (for the manifest
+check), ``load_one(name, tensor)``, ``load_weights(iterable)`` (the engine convention,
+once per version) and ``destination(name)`` (a writable byte view for in-place chunked
+writes, or None). Every sink copies: the views it gets die when the iterator advances.
+Importing this package never imports torch or paddle (the sink modules import their
+framework inside methods only).
+"""
+
+from __future__ import annotations
+
+from .base import ParamSpecs, Sink, as_sink
+from .numpy_sink import NumpySink
+from .paddle_sink import PaddleLayerSink
+from .router import PrefixRouter
+from .torch_sink import TorchModuleSink
+
+__all__ = ["NumpySink", "PaddleLayerSink", "ParamSpecs", "PrefixRouter", "Sink", "TorchModuleSink", "as_sink"]

@@ -1,0 +1,80 @@
+"""What a sink is, and the helpers every sink shares."""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from ...protocol.errors import ManifestMismatch, WeightstreamError
+from ...protocol.tensors import Framework
+
+#: name -> (canonical dtype name from protocol.dtypes.DTYPES, shape)
+ParamSpecs = dict[str, tuple[str, tuple[int, ...]]]
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Receives one version's tensors. Views are only valid during the call that gets
+    them, so a sink copies and never keeps a view."""
+
+    framework: Framework
+
+    def param_specs(self) -> ParamSpecs: ...
+
+    def load_one(self, name: str, tensor: Any) -> None: ...
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None: ...
+
+    def destination(self, name: str) -> np.ndarray | None: ...
+
+
+def unknown_name(name: str, known: Iterable[str], what: str) -> ManifestMismatch:
+    """ManifestMismatch for a tensor name the model does not have, with near misses."""
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    hint = f"; close names: {', '.join(close)}" if close else ""
+    return ManifestMismatch(
+        f"tensor {name!r}: expected a name of {what}, got one it does not have{hint}; "
+        "fix: rename on the sender side or route it with PrefixRouter"
+    )
+
+
+def spec_mismatch(name: str, want: tuple[str, tuple[int, ...]], got: tuple[str, tuple[int, ...]]) -> ManifestMismatch:
+    return ManifestMismatch(
+        f"tensor {name!r}: expected {want[0]}{list(want[1])}, got {got[0]}{list(got[1])}; "
+        "fix: send the tensor in the model's dtype and shape (cast/reshape on the sender side)"
+    )
+
+
+def as_sink(obj: Any) -> Any:
+    """``obj`` if it already is a sink, else the ready-made adapter for it.
+
+    A sink has ``load_weights``, ``param_specs`` and ``framework``. torch modules get
+    :class:`TorchModuleSink`, paddle layers :class:`PaddleLayerSink`, dicts
+    :class:`NumpySink`. torch/paddle are only looked at if already imported (an
+    object of theirs cannot exist otherwise).
+    """
+    if all(hasattr(obj, a) for a in ("load_weights", "param_specs", "framework")):
+        return obj
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.nn.Module):
+        from .torch_sink import TorchModuleSink
+
+        return TorchModuleSink(obj)
+    paddle = sys.modules.get("paddle")
+    if paddle is not None and isinstance(obj, paddle.nn.Layer):
+        from .paddle_sink import PaddleLayerSink
+
+        return PaddleLayerSink(obj)
+    if isinstance(obj, dict):
+        from .numpy_sink import NumpySink
+
+        return NumpySink(obj)
+    raise WeightstreamError(
+        f"sink: expected a torch.nn.Module, paddle.nn.Layer, dict of numpy arrays or an object with "
+        f"load_weights/param_specs/framework, got {type(obj).__qualname__}; "
+        "fix: pass one of those, or a plain load_weights callable to ReceiverDaemon"
+    )

@@ -1,0 +1,69 @@
+"""A sink that loads into a dict of NumPy arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from ...protocol.dtypes import from_numpy
+from ...protocol.errors import WeightstreamError
+from ...protocol.tensors import Framework, bytes_view
+from .base import ParamSpecs, spec_mismatch, unknown_name
+
+
+class NumpySink:
+    """Loads tensors into ``state``, a dict of NumPy arrays.
+
+    Two modes, fixed at construction:
+
+    - ``state`` non-empty: a fixed model. Every received name must be a key; its array
+      is overwritten in place (``np.copyto``), and :meth:`param_specs` describes the
+      arrays so the daemon checks manifests against them.
+    - ``state`` None or empty: a collector. Received tensors are copied into ``state``
+      (the given dict, or a new one), reusing an array in place when name, dtype and
+      shape repeat from an earlier version; :meth:`param_specs` is ``{}`` (no check).
+    """
+
+    framework: Framework = "numpy"
+
+    def __init__(self, state: dict[str, np.ndarray] | None = None) -> None:
+        self.state: dict[str, np.ndarray] = {} if state is None else state
+        self._fixed = bool(self.state)
+
+    def param_specs(self) -> ParamSpecs:
+        if not self._fixed:
+            return {}
+        return {name: (from_numpy(a.dtype).name, tuple(a.shape)) for name, a in self.state.items()}
+
+    def load_one(self, name: str, tensor: np.ndarray) -> None:
+        target = self.state.get(name)
+        if target is None:
+            if self._fixed:
+                raise unknown_name(name, self.state, "the NumpySink's state dict")
+            self.state[name] = np.array(tensor, copy=True, order="C")
+            return
+        if target.dtype != tensor.dtype or target.shape != tensor.shape:
+            if not self._fixed:  # collector: the tensor changed between versions
+                self.state[name] = np.array(tensor, copy=True, order="C")
+                return
+            want = (from_numpy(target.dtype).name, tuple(target.shape))
+            raise spec_mismatch(name, want, (from_numpy(tensor.dtype).name, tuple(tensor.shape)))
+        if not target.flags.writeable:
+            raise WeightstreamError(
+                f"tensor {name!r}: expected a writable destination array, got a read-only one; "
+                "fix: give NumpySink writable arrays (e.g. arr.copy())"
+            )
+        np.copyto(target, tensor, casting="no")
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        for name, tensor in weights:
+            self.load_one(name, tensor)
+
+    def destination(self, name: str) -> np.ndarray | None:
+        # A collector does not know the incoming dtype/shape ahead of time: no destination.
+        if not self._fixed:
+            return None
+        target = self.state.get(name)
+        return None if target is None else bytes_view(target)

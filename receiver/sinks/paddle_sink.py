@@ -1,0 +1,94 @@
+"""A sink that loads into a paddle ``nn.Layer`` by state-dict name."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ...protocol.dtypes import from_paddle
+from ...protocol.errors import WeightstreamError
+from ...protocol.tensors import Framework, bytes_view
+from .base import ParamSpecs, spec_mismatch, unknown_name
+
+if TYPE_CHECKING:
+    import paddle
+
+
+class PaddleLayerSink:
+    """Loads tensors into ``layer`` by ``state_dict`` name (parameters and persistable buffers).
+
+    Initialised tensors are overwritten in place with ``Tensor.copy_(src, True)``: same
+    object, same data pointer, ``stop_gradient`` kept. A parameter that has no data yet
+    (``_is_initialized()`` False, e.g. built under ``paddle.LazyGuard()``) is filled with
+    ``Tensor.set_value(src)``, which allocates it once and copies the received data in,
+    without running its initializer; the parameter object stays the same. It lands on
+    ``paddle.get_device()``, where its initializer would have put it (host views are
+    moved there first: one extra device copy, only for uninitialised parameters).
+    """
+
+    framework: Framework = "paddle"
+
+    def __init__(self, layer: paddle.nn.Layer) -> None:
+        import paddle
+
+        if not isinstance(layer, paddle.nn.Layer):
+            raise WeightstreamError(
+                f"PaddleLayerSink: expected a paddle.nn.Layer, got {type(layer).__qualname__}; fix: pass the model"
+            )
+        self.layer = layer
+
+    def param_specs(self) -> ParamSpecs:
+        return {
+            name: (from_paddle(t.dtype).name, tuple(int(n) for n in t.shape))
+            for name, t in self.layer.state_dict().items()
+        }
+
+    def _target(self, name: str) -> Any:
+        # Walk the structured name through _sub_layers (O(depth)); fall back to state_dict().
+        *path, key = name.split(".")
+        owner = self.layer
+        for part in path:
+            owner = owner._sub_layers.get(part)
+            if owner is None:
+                break
+        if owner is not None:
+            found = owner._parameters.get(key)
+            if found is None and key not in owner._non_persistable_buffer_names_set:
+                found = owner._buffers.get(key)
+            if found is not None:
+                return found
+        state = self.layer.state_dict()
+        found = state.get(name)
+        if found is None:
+            raise unknown_name(name, state, f"the {type(self.layer).__name__} layer's state_dict")
+        return found
+
+    def load_one(self, name: str, tensor: paddle.Tensor) -> None:
+        import paddle
+
+        target = self._target(name)
+        if target.dtype != tensor.dtype or list(target.shape) != list(tensor.shape):
+            want = (from_paddle(target.dtype).name, tuple(int(n) for n in target.shape))
+            raise spec_mismatch(name, want, (from_paddle(tensor.dtype).name, tuple(int(n) for n in tensor.shape)))
+        if not target._is_initialized():
+            # Put it where LazyGuard's initialize() would have (e.g. gpu:0 while views come
+            # from host shm); set_value then allocates it on the source's place and copies.
+            device = paddle.get_device()
+            src = tensor if str(tensor.place) == f"Place({device})" else tensor.to(device)
+            target.set_value(src)  # a copy: never aliases the bucket view
+            return
+        with paddle.no_grad():
+            target.copy_(tensor, True)  # blocking: the view dies when the iterator advances
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        for name, tensor in weights:
+            self.load_one(name, tensor)
+
+    def destination(self, name: str) -> np.ndarray | None:
+        try:
+            target = self._target(name)
+        except WeightstreamError:
+            return None
+        return bytes_view(target)

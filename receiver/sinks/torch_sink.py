@@ -1,0 +1,134 @@
+"""A sink that loads into a torch ``nn.Module`` by state-dict name."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ...protocol.dtypes import from_torch
+from ...protocol.errors import WeightstreamError
+from ...protocol.tensors import Framework, bytes_view
+from .base import ParamSpecs, spec_mismatch, unknown_name
+
+if TYPE_CHECKING:
+    import torch
+
+# (owning module's _parameters or _buffers dict, key in it)
+_Slot = tuple[dict[str, Any], str]
+
+
+class TorchModuleSink:
+    """Loads tensors into ``module`` by ``state_dict`` name (parameters and persistent buffers).
+
+    Materialised tensors are overwritten in place (``copy_`` under ``no_grad``), so
+    their identity, device and storage stay. A tensor on the ``meta`` device has no
+    storage: it is replaced by a clone of the received data (on the device the data
+    arrives on, same ``requires_grad``, a ``Parameter`` for parameters, with the old
+    parameter's attributes such as ``weight_loader`` carried over), everywhere the
+    module references it (tied weights included).
+    """
+
+    framework: Framework = "torch"
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        import torch
+
+        if not isinstance(module, torch.nn.Module):
+            raise WeightstreamError(
+                f"TorchModuleSink: expected a torch.nn.Module, got {type(module).__qualname__}; fix: pass the model"
+            )
+        self.module = module
+        # id(meta tensor) -> (tensor, slots referencing it); built when first needed.
+        self._meta_index: dict[int, tuple[Any, list[_Slot]]] | None = None
+
+    def param_specs(self) -> ParamSpecs:
+        import torch
+
+        state = self.module.state_dict(keep_vars=True)
+        return {
+            name: (from_torch(t.dtype).name, tuple(t.shape))
+            for name, t in state.items()
+            if isinstance(t, torch.Tensor)  # skip get_extra_state() payloads
+        }
+
+    def _slot(self, name: str) -> _Slot | None:
+        """Where ``name`` lives, found by walking the module path (O(depth), no state_dict)."""
+        prefix, _, key = name.rpartition(".")
+        try:
+            owner = self.module.get_submodule(prefix) if prefix else self.module
+        except AttributeError:
+            return None
+        if owner._parameters.get(key) is not None:
+            return owner._parameters, key
+        if owner._buffers.get(key) is not None and key not in owner._non_persistent_buffers_set:
+            return owner._buffers, key
+        return None
+
+    def _target(self, name: str) -> tuple[Any, _Slot | None]:
+        slot = self._slot(name)
+        if slot is not None:
+            return slot[0][slot[1]], slot
+        # Slow path for modules whose state_dict names differ from attribute paths.
+        state = self.module.state_dict(keep_vars=True)
+        found = state.get(name)
+        if found is None:
+            raise unknown_name(name, state, f"the {type(self.module).__name__} module's state_dict")
+        return found, None
+
+    def load_one(self, name: str, tensor: torch.Tensor) -> None:
+        import torch
+
+        target, slot = self._target(name)
+        if target.dtype != tensor.dtype or tuple(target.shape) != tuple(tensor.shape):
+            want = (from_torch(target.dtype).name, tuple(target.shape))
+            raise spec_mismatch(name, want, (from_torch(tensor.dtype).name, tuple(tensor.shape)))
+        if target.is_meta:
+            if slot is None:
+                raise WeightstreamError(
+                    f"tensor {name!r}: expected a materialised tensor or one reachable by attribute path, "
+                    "got a meta tensor only its state_dict hooks know; fix: materialise it (module.to_empty) first"
+                )
+            self._materialise(target, tensor)
+            return
+        with torch.no_grad():
+            target.copy_(tensor)  # blocking: the view dies when the iterator advances
+
+    def _materialise(self, old: torch.Tensor, tensor: torch.Tensor) -> None:
+        import torch
+
+        data = tensor.detach().clone()  # own memory: the view is only valid for this call
+        if isinstance(old, torch.nn.Parameter):
+            new: torch.Tensor = torch.nn.Parameter(data, requires_grad=old.requires_grad)
+            new.__dict__.update(old.__dict__)  # e.g. vLLM's weight_loader attribute
+        else:
+            new = data.requires_grad_(old.requires_grad)
+        entry = self._meta_index.get(id(old)) if self._meta_index is not None else None
+        if entry is None or entry[0] is not old:
+            self._meta_index = self._build_meta_index()
+            entry = self._meta_index.get(id(old), (old, []))
+        for table, key in entry[1]:
+            if table.get(key) is old:
+                table[key] = new
+        self._meta_index.pop(id(old), None)
+
+    def _build_meta_index(self) -> dict[int, tuple[Any, list[_Slot]]]:
+        index: dict[int, tuple[Any, list[_Slot]]] = {}
+        for mod in self.module.modules():
+            for table in (mod._parameters, mod._buffers):
+                for key, t in table.items():
+                    if t is not None and t.is_meta:
+                        index.setdefault(id(t), (t, []))[1].append((table, key))
+        return index
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        for name, tensor in weights:
+            self.load_one(name, tensor)
+
+    def destination(self, name: str) -> np.ndarray | None:
+        try:
+            target, _ = self._target(name)
+        except WeightstreamError:
+            return None
+        return None if target.is_meta else bytes_view(target)
