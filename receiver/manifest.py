@@ -10,6 +10,7 @@ from ..protocol.errors import ManifestMismatch
 ParamSpecs = Mapping[str, tuple[str, Sequence[int]]]
 
 MAX_LISTED = 5
+_DTYPE_NAMES = tuple(d.name for d in DTYPES)
 
 
 def check_manifest(
@@ -23,18 +24,23 @@ def check_manifest(
     """Raise :class:`ManifestMismatch` listing the first offenders of each kind."""
     unexpected: list[str] = []
     wrong: list[str] = []
-    seen: set[str] = set()
+    matched = 0
+    dtype_names = _DTYPE_NAMES
     for name, code, shape in zip(names, dtype_codes, shapes):
-        seen.add(name)
         spec = expected.get(name)
         if spec is None:
             unexpected.append(name)
             continue
+        matched += 1
+        if spec[0] == dtype_names[code] and tuple(spec[1]) == tuple(shape):
+            continue  # the common case: no per-entry lookups beyond this
         want_dtype, want_shape = by_name(spec[0]), tuple(int(d) for d in spec[1])
-        got_dtype, got_shape = DTYPES[code], tuple(shape)
-        if want_dtype.code != code or want_shape != got_shape:
-            wrong.append(f"{name}: expected {want_dtype.name}{list(want_shape)}, got {got_dtype.name}{list(got_shape)}")
-    missing = [] if allow_missing else [n for n in expected if n not in seen]
+        if want_dtype.code != code or want_shape != tuple(shape):
+            wrong.append(f"{name}: expected {want_dtype.name}{list(want_shape)}, got {DTYPES[code].name}{list(shape)}")
+    missing: list[str] = []
+    if not allow_missing and matched != len(expected):  # manifest names are unique, so counts suffice
+        sent = set(names)
+        missing = [n for n in expected if n not in sent]
     if not (unexpected or wrong or missing):
         return
     parts = []

@@ -237,14 +237,20 @@ class BucketSender:
                     buckets=len(plan),
                 ),
             )
-            pub.wait(
-                lambda: len(rnd.ready) + len(rnd.rejected) == len(ranks),
-                timeout,
-                f"ranks {describe_ranks(ranks)} to check the manifest of {version!r}",
-            )
-            if rnd.rejected:
-                raise _rejection(version, rnd)
-            self._stream(tensors, plan, rnd, idents, timeout)
+
+
+            def wait_ready() -> None:
+                pub.wait(
+                    lambda: len(rnd.ready) + len(rnd.rejected) == len(ranks),
+                    timeout,
+                    f"ranks {describe_ranks(ranks)} to check the manifest of {version!r}",
+                )
+                if rnd.rejected:
+                    raise _rejection(version, rnd)
+
+            # Packing the first slots overlaps the receivers' manifest check; nothing is
+            # published (and so nothing touches a model) before every rank said READY.
+            self._stream(tensors, plan, rnd, idents, timeout, wait_ready)
             pub.broadcast(idents, m.Commit(version=version))
             pub.wait(
                 lambda: len(rnd.committed) == len(ranks),
@@ -270,8 +276,18 @@ class BucketSender:
         )
         return report
 
-    def _stream(self, tensors: list[_Tensor], plan: list[Any], rnd: Round, idents: list[bytes], timeout: float) -> None:
+    def _stream(
+        self,
+        tensors: list[_Tensor],
+        plan: list[Any],
+        rnd: Round,
+        idents: list[bytes],
+        timeout: float,
+        before_first_publish: Any,
+    ) -> None:
         pub = self._publisher
+        if not plan:
+            before_first_publish()
         cached_index, cached_bytes = -1, None
         for bucket in plan:
             slot_index = self._ring.acquire(timeout, rnd.check)
@@ -293,6 +309,8 @@ class BucketSender:
                 shapes.append(list(t.shape))
             slot.flush()
             digest = slot.digest(bucket.used) if self.checksum else None
+            if bucket.seq == 0:
+                before_first_publish()
             with pub.cond:
                 rnd.pending[bucket.seq] = (slot_index, set(rnd.ranks))
             pub.broadcast(
