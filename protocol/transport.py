@@ -63,9 +63,8 @@ def get_transport(name: str) -> Transport:
     try:
         module = importlib.import_module(TRANSPORTS[name])
     except ImportError as exc:
-        raise TransportError(
-            f"transport {name!r} is unavailable here ({exc}); install its extra, e.g. pip install 'weightstream[cuda]'"
-        ) from exc
+        hint = "; install its extra: pip install 'weightstream[cuda]'" if "not installed" in str(exc) else ""
+        raise TransportError(f"transport {name!r} is unavailable here ({exc}){hint}") from exc
     return module.TRANSPORT  # type: ignore[no-any-return]
 
 

@@ -25,6 +25,7 @@ import zmq
 import zmq.asyncio
 
 from ..protocol import messages as m
+from ..protocol.cuda_ipc_wire import device_identity
 from ..protocol.errors import (
     PeerLost,
     PeerTimeout,
@@ -100,6 +101,8 @@ class ReceiverDaemon:
         self._hb_timeout = heartbeat_timeout
         self._apply_timeout = apply_timeout
         self._session = secrets.token_hex(8)
+        # Read on the caller's thread: that is where the rank selected its GPU (the loop thread sees device 0).
+        self._device = device_identity()
         if (curve_keys is None) != (server_key is None):
             raise WeightstreamError("CURVE needs both curve_keys= (this rank's key pair) and server_key= (the sender's public key)")
         check_network_endpoint(endpoint, curve_keys is not None, insecure)
@@ -278,7 +281,7 @@ class ReceiverDaemon:
             session=self._session,
             transports=available_transports(),
             host=host_identity(),
-            device="",
+            device=self._device,
             pid=os.getpid(),
         )
 

@@ -162,10 +162,10 @@ class BucketSender:
                 f"rank {hello.rank} offers transports {hello.transports}, this sender uses {name!r}; "
                 f"install the extra for {name!r} on the rank or pick a transport both sides have"
             )
-        if name == "shm" and hello.host != host_identity():
+        if name in ("shm", "cuda_ipc") and hello.host != host_identity():
             raise TransportError(
                 f"rank {hello.rank} runs on host {hello.host!r}, the sender on {host_identity()!r}; "
-                "shm needs both on one host"
+                f"{name} needs both on one node"
             )
         return m.Welcome(
             session=self.session,

@@ -1,0 +1,586 @@
+"""CUDA IPC transport: bucket slots in GPU memory, mapped zero-copy by receivers on the same node.
+
+Importing this module raises ImportError without cuda-bindings, a driver or a
+visible GPU, so :func:`~.transport.available_transports` does not offer it and
+``get_transport("cuda_ipc")`` raises TransportError with the reason.
+
+Memory rules
+  * Slots are plain ``cudaMalloc`` allocations made here, never torch's/Paddle's
+    caching allocator: a cached block is a sub-range of a bigger segment and
+    expandable segments are VMM mappings, both of which break legacy
+    ``cudaIpcGetMemHandle`` sharing.
+  * The sender frees a slot only in ``close()``, after ``BucketSender.close``
+    said BYE; receivers close their mappings on BYE or when the sender is lost.
+    A receiver that still maps a slot when the sender frees it keeps reading
+    valid (stale) pages: the driver releases the physical memory when the last
+    mapping closes. Slots are never freed or re-allocated during a session.
+  * Each receiver opens every slot handle once per sender session (a refcounted
+    per-process cache; ``OPEN_COUNT`` counts real ``cudaIpcOpenMemHandle`` calls)
+    and ``cudaIpcCloseMemHandle``s it when the last user closes.
+
+Ordering
+  * Sender: ``write`` makes the transport's own non-blocking stream wait (by an
+    event) for the producer's current stream, so the trainer's pending kernels
+    are included, then ``cudaMemcpyAsync``; ``flush`` synchronises that stream
+    before the bucket is published.
+  * Receiver: typed views alias the mapped slot; consumers copy on their current
+    stream (torch: the slot device's current stream, which torch also uses for
+    cross-device copies from it) and ``sync`` synchronises that stream before the ACK.
+
+Framework views
+  * torch: ``torch.as_tensor`` over ``__cuda_array_interface__`` (zero-copy; torch
+    holds a reference to the exporting object until the tensor dies).
+  * paddle: ``paddle.utils.dlpack.from_dlpack`` over a ``cuda.core`` ``Buffer``
+    (``Buffer.from_handle(ptr, size, owner=...)`` exports DLPack); without
+    cuda.core, one D2D copy into a fresh paddle tensor. Paddle's own
+    ``__cuda_array_interface__`` import is avoided: its deleter releases the
+    exporter's reference twice (pybind.cc, ``tensor_from_cuda_array_interface``).
+  * numpy: a host copy (not zero-copy).
+  Paddle's native ``_share_cuda()`` tuples are not accepted (not verified here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import logging
+import math
+import os
+import sys
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from .cuda_ipc_wire import (
+    HANDLE_BYTES,
+    SlotDescriptor,
+    cuda_error_message,
+    decode_descriptor,
+    device_identity,
+    encode_descriptor,
+    expandable_segments_note,
+    format_uuid,
+)
+from .dtypes import DType
+from .errors import TransportError
+from .shm import host_digest
+from .tensors import view_as
+
+try:
+    from cuda.bindings import driver as cudrv
+    from cuda.bindings import runtime as cudart
+except ImportError as _exc:  # the 'cuda' extra is not installed
+    raise ImportError(f"cuda-bindings is not installed ({_exc})") from _exc
+
+log = logging.getLogger("weightstream.cuda_ipc")
+
+__all__ = ["OPEN_COUNT", "TRANSPORT", "decode_descriptor", "device_identity", "encode_descriptor"]
+
+_OK = cudart.cudaError_t.cudaSuccess
+_D2D = cudart.cudaMemcpyKind.cudaMemcpyDefault  # UVA: also right when source and slot sit on different GPUs
+_D2H = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+_INT_TYPESTR = {1: "|u1", 2: "<i2", 4: "<i4", 8: "<i8"}  # every dtype travels as the same-size integer
+
+#: real cudaIpcOpenMemHandle calls in this process (tests: 0 new opens per version)
+OPEN_COUNT = 0
+
+
+def _error_name(err: Any) -> tuple[str, str]:
+    name = getattr(err, "name", str(err))
+    try:
+        e, text = cudart.cudaGetErrorString(err)
+        return name, text.decode() if e == _OK and isinstance(text, bytes) else ""
+    except Exception:  # noqa: BLE001 - the error string is only decoration
+        return name, ""
+
+
+def _check(result: tuple[Any, ...], what: str) -> Any:
+    """cuda-bindings return ``(err, *values)``: raise TransportError or return the value(s)."""
+    err = result[0]
+    if err != _OK:
+        name, text = _error_name(err)
+        raise TransportError(cuda_error_message(what, name, text))
+    if len(result) == 1:
+        return None
+    return result[1] if len(result) == 2 else result[1:]
+
+
+def _probe() -> int:
+    """Visible device count, or ImportError saying why CUDA cannot be used here."""
+    try:
+        err, count = cudart.cudaGetDeviceCount()
+    except Exception as exc:
+        raise ImportError(f"CUDA is unusable here ({type(exc).__name__}: {exc}); fix: install the NVIDIA driver or use transport='shm'") from exc
+    if err != _OK:
+        name, text = _error_name(err)
+        raise ImportError(cuda_error_message("cudaGetDeviceCount", name, text))
+    if count == 0:
+        raise ImportError(
+            f"no CUDA device is visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+            "fix: expose a GPU or use transport='shm'"
+        )
+    return int(count)
+
+
+_probe()
+
+
+def _uuid_of(index: int) -> str:
+    prop = _check(cudart.cudaGetDeviceProperties(index), "cudaGetDeviceProperties")
+    return format_uuid(bytes(prop.uuid.bytes))
+
+
+@functools.lru_cache(maxsize=1)
+def _uuids() -> tuple[str, ...]:
+    """UUIDs of the visible GPUs by local index (fixed for the life of a process)."""
+    count = _check(cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
+    return tuple(_uuid_of(i) for i in range(count))
+
+
+def _device_index(uuid: str) -> int:
+    """Local index of the GPU ``uuid``: indices differ between processes, UUIDs do not."""
+    seen = _uuids()
+    if uuid in seen:
+        return seen.index(uuid)
+    raise TransportError(
+        f"cuda_ipc slot lives on {uuid}, which this process cannot see (visible: {list(seen) or 'none'}, "
+        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+        "fix: make that GPU visible to the receiver, or use transport='shm'"
+    )
+
+
+def _has_context(index: int) -> bool:
+    try:
+        err, _flags, active = cudrv.cuDevicePrimaryCtxGetState(index)
+    except Exception:  # noqa: BLE001 - unknown: restore, as the runtime would
+        return True
+    return err != cudrv.CUresult.CUDA_SUCCESS or bool(active)
+
+
+@contextlib.contextmanager
+def _on_device(index: int) -> Iterator[None]:
+    """Make ``index`` current on this thread for the block (the current device is per thread).
+
+    The previous device is restored only if it has a context: cudaSetDevice creates
+    one (~500 MiB) and a daemon thread's default device 0 may be a GPU this rank never uses.
+    """
+    current = _check(cudart.cudaGetDevice(), "cudaGetDevice")
+    if current == index:
+        yield
+        return
+    _check(cudart.cudaSetDevice(index), "cudaSetDevice")
+    try:
+        yield
+    finally:
+        if _has_context(current):
+            cudart.cudaSetDevice(current)
+
+
+def _new_stream(index: int) -> int:
+    with _on_device(index):
+        return int(_check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreateWithFlags"))
+
+
+def _to_host(ptr: int, nbytes: int, device: int) -> np.ndarray:
+    host = np.empty(nbytes, dtype=np.uint8)
+    if nbytes:
+        with _on_device(device):
+            _check(cudart.cudaMemcpy(host.ctypes.data, ptr, nbytes, _D2H), "cudaMemcpy (device to host)")
+    return host
+
+
+class DeviceBytes:
+    """A flat byte range of device memory; ``owner`` keeps the memory alive."""
+
+    __slots__ = ("__weakref__", "device", "nbytes", "owner", "ptr", "stream")
+
+    def __init__(self, ptr: int, nbytes: int, device: int, owner: Any, stream: int | None = None) -> None:
+        self.ptr = ptr
+        self.nbytes = nbytes
+        self.device = device
+        self.owner = owner
+        self.stream = stream  # producer stream (sender side), None on the receiver
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        return _CudaArray(self, (self.nbytes,), "|u1").__cuda_array_interface__
+
+
+class _CudaArray:
+    """One typed ``__cuda_array_interface__`` (v2) export; holding it keeps ``base`` alive."""
+
+    __slots__ = ("base", "shape", "typestr")
+
+    def __init__(self, base: DeviceBytes, shape: tuple[int, ...], typestr: str) -> None:
+        self.base, self.shape, self.typestr = base, shape, typestr
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        return {"shape": self.shape, "typestr": self.typestr, "data": (self.base.ptr, False), "version": 2, "strides": None}
+
+
+def _owned_device_memory(nbytes: int, device: int) -> DeviceBytes:
+    """A private cudaMalloc buffer freed when the last view of it dies (receiver scratch)."""
+    with _on_device(device):
+        ptr = int(_check(cudart.cudaMalloc(max(nbytes, 1)), f"cudaMalloc({nbytes})"))
+    buf = DeviceBytes(ptr, nbytes, device, None)
+    weakref.finalize(buf, _free, ptr, device)
+    return buf
+
+
+def _free(ptr: int, device: int) -> None:
+    try:
+        with _on_device(device):
+            err = cudart.cudaFree(ptr)[0]
+        if err != _OK:
+            log.warning("cudaFree(%#x) on device %d: %s", ptr, device, _error_name(err)[0])
+    except Exception as exc:  # noqa: BLE001 - interpreter shutdown: the driver reclaims it with the process
+        log.debug("cudaFree(%#x): %s", ptr, exc)
+
+
+# --- sender ----------------------------------------------------------------------------------
+
+
+def _source(tensor: Any) -> DeviceBytes:
+    """A flat byte range over a CUDA torch/paddle tensor (one copy if not contiguous)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(tensor, torch.Tensor):
+        kind = tensor.device.type
+        if kind != "cuda":
+            raise TransportError(
+                f"tensor: expected a CUDA tensor for transport='cuda_ipc', got one on {tensor.device}; "
+                "fix: move it with .cuda() or use transport='shm'"
+            )
+        t = tensor.detach()
+        if not t.is_contiguous():
+            t = t.contiguous()  # runs on the current stream: the event in write() covers it
+        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        stream = int(torch.cuda.current_stream(t.device).cuda_stream)
+        return DeviceBytes(int(t.data_ptr()), t.numel() * t.element_size(), index, t, stream)
+    paddle = sys.modules.get("paddle")
+    if paddle is not None and isinstance(tensor, paddle.Tensor):
+        place = tensor.place
+        if not place.is_gpu_place():
+            raise TransportError(
+                f"tensor: expected a GPU tensor for transport='cuda_ipc', got one on {place}; "
+                "fix: move it with .cuda() or use transport='shm'"
+            )
+        t = tensor.detach()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        index = int(place.gpu_device_id())
+        s = paddle.device.current_stream(paddle.CUDAPlace(index))
+        stream = int(s.__cuda_stream__()[1]) if hasattr(s, "__cuda_stream__") else int(s.stream_base.cuda_stream)
+        return DeviceBytes(int(t.data_ptr()), t.numel() * t.element_size(), index, t, stream)
+    raise TransportError(
+        f"tensor: expected a CUDA torch or paddle tensor for transport='cuda_ipc', got {type(tensor).__qualname__}; "
+        "fix: move it to the GPU, or use transport='shm' for host tensors"
+    )
+
+
+class CudaExportedSlot:
+    """One cudaMalloc'd bucket slot, shared by its 64-byte IPC handle."""
+
+    def __init__(self, size: int) -> None:
+        self.device = int(_check(cudart.cudaGetDevice(), "cudaGetDevice"))
+        self.size = size
+        self.ptr = 0
+        self._stream = 0
+        self._events: dict[int, int] = {}  # producer device -> event (records need a same-device event)
+        self._waited: DeviceBytes | None = None
+        self._keep: list[DeviceBytes] = []  # sources alive until flush: their copies may still be queued
+        with _on_device(self.device):
+            self.ptr = int(_check(cudart.cudaMalloc(size), f"cudaMalloc({size}) for a bucket slot"))
+            try:
+                _check(cudart.cudaMemset(self.ptr, 0, size), "cudaMemset")  # commit pages now, not in the first push
+                handle = _check(cudart.cudaIpcGetMemHandle(self.ptr), "cudaIpcGetMemHandle")
+                # cuda-bindings >= 13.4 has no .reserved: the 64 bytes are read through the struct pointer
+                raw = ctypes.string_at(int(handle.getPtr()), HANDLE_BYTES)
+                self._stream = _new_stream(self.device)
+            except BaseException:
+                self.close()
+                raise
+        self._desc = encode_descriptor(raw, size, _uuid_of(self.device), os.getpid())
+
+    def descriptor(self) -> dict[str, Any]:
+        return dict(self._desc)
+
+    def source_bytes(self, tensor: Any) -> DeviceBytes:
+        return _source(tensor)
+
+    def _event(self, device: int) -> int:
+        event = self._events.get(device)
+        if event is None:
+            with _on_device(device):
+                event = int(_check(cudart.cudaEventCreateWithFlags(cudart.cudaEventDisableTiming), "cudaEventCreateWithFlags"))
+            self._events[device] = event
+        return event
+
+    def write(self, offset: int, source: DeviceBytes, start: int, nbytes: int) -> None:
+        if not self.ptr:
+            raise TransportError("cuda_ipc slot is closed")
+        if offset < 0 or start < 0 or offset + nbytes > self.size or start + nbytes > source.nbytes:
+            raise TransportError(
+                f"cuda_ipc write: expected bytes {start}..{start + nbytes} of a {source.nbytes}-byte source into "
+                f"{offset}..{offset + nbytes} of a {self.size}-byte slot"
+            )
+        if source is not self._waited:  # once per tensor: its producer's queued kernels come first
+            event = self._event(source.device)
+            with _on_device(source.device):  # stream handle 0 means the *current* device's legacy stream
+                _check(cudart.cudaEventRecord(event, source.stream or 0), "cudaEventRecord")
+            _check(cudart.cudaStreamWaitEvent(self._stream, event, 0), "cudaStreamWaitEvent")
+            self._waited = source
+            self._keep.append(source)
+        with _on_device(self.device):
+            _check(
+                cudart.cudaMemcpyAsync(self.ptr + offset, source.ptr + start, nbytes, _D2D, self._stream),
+                "cudaMemcpyAsync (into a bucket slot)",
+            )
+
+    def flush(self) -> None:
+        if self._stream:
+            _check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize (bucket copies)")
+        self._keep.clear()
+        self._waited = None
+
+    def digest(self, nbytes: int) -> int:
+        return host_digest(_to_host(self.ptr, nbytes, self.device))
+
+    def close(self) -> None:
+        """Free the slot: only after BYE (see the module doc for why that is safe)."""
+        with contextlib.suppress(Exception), _on_device(self.device):
+            if self._stream:
+                cudart.cudaStreamSynchronize(self._stream)
+                cudart.cudaStreamDestroy(self._stream)
+                self._stream = 0
+            for event in self._events.values():
+                cudart.cudaEventDestroy(event)
+            self._events.clear()
+            if self.ptr:
+                err = cudart.cudaFree(self.ptr)[0]
+                if err != _OK:
+                    log.warning("cudaFree of a bucket slot: %s", _error_name(err)[0])
+                self.ptr = 0
+        self._keep.clear()
+
+
+# --- receiver --------------------------------------------------------------------------------
+
+
+class _Mapping:
+    __slots__ = ("device", "ptr", "users")
+
+    def __init__(self, ptr: int, device: int) -> None:
+        self.ptr, self.device, self.users = ptr, device, 1
+
+
+_MAPPINGS: dict[bytes, _Mapping] = {}
+_MAPPINGS_LOCK = threading.Lock()
+
+
+def _handle_of(raw: bytes) -> Any:
+    handle = cudart.cudaIpcMemHandle_t()
+    ctypes.memmove(int(handle.getPtr()), raw, HANDLE_BYTES)
+    return handle
+
+
+def _peer_gone(pid: int) -> bool:
+    try:
+        import psutil
+
+        return not psutil.pid_exists(pid)
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return False
+
+
+def _open(desc: SlotDescriptor, device: int) -> _Mapping:
+    global OPEN_COUNT
+    with _MAPPINGS_LOCK:
+        mapping = _MAPPINGS.get(desc.handle)
+        if mapping is not None:
+            mapping.users += 1
+            return mapping
+        with _on_device(device):
+            err, ptr = cudart.cudaIpcOpenMemHandle(_handle_of(desc.handle), cudart.cudaIpcMemLazyEnablePeerAccess)
+        if err != _OK:
+            name, text = _error_name(err)
+            if _peer_gone(desc.pid):
+                raise TransportError(
+                    f"cuda_ipc: the sender process {desc.pid} that exported this slot is gone ({name}); "
+                    "fix: restart the sender; the receiver reconnects on its next WELCOME"
+                )
+            raise TransportError(cuda_error_message(f"cudaIpcOpenMemHandle (slot of pid {desc.pid} on {desc.device})", name, text))
+        OPEN_COUNT += 1
+        mapping = _MAPPINGS[desc.handle] = _Mapping(int(ptr), device)
+        return mapping
+
+
+def _release(handle: bytes) -> None:
+    with _MAPPINGS_LOCK:
+        mapping = _MAPPINGS.get(handle)
+        if mapping is None:
+            return
+        mapping.users -= 1
+        if mapping.users > 0:
+            return
+        del _MAPPINGS[handle]
+    try:
+        with _on_device(mapping.device):
+            err = cudart.cudaIpcCloseMemHandle(mapping.ptr)[0]
+        if err != _OK:
+            log.warning("cudaIpcCloseMemHandle: %s", _error_name(err)[0])
+    except TransportError as exc:
+        log.warning("closing a cuda_ipc mapping: %s", exc)
+
+
+def _torch_view(buf: DeviceBytes, dtype: DType, shape: tuple[int, ...]) -> Any:
+    import torch
+
+    target = dtype.torch()
+    device = torch.device("cuda", buf.device)
+    if buf.nbytes == 0:
+        return torch.empty(shape, dtype=target, device=device)
+    # device= is explicit: older torch would otherwise copy the interface object to the default device
+    t = torch.as_tensor(_CudaArray(buf, shape, _INT_TYPESTR[dtype.itemsize]), device=device)
+    return t if t.dtype == target else t.view(target)
+
+
+def _paddle_view(buf: DeviceBytes, dtype: DType, shape: tuple[int, ...], copy_stream: int) -> Any:
+    import paddle
+
+    target = dtype.paddle()
+    if buf.nbytes == 0:
+        return paddle.empty(list(shape), dtype=target).cuda(buf.device)
+    ints = getattr(paddle, {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}[dtype.itemsize])
+    try:
+        from cuda.core import Buffer
+    except ImportError:
+        Buffer = None
+    if Buffer is not None:
+        flat = paddle.utils.dlpack.from_dlpack(Buffer.from_handle(buf.ptr, buf.nbytes, owner=buf))
+        if flat.element_size() == 1 and flat.numel() == buf.nbytes:  # a 1-D byte tensor, as cuda.core exports
+            if flat.dtype != paddle.uint8:
+                flat = flat.view(paddle.uint8)
+            t = flat.view(ints).reshape(list(shape))  # offset 0: paddle's itemsize-changing view is safe here
+            return t if t.dtype == target else t.view(target)
+    # Fallback: one D2D copy into paddle's own memory, ordered on paddle's current stream.
+    out = paddle.empty([buf.nbytes], dtype=paddle.uint8).cuda(buf.device)
+    with _on_device(buf.device):
+        _check(cudart.cudaMemcpyAsync(int(out.data_ptr()), buf.ptr, buf.nbytes, _D2D, copy_stream), "cudaMemcpyAsync")
+        _check(cudart.cudaStreamSynchronize(copy_stream), "cudaStreamSynchronize")
+    t = out.view(ints).reshape(list(shape))
+    return t if t.dtype == target else t.view(target)
+
+
+class CudaImportedSlot:
+    domain = "cuda"
+
+    def __init__(self, descriptor: dict[str, Any]) -> None:
+        desc = decode_descriptor(descriptor)
+        if desc.pid == os.getpid():
+            raise TransportError(
+                "cuda_ipc: this slot was exported by this very process; CUDA cannot open an IPC handle in the "
+                "process that created it. fix: run the receiver in a second process, or use transport='shm'"
+            )
+        self.device = _device_index(desc.device)
+        self.size = desc.size
+        self._handle = desc.handle
+        mapping = _open(desc, self.device)
+        self.ptr = mapping.ptr
+        self._stream = 0  # created on first use (chunk copies)
+        self._used: set[str] = set()  # frameworks that read from this slot: their streams are synced
+
+    def _own_stream(self) -> int:
+        if not self._stream:
+            self._stream = _new_stream(self.device)
+        return self._stream
+
+    def raw(self, offset: int, nbytes: int) -> DeviceBytes:
+        if not self.ptr:
+            raise TransportError("cuda_ipc slot is closed")
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
+            raise TransportError(f"cuda_ipc slot: bytes {offset}..{offset + nbytes} lie outside {self.size}")
+        return DeviceBytes(self.ptr + offset, nbytes, self.device, self)
+
+    def typed(self, framework: str, buffer: DeviceBytes, dtype: DType, shape: tuple[int, ...]) -> Any:
+        expected = dtype.itemsize * math.prod(shape)
+        if buffer.nbytes != expected:
+            raise TransportError(
+                f"cuda_ipc view: expected {expected} bytes for {dtype.name}{list(shape)}, got {buffer.nbytes}"
+            )
+        self._used.add(framework)
+        if framework == "torch":
+            return _torch_view(buffer, dtype, shape)
+        if framework == "paddle":
+            return _paddle_view(buffer, dtype, shape, self._own_stream())
+        if framework == "numpy":
+            return view_as("numpy", _to_host(buffer.ptr, buffer.nbytes, buffer.device), dtype, shape)
+        raise TransportError(f"framework: expected numpy, paddle or torch, got {framework!r}")
+
+    def scratch(self, nbytes: int) -> DeviceBytes:
+        return _owned_device_memory(nbytes, self.device)
+
+    def copy(self, dst: DeviceBytes, at: int, src: DeviceBytes) -> None:
+        if at < 0 or at + src.nbytes > dst.nbytes:
+            raise TransportError(f"cuda_ipc copy: {src.nbytes} bytes at {at} do not fit {dst.nbytes}")
+        if not src.nbytes:
+            return
+        stream = self._own_stream()
+        with _on_device(self.device):
+            _check(cudart.cudaMemcpyAsync(dst.ptr + at, src.ptr, src.nbytes, _D2D, stream), "cudaMemcpyAsync (chunk)")
+            _check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize (chunk)")
+
+    def sync(self) -> None:
+        """Consumers' reads of this slot are done: sync the stream they used on the slot's GPU."""
+        if "torch" in self._used and "torch" in sys.modules:
+            import torch
+
+            torch.cuda.current_stream(self.device).synchronize()
+        if "paddle" in self._used and "paddle" in sys.modules:
+            import paddle
+
+            paddle.device.current_stream(paddle.CUDAPlace(self.device)).synchronize()
+        if self._stream:
+            _check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+
+    def digest(self, nbytes: int) -> int:
+        return host_digest(_to_host(self.ptr, nbytes, self.device))
+
+    def close(self) -> None:
+        if not self.ptr:
+            return
+        self.ptr = 0
+        if self._stream:
+            with contextlib.suppress(Exception), _on_device(self.device):
+                cudart.cudaStreamSynchronize(self._stream)
+                cudart.cudaStreamDestroy(self._stream)
+            self._stream = 0
+        _release(self._handle)
+
+
+class CudaIpcTransport:
+    name = "cuda_ipc"
+
+    def create_slots(self, count: int, size: int) -> list[CudaExportedSlot]:
+        note = expandable_segments_note()
+        if note is not None:
+            log.warning("%s", note)
+        slots: list[CudaExportedSlot] = []
+        try:
+            for _ in range(count):
+                slots.append(CudaExportedSlot(size))
+        except BaseException:
+            for slot in slots:
+                slot.close()
+            raise
+        return slots
+
+    def open_slot(self, descriptor: dict[str, Any]) -> CudaImportedSlot:
+        return CudaImportedSlot(descriptor)
+
+
+TRANSPORT = CudaIpcTransport()
