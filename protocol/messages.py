@@ -407,6 +407,10 @@ def _check_begin(msg: Begin) -> None:
         raise ProtocolError(
             f"BEGIN: names/dtypes/shapes must be parallel arrays; got lengths {n}/{len(msg.dtypes)}/{len(msg.shapes)}"
         )
+    if (n == 0) != (msg.buckets == 0):
+        raise ProtocolError(
+            f"BEGIN: field 'buckets': {msg.buckets} bucket(s) for {n} tensor(s); expected 0 buckets exactly when there are no tensors"
+        )
     if len(set(msg.names)) != n:
         raise ProtocolError("BEGIN: field 'names' holds duplicate tensor names; each name must appear once")
     total = sum(tensor_nbytes(c, s) for c, s in zip(msg.dtypes, msg.shapes))

@@ -213,6 +213,18 @@ class ReceiverDaemon:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def restore(
+        self, directory: str | os.PathLike[str], version: str | None = None, *, fallback_dir: str | os.PathLike[str] | None = None, force: bool = False
+    ) -> str:
+        """Apply this rank's snapshot of ``version`` (default: ``directory/version.yaml``) without a sender.
+
+        Streams part by part through the same iterator as a live update; refuses a version
+        older than the committed one unless ``force``. Returns the version now committed.
+        """
+        from .snapshot import restore_into
+
+        return restore_into(self, directory, version, fallback_dir=fallback_dir, force=force)
+
     # --- the daemon ------------------------------------------------------------------
 
     async def serve(self, _started: threading.Event | None = None) -> None:
@@ -502,7 +514,7 @@ class ReceiverDaemon:
             return
         log.warning("rank %d: version %r failed: %s: %s", self.rank, run.version, type(exc).__name__, exc)
         error = exc if isinstance(exc, WeightstreamError) else from_wire(type(exc).__name__, str(exc), rank=self.rank)
-        self._record_failure(run.version, error, touched=run.touched)
+        self._record_failure(run.version, error, touched=run.touched, shown=f"{type(exc).__name__}: {exc}")
         self._run = None
         self._inbox = None
         self._send(
@@ -514,12 +526,14 @@ class ReceiverDaemon:
             )
         )
 
-    def _record_failure(self, version: str, error: WeightstreamError, *, touched: bool) -> None:
+    def _record_failure(
+        self, version: str, error: WeightstreamError, *, touched: bool, shown: str | None = None
+    ) -> None:
         with self._cond:
             self._failed[version] = error
             if len(self._failed) > 64:
                 self._failed.pop(next(iter(self._failed)))
-            self._last_error = f"{type(error).__name__}: {error}"
+            self._last_error = shown or f"{type(error).__name__}: {error}"
             if touched:
                 self._model_intact = False
                 self._state = "aborted"

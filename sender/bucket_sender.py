@@ -17,7 +17,7 @@ import numpy as np
 
 from ..protocol import messages as m
 from ..protocol.dtypes import BY_NUMPY, dtype_of
-from ..protocol.errors import ManifestMismatch, TransportError, WeightstreamError, from_wire
+from ..protocol.errors import ManifestMismatch, PeerTimeout, TransportError, WeightstreamError, from_wire
 from ..protocol.security import CurveKeys
 from ..protocol.shm import host_identity
 from ..protocol.tensors import host_bytes, shape_of
@@ -183,12 +183,15 @@ class BucketSender:
         count = self.receivers if count is None else count
         timeout = self.timeout if timeout is None else timeout
         pub = self._publisher
-        pub.wait(
-            lambda: len(pub.peers) >= count,
-            timeout,
-            f"{count} receiver(s) to connect to {self.endpoint} (connected ranks: "
-            f"{describe_ranks(pub.snapshot_peers())}); start the ReceiverDaemons or lower receivers=",
-        )
+        try:
+            pub.wait(lambda: len(pub.peers) >= count, timeout, f"{count} receiver(s) to connect to {self.endpoint}")
+        except PeerTimeout:
+            lost = pub.describe_lost()
+            raise PeerTimeout(
+                f"timed out after {timeout:.1f}s waiting for {count} receiver(s) at {self.endpoint}; connected ranks: "
+                f"{describe_ranks(pub.snapshot_peers())}" + (f"; lost: {lost}" if lost else "")
+                + "; start (or restart) the ReceiverDaemons, or lower receivers="
+            ) from None
         return sorted(pub.snapshot_peers())
 
     # --- push ------------------------------------------------------------------------

@@ -88,6 +88,7 @@ class Publisher:
         self._poll_ms = max(1, int(poll_interval * 1000))
         self.cond = threading.Condition()
         self.peers: dict[int, Peer] = {}
+        self.lost: dict[int, tuple[float, str]] = {}  # rank -> (when, why), for error messages
         self.round: Round | None = None
         self.on_slot_free: Callable[[int], None] = lambda slot: None
         self._error_limiter = m.ErrorReplyLimiter()
@@ -289,6 +290,7 @@ class Publisher:
             if old is not None and old.session != msg.session:
                 self._drop_peer(old, f"rank {msg.rank} restarted (new receiver session)")
             self.peers[msg.rank] = Peer(msg.rank, ident, msg.session, msg.pid, now)
+            self.lost.pop(msg.rank, None)
             self.cond.notify_all()
         log.info("rank %d connected (pid %d)", msg.rank, msg.pid)
         self._try_send(ident, reply)
@@ -344,6 +346,7 @@ class Publisher:
         """Caller holds the lock."""
         if self.peers.get(peer.rank) is peer:
             del self.peers[peer.rank]
+            self.lost[peer.rank] = (time.monotonic(), reason)
         (log.info if clean else log.warning)("peer gone: %s", reason)
         rnd = self.round
         if rnd is not None and peer.rank in rnd.ranks and peer.rank not in rnd.committed:
@@ -360,6 +363,11 @@ class Publisher:
             stale = [p for p in self.peers.values() if now - p.last_seen > self._heartbeat_timeout]
             for peer in stale:
                 self._drop_peer(peer, f"rank {peer.rank} sent nothing for {now - peer.last_seen:.1f}s (heartbeat timeout)")
+
+    def describe_lost(self) -> str:
+        now = time.monotonic()
+        with self.cond:
+            return "; ".join(f"{why} ({now - when:.1f}s ago)" for _, (when, why) in sorted(self.lost.items()))
 
     def snapshot_peers(self) -> dict[int, Peer]:
         with self.cond:

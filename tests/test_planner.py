@@ -1,0 +1,119 @@
+"""Bucket planning: pure function, so properties can be checked exhaustively."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from weightstream.sender.planner import align_up, plan_buckets
+
+from weightstream import WeightstreamError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def check_plan(sizes: list[int], bucket_bytes: int, alignment: int) -> None:
+    """Every invariant a receiver relies on."""
+    plan = plan_buckets(sizes, bucket_bytes, alignment)
+    covered: dict[int, list[tuple[int, int]]] = {i: [] for i in range(len(sizes))}
+    order: list[int] = []
+    for seq, bucket in enumerate(plan):
+        assert bucket.seq == seq
+        assert bucket.tensors, "no empty buckets"
+        n = len(bucket.tensors)
+        assert len(bucket.offsets) == len(bucket.nbytes) == len(bucket.chunks) == n
+        end = 0
+        for t, off, nb, chunk in zip(bucket.tensors, bucket.offsets, bucket.nbytes, bucket.chunks):
+            assert off % alignment == 0, "offset not aligned"
+            assert off >= end, "pieces overlap"
+            assert off + nb <= bucket_bytes, "piece runs past the bucket"
+            end = off + nb
+            covered[t].append((chunk, nb))
+            if not order or order[-1] != t:
+                order.append(t)
+        assert bucket.used == end
+    assert order == list(range(len(sizes))), "tensor order must be preserved"
+    for i, size in enumerate(sizes):
+        pieces = covered[i]
+        assert pieces, f"tensor {i} missing"
+        if size <= bucket_bytes:
+            assert pieces == [(0, size)], "a tensor that fits one bucket is never split"
+        pos = 0
+        for chunk, nb in pieces:  # consecutive, exactly once
+            assert chunk == pos and (nb > 0 or size == 0)
+            pos += nb
+        assert pos == size
+
+
+def test_empty_input() -> None:
+    assert plan_buckets([], 4096) == []
+
+
+def test_alignment_of_odd_sizes() -> None:
+    plan = plan_buckets([1, 255, 257, 0, 3], 4096, 256)
+    assert len(plan) == 1
+    assert plan[0].offsets == [0, 256, 512, 1024, 1024]
+    assert plan[0].nbytes == [1, 255, 257, 0, 3]
+
+
+def test_exact_fill_makes_one_bucket_per_tensor() -> None:
+    plan = plan_buckets([4096, 4096, 2048, 2048], 4096, 256)
+    assert [b.tensors for b in plan] == [[0], [1], [2, 3]]
+    assert [b.used for b in plan] == [4096, 4096, 4096]
+
+
+def test_tensor_that_does_not_fit_starts_a_new_bucket() -> None:
+    plan = plan_buckets([3000, 2000], 4096, 256)
+    assert [b.tensors for b in plan] == [[0], [1]]
+
+
+def test_chunking_fills_the_rest_then_whole_buckets() -> None:
+    plan = plan_buckets([100, 3 * 4096 + 10, 5], 4096, 256)
+    check_plan([100, 3 * 4096 + 10, 5], 4096, 256)
+    assert plan[0].tensors == [0, 1] and plan[0].offsets == [0, 256] and plan[0].nbytes == [100, 4096 - 256]
+    assert plan[1].chunks == [4096 - 256] and plan[1].nbytes == [4096]
+    assert plan[-1].tensors[-1] == 2
+
+
+def test_empty_tensors_get_an_entry() -> None:
+    plan = plan_buckets([0, 0, 4096, 0], 4096, 256)
+    check_plan([0, 0, 4096, 0], 4096, 256)
+    assert sum(len(b.tensors) for b in plan) == 4
+
+
+def test_chunking_can_be_refused() -> None:
+    with pytest.raises(WeightstreamError, match="bucket_bytes"):
+        plan_buckets([5000], 4096, 256, allow_chunks=False)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "bucket_bytes", "alignment", "match"),
+    [
+        ([1], 4096, 0, "power of two"),
+        ([1], 4096, 3, "power of two"),
+        ([1], 4096, -256, "power of two"),
+        ([1], 100, 256, "multiple"),
+        ([1], 4097, 256, "multiple"),
+        ([1], 0, 256, "multiple"),
+        ([1, -1], 4096, 256, "size"),
+    ],
+)
+def test_bad_arguments(sizes: list[int], bucket_bytes: int, alignment: int, match: str) -> None:
+    with pytest.raises(WeightstreamError, match=match):
+        plan_buckets(sizes, bucket_bytes, alignment)
+
+
+def test_align_up() -> None:
+    assert [align_up(n, 256) for n in (0, 1, 255, 256, 257)] == [0, 256, 256, 256, 512]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.lists(st.one_of(st.integers(0, 600), st.integers(0, 5000), st.sampled_from([0, 256, 1024, 1023, 1025])),
+                   max_size=40),
+    buckets_of=st.integers(1, 8),
+    align_pow=st.integers(0, 8),
+)
+def test_plan_properties(sizes: list[int], buckets_of: int, align_pow: int) -> None:
+    alignment = 1 << align_pow
+    check_plan(sizes, buckets_of * max(alignment, 128), alignment)

@@ -1,0 +1,257 @@
+"""The wire codec: every message round-trips, and decode lets only ProtocolError escape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from weightstream.protocol import messages as m
+from weightstream.protocol.errors import (
+    ManifestMismatch,
+    ProtocolError,
+    RemoteError,
+    VersionAborted,
+    from_wire,
+    wire_name,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+SLOT = {"name": "ws_1_abcd", "size": 4096, "host": "h"}
+
+EXAMPLES: list[m.Message] = [
+    m.Hello(rank=3, session="s1", transports=["shm", "cuda_ipc"], host="node-1", device="GPU-uuid", pid=123),
+    m.Welcome(session="s1", transport="shm", bucket_bytes=4096, alignment=256, slots=[SLOT, SLOT],
+              heartbeat_interval=1.0, heartbeat_timeout=10.0, pid=9),
+    m.Begin(version="step_1", names=["a.w", "模型.🙂", "e"], dtypes=[8, 7, 0], shapes=[[2, 3], [], [0, 4]],
+            total_bytes=26, buckets=1),
+    m.Begin(version="empty", names=[], dtypes=[], shapes=[], total_bytes=0, buckets=0),
+    m.Ready(version="step_1"),
+    m.Reject(version="step_1", error="ManifestMismatch", reason="1 missing: x"),
+    m.Bucket(version="step_1", seq=0, slot=1, names=["a.w", "big"], dtypes=[8, 1], shapes=[[2, 3], [10000]],
+             offsets=[0, 256], nbytes=[24, 3840], chunks=[0, 0]),
+    m.Bucket(version="step_1", seq=2, slot=0, names=["big"], dtypes=[1], shapes=[[10000]],
+             offsets=[0], nbytes=[4096], chunks=[3840], checksum=(1 << 64) - 1),
+    m.Ack(version="step_1", seq=7),
+    m.Commit(version="step_1"),
+    m.Committed(version="step_1", tensors=3, bytes=26, seconds=0.5),
+    m.Failed(version="step_1", error="ValueError", message="bad", model_intact=False),
+    m.Failed(version="step_1", error="ValueError", message="bad"),
+    m.Error(error="ProtocolError", message="field 'x'"),
+    m.Abort(version="step_1", reason="trainer interrupted"),
+    m.Ping(session="s1"),
+    m.Pong(session="s1"),
+    m.Bye(reason="closing"),
+]
+
+
+def test_every_message_type_has_an_example() -> None:
+    assert {type(x).TYPE for x in EXAMPLES} == set(m._REGISTRY)
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda x: f"{type(x).TYPE}")
+def test_round_trip(msg: m.Message) -> None:
+    frame = m.encode(msg)
+    assert isinstance(frame, bytes)
+    body = msgpack.unpackb(frame)
+    assert body["type"] == type(msg).TYPE and body["v"] == m.PROTOCOL_VERSION
+    assert m.decode(frame) == msg
+    assert m.decode(bytearray(frame)) == msg and m.decode(memoryview(frame)) == msg
+
+
+def test_optional_field_travels_only_when_set() -> None:
+    assert "checksum" not in msgpack.unpackb(m.encode(EXAMPLES[6]))
+    assert msgpack.unpackb(m.encode(EXAMPLES[7]))["checksum"] == (1 << 64) - 1
+
+
+def body_of(msg: m.Message, **changes: Any) -> bytes:
+    body = msgpack.unpackb(m.encode(msg))
+    for k, v in changes.items():
+        if v is _DROP:
+            body.pop(k)
+        else:
+            body[k] = v
+    return msgpack.packb(body, use_bin_type=True)
+
+
+_DROP = object()
+BEGIN, BUCKET = EXAMPLES[2], EXAMPLES[6]
+
+
+@pytest.mark.parametrize(
+    ("frame", "mentions"),
+    [
+        (b"", "msgpack"),
+        (b"\xc1", "msgpack"),
+        (msgpack.packb([1, 2]), "map"),
+        (msgpack.packb({1: 2}), "msgpack"),  # non-str map keys refused by strict_map_key
+        (msgpack.packb({"type": "NOPE", "v": 1}), "'type'"),
+        (msgpack.packb({"type": 5, "v": 1}), "'type'"),
+        (body_of(EXAMPLES[9], v=2), "'v'"),
+        (body_of(EXAMPLES[9], v=True), "'v'"),
+        (body_of(EXAMPLES[9], v=_DROP), "'v'"),
+        (body_of(EXAMPLES[9], version=_DROP), "missing field 'version'"),
+        (body_of(EXAMPLES[9], version=5), "COMMIT.version"),
+        (body_of(EXAMPLES[9], extra=1), "unexpected field"),
+        (body_of(EXAMPLES[8], seq=-1), "ACK.seq"),
+        (body_of(EXAMPLES[8], seq=1.0), "ACK.seq"),
+        (body_of(EXAMPLES[10], seconds=float("nan")), "COMMITTED.seconds"),
+        (body_of(EXAMPLES[11], model_intact=1), "FAILED.model_intact"),
+        (body_of(BEGIN, names=["a", "a", "b"]), "duplicate"),
+        (body_of(BEGIN, dtypes=[8, 7]), "parallel"),
+        (body_of(BEGIN, dtypes=[8, 7, 12]), "BEGIN.dtypes[2]"),
+        (body_of(BEGIN, shapes=[[2, 3], [], [0, -1]]), "BEGIN.shapes[2]"),
+        (body_of(BEGIN, shapes=[[2, 3], [], [1] * 17]), "BEGIN.shapes[2]"),
+        (body_of(BEGIN, total_bytes=27), "total_bytes"),
+        (body_of(BEGIN, names=["x" * 1025, "b", "c"]), "BEGIN.names[0]"),
+        (body_of(BUCKET, offsets=[0]), "parallel"),
+        (body_of(BUCKET, nbytes=[25, 3840]), "runs past"),
+        (body_of(BUCKET, nbytes=[0, 3840]), "empty piece"),
+        (body_of(BUCKET, slot=64), "BUCKET.slot"),
+        (body_of(BUCKET, checksum=-1), "BUCKET.checksum"),
+        (body_of(BUCKET, names="a.w"), "BUCKET.names"),
+        (body_of(EXAMPLES[1], slots=[{"k": [1]}]), "WELCOME.slots"),
+        (body_of(EXAMPLES[1], slots=[SLOT] * 65), "WELCOME.slots"),
+        (body_of(EXAMPLES[1], alignment=0), "WELCOME.alignment"),
+        (body_of(EXAMPLES[0], transports=[b"shm"]), "HELLO.transports[0]"),
+    ],
+)
+def test_decode_rejects_with_the_field_named(frame: bytes, mentions: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        m.decode(frame)
+    assert mentions in str(info.value)
+
+
+def test_decode_rejects_non_bytes() -> None:
+    with pytest.raises(ProtocolError, match="bytes"):
+        m.decode("not bytes")  # type: ignore[arg-type]
+
+
+def test_msg_type_is_recorded_for_the_error_limiter() -> None:
+    with pytest.raises(ProtocolError) as info:
+        m.decode(msgpack.packb({"type": "ERROR", "v": 1, "error": 1, "message": "x"}))
+    assert info.value.msg_type == "ERROR"
+    limiter = m.ErrorReplyLimiter(interval=0.1)
+    assert not limiter.allow(info.value, now=100.0), "never answer an ERROR with an ERROR"
+    other = ProtocolError("x")
+    assert limiter.allow(other, now=100.0) and not limiter.allow(other, now=100.05) and limiter.allow(other, now=100.2)
+
+
+# --- check_bucket_fits -----------------------------------------------------------------
+
+def test_check_bucket_fits_accepts_a_good_bucket() -> None:
+    m.check_bucket_fits(BUCKET, [4096, 4096], 256)
+
+
+@pytest.mark.parametrize(
+    ("changes", "slots", "mentions"),
+    [
+        ({"slot": 2}, [4096, 4096], "'slot'"),
+        ({"offsets": [0, 300]}, [4096, 4096], "not aligned"),
+        ({"offsets": [0, 512]}, [4096, 4096], "outside slot"),
+        ({}, [4096, 2048], "outside slot"),
+    ],
+)
+def test_check_bucket_fits_rejects(changes: dict[str, Any], slots: list[int], mentions: str) -> None:
+    msg = m.decode(body_of(BUCKET, **changes))
+    with pytest.raises(ProtocolError, match=mentions):
+        m.check_bucket_fits(msg, slots, 256)  # type: ignore[arg-type]
+
+
+# --- errors across the wire ------------------------------------------------------------
+
+def test_errors_are_rebuilt_by_name() -> None:
+    err = from_wire("ManifestMismatch", "1 missing", rank=2)
+    assert type(err) is ManifestMismatch and err.rank == 2 and "rank 2" in str(err)
+    err = from_wire("KeyError", "boom", rank=1)
+    assert type(err) is RemoteError and err.remote_type == "KeyError" and err.rank == 1
+    assert wire_name(VersionAborted("x")) == "VersionAborted" and wire_name(ValueError()) == "RemoteError"
+
+
+# --- fuzz --------------------------------------------------------------------------------
+
+def _decode_only_protocol_errors(frame: bytes) -> None:
+    try:
+        msg = m.decode(frame)
+    except ProtocolError:
+        return
+    # whatever decodes must re-encode to an equal message
+    assert m.decode(m.encode(msg)) == msg
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=512))
+def test_fuzz_decode_arbitrary_bytes(frame: bytes) -> None:
+    _decode_only_protocol_errors(frame)
+
+
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(1 << 63), (1 << 64) - 1), st.floats(allow_nan=True),
+    st.text(max_size=20), st.binary(max_size=20),
+)
+_values = st.recursive(
+    _scalars, lambda inner: st.one_of(st.lists(inner, max_size=5), st.dictionaries(st.text(max_size=8), inner, max_size=5)),
+    max_leaves=20,
+)
+_field_names = st.sampled_from(sorted({name for fields in m._FIELDS.values() for name, _, _ in fields}) + ["x"])
+
+
+@st.composite
+def _message_like(draw: Any) -> dict[str, Any]:
+    """Maps that look like messages: a real type and version, fields with random values."""
+    kind = draw(st.sampled_from(sorted(m._REGISTRY) + ["BOGUS"]))
+    body: dict[str, Any] = {"type": kind, "v": draw(st.sampled_from([1, 1, 1, 0, 2, "1", True]))}
+    for name, _, _ in m._FIELDS.get(kind, ()):
+        if draw(st.integers(0, 9)):  # usually present
+            body[name] = draw(_values)
+    body.update(draw(st.dictionaries(_field_names, _values, max_size=2)))
+    return body
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(_values, _message_like()))
+def test_fuzz_decode_msgpack_structures(value: Any) -> None:
+    _decode_only_protocol_errors(msgpack.packb(value, use_bin_type=True))
+
+
+@st.composite
+def _mutated_example(draw: Any) -> bytes:
+    """Real messages with one field swapped for a random value."""
+    msg = draw(st.sampled_from(EXAMPLES))
+    body = msgpack.unpackb(m.encode(msg))
+    key = draw(st.sampled_from(sorted(body)))
+    body[key] = draw(_values)
+    return msgpack.packb(body, use_bin_type=True)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_mutated_example())
+def test_fuzz_decode_mutated_messages(frame: bytes) -> None:
+    _decode_only_protocol_errors(frame)
+
+
+HOSTILE = {
+    "deep_array": b"\x91" * 100_000 + b"\xc0",
+    "deep_map": b"\x81\xa1a" * 50_000 + b"\xc0",
+    "timestamp_ext": msgpack.packb({"type": "PING", "v": 1, "session": msgpack.Timestamp(1, 2)}),
+    "ext": msgpack.packb(msgpack.ExtType(5, b"abc")),
+    "huge_array_header": b"\xdd\xff\xff\xff\xff",
+    "huge_str_header": b"\xdb\xff\xff\xff\xff",
+    "map_of_65_keys": msgpack.packb({str(i): i for i in range(65)}),
+    "trailing_bytes": msgpack.packb({"type": "PING", "v": 1, "session": "x"}) + b"\x00",
+    "uint64_in_int_field": msgpack.packb({"type": "ACK", "v": 1, "version": "x", "seq": (1 << 64) - 1}),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_frames_are_protocol_errors(name: str) -> None:
+    with pytest.raises(ProtocolError):
+        m.decode(HOSTILE[name])
+
+
+def test_oversized_frame_is_refused_before_parsing() -> None:
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        m.decode(b"\x00" * (m.MAX_MESSAGE_BYTES + 1))
