@@ -139,6 +139,8 @@ class Begin(Message):
     shapes: list[list[int]] = _spec(_SHAPES)
     total_bytes: int = _spec(_Int())
     buckets: int = _spec(_Int(0, MAX_ENTRIES))
+    # accept a version older than the rank's committed one (a deliberate rollback)
+    force: bool | None = _spec(bool, default=None)
 
 
 @_message

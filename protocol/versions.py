@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -45,3 +46,22 @@ def write_version(model_dir: str | Path, version: str) -> Path:
     target = directory / VERSION_FILE
     os.replace(tmp, target)
     return target
+
+
+_TRAILING_INT = re.compile(r"^(.*?)(\d+)$")
+
+
+def version_key(version: str) -> tuple[str, int] | None:
+    """``"234"`` -> ("", 234); ``"step_100"`` -> ("step_", 100); no trailing number -> None."""
+    match = _TRAILING_INT.match(version)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def is_older(version: str, than: str) -> bool:
+    """True when both versions share a prefix and ``version``'s number is lower.
+
+    Versions without a comparable number are never called older: they are
+    opaque strings, and refusing them would block legitimate pushes.
+    """
+    a, b = version_key(version), version_key(than)
+    return a is not None and b is not None and a[0] == b[0] and a[1] < b[1]

@@ -39,6 +39,7 @@ from ..protocol.security import CurveKeys, apply_client_curve, check_network_end
 from ..protocol.shm import host_identity
 from ..protocol.tensors import Framework
 from ..protocol.transport import ImportedSlot, available_transports, get_transport
+from ..protocol.versions import is_older
 from .manifest import check_manifest
 from .prefetch import PrefetchQueue
 from .version_run import VersionRun
@@ -405,14 +406,20 @@ class ReceiverDaemon:
         expected = self._expected
         if expected is None and self._sink is not None:
             expected = self._sink.param_specs()
-        if expected:
-            try:
+        try:
+            committed = self.committed_version
+            if committed is not None and not msg.force and is_older(msg.version, committed):
+                raise VersionAborted(
+                    f"version {msg.version!r} is older than the committed {committed!r}; "
+                    "push with force=True to roll back deliberately"
+                )
+            if expected:
                 check_manifest(msg.names, msg.dtypes, msg.shapes, expected, allow_missing=self._allow_missing)
-            except WeightstreamError as exc:
-                log.warning("rank %d: rejected version %r: %s", self.rank, msg.version, exc)
-                self._record_failure(msg.version, exc, touched=False)
-                self._send(m.Reject(version=msg.version, error=wire_name(exc), reason=str(exc)[: m.MAX_TEXT_LEN]))
-                return
+        except WeightstreamError as exc:
+            log.warning("rank %d: rejected version %r: %s", self.rank, msg.version, exc)
+            self._record_failure(msg.version, exc, touched=False)
+            self._send(m.Reject(version=msg.version, error=wire_name(exc), reason=str(exc)[: m.MAX_TEXT_LEN]))
+            return
         loop = asyncio.get_running_loop()
         run = VersionRun(
             msg,

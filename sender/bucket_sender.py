@@ -202,8 +202,13 @@ class BucketSender:
         version: str | None = None,
         *,
         timeout: float | None = None,
+        force: bool = False,
     ) -> PushReport:
-        """Stream one version to every receiver; return when all committed it."""
+        """Stream one version to every receiver; return when all committed it.
+
+        Ranks refuse a version older than the one they committed (``step_9`` after
+        ``step_10``) unless ``force=True``.
+        """
         if self._closed:
             raise WeightstreamError("push on a closed BucketSender; create a new one")
         timeout = self.timeout if timeout is None else timeout
@@ -238,6 +243,7 @@ class BucketSender:
                     shapes=[list(t.shape) for t in tensors],
                     total_bytes=total,
                     buckets=len(plan),
+                    force=True if force else None,
                 ),
             )
 

@@ -1,0 +1,52 @@
+"""Version strings: version.yaml, ordering, and ranks refusing an older version unless forced."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from weightstream import BucketSender, ReceiverDaemon, VersionAborted
+from weightstream.protocol.versions import is_older, read_version, version_key, write_version
+from weightstream.receiver.sinks import NumpySink
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize(
+    ("version", "key"),
+    [("234", ("", 234)), ("step_100", ("step_", 100)), ("v2", ("v", 2)), ("final", None), ("", None)],
+)
+def test_version_key(version: str, key: tuple[str, int] | None) -> None:
+    assert version_key(version) == key
+
+
+def test_is_older_compares_numbers_not_strings() -> None:
+    assert is_older("step_9", "step_10")
+    assert not is_older("step_10", "step_9")
+    assert not is_older("step_10", "step_10")
+    assert is_older("99", "100")
+    assert not is_older("a_1", "b_2")  # different prefixes: no order
+    assert not is_older("final", "step_2")
+
+
+def test_version_yaml_round_trip(tmp_path) -> None:
+    write_version(tmp_path, "step_7")
+    assert read_version(tmp_path) == "step_7"
+    assert not list(tmp_path.glob(".version.*"))  # the temp file was renamed away
+
+
+def test_rank_refuses_older_version_unless_forced(endpoint: str) -> None:
+    state = {"w": np.zeros(64, np.float32)}
+    daemon = ReceiverDaemon(endpoint, NumpySink(state), rank=0).start()
+    try:
+        with BucketSender(endpoint, receivers=1, bucket_bytes=4096, timeout=20) as sender:
+            sender.push([("w", np.full(64, 10, np.float32))], version="step_10")
+            with pytest.raises(VersionAborted, match="older than the committed 'step_10'.*force=True"):
+                sender.push([("w", np.full(64, 9, np.float32))], version="step_9")
+            assert daemon.committed_version == "step_10"
+            np.testing.assert_array_equal(state["w"], np.full(64, 10, np.float32))  # untouched
+            sender.push([("w", np.full(64, 9, np.float32))], version="step_9", force=True)
+            assert daemon.committed_version == "step_9"
+            np.testing.assert_array_equal(state["w"], np.full(64, 9, np.float32))
+    finally:
+        daemon.stop()
