@@ -86,6 +86,7 @@ class ReceiverDaemon:
         curve_keys: CurveKeys | None = None,
         server_key: bytes | None = None,
         insecure: bool = False,
+        staged: bool = False,
     ) -> None:
         if not isinstance(rank, int) or rank < 0:
             raise WeightstreamError(f"rank must be an int >= 0, got {rank!r}")
@@ -101,6 +102,7 @@ class ReceiverDaemon:
         self._hb_interval = heartbeat_interval
         self._hb_timeout = heartbeat_timeout
         self._apply_timeout = apply_timeout
+        self._staged = staged
         self._session = secrets.token_hex(8)
         # Read on the caller's thread: that is where the rank selected its GPU (the loop thread sees device 0).
         self._device = device_identity()
@@ -429,6 +431,7 @@ class ReceiverDaemon:
             on_ack=lambda seq, slot: loop.call_soon_threadsafe(self._ack, run, seq, slot),
             destination=getattr(self._sink, "destination", None),
         )
+        run.staged = self._staged
         self._run = run
         self._inbox = asyncio.Queue()
         self._busy_slots.clear()
@@ -496,6 +499,15 @@ class ReceiverDaemon:
         self._maybe_commit(run)
 
     def _apply_sync(self, run: VersionRun) -> None:
+        if self._staged:
+            # Copy the whole version out of the slots first (one model's worth of spare memory);
+            # load_weights runs only once every bucket arrived and passed its checks.
+            held = [(name, _detached_copy(tensor)) for name, tensor in run.iterate()]
+            if not run.complete:
+                raise VersionAborted(f"version {run.version!r} ended before every tensor arrived")
+            run.touched = True
+            self._load(iter(held))
+            return
         iterator = run.iterate()
         self._load(iterator)
         if not run.complete:
@@ -565,6 +577,12 @@ class ReceiverDaemon:
             self._inbox = None
         if notify:
             self._send(m.Failed(version=run.version, error=wire_name(error), message=str(error), model_intact=not run.touched))
+
+
+def _detached_copy(tensor: Any) -> Any:
+    """A private copy of a slot view in its own framework (staged mode)."""
+    clone = getattr(tensor, "clone", None)
+    return clone() if clone is not None else tensor.copy()
 
 
 def _ignore_send_error(future: Any) -> None:

@@ -72,6 +72,7 @@ class VersionRun:
         self.commit_requested = False
         self.applied_ok = False
         self.started = 0.0
+        self.staged = False  # staged mode: the consumer only copies; the model is untouched
 
     # --- loop side -----------------------------------------------------------------------
 
@@ -128,7 +129,8 @@ class VersionRun:
                         f"got {got:#018x}): the slot was overwritten or corrupted in transit; the version was not committed"
                     )
             for name, data, chunk in bucket.entries:
-                self.touched = True
+                if not self.staged:
+                    self.touched = True
                 if chunk < 0:
                     yield name, data
                     self.applied += 1
@@ -146,7 +148,8 @@ class VersionRun:
         code, shape, full = self.manifest[name]
         held = self._partial.get(name)
         if held is None:
-            dest = self._destination(name) if self._destination is not None and slot.domain == "host" else None
+            usable = self._destination is not None and slot.domain == "host" and not self.staged
+            dest = self._destination(name) if usable else None
             if dest is not None and dest.nbytes == full and dest.dtype == np.uint8:
                 held = (dest, True)  # the model's own memory: no full-size temporary
             else:
