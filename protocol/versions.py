@@ -48,20 +48,37 @@ def write_version(model_dir: str | Path, version: str) -> Path:
     return target
 
 
-_TRAILING_INT = re.compile(r"^(.*?)(\d+)$")
+_TRAILING_INT = re.compile(r"(.*?)(\d+)")
+_NO_PREFIX = {"", "step", "v", "version"}  # "step_12" == "12" == "v12"
 
 
 def version_key(version: str) -> tuple[str, int] | None:
-    """``"234"`` -> ("", 234); ``"step_100"`` -> ("step_", 100); no trailing number -> None."""
-    match = _TRAILING_INT.match(version)
-    return (match.group(1), int(match.group(2))) if match else None
+    """``(family, number)`` for versions that end in an integer, else None (no order known).
+
+    ``"12"``, ``"step_12"``, ``"step-12"`` and ``"v12"`` are all ``("", 12)``; ``"ckpt_7"``
+    is ``("ckpt", 7)``. Two versions are ordered only when their families match.
+    """
+    found = _TRAILING_INT.fullmatch(str(version).strip())
+    if found is None:
+        return None
+    family = found.group(1).lower().rstrip("_-.:/ ")
+    return ("" if family in _NO_PREFIX else family, int(found.group(2)))
+
+
+def compare_versions(a: str, b: str) -> int | None:
+    """-1, 0 or 1 as ``a`` is older than, the same as or newer than ``b``; None when unknown."""
+    if str(a) == str(b):
+        return 0
+    ka, kb = version_key(a), version_key(b)
+    if ka is None or kb is None or ka[0] != kb[0]:
+        return None
+    return (ka[1] > kb[1]) - (ka[1] < kb[1])
 
 
 def is_older(version: str, than: str) -> bool:
-    """True when both versions share a prefix and ``version``'s number is lower.
+    """True only when both versions are ordered and ``version`` comes first.
 
-    Versions without a comparable number are never called older: they are
-    opaque strings, and refusing them would block legitimate pushes.
+    Versions without a known order are never called older: for a live push they
+    are opaque strings, and refusing them would block a trainer's legitimate push.
     """
-    a, b = version_key(version), version_key(than)
-    return a is not None and b is not None and a[0] == b[0] and a[1] < b[1]
+    return compare_versions(version, than) == -1

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -277,7 +278,10 @@ class ReceiverDaemon:
             self._drop_session()
             sock.close(linger=0)
             ctx.term()
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            # Let queued work (a snapshot commit, say) finish; load_weights was already aborted above.
+            await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown), timeout=self._apply_timeout
+            )
             with self._cond:
                 self._state = "stopped"
                 self._cond.notify_all()
@@ -479,6 +483,9 @@ class ReceiverDaemon:
         self._inbox = None
         self._send(m.Committed(version=run.version, tensors=run.applied, bytes=run.total_bytes, seconds=seconds))
         log.info("rank %d: committed %s (%d tensors, %.3fs)", self.rank, run.version, run.applied, seconds)
+        hook = getattr(self._sink, "on_commit", None)
+        if callable(hook):  # e.g. a SnapshotWriter: disk I/O on the apply thread, before the next version
+            asyncio.get_running_loop().run_in_executor(self._executor, self._run_hook, hook, run.version)
 
     async def _apply(self, run: VersionRun, inbox: asyncio.Queue[m.Bucket]) -> None:
         run.started = time.perf_counter()
@@ -528,9 +535,24 @@ class ReceiverDaemon:
                 return
             await run.queue.put(prepared)
 
+    def _run_hook(self, hook: Callable[..., Any], *args: Any) -> None:
+        """Sink hooks never fail a version: the model is already fine; record and go on."""
+        try:
+            hook(*args)
+        except Exception as exc:
+            log.warning("rank %d: sink hook %s failed: %s", self.rank, getattr(hook, "__name__", hook), exc)
+            with self._cond:
+                self._last_error = f"{type(exc).__name__}: {exc}"
+
+    def _sink_aborted(self) -> None:
+        hook = getattr(self._sink, "on_abort", None)
+        if callable(hook):
+            self._run_hook(hook)
+
     def _fail_run(self, run: VersionRun, exc: BaseException) -> None:
         if run is not self._run:
             return
+        self._sink_aborted()
         log.warning("rank %d: version %r failed: %s: %s", self.rank, run.version, type(exc).__name__, exc)
         error = exc if isinstance(exc, WeightstreamError) else from_wire(type(exc).__name__, str(exc), rank=self.rank)
         self._record_failure(run.version, error, touched=run.touched, shown=f"{type(exc).__name__}: {exc}")
@@ -572,6 +594,7 @@ class ReceiverDaemon:
             except asyncio.TimeoutError:
                 log.error("rank %d: load_weights did not return within %.0fs of an abort", self.rank, self._apply_timeout)
         if self._run is run:  # _apply did not already record it
+            self._sink_aborted()
             self._record_failure(run.version, error, touched=run.touched)
             self._run = None
             self._inbox = None
@@ -590,10 +613,22 @@ def _ignore_send_error(future: Any) -> None:
         log.debug("send failed: %s", future.exception())
 
 
+def _is_framework_model(obj: Any) -> bool:
+    torch, paddle = sys.modules.get("torch"), sys.modules.get("paddle")
+    return (torch is not None and isinstance(obj, torch.nn.Module)) or (
+        paddle is not None and isinstance(obj, paddle.nn.Layer)
+    )
+
+
 def _resolve_target(target: Any) -> tuple[Callable[[Any], Any], Any]:
     """Return (load_weights callable, sink or None) for what the user passed."""
     if hasattr(target, "param_specs") and hasattr(target, "load_weights"):
         return target.load_weights, target
+    if _is_framework_model(target):  # modules are callable too: wrap them, never call forward()
+        from .sinks import as_sink
+
+        sink = as_sink(target)
+        return sink.load_weights, sink
     owner = getattr(target, "__self__", None)
     if callable(target):
         sink = owner if owner is not None and hasattr(owner, "param_specs") and hasattr(owner, "framework") else None

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.mark.parametrize(
     ("version", "key"),
-    [("234", ("", 234)), ("step_100", ("step_", 100)), ("v2", ("v", 2)), ("final", None), ("", None)],
+    [("234", ("", 234)), ("step_100", ("", 100)), ("v2", ("", 2)), ("ckpt_7", ("ckpt", 7)), ("final", None), ("", None)],
 )
 def test_version_key(version: str, key: tuple[str, int] | None) -> None:
     assert version_key(version) == key
@@ -25,7 +25,8 @@ def test_is_older_compares_numbers_not_strings() -> None:
     assert not is_older("step_10", "step_9")
     assert not is_older("step_10", "step_10")
     assert is_older("99", "100")
-    assert not is_older("a_1", "b_2")  # different prefixes: no order
+    assert is_older("step_9", "10")  # "step_N", "vN" and "N" are one family
+    assert not is_older("a_1", "b_2")  # different families: no order
     assert not is_older("final", "step_2")
 
 

@@ -1,0 +1,159 @@
+"""Snapshot file names and the safetensors format, read and written directly.
+
+safetensors: an 8-byte little-endian header length N, N bytes of JSON
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``,
+then the data; offsets are relative to the data start and cover it without gaps.
+We parse it ourselves (json + mmap) rather than through ``safetensors.numpy``, which
+has no bfloat16/float8 (ml_dtypes) support and loads a whole file at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..protocol.dtypes import DType, by_name
+from ..protocol.errors import WeightstreamError
+
+#: safetensors dtype string -> our canonical dtype name
+ST_TO_NAME: dict[str, str] = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "I32": "int32",
+    "I64": "int64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+NAME_TO_ST: dict[str, str] = {v: k for k, v in ST_TO_NAME.items()}
+
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit: a larger header is a corrupt file
+
+# __metadata__ keys of weightstream-written parts: index of the part, and on the last
+# part only, how many parts the version has (so a half-renamed set never looks whole)
+META_FORMAT = "weightstream.format"
+META_PART = "weightstream.part"
+META_PARTS = "weightstream.parts"
+FORMAT_TAG = "snapshot-v1"
+
+
+def base_name(rank: int, version: str) -> str:
+    # dots around rank and version: tp1.234 and tp12.34 never collide (tp0{v} did)
+    return f"model_state.tp{rank}.{version}"
+
+
+def part_name(rank: int, version: str, index: int) -> str:
+    return f"{base_name(rank, version)}.part{index}.safetensors"
+
+
+def full_name(rank: int, version: str) -> str:
+    return f"{base_name(rank, version)}.safetensors"
+
+
+def legacy_names(version: str) -> list[str]:
+    """The pre-rank-separator FastDeploy names, ``model_state.tp0{version}``."""
+    return [f"model_state.tp0{version}.safetensors", f"model_state.tp0{version}.pdparams"]
+
+
+def part_regex(rank: int, version: str) -> re.Pattern[str]:
+    """Matches this rank's and version's part files; group 1 is the raw index text."""
+    return re.compile(re.escape(f"{base_name(rank, version)}.part") + r"(.*)" + re.escape(".safetensors"))
+
+
+def check_version_text(version: str) -> None:
+    if not version or "/" in version or "\\" in version or version in (".", "..") or "\0" in version:
+        raise WeightstreamError(
+            f"snapshot version: expected a non-empty string usable in a file name, got {version!r}; "
+            "fix: use versions like '1234' or 'step_1234'"
+        )
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    begin: int  # byte offset in the file (header included)
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Header:
+    entries: list[Entry]  # in data order
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+
+def read_header(path: Path) -> Header:
+    """Parse and validate a safetensors header; every entry must lie inside the file."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        size = f.seek(0, 2)
+        if len(raw) != 8:
+            raise _bad(path, f"expected an 8-byte header length, got a {len(raw)}-byte file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise _bad(path, f"expected a header length below {min(MAX_HEADER_BYTES, size - 8)}, got {n}")
+        f.seek(8)
+        text = f.read(n)
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(path, f"header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise _bad(path, f"expected a JSON object header, got {type(header).__name__}")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise _bad(path, "expected __metadata__ to be an object")
+    start = 8 + n
+    entries: list[Entry] = []
+    for name, spec in header.items():
+        try:
+            st, shape, (lo, hi) = spec["dtype"], spec["shape"], spec["data_offsets"]
+            dtype = by_name(ST_TO_NAME[st])
+            shape_t = tuple(int(d) for d in shape)
+            ok = all(d >= 0 for d in shape_t) and isinstance(lo, int) and isinstance(hi, int)
+        except (KeyError, TypeError, ValueError):
+            raise _bad(path, f"tensor {name!r}: expected dtype (one of {', '.join(ST_TO_NAME)}), shape, data_offsets") from None
+        nbytes = math.prod(shape_t) * dtype.itemsize
+        if not ok or hi - lo != nbytes or lo < 0 or start + hi > size:
+            raise _bad(path, f"tensor {name!r}: offsets {[lo, hi]} do not hold {dtype.name}{list(shape_t)} inside the file")
+        entries.append(Entry(name, dtype, shape_t, start + lo, nbytes))
+    entries.sort(key=lambda e: e.begin)
+    return Header(entries, {str(k): str(v) for k, v in meta.items()}, start, size)
+
+
+def _bad(path: Path, what: str) -> WeightstreamError:
+    return WeightstreamError(f"{path}: not a valid safetensors file: {what}; fix: delete it or re-write the snapshot")
+
+
+def build_header(items: Sequence[tuple[str, DType, tuple[int, ...], int]], metadata: dict[str, str]) -> bytes:
+    """Header bytes (length prefix included) for ``(name, dtype, shape, nbytes)`` in data order.
+
+    Padded with spaces to a multiple of 8 so that data starts 8-aligned (as safetensors does).
+    """
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape, nbytes in items:
+        header[name] = {"dtype": NAME_TO_ST[dtype.name], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def entry_header_bytes(name: str, dtype: DType, shape: tuple[int, ...], end: int) -> int:
+    """Upper bound of what one entry adds to the header (used to keep parts under the limit)."""
+    spec = {"dtype": NAME_TO_ST[dtype.name], "shape": list(shape), "data_offsets": [end, end]}
+    return len(json.dumps({name: spec}, separators=(",", ":"))) + len(str(end)) + 1

@@ -1,0 +1,248 @@
+"""``load_snapshot``: find a rank's snapshot of a version and stream it part by part.
+
+Search order, in ``directory`` and then in ``fallback_dir``:
+
+a. part files ``model_state.tp{rank}.{version}.part{N}.safetensors`` in ascending numeric N
+   (a file whose N is not a number is ignored with a warning naming it);
+b. one full file ``model_state.tp{rank}.{version}.safetensors``;
+c. the legacy names ``model_state.tp0{version}.safetensors`` / ``.pdparams``.
+
+Parts are memory-mapped privately (copy-on-write), so reading one costs page cache, not
+a heap copy; a consumed part's pages are dropped (``MADV_DONTNEED``) so resident memory
+stays at about one part. Arrays are NumPy with ml_dtypes for bfloat16/float8.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..protocol.dtypes import DType, dtype_of
+from ..protocol.errors import WeightstreamError
+from ..protocol.tensors import host_bytes
+from ..protocol.versions import read_version
+from .snapshot_format import (
+    META_FORMAT,
+    META_PARTS,
+    Header,
+    base_name,
+    check_version_text,
+    full_name,
+    legacy_names,
+    part_regex,
+    read_header,
+)
+
+log = logging.getLogger("weightstream.snapshot")
+
+
+class MappedPart:
+    """One part: ``tensors`` are ``(name, array)`` over a private mapping of the file.
+
+    ``raw`` holds each tensor's flat uint8 bytes (for typed views of other frameworks).
+    The arrays stay valid while referenced; :meth:`release` only drops resident pages
+    (they read back from the file if touched again).
+    """
+
+    def __init__(self, path: Path, header: Header | None, tensors: list[tuple[str, np.ndarray]], raw: list[np.ndarray], mm: mmap.mmap | None) -> None:
+        self.path = path
+        self.header = header
+        self.tensors = tensors
+        self.raw = raw
+        self._mm = mm
+
+    def prefetch(self) -> None:
+        if self._mm is not None and hasattr(mmap, "MADV_WILLNEED"):
+            self._mm.madvise(mmap.MADV_WILLNEED)  # async read-ahead into the page cache
+
+    def release(self) -> None:
+        if self._mm is not None and hasattr(mmap, "MADV_DONTNEED") and not self._mm.closed:
+            self._mm.madvise(mmap.MADV_DONTNEED)
+        self.tensors = []
+        self.raw = []
+
+
+def _map_part(path: Path, header: Header) -> MappedPart:
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable views, file never written
+    if len(mm) != header.file_size:
+        raise WeightstreamError(f"{path}: changed size while loading (expected {header.file_size} bytes, got {len(mm)})")
+    tensors: list[tuple[str, np.ndarray]] = []
+    raw: list[np.ndarray] = []
+    for e in header.entries:
+        flat = np.frombuffer(mm, dtype=np.uint8, count=e.nbytes, offset=e.begin)
+        if e.begin % max(e.dtype.itemsize, 1):
+            flat = flat.copy()  # a foreign writer left it unaligned; typed views need alignment
+        raw.append(flat)
+        tensors.append((e.name, flat.view(e.dtype.numpy).reshape(e.shape)))
+    return MappedPart(path, header, tensors, raw, mm)
+
+
+def _load_pdparams(path: Path) -> MappedPart:
+    try:
+        import paddle
+    except ImportError:
+        raise WeightstreamError(
+            f"{path}: a .pdparams snapshot needs paddle to read, and paddle is not installed; "
+            "fix: pip install paddlepaddle, or convert it to safetensors"
+        ) from None
+    state = paddle.load(str(path))  # pickle: only ever called on local files the user pointed at
+    if not isinstance(state, dict):
+        raise WeightstreamError(f"{path}: expected a state dict, got {type(state).__name__}")
+    tensors: list[tuple[str, np.ndarray]] = []
+    raw: list[np.ndarray] = []
+    for name, value in state.items():
+        if not isinstance(value, (np.ndarray, paddle.Tensor)):
+            continue  # e.g. StructuredToParameterName@@ bookkeeping
+        dtype: DType = dtype_of(value)
+        flat = np.ascontiguousarray(host_bytes(value))
+        raw.append(flat)
+        tensors.append((str(name), flat.view(dtype.numpy).reshape(tuple(int(d) for d in value.shape))))
+    return MappedPart(path, None, tensors, raw, None)
+
+
+@dataclass
+class SnapshotSource:
+    """A found snapshot: which files, and what they hold. Iterate for parts, one at a time."""
+
+    version: str
+    rank: int
+    kind: str  # "parts" | "full" | "legacy"
+    paths: list[Path]
+    tried: list[Path] = field(default_factory=list)
+    _headers: list[Header | None] = field(default_factory=list, repr=False)
+    _pdparams: MappedPart | None = field(default=None, repr=False)
+
+    @property
+    def specs(self) -> list[tuple[str, DType, tuple[int, ...]]]:
+        """Every tensor in stream order, from the headers only (a .pdparams file is loaded once)."""
+        out: list[tuple[str, DType, tuple[int, ...]]] = []
+        for i, header in enumerate(self._headers):
+            if header is not None:
+                out.extend((e.name, e.dtype, e.shape) for e in header.entries)
+            else:
+                out.extend((n, dtype_of(a), tuple(a.shape)) for n, a in self._pdparams_part(i).tensors)
+        return out
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, d, s in self.specs)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _pdparams_part(self, index: int) -> MappedPart:
+        if self._pdparams is None:
+            self._pdparams = _load_pdparams(self.paths[index])
+        return self._pdparams
+
+    def open_part(self, index: int) -> MappedPart:
+        header = self._headers[index]
+        if header is None:
+            part, self._pdparams = self._pdparams_part(index), None
+            return part
+        return _map_part(self.paths[index], header)
+
+    def __iter__(self) -> Iterator[list[tuple[str, np.ndarray]]]:
+        """Each part as ``[(name, array), ...]``; a part's pages are dropped once the next is asked for."""
+        for i in range(len(self.paths)):
+            part = self.open_part(i)
+            try:
+                yield part.tensors
+            finally:
+                part.release()
+
+
+def load_snapshot(
+    directory: str | Path, rank: int, version: str | None = None, fallback_dir: str | Path | None = None
+) -> SnapshotSource:
+    """Find rank ``rank``'s snapshot of ``version`` (default: ``step`` of ``directory/version.yaml``).
+
+    Raises FileNotFoundError listing every path tried when nothing is found. A legacy
+    ``.pdparams`` file is read with ``paddle.load``, which unpickles: only point this at
+    local files you trust (never at a directory others can write to).
+    """
+    directory = Path(directory)
+    if version is None:
+        try:
+            version = read_version(directory)
+        except WeightstreamError:
+            if fallback_dir is None or not (Path(fallback_dir) / "version.yaml").is_file():
+                raise
+            version = read_version(fallback_dir)
+    version = str(version)
+    check_version_text(version)
+    tried: list[Path] = []
+    notes: list[str] = []
+    for where in [directory, *([Path(fallback_dir)] if fallback_dir is not None else [])]:
+        found = _search(where, rank, version, tried, notes)
+        if found is not None:
+            found.tried = tried
+            if where != directory:
+                log.warning("snapshot: nothing for rank %d version %s in %s; loading from fallback %s", rank, version, directory, where)
+            return found
+    extra = f" ({'; '.join(notes)})" if notes else ""
+    raise FileNotFoundError(
+        f"no snapshot of version {version!r} for rank {rank}; tried: {', '.join(str(p) for p in tried)}{extra}; "
+        "fix: check the directory, the version (version.yaml 'step') and the rank"
+    )
+
+
+def _search(where: Path, rank: int, version: str, tried: list[Path], notes: list[str]) -> SnapshotSource | None:
+    tried.append(where / f"{base_name(rank, version)}.part<N>.safetensors")
+    parts = _find_parts(where, rank, version, notes)
+    if parts:
+        return SnapshotSource(version, rank, "parts", [p for p, _ in parts], _headers=[h for _, h in parts])
+    full = where / full_name(rank, version)
+    tried.append(full)
+    if full.is_file():
+        return SnapshotSource(version, rank, "full", [full], _headers=[read_header(full)])
+    for name in legacy_names(version):
+        path = where / name
+        tried.append(path)
+        if path.is_file():
+            header = read_header(path) if path.suffix == ".safetensors" else None
+            return SnapshotSource(version, rank, "legacy", [path], _headers=[header])
+    return None
+
+
+def _find_parts(where: Path, rank: int, version: str, notes: list[str]) -> list[tuple[Path, Header]]:
+    if not where.is_dir():
+        return []
+    pattern = part_regex(rank, version)
+    indexed: dict[int, Path] = {}
+    bad: list[str] = []
+    for path in where.iterdir():
+        found = pattern.fullmatch(path.name)
+        if found is None:
+            continue
+        text = found.group(1)
+        if not (text.isascii() and text.isdigit()) or int(text) in indexed:
+            bad.append(path.name)
+            continue
+        indexed[int(text)] = path
+    if bad:
+        log.warning("snapshot: ignoring part files with a bad or duplicate part index in %s: %s", where, ", ".join(sorted(bad)))
+    if not indexed:
+        return []
+    ordered = [(i, indexed[i]) for i in sorted(indexed)]  # numeric: part2 before part10
+    parts = [(p, read_header(p)) for _, p in ordered]
+    ours = [h for _, h in parts if h.metadata.get(META_FORMAT)]
+    if ours:  # written by SnapshotWriter: the last part says how many there are
+        counts = {h.metadata[META_PARTS] for h in ours if META_PARTS in h.metadata}
+        indices = [i for i, _ in ordered]
+        count = counts.pop() if len(counts) == 1 else ""
+        if not count.isdigit() or indices != list(range(int(count))):
+            notes.append(
+                f"{where}: parts {indices} of {base_name(rank, version)} are incomplete "
+                "(a crash while committing?); they were not used"
+            )
+            log.warning("snapshot: %s", notes[-1])
+            return []
+    return parts
+

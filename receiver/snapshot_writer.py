@@ -1,0 +1,374 @@
+"""``SnapshotWriter``: a sink that saves each committed version as chunked safetensors parts.
+
+Used beside the model's own sink through :class:`Tee`. Tensors are copied into the
+current part as they arrive (views die when the iterator advances); a full part is
+written by a background thread to a private temp directory while the next one fills,
+so memory stays at about two parts and the apply thread never waits on the disk unless
+the disk is slower than the stream. Nothing becomes visible until :meth:`commit`:
+parts are renamed into place, last part last (it carries the part count), then
+``version.yaml`` is replaced. A crash leaves either a temp directory (ignored by the
+loader, removed by the next writer) or parts without the last one (refused by the
+loader as incomplete), never a half snapshot that looks whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import sys
+import threading
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..protocol.dtypes import DType, dtype_of
+from ..protocol.errors import VersionAborted, WeightstreamError
+from ..protocol.tensors import Framework, host_bytes
+from ..protocol.versions import write_version
+from .snapshot_format import (
+    FORMAT_TAG,
+    META_FORMAT,
+    META_PART,
+    META_PARTS,
+    build_header,
+    check_version_text,
+    entry_header_bytes,
+    part_name,
+    part_regex,
+)
+
+log = logging.getLogger("weightstream.snapshot")
+
+TEMP_PREFIX = ".snapshot-tmp-"
+_HEADER_SLACK = 256  # __metadata__, braces and padding
+
+
+class _Part:
+    def __init__(self) -> None:
+        # (name, dtype, shape, private copy of the bytes)
+        self.items: list[tuple[str, DType, tuple[int, ...], np.ndarray]] = []
+        self.data_bytes = 0
+        self.header_bytes = _HEADER_SLACK
+
+    def size_with(self, extra_data: int, extra_header: int) -> int:
+        return 8 + self.header_bytes + extra_header + self.data_bytes + extra_data
+
+
+class SnapshotWriter:
+    """Sink that writes a version as ``model_state.tp{rank}.{version}.part{N}.safetensors``.
+
+    Each part file is at most ``max_part_bytes`` (header included), except that a single
+    tensor bigger than that gets a part of its own (a tensor is never split across files).
+    Call :meth:`begin` (``Tee.load_weights`` does) before a version, :meth:`commit` once the
+    version is committed and :meth:`abort` when it failed; ``load_one`` without ``begin``
+    opens a version implicitly. Accepts NumPy, torch and paddle tensors (GPU ones are
+    copied to the host first).
+    """
+
+    framework: Framework = "numpy"
+
+    def __init__(self, directory: str | Path, rank: int, max_part_bytes: int = 1 << 30) -> None:
+        if not isinstance(rank, int) or rank < 0:
+            raise WeightstreamError(f"SnapshotWriter: rank must be an int >= 0, got {rank!r}")
+        if max_part_bytes < 4096:
+            raise WeightstreamError(f"SnapshotWriter: max_part_bytes must be >= 4096, got {max_part_bytes}")
+        self.directory = Path(directory)
+        self.rank = rank
+        self.max_part_bytes = max_part_bytes
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"weightstream-snapshot{rank}")
+        self._tmp: Path | None = None  # temp dir of the open version
+        self._part = _Part()
+        self._written = 0  # parts handed to the background writer
+        self._pending: Future[None] | None = None
+        self._aborted = False
+        self._error: BaseException | None = None  # a disk error: the version is dropped, commit raises it
+        self._remove_stale_temp_dirs()
+
+    # --- sink protocol ------------------------------------------------------------------
+
+    def param_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {}  # accepts any tensor; the model's sink does the checking
+
+    def destination(self, name: str) -> None:
+        return None  # chunked tensors must reach load_one, never be written in place
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        self.begin()
+        for name, tensor in weights:
+            self.load_one(name, tensor)
+
+    def load_one(self, name: str, tensor: Any) -> None:
+        """Copy one tensor into the open version. A disk error never fails the caller (the
+        live update must not depend on the snapshot disk): it drops the version and
+        :meth:`commit` raises it."""
+        if self._error is not None:
+            return
+        dtype = dtype_of(tensor)
+        shape = tuple(int(d) for d in tensor.shape)
+        data = np.array(host_bytes(_to_host(tensor)), copy=True)  # own memory: the view dies next step
+        with self._lock:
+            if self._aborted:
+                raise VersionAborted(
+                    f"snapshot writer of rank {self.rank}: the version was aborted while tensor {name!r} was arriving; "
+                    "call begin() before the next version"
+                )
+            tmp = self._tmp if self._tmp is not None else self._open()
+            part = self._part
+            extra_header = entry_header_bytes(name, dtype, shape, part.data_bytes)
+            if part.items and part.size_with(data.nbytes, extra_header) > self.max_part_bytes:
+                try:
+                    self._flush(tmp, last=False)
+                except Exception as exc:  # e.g. ENOSPC from the background write
+                    log.error("snapshot: rank %d could not write a part (%s); this version will not be saved", self.rank, exc)
+                    self._discard()
+                    self._error = exc
+                    return
+                part = self._part
+                extra_header = entry_header_bytes(name, dtype, shape, 0)
+            if part.size_with(data.nbytes, extra_header) > self.max_part_bytes:
+                log.warning(
+                    "snapshot: tensor %r (%d bytes) exceeds max_part_bytes=%d; it gets a part of its own",
+                    name, data.nbytes, self.max_part_bytes,
+                )
+            part.items.append((name, dtype, shape, data))
+            part.data_bytes += data.nbytes
+            part.header_bytes += extra_header
+
+    # --- version lifecycle ---------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Start a version, discarding anything not committed (a version that never finished)."""
+        with self._lock:
+            if self._tmp is not None:
+                log.warning("snapshot: discarding an uncommitted version of rank %d (no commit/abort came)", self.rank)
+            self._discard()
+            self._aborted = False
+            self._error = None
+
+    def commit(self, version: str) -> list[Path]:
+        """Finish the open version: write the last part, rename every part into place, then
+        ``version.yaml``. Blocks on disk I/O: call it off the event loop. Returns the part paths."""
+        check_version_text(str(version))
+        version = str(version)
+        with self._lock:
+            error, self._error = self._error, None
+            if error is not None:
+                raise WeightstreamError(
+                    f"snapshot of version {version!r} (rank {self.rank}) was not written: {error}; "
+                    f"fix: free space / check permissions of {self.directory}"
+                ) from error
+            tmp = self._tmp
+            if self._aborted or tmp is None:
+                raise WeightstreamError(
+                    f"snapshot writer of rank {self.rank}: expected an open version to commit as {version!r}, got "
+                    f"{'an aborted one' if self._aborted else 'none'}; fix: commit once per version, after load_weights"
+                )
+            try:
+                self._flush(tmp, last=True)
+                self._wait_pending()
+                count = self._written
+                targets = [self.directory / part_name(self.rank, version, i) for i in range(count)]
+                # Last part last: it carries the part count, so a half-renamed set is refused as incomplete.
+                for i, target in enumerate(targets):
+                    os.replace(tmp / f"part{i}.safetensors", target)
+                self._remove_extra_parts(version, count)
+                _fsync_dir(self.directory)
+                write_version(self.directory, version)  # last: only now does the snapshot exist
+            except OSError as exc:
+                self._discard()
+                raise WeightstreamError(
+                    f"snapshot of version {version!r} (rank {self.rank}) was not written: {exc}; "
+                    f"fix: free space / check permissions of {self.directory}"
+                ) from exc
+            except BaseException:
+                self._discard()
+                raise
+            self._discard()
+        log.info("snapshot: rank %d committed version %s in %d part(s) under %s", self.rank, version, count, self.directory)
+        return targets
+
+    def on_commit(self, version: str) -> None:
+        """Daemon hook: a version committed, so publish its snapshot."""
+        self.commit(version)
+
+    def on_abort(self) -> None:
+        """Daemon hook: the version failed, so drop what was written of it."""
+        self.abort()
+
+    def abort(self) -> None:
+        """Drop the open version: no file of it becomes visible. Safe from any thread, any time;
+        a ``load_one`` still running for it raises VersionAborted until :meth:`begin`."""
+        with self._lock:
+            self._discard()
+            self._aborted = True
+            self._error = None
+
+    def close(self) -> None:
+        self.abort()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> SnapshotWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _open(self) -> Path:
+        tmp = self.directory / f"{TEMP_PREFIX}tp{self.rank}-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir(mode=0o700)
+        self._tmp = tmp
+        self._part = _Part()
+        self._written = 0
+        return tmp
+
+    def _flush(self, tmp: Path, *, last: bool) -> None:
+        """Hand the current part to the background writer (waits for the previous one: 2 parts max)."""
+        part = self._part
+        index = self._written
+        meta = {META_FORMAT: FORMAT_TAG, META_PART: str(index)}
+        if last:
+            meta[META_PARTS] = str(index + 1)
+        self._wait_pending()
+        self._pending = self._pool.submit(_write_part, tmp / f"part{index}.safetensors", part, meta)
+        self._written += 1
+        self._part = _Part()
+
+    def _wait_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()  # re-raises a disk error (e.g. ENOSPC) in the apply thread
+
+    def _discard(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending.result()
+            except Exception as exc:  # the version is being dropped anyway
+                log.debug("snapshot: discarded part failed to write: %s", exc)
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tmp = None
+        self._part = _Part()
+        self._written = 0
+
+    def _remove_extra_parts(self, version: str, count: int) -> None:
+        """Parts of an earlier attempt at the same version beyond this one's count."""
+        pattern = part_regex(self.rank, version)
+        for path in self.directory.iterdir():
+            found = pattern.fullmatch(path.name)
+            if found and (not found.group(1).isdigit() or int(found.group(1)) >= count):
+                path.unlink(missing_ok=True)
+
+    def _remove_stale_temp_dirs(self) -> None:
+        """Temp dirs of this rank left by a crashed writer (another pid): never complete, never needed."""
+        for path in self.directory.glob(f"{TEMP_PREFIX}tp{self.rank}-*"):
+            pid = path.name.split("-")[-2]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_part(path: Path, part: _Part, meta: dict[str, str]) -> None:
+    # Widest dtype first so every tensor lands aligned to its itemsize (the data start is 8-aligned).
+    items = sorted(part.items, key=lambda it: -it[1].itemsize)
+    header = build_header([(n, d, s, a.nbytes) for n, d, s, a in items], meta)
+    with open(path, "wb") as f:
+        f.write(header)
+        f.writelines(memoryview(data) for *_, data in items)
+        f.flush()
+        os.fsync(f.fileno())
+    part.items.clear()  # free the part as soon as it is on disk
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _to_host(tensor: Any) -> Any:
+    """A CPU tensor for host_bytes (GPU tensors: one device-to-host copy)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(tensor, torch.Tensor) and tensor.device.type not in ("cpu", "meta"):
+        return tensor.detach().cpu()
+    paddle = sys.modules.get("paddle")
+    if paddle is not None and isinstance(tensor, paddle.Tensor) and tensor._is_initialized() and not tensor.place.is_cpu_place():
+        return tensor.cpu()
+    return tensor
+
+
+class Tee:
+    """One stream of tensors to several sinks: ``Tee(model_sink, SnapshotWriter(...))``.
+
+    ``param_specs`` and ``framework`` come from the first sink (the model), so the daemon
+    checks manifests against the model and hands out its framework's views; every tensor
+    goes to each sink's ``load_one`` in turn while its view is valid. ``destination`` is
+    always None: an in-place chunk write would bypass the other sinks.
+    """
+
+    def __init__(self, *sinks: Any) -> None:
+        from .sinks import as_sink
+
+        if not sinks:
+            raise WeightstreamError("Tee: expected at least one sink, got none; fix: Tee(model_sink, writer)")
+        self.sinks = [as_sink(s) if not isinstance(s, SnapshotWriter) else s for s in sinks]
+        for sink in self.sinks:
+            if not callable(getattr(sink, "load_one", None)):
+                raise WeightstreamError(
+                    f"Tee: expected sinks with load_one(name, tensor), got {type(sink).__qualname__} without it; "
+                    "fix: add load_one so the tee can stream"
+                )
+        self.framework: Framework = self.sinks[0].framework
+
+    def param_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return dict(self.sinks[0].param_specs())
+
+    def destination(self, name: str) -> None:
+        return None
+
+    def load_one(self, name: str, tensor: Any) -> None:
+        for sink in self.sinks:
+            sink.load_one(name, tensor)
+
+    def on_commit(self, version: str) -> None:
+        """Called by the daemon (on its apply thread) once ``version`` committed."""
+        for sink in self.sinks:
+            hook = getattr(sink, "on_commit", None)
+            if callable(hook):
+                hook(version)
+
+    def on_abort(self) -> None:
+        """Called by the daemon when a version failed or was aborted."""
+        for sink in self.sinks:
+            hook = getattr(sink, "on_abort", None)
+            if callable(hook):
+                hook()
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        for sink in self.sinks:
+            begin = getattr(sink, "begin", None)
+            if callable(begin):
+                begin()
+        for name, tensor in weights:
+            for sink in self.sinks:
+                sink.load_one(name, tensor)
