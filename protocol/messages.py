@@ -210,6 +210,8 @@ class Error(Message):
     TYPE = "ERROR"
     error: str = _spec(_Str(64))
     message: str = _spec(_Str())
+    # the version the error is about; a sender fails only that version's round
+    version: str | None = _spec(_VERSION, default=None)
 
 
 @_message

@@ -330,18 +330,22 @@ class ReceiverDaemon:
             if len(frames) != 1:
                 self._protocol_error(ProtocolError(f"expected 1 frame per message, got {len(frames)}"))
                 continue
+            msg = None
             try:
                 msg = m.decode(frames[0])
                 await self._dispatch(msg)
             except ProtocolError as exc:
-                self._protocol_error(exc)
+                # Name the version the bad frame was about (else the one in flight) so the
+                # sender fails that round only.
+                version = getattr(msg, "version", None) or (self._run.version if self._run is not None else None)
+                self._protocol_error(exc, version)
 
-    def _protocol_error(self, exc: ProtocolError) -> None:
+    def _protocol_error(self, exc: ProtocolError, version: str | None = None) -> None:
         log.warning("rank %d: %s", self.rank, exc)
         with self._cond:
             self._last_error = f"ProtocolError: {exc}"
         if self._error_limiter.allow(exc, time.monotonic()):
-            self._send(m.Error(error="ProtocolError", message=str(exc)[: m.MAX_TEXT_LEN]))
+            self._send(m.Error(error="ProtocolError", message=str(exc)[: m.MAX_TEXT_LEN], version=version))
 
     async def _dispatch(self, msg: m.Message) -> None:
         if isinstance(msg, m.Welcome):
@@ -444,7 +448,14 @@ class ReceiverDaemon:
         self._run_task = asyncio.create_task(self._apply(run, self._inbox))
         self._send(m.Ready(version=msg.version))
 
+    def _failed_already(self, version: str) -> bool:
+        """Frames the sender queued before it saw this rank fail the version: drop them quietly."""
+        with self._cond:
+            return version in self._failed and (self._run is None or self._run.version != version)
+
     def _on_bucket(self, msg: m.Bucket) -> None:
+        if self._failed_already(msg.version):
+            return
         run, welcome = self._run, self._welcome
         if run is None or run.version != msg.version or self._inbox is None or welcome is None:
             raise ProtocolError(f"BUCKET for version {msg.version!r} with no such version in progress")
@@ -462,6 +473,8 @@ class ReceiverDaemon:
 
     def _on_commit(self, msg: m.Commit) -> None:
         run = self._run
+        if self._failed_already(msg.version):
+            return
         if run is None or run.version != msg.version:
             self._send(
                 m.Failed(version=msg.version, error="VersionAborted", message="COMMIT for a version not in progress on this rank")
@@ -530,7 +543,7 @@ class ReceiverDaemon:
             try:
                 prepared = run.prepare(msg, self._slots[msg.slot])
             except WeightstreamError as exc:
-                self._protocol_error(exc if isinstance(exc, ProtocolError) else ProtocolError(str(exc)))
+                self._protocol_error(exc if isinstance(exc, ProtocolError) else ProtocolError(str(exc)), run.version)
                 run.queue.abort(exc)
                 return
             await run.queue.put(prepared)

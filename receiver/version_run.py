@@ -129,16 +129,14 @@ class VersionRun:
                         f"got {got:#018x}): the slot was overwritten or corrupted in transit; the version was not committed"
                     )
             for name, data, chunk in bucket.entries:
+                if chunk >= 0:
+                    data = self._write_piece(bucket.mapping, name, data, chunk)
+                    if data is None:  # held in scratch until complete, or written in place
+                        continue
                 if not self.staged:
-                    self.touched = True
-                if chunk < 0:
-                    yield name, data
-                    self.applied += 1
-                    continue
-                done = self._write_piece(bucket.mapping, name, data, chunk)
-                if done is not None:
-                    yield name, done
-                    self.applied += 1
+                    self.touched = True  # load_weights gets it: the model may change from here on
+                yield name, data
+                self.applied += 1
             bucket.mapping.sync()  # e.g. a CUDA stream sync: copies out of the slot must be complete
             self._on_ack(bucket.seq, bucket.slot)
         self.finished = True
@@ -156,6 +154,8 @@ class VersionRun:
                 held = (slot.scratch(full), False)
             self._partial[name] = held
         buf, in_place = held
+        if in_place:
+            self.touched = True  # the model's own memory is written from here on
         slot.copy(buf, chunk, data)
         end = chunk + data.nbytes
         if end < full:

@@ -306,7 +306,8 @@ class Publisher:
         rnd = self.round
         if isinstance(msg, m.Error):
             log.warning("rank %d reported %s: %s", peer.rank, msg.error, msg.message)
-            if rnd is not None and peer.rank in rnd.ranks:
+            # An error about another (earlier, already failed) version must not fail this one.
+            if rnd is not None and peer.rank in rnd.ranks and msg.version == rnd.version:
                 rnd.fail(from_wire(msg.error, msg.message, rank=peer.rank))
                 self.cond.notify_all()
             return

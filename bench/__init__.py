@@ -1,0 +1,1 @@
+"""Throughput benchmarks for weightstream and the peer baselines it is measured against."""
