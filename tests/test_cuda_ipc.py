@@ -330,3 +330,26 @@ def test_gpu_memory_back_to_baseline_after_20_cycles(endpoint: str) -> None:
     frees = [e["free"] for e in seen[0][1:-1]]  # steady state, after the first version
     assert max(frees) - min(frees) <= 8 << 20, f"GPU memory drifts across update cycles: {frees}"
     assert done["mappings"] == 0 and len({e["opens"] for e in seen[0]}) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+def test_device_digest_detects_changed_and_swapped_words() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from weightstream.protocol.cuda_ipc import device_digest
+
+    data = torch.randint(0, 256, ((3 << 20) + 5,), dtype=torch.uint8, device="cuda")
+    base = device_digest(data.data_ptr(), data.numel(), data.device.index)
+    assert base == device_digest(data.data_ptr(), data.numel(), data.device.index)  # deterministic
+    changed = data.clone()
+    changed[12345] ^= 1
+    assert device_digest(changed.data_ptr(), changed.numel(), 0) != base
+    swapped = data.clone()
+    swapped[0:8], swapped[8:16] = data[8:16].clone(), data[0:8].clone()
+    if not torch.equal(swapped, data):
+        assert device_digest(swapped.data_ptr(), swapped.numel(), 0) != base
+    tail = data.clone()
+    tail[-1] ^= 0xFF
+    assert device_digest(tail.data_ptr(), tail.numel(), 0) != base
