@@ -96,9 +96,9 @@ def as_module(params: dict[str, Any]) -> Any:
 
 def ws_receiver(endpoint: str, gib: float, versions: list[str], done: Any) -> None:
     import torch
-    from weightstream.receiver.sinks import TorchModuleSink
 
     from weightstream import ReceiverDaemon
+    from weightstream.receiver.sinks import TorchModuleSink
 
     module = as_module(build(model_shapes(gib), fill=False))
     daemon = ReceiverDaemon(endpoint, TorchModuleSink(module), rank=0)

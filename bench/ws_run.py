@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from weightstream.receiver.sinks import NumpySink
 
 from weightstream import BucketSender, ReceiverDaemon
+from weightstream.receiver.sinks import NumpySink
 
 
 def make_setup(bucket: int, buffers: int) -> Any:

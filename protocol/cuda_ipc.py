@@ -69,6 +69,7 @@ from .dtypes import DType
 from .errors import TransportError
 from .shm import host_digest
 from .tensors import view_as
+from .transport import create_all
 
 try:
     from cuda.bindings import driver as cudrv
@@ -601,15 +602,7 @@ class CudaIpcTransport:
         note = expandable_segments_note()
         if note is not None:
             log.warning("%s", note)
-        slots: list[CudaExportedSlot] = []
-        try:
-            for _ in range(count):
-                slots.append(CudaExportedSlot(size))
-        except BaseException:
-            for slot in slots:
-                slot.close()
-            raise
-        return slots
+        return create_all(CudaExportedSlot, count, size)
 
     def open_slot(self, descriptor: dict[str, Any]) -> CudaImportedSlot:
         return CudaImportedSlot(descriptor)

@@ -13,8 +13,8 @@ Checks that need session context (slot count and size) live in
 from __future__ import annotations
 
 import math
-from itertools import chain
 from dataclasses import MISSING, dataclass, field, fields
+from itertools import chain
 from typing import Any, ClassVar
 
 import msgpack

@@ -21,6 +21,7 @@ import xxhash
 from .dtypes import DType
 from .errors import TransportError
 from .tensors import host_bytes, view_as
+from .transport import create_all
 
 try:  # CPython's own binding of shm_open, used by multiprocessing.shared_memory
     import _posixshmem
@@ -174,15 +175,7 @@ class ShmTransport:
     name = "shm"
 
     def create_slots(self, count: int, size: int) -> list[ShmExportedSlot]:
-        slots: list[ShmExportedSlot] = []
-        try:
-            for _ in range(count):
-                slots.append(ShmExportedSlot(size))
-        except BaseException:
-            for slot in slots:
-                slot.close()
-            raise
-        return slots
+        return create_all(ShmExportedSlot, count, size)
 
     def open_slot(self, descriptor: dict[str, Any]) -> ShmImportedSlot:
         return ShmImportedSlot(descriptor)

@@ -9,7 +9,8 @@ Adding a transport means adding one module and one line in :data:`TRANSPORTS`.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from .dtypes import DType
 from .errors import TransportError
@@ -55,6 +56,22 @@ TRANSPORTS: dict[str, str] = {
     "shm": "weightstream.protocol.shm",
     "cuda_ipc": "weightstream.protocol.cuda_ipc",
 }
+
+
+SlotT = TypeVar("SlotT", bound=ExportedSlot)
+
+
+def create_all(make: Callable[[int], SlotT], count: int, size: int) -> list[SlotT]:
+    """Create ``count`` slots, or none: a failure frees the ones already made."""
+    slots: list[SlotT] = []
+    try:
+        for _ in range(count):
+            slots.append(make(size))
+    except BaseException:
+        for slot in slots:
+            slot.close()
+        raise
+    return slots
 
 
 def get_transport(name: str) -> Transport:

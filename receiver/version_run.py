@@ -21,7 +21,6 @@ from ..protocol.tensors import Framework
 from ..protocol.transport import ImportedSlot
 from .prefetch import PrefetchQueue
 
-
 _NUMPY_DTYPES = tuple(d.numpy for d in DTYPES)
 
 

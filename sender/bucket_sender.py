@@ -20,7 +20,7 @@ from ..protocol.dtypes import BY_NUMPY, dtype_of
 from ..protocol.errors import ManifestMismatch, PeerTimeout, TransportError, WeightstreamError, from_wire
 from ..protocol.security import CurveKeys
 from ..protocol.shm import host_identity
-from ..protocol.tensors import host_bytes, shape_of
+from ..protocol.tensors import shape_of
 from ..protocol.transport import get_transport
 from ..protocol.versions import read_version
 from .planner import plan_buckets

@@ -19,6 +19,7 @@ import traceback
 from typing import Any
 
 import pytest
+
 from weightstream.protocol import messages as m
 from weightstream.protocol.cuda_ipc_wire import (
     HANDLE_BYTES,
@@ -177,6 +178,7 @@ class _Params:
     @staticmethod
     def build(device: str) -> Any:
         import torch
+
         from weightstream.protocol.dtypes import by_name
 
         mod = torch.nn.Module()
@@ -189,6 +191,7 @@ class _Params:
 
 def _random_tensor(dtype: str, shape: tuple[int, ...], gen: Any, device: str) -> Any:
     import torch
+
     from weightstream.protocol.dtypes import by_name
 
     target = by_name(dtype)
@@ -213,10 +216,10 @@ def _gpu_receiver(endpoint: str, rank: int, versions: list[str], events: Any) ->
     """Spawned: a torch module on CUDA fed by a ReceiverDaemon; reports digests and counters."""
     try:
         import torch
-        from weightstream.protocol import cuda_ipc
-        from weightstream.receiver.sinks import TorchModuleSink
 
         from weightstream import ReceiverDaemon
+        from weightstream.protocol import cuda_ipc
+        from weightstream.receiver.sinks import TorchModuleSink
 
         torch.cuda.init()
         module = _Params.build("cuda")

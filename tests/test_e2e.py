@@ -16,7 +16,6 @@ import ml_dtypes
 import numpy as np
 import pytest
 import workers as w
-from weightstream.receiver.sinks import NumpySink
 
 from weightstream import (
     BucketSender,
@@ -25,6 +24,7 @@ from weightstream import (
     RemoteError,
     WeightstreamError,
 )
+from weightstream.receiver.sinks import NumpySink
 
 pytestmark = pytest.mark.timeout(120)
 

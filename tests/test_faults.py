@@ -25,7 +25,6 @@ from fault_workers import (
     shm_segments,
     wait_until,
 )
-from weightstream.protocol import messages as m
 
 from weightstream import (
     BucketSender,
@@ -34,6 +33,7 @@ from weightstream import (
     RemoteError,
     VersionAborted,
 )
+from weightstream.protocol import messages as m
 
 HB_TIMEOUT = HB["heartbeat_timeout"]
 LOSS_BOUND = 2 * HB_TIMEOUT + 1.0  # generous: detection takes about one heartbeat_timeout

@@ -17,10 +17,10 @@ import pytest
 from fault_workers import HB, Collector, FakeSender, digests, make_weights, wait_until
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
-from weightstream.protocol import messages as m
-from weightstream.protocol.dtypes import DTYPES
 
 from weightstream import ProtocolError, ReceiverDaemon
+from weightstream.protocol import messages as m
+from weightstream.protocol.dtypes import DTYPES
 
 SLOW_SEED = int(os.environ.get("WS_FUZZ_SEED", random.SystemRandom().randrange(1 << 32)))
 FAST = {"bytes": 500, "nested": 600, "mutated": 1000}

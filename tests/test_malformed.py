@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import workers as w
 import zmq
+
+from weightstream import BucketSender, ReceiverDaemon
 from weightstream.protocol import messages as m
 from weightstream.protocol.shm import ShmTransport
 from weightstream.receiver.sinks import NumpySink
-
-from weightstream import BucketSender, ReceiverDaemon
 
 pytestmark = pytest.mark.timeout(60)
 

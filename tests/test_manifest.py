@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 import pytest
 import workers as w
-from weightstream.receiver.sinks import NumpySink
 
 from weightstream import BucketSender, ManifestMismatch, ReceiverDaemon
+from weightstream.receiver.sinks import NumpySink
 
 pytestmark = pytest.mark.timeout(60)
 

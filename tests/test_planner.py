@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from weightstream.sender.planner import align_up, plan_buckets
 
 from weightstream import WeightstreamError
+from weightstream.sender.planner import align_up, plan_buckets
 
 pytestmark = pytest.mark.timeout(60)
 

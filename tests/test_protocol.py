@@ -8,6 +8,7 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from weightstream.protocol import messages as m
 from weightstream.protocol.errors import (
     ManifestMismatch,

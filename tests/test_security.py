@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import zmq
 from fault_workers import BUCKET_BYTES, HB, Collector, digests, make_weights
-from weightstream.protocol import messages as m
 
 from weightstream import (
     BucketSender,
@@ -24,6 +23,7 @@ from weightstream import (
     ReceiverDaemon,
     WeightstreamError,
 )
+from weightstream.protocol import messages as m
 
 pytestmark = pytest.mark.timeout(60)
 

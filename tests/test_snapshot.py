@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+
+from weightstream import BucketSender, ReceiverDaemon, WeightstreamError
 from weightstream.protocol.dtypes import DTYPES, dtype_of
 from weightstream.protocol.tensors import host_bytes
 from weightstream.receiver.sinks import NumpySink, PaddleLayerSink, TorchModuleSink
@@ -27,8 +29,6 @@ from weightstream.receiver.snapshot import (
     version_key,
 )
 from weightstream.receiver.snapshot_writer import TEMP_PREFIX
-
-from weightstream import BucketSender, ReceiverDaemon, WeightstreamError
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 import xxhash
-from weightstream.protocol.dtypes import by_name, dtype_of
-from weightstream.protocol.tensors import host_bytes, view_as
 
 from weightstream import ReceiverDaemon, WeightstreamError
+from weightstream.protocol.dtypes import by_name, dtype_of
+from weightstream.protocol.tensors import host_bytes, view_as
 
 Digest = tuple[str, tuple[int, ...], str]  # (dtype name, shape, xxh3_64 hex of the bytes)
 Specs = dict[str, tuple[str, tuple[int, ...]]]
