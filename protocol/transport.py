@@ -8,6 +8,7 @@ Adding a transport means adding one module and one line in :data:`TRANSPORTS`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
@@ -85,8 +86,8 @@ def get_transport(name: str) -> Transport:
     return module.TRANSPORT  # type: ignore[no-any-return]
 
 
-def available_transports() -> list[str]:
-    """Transports this process can import (offered in HELLO)."""
+@functools.cache
+def _probe_transports() -> tuple[str, ...]:
     names = []
     for name in TRANSPORTS:
         try:
@@ -94,4 +95,11 @@ def available_transports() -> list[str]:
         except TransportError:
             continue
         names.append(name)
-    return names
+    return tuple(names)
+
+
+def available_transports() -> list[str]:
+    """Transports this process can use (offered in HELLO); probed once per process,
+    since a failed probe (e.g. CUDA without a driver) is not cached by the import system."""
+    return list(_probe_transports())
+
