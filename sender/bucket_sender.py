@@ -7,7 +7,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..protocol import messages as m
-from ..protocol.dtypes import BY_NUMPY, dtype_of
+from ..protocol.dtypes import BY_NUMPY, DTYPES, by_name, dtype_of
 from ..protocol.errors import ManifestMismatch, PeerTimeout, TransportError, WeightstreamError, from_wire
 from ..protocol.security import CurveKeys
 from ..protocol.shm import host_identity
@@ -203,11 +203,20 @@ class BucketSender:
         *,
         timeout: float | None = None,
         force: bool = False,
+        specs: Mapping[str, tuple[str, Sequence[int]]] | None = None,
     ) -> PushReport:
         """Stream one version to every receiver; return when all committed it.
 
         Ranks refuse a version older than the one they committed (``step_9`` after
         ``step_10``) unless ``force=True``.
+
+        Lazy mode: given ``specs`` (``{name: (dtype, shape)}`` in the order the
+        tensors will come, the same form as a sink's ``param_specs()``),
+        ``named_tensors`` may be a generator that makes each tensor on demand (a
+        gathered shard, say). It is advanced only when packing reaches the next
+        tensor and nothing keeps a tensor once its bytes are in a slot, so the
+        trainer never holds the whole state dict. A tensor that differs from its
+        spec aborts the version on every rank.
         """
         if self._closed:
             raise WeightstreamError("push on a closed BucketSender; create a new one")
@@ -221,7 +230,12 @@ class BucketSender:
             version = read_version(self.model_dir)
         if not isinstance(version, str) or not version or len(version) > m.MAX_NAME_LEN:
             raise WeightstreamError(f"version must be a non-empty str of at most {m.MAX_NAME_LEN} chars, got {version!r}")
-        tensors = _describe(named_tensors)
+        source: Iterator[tuple[str, Any]] | None = None
+        if specs is not None:
+            tensors = _from_specs(specs)
+            source = iter(named_tensors)
+        else:
+            tensors = _describe(named_tensors)
         plan = plan_buckets([t.nbytes for t in tensors], self.bucket_bytes, self.alignment)
         total = sum(t.nbytes for t in tensors)
         self.wait_for_receivers(timeout=timeout)
@@ -259,7 +273,7 @@ class BucketSender:
 
             # Packing the first slots overlaps the receivers' manifest check; nothing is
             # published (and so nothing touches a model) before every rank said READY.
-            self._stream(tensors, plan, rnd, idents, timeout, wait_ready)
+            self._stream(tensors, plan, rnd, idents, timeout, wait_ready, source)
             pub.broadcast(idents, m.Commit(version=version))
             pub.wait(
                 lambda: len(rnd.committed) == len(ranks),
@@ -293,9 +307,12 @@ class BucketSender:
         idents: list[bytes],
         timeout: float,
         before_first_publish: Any,
+        source: Iterator[tuple[str, Any]] | None = None,
     ) -> None:
         pub = self._publisher
         if not plan:
+            if source is not None and next(source, None) is not None:
+                raise WeightstreamError("specs= is empty but tensors came; yield exactly the specs' tensors")
             before_first_publish()
         cached_index, cached_bytes = -1, None
         for bucket in plan:
@@ -305,7 +322,9 @@ class BucketSender:
             for index, offset, nbytes, chunk in zip(bucket.tensors, bucket.offsets, bucket.nbytes, bucket.chunks):
                 t = tensors[index]
                 if index != cached_index:  # a chunked tensor is converted once
-                    cached_index, cached_bytes = index, slot.source_bytes(t.tensor)
+                    tensor = t.tensor if source is None else _pull(source, t)
+                    cached_index, cached_bytes = index, slot.source_bytes(tensor)
+                    del tensor  # only the byte view lives on, until the next tensor replaces it
                     if cached_bytes.nbytes != t.nbytes:
                         raise WeightstreamError(
                             f"tensor {t.name!r} changed while being pushed: expected {t.nbytes} bytes, "
@@ -320,6 +339,11 @@ class BucketSender:
             digest = slot.digest(bucket.used) if self.checksum else None
             if bucket.seq == 0:
                 before_first_publish()
+            if source is not None and bucket.seq == len(plan) - 1 and next(source, None) is not None:
+                raise WeightstreamError(
+                    f"the tensors ran past the {len(tensors)} given in specs=; "
+                    "yield exactly the specs' tensors, in the specs' order"
+                )
             with pub.cond:
                 rnd.pending[bucket.seq] = (slot_index, set(rnd.ranks))
             pub.broadcast(
@@ -362,6 +386,40 @@ def _describe(named_tensors: Iterable[tuple[str, Any]]) -> list[_Tensor]:
             nbytes = dtype.itemsize * math.prod(shape)
         tensors.append(_Tensor(name, tensor, dtype.code, shape, nbytes))
     return tensors
+
+
+def _from_specs(specs: Mapping[str, tuple[str, Sequence[int]]]) -> list[_Tensor]:
+    tensors: list[_Tensor] = []
+    for name, spec in specs.items():
+        if not isinstance(name, str) or not name or len(name) > m.MAX_NAME_LEN:
+            raise WeightstreamError(f"specs: names must be non-empty str of at most {m.MAX_NAME_LEN} chars, got {name!r:.80}")
+        try:
+            dtype_name, shape = spec
+            dtype = by_name(str(dtype_name))
+            dims = tuple(int(d) for d in shape)
+        except (TypeError, ValueError) as exc:
+            raise WeightstreamError(
+                f"specs[{name!r}]: expected (dtype name, shape) like ('bfloat16', (4096, 4096)), got {spec!r:.80} ({exc})"
+            ) from None
+        tensors.append(_Tensor(name, None, dtype.code, dims, dtype.itemsize * math.prod(dims)))
+    return tensors
+
+
+def _pull(source: Iterator[tuple[str, Any]], want: _Tensor) -> Any:
+    """The next lazily made tensor; it must be the one the specs announced."""
+    item = next(source, None)
+    if item is None:
+        raise WeightstreamError(
+            f"the tensors ended before {want.name!r}; yield every tensor named in specs=, in that order"
+        )
+    name, tensor = item
+    got = _describe([(name, tensor)])[0]
+    if (got.name, got.dtype_code, tuple(got.shape)) != (want.name, want.dtype_code, want.shape):
+        raise WeightstreamError(
+            f"lazy tensor: expected {want.name!r} {DTYPES[want.dtype_code].name}{list(want.shape)} as in specs=, "
+            f"got {got.name!r} {DTYPES[got.dtype_code].name}{list(got.shape)}; yield the specs' tensors in order"
+        )
+    return tensor
 
 
 def _rejection(version: str, rnd: Round) -> WeightstreamError:
