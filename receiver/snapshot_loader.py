@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +85,17 @@ def _map_part(path: Path, header: Header) -> MappedPart:
     return MappedPart(path, header, tensors, raw, mm)
 
 
+def _refuse_foreign_pickle(path: Path) -> None:
+    """.pdparams is pickle, which runs code when loaded: only trust a file of ours that only we can write."""
+    st = os.stat(path)
+    if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise WeightstreamError(
+            f"{path}: refusing to unpickle a .pdparams file owned by uid {st.st_uid} with mode "
+            f"{stat.S_IMODE(st.st_mode):o}; expected a file of this user (uid {os.getuid()}) that no one else can write. "
+            "Fix: convert it to safetensors, or chown/chmod it if you trust it"
+        )
+
+
 def _load_pdparams(path: Path) -> MappedPart:
     try:
         import paddle
@@ -91,7 +104,8 @@ def _load_pdparams(path: Path) -> MappedPart:
             f"{path}: a .pdparams snapshot needs paddle to read, and paddle is not installed; "
             "fix: pip install paddlepaddle, or convert it to safetensors"
         ) from None
-    state = paddle.load(str(path))  # pickle: only ever called on local files the user pointed at
+    _refuse_foreign_pickle(path)
+    state = paddle.load(str(path))  # pickle: a local file of this user's only (checked just above)
     if not isinstance(state, dict):
         raise WeightstreamError(f"{path}: expected a state dict, got {type(state).__name__}")
     tensors: list[tuple[str, np.ndarray]] = []

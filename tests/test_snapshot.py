@@ -520,3 +520,16 @@ def test_a_disk_error_drops_the_snapshot_not_the_live_update(tmp_path: Path) -> 
     writer.commit("2")
     writer.close()
     assert collect(tmp_path, 0)[1] == {"d": np.ones(2, np.float32).tobytes()}
+
+
+def test_a_pdparams_file_others_can_write_is_never_unpickled(tmp_path: Path) -> None:
+    paddle = pytest.importorskip("paddle")
+    path = tmp_path / "model_state.tp07.pdparams"
+    paddle.save({"w": paddle.to_tensor(np.ones(3, np.float32))}, str(path))
+    os.chmod(path, 0o666)  # anyone could have planted it: loading would run their pickle
+    with pytest.raises(WeightstreamError, match="refusing to unpickle"):
+        load_snapshot(tmp_path, 0, "7").open_part(0)
+    os.chmod(path, 0o600)
+    part = load_snapshot(tmp_path, 0, "7").open_part(0)
+    assert [name for name, _ in part.tensors] == ["w"]
+    part.release()
