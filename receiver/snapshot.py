@@ -209,7 +209,10 @@ def _stream(
             )
     finally:
         loop.call_soon_threadsafe(task.cancel)
-        thread.join()
+        timeout = float(getattr(daemon, "_apply_timeout", 300.0))
+        thread.join(timeout)  # the reader stops at its next await; only a hung disk read keeps it
+        if thread.is_alive():
+            log.error("rank %d: snapshot reader still blocked %.0fs after cancel (hung disk read?)", daemon.rank, timeout)
         for part in live.values():
             part.release()
 
