@@ -22,6 +22,28 @@ from ..protocol.transport import ImportedSlot
 from .prefetch import PrefetchQueue
 
 _NUMPY_DTYPES = tuple(d.numpy for d in DTYPES)
+_TORCH_VIEWS: tuple[tuple[np.dtype, Any], ...] | None = None
+_from_numpy: Any = None
+
+
+def _torch_view_table() -> tuple[tuple[np.dtype, Any], ...]:
+    """Per dtype code: the same-width NumPy int to view slot bytes as, and the torch dtype to
+    reinterpret that as (None when torch.from_numpy already gives the right dtype)."""
+    global _TORCH_VIEWS, _from_numpy
+    if _TORCH_VIEWS is None:
+        import torch
+
+        _from_numpy = torch.from_numpy
+        table = []
+        for d in DTYPES:
+            as_ints = _INT_OF_WIDTH[d.itemsize] if d.name != "bool" else np.dtype(np.bool_)
+            target = d.torch()
+            table.append((as_ints, None if torch.from_numpy(np.zeros(1, as_ints)).dtype == target else target))
+        _TORCH_VIEWS = tuple(table)
+    return _TORCH_VIEWS
+
+
+_INT_OF_WIDTH = {1: np.dtype(np.uint8), 2: np.dtype(np.int16), 4: np.dtype(np.int32), 8: np.dtype(np.int64)}
 
 
 @dataclass
@@ -85,6 +107,7 @@ class VersionRun:
         manifest, received, framework = self.manifest, self._received, self.framework
         host = slot.domain == "host" and framework == "numpy"
         np_dtypes = _NUMPY_DTYPES
+        torch_views = _torch_view_table() if slot.domain == "host" and framework == "torch" else None
         for name, code, shape, offset, nbytes, chunk in zip(
             msg.names, msg.dtypes, msg.shapes, msg.offsets, msg.nbytes, msg.chunks
         ):
@@ -108,6 +131,10 @@ class VersionRun:
             if chunk == 0 and nbytes == full:
                 if host:  # the hot path for many small tensors: a plain NumPy view
                     entries.append((name, data.view(np_dtypes[code]).reshape(want_shape), -1))
+                elif torch_views is not None:  # same for torch: ints of the same width, then reinterpret
+                    as_ints, target = torch_views[code]
+                    tensor = _from_numpy(data.view(as_ints).reshape(want_shape))
+                    entries.append((name, tensor if target is None else tensor.view(target), -1))
                 else:
                     entries.append((name, slot.typed(framework, data, DTYPES[code], want_shape), -1))
             else:

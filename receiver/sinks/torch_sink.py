@@ -40,6 +40,9 @@ class TorchModuleSink:
                 f"TorchModuleSink: expected a torch.nn.Module, got {type(module).__qualname__}; fix: pass the model"
             )
         self.module = module
+        # name -> tensor from the state_dict walk param_specs() does at every BEGIN, so it is
+        # fresh per version; a miss or a meta entry falls back to the exact lookup.
+        self._by_name: dict[str, Any] = {}
         # id(meta tensor) -> (tensor, slots referencing it); built when first needed.
         self._meta_index: dict[int, tuple[Any, list[_Slot]]] | None = None
 
@@ -47,11 +50,9 @@ class TorchModuleSink:
         import torch
 
         state = self.module.state_dict(keep_vars=True)
-        return {
-            name: (from_torch(t.dtype).name, tuple(t.shape))
-            for name, t in state.items()
-            if isinstance(t, torch.Tensor)  # skip get_extra_state() payloads
-        }
+        tensors = {name: t for name, t in state.items() if isinstance(t, torch.Tensor)}  # skip extra-state payloads
+        self._by_name = tensors
+        return {name: (from_torch(t.dtype).name, tuple(t.shape)) for name, t in tensors.items()}
 
     def _slot(self, name: str) -> _Slot | None:
         """Where ``name`` lives, found by walking the module path (O(depth), no state_dict)."""
@@ -80,7 +81,11 @@ class TorchModuleSink:
     def load_one(self, name: str, tensor: torch.Tensor) -> None:
         import torch
 
-        target, slot = self._target(name)
+        target = self._by_name.get(name)
+        if target is None or target.is_meta:
+            target, slot = self._target(name)
+        else:
+            slot = None
         if target.dtype != tensor.dtype or tuple(target.shape) != tuple(tensor.shape):
             want = (from_torch(target.dtype).name, tuple(target.shape))
             raise spec_mismatch(name, want, (from_torch(tensor.dtype).name, tuple(tensor.shape)))
@@ -92,8 +97,11 @@ class TorchModuleSink:
                 )
             self._materialise(target, tensor)
             return
-        with torch.no_grad():
-            target.copy_(tensor)  # blocking: the view dies when the iterator advances
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                target.copy_(tensor)  # blocking: the view dies when the iterator advances
+        else:
+            target.copy_(tensor)
 
     def _materialise(self, old: torch.Tensor, tensor: torch.Tensor) -> None:
         import torch
@@ -123,8 +131,11 @@ class TorchModuleSink:
         return index
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
-        for name, tensor in weights:
-            self.load_one(name, tensor)
+        import torch
+
+        with torch.no_grad():  # once per version, not once per tensor
+            for name, tensor in weights:
+                self.load_one(name, tensor)
 
     def destination(self, name: str) -> np.ndarray | None:
         try:
