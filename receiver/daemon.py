@@ -413,6 +413,8 @@ class ReceiverDaemon:
     async def _on_begin(self, msg: m.Begin) -> None:
         if self._run is not None:
             await self._abort_run(VersionAborted(f"superseded by version {msg.version!r}"), notify=False)
+        with self._cond:
+            self._failed.pop(msg.version, None)  # a retry: waiters see this attempt, not the last one
         expected = self._expected
         if expected is None and self._sink is not None:
             expected = self._sink.param_specs()

@@ -51,3 +51,28 @@ def test_rank_refuses_older_version_unless_forced(endpoint: str) -> None:
             np.testing.assert_array_equal(state["w"], np.full(64, 9, np.float32))
     finally:
         daemon.stop()
+
+
+def test_a_retried_version_is_waited_for_afresh(endpoint: str) -> None:
+    calls = {"n": 0}
+    state = {"w": np.zeros(8, np.float32)}
+    sink = NumpySink(state)
+
+    def flaky(weights):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("transient")
+        sink.load_weights(weights)
+
+    daemon = ReceiverDaemon(endpoint, flaky, rank=0, expected=sink.param_specs()).start()
+    try:
+        with BucketSender(endpoint, receivers=1, bucket_bytes=4096, timeout=20) as sender:
+            with pytest.raises(Exception, match="transient"):
+                sender.push([("w", np.ones(8, np.float32))], version="v1")
+            with pytest.raises(Exception, match="transient"):
+                daemon.wait_for_version("v1", timeout=5)
+            sender.push([("w", np.ones(8, np.float32))], version="v1")
+            daemon.wait_for_version("v1", timeout=5)
+        np.testing.assert_array_equal(state["w"], np.ones(8, np.float32))
+    finally:
+        daemon.stop()
