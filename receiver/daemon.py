@@ -14,7 +14,6 @@ import asyncio
 import logging
 import os
 import secrets
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -43,6 +42,7 @@ from ..protocol.transport import ImportedSlot, available_transports, get_transpo
 from ..protocol.versions import is_older
 from .manifest import check_manifest
 from .prefetch import PrefetchQueue
+from .targets import detached_copy, resolve_target
 from .version_run import VersionRun
 
 log = logging.getLogger("weightstream.receiver")
@@ -96,7 +96,7 @@ class ReceiverDaemon:
         self.endpoint = endpoint
         self.rank = rank
         self.prefetch = prefetch
-        self._load, self._sink = _resolve_target(load_weights)
+        self._load, self._sink = resolve_target(load_weights)
         self.framework: Framework = framework or getattr(self._sink, "framework", None) or "numpy"
         self._expected = expected
         self._allow_missing = allow_missing
@@ -524,7 +524,7 @@ class ReceiverDaemon:
         if self._staged:
             # Copy the whole version out of the slots first (one model's worth of spare memory);
             # load_weights runs only once every bucket arrived and passed its checks.
-            held = [(name, _detached_copy(tensor)) for name, tensor in run.iterate()]
+            held = [(name, detached_copy(tensor)) for name, tensor in run.iterate()]
             if not run.complete:
                 raise VersionAborted(f"version {run.version!r} ended before every tensor arrived")
             run.touched = True
@@ -617,38 +617,6 @@ class ReceiverDaemon:
             self._send(m.Failed(version=run.version, error=wire_name(error), message=str(error), model_intact=not run.touched))
 
 
-def _detached_copy(tensor: Any) -> Any:
-    """A private copy of a slot view in its own framework (staged mode)."""
-    clone = getattr(tensor, "clone", None)
-    return clone() if clone is not None else tensor.copy()
-
-
 def _ignore_send_error(future: Any) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.debug("send failed: %s", future.exception())
-
-
-def _is_framework_model(obj: Any) -> bool:
-    torch, paddle = sys.modules.get("torch"), sys.modules.get("paddle")
-    return (torch is not None and isinstance(obj, torch.nn.Module)) or (
-        paddle is not None and isinstance(obj, paddle.nn.Layer)
-    )
-
-
-def _resolve_target(target: Any) -> tuple[Callable[[Any], Any], Any]:
-    """Return (load_weights callable, sink or None) for what the user passed."""
-    if hasattr(target, "param_specs") and hasattr(target, "load_weights"):
-        return target.load_weights, target
-    if _is_framework_model(target):  # modules are callable too: wrap them, never call forward()
-        from .sinks import as_sink
-
-        sink = as_sink(target)
-        return sink.load_weights, sink
-    owner = getattr(target, "__self__", None)
-    if callable(target):
-        sink = owner if owner is not None and hasattr(owner, "param_specs") and hasattr(owner, "framework") else None
-        return target, sink
-    from .sinks import as_sink
-
-    sink = as_sink(target)
-    return sink.load_weights, sink
