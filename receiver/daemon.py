@@ -489,6 +489,11 @@ class ReceiverDaemon:
         if not (run.commit_requested and run.applied_ok) or run is not self._run:
             return
         seconds = time.perf_counter() - run.started
+        hook = getattr(self._sink, "on_commit", None)
+        if callable(hook):
+            # e.g. a SnapshotWriter: disk I/O on the (FIFO, single) apply thread. Queued before the
+            # commit is visible, so a restore() or version that follows it runs after the snapshot.
+            asyncio.get_running_loop().run_in_executor(self._executor, self._run_hook, hook, run.version)
         with self._cond:
             self._committed = run.version
             self._state = "idle"
@@ -498,9 +503,6 @@ class ReceiverDaemon:
         self._inbox = None
         self._send(m.Committed(version=run.version, tensors=run.applied, bytes=run.total_bytes, seconds=seconds))
         log.info("rank %d: committed %s (%d tensors, %.3fs)", self.rank, run.version, run.applied, seconds)
-        hook = getattr(self._sink, "on_commit", None)
-        if callable(hook):  # e.g. a SnapshotWriter: disk I/O on the apply thread, before the next version
-            asyncio.get_running_loop().run_in_executor(self._executor, self._run_hook, hook, run.version)
 
     async def _apply(self, run: VersionRun, inbox: asyncio.Queue[m.Bucket]) -> None:
         run.started = time.perf_counter()
