@@ -57,11 +57,6 @@ class _Str:
 
 
 @dataclass(frozen=True)
-class _Bin:
-    max_len: int = 1 << 16
-
-
-@dataclass(frozen=True)
 class _List:
     item: Any
     max_len: int = MAX_ENTRIES
@@ -342,10 +337,6 @@ def _check(spec: Any, value: Any, where: str) -> Any:
             raise ProtocolError(f"field '{where}': expected str, got {type(value).__name__}")
         if len(value) > spec.max_len:
             raise ProtocolError(f"field '{where}': expected at most {spec.max_len} characters, got {len(value)}")
-        return value
-    if isinstance(spec, _Bin):
-        if type(value) is not bytes:
-            raise ProtocolError(f"field '{where}': expected bytes, got {type(value).__name__}")
         return value
     if isinstance(spec, _List):
         if type(value) is not list:

@@ -36,7 +36,7 @@ FRAMEWORKS: tuple[Framework, ...] = ("numpy", "paddle", "torch")
 
 # itemsize -> the integer dtype every reinterpretation goes through (see module doc)
 _INT_NAME = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
-_INT_NUMPY = {n: np.dtype(name) for n, name in _INT_NAME.items()}
+INT_OF_ITEMSIZE = {n: np.dtype(name) for n, name in _INT_NAME.items()}  # same-width ints to reinterpret through
 
 
 def framework_of(tensor: Any) -> Framework:
@@ -173,7 +173,7 @@ def view_as(framework: Framework, buf: np.ndarray, dtype: DType, shape: tuple[in
         )
     if not buf.flags.writeable:
         buf = buf.copy()
-    ints = buf.view(_INT_NUMPY[dtype.itemsize]).reshape(shape)  # NumPy view: shape is free
+    ints = buf.view(INT_OF_ITEMSIZE[dtype.itemsize]).reshape(shape)  # NumPy view: shape is free
     if framework == "torch":
         import torch
 

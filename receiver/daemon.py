@@ -272,7 +272,7 @@ class ReceiverDaemon:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self._abort_run(WeightstreamError("daemon stopped"), notify=False)
+            await self._abort_run(WeightstreamError("daemon stopped"))
             if self._welcome is not None:
                 self._send(m.Bye(reason="daemon stopped"))
             self._drop_session()
@@ -319,7 +319,7 @@ class ReceiverDaemon:
             await asyncio.sleep(self._welcome.heartbeat_interval)
 
     async def _sender_lost(self, reason: str) -> None:
-        await self._abort_run(PeerLost(f"{reason}; the version in flight was aborted"), notify=False)
+        await self._abort_run(PeerLost(f"{reason}; the version in flight was aborted"))
         self._drop_session()
         self._send(self._hello())
 
@@ -356,7 +356,7 @@ class ReceiverDaemon:
         elif isinstance(msg, m.Bye):
             if self._welcome is not None:
                 log.info("rank %d: sender said BYE (%s)", self.rank, msg.reason)
-                await self._abort_run(PeerLost(f"the sender left ({msg.reason})"), notify=False)
+                await self._abort_run(PeerLost(f"the sender left ({msg.reason})"))
                 self._drop_session()
         elif isinstance(msg, m.Error):
             log.warning("rank %d: sender reported %s: %s", self.rank, msg.error, msg.message)
@@ -372,7 +372,7 @@ class ReceiverDaemon:
             self._on_commit(msg)
         elif isinstance(msg, m.Abort):
             if self._run is not None and self._run.version == msg.version:
-                await self._abort_run(VersionAborted(f"sender aborted version {msg.version!r}: {msg.reason}"), notify=False)
+                await self._abort_run(VersionAborted(f"sender aborted version {msg.version!r}: {msg.reason}"))
         else:
             raise ProtocolError(f"unexpected {msg.TYPE} from the sender")
 
@@ -412,7 +412,7 @@ class ReceiverDaemon:
 
     async def _on_begin(self, msg: m.Begin) -> None:
         if self._run is not None:
-            await self._abort_run(VersionAborted(f"superseded by version {msg.version!r}"), notify=False)
+            await self._abort_run(VersionAborted(f"superseded by version {msg.version!r}"))
         with self._cond:
             self._failed.pop(msg.version, None)  # a retry: waiters see this attempt, not the last one
         expected = self._expected
@@ -599,7 +599,7 @@ class ReceiverDaemon:
                 self._state = "idle" if self._model_intact else "aborted"
             self._cond.notify_all()
 
-    async def _abort_run(self, error: WeightstreamError, *, notify: bool) -> None:
+    async def _abort_run(self, error: WeightstreamError) -> None:
         """Stop the version in flight and wait (bounded) for load_weights to return."""
         run, task = self._run, self._run_task
         if run is None:
@@ -615,8 +615,6 @@ class ReceiverDaemon:
             self._record_failure(run.version, error, touched=run.touched)
             self._run = None
             self._inbox = None
-        if notify:
-            self._send(m.Failed(version=run.version, error=wire_name(error), message=str(error), model_intact=not run.touched))
 
 
 def _ignore_send_error(future: Any) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from ..protocol import messages as m
 from ..protocol.dtypes import DTYPES
 from ..protocol.errors import ProtocolError, VersionAborted
-from ..protocol.tensors import Framework
+from ..protocol.tensors import INT_OF_ITEMSIZE, Framework
 from ..protocol.transport import ImportedSlot
 from .prefetch import PrefetchQueue
 
@@ -36,14 +36,12 @@ def _torch_view_table() -> tuple[tuple[np.dtype, Any], ...]:
         _from_numpy = torch.from_numpy
         table = []
         for d in DTYPES:
-            as_ints = _INT_OF_WIDTH[d.itemsize] if d.name != "bool" else np.dtype(np.bool_)
+            as_ints = INT_OF_ITEMSIZE[d.itemsize] if d.name != "bool" else np.dtype(np.bool_)
             target = d.torch()
             table.append((as_ints, None if torch.from_numpy(np.zeros(1, as_ints)).dtype == target else target))
         _TORCH_VIEWS = tuple(table)
     return _TORCH_VIEWS
 
-
-_INT_OF_WIDTH = {1: np.dtype(np.uint8), 2: np.dtype(np.int16), 4: np.dtype(np.int32), 8: np.dtype(np.int64)}
 
 
 @dataclass
@@ -115,7 +113,7 @@ class VersionRun:
             if spec is None:
                 raise ProtocolError(f"BUCKET {msg.seq}: tensor {name[:80]!r} is not in the manifest of {self.version!r}")
             want_code, want_shape, full = spec
-            if code != want_code or len(shape) != len(want_shape) or tuple(shape) != want_shape:
+            if code != want_code or tuple(shape) != want_shape:
                 raise ProtocolError(
                     f"BUCKET {msg.seq}: tensor {name[:80]!r}: expected {DTYPES[want_code].name}{list(want_shape)} "
                     f"as in BEGIN, got {DTYPES[code].name}{shape}"

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..protocol import messages as m
 from ..protocol.dtypes import BY_NUMPY, DTYPES, by_name, dtype_of
-from ..protocol.errors import ManifestMismatch, PeerTimeout, TransportError, WeightstreamError, from_wire
+from ..protocol.errors import PeerTimeout, TransportError, WeightstreamError, from_wire
 from ..protocol.security import CurveKeys
 from ..protocol.shm import host_identity
 from ..protocol.tensors import shape_of
@@ -62,10 +62,6 @@ class _Tensor:
     dtype_code: int
     shape: tuple[int, ...]
     nbytes: int
-
-    @property
-    def shape_list(self) -> list[int]:
-        return list(self.shape)
 
 
 class BucketSender:
@@ -424,11 +420,8 @@ def _pull(source: Iterator[tuple[str, Any]], want: _Tensor) -> Any:
 
 def _rejection(version: str, rnd: Round) -> WeightstreamError:
     parts = [f"rank {rank}: {reason}" for rank, (_, reason) in sorted(rnd.rejected.items())]
-    names = {err for err, _ in rnd.rejected.values()}
     text = f"version {version!r} rejected before any byte was written; " + " | ".join(parts)
-    if names == {"ManifestMismatch"}:
-        return ManifestMismatch(text, rank=min(rnd.rejected))
-    first = min(rnd.rejected)
+    first = min(rnd.rejected)  # typed by the lowest rank's error (ManifestMismatch, VersionAborted, ...)
     err = from_wire(rnd.rejected[first][0], text, rank=None)
     err.rank = first
     return err
