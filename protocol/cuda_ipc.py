@@ -69,7 +69,7 @@ from .dtypes import DType
 from .errors import TransportError
 from .shm import host_digest
 from .tensors import view_as
-from .transport import create_all
+from .transport import create_all, write_tensors
 
 try:
     from cuda.bindings import driver as cudrv
@@ -320,6 +320,9 @@ class CudaExportedSlot:
                 event = int(_check(cudart.cudaEventCreateWithFlags(cudart.cudaEventDisableTiming), "cudaEventCreateWithFlags"))
             self._events[device] = event
         return event
+
+    def write_tensors(self, offsets: list[int], tensors: list[Any], nbytes: list[int]) -> int | None:
+        return write_tensors(self, offsets, tensors, nbytes)
 
     def write(self, offset: int, source: DeviceBytes, start: int, nbytes: int) -> None:
         if not self.ptr:

@@ -15,12 +15,14 @@ from __future__ import annotations
 import math
 from dataclasses import MISSING, dataclass, field, fields
 from itertools import chain
+from operator import add, mul
 from typing import Any, ClassVar
 
 import msgpack
 
 from .dtypes import DTYPES
 from .errors import ProtocolError
+from .gc_pause import gc_paused
 
 PROTOCOL_VERSION = 1
 ALIGNMENT = 256
@@ -243,7 +245,14 @@ def encode(msg: Message) -> bytes:
         value = getattr(msg, name)
         if required or value is not None:  # optional fields travel only when set
             body[name] = value
+    if msg.TYPE in _BULK:
+        with gc_paused():
+            return msgpack.packb(body, use_bin_type=True)
     return msgpack.packb(body, use_bin_type=True)
+
+
+_BULK = frozenset({"BEGIN", "BUCKET"})  # per-tensor arrays: see gc_pause
+_BULK_FRAME = 64 << 10
 
 
 def decode(frame: bytes) -> Message:
@@ -255,6 +264,13 @@ def decode(frame: bytes) -> Message:
             f"message of {len(frame)} bytes exceeds the limit of {MAX_MESSAGE_BYTES} bytes; "
             "split the model into fewer tensors per bucket or raise MAX_MESSAGE_BYTES on both sides"
         )
+    if len(frame) > _BULK_FRAME:
+        with gc_paused():
+            return _decode(frame)
+    return _decode(frame)
+
+
+def _decode(frame: bytes | bytearray | memoryview) -> Message:
     try:
         body = msgpack.unpackb(
             frame,
@@ -396,6 +412,11 @@ def tensor_nbytes(dtype_code: int, shape: list[int] | tuple[int, ...]) -> int:
     return n
 
 
+def tensor_sizes(dtype_codes: list[int], shapes: list[list[int]]) -> list[int]:
+    """Bytes of every tensor; C-level iteration, so 100k entries cost milliseconds."""
+    return list(map(mul, map(_ITEMSIZES.__getitem__, dtype_codes), map(math.prod, shapes)))
+
+
 def _check_begin(msg: Begin) -> None:
     n = len(msg.names)
     if len(msg.dtypes) != n or len(msg.shapes) != n:
@@ -408,7 +429,7 @@ def _check_begin(msg: Begin) -> None:
         )
     if len(set(msg.names)) != n:
         raise ProtocolError("BEGIN: field 'names' holds duplicate tensor names; each name must appear once")
-    total = sum(tensor_nbytes(c, s) for c, s in zip(msg.dtypes, msg.shapes))
+    total = sum(tensor_sizes(msg.dtypes, msg.shapes))
     if total != msg.total_bytes:
         raise ProtocolError(f"BEGIN: field 'total_bytes': expected {total} (sum of tensor sizes), got {msg.total_bytes}")
 
@@ -420,20 +441,17 @@ def _check_bucket(msg: Bucket) -> None:
         raise ProtocolError(
             f"BUCKET: names/dtypes/shapes/offsets/nbytes/chunks must be parallel arrays; got lengths {(n, *lengths)}"
         )
-    itemsizes = _ITEMSIZES
-    for i, (code, shape, chunk, nbytes) in enumerate(zip(msg.dtypes, msg.shapes, msg.chunks, msg.nbytes)):
-        full = itemsizes[code]
-        for d in shape:
-            full *= d
-        if chunk + nbytes <= full and (nbytes or not full):
-            continue
-        if msg.chunks[i] + msg.nbytes[i] > full:
-            raise ProtocolError(
-                f"BUCKET: entry {i} ('{msg.names[i][:80]}'): chunk at byte {msg.chunks[i]} of {msg.nbytes[i]} bytes "
-                f"runs past the tensor's {full} bytes (dtype {DTYPES[msg.dtypes[i]].name}, shape {msg.shapes[i]})"
-            )
-        if msg.nbytes[i] == 0 and full != 0:
-            raise ProtocolError(f"BUCKET: entry {i} ('{msg.names[i][:80]}'): empty piece of a non-empty tensor")
+    fulls = tensor_sizes(msg.dtypes, msg.shapes)
+    ends = list(map(add, msg.chunks, msg.nbytes))
+    if any(map(int.__gt__, ends, fulls)) or (0 in msg.nbytes and any(map(bool, fulls))):
+        for i, (full, end) in enumerate(zip(fulls, ends)):  # only a bad frame pays for naming the entry
+            if end > full:
+                raise ProtocolError(
+                    f"BUCKET: entry {i} ('{msg.names[i][:80]}'): chunk at byte {msg.chunks[i]} of {msg.nbytes[i]} bytes "
+                    f"runs past the tensor's {full} bytes (dtype {DTYPES[msg.dtypes[i]].name}, shape {msg.shapes[i]})"
+                )
+            if msg.nbytes[i] == 0 and full != 0:
+                raise ProtocolError(f"BUCKET: entry {i} ('{msg.names[i][:80]}'): empty piece of a non-empty tensor")
 
 
 _CROSS_CHECKS: dict[str, Any] = {"BEGIN": _check_begin, "BUCKET": _check_bucket}
@@ -444,13 +462,16 @@ def check_bucket_fits(msg: Bucket, slot_sizes: list[int], alignment: int) -> Non
     if msg.slot >= len(slot_sizes):
         raise ProtocolError(f"BUCKET {msg.seq}: field 'slot': expected 0..{len(slot_sizes) - 1}, got {msg.slot}")
     size = slot_sizes[msg.slot]
-    for i, (off, nb) in enumerate(zip(msg.offsets, msg.nbytes)):
-        if off % alignment:
-            raise ProtocolError(f"BUCKET {msg.seq}: entry {i}: offset {off} is not aligned to {alignment} bytes")
-        if off + nb > size:
-            raise ProtocolError(
-                f"BUCKET {msg.seq}: entry {i}: bytes {off}..{off + nb} lie outside slot {msg.slot} of {size} bytes"
-            )
+    ends = list(map(add, msg.offsets, msg.nbytes))
+    if (ends and max(ends) > size) or any(off % alignment for off in msg.offsets):
+        for i, (off, end) in enumerate(zip(msg.offsets, ends)):
+            if off % alignment:
+                raise ProtocolError(f"BUCKET {msg.seq}: entry {i}: offset {off} is not aligned to {alignment} bytes")
+            if end > size:
+                raise ProtocolError(
+                    f"BUCKET {msg.seq}: entry {i}: bytes {off}..{end} lie outside slot {msg.slot} of {size} bytes"
+                )
+
 
 
 class ErrorReplyLimiter:

@@ -86,6 +86,28 @@ class ShmExportedSlot:
         else:  # NumPy releases the GIL for big copies, so the I/O thread keeps running
             np.copyto(self.host_view()[offset : offset + nbytes], source[start : start + nbytes])
 
+    def write_tensors(self, offsets: list[int], tensors: list[Any], nbytes: list[int]) -> int | None:
+        """Whole tensors at ``offsets``. Small C-contiguous NumPy arrays take a memoryview copy
+        with no intermediate view (~0.4 us per tensor over the memcpy, against ~1.3 us through
+        ``write``); anything else, and big tensors (whose copy releases the GIL), take ``write``."""
+        mv, ndarray, small = self._mv, np.ndarray, _SMALL_COPY
+        for i, (offset, tensor, n) in enumerate(zip(offsets, tensors, nbytes)):
+            if n <= small and type(tensor) is ndarray:
+                try:
+                    if tensor.dtype.kind != "V":
+                        mv[offset : offset + n] = tensor.data.cast("B")
+                    else:  # bfloat16/float8 (ml_dtypes) export no buffer format: go through uint8
+                        mv[offset : offset + n] = tensor.view(np.uint8).data.cast("B")
+                    continue
+                except (TypeError, ValueError):  # not C-contiguous, 0-d, or not n bytes: the checked path
+                    pass
+            source = host_bytes(tensor)
+            if source.nbytes != n:
+                return i
+            if n:
+                self.write(offset, source, 0, n)
+        return None
+
     def flush(self) -> None:
         """Host stores are visible to other processes once the ZMQ send happens after them."""
 

@@ -25,9 +25,22 @@ class ExportedSlot(Protocol):
     def descriptor(self) -> dict[str, Any]: ...
     def source_bytes(self, tensor: Any) -> Any: ...  # flat uint8 view of a tensor, in this slot's memory domain
     def write(self, offset: int, source: Any, start: int, nbytes: int) -> None: ...
+    # whole tensors at offsets; the index of one whose byte size is not nbytes[i], else None
+    def write_tensors(self, offsets: list[int], tensors: list[Any], nbytes: list[int]) -> int | None: ...
     def flush(self) -> None: ...  # make every write visible to receivers before the bucket is published
     def digest(self, nbytes: int) -> int: ...  # xxh3_64 (or a device digest) of bytes [0, nbytes)
     def close(self) -> None: ...
+
+
+def write_tensors(slot: ExportedSlot, offsets: list[int], tensors: list[Any], nbytes: list[int]) -> int | None:
+    """The generic ``write_tensors``: one ``source_bytes`` and one ``write`` per tensor."""
+    for i, (offset, tensor, n) in enumerate(zip(offsets, tensors, nbytes)):
+        source = slot.source_bytes(tensor)
+        if source.nbytes != n:
+            return i
+        if n:
+            slot.write(offset, source, 0, n)
+    return None
 
 
 class ImportedSlot(Protocol):

@@ -104,6 +104,9 @@ class ReceiverDaemon:
         self._hb_timeout = heartbeat_timeout
         self._apply_timeout = apply_timeout
         self._staged = staged
+        # (specs, names, dtypes, shapes) of the last manifest that passed the check; a sink returns
+        # the same specs object only while its params are unchanged (NumpySink does)
+        self._last_checked: tuple[Any, list[str], list[int], list[list[int]]] | None = None
         self._session = secrets.token_hex(8)
         # Read on the caller's thread: that is where the rank selected its GPU (the loop thread sees device 0).
         self._device = device_identity()
@@ -416,8 +419,9 @@ class ReceiverDaemon:
         with self._cond:
             self._failed.pop(msg.version, None)  # a retry: waiters see this attempt, not the last one
         expected = self._expected
-        if expected is None and self._sink is not None:
-            expected = self._sink.param_specs()
+        from_sink = expected is None and self._sink is not None
+        if from_sink:
+            expected = self._sink.param_specs()  # type: ignore[union-attr]
         try:
             committed = self.committed_version
             if committed is not None and not msg.force and is_older(msg.version, committed):
@@ -425,8 +429,9 @@ class ReceiverDaemon:
                     f"version {msg.version!r} is older than the committed {committed!r}; "
                     "push with force=True to roll back deliberately"
                 )
-            if expected:
+            if expected and not (from_sink and self._checked_before(msg, expected)):
                 check_manifest(msg.names, msg.dtypes, msg.shapes, expected, allow_missing=self._allow_missing)
+                self._last_checked = (expected, msg.names, msg.dtypes, msg.shapes)
         except WeightstreamError as exc:
             log.warning("rank %d: rejected version %r: %s", self.rank, msg.version, exc)
             self._record_failure(msg.version, exc, touched=False)
@@ -440,6 +445,9 @@ class ReceiverDaemon:
             timeout=self._apply_timeout,
             on_ack=lambda seq, slot: loop.call_soon_threadsafe(self._ack, run, seq, slot),
             destination=getattr(self._sink, "destination", None),
+            # whole tensors go straight into the sink's memory only when the manifest was checked
+            # against that same sink, so every destination has the tensor's dtype and shape
+            direct=from_sink and bool(expected) and not self._staged and getattr(self._sink, "direct_copy", False) is True,
         )
         run.staged = self._staged
         self._run = run
@@ -449,6 +457,14 @@ class ReceiverDaemon:
             self._state = "receiving"
         self._run_task = asyncio.create_task(self._apply(run, self._inbox))
         self._send(m.Ready(version=msg.version))
+
+    def _checked_before(self, msg: m.Begin, expected: Any) -> bool:
+        """The same manifest against the same specs object passed last time (an RL loop's every step)."""
+        last = self._last_checked
+        return (
+            last is not None and last[0] is expected
+            and last[1] == msg.names and last[2] == msg.dtypes and last[3] == msg.shapes
+        )
 
     def _failed_already(self, version: str) -> bool:
         """Frames the sender queued before it saw this rank fail the version: drop them quietly."""

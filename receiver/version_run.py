@@ -1,15 +1,23 @@
 """One version on a receiver: bucket validation and slicing, and the iterator fed to load_weights.
 
-``prepare`` runs on the daemon's loop as buckets arrive: it checks every entry
-against the version's manifest and slices the slot into typed zero-copy views.
-``iterate`` runs in the apply thread: it yields ``(name, view)`` pairs and acks a
-bucket only once the consumer asked for the item after its last entry.
+``prepare`` runs on the daemon's loop as buckets arrive: it checks that the bucket
+continues the version's manifest in order (slice comparisons, no per-entry lookups)
+and slices the slot into typed zero-copy views. ``iterate`` runs in the apply
+thread: it yields ``(name, view)`` pairs and acks a bucket only once the consumer
+asked for the item after its last entry.
+
+Direct mode: when the sink can say where a tensor's bytes live (``destination``)
+and the manifest was checked against that sink, whole tensors are copied from the
+slot straight into the model's memory by the iterator itself; no view is made and
+``load_weights`` sees only the tensors without a destination. At 100k small
+tensors that is most of the receiver's per-tensor cost.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from operator import add
 from typing import Any
 
 import numpy as np
@@ -22,6 +30,7 @@ from ..protocol.transport import ImportedSlot
 from .prefetch import PrefetchQueue
 
 _NUMPY_DTYPES = tuple(d.numpy for d in DTYPES)
+_SMALL_COPY = 64 << 10
 _TORCH_VIEWS: tuple[tuple[np.dtype, Any], ...] | None = None
 _from_numpy: Any = None
 
@@ -53,6 +62,9 @@ class PreparedBucket:
     used: int  # end of the last piece in the slot: the checksummed range
     # (name, typed view, -1) for a whole tensor; (name, raw uint8 piece, byte offset) for a chunk
     entries: list[tuple[str, Any, int]]
+    # direct mode: the whole tensors, as (manifest index of the first, their slot offsets); the
+    # rest (chunk pieces) stay in ``entries``
+    whole: tuple[list[int], list[int]] | None = None
 
 
 class VersionRun:
@@ -65,23 +77,26 @@ class VersionRun:
         timeout: float,
         on_ack: Callable[[int, int], None],
         destination: Callable[[str], np.ndarray | None] | None = None,
+        direct: bool = False,
     ) -> None:
         self.version = begin.version
         self.num_buckets = begin.buckets
         self.total_tensors = len(begin.names)
         self.total_bytes = begin.total_bytes
-        self.manifest: dict[str, tuple[int, tuple[int, ...], int]] = {
-            name: (code, tuple(shape), m.tensor_nbytes(code, shape))
-            for name, code, shape in zip(begin.names, begin.dtypes, begin.shapes)
-        }
+        # the manifest as parallel arrays, in the order buckets must deliver it
+        self.names, self.dtypes, self.shapes = begin.names, begin.dtypes, begin.shapes
+        self.fulls = m.tensor_sizes(begin.dtypes, begin.shapes)
+        self._index: dict[str, int] = {}  # name -> manifest index, built on the first chunk piece
         self.framework = framework
         self.queue = queue
         self.timeout = timeout
         self._on_ack = on_ack
         self._destination = destination
-        # loop side
+        self.direct = direct and destination is not None
+        # loop side: the next manifest entry expected, and how many of its bytes came already
         self.next_seq = 0
-        self._received: dict[str, int] = {}
+        self._cursor = 0
+        self._cursor_bytes = 0
         # consumer side
         self.applied = 0
         self.touched = False  # something was handed to load_weights or written in place
@@ -101,44 +116,88 @@ class VersionRun:
         if msg.seq >= self.num_buckets:
             raise ProtocolError(f"BUCKET: field 'seq': version {self.version!r} has {self.num_buckets} buckets, got seq {msg.seq}")
         self.next_seq += 1
-        entries: list[tuple[str, Any, int]] = []
-        manifest, received, framework = self.manifest, self._received, self.framework
-        host = slot.domain == "host" and framework == "numpy"
-        np_dtypes = _NUMPY_DTYPES
-        torch_views = _torch_view_table() if slot.domain == "host" and framework == "torch" else None
-        for name, code, shape, offset, nbytes, chunk in zip(
-            msg.names, msg.dtypes, msg.shapes, msg.offsets, msg.nbytes, msg.chunks
-        ):
-            spec = manifest.get(name)
-            if spec is None:
-                raise ProtocolError(f"BUCKET {msg.seq}: tensor {name[:80]!r} is not in the manifest of {self.version!r}")
-            want_code, want_shape, full = spec
-            if code != want_code or tuple(shape) != want_shape:
-                raise ProtocolError(
-                    f"BUCKET {msg.seq}: tensor {name[:80]!r}: expected {DTYPES[want_code].name}{list(want_shape)} "
-                    f"as in BEGIN, got {DTYPES[code].name}{shape}"
+        first, done = self._advance(msg)
+        n = len(msg.names)
+        used = max(map(add, msg.offsets, msg.nbytes), default=0)
+        if not (self.direct and slot.domain == "host"):
+            entries = [self._entry(msg, slot, k, first + k) for k in range(n)]
+            return PreparedBucket(msg.seq, msg.slot, slot, msg.checksum, used, entries)
+        # Only the first and the last entry can be chunk pieces; the whole tensors between go direct.
+        fulls, lo, hi = self.fulls, 0, n
+        if n and (msg.chunks[0] or msg.nbytes[0] != fulls[first]):
+            lo = 1
+        if hi > lo and (msg.chunks[hi - 1] or msg.nbytes[hi - 1] != fulls[first + hi - 1]):
+            hi -= 1
+        entries = [self._entry(msg, slot, k, first + k) for k in (*range(lo), *range(hi, n))]
+        whole = (first + lo, msg.offsets[lo:hi]) if hi > lo else None
+        return PreparedBucket(msg.seq, msg.slot, slot, msg.checksum, used, entries, whole)
+
+    def _advance(self, msg: m.Bucket) -> tuple[int, int]:
+        """Check that the bucket continues the manifest in order; return (first index, its byte start)."""
+        first, done, n = self._cursor, self._cursor_bytes, len(msg.names)
+        if n == 0:
+            return first, done
+        end = first + n
+        names, fulls = self.names, self.fulls
+        if end > len(names) or msg.names != names[first:end] or msg.dtypes != self.dtypes[first:end] or msg.shapes != self.shapes[first:end]:
+            raise self._out_of_order(msg, first)
+        chunks, nbytes = msg.chunks, msg.nbytes
+        bad = -1
+        if chunks[0] != done:
+            bad = 0
+        elif n > 1:
+            if done + nbytes[0] != fulls[first]:
+                bad = 0
+            elif any(chunks[1:]) or nbytes[1 : n - 1] != fulls[first + 1 : end - 1]:
+                bad = next(k for k in range(1, n) if chunks[k] or (k < n - 1 and nbytes[k] != fulls[first + k]))
+        if bad >= 0:
+            name = names[first + bad]
+            want = done if bad == 0 else 0
+            raise ProtocolError(
+                f"BUCKET {msg.seq}: tensor {name[:80]!r}: expected its bytes from offset {want} on "
+                f"{'to its end ' if bad < n - 1 else ''}(of {fulls[first + bad]}), got a {nbytes[bad]}-byte piece at "
+                f"{chunks[bad]} (duplicate, missing or out-of-order piece)"
+            )
+        last_done = chunks[-1] + nbytes[-1]
+        if last_done == fulls[end - 1]:
+            self._cursor, self._cursor_bytes = end, 0
+        else:
+            self._cursor, self._cursor_bytes = end - 1, last_done
+        return first, done
+
+    def _out_of_order(self, msg: m.Bucket, first: int) -> ProtocolError:
+        names = self.names
+        for k, name in enumerate(msg.names):
+            i = first + k
+            if i >= len(names) or name != names[i]:
+                want = f"{names[i][:80]!r}" if i < len(names) else "no more tensors"
+                return ProtocolError(
+                    f"BUCKET {msg.seq}: entry {k}: expected {want} (buckets carry the BEGIN manifest in order), "
+                    f"got {name[:80]!r}"
                 )
-            have = received.get(name)
-            if (have is not None and have >= full) or chunk != (have or 0):
-                raise ProtocolError(
-                    f"BUCKET {msg.seq}: tensor {name[:80]!r}: expected bytes from offset {have or 0}, got a piece at {chunk}"
-                    " (duplicate or out-of-order piece)"
+            if msg.dtypes[k] != self.dtypes[i] or msg.shapes[k] != self.shapes[i]:
+                return ProtocolError(
+                    f"BUCKET {msg.seq}: tensor {name[:80]!r}: expected {DTYPES[self.dtypes[i]].name}{self.shapes[i]} "
+                    f"as in BEGIN, got {DTYPES[msg.dtypes[k]].name}{msg.shapes[k]}"
                 )
-            received[name] = chunk + nbytes
-            data = slot.raw(offset, nbytes)
-            if chunk == 0 and nbytes == full:
-                if host:  # the hot path for many small tensors: a plain NumPy view
-                    entries.append((name, data.view(np_dtypes[code]).reshape(want_shape), -1))
-                elif torch_views is not None:  # same for torch: ints of the same width, then reinterpret
-                    as_ints, target = torch_views[code]
-                    tensor = _from_numpy(data.view(as_ints).reshape(want_shape))
-                    entries.append((name, tensor if target is None else tensor.view(target), -1))
-                else:
-                    entries.append((name, slot.typed(framework, data, DTYPES[code], want_shape), -1))
-            else:
-                entries.append((name, data, chunk))
-        used = max((o + n for o, n in zip(msg.offsets, msg.nbytes)), default=0)
-        return PreparedBucket(msg.seq, msg.slot, slot, msg.checksum, used, entries)
+        return ProtocolError(f"BUCKET {msg.seq}: does not continue the manifest of {self.version!r}")
+
+    def _entry(self, msg: m.Bucket, slot: ImportedSlot, k: int, index: int) -> tuple[str, Any, int]:
+        name, offset, nbytes, chunk = msg.names[k], msg.offsets[k], msg.nbytes[k], msg.chunks[k]
+        data = slot.raw(offset, nbytes)
+        if chunk or nbytes != self.fulls[index]:
+            return name, data, chunk
+        return name, self._view(slot, data, msg.dtypes[k], msg.shapes[k]), -1
+
+    def _view(self, slot: ImportedSlot, data: Any, code: int, shape: list[int]) -> Any:
+        framework = self.framework
+        if slot.domain == "host" and framework == "numpy":  # the hot path for many small tensors: a plain view
+            return data.view(_NUMPY_DTYPES[code]).reshape(shape)
+        if slot.domain == "host" and framework == "torch":  # same for torch: ints of the same width, reinterpreted
+            as_ints, target = _torch_view_table()[code]
+            tensor = _from_numpy(data.view(as_ints).reshape(shape))
+            return tensor if target is None else tensor.view(target)
+        return slot.typed(framework, data, DTYPES[code], tuple(shape))
 
     # --- consumer side -----------------------------------------------------------------
 
@@ -152,6 +211,8 @@ class VersionRun:
                         f"bucket {bucket.seq} of {self.version!r} failed its checksum (expected {bucket.checksum:#018x}, "
                         f"got {got:#018x}): the slot was overwritten or corrupted in transit; the version was not committed"
                     )
+            if bucket.whole is not None:
+                yield from self._apply_whole(bucket)
             for name, data, chunk in bucket.entries:
                 if chunk >= 0:
                     data = self._write_piece(bucket.mapping, name, data, chunk)
@@ -165,9 +226,34 @@ class VersionRun:
             self._on_ack(bucket.seq, bucket.slot)
         self.finished = True
 
+    def _apply_whole(self, bucket: PreparedBucket) -> Iterator[tuple[str, Any]]:
+        """Direct mode: copy whole tensors into their destinations; yield only those without one."""
+        first, offsets = bucket.whole  # type: ignore[misc]
+        names, fulls, destination, slot = self.names, self.fulls, self._destination, bucket.mapping
+        raw = slot.raw(0, slot.size)
+        mv = memoryview(raw)
+        small = _SMALL_COPY
+        for index, offset in enumerate(offsets, first):
+            n = fulls[index]
+            dest = destination(names[index])  # type: ignore[misc]
+            if dest is None or dest.nbytes != n:  # no place to write it: load_weights gets a view
+                if not self.staged:
+                    self.touched = True
+                yield names[index], self._view(slot, raw[offset : offset + n], self.dtypes[index], self.shapes[index])
+            else:
+                self.touched = True  # the model's own memory is written from here on
+                if n <= small:  # per-tensor overhead dominates: a memoryview copy is the cheapest
+                    memoryview(dest)[:] = mv[offset : offset + n]
+                else:  # NumPy releases the GIL for big copies, so the daemon's loop keeps running
+                    np.copyto(dest, raw[offset : offset + n])
+            self.applied += 1
+
     def _write_piece(self, slot: ImportedSlot, name: str, data: Any, chunk: int) -> Any | None:
         """Write a chunk into its destination; return a view to yield once complete."""
-        code, shape, full = self.manifest[name]
+        if not self._index:
+            self._index = {n: i for i, n in enumerate(self.names)}
+        index = self._index[name]
+        code, shape, full = self.dtypes[index], self.shapes[index], self.fulls[index]
         held = self._partial.get(name)
         if held is None:
             usable = self._destination is not None and slot.domain == "host" and not self.staged
@@ -188,7 +274,7 @@ class VersionRun:
         if in_place:
             self.applied += 1
             return None
-        return slot.typed(self.framework, buf, DTYPES[code], shape)
+        return slot.typed(self.framework, buf, DTYPES[code], tuple(shape))
 
     @property
     def complete(self) -> bool:

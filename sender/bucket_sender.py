@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import secrets
 import time
@@ -13,16 +12,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import numpy as np
-
 from ..protocol import messages as m
-from ..protocol.dtypes import BY_NUMPY, DTYPES, by_name, dtype_of
 from ..protocol.errors import PeerTimeout, TransportError, WeightstreamError, from_wire
+from ..protocol.gc_pause import gc_paused
 from ..protocol.security import CurveKeys
 from ..protocol.shm import host_identity
-from ..protocol.tensors import shape_of
 from ..protocol.transport import get_transport
 from ..protocol.versions import read_version
+from .manifest import Manifest, describe, from_specs, pull
 from .planner import plan_buckets
 from .publisher import Publisher, Round, describe_ranks
 from .ring import SlotRing
@@ -53,15 +50,6 @@ class PushReport:
     def gbps(self) -> float:
         """Payload gigabytes (1e9) per second, end to end."""
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
-
-
-@dataclass
-class _Tensor:
-    name: str
-    tensor: Any
-    dtype_code: int
-    shape: tuple[int, ...]
-    nbytes: int
 
 
 class BucketSender:
@@ -228,12 +216,13 @@ class BucketSender:
             raise WeightstreamError(f"version must be a non-empty str of at most {m.MAX_NAME_LEN} chars, got {version!r}")
         source: Iterator[tuple[str, Any]] | None = None
         if specs is not None:
-            tensors = _from_specs(specs)
+            manifest = from_specs(specs)
             source = iter(named_tensors)
         else:
-            tensors = _describe(named_tensors)
-        plan = plan_buckets([t.nbytes for t in tensors], self.bucket_bytes, self.alignment)
-        total = sum(t.nbytes for t in tensors)
+            manifest = describe(named_tensors)
+        with gc_paused():
+            plan = plan_buckets(manifest.nbytes, self.bucket_bytes, self.alignment)
+        total = sum(manifest.nbytes)
         self.wait_for_receivers(timeout=timeout)
         start = time.perf_counter()
         pub = self._publisher
@@ -248,9 +237,9 @@ class BucketSender:
                 idents,
                 m.Begin(
                     version=version,
-                    names=[t.name for t in tensors],
-                    dtypes=[t.dtype_code for t in tensors],
-                    shapes=[list(t.shape) for t in tensors],
+                    names=manifest.names,
+                    dtypes=manifest.dtypes,
+                    shapes=manifest.shapes,
                     total_bytes=total,
                     buckets=len(plan),
                     force=True if force else None,
@@ -269,7 +258,7 @@ class BucketSender:
 
             # Packing the first slots overlaps the receivers' manifest check; nothing is
             # published (and so nothing touches a model) before every rank said READY.
-            self._stream(tensors, plan, rnd, idents, timeout, wait_ready, source)
+            self._stream(manifest, plan, rnd, idents, timeout, wait_ready, source)
             pub.broadcast(idents, m.Commit(version=version))
             pub.wait(
                 lambda: len(rnd.committed) == len(ranks),
@@ -288,16 +277,16 @@ class BucketSender:
         results = {
             rank: ReceiverResult(rank, c.tensors, c.bytes, c.seconds) for rank, c in sorted(rnd.committed.items())
         }
-        report = PushReport(version, total, len(tensors), len(plan), seconds, results)
+        report = PushReport(version, total, len(manifest), len(plan), seconds, results)
         log.info(
             "pushed %s: %d tensors, %d bytes, %d buckets to %d ranks in %.3fs",
-            version, len(tensors), total, len(plan), len(ranks), seconds,
+            version, len(manifest), total, len(plan), len(ranks), seconds,
         )
         return report
 
     def _stream(
         self,
-        tensors: list[_Tensor],
+        manifest: Manifest,
         plan: list[Any],
         rnd: Round,
         idents: list[bytes],
@@ -314,30 +303,31 @@ class BucketSender:
         for bucket in plan:
             slot_index = self._ring.acquire(timeout, rnd.check)
             slot = self._slots[slot_index]
-            names, dtypes, shapes = [], [], []
-            for index, offset, nbytes, chunk in zip(bucket.tensors, bucket.offsets, bucket.nbytes, bucket.chunks):
-                t = tensors[index]
-                if index != cached_index:  # a chunked tensor is converted once
-                    tensor = t.tensor if source is None else _pull(source, t)
-                    cached_index, cached_bytes = index, slot.source_bytes(tensor)
-                    del tensor  # only the byte view lives on, until the next tensor replaces it
-                    if cached_bytes.nbytes != t.nbytes:
-                        raise WeightstreamError(
-                            f"tensor {t.name!r} changed while being pushed: expected {t.nbytes} bytes, "
-                            f"got {cached_bytes.nbytes}; do not resize params during push"
-                        )
-                if nbytes:
-                    slot.write(offset, cached_bytes, chunk, nbytes)
-                names.append(t.name)
-                dtypes.append(t.dtype_code)
-                shapes.append(list(t.shape))
+            # The planner lays tensors out in order, so a bucket holds a contiguous run of them.
+            first, last = bucket.tensors[0], bucket.tensors[-1] + 1
+            whole = source is None and bucket.chunks[0] == 0 and bucket.nbytes[-1] == manifest.nbytes[last - 1]
+            with gc_paused():
+                if whole and manifest.tensors is not None:  # no chunk: every tensor is copied once, in bulk
+                    changed = slot.write_tensors(bucket.offsets, manifest.tensors[first:last], bucket.nbytes)
+                    if changed is not None:
+                        raise _changed(manifest, first + changed)
+                else:
+                    for index, offset, nbytes, chunk in zip(bucket.tensors, bucket.offsets, bucket.nbytes, bucket.chunks):
+                        if index != cached_index:  # a chunked tensor is converted once
+                            tensor = manifest.tensors[index] if source is None else pull(source, manifest, index)
+                            cached_index, cached_bytes = index, slot.source_bytes(tensor)
+                            del tensor  # only the byte view lives on, until the next tensor replaces it
+                            if cached_bytes.nbytes != manifest.nbytes[index]:
+                                raise _changed(manifest, index)
+                        if nbytes:
+                            slot.write(offset, cached_bytes, chunk, nbytes)
             slot.flush()
             digest = slot.digest(bucket.used) if self.checksum else None
             if bucket.seq == 0:
                 before_first_publish()
             if source is not None and bucket.seq == len(plan) - 1 and next(source, None) is not None:
                 raise WeightstreamError(
-                    f"the tensors ran past the {len(tensors)} given in specs=; "
+                    f"the tensors ran past the {len(manifest)} given in specs=; "
                     "yield exactly the specs' tensors, in the specs' order"
                 )
             with pub.cond:
@@ -348,9 +338,9 @@ class BucketSender:
                     version=rnd.version,
                     seq=bucket.seq,
                     slot=slot_index,
-                    names=names,
-                    dtypes=dtypes,
-                    shapes=shapes,
+                    names=manifest.names[first:last],
+                    dtypes=manifest.dtypes[first:last],
+                    shapes=manifest.shapes[first:last],
                     offsets=bucket.offsets,
                     nbytes=bucket.nbytes,
                     chunks=bucket.chunks,
@@ -359,63 +349,11 @@ class BucketSender:
             )
 
 
-def _describe(named_tensors: Iterable[tuple[str, Any]]) -> list[_Tensor]:
-    tensors: list[_Tensor] = []
-    seen: set[str] = set()
-    for item in named_tensors:
-        if not isinstance(item, tuple) or len(item) != 2:
-            raise WeightstreamError(
-                f"push expects (name, tensor) pairs, e.g. model.named_parameters(); got {type(item).__name__}"
-            )
-        name, tensor = item
-        if not isinstance(name, str) or not name or len(name) > m.MAX_NAME_LEN:
-            raise WeightstreamError(f"tensor names must be non-empty str of at most {m.MAX_NAME_LEN} chars, got {name!r:.80}")
-        if name in seen:
-            raise WeightstreamError(f"tensor name {name!r} appears twice; names must be unique per version")
-        seen.add(name)
-        dtype = BY_NUMPY.get(tensor.dtype) if type(tensor) is np.ndarray else None
-        if dtype is not None:  # the common NumPy case without the generic dispatch
-            shape, nbytes = tensor.shape, tensor.nbytes
-        else:
-            dtype = dtype_of(tensor)
-            shape = shape_of(tensor)
-            nbytes = dtype.itemsize * math.prod(shape)
-        tensors.append(_Tensor(name, tensor, dtype.code, shape, nbytes))
-    return tensors
-
-
-def _from_specs(specs: Mapping[str, tuple[str, Sequence[int]]]) -> list[_Tensor]:
-    tensors: list[_Tensor] = []
-    for name, spec in specs.items():
-        if not isinstance(name, str) or not name or len(name) > m.MAX_NAME_LEN:
-            raise WeightstreamError(f"specs: names must be non-empty str of at most {m.MAX_NAME_LEN} chars, got {name!r:.80}")
-        try:
-            dtype_name, shape = spec
-            dtype = by_name(str(dtype_name))
-            dims = tuple(int(d) for d in shape)
-        except (TypeError, ValueError) as exc:
-            raise WeightstreamError(
-                f"specs[{name!r}]: expected (dtype name, shape) like ('bfloat16', (4096, 4096)), got {spec!r:.80} ({exc})"
-            ) from None
-        tensors.append(_Tensor(name, None, dtype.code, dims, dtype.itemsize * math.prod(dims)))
-    return tensors
-
-
-def _pull(source: Iterator[tuple[str, Any]], want: _Tensor) -> Any:
-    """The next lazily made tensor; it must be the one the specs announced."""
-    item = next(source, None)
-    if item is None:
-        raise WeightstreamError(
-            f"the tensors ended before {want.name!r}; yield every tensor named in specs=, in that order"
-        )
-    name, tensor = item
-    got = _describe([(name, tensor)])[0]
-    if (got.name, got.dtype_code, tuple(got.shape)) != (want.name, want.dtype_code, want.shape):
-        raise WeightstreamError(
-            f"lazy tensor: expected {want.name!r} {DTYPES[want.dtype_code].name}{list(want.shape)} as in specs=, "
-            f"got {got.name!r} {DTYPES[got.dtype_code].name}{list(got.shape)}; yield the specs' tensors in order"
-        )
-    return tensor
+def _changed(manifest: Manifest, index: int) -> WeightstreamError:
+    return WeightstreamError(
+        f"tensor {manifest.names[index]!r} changed while being pushed: expected {manifest.nbytes[index]} bytes; "
+        "do not resize params during push"
+    )
 
 
 def _rejection(version: str, rnd: Round) -> WeightstreamError:

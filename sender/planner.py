@@ -54,21 +54,32 @@ def plan_buckets(
             f"bucket_bytes must be a positive multiple of the {alignment}-byte alignment, got {bucket_bytes}; "
             f"use e.g. {max(alignment, align_up(bucket_bytes, alignment))}"
         )
+    if sizes and min(sizes) < 0:
+        index = next(i for i, size in enumerate(sizes) if size < 0)
+        raise WeightstreamError(f"tensor {index}: size must be >= 0, got {sizes[index]}")
     buckets: list[PlannedBucket] = []
     current: PlannedBucket | None = None
     cursor = 0  # next aligned free offset in ``current``
+    mask = alignment - 1
+    # The loop body for a tensor that fits is kept to a few list appends: at 100k tensors
+    # this runs once per tensor per push.
+    tensors_, offsets_, nbytes_, chunks_ = [], [], [], []
     for index, size in enumerate(sizes):
-        if size < 0:
-            raise WeightstreamError(f"tensor {index}: size must be >= 0, got {size}")
         if current is not None and cursor + size <= bucket_bytes:
-            current.add(index, cursor, size, 0)
-            cursor = align_up(cursor + size, alignment)
+            tensors_.append(index)
+            offsets_.append(cursor)
+            nbytes_.append(size)
+            chunks_.append(0)
+            cursor = (cursor + size + mask) & ~mask
             continue
+        if current is not None:
+            current.used = offsets_[-1] + nbytes_[-1]
         if size <= bucket_bytes:
             current = PlannedBucket(seq=len(buckets))
+            tensors_, offsets_, nbytes_, chunks_ = current.tensors, current.offsets, current.nbytes, current.chunks
             buckets.append(current)
             current.add(index, 0, size, 0)
-            cursor = align_up(size, alignment)
+            cursor = (size + mask) & ~mask
             continue
         if not allow_chunks:
             raise WeightstreamError(
@@ -87,5 +98,8 @@ def plan_buckets(
             piece = min(bucket_bytes, size - done)
             current.add(index, 0, piece, done)
             done += piece
+        tensors_, offsets_, nbytes_, chunks_ = current.tensors, current.offsets, current.nbytes, current.chunks
         cursor = align_up(current.used, alignment)
+    if current is not None:
+        current.used = offsets_[-1] + nbytes_[-1]
     return buckets

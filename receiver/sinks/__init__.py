@@ -4,6 +4,10 @@ A sink has ``framework`` (which views it wants), ``param_specs()`` (for the mani
 check), ``load_one(name, tensor)``, ``load_weights(iterable)`` (the engine convention,
 once per version) and ``destination(name)`` (a writable byte view for in-place chunked
 writes, or None). Every sink copies: the views it gets die when the iterator advances.
+A sink whose loading of a tensor is exactly a byte copy into ``destination(name)`` sets
+``direct_copy = True``: the daemon then copies whole tensors there itself, without
+making views or calling ``load_weights`` for them (the ready-made sinks all do; a
+wrapper that also records or transforms tensors must not).
 Importing this package never imports torch or paddle (the sink modules import their
 framework inside methods only).
 """

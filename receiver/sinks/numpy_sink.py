@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from operator import is_
 from typing import Any
 
 import numpy as np
@@ -27,15 +28,27 @@ class NumpySink:
     """
 
     framework: Framework = "numpy"
+    direct_copy = True  # loading a tensor = copying its bytes into destination(name)
 
     def __init__(self, state: dict[str, np.ndarray] | None = None) -> None:
         self.state: dict[str, np.ndarray] = {} if state is None else state
         self._fixed = bool(self.state)
+        # The specs are re-derived only when the dict's keys or arrays changed (checked by identity,
+        # at C speed): at 100k params, rebuilding them every version costs more than moving the bytes.
+        self._specs: tuple[list[str], list[np.ndarray], ParamSpecs] | None = None
+        self._dest: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}  # name -> (array, its byte view)
 
     def param_specs(self) -> ParamSpecs:
+        """The arrays' specs; the same dict object as last time when nothing in ``state`` was replaced."""
         if not self._fixed:
             return {}
-        return {name: (from_numpy(a.dtype).name, tuple(a.shape)) for name, a in self.state.items()}
+        names, arrays = list(self.state), list(self.state.values())
+        cached = self._specs
+        if cached is not None and cached[0] == names and len(cached[1]) == len(arrays) and all(map(is_, cached[1], arrays)):
+            return cached[2]
+        specs = {name: (from_numpy(a.dtype).name, tuple(a.shape)) for name, a in zip(names, arrays)}
+        self._specs = (names, arrays, specs)
+        return specs
 
     def load_one(self, name: str, tensor: np.ndarray) -> None:
         target = self.state.get(name)
@@ -66,4 +79,9 @@ class NumpySink:
         if not self._fixed:
             return None
         target = self.state.get(name)
-        return None if target is None else bytes_view(target)
+        if target is None:
+            return None
+        hit = self._dest.get(name)
+        if hit is None or hit[0] is not target:
+            hit = self._dest[name] = (target, bytes_view(target))
+        return hit[1]

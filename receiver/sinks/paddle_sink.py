@@ -29,6 +29,7 @@ class PaddleLayerSink:
     """
 
     framework: Framework = "paddle"
+    direct_copy = True  # loading a tensor = copying its bytes into destination(name)
 
     def __init__(self, layer: paddle.nn.Layer) -> None:
         import paddle

@@ -48,6 +48,7 @@ class PrefixRouter:
                 "fix: use sinks of one framework per router (one ReceiverDaemon per framework)"
             )
         self.framework: Framework = frameworks.pop()
+        self.direct_copy = all(getattr(s, "direct_copy", False) is True for s in children)
 
     def route(self, name: str) -> tuple[Any, str]:
         """The sink ``name`` goes to and the name it sees there."""

@@ -31,6 +31,7 @@ class TorchModuleSink:
     """
 
     framework: Framework = "torch"
+    direct_copy = True  # loading a tensor = copying its bytes into destination(name)
 
     def __init__(self, module: torch.nn.Module) -> None:
         import torch

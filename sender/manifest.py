@@ -1,0 +1,119 @@
+"""What the sender knows of a version before any byte moves: its tensors as parallel arrays.
+
+One pass over the trainer's ``(name, tensor)`` pairs records name, dtype code, shape
+and byte size per tensor in plain lists (the wire's BEGIN layout), with a NumPy
+fast path; names are then validated in bulk. At 100k tensors this is the sender's
+per-tensor floor, so it allocates nothing per tensor beyond the shape list.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..protocol import messages as m
+from ..protocol.dtypes import BY_NUMPY, DTYPES, by_name, dtype_of
+from ..protocol.errors import WeightstreamError
+from ..protocol.gc_pause import gc_paused
+from ..protocol.tensors import shape_of
+
+
+@dataclass
+class Manifest:
+    names: list[str]
+    tensors: list[Any] | None  # None in lazy mode: the tensors come from a generator
+    dtypes: list[int]
+    shapes: list[list[int]]
+    nbytes: list[int]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def describe(named_tensors: Iterable[tuple[str, Any]]) -> Manifest:
+    """The manifest of ``(name, tensor)`` pairs; raises WeightstreamError on a bad pair or name."""
+    names: list[str] = []
+    tensors: list[Any] = []
+    codes: list[int] = []
+    shapes: list[list[int]] = []
+    sizes: list[int] = []
+    by_numpy, ndarray = BY_NUMPY, np.ndarray
+    with gc_paused():
+        for item in named_tensors:
+            if type(item) is not tuple or len(item) != 2:
+                if not isinstance(item, tuple) or len(item) != 2:
+                    raise WeightstreamError(
+                        f"push expects (name, tensor) pairs, e.g. model.named_parameters(); got {type(item).__name__}"
+                    )
+            name, tensor = item
+            dtype = by_numpy.get(tensor.dtype) if type(tensor) is ndarray else None
+            if dtype is not None:  # the common NumPy case without the generic dispatch
+                shapes.append(list(tensor.shape))
+                sizes.append(tensor.nbytes)
+            else:
+                dtype = dtype_of(tensor)
+                shape = shape_of(tensor)
+                shapes.append(list(shape))
+                sizes.append(dtype.itemsize * math.prod(shape))
+            names.append(name)
+            tensors.append(tensor)
+            codes.append(dtype.code)
+    check_names(names, "tensor names")
+    return Manifest(names, tensors, codes, shapes, sizes)
+
+
+def from_specs(specs: Mapping[str, tuple[str, Sequence[int]]]) -> Manifest:
+    names: list[str] = []
+    codes: list[int] = []
+    shapes: list[list[int]] = []
+    sizes: list[int] = []
+    for name, spec in specs.items():
+        try:
+            dtype_name, shape = spec
+            dtype = by_name(str(dtype_name))
+            dims = [int(d) for d in shape]
+        except (TypeError, ValueError) as exc:
+            raise WeightstreamError(
+                f"specs[{name!r:.80}]: expected (dtype name, shape) like ('bfloat16', (4096, 4096)), "
+                f"got {spec!r:.80} ({exc})"
+            ) from None
+        names.append(name)
+        codes.append(dtype.code)
+        shapes.append(dims)
+        sizes.append(dtype.itemsize * math.prod(dims))
+    check_names(names, "specs: names")
+    return Manifest(names, None, codes, shapes, sizes)
+
+
+def check_names(names: list[str], what: str) -> None:
+    """Non-empty str of at most MAX_NAME_LEN chars, unique; checked at C speed, named on failure."""
+    limit = m.MAX_NAME_LEN
+    if names and (set(map(type, names)) != {str} or max(map(len, names)) > limit or min(map(len, names)) == 0):
+        for name in names:
+            if type(name) is not str or not name or len(name) > limit:
+                raise WeightstreamError(f"{what} must be non-empty str of at most {limit} chars, got {name!r:.80}")
+    if len(set(names)) != len(names):
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise WeightstreamError(f"tensor name {name!r} appears twice; names must be unique per version")
+            seen.add(name)
+
+
+def pull(source: Iterator[tuple[str, Any]], manifest: Manifest, index: int) -> Any:
+    """The next lazily made tensor; it must be the one the specs announced."""
+    item = next(source, None)
+    want = (manifest.names[index], manifest.dtypes[index], manifest.shapes[index])
+    if item is None:
+        raise WeightstreamError(f"the tensors ended before {want[0]!r}; yield every tensor named in specs=, in that order")
+    got = describe([item])
+    if (got.names[0], got.dtypes[0], got.shapes[0]) != want:
+        raise WeightstreamError(
+            f"lazy tensor: expected {want[0]!r} {DTYPES[want[1]].name}{want[2]} as in specs=, "
+            f"got {got.names[0]!r} {DTYPES[got.dtypes[0]].name}{got.shapes[0]}; yield the specs' tensors in order"
+        )
+    return got.tensors[0] if got.tensors else None
