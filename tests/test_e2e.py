@@ -19,6 +19,7 @@ import workers as w
 
 from weightstream import (
     BucketSender,
+    ManifestMismatch,
     PeerLost,
     ReceiverDaemon,
     RemoteError,
@@ -42,10 +43,12 @@ class Ranks:
         self.procs: dict[int, Any] = {}
         self.pending: dict[int, list[dict[str, Any]]] = {}
 
-    def spawn(self, rank: int, kind: str, seed: int, versions: list[str], delay: float = 0.0) -> None:
+    def spawn(
+        self, rank: int, kind: str, seed: int, versions: list[str], delay: float = 0.0, direct: bool = False
+    ) -> None:
         proc = CTX.Process(
             target=w.receiver_main,
-            args=(self.endpoint, rank, kind, seed, versions, self.queue, 60.0, delay),
+            args=(self.endpoint, rank, kind, seed, versions, self.queue, 60.0, delay, direct),
             name=f"ws-test-rank{rank}",
             daemon=True,
         )
@@ -185,15 +188,18 @@ def trainer_tensors(kind: str, seed: int) -> list[tuple[str, Any]]:
     return [*model.named_parameters(), *model.named_buffers()]
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["load_weights", "direct"])
 @pytest.mark.parametrize("kind", ["numpy", "torch", "paddle"])
-def test_two_receivers_three_versions_reusing_slots(endpoint: str, kind: str) -> None:
+def test_two_receivers_three_versions_reusing_slots(endpoint: str, kind: str, direct: bool) -> None:
+    """Every tensor through load_weights (a recording wrapper), or, given the sink itself, copied
+    straight into the model's memory (direct mode: load_weights sees none of them)."""
     specs = w.SPECS[kind]
     versions = ["v1", "v2", "v3"]
     initial = expected(w.make_weights(specs, 100))
     with Ranks(endpoint) as ranks:
-        ranks.spawn(0, kind, 100, versions)  # rank 0 before the sender binds
+        ranks.spawn(0, kind, 100, versions, direct=direct)  # rank 0 before the sender binds
         with BucketSender(endpoint, receivers=2, bucket_bytes=BUCKET, num_buffers=2, timeout=60) as sender:
-            ranks.spawn(1, kind, 100, versions)  # rank 1 after
+            ranks.spawn(1, kind, 100, versions, direct=direct)  # rank 1 after
             for rank in (0, 1):
                 assert ranks.expect(rank, "started")["model"] == initial
             sender.wait_for_receivers(2, timeout=EVENT_TIMEOUT)
@@ -208,7 +214,10 @@ def test_two_receivers_three_versions_reusing_slots(endpoint: str, kind: str) ->
                 for rank in (0, 1):
                     got = ranks.expect(rank, "committed", version)
                     assert got["model"] == want, f"rank {rank} {version}: model is not bit-exact"
-                    assert got["received"], "load_weights saw no tensors"
+                    if direct:  # the daemon was given the sink, not the recording wrapper
+                        assert got["received"] == {}
+                    else:
+                        assert got["received"], "load_weights saw no tensors"
                     for name, d in got["received"].items():
                         assert d == want[name], f"rank {rank} {version}: received {name} differs"
                     assert got["status"]["committed_version"] == version
@@ -389,3 +398,25 @@ def test_a_slot_is_reused_only_after_every_rank_acked_it(endpoint: str) -> None:
                 for rank in (0, 1):
                     assert ranks.expect(rank, "committed", version)["model"] == expected(weights)
         finish(ranks, 0, 1)
+
+
+# --- the manifest check is skipped only while nothing changed ------------------------------
+
+def test_a_replaced_param_is_checked_again(endpoint: str) -> None:
+    """The daemon skips re-checking an unchanged manifest against unchanged specs; replacing an
+    array in the model's dict (new shape) must bring the check back and reject the old shape."""
+    state = {"w": np.zeros((4, 4), np.float32), "b": np.zeros(3, np.int64)}
+    sink = NumpySink(state)
+    named = {"w": np.ones((4, 4), np.float32), "b": np.arange(3, dtype=np.int64)}
+    with BucketSender(endpoint, bucket_bytes=BUCKET, timeout=30) as sender:
+        with ReceiverDaemon(endpoint, sink, heartbeat_interval=0.2) as daemon:
+            sender.push(named.items(), version="v1")
+            specs = sink.param_specs()
+            sender.push(named.items(), version="v2")
+            assert sink.param_specs() is specs  # unchanged: the same object, so the check was skipped
+            assert expected(state) == expected(named)
+            state["w"] = np.zeros((2, 8), np.float32)  # the model changed shape under the daemon
+            with pytest.raises(ManifestMismatch, match=r"w: expected float32\[2, 8\], got float32\[4, 4\]"):
+                sender.push(named.items(), version="v3")
+            assert daemon.committed_version == "v2"
+            assert not state["w"].any(), "a rejected version must not touch the model"

@@ -216,12 +216,18 @@ def receiver_main(
     queue: Any,
     wait_timeout: float = 60.0,
     delay: float = 0.0,
+    direct: bool = False,
 ) -> None:
-    """Run one rank: report "started", then per version "committed" or "failed", then "done"."""
+    """Run one rank: report "started", then per version "committed" or "failed", then "done".
+
+    ``direct``: give the daemon the sink itself, so whole tensors are copied straight into
+    the model (direct mode) and load_weights sees only what has no destination.
+    """
     try:
         model, sink = build(kind, seed)
         recorder = Recorder(sink, delay)
-        daemon = ReceiverDaemon(endpoint, recorder, rank=rank, prefetch=2, heartbeat_interval=0.2, heartbeat_timeout=10.0)
+        daemon = ReceiverDaemon(endpoint, sink if direct else recorder, rank=rank, prefetch=2,
+                                heartbeat_interval=0.2, heartbeat_timeout=10.0)
         daemon.start()
         try:
             queue.put({"event": "started", "rank": rank, "model": model_state(kind, model)})

@@ -1,0 +1,136 @@
+"""VersionRun on real shared-memory slots: in-order bucket checks and direct copies.
+
+The buckets are laid out by the sender's planner and packed by the shm transport
+exactly as a push does; only the ZMQ hop is left out, so the receiver's checks can
+be driven with frames a real sender never makes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from weightstream.protocol import messages as m
+from weightstream.protocol.errors import ProtocolError
+from weightstream.protocol.shm import TRANSPORT
+from weightstream.protocol.tensors import bytes_view
+from weightstream.receiver.prefetch import PrefetchQueue
+from weightstream.receiver.version_run import VersionRun
+from weightstream.sender.manifest import describe
+from weightstream.sender.planner import plan_buckets
+
+pytestmark = pytest.mark.timeout(60)
+
+SLOT = 4096
+
+
+def model(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "a": rng.standard_normal((8, 8)).astype(np.float32),
+        "big": rng.standard_normal(3000).astype(np.float32),  # 12000 bytes: chunked over 4 KiB slots
+        "b": rng.integers(-9, 9, (5,), dtype=np.int64),
+        "empty": np.zeros((0, 3), np.float16),
+        "c": rng.standard_normal((2, 3)).astype(np.float64),
+    }
+
+
+def packed(tensors: dict[str, np.ndarray]) -> Iterator[tuple[m.Begin, list[tuple[m.Bucket, Any]]]]:
+    """BEGIN and every BUCKET with its slot (one slot per bucket, so all stay readable)."""
+    manifest = describe(list(tensors.items()))
+    plan = plan_buckets(manifest.nbytes, SLOT)
+    begin = m.Begin(version="v1", names=manifest.names, dtypes=manifest.dtypes, shapes=manifest.shapes,
+                    total_bytes=sum(manifest.nbytes), buckets=len(plan))
+    exported = TRANSPORT.create_slots(len(plan), SLOT)
+    try:
+        buckets = []
+        for bucket, slot in zip(plan, exported):
+            for index, offset, nbytes, chunk in zip(bucket.tensors, bucket.offsets, bucket.nbytes, bucket.chunks):
+                if nbytes:
+                    slot.write(offset, slot.source_bytes(manifest.tensors[index]), chunk, nbytes)
+            first, last = bucket.tensors[0], bucket.tensors[-1] + 1
+            msg = m.Bucket(version="v1", seq=bucket.seq, slot=bucket.seq, names=manifest.names[first:last],
+                           dtypes=manifest.dtypes[first:last], shapes=manifest.shapes[first:last],
+                           offsets=bucket.offsets, nbytes=bucket.nbytes, chunks=bucket.chunks)
+            buckets.append((m.decode(m.encode(msg)), TRANSPORT.open_slot(slot.descriptor())))
+        yield begin, buckets
+        for _, imported in buckets:
+            imported.close()
+    finally:
+        for slot in exported:
+            slot.close()
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def new_run(begin: m.Begin, loop: asyncio.AbstractEventLoop, destination: Any = None, direct: bool = False) -> VersionRun:
+    return VersionRun(begin, framework="numpy", queue=PrefetchQueue(16, loop), timeout=5.0,
+                      on_ack=lambda seq, slot: None, destination=destination, direct=direct)
+
+
+def feed(run: VersionRun, buckets: list[tuple[m.Bucket, Any]], loop: asyncio.AbstractEventLoop) -> None:
+    for msg, slot in buckets:
+        loop.run_until_complete(run.queue.put(run.prepare(msg, slot)))
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_every_tensor_arrives_bit_exact(loop: asyncio.AbstractEventLoop, direct: bool) -> None:
+    src = model(1)
+    dst = {k: np.zeros_like(v) for k, v in model(2).items()}
+    no_destination = {"c"}  # the sink has no place for it: load_weights must get it as a view
+
+    def destination(name: str) -> np.ndarray | None:
+        return None if name in no_destination else bytes_view(dst[name])
+
+    for begin, buckets in packed(src):
+        assert len(buckets) >= 4
+        run = new_run(begin, loop, destination, direct)
+        feed(run, buckets, loop)
+        yielded = []
+        for name, view in run.iterate():
+            yielded.append(name)
+            np.copyto(dst[name], view)
+        assert run.complete and run.touched
+    for name, arr in src.items():
+        assert dst[name].tobytes() == arr.tobytes(), name
+    # direct: whole tensors and in-place chunks never reach load_weights; without it all do,
+    # except the chunked one, which is written into its destination in place either way
+    assert set(yielded) == (no_destination if direct else set(src) - {"big"})
+
+
+def test_out_of_order_entry_is_refused(loop: asyncio.AbstractEventLoop) -> None:
+    for begin, buckets in packed(model(1)):
+        run = new_run(begin, loop)
+        run.prepare(*buckets[0])
+        msg, slot = buckets[2]
+        skipping = m.Bucket(**{**{f: getattr(msg, f) for f in msg.__slots__}, "seq": 1})  # a piece of "big" left out
+        with pytest.raises(ProtocolError, match="'big': expected its bytes from offset 3840"):
+            run.prepare(skipping, slot)
+
+
+def test_renamed_or_reshaped_entry_is_refused(loop: asyncio.AbstractEventLoop) -> None:
+    for begin, buckets in packed(model(1)):
+        msg, slot = buckets[0]
+        renamed = m.Bucket(**{**{f: getattr(msg, f) for f in msg.__slots__}, "names": ["zz", *msg.names[1:]]})
+        with pytest.raises(ProtocolError, match="expected 'a' .*in order.*got 'zz'"):
+            new_run(begin, loop).prepare(renamed, slot)
+        reshaped = m.Bucket(**{**{f: getattr(msg, f) for f in msg.__slots__}, "shapes": [[4, 16], *msg.shapes[1:]]})
+        with pytest.raises(ProtocolError, match=r"expected float32\[8, 8\] as in BEGIN, got float32\[4, 16\]"):
+            new_run(begin, loop).prepare(reshaped, slot)
+
+
+def test_repeated_bucket_is_refused(loop: asyncio.AbstractEventLoop) -> None:
+    for begin, buckets in packed(model(1)):
+        run = new_run(begin, loop)
+        run.prepare(*buckets[0])
+        with pytest.raises(ProtocolError, match="seq"):
+            run.prepare(*buckets[0])
