@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, dataclass, field, fields
-from itertools import chain
+from itertools import chain, repeat
 from operator import add, mul
 from typing import Any, ClassVar
 
@@ -413,8 +413,21 @@ def tensor_nbytes(dtype_code: int, shape: list[int] | tuple[int, ...]) -> int:
 
 
 def tensor_sizes(dtype_codes: list[int], shapes: list[list[int]]) -> list[int]:
-    """Bytes of every tensor; C-level iteration, so 100k entries cost milliseconds."""
-    return list(map(mul, map(_ITEMSIZES.__getitem__, dtype_codes), map(math.prod, shapes)))
+    """Bytes of every tensor; C-level iteration, so 100k entries cost milliseconds.
+
+    The last result is remembered by the identity of its inputs: a BEGIN's sizes are
+    needed by its decode check and again by the receiver's run, from the same lists.
+    """
+    global _last_sizes
+    last = _last_sizes
+    if last is not None and last[0] is dtype_codes and last[1] is shapes and len(last[2]) == len(shapes):
+        return last[2]
+    sizes = list(map(mul, map(_ITEMSIZES.__getitem__, dtype_codes), map(math.prod, shapes)))
+    _last_sizes = (dtype_codes, shapes, sizes)
+    return sizes
+
+
+_last_sizes: tuple[list[int], list[list[int]], list[int]] | None = None
 
 
 def _check_begin(msg: Begin) -> None:
@@ -463,7 +476,7 @@ def check_bucket_fits(msg: Bucket, slot_sizes: list[int], alignment: int) -> Non
         raise ProtocolError(f"BUCKET {msg.seq}: field 'slot': expected 0..{len(slot_sizes) - 1}, got {msg.slot}")
     size = slot_sizes[msg.slot]
     ends = list(map(add, msg.offsets, msg.nbytes))
-    if (ends and max(ends) > size) or any(off % alignment for off in msg.offsets):
+    if (ends and max(ends) > size) or any(map(int.__mod__, msg.offsets, repeat(alignment))):
         for i, (off, end) in enumerate(zip(msg.offsets, ends)):
             if off % alignment:
                 raise ProtocolError(f"BUCKET {msg.seq}: entry {i}: offset {off} is not aligned to {alignment} bytes")
