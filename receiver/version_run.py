@@ -116,7 +116,7 @@ class VersionRun:
         if msg.seq >= self.num_buckets:
             raise ProtocolError(f"BUCKET: field 'seq': version {self.version!r} has {self.num_buckets} buckets, got seq {msg.seq}")
         self.next_seq += 1
-        first, done = self._advance(msg)
+        first, _ = self._advance(msg)
         n = len(msg.names)
         used = max(map(add, msg.offsets, msg.nbytes), default=0)
         if not (self.direct and slot.domain == "host"):
