@@ -405,13 +405,6 @@ def _no_check(msg: Any) -> None:
 _ITEMSIZES = tuple(d.itemsize for d in DTYPES)
 
 
-def tensor_nbytes(dtype_code: int, shape: list[int] | tuple[int, ...]) -> int:
-    n = DTYPES[dtype_code].itemsize
-    for d in shape:
-        n *= d
-    return n
-
-
 def tensor_sizes(dtype_codes: list[int], shapes: list[list[int]]) -> list[int]:
     """Bytes of every tensor; C-level iteration, so 100k entries cost milliseconds.
 

@@ -101,7 +101,7 @@ def tensors(draw: Any) -> tuple[list[str], list[int], list[list[int]]]:
 @st.composite
 def begin(draw: Any) -> m.Begin:
     names, codes, shapes = draw(tensors())
-    total = sum(m.tensor_nbytes(c, s) for c, s in zip(codes, shapes))
+    total = sum(m.tensor_sizes(codes, shapes))
     buckets = draw(st.integers(1, 100)) if names else 0  # zero buckets exactly when there are no tensors
     return m.Begin(version=draw(version), names=names, dtypes=codes, shapes=shapes, total_bytes=total,
                    buckets=buckets, force=draw(st.none() | st.booleans()))
@@ -110,7 +110,7 @@ def begin(draw: Any) -> m.Begin:
 @st.composite
 def bucket(draw: Any) -> m.Bucket:
     names, codes, shapes = draw(tensors())
-    sizes = [m.tensor_nbytes(c, s) for c, s in zip(codes, shapes)]
+    sizes = m.tensor_sizes(codes, shapes)
     offsets = [draw(st.integers(0, 1 << 30)) * m.ALIGNMENT for _ in names]
     return m.Bucket(version=draw(version), seq=draw(st.integers(0, 1000)), slot=draw(st.integers(0, m.MAX_SLOTS - 1)),
                     names=names, dtypes=codes, shapes=shapes, offsets=offsets, nbytes=sizes, chunks=[0] * len(names),
