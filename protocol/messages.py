@@ -3,8 +3,12 @@
 Every frame is one msgpack map ``{"type": NAME, "v": PROTOCOL_VERSION, ...fields}``.
 Decoding never trusts the peer: size limits are applied by msgpack itself, then
 every field is checked for presence, type and range, and cross-field rules
-(parallel arrays of equal length, ``nbytes`` consistent with dtype and shape)
+(parallel arrays of equal length, ``total_bytes`` consistent with dtypes and shapes)
 are enforced. Anything wrong raises :class:`ProtocolError` naming the field.
+
+Per-tensor metadata travels as packed binary arrays (:mod:`.packed`): BEGIN carries
+the manifest once, and a BUCKET names its entries by their manifest index
+(``first``, then consecutive), with offsets, piece sizes and chunk starts as uint64.
 
 Checks that need session context (slot count and size) live in
 :func:`check_bucket_fits`, called by the receiver once it knows its slots.
@@ -14,17 +18,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, dataclass, field, fields
-from itertools import chain, repeat
-from operator import add, mul
 from typing import Any, ClassVar
 
 import msgpack
+import numpy as np
 
 from .dtypes import DTYPES
 from .errors import ProtocolError
 from .gc_pause import gc_paused
+from .packed import MAX_VALUE, element_counts, pack_shapes, pack_u64, u64_array, unpack_shapes
 
-PROTOCOL_VERSION = 1
+# 2: per-tensor arrays packed as bin; BUCKET entries by manifest index instead of name/dtype/shape
+PROTOCOL_VERSION = 2
 ALIGNMENT = 256
 
 # Decoder limits: a hostile or broken peer must not make us allocate without bound.
@@ -65,6 +70,21 @@ class _List:
 
 
 @dataclass(frozen=True)
+class _Bin:
+    """Packed bytes: one byte per entry (dtype codes, ranks)."""
+
+    max_len: int = MAX_ENTRIES
+
+
+@dataclass(frozen=True)
+class _U64s:
+    """Packed little-endian uint64, one per entry, each at most ``hi``."""
+
+    hi: int = MAX_VALUE
+    max_len: int = MAX_ENTRIES
+
+
+@dataclass(frozen=True)
 class _Map:
     """A small map of scalar values (transport slot descriptors, stats)."""
 
@@ -79,9 +99,7 @@ _RANK = _Int(0, 1 << 20)
 _VERSION = _Str(MAX_NAME_LEN)
 _SESSION = _Str(64)
 _NAMES = _List(_Str(MAX_NAME_LEN))
-_DTYPES = _List(_Int(0, len(DTYPES) - 1))
-_SHAPES = _List(_List(_Int(0, MAX_DIM), MAX_NDIM))
-_OFFSETS = _List(_Int())
+_OFFSETS = _U64s()
 
 
 class Message:
@@ -132,12 +150,26 @@ class Begin(Message):
     TYPE = "BEGIN"
     version: str = _spec(_VERSION)
     names: list[str] = _spec(_NAMES)
-    dtypes: list[int] = _spec(_DTYPES)
-    shapes: list[list[int]] = _spec(_SHAPES)
+    dtypes: bytes = _spec(_Bin())  # one dtype code per tensor
+    ndims: bytes = _spec(_Bin())  # the rank of each tensor's shape
+    dims: bytes = _spec(_U64s(MAX_DIM, MAX_ENTRIES * MAX_NDIM))  # all shapes' dims, concatenated
     total_bytes: int = _spec(_Int())
     buckets: int = _spec(_Int(0, MAX_ENTRIES))
     # accept a version older than the rank's committed one (a deliberate rollback)
     force: bool | None = _spec(bool, default=None)
+
+    @classmethod
+    def build(
+        cls, version: str, names: list[str], dtypes: list[int], shapes: list[Any], total_bytes: int, buckets: int,
+        force: bool | None = None,
+    ) -> Begin:
+        """A BEGIN from per-tensor lists (dtype codes, shapes as int sequences)."""
+        ndims, dims = pack_shapes(shapes)
+        return cls(version, names, bytes(dtypes), ndims, dims, total_bytes, buckets, force)  # type: ignore[call-arg]
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Every tensor's shape; one tuple per tensor, so only for paths that need them."""
+        return unpack_shapes(self.ndims, np.frombuffer(self.dims, "<u8"))
 
 
 @_message
@@ -160,15 +192,29 @@ class Bucket(Message):
     version: str = _spec(_VERSION)
     seq: int = _spec(_Int(0, MAX_ENTRIES))
     slot: int = _spec(_Int(0, MAX_SLOTS - 1))
-    names: list[str] = _spec(_NAMES)
-    dtypes: list[int] = _spec(_DTYPES)
-    shapes: list[list[int]] = _spec(_SHAPES)
-    offsets: list[int] = _spec(_OFFSETS)
-    nbytes: list[int] = _spec(_OFFSETS)
+    # manifest index of the first entry; entries are that tensor and the ones after it, in order
+    first: int = _spec(_Int(0, MAX_ENTRIES))
+    offsets: bytes = _spec(_OFFSETS)  # where each piece starts in the slot
+    nbytes: bytes = _spec(_OFFSETS)  # bytes of each piece
     # byte offset of each piece inside its tensor; all zero unless a tensor is chunked
-    chunks: list[int] = _spec(_OFFSETS)
+    chunks: bytes = _spec(_OFFSETS)
     # xxh3_64 of the slot bytes [0, end of last piece) when the sender enables checksums
     checksum: int | None = _spec(_Int(0, (1 << 64) - 1), default=None)
+
+    @classmethod
+    def build(
+        cls, version: str, seq: int, slot: int, first: int, offsets: Any, nbytes: Any, chunks: Any,
+        checksum: int | None = None,
+    ) -> Bucket:
+        """A BUCKET from per-entry int sequences (lists or NumPy arrays)."""
+        return cls(version, seq, slot, first, pack_u64(offsets), pack_u64(nbytes), pack_u64(chunks), checksum)  # type: ignore[call-arg]
+
+    def __len__(self) -> int:
+        return len(self.offsets) // 8
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(offsets, nbytes, chunks) as int64 arrays; decode has bounded every value."""
+        return tuple(np.frombuffer(b, "<u8").view(np.int64) for b in (self.offsets, self.nbytes, self.chunks))  # type: ignore[return-value]
 
 
 @_message
@@ -280,7 +326,7 @@ def _decode(frame: bytes | bytearray | memoryview) -> Message:
             max_array_len=MAX_ENTRIES,
             max_map_len=64,
             max_str_len=MAX_TEXT_LEN,
-            max_bin_len=1 << 16,
+            max_bin_len=MAX_MESSAGE_BYTES,
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises several unrelated types for bad input
@@ -360,12 +406,8 @@ def _check(spec: Any, value: Any, where: str) -> Any:
         if len(value) > spec.max_len:
             raise ProtocolError(f"field '{where}': expected at most {spec.max_len} items, got {len(value)}")
         item = spec.item
-        # The big parallel arrays of BUCKET/BEGIN are checked at C speed (type sets, min/max);
-        # only a failing list is walked in Python to name the offending index.
-        if isinstance(item, _Int):
-            if value and (set(map(type, value)) != {int} or min(value) < item.lo or max(value) > item.hi):
-                _first_bad(value, lambda x: type(x) is int and item.lo <= x <= item.hi, where, f"int {item.lo}..{item.hi}")
-            return value
+        # Names are checked at C speed (type set, longest); only a failing list is walked
+        # in Python to name the offending index.
         if isinstance(item, _Str):
             if value and (set(map(type, value)) != {str} or max(map(len, value)) > item.max_len):
                 _first_bad(
@@ -373,17 +415,25 @@ def _check(spec: Any, value: Any, where: str) -> Any:
                     f"str of at most {item.max_len} characters",
                 )
             return value
-        if isinstance(item, _List) and isinstance(item.item, _Int):  # shapes: a list of int lists
-            lo, hi, max_len = item.item.lo, item.item.hi, item.max_len
-            if value and (set(map(type, value)) != {list} or max(map(len, value)) > max_len):
-                _first_bad(value, lambda x: type(x) is list and len(x) <= max_len, where, f"a list of at most {max_len} ints")
-            flat = list(chain.from_iterable(value))
-            if flat and (set(map(type, flat)) != {int} or min(flat) < lo or max(flat) > hi):
-                _first_bad(
-                    value, lambda x: all(type(d) is int and lo <= d <= hi for d in x), where, f"a list of ints {lo}..{hi}"
-                )
-            return value
         return [_check(item, x, f"{where}[{i}]") for i, x in enumerate(value)]
+    if isinstance(spec, _Bin):
+        if type(value) is not bytes:
+            raise ProtocolError(f"field '{where}': expected bin (packed bytes), got {type(value).__name__}")
+        if len(value) > spec.max_len:
+            raise ProtocolError(f"field '{where}': expected at most {spec.max_len} entries, got {len(value)}")
+        return value
+    if isinstance(spec, _U64s):
+        if type(value) is not bytes:
+            raise ProtocolError(f"field '{where}': expected bin of packed little-endian uint64, got {type(value).__name__}")
+        if len(value) > 8 * spec.max_len:
+            raise ProtocolError(f"field '{where}': expected at most {spec.max_len} entries, got {len(value) // 8}")
+        if u64_array(value, spec.hi) is None:
+            if len(value) % 8:
+                raise ProtocolError(f"field '{where}': expected a multiple of 8 bytes (packed uint64), got {len(value)}")
+            values = np.frombuffer(value, "<u8")
+            i = int(np.argmax(values > spec.hi))
+            raise ProtocolError(f"field '{where}[{i}]': expected 0..{spec.hi}, got {int(values[i])}")
+        return value
     if isinstance(spec, _Map):
         if type(value) is not dict:
             raise ProtocolError(f"field '{where}': expected a map, got {type(value).__name__}")
@@ -402,62 +452,78 @@ def _no_check(msg: Any) -> None:
     return None
 
 
-_ITEMSIZES = tuple(d.itemsize for d in DTYPES)
+_ITEMSIZES = np.array([d.itemsize for d in DTYPES], np.int64)
 
 
-def tensor_sizes(dtype_codes: list[int], shapes: list[list[int]]) -> list[int]:
-    """Bytes of every tensor; C-level iteration, so 100k entries cost milliseconds.
+@dataclass(frozen=True)
+class ManifestArrays:
+    """A BEGIN's per-tensor arrays, validated; int64 NumPy arrays."""
 
-    The last result is remembered by the identity of its inputs: a BEGIN's sizes are
-    needed by its decode check and again by the receiver's run, from the same lists.
+    codes: np.ndarray  # dtype code per tensor (uint8)
+    dims: np.ndarray  # all dims, concatenated
+    sizes: np.ndarray  # bytes per tensor
+
+
+def manifest_arrays(msg: Begin) -> ManifestArrays:
+    """Validate a BEGIN's packed arrays and derive per-tensor sizes.
+
+    Remembered for the last message (by identity): the decode check and the
+    receiver's run both need them for the same BEGIN.
     """
-    global _last_sizes
-    last = _last_sizes
-    if last is not None and last[0] is dtype_codes and last[1] is shapes and len(last[2]) == len(shapes):
-        return last[2]
-    sizes = list(map(mul, map(_ITEMSIZES.__getitem__, dtype_codes), map(math.prod, shapes)))
-    _last_sizes = (dtype_codes, shapes, sizes)
-    return sizes
+    global _last_arrays
+    if _last_arrays is not None and _last_arrays[0] is msg:
+        return _last_arrays[1]
+    n = len(msg.names)
+    if len(msg.dtypes) != n or len(msg.ndims) != n:
+        raise ProtocolError(
+            f"BEGIN: names/dtypes/ndims must be parallel arrays; got lengths {n}/{len(msg.dtypes)}/{len(msg.ndims)}"
+        )
+    if n and max(msg.dtypes) >= len(DTYPES):
+        i = next(i for i, c in enumerate(msg.dtypes) if c >= len(DTYPES))
+        raise ProtocolError(f"field 'BEGIN.dtypes[{i}]': expected a dtype code 0..{len(DTYPES) - 1}, got {msg.dtypes[i]}")
+    if n and max(msg.ndims) > MAX_NDIM:
+        i = next(i for i, k in enumerate(msg.ndims) if k > MAX_NDIM)
+        raise ProtocolError(f"field 'BEGIN.ndims[{i}]': expected at most {MAX_NDIM} dims, got {msg.ndims[i]}")
+    dims = u64_array(msg.dims, MAX_DIM)
+    want = sum(msg.ndims)
+    if dims is None or len(dims) != want:
+        raise ProtocolError(
+            f"field 'BEGIN.dims': expected {want} dims (the sum of ndims) of 0..{MAX_DIM}, got {len(msg.dims) // 8}"
+        )
+    counts = element_counts(msg.ndims, dims)
+    codes = np.frombuffer(msg.dtypes, np.uint8)
+    if counts is None or (n and float(counts.astype(np.float64).max()) * 8 > MAX_VALUE):
+        raise ProtocolError(f"field 'BEGIN.dims': a tensor of more than {MAX_VALUE} bytes; expected real tensor shapes")
+    sizes = _ITEMSIZES[codes] * counts
+    if float(sizes.sum(dtype=np.float64)) > MAX_VALUE:
+        raise ProtocolError(f"BEGIN: tensors of more than {MAX_VALUE} bytes in all; expected a real model")
+    arrays = ManifestArrays(codes, dims, sizes)
+    _last_arrays = (msg, arrays)
+    return arrays
 
 
-_last_sizes: tuple[list[int], list[list[int]], list[int]] | None = None
+_last_arrays: tuple[Begin, ManifestArrays] | None = None
 
 
 def _check_begin(msg: Begin) -> None:
     n = len(msg.names)
-    if len(msg.dtypes) != n or len(msg.shapes) != n:
-        raise ProtocolError(
-            f"BEGIN: names/dtypes/shapes must be parallel arrays; got lengths {n}/{len(msg.dtypes)}/{len(msg.shapes)}"
-        )
     if (n == 0) != (msg.buckets == 0):
         raise ProtocolError(
             f"BEGIN: field 'buckets': {msg.buckets} bucket(s) for {n} tensor(s); expected 0 buckets exactly when there are no tensors"
         )
     if len(set(msg.names)) != n:
         raise ProtocolError("BEGIN: field 'names' holds duplicate tensor names; each name must appear once")
-    total = sum(tensor_sizes(msg.dtypes, msg.shapes))
+    total = int(manifest_arrays(msg).sizes.sum())
     if total != msg.total_bytes:
         raise ProtocolError(f"BEGIN: field 'total_bytes': expected {total} (sum of tensor sizes), got {msg.total_bytes}")
 
 
 def _check_bucket(msg: Bucket) -> None:
-    n = len(msg.names)
-    lengths = (len(msg.dtypes), len(msg.shapes), len(msg.offsets), len(msg.nbytes), len(msg.chunks))
-    if any(x != n for x in lengths):
+    lengths = (len(msg.offsets), len(msg.nbytes), len(msg.chunks))
+    if lengths[0] != lengths[1] or lengths[0] != lengths[2]:
         raise ProtocolError(
-            f"BUCKET: names/dtypes/shapes/offsets/nbytes/chunks must be parallel arrays; got lengths {(n, *lengths)}"
+            f"BUCKET: offsets/nbytes/chunks must be parallel arrays; got {lengths[0] // 8}/{lengths[1] // 8}/{lengths[2] // 8} entries"
         )
-    fulls = tensor_sizes(msg.dtypes, msg.shapes)
-    ends = list(map(add, msg.chunks, msg.nbytes))
-    if any(map(int.__gt__, ends, fulls)) or (0 in msg.nbytes and any(map(bool, fulls))):
-        for i, (full, end) in enumerate(zip(fulls, ends)):  # only a bad frame pays for naming the entry
-            if end > full:
-                raise ProtocolError(
-                    f"BUCKET: entry {i} ('{msg.names[i][:80]}'): chunk at byte {msg.chunks[i]} of {msg.nbytes[i]} bytes "
-                    f"runs past the tensor's {full} bytes (dtype {DTYPES[msg.dtypes[i]].name}, shape {msg.shapes[i]})"
-                )
-            if msg.nbytes[i] == 0 and full != 0:
-                raise ProtocolError(f"BUCKET: entry {i} ('{msg.names[i][:80]}'): empty piece of a non-empty tensor")
 
 
 _CROSS_CHECKS: dict[str, Any] = {"BEGIN": _check_begin, "BUCKET": _check_bucket}
@@ -467,17 +533,19 @@ def check_bucket_fits(msg: Bucket, slot_sizes: list[int], alignment: int) -> Non
     """Context checks: the slot exists and every entry lies inside it, aligned."""
     if msg.slot >= len(slot_sizes):
         raise ProtocolError(f"BUCKET {msg.seq}: field 'slot': expected 0..{len(slot_sizes) - 1}, got {msg.slot}")
+    if not msg.offsets:
+        return
     size = slot_sizes[msg.slot]
-    ends = list(map(add, msg.offsets, msg.nbytes))
-    if (ends and max(ends) > size) or any(map(int.__mod__, msg.offsets, repeat(alignment))):
-        for i, (off, end) in enumerate(zip(msg.offsets, ends)):
-            if off % alignment:
-                raise ProtocolError(f"BUCKET {msg.seq}: entry {i}: offset {off} is not aligned to {alignment} bytes")
-            if end > size:
-                raise ProtocolError(
-                    f"BUCKET {msg.seq}: entry {i}: bytes {off}..{end} lie outside slot {msg.slot} of {size} bytes"
-                )
-
+    offsets, nbytes, _ = msg.arrays()
+    ends = offsets + nbytes  # decode bounded both, so no overflow
+    misaligned = offsets % alignment != 0
+    outside = ends > size
+    if misaligned.any() or outside.any():
+        i = int(np.argmax(misaligned | outside))  # only a bad frame pays for naming the entry
+        off, end = int(offsets[i]), int(ends[i])
+        if misaligned[i]:
+            raise ProtocolError(f"BUCKET {msg.seq}: entry {i}: offset {off} is not aligned to {alignment} bytes")
+        raise ProtocolError(f"BUCKET {msg.seq}: entry {i}: bytes {off}..{end} lie outside slot {msg.slot} of {size} bytes")
 
 
 class ErrorReplyLimiter:

@@ -42,6 +42,7 @@ from ..protocol.transport import ImportedSlot, available_transports, get_transpo
 from ..protocol.versions import is_older
 from .manifest import check_manifest
 from .prefetch import PrefetchQueue
+from .run_manifest import RunManifest
 from .targets import detached_copy, resolve_target
 from .version_run import VersionRun
 
@@ -106,7 +107,9 @@ class ReceiverDaemon:
         self._staged = staged
         # (specs, names, dtypes, shapes) of the last manifest that passed the check; a sink returns
         # the same specs object only while its params are unchanged (NumpySink does)
-        self._last_checked: tuple[Any, list[str], list[int], list[list[int]]] | None = None
+        # the last BEGIN's manifest (reused while the next is identical) and what it was checked against
+        self._manifest: RunManifest | None = None
+        self._last_checked: tuple[Any, RunManifest] | None = None
         self._session = secrets.token_hex(8)
         # Read on the caller's thread: that is where the rank selected its GPU (the loop thread sees device 0).
         self._device = device_identity()
@@ -429,9 +432,12 @@ class ReceiverDaemon:
                     f"version {msg.version!r} is older than the committed {committed!r}; "
                     "push with force=True to roll back deliberately"
                 )
-            if expected and not (from_sink and self._checked_before(msg, expected)):
-                check_manifest(msg.names, msg.dtypes, msg.shapes, expected, allow_missing=self._allow_missing)
-                self._last_checked = (expected, msg.names, msg.dtypes, msg.shapes)
+            manifest = self._manifest
+            if manifest is None or not manifest.same_as(msg):
+                manifest = self._manifest = RunManifest(msg)
+            if expected and not (from_sink and self._checked_before(manifest, expected)):
+                check_manifest(manifest.names, manifest.codes, manifest.shapes, expected, allow_missing=self._allow_missing)
+                self._last_checked = (expected, manifest)
         except WeightstreamError as exc:
             log.warning("rank %d: rejected version %r: %s", self.rank, msg.version, exc)
             self._record_failure(msg.version, exc, touched=False)
@@ -448,6 +454,9 @@ class ReceiverDaemon:
             # whole tensors go straight into the sink's memory only when the manifest was checked
             # against that same sink, so every destination has the tensor's dtype and shape
             direct=from_sink and bool(expected) and not self._staged and getattr(self._sink, "direct_copy", False) is True,
+            manifest=manifest,
+            # a direct-copy sink returns the same specs object only while its arrays are unchanged
+            targets_owner=expected,
         )
         run.staged = self._staged
         self._run = run
@@ -458,13 +467,10 @@ class ReceiverDaemon:
         self._run_task = asyncio.create_task(self._apply(run, self._inbox))
         self._send(m.Ready(version=msg.version))
 
-    def _checked_before(self, msg: m.Begin, expected: Any) -> bool:
+    def _checked_before(self, manifest: RunManifest, expected: Any) -> bool:
         """The same manifest against the same specs object passed last time (an RL loop's every step)."""
         last = self._last_checked
-        return (
-            last is not None and last[0] is expected
-            and last[1] == msg.names and last[2] == msg.dtypes and last[3] == msg.shapes
-        )
+        return last is not None and last[0] is expected and last[1] is manifest
 
     def _failed_already(self, version: str) -> bool:
         """Frames the sender queued before it saw this rank fail the version: drop them quietly."""

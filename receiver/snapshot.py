@@ -153,11 +153,11 @@ def _begin(source: SnapshotSource) -> m.Begin:
             f"snapshot {source.paths[0].parent}: tensor {dup!r} appears in more than one part of version "
             f"{source.version!r}; expected each name once; fix: re-write the snapshot"
         )
-    return m.Begin(
+    return m.Begin.build(
         version=source.version,
         names=names,
         dtypes=[d.code for _, d, _ in specs],
-        shapes=[list(s) for _, _, s in specs],
+        shapes=[tuple(s) for _, _, s in specs],
         total_bytes=source.total_bytes,
         buckets=len(source),
     )
@@ -243,7 +243,7 @@ def _restore(
     if expected is None and sink is not None:
         expected = sink.param_specs()
     if expected:
-        check_manifest(begin.names, begin.dtypes, begin.shapes, expected, allow_missing=bool(getattr(daemon, "_allow_missing", False)))
+        check_manifest(begin.names, begin.dtypes, begin.shapes(), expected, allow_missing=bool(getattr(daemon, "_allow_missing", False)))
     models = _models_of(sink) if sink is not None else []
     with daemon._cond:
         if daemon._state == "receiving":

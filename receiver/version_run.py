@@ -1,8 +1,8 @@
 """One version on a receiver: bucket validation and slicing, and the iterator fed to load_weights.
 
 ``prepare`` runs on the daemon's loop as buckets arrive: it checks that the bucket
-continues the version's manifest in order (slice comparisons, no per-entry lookups)
-and slices the slot into typed zero-copy views. ``iterate`` runs in the apply
+continues the version's manifest in order (vectorised over its packed arrays, no
+per-entry lookups) and slices the slot into typed zero-copy views. ``iterate`` runs in the apply
 thread: it yields ``(name, view)`` pairs and acks a bucket only once the consumer
 asked for the item after its last entry.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from operator import add
 from typing import Any
 
 import numpy as np
@@ -28,9 +27,9 @@ from ..protocol.errors import ProtocolError, VersionAborted
 from ..protocol.tensors import INT_OF_ITEMSIZE, Framework
 from ..protocol.transport import ImportedSlot
 from .prefetch import PrefetchQueue
+from .run_manifest import RunManifest
 
 _NUMPY_DTYPES = tuple(d.numpy for d in DTYPES)
-_SMALL_COPY = 64 << 10
 _TORCH_VIEWS: tuple[tuple[np.dtype, Any], ...] | None = None
 _from_numpy: Any = None
 
@@ -78,14 +77,16 @@ class VersionRun:
         on_ack: Callable[[int, int], None],
         destination: Callable[[str], np.ndarray | None] | None = None,
         direct: bool = False,
+        manifest: RunManifest | None = None,
+        targets_owner: Any = None,
     ) -> None:
         self.version = begin.version
         self.num_buckets = begin.buckets
         self.total_tensors = len(begin.names)
         self.total_bytes = begin.total_bytes
-        # the manifest as parallel arrays, in the order buckets must deliver it
-        self.names, self.dtypes, self.shapes = begin.names, begin.dtypes, begin.shapes
-        self.fulls = m.tensor_sizes(begin.dtypes, begin.shapes)
+        # the manifest, in the order buckets must deliver it (the daemon's, reused across versions)
+        self.manifest = manifest if manifest is not None else RunManifest(begin)
+        self.names, self.dtypes, self.fulls = self.manifest.names, self.manifest.codes, self.manifest.fulls
         self._index: dict[str, int] = {}  # name -> manifest index, built on the first chunk piece
         self.framework = framework
         self.queue = queue
@@ -93,6 +94,7 @@ class VersionRun:
         self._on_ack = on_ack
         self._destination = destination
         self.direct = direct and destination is not None
+        self._targets_owner = targets_owner  # the object whose identity keeps direct targets valid
         # loop side: the next manifest entry expected, and how many of its bytes came already
         self.next_seq = 0
         self._cursor = 0
@@ -110,86 +112,85 @@ class VersionRun:
 
     # --- loop side -----------------------------------------------------------------------
 
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return self.manifest.shapes
+
     def prepare(self, msg: m.Bucket, slot: ImportedSlot) -> PreparedBucket:
         if msg.seq != self.next_seq:
             raise ProtocolError(f"BUCKET: field 'seq': expected {self.next_seq}, got {msg.seq}")
         if msg.seq >= self.num_buckets:
             raise ProtocolError(f"BUCKET: field 'seq': version {self.version!r} has {self.num_buckets} buckets, got seq {msg.seq}")
+        offsets, nbytes, chunks = msg.arrays()
+        first = self._advance(msg, offsets, nbytes, chunks)
         self.next_seq += 1
-        first, _ = self._advance(msg)
-        n = len(msg.names)
-        used = max(map(add, msg.offsets, msg.nbytes), default=0)
+        n = len(offsets)
+        used = int((offsets + nbytes).max()) if n else 0
         if not (self.direct and slot.domain == "host"):
-            entries = [self._entry(msg, slot, k, first + k) for k in range(n)]
+            pieces = zip(range(first, first + n), offsets.tolist(), nbytes.tolist(), chunks.tolist())
+            entries = [self._entry(slot, *piece) for piece in pieces]
             return PreparedBucket(msg.seq, msg.slot, slot, msg.checksum, used, entries)
         # Only the first and the last entry can be chunk pieces; the whole tensors between go direct.
         fulls, lo, hi = self.fulls, 0, n
-        if n and (msg.chunks[0] or msg.nbytes[0] != fulls[first]):
+        if n and (chunks[0] or nbytes[0] != fulls[first]):
             lo = 1
-        if hi > lo and (msg.chunks[hi - 1] or msg.nbytes[hi - 1] != fulls[first + hi - 1]):
+        if hi > lo and (chunks[hi - 1] or nbytes[hi - 1] != fulls[first + hi - 1]):
             hi -= 1
-        entries = [self._entry(msg, slot, k, first + k) for k in (*range(lo), *range(hi, n))]
-        whole = (first + lo, msg.offsets[lo:hi]) if hi > lo else None
+        ends = [*range(lo), *range(hi, n)]
+        entries = [self._entry(slot, first + k, int(offsets[k]), int(nbytes[k]), int(chunks[k])) for k in ends]
+        whole = (first + lo, offsets[lo:hi].tolist()) if hi > lo else None
         return PreparedBucket(msg.seq, msg.slot, slot, msg.checksum, used, entries, whole)
 
-    def _advance(self, msg: m.Bucket) -> tuple[int, int]:
-        """Check that the bucket continues the manifest in order; return (first index, its byte start)."""
-        first, done, n = self._cursor, self._cursor_bytes, len(msg.names)
-        if n == 0:
-            return first, done
-        end = first + n
-        names, fulls = self.names, self.fulls
-        if end > len(names) or msg.names != names[first:end] or msg.dtypes != self.dtypes[first:end] or msg.shapes != self.shapes[first:end]:
-            raise self._out_of_order(msg, first)
-        chunks, nbytes = msg.chunks, msg.nbytes
-        bad = -1
-        if chunks[0] != done:
-            bad = 0
-        elif n > 1:
-            if done + nbytes[0] != fulls[first]:
-                bad = 0
-            elif any(chunks[1:]) or nbytes[1 : n - 1] != fulls[first + 1 : end - 1]:
-                bad = next(k for k in range(1, n) if chunks[k] or (k < n - 1 and nbytes[k] != fulls[first + k]))
-        if bad >= 0:
-            name = names[first + bad]
-            want = done if bad == 0 else 0
+    def _advance(self, msg: m.Bucket, offsets: np.ndarray, nbytes: np.ndarray, chunks: np.ndarray) -> int:
+        """Check that the bucket continues the manifest in order; return its first manifest index."""
+        first, done, n = self._cursor, self._cursor_bytes, len(offsets)
+        names = self.names
+        if msg.first != first:
+            want = f"{first} ({names[first][:80]!r})" if first < len(names) else f"{first} (the end)"
             raise ProtocolError(
-                f"BUCKET {msg.seq}: tensor {name[:80]!r}: expected its bytes from offset {want} on "
-                f"{'to its end ' if bad < n - 1 else ''}(of {fulls[first + bad]}), got a {nbytes[bad]}-byte piece at "
-                f"{chunks[bad]} (duplicate, missing or out-of-order piece)"
+                f"BUCKET {msg.seq}: field 'first': expected manifest index {want}, got {msg.first} "
+                "(buckets carry the BEGIN manifest in order; duplicate, missing or out-of-order bucket)"
             )
-        last_done = chunks[-1] + nbytes[-1]
-        if last_done == fulls[end - 1]:
+        if n == 0:
+            return first
+        end = first + n
+        if end > len(names):
+            raise ProtocolError(
+                f"BUCKET {msg.seq}: {n} entries from manifest index {first} run past the {len(names)} tensors "
+                f"of {self.version!r}"
+            )
+        # Each piece must start where the tensor's bytes left off (only the first may continue a
+        # chunked tensor), every piece but the last must finish its tensor, and a piece is empty
+        # only for an empty tensor.
+        sizes = self.manifest.sizes[first:end]
+        starts = np.zeros(n, np.int64)
+        starts[0] = done
+        rest = sizes - starts
+        bad = (chunks != starts) | (nbytes > rest) | ((nbytes == 0) & (sizes != 0))
+        bad[:-1] |= nbytes[:-1] != rest[:-1]
+        if bad.any():
+            k = int(np.argmax(bad))
+            want_start = done if k == 0 else 0
+            raise ProtocolError(
+                f"BUCKET {msg.seq}: tensor {names[first + k][:80]!r}: expected its bytes from offset {want_start} on "
+                f"{'to its end ' if k < n - 1 else ''}(of {self.fulls[first + k]}), got a {int(nbytes[k])}-byte piece "
+                f"at {int(chunks[k])} (duplicate, missing or out-of-order piece)"
+            )
+        last_done = int(chunks[-1] + nbytes[-1])
+        if last_done == self.fulls[end - 1]:
             self._cursor, self._cursor_bytes = end, 0
         else:
             self._cursor, self._cursor_bytes = end - 1, last_done
-        return first, done
+        return first
 
-    def _out_of_order(self, msg: m.Bucket, first: int) -> ProtocolError:
-        names = self.names
-        for k, name in enumerate(msg.names):
-            i = first + k
-            if i >= len(names) or name != names[i]:
-                want = f"{names[i][:80]!r}" if i < len(names) else "no more tensors"
-                return ProtocolError(
-                    f"BUCKET {msg.seq}: entry {k}: expected {want} (buckets carry the BEGIN manifest in order), "
-                    f"got {name[:80]!r}"
-                )
-            if msg.dtypes[k] != self.dtypes[i] or msg.shapes[k] != self.shapes[i]:
-                return ProtocolError(
-                    f"BUCKET {msg.seq}: tensor {name[:80]!r}: expected {DTYPES[self.dtypes[i]].name}{self.shapes[i]} "
-                    f"as in BEGIN, got {DTYPES[msg.dtypes[k]].name}{msg.shapes[k]}"
-                )
-        return ProtocolError(f"BUCKET {msg.seq}: does not continue the manifest of {self.version!r}")
-
-    def _entry(self, msg: m.Bucket, slot: ImportedSlot, k: int, index: int) -> tuple[str, Any, int]:
-        name, offset, nbytes, chunk = msg.names[k], msg.offsets[k], msg.nbytes[k], msg.chunks[k]
+    def _entry(self, slot: ImportedSlot, index: int, offset: int, nbytes: int, chunk: int) -> tuple[str, Any, int]:
+        name = self.names[index]
         data = slot.raw(offset, nbytes)
         if chunk or nbytes != self.fulls[index]:
             return name, data, chunk
-        return name, self._view(slot, data, msg.dtypes[k], msg.shapes[k]), -1
+        return name, self._view(slot, data, self.dtypes[index], self.shapes[index]), -1
 
-    def _view(self, slot: ImportedSlot, data: Any, code: int, shape: list[int]) -> Any:
+    def _view(self, slot: ImportedSlot, data: Any, code: int, shape: tuple[int, ...]) -> Any:
         framework = self.framework
         if slot.domain == "host" and framework == "numpy":  # the hot path for many small tensors: a plain view
             return data.view(_NUMPY_DTYPES[code]).reshape(shape)
@@ -229,24 +230,20 @@ class VersionRun:
     def _apply_whole(self, bucket: PreparedBucket) -> Iterator[tuple[str, Any]]:
         """Direct mode: copy whole tensors into their destinations; yield only those without one."""
         first, offsets = bucket.whole  # type: ignore[misc]
-        names, fulls, destination, slot = self.names, self.fulls, self._destination, bucket.mapping
+        end = first + len(offsets)
+        targets = self.manifest.targets(self._destination, self._targets_owner)  # type: ignore[arg-type]
+        slot = bucket.mapping
         raw = slot.raw(0, slot.size)
         mv = memoryview(raw)
-        small = _SMALL_COPY
-        for index, offset in enumerate(offsets, first):
-            n = fulls[index]
-            dest = destination(names[index])  # type: ignore[misc]
-            if dest is None or dest.nbytes != n:  # no place to write it: load_weights gets a view
-                if not self.staged:
-                    self.touched = True
-                yield names[index], self._view(slot, raw[offset : offset + n], self.dtypes[index], self.shapes[index])
-            else:
-                self.touched = True  # the model's own memory is written from here on
-                if n <= small:  # per-tensor overhead dominates: a memoryview copy is the cheapest
-                    memoryview(dest)[:] = mv[offset : offset + n]
-                else:  # NumPy releases the GIL for big copies, so the daemon's loop keeps running
-                    np.copyto(dest, raw[offset : offset + n])
-            self.applied += 1
+        self.touched = True  # the model's own memory is written from here on
+        for index, target, offset, n in zip(range(first, end), targets[first:end], offsets, self.fulls[first:end]):
+            if type(target) is memoryview:  # small: per-tensor overhead dominates, a memoryview copy is the cheapest
+                target[:] = mv[offset : offset + n]
+            elif target is not None:  # NumPy releases the GIL for big copies, so the daemon's loop keeps running
+                np.copyto(target, raw[offset : offset + n])
+            else:  # no place to write it: load_weights gets a view
+                yield self.names[index], self._view(slot, raw[offset : offset + n], self.dtypes[index], self.shapes[index])
+        self.applied += end - first
 
     def _write_piece(self, slot: ImportedSlot, name: str, data: Any, chunk: int) -> Any | None:
         """Write a chunk into its destination; return a view to yield once complete."""

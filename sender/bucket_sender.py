@@ -235,7 +235,7 @@ class BucketSender:
         try:
             pub.broadcast(
                 idents,
-                m.Begin(
+                m.Begin.build(
                     version=version,
                     names=manifest.names,
                     dtypes=manifest.dtypes,
@@ -334,13 +334,11 @@ class BucketSender:
                 rnd.pending[bucket.seq] = (slot_index, set(rnd.ranks))
             pub.broadcast(
                 idents,
-                m.Bucket(
+                m.Bucket.build(
                     version=rnd.version,
                     seq=bucket.seq,
                     slot=slot_index,
-                    names=manifest.names[first:last],
-                    dtypes=manifest.dtypes[first:last],
-                    shapes=manifest.shapes[first:last],
+                    first=first,
                     offsets=bucket.offsets,
                     nbytes=bucket.nbytes,
                     chunks=bucket.chunks,

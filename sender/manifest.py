@@ -3,7 +3,7 @@
 One pass over the trainer's ``(name, tensor)`` pairs records name, dtype code, shape
 and byte size per tensor in plain lists (the wire's BEGIN layout), with a NumPy
 fast path; names are then validated in bulk. At 100k tensors this is the sender's
-per-tensor floor, so it allocates nothing per tensor beyond the shape list.
+per-tensor floor, so it allocates nothing per tensor (a NumPy shape is already a tuple).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Manifest:
     names: list[str]
     tensors: list[Any] | None  # None in lazy mode: the tensors come from a generator
     dtypes: list[int]
-    shapes: list[list[int]]
+    shapes: list[tuple[int, ...]]
     nbytes: list[int]
 
     def __len__(self) -> int:
@@ -39,7 +39,7 @@ def describe(named_tensors: Iterable[tuple[str, Any]]) -> Manifest:
     names: list[str] = []
     tensors: list[Any] = []
     codes: list[int] = []
-    shapes: list[list[int]] = []
+    shapes: list[tuple[int, ...]] = []
     sizes: list[int] = []
     by_numpy, ndarray = BY_NUMPY, np.ndarray
     with gc_paused():
@@ -52,12 +52,12 @@ def describe(named_tensors: Iterable[tuple[str, Any]]) -> Manifest:
             name, tensor = item
             dtype = by_numpy.get(tensor.dtype) if type(tensor) is ndarray else None
             if dtype is not None:  # the common NumPy case without the generic dispatch
-                shapes.append(list(tensor.shape))
+                shapes.append(tensor.shape)
                 sizes.append(tensor.nbytes)
             else:
                 dtype = dtype_of(tensor)
                 shape = shape_of(tensor)
-                shapes.append(list(shape))
+                shapes.append(tuple(shape))
                 sizes.append(dtype.itemsize * math.prod(shape))
             names.append(name)
             tensors.append(tensor)
@@ -69,13 +69,13 @@ def describe(named_tensors: Iterable[tuple[str, Any]]) -> Manifest:
 def from_specs(specs: Mapping[str, tuple[str, Sequence[int]]]) -> Manifest:
     names: list[str] = []
     codes: list[int] = []
-    shapes: list[list[int]] = []
+    shapes: list[tuple[int, ...]] = []
     sizes: list[int] = []
     for name, spec in specs.items():
         try:
             dtype_name, shape = spec
             dtype = by_name(str(dtype_name))
-            dims = [int(d) for d in shape]
+            dims = tuple(int(d) for d in shape)
         except (TypeError, ValueError) as exc:
             raise WeightstreamError(
                 f"specs[{name!r:.80}]: expected (dtype name, shape) like ('bfloat16', (4096, 4096)), "
@@ -113,7 +113,7 @@ def pull(source: Iterator[tuple[str, Any]], manifest: Manifest, index: int) -> A
     got = describe([item])
     if (got.names[0], got.dtypes[0], got.shapes[0]) != want:
         raise WeightstreamError(
-            f"lazy tensor: expected {want[0]!r} {DTYPES[want[1]].name}{want[2]} as in specs=, "
-            f"got {got.names[0]!r} {DTYPES[got.dtypes[0]].name}{got.shapes[0]}; yield the specs' tensors in order"
+            f"lazy tensor: expected {want[0]!r} {DTYPES[want[1]].name}{list(want[2])} as in specs=, "
+            f"got {got.names[0]!r} {DTYPES[got.dtypes[0]].name}{list(got.shapes[0])}; yield the specs' tensors in order"
         )
     return got.tensors[0] if got.tensors else None

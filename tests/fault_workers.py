@@ -433,11 +433,12 @@ class FakeSender:
             raise TimeoutError("no HELLO reached the fake sender")
         return self.hellos[-1]
 
-    def bucket_messages(self, version: str, named: list[tuple[str, np.ndarray]], *, slot: int = 0, checksum: bool = False) -> Any:
-        """Write ``named`` (small tensors) into ``slot`` and return one BUCKET (seq 0) for them."""
+    def bucket_messages(
+        self, version: str, named: list[tuple[str, np.ndarray]], *, slot: int = 0, checksum: bool = False, first: int = 0
+    ) -> Any:
+        """Write ``named`` (small tensors, the manifest's from index ``first``) into ``slot`` and
+        return one BUCKET (seq 0) for them."""
         m = self.m
-        from weightstream.protocol.dtypes import from_numpy
-
         view = self.slots[slot].host_view()
         offsets, nbytes, off = [], [], 0
         for _, a in named:
@@ -447,13 +448,11 @@ class FakeSender:
             nbytes.append(raw.nbytes)
             off += -(-raw.nbytes // m.ALIGNMENT) * m.ALIGNMENT
         used = offsets[-1] + nbytes[-1]
-        return m.Bucket(
+        return m.Bucket.build(
             version=version,
             seq=0,
             slot=slot,
-            names=[n for n, _ in named],
-            dtypes=[from_numpy(a.dtype).code for _, a in named],
-            shapes=[list(a.shape) for _, a in named],
+            first=first,
             offsets=offsets,
             nbytes=nbytes,
             chunks=[0] * len(named),
@@ -463,7 +462,7 @@ class FakeSender:
     def begin(self, version: str, named: list[tuple[str, np.ndarray]], buckets: int = 1) -> Any:
         from weightstream.protocol.dtypes import from_numpy
 
-        return self.m.Begin(
+        return self.m.Begin.build(
             version=version,
             names=[n for n, _ in named],
             dtypes=[from_numpy(a.dtype).code for _, a in named],

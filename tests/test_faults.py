@@ -256,7 +256,7 @@ def test_corrupt_bucket_fails_checksum(endpoint: str) -> None:
             fake.send_msg(ident, fake.begin("v2", named))
             fake.expect((m.Ready,), 5, lambda x: x.version == "v2")
             bucket = fake.bucket_messages("v2", named, checksum=True)
-            fake.slots[0].host_view()[bucket.offsets[1] + 5] ^= 0xFF  # corrupted between pack and apply
+            fake.slots[0].host_view()[bucket.arrays()[0][1] + 5] ^= 0xFF  # corrupted between pack and apply
             fake.send_msg(ident, bucket)
             failed = fake.expect((m.Failed,), 5, lambda x: x.version == "v2")
             assert failed.error == "VersionAborted" and "bucket 0" in failed.message, failed
@@ -289,13 +289,7 @@ def test_staged_chunk_alone_keeps_model_intact(endpoint: str) -> None:
             fake.expect((m.Ready,), 5, lambda x: x.version == "v2")
             half = big.nbytes // 2
             fake.slots[0].host_view()[:half] = big.view(np.uint8).reshape(-1)[:half]
-            from weightstream.protocol.dtypes import from_numpy
-
-            fake.send_msg(
-                ident,
-                m.Bucket(version="v2", seq=0, slot=0, names=["big"], dtypes=[from_numpy(big.dtype).code],
-                         shapes=[list(big.shape)], offsets=[0], nbytes=[half], chunks=[0]),
-            )
+            fake.send_msg(ident, m.Bucket.build(version="v2", seq=0, slot=0, first=0, offsets=[0], nbytes=[half], chunks=[0]))
             fake.expect((m.Ack,), 5, lambda x: x.version == "v2")  # the piece was staged
             fake.send_msg(ident, m.Abort(version="v2", reason="test"))
             assert wait_until(lambda: daemon.status.state != "receiving", 5)
@@ -326,7 +320,7 @@ def test_late_bucket_of_a_failed_version_is_not_an_error(endpoint: str) -> None:
             first = fake.bucket_messages("v2", named[:2], slot=0)
             fake.send_msg(ident, first)
             fake.expect((m.Failed,), 5, lambda x: x.version == "v2")
-            second = fake.bucket_messages("v2", named[2:], slot=1)
+            second = fake.bucket_messages("v2", named[2:], slot=1, first=2)
             fake.send_msg(ident, m.Bucket(**{**{f: getattr(second, f) for f in second.__dataclass_fields__}, "seq": 1}))
             with pytest.raises(TimeoutError):
                 err = fake.expect((m.Error,), 1.0)

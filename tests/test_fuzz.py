@@ -7,6 +7,7 @@ seed (set WS_FUZZ_SEED to replay one).
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from typing import Any
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from weightstream import ProtocolError, ReceiverDaemon
 from weightstream.protocol import messages as m
 from weightstream.protocol.dtypes import DTYPES
+from weightstream.protocol.packed import pack_u64
 
 SLOW_SEED = int(os.environ.get("WS_FUZZ_SEED", random.SystemRandom().randrange(1 << 32)))
 FAST = {"bytes": 500, "nested": 600, "mutated": 1000}
@@ -58,6 +60,7 @@ def check_frame(frame: bytes) -> m.Message | None:
 
 # --- strategies -------------------------------------------------------------------------------------
 
+V = m.PROTOCOL_VERSION
 INT64 = st.integers(-(1 << 63), (1 << 64) - 1)  # what msgpack can carry
 EDGE_INTS = st.sampled_from([-1, -(1 << 63), (1 << 63) - 1, 1 << 63, (1 << 64) - 1, m.MAX_ENTRIES + 1, m.MAX_DIM + 1,
                              m.MAX_SLOTS, len(DTYPES), (1 << 20) + 1, 0])
@@ -77,9 +80,10 @@ type_names = st.sampled_from(sorted(m._REGISTRY))
 nested_maps = st.one_of(
     any_value,
     st.dictionaries(st.one_of(st.text(max_size=6), INT64, st.binary(max_size=4)), any_value, max_size=4),
-    st.fixed_dictionaries({"type": type_names, "v": st.sampled_from([1, 1, 2, "1", True, 1.0])},
+    st.fixed_dictionaries({"type": type_names, "v": st.sampled_from([V, V, 1, V + 1, str(V), True, float(V)])},
                           optional={"version": any_value, "names": any_value, "session": any_value,
-                                    "seq": any_value, "shapes": any_value, "slots": any_value}),
+                                    "seq": any_value, "dims": any_value, "offsets": any_value,
+                                    "slots": any_value}),
 )
 
 name = st.text(min_size=1, max_size=12)
@@ -98,23 +102,27 @@ def tensors(draw: Any) -> tuple[list[str], list[int], list[list[int]]]:
     return names, codes, shapes
 
 
+def sizes_of(codes: list[int], shapes: list[list[int]]) -> list[int]:
+    return [DTYPES[c].itemsize * math.prod(s) for c, s in zip(codes, shapes)]
+
+
 @st.composite
 def begin(draw: Any) -> m.Begin:
     names, codes, shapes = draw(tensors())
-    total = sum(m.tensor_sizes(codes, shapes))
+    total = sum(sizes_of(codes, shapes))
     buckets = draw(st.integers(1, 100)) if names else 0  # zero buckets exactly when there are no tensors
-    return m.Begin(version=draw(version), names=names, dtypes=codes, shapes=shapes, total_bytes=total,
-                   buckets=buckets, force=draw(st.none() | st.booleans()))
+    return m.Begin.build(version=draw(version), names=names, dtypes=codes, shapes=shapes, total_bytes=total,
+                         buckets=buckets, force=draw(st.none() | st.booleans()))
 
 
 @st.composite
 def bucket(draw: Any) -> m.Bucket:
     names, codes, shapes = draw(tensors())
-    sizes = m.tensor_sizes(codes, shapes)
+    sizes = sizes_of(codes, shapes)
     offsets = [draw(st.integers(0, 1 << 30)) * m.ALIGNMENT for _ in names]
-    return m.Bucket(version=draw(version), seq=draw(st.integers(0, 1000)), slot=draw(st.integers(0, m.MAX_SLOTS - 1)),
-                    names=names, dtypes=codes, shapes=shapes, offsets=offsets, nbytes=sizes, chunks=[0] * len(names),
-                    checksum=draw(st.none() | st.integers(0, (1 << 64) - 1)))
+    return m.Bucket.build(version=draw(version), seq=draw(st.integers(0, 1000)), slot=draw(st.integers(0, m.MAX_SLOTS - 1)),
+                          first=draw(st.integers(0, 1000)), offsets=offsets, nbytes=sizes, chunks=[0] * len(names),
+                          checksum=draw(st.none() | st.integers(0, (1 << 64) - 1)))
 
 
 slot_desc = st.dictionaries(st.text(max_size=8), st.one_of(st.text(max_size=8), st.integers(0, 1 << 40), st.booleans()), max_size=4)
@@ -165,7 +173,7 @@ def _get(body: Any, path: tuple[Any, ...]) -> Any:
     return body
 
 
-PARALLEL = ("names", "dtypes", "shapes", "offsets", "nbytes", "chunks")
+PARALLEL = ("names", "dtypes", "ndims", "dims", "offsets", "nbytes", "chunks")
 LIMITS = {"transports": 16, "slots": m.MAX_SLOTS}
 
 
@@ -189,18 +197,23 @@ def mutated_frames(draw: Any) -> bytes:
     elif kind == "type":
         body["type"] = draw(type_names | st.text(max_size=10))
     elif kind == "v":
-        body["v"] = draw(st.sampled_from([0, 2, -1, "1", 1.0, True, None, [1]]))
-    elif kind == "parallel":  # wrong lengths in parallel arrays
+        body["v"] = draw(st.sampled_from([0, 1, V + 1, -1, str(V), float(V), True, None, [V]]))
+    elif kind == "parallel":  # wrong lengths in parallel arrays, packed or not
         fields = [f for f in PARALLEL if f in body]
         if fields:
             f = draw(st.sampled_from(fields))
-            if body[f] and draw(st.booleans()):
+            if type(body[f]) is bytes:  # drop, add or tear packed entries
+                cut = draw(st.integers(0, 9))
+                body[f] = body[f][:-cut] if cut and draw(st.booleans()) else body[f] + draw(st.binary(min_size=1, max_size=9))
+            elif body[f] and draw(st.booleans()):
                 body[f].pop(draw(st.integers(0, len(body[f]) - 1)))
             else:
                 body[f].append(draw(any_value | st.just(0) | st.just("x") | st.just([1])))
-    elif kind == "huge":  # lists at and past their limits
-        if body.get("shapes"):
-            body["shapes"][0] = [1] * draw(st.sampled_from([m.MAX_NDIM, m.MAX_NDIM + 1]))
+    elif kind == "huge":  # arrays at and past their limits
+        if body.get("ndims"):
+            body["ndims"] = bytes([draw(st.sampled_from([m.MAX_NDIM, m.MAX_NDIM + 1, 255]))]) + body["ndims"][1:]
+        if body.get("dims"):
+            body["dims"] = pack_u64([draw(st.sampled_from([m.MAX_DIM, m.MAX_DIM + 1, (1 << 64) - 1]))]) + body["dims"][8:]
         for f, limit in LIMITS.items():
             if f in body:
                 item = body[f][0] if body[f] else ({} if f == "slots" else "shm")
@@ -287,16 +300,23 @@ def test_print_slow_seed() -> None:
 def test_limits_at_the_edge() -> None:
     """The biggest legal parallel arrays decode; one item more is a ProtocolError."""
     n = m.MAX_ENTRIES
-    body = {"type": "BEGIN", "v": 1, "version": "v", "names": [], "dtypes": [1] * n, "shapes": [], "total_bytes": 0, "buckets": 0}
+    body = {"type": "BEGIN", "v": V, "version": "v", "names": [], "dtypes": bytes(n), "ndims": b"", "dims": b"",
+            "total_bytes": 0, "buckets": 0}
     with pytest.raises(ProtocolError, match="parallel"):
-        m.decode(msgpack.packb(body))  # decodes the 4M-item list, then fails the cross-check
-    body["dtypes"] = [1] * (n + 1)
-    with pytest.raises(ProtocolError):
+        m.decode(msgpack.packb(body))  # decodes the 4M-entry array, then fails the cross-check
+    body["dtypes"] = bytes(n + 1)
+    with pytest.raises(ProtocolError, match="at most"):
         m.decode(msgpack.packb(body))
+    bucket = {"type": "BUCKET", "v": V, "version": "v", "seq": 0, "slot": 0, "first": 0, "offsets": bytes(8 * n),
+              "nbytes": bytes(8 * n), "chunks": bytes(8 * n)}
+    assert len(m.decode(msgpack.packb(bucket))) == n  # type: ignore[arg-type]
+    bucket["chunks"] = bytes(8 * (n + 1))
+    with pytest.raises(ProtocolError, match="at most"):
+        m.decode(msgpack.packb(bucket))
     with pytest.raises(ProtocolError):
         m.decode(b"\xdd\xff\xff\xff\xff")  # an array header claiming 4G items, no items
     with pytest.raises(ProtocolError):
-        m.decode(msgpack.packb({"type": "BYE", "v": 1, "reason": "x" * (m.MAX_TEXT_LEN + 1)}))
+        m.decode(msgpack.packb({"type": "BYE", "v": V, "reason": "x" * (m.MAX_TEXT_LEN + 1)}))
 
 
 # --- a live daemon under mutated frames --------------------------------------------------------------------
@@ -308,8 +328,8 @@ def _bad_frames(rng: random.Random, version: str, count: int) -> list[list[bytes
     out: list[list[bytes]] = []
     good = [
         m.Hello(rank=0, session="s", transports=["shm"], host="h", device="", pid=1),
-        m.Begin(version=version, names=["a"], dtypes=[8], shapes=[[2]], total_bytes=8, buckets=1),
-        m.Bucket(version=version, seq=0, slot=0, names=["a"], dtypes=[8], shapes=[[2]], offsets=[0], nbytes=[8], chunks=[0]),
+        m.Begin.build(version=version, names=["a"], dtypes=[8], shapes=[[2]], total_bytes=8, buckets=1),
+        m.Bucket.build(version=version, seq=0, slot=0, first=0, offsets=[0], nbytes=[8], chunks=[0]),
         m.Commit(version=version),
         m.Abort(version=version, reason="r"),
         m.Welcome(session="other", transport="shm", bucket_bytes=1, alignment=256, slots=[], heartbeat_interval=1.0,
@@ -319,7 +339,7 @@ def _bad_frames(rng: random.Random, version: str, count: int) -> list[list[bytes
     harmless = [
         m.Ready(version=version), m.Ack(version=version, seq=0), m.Committed(version=version, tensors=1, bytes=1, seconds=1.0),
         m.Reject(version=version, error="X", reason="r"), m.Hello(rank=0, session="s", transports=[], host="", device="", pid=1),
-        m.Bucket(version="zz", seq=0, slot=0, names=[], dtypes=[], shapes=[], offsets=[], nbytes=[], chunks=[]),
+        m.Bucket.build(version="zz", seq=0, slot=0, first=0, offsets=[], nbytes=[], chunks=[]),
         m.Commit(version="zz"), m.Abort(version="zz", reason="r"), m.Error(error="E", message="m"),
     ]
     while len(out) < count:

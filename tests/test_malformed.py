@@ -16,6 +16,7 @@ import zmq
 
 from weightstream import BucketSender, ReceiverDaemon
 from weightstream.protocol import messages as m
+from weightstream.protocol.packed import pack_u64
 from weightstream.protocol.shm import ShmTransport
 from weightstream.receiver.sinks import NumpySink
 
@@ -129,7 +130,7 @@ PRE_WELCOME_CASES = {
     "bool_as_int": (lambda f: [pack(_welcome_body(f, pid=True))], "WELCOME.pid"),
     "two_frames": (lambda f: [m.encode(m.Ping(session="x")), b"extra"], "1 frame"),
     "begin_before_welcome": (
-        lambda f: [m.encode(m.Begin(version="v", names=["b"], dtypes=[5], shapes=[[3]], total_bytes=24, buckets=1))],
+        lambda f: [m.encode(m.Begin.build(version="v", names=["b"], dtypes=[5], shapes=[[3]], total_bytes=24, buckets=1))],
         "before WELCOME",
     ),
 }
@@ -151,15 +152,14 @@ def test_bad_frame_before_welcome(fake: FakeSender, daemon: ReceiverDaemon, case
 
 
 def begin(version: str = "v1") -> m.Begin:
-    return m.Begin(version=version, names=["a.weight", "b"], dtypes=[8, 5], shapes=[[1000], [3]], total_bytes=4024, buckets=2)
+    return m.Begin.build(version=version, names=["a.weight", "b"], dtypes=[8, 5], shapes=[[1000], [3]], total_bytes=4024, buckets=2)
 
 
 def bucket(seq: int, name: str, **kw: Any) -> m.Bucket:
-    code, shape, nbytes = {"a.weight": (8, [1000], 4000), "b": (5, [3], 24)}[name]
-    fields = dict(version="v1", seq=seq, slot=seq % 2, names=[name], dtypes=[code], shapes=[shape],
-                  offsets=[0], nbytes=[nbytes], chunks=[0])
+    index, nbytes = {"a.weight": (0, 4000), "b": (1, 24)}[name]
+    fields = dict(version="v1", seq=seq, slot=seq % 2, first=index, offsets=[0], nbytes=[nbytes], chunks=[0])
     fields.update(kw)
-    return m.Bucket(**fields)
+    return m.Bucket.build(**fields)
 
 
 def test_bad_buckets_and_begins_in_session_then_a_real_version_commits(
@@ -170,9 +170,12 @@ def test_bad_buckets_and_begins_in_session_then_a_real_version_commits(
     # BUCKET before BEGIN
     expect_protocol_error(fake, daemon, m.encode(bucket(0, "a.weight")), mentions="no such version")
     # BEGIN with a duplicate name
-    dup = pack({**msgpack.unpackb(m.encode(begin())), "names": ["b", "b"], "dtypes": [5, 5], "shapes": [[3], [3]],
-                "total_bytes": 48})
+    dup = pack({**msgpack.unpackb(m.encode(begin())), "names": ["b", "b"], "dtypes": bytes([5, 5]), "ndims": bytes([1, 1]),
+                "dims": pack_u64([3, 3]), "total_bytes": 48})
     expect_protocol_error(fake, daemon, dup, mentions="duplicate")
+    # BEGIN with an unknown dtype code
+    raw = {**msgpack.unpackb(m.encode(begin())), "dtypes": bytes([99, 5])}
+    expect_protocol_error(fake, daemon, pack(raw), mentions="BEGIN.dtypes[0]")
     # BEGIN whose total_bytes lies
     lie = pack({**msgpack.unpackb(m.encode(begin())), "total_bytes": 1})
     expect_protocol_error(fake, daemon, lie, mentions="total_bytes")
@@ -182,10 +185,8 @@ def test_bad_buckets_and_begins_in_session_then_a_real_version_commits(
     expect_protocol_error(fake, daemon, m.encode(bucket(0, "a.weight", offsets=[256])), mentions="outside slot")
     expect_protocol_error(fake, daemon, m.encode(bucket(0, "b", offsets=[100])), mentions="not aligned")
     expect_protocol_error(fake, daemon, m.encode(bucket(0, "b", slot=5)), mentions="'slot'")
-    raw = {**msgpack.unpackb(m.encode(bucket(0, "b"))), "dtypes": [99]}
-    expect_protocol_error(fake, daemon, pack(raw), mentions="BUCKET.dtypes")
-    # nbytes inconsistent with dtype and shape
-    expect_protocol_error(fake, daemon, m.encode(bucket(0, "b", nbytes=[32])), mentions="runs past")
+    raw = {**msgpack.unpackb(m.encode(bucket(0, "b"))), "offsets": [0]}
+    expect_protocol_error(fake, daemon, pack(raw), mentions="BUCKET.offsets")
     assert daemon.committed_version is None and daemon.status.model_intact
 
     # the same session goes on: a well-formed version commits bit-exact
@@ -224,7 +225,7 @@ def test_error_from_sender_is_not_answered_with_error(fake: FakeSender, daemon: 
     """An ERROR that fails to decode gets no ERROR back (two broken peers must not ping-pong)."""
     fake.wait_for(m.Hello)
     time.sleep(0.15)
-    fake.send_raw(pack({"type": "ERROR", "v": 1, "error": 5, "message": "x"}))
+    fake.send_raw(pack({"type": "ERROR", "v": m.PROTOCOL_VERSION, "error": 5, "message": "x"}))
     deadline = time.monotonic() + 1.0
     while (left := deadline - time.monotonic()) > 0:
         msg = fake.recv(left)
@@ -232,18 +233,28 @@ def test_error_from_sender_is_not_answered_with_error(fake: FakeSender, daemon: 
     assert "ERROR.error" in (daemon.status.last_error or "")
 
 
+@pytest.mark.parametrize(
+    ("bad", "mentions"),
+    [
+        (lambda: bucket(1, "b"), "seq"),  # seq 1 before seq 0
+        (lambda: bucket(0, "b"), "'first'"),  # the manifest's second tensor first
+        (lambda: bucket(0, "a.weight", nbytes=[4032]), "expected its bytes"),  # size disagrees with BEGIN
+        (lambda: bucket(0, "a.weight", nbytes=[0]), "expected its bytes"),  # an empty piece of a real tensor
+    ],
+    ids=["seq", "first", "nbytes", "empty"],
+)
 def test_out_of_order_bucket_fails_the_version_and_the_next_one_commits(
-    fake: FakeSender, daemon: ReceiverDaemon, daemon_state: dict[str, np.ndarray]
+    fake: FakeSender, daemon: ReceiverDaemon, daemon_state: dict[str, np.ndarray], bad: Any, mentions: str
 ) -> None:
     before = {k: v.tobytes() for k, v in daemon_state.items()}
     fake.wait_for(m.Hello)
     fake.send(fake.welcome())
     fake.send(begin("v1"))
     fake.wait_for(m.Ready)
-    fake.send(bucket(1, "b"))  # seq 1 before seq 0
+    fake.send(bad())
     failed = fake.wait_for(m.Failed)
     assert failed.version == "v1" and failed.model_intact
-    assert "seq" in (daemon.status.last_error or "")
+    assert mentions in (daemon.status.last_error or ""), daemon.status.last_error
     assert {k: v.tobytes() for k, v in daemon_state.items()} == before
     assert daemon.status.model_intact
 

@@ -18,6 +18,7 @@ from weightstream.protocol.errors import (
     from_wire,
     wire_name,
 )
+from weightstream.protocol.packed import pack_u64
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -27,15 +28,14 @@ EXAMPLES: list[m.Message] = [
     m.Hello(rank=3, session="s1", transports=["shm", "cuda_ipc"], host="node-1", device="GPU-uuid", pid=123),
     m.Welcome(session="s1", transport="shm", bucket_bytes=4096, alignment=256, slots=[SLOT, SLOT],
               heartbeat_interval=1.0, heartbeat_timeout=10.0, pid=9),
-    m.Begin(version="step_1", names=["a.w", "模型.🙂", "e"], dtypes=[8, 7, 0], shapes=[[2, 3], [], [0, 4]],
-            total_bytes=26, buckets=1),
-    m.Begin(version="empty", names=[], dtypes=[], shapes=[], total_bytes=0, buckets=0),
+    m.Begin.build(version="step_1", names=["a.w", "模型.🙂", "e"], dtypes=[8, 7, 0], shapes=[[2, 3], [], [0, 4]],
+                  total_bytes=26, buckets=1),
+    m.Begin.build(version="empty", names=[], dtypes=[], shapes=[], total_bytes=0, buckets=0),
     m.Ready(version="step_1"),
     m.Reject(version="step_1", error="ManifestMismatch", reason="1 missing: x"),
-    m.Bucket(version="step_1", seq=0, slot=1, names=["a.w", "big"], dtypes=[8, 1], shapes=[[2, 3], [10000]],
-             offsets=[0, 256], nbytes=[24, 3840], chunks=[0, 0]),
-    m.Bucket(version="step_1", seq=2, slot=0, names=["big"], dtypes=[1], shapes=[[10000]],
-             offsets=[0], nbytes=[4096], chunks=[3840], checksum=(1 << 64) - 1),
+    m.Bucket.build(version="step_1", seq=0, slot=1, first=0, offsets=[0, 256], nbytes=[24, 3840], chunks=[0, 0]),
+    m.Bucket.build(version="step_1", seq=2, slot=0, first=1, offsets=[0], nbytes=[4096], chunks=[3840],
+                   checksum=(1 << 64) - 1),
     m.Ack(version="step_1", seq=7),
     m.Commit(version="step_1"),
     m.Committed(version="step_1", tensors=3, bytes=26, seconds=0.5),
@@ -91,7 +91,7 @@ BEGIN, BUCKET = EXAMPLES[2], EXAMPLES[6]
         (msgpack.packb({1: 2}), "msgpack"),  # non-str map keys refused by strict_map_key
         (msgpack.packb({"type": "NOPE", "v": 1}), "'type'"),
         (msgpack.packb({"type": 5, "v": 1}), "'type'"),
-        (body_of(EXAMPLES[9], v=2), "'v'"),
+        (body_of(EXAMPLES[9], v=1), "'v'"),  # the previous protocol
         (body_of(EXAMPLES[9], v=True), "'v'"),
         (body_of(EXAMPLES[9], v=_DROP), "'v'"),
         (body_of(EXAMPLES[9], version=_DROP), "missing field 'version'"),
@@ -102,18 +102,23 @@ BEGIN, BUCKET = EXAMPLES[2], EXAMPLES[6]
         (body_of(EXAMPLES[10], seconds=float("nan")), "COMMITTED.seconds"),
         (body_of(EXAMPLES[11], model_intact=1), "FAILED.model_intact"),
         (body_of(BEGIN, names=["a", "a", "b"]), "duplicate"),
-        (body_of(BEGIN, dtypes=[8, 7]), "parallel"),
-        (body_of(BEGIN, dtypes=[8, 7, 12]), "BEGIN.dtypes[2]"),
-        (body_of(BEGIN, shapes=[[2, 3], [], [0, -1]]), "BEGIN.shapes[2]"),
-        (body_of(BEGIN, shapes=[[2, 3], [], [1] * 17]), "BEGIN.shapes[2]"),
+        (body_of(BEGIN, dtypes=bytes([8, 7])), "parallel"),
+        (body_of(BEGIN, dtypes=[8, 7, 0]), "BEGIN.dtypes"),  # a list where packed bytes belong
+        (body_of(BEGIN, dtypes=bytes([8, 7, 12])), "BEGIN.dtypes[2]"),
+        (body_of(BEGIN, ndims=bytes([2, 0, 17])), "BEGIN.ndims[2]"),
+        (body_of(BEGIN, ndims=bytes([2, 0, 1])), "BEGIN.dims"),  # 3 dims where 4 are listed
+        (body_of(BEGIN, dims=pack_u64([2, 3, 0, 1 << 60])), "BEGIN.dims[3]"),
+        (body_of(BEGIN, dims=pack_u64([2, 3, 0])[:-1]), "multiple of 8"),
+        (body_of(BEGIN, dims=pack_u64([2, 3, 1 << 47, 1 << 47])), "more than"),  # a tensor of 2**94 elements
         (body_of(BEGIN, total_bytes=27), "total_bytes"),
         (body_of(BEGIN, names=["x" * 1025, "b", "c"]), "BEGIN.names[0]"),
-        (body_of(BUCKET, offsets=[0]), "parallel"),
-        (body_of(BUCKET, nbytes=[25, 3840]), "runs past"),
-        (body_of(BUCKET, nbytes=[0, 3840]), "empty piece"),
+        (body_of(BUCKET, offsets=pack_u64([0])), "parallel"),
+        (body_of(BUCKET, offsets=[0, 256]), "BUCKET.offsets"),
+        (body_of(BUCKET, nbytes=pack_u64([24, 1 << 63])), "BUCKET.nbytes[1]"),
+        (body_of(BUCKET, first=-1), "BUCKET.first"),
         (body_of(BUCKET, slot=64), "BUCKET.slot"),
         (body_of(BUCKET, checksum=-1), "BUCKET.checksum"),
-        (body_of(BUCKET, names="a.w"), "BUCKET.names"),
+        (body_of(BUCKET, names=["a.w"]), "unexpected field"),
         (body_of(EXAMPLES[1], slots=[{"k": [1]}]), "WELCOME.slots"),
         (body_of(EXAMPLES[1], slots=[SLOT] * 65), "WELCOME.slots"),
         (body_of(EXAMPLES[1], alignment=0), "WELCOME.alignment"),
@@ -133,7 +138,7 @@ def test_decode_rejects_non_bytes() -> None:
 
 def test_msg_type_is_recorded_for_the_error_limiter() -> None:
     with pytest.raises(ProtocolError) as info:
-        m.decode(msgpack.packb({"type": "ERROR", "v": 1, "error": 1, "message": "x"}))
+        m.decode(msgpack.packb({"type": "ERROR", "v": m.PROTOCOL_VERSION, "error": 1, "message": "x"}))
     assert info.value.msg_type == "ERROR"
     limiter = m.ErrorReplyLimiter(interval=0.1)
     assert not limiter.allow(info.value, now=100.0), "never answer an ERROR with an ERROR"
@@ -151,8 +156,8 @@ def test_check_bucket_fits_accepts_a_good_bucket() -> None:
     ("changes", "slots", "mentions"),
     [
         ({"slot": 2}, [4096, 4096], "'slot'"),
-        ({"offsets": [0, 300]}, [4096, 4096], "not aligned"),
-        ({"offsets": [0, 512]}, [4096, 4096], "outside slot"),
+        ({"offsets": pack_u64([0, 300])}, [4096, 4096], "not aligned"),
+        ({"offsets": pack_u64([0, 512])}, [4096, 4096], "outside slot"),
         ({}, [4096, 2048], "outside slot"),
     ],
 )
@@ -204,7 +209,8 @@ _field_names = st.sampled_from(sorted({name for fields in m._FIELDS.values() for
 def _message_like(draw: Any) -> dict[str, Any]:
     """Maps that look like messages: a real type and version, fields with random values."""
     kind = draw(st.sampled_from(sorted(m._REGISTRY) + ["BOGUS"]))
-    body: dict[str, Any] = {"type": kind, "v": draw(st.sampled_from([1, 1, 1, 0, 2, "1", True]))}
+    v = m.PROTOCOL_VERSION
+    body: dict[str, Any] = {"type": kind, "v": draw(st.sampled_from([v, v, v, 0, v - 1, v + 1, str(v), True]))}
     for name, _, _ in m._FIELDS.get(kind, ()):
         if draw(st.integers(0, 9)):  # usually present
             body[name] = draw(_values)
@@ -237,13 +243,13 @@ def test_fuzz_decode_mutated_messages(frame: bytes) -> None:
 HOSTILE = {
     "deep_array": b"\x91" * 100_000 + b"\xc0",
     "deep_map": b"\x81\xa1a" * 50_000 + b"\xc0",
-    "timestamp_ext": msgpack.packb({"type": "PING", "v": 1, "session": msgpack.Timestamp(1, 2)}),
+    "timestamp_ext": msgpack.packb({"type": "PING", "v": m.PROTOCOL_VERSION, "session": msgpack.Timestamp(1, 2)}),
     "ext": msgpack.packb(msgpack.ExtType(5, b"abc")),
     "huge_array_header": b"\xdd\xff\xff\xff\xff",
     "huge_str_header": b"\xdb\xff\xff\xff\xff",
     "map_of_65_keys": msgpack.packb({str(i): i for i in range(65)}),
-    "trailing_bytes": msgpack.packb({"type": "PING", "v": 1, "session": "x"}) + b"\x00",
-    "uint64_in_int_field": msgpack.packb({"type": "ACK", "v": 1, "version": "x", "seq": (1 << 64) - 1}),
+    "trailing_bytes": msgpack.packb({"type": "PING", "v": m.PROTOCOL_VERSION, "session": "x"}) + b"\x00",
+    "uint64_in_int_field": msgpack.packb({"type": "ACK", "v": m.PROTOCOL_VERSION, "version": "x", "seq": (1 << 64) - 1}),
 }
 
 

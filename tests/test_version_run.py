@@ -43,8 +43,8 @@ def packed(tensors: dict[str, np.ndarray]) -> Iterator[tuple[m.Begin, list[tuple
     """BEGIN and every BUCKET with its slot (one slot per bucket, so all stay readable)."""
     manifest = describe(list(tensors.items()))
     plan = plan_buckets(manifest.nbytes, SLOT)
-    begin = m.Begin(version="v1", names=manifest.names, dtypes=manifest.dtypes, shapes=manifest.shapes,
-                    total_bytes=sum(manifest.nbytes), buckets=len(plan))
+    begin = m.Begin.build(version="v1", names=manifest.names, dtypes=manifest.dtypes, shapes=manifest.shapes,
+                          total_bytes=sum(manifest.nbytes), buckets=len(plan))
     exported = TRANSPORT.create_slots(len(plan), SLOT)
     try:
         buckets = []
@@ -52,10 +52,8 @@ def packed(tensors: dict[str, np.ndarray]) -> Iterator[tuple[m.Begin, list[tuple
             for index, offset, nbytes, chunk in zip(bucket.tensors, bucket.offsets, bucket.nbytes, bucket.chunks):
                 if nbytes:
                     slot.write(offset, slot.source_bytes(manifest.tensors[index]), chunk, nbytes)
-            first, last = bucket.tensors[0], bucket.tensors[-1] + 1
-            msg = m.Bucket(version="v1", seq=bucket.seq, slot=bucket.seq, names=manifest.names[first:last],
-                           dtypes=manifest.dtypes[first:last], shapes=manifest.shapes[first:last],
-                           offsets=bucket.offsets, nbytes=bucket.nbytes, chunks=bucket.chunks)
+            msg = m.Bucket.build(version="v1", seq=bucket.seq, slot=bucket.seq, first=bucket.tensors[0],
+                                 offsets=bucket.offsets, nbytes=bucket.nbytes, chunks=bucket.chunks)
             buckets.append((m.decode(m.encode(msg)), TRANSPORT.open_slot(slot.descriptor())))
         yield begin, buckets
         for _, imported in buckets:
@@ -107,25 +105,46 @@ def test_every_tensor_arrives_bit_exact(loop: asyncio.AbstractEventLoop, direct:
     assert set(yielded) == (no_destination if direct else set(src) - {"big"})
 
 
+def changed(msg: m.Bucket, **fields: Any) -> m.Bucket:
+    """``msg`` with some fields replaced; per-entry lists are packed as the wire does."""
+    old = {f: getattr(msg, f) for f in msg.__slots__}
+    old["offsets"], old["nbytes"], old["chunks"] = (a.tolist() for a in msg.arrays())
+    return m.Bucket.build(**{**old, **fields})
+
+
 def test_out_of_order_entry_is_refused(loop: asyncio.AbstractEventLoop) -> None:
     for begin, buckets in packed(model(1)):
         run = new_run(begin, loop)
         run.prepare(*buckets[0])
         msg, slot = buckets[2]
-        skipping = m.Bucket(**{**{f: getattr(msg, f) for f in msg.__slots__}, "seq": 1})  # a piece of "big" left out
         with pytest.raises(ProtocolError, match="'big': expected its bytes from offset 3840"):
-            run.prepare(skipping, slot)
+            run.prepare(changed(msg, seq=1), slot)  # a piece of "big" left out
 
 
-def test_renamed_or_reshaped_entry_is_refused(loop: asyncio.AbstractEventLoop) -> None:
+def test_bucket_that_skips_or_resizes_a_tensor_is_refused(loop: asyncio.AbstractEventLoop) -> None:
     for begin, buckets in packed(model(1)):
         msg, slot = buckets[0]
-        renamed = m.Bucket(**{**{f: getattr(msg, f) for f in msg.__slots__}, "names": ["zz", *msg.names[1:]]})
-        with pytest.raises(ProtocolError, match="expected 'a' .*in order.*got 'zz'"):
-            new_run(begin, loop).prepare(renamed, slot)
-        reshaped = m.Bucket(**{**{f: getattr(msg, f) for f in msg.__slots__}, "shapes": [[4, 16], *msg.shapes[1:]]})
-        with pytest.raises(ProtocolError, match=r"expected float32\[8, 8\] as in BEGIN, got float32\[4, 16\]"):
-            new_run(begin, loop).prepare(reshaped, slot)
+        with pytest.raises(ProtocolError, match=r"'first': expected manifest index 0 \('a'\), got 1 \(buckets carry .* in order"):
+            new_run(begin, loop).prepare(changed(msg, first=1), slot)
+        offsets, nbytes, chunks = (a.tolist() for a in msg.arrays())
+        with pytest.raises(ProtocolError, match="'a': expected its bytes from offset 0 on to its end \\(of 256\\), got a 200-byte"):
+            new_run(begin, loop).prepare(changed(msg, nbytes=[200, *nbytes[1:]]), slot)
+        with pytest.raises(ProtocolError, match="'a': .*got a 0-byte piece"):
+            new_run(begin, loop).prepare(changed(msg, nbytes=[0, *nbytes[1:]]), slot)
+        with pytest.raises(ProtocolError, match="'big': expected its bytes from offset 0 .*got a 3840-byte piece at 256"):
+            new_run(begin, loop).prepare(changed(msg, chunks=[0, 256]), slot)
+
+
+def test_entries_past_the_manifest_are_refused(loop: asyncio.AbstractEventLoop) -> None:
+    for begin, buckets in packed(model(1)):
+        run = new_run(begin, loop)
+        for msg, slot in buckets[:-1]:
+            run.prepare(msg, slot)
+        msg, slot = buckets[-1]
+        offsets, nbytes, chunks = (a.tolist() for a in msg.arrays())
+        extra = changed(msg, offsets=[*offsets, 3840], nbytes=[*nbytes, 8], chunks=[*chunks, 0])
+        with pytest.raises(ProtocolError, match="run past the 5 tensors"):
+            run.prepare(extra, slot)
 
 
 def test_repeated_bucket_is_refused(loop: asyncio.AbstractEventLoop) -> None:

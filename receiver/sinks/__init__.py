@@ -7,7 +7,9 @@ writes, or None). Every sink copies: the views it gets die when the iterator adv
 A sink whose loading of a tensor is exactly a byte copy into ``destination(name)`` sets
 ``direct_copy = True``: the daemon then copies whole tensors there itself, without
 making views or calling ``load_weights`` for them (the ready-made sinks all do; a
-wrapper that also records or transforms tensors must not).
+wrapper that also records or transforms tensors must not). Such a sink may return the
+same ``param_specs()`` object again only while every destination is unchanged: the
+daemon then reuses its manifest check and its per-tensor destinations.
 Importing this package never imports torch or paddle (the sink modules import their
 framework inside methods only).
 """
