@@ -23,7 +23,6 @@ class RunManifest:
         arrays = m.manifest_arrays(begin)
         self.names = begin.names
         self.codes = begin.dtypes  # bytes: indexing gives the dtype code
-        self._packed = (begin.dtypes, begin.ndims, begin.dims)
         self.sizes = arrays.sizes  # int64 array, for vectorised bucket checks
         self.fulls: list[int] = arrays.sizes.tolist()  # the same as ints, for per-tensor loops
         self._shapes: list[tuple[int, ...]] | None = None
@@ -37,7 +36,7 @@ class RunManifest:
 
     def same_as(self, begin: m.Begin) -> bool:
         """Does ``begin`` carry exactly this manifest? Compared at C speed."""
-        return (begin.dtypes, begin.ndims, begin.dims) == self._packed and begin.names == self.names
+        return m.same_manifest(begin, self._begin)
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:

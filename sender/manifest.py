@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -34,36 +35,52 @@ class Manifest:
         return len(self.names)
 
 
+_CODE_OF_NUMPY = {dt: d.code for dt, d in BY_NUMPY.items()}
+_dtype, _shape, _nbytes = attrgetter("dtype"), attrgetter("shape"), attrgetter("nbytes")
+
+
 def describe(named_tensors: Iterable[tuple[str, Any]]) -> Manifest:
     """The manifest of ``(name, tensor)`` pairs; raises WeightstreamError on a bad pair or name."""
-    names: list[str] = []
-    tensors: list[Any] = []
-    codes: list[int] = []
-    shapes: list[tuple[int, ...]] = []
-    sizes: list[int] = []
-    by_numpy, ndarray = BY_NUMPY, np.ndarray
     with gc_paused():
-        for item in named_tensors:
-            if type(item) is not tuple or len(item) != 2:
-                if not isinstance(item, tuple) or len(item) != 2:
-                    raise WeightstreamError(
-                        f"push expects (name, tensor) pairs, e.g. model.named_parameters(); got {type(item).__name__}"
-                    )
+        items = named_tensors if type(named_tensors) is list else list(named_tensors)
+        fast = _describe_numpy(items)
+        if fast is not None:
+            check_names(fast.names, "tensor names")
+            return fast
+        names: list[str] = []
+        tensors: list[Any] = []
+        codes: list[int] = []
+        shapes: list[tuple[int, ...]] = []
+        sizes: list[int] = []
+        for item in items:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise WeightstreamError(
+                    f"push expects (name, tensor) pairs, e.g. model.named_parameters(); got {type(item).__name__}"
+                )
             name, tensor = item
-            dtype = by_numpy.get(tensor.dtype) if type(tensor) is ndarray else None
-            if dtype is not None:  # the common NumPy case without the generic dispatch
-                shapes.append(tensor.shape)
-                sizes.append(tensor.nbytes)
-            else:
-                dtype = dtype_of(tensor)
-                shape = shape_of(tensor)
-                shapes.append(tuple(shape))
-                sizes.append(dtype.itemsize * math.prod(shape))
+            dtype = dtype_of(tensor)
+            shape = tuple(shape_of(tensor))
             names.append(name)
             tensors.append(tensor)
             codes.append(dtype.code)
+            shapes.append(shape)
+            sizes.append(dtype.itemsize * math.prod(shape))
     check_names(names, "tensor names")
     return Manifest(names, tensors, codes, shapes, sizes)
+
+
+def _describe_numpy(items: list[Any]) -> Manifest | None:
+    """All pairs of NumPy arrays in wire dtypes, described with C-level maps (no Python loop
+    per tensor); None when anything else is in the list, for the general path to handle."""
+    if not items or set(map(type, items)) != {tuple} or set(map(len, items)) != {2}:
+        return None
+    names, tensors = map(list, zip(*items))
+    if set(map(type, tensors)) != {np.ndarray}:
+        return None
+    codes = list(map(_CODE_OF_NUMPY.get, map(_dtype, tensors)))
+    if None in codes:
+        return None
+    return Manifest(names, tensors, codes, list(map(_shape, tensors)), list(map(_nbytes, tensors)))
 
 
 def from_specs(specs: Mapping[str, tuple[str, Sequence[int]]]) -> Manifest:

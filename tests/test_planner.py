@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightstream import WeightstreamError
-from weightstream.sender.planner import align_up, plan_buckets
+from weightstream.sender.planner import _plan_unchunked, align_up, plan_buckets
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -117,3 +117,22 @@ def test_align_up() -> None:
 def test_plan_properties(sizes: list[int], buckets_of: int, align_pow: int) -> None:
     alignment = 1 << align_pow
     check_plan(sizes, buckets_of * max(alignment, 128), alignment)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(0, 3000), max_size=64),
+    st.integers(1, 16),
+    st.integers(0, 9),
+)
+def test_vectorised_layout_equals_the_loop(sizes: list[int], buckets_of: int, align_pow: int) -> None:
+    """Short lists take the per-tensor loop; the vectorised path must lay out the same."""
+    alignment = 1 << align_pow
+    bucket_bytes = align_up(max([*sizes, 1]), alignment) * buckets_of
+    assert _plan_unchunked(sizes, bucket_bytes, alignment) == plan_buckets(sizes, bucket_bytes, alignment)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 5000), min_size=65, max_size=400), st.integers(1, 8))
+def test_long_unchunked_lists_keep_every_invariant(sizes: list[int], buckets_of: int) -> None:
+    check_plan(sizes, align_up(max(sizes) or 1, 256) * buckets_of, 256)

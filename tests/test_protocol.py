@@ -262,3 +262,17 @@ def test_hostile_frames_are_protocol_errors(name: str) -> None:
 def test_oversized_frame_is_refused_before_parsing() -> None:
     with pytest.raises(ProtocolError, match="exceeds the limit"):
         m.decode(b"\x00" * (m.MAX_MESSAGE_BYTES + 1))
+
+
+def test_a_repeated_manifest_is_still_checked_where_it_differs() -> None:
+    """Decode remembers the last valid BEGIN to skip re-validating an identical manifest;
+    anything that differs from it is checked in full."""
+    good = m.encode(BEGIN)
+    assert m.decode(good) == BEGIN and m.decode(good) == BEGIN
+    with pytest.raises(ProtocolError, match="total_bytes"):
+        m.decode(body_of(BEGIN, total_bytes=25))
+    with pytest.raises(ProtocolError, match="duplicate"):
+        m.decode(body_of(BEGIN, names=["a.w", "a.w", "e"]))
+    with pytest.raises(ProtocolError, match="BEGIN.dtypes"):
+        m.decode(body_of(BEGIN, dtypes=bytes([8, 7, 99])))
+    assert m.decode(good) == BEGIN
