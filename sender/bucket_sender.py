@@ -7,7 +7,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 from ..protocol import messages as m
 from ..protocol.errors import PeerTimeout, TransportError, WeightstreamError, from_wire
 from ..protocol.gc_pause import gc_paused
+from ..protocol.packed import pack_shapes
 from ..protocol.security import CurveKeys
 from ..protocol.shm import host_identity
 from ..protocol.transport import get_transport
@@ -117,6 +118,9 @@ class BucketSender:
                 slot.close()
             raise
         self._ring = SlotRing(num_buffers, self._publisher.cond)
+        # the last push's manifest, bucket plan and packed shapes: an RL loop pushes the same
+        # layout every step, so only its checks are redone, not its planning
+        self._last_layout: tuple[Manifest, list[Any], tuple[bytes, bytes]] | None = None
         self._publisher.on_slot_free = self._ring.release
         self.committed_version: str | None = None
 
@@ -219,9 +223,16 @@ class BucketSender:
             manifest = from_specs(specs)
             source = iter(named_tensors)
         else:
-            manifest = describe(named_tensors)
-        with gc_paused():
-            plan = plan_buckets(manifest.nbytes, self.bucket_bytes, self.alignment)
+            manifest = describe(named_tensors, previous=self._last_layout[0] if self._last_layout else None)
+        last = self._last_layout
+        if last is not None and manifest.same_layout(last[0]):
+            plan, (ndims, dims) = last[1], last[2]
+        else:
+            with gc_paused():
+                plan = plan_buckets(manifest.nbytes, self.bucket_bytes, self.alignment)
+                ndims, dims = pack_shapes(manifest.shapes)
+            # without the tensors: a trainer that makes fresh ones per push must get its memory back
+            self._last_layout = (replace(manifest, tensors=None), plan, (ndims, dims))
         total = sum(manifest.nbytes)
         self.wait_for_receivers(timeout=timeout)
         start = time.perf_counter()
@@ -235,11 +246,12 @@ class BucketSender:
         try:
             pub.broadcast(
                 idents,
-                m.Begin.build(
+                m.Begin(
                     version=version,
                     names=manifest.names,
-                    dtypes=manifest.dtypes,
-                    shapes=manifest.shapes,
+                    dtypes=bytes(manifest.dtypes),
+                    ndims=ndims,
+                    dims=dims,
                     total_bytes=total,
                     buckets=len(plan),
                     force=True if force else None,

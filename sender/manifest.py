@@ -34,18 +34,30 @@ class Manifest:
     def __len__(self) -> int:
         return len(self.names)
 
+    def same_layout(self, other: Manifest | None) -> bool:
+        """Same names, dtypes and shapes in the same order (compared at C speed): everything
+        derived from ``other`` (its bucket plan, its packed BEGIN arrays) holds for this one."""
+        return (
+            other is not None and self.dtypes == other.dtypes and self.shapes == other.shapes
+            and self.names == other.names
+        )
+
 
 _CODE_OF_NUMPY = {dt: d.code for dt, d in BY_NUMPY.items()}
 _dtype, _shape, _nbytes = attrgetter("dtype"), attrgetter("shape"), attrgetter("nbytes")
 
 
-def describe(named_tensors: Iterable[tuple[str, Any]]) -> Manifest:
-    """The manifest of ``(name, tensor)`` pairs; raises WeightstreamError on a bad pair or name."""
+def describe(named_tensors: Iterable[tuple[str, Any]], previous: Manifest | None = None) -> Manifest:
+    """The manifest of ``(name, tensor)`` pairs; raises WeightstreamError on a bad pair or name.
+
+    Names equal to ``previous``'s (the last push's, already checked) are not checked again.
+    """
     with gc_paused():
         items = named_tensors if type(named_tensors) is list else list(named_tensors)
         fast = _describe_numpy(items)
         if fast is not None:
-            check_names(fast.names, "tensor names")
+            if previous is None or fast.names != previous.names:
+                check_names(fast.names, "tensor names")
             return fast
         names: list[str] = []
         tensors: list[Any] = []

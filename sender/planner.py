@@ -5,6 +5,12 @@ lazily in that order) at ``alignment``-byte offsets. A tensor that does not fit
 in the rest of the current bucket starts a new one; a tensor larger than a whole
 bucket is split into chunks that fill successive buckets, so it streams through
 the ring without a full-size temporary on either side.
+
+A bucket also holds at most ``max_entries`` tensors. A bucket is the unit the
+pipeline overlaps (the sender packs one while ranks apply another), and for tiny
+tensors its cost is per tensor, not per byte: 100k tensors of 4 KiB in 256 MiB
+buckets would make two buckets, leaving the ranks idle while the first ~65k are
+packed. Capped, the first bucket ships after ~16k.
 """
 
 from __future__ import annotations
@@ -40,8 +46,12 @@ def align_up(n: int, alignment: int) -> int:
     return (n + alignment - 1) // alignment * alignment
 
 
+MAX_ENTRIES = 16384  # measured: 100k x 4 KiB pushes ~10% faster than uncapped; 8k was no better
+
+
 def plan_buckets(
-    sizes: Sequence[int], bucket_bytes: int, alignment: int = 256, *, allow_chunks: bool = True
+    sizes: Sequence[int], bucket_bytes: int, alignment: int = 256, *, allow_chunks: bool = True,
+    max_entries: int = MAX_ENTRIES,
 ) -> list[PlannedBucket]:
     """Lay out tensors of ``sizes`` bytes into buckets of ``bucket_bytes``.
 
@@ -59,8 +69,10 @@ def plan_buckets(
     if sizes and min(sizes) < 0:
         index = next(i for i, size in enumerate(sizes) if size < 0)
         raise WeightstreamError(f"tensor {index}: size must be >= 0, got {sizes[index]}")
+    if max_entries < 1:
+        raise WeightstreamError(f"max_entries must be >= 1, got {max_entries}")
     if len(sizes) > _VECTOR_MIN and max(sizes) <= bucket_bytes:
-        return _plan_unchunked(sizes, bucket_bytes, alignment)
+        return _plan_unchunked(sizes, bucket_bytes, alignment, max_entries)
     buckets: list[PlannedBucket] = []
     current: PlannedBucket | None = None
     cursor = 0  # next aligned free offset in ``current``
@@ -69,7 +81,7 @@ def plan_buckets(
     # this runs once per tensor per push.
     tensors_, offsets_, nbytes_, chunks_ = [], [], [], []
     for index, size in enumerate(sizes):
-        if current is not None and cursor + size <= bucket_bytes:
+        if current is not None and cursor + size <= bucket_bytes and len(tensors_) < max_entries:
             tensors_.append(index)
             offsets_.append(cursor)
             nbytes_.append(size)
@@ -92,7 +104,7 @@ def plan_buckets(
             )
         # Chunked: use what is left of the current bucket, then whole buckets.
         done = 0
-        if current is not None and cursor < bucket_bytes:
+        if current is not None and cursor < bucket_bytes and len(tensors_) < max_entries:
             piece = bucket_bytes - cursor
             current.add(index, cursor, piece, 0)
             done = piece
@@ -112,13 +124,14 @@ def plan_buckets(
 _VECTOR_MIN = 64  # below this the loop is as fast and the arrays are not worth making
 
 
-def _plan_unchunked(sizes: Sequence[int], bucket_bytes: int, alignment: int) -> list[PlannedBucket]:
+def _plan_unchunked(sizes: Sequence[int], bucket_bytes: int, alignment: int, max_entries: int) -> list[PlannedBucket]:
     """The same layout as the loop when no tensor needs chunking, at C speed.
 
     Laid out back to back from 0, tensor j would start at ``starts[j]`` and end at
     ``ends[j]`` (unaligned), and ``ends`` never decreases; so each bucket is the run
     of tensors whose ends lie within ``bucket_bytes`` of the run's first start: one
-    binary search per bucket instead of a Python step per tensor.
+    binary search per bucket instead of a Python step per tensor; ``max_entries`` then
+    cuts the run short.
     """
     size = np.asarray(sizes, dtype=np.int64)
     aligned = (size + (alignment - 1)) & ~(alignment - 1)
@@ -128,7 +141,8 @@ def _plan_unchunked(sizes: Sequence[int], bucket_bytes: int, alignment: int) -> 
     first, n = 0, len(size)
     while first < n:
         base = int(starts[first])
-        last = int(np.searchsorted(ends, base + bucket_bytes, side="right"))  # the first that does not fit
+        fits = int(np.searchsorted(ends, base + bucket_bytes, side="right"))  # the first that does not fit
+        last = min(fits, first + max_entries)
         bucket = PlannedBucket(
             seq=len(buckets),
             tensors=list(range(first, last)),

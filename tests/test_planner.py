@@ -12,9 +12,9 @@ from weightstream.sender.planner import _plan_unchunked, align_up, plan_buckets
 pytestmark = pytest.mark.timeout(60)
 
 
-def check_plan(sizes: list[int], bucket_bytes: int, alignment: int) -> None:
+def check_plan(sizes: list[int], bucket_bytes: int, alignment: int, max_entries: int = 16384) -> None:
     """Every invariant a receiver relies on."""
-    plan = plan_buckets(sizes, bucket_bytes, alignment)
+    plan = plan_buckets(sizes, bucket_bytes, alignment, max_entries=max_entries)
     covered: dict[int, list[tuple[int, int]]] = {i: [] for i in range(len(sizes))}
     order: list[int] = []
     for seq, bucket in enumerate(plan):
@@ -22,6 +22,7 @@ def check_plan(sizes: list[int], bucket_bytes: int, alignment: int) -> None:
         assert bucket.tensors, "no empty buckets"
         n = len(bucket.tensors)
         assert len(bucket.offsets) == len(bucket.nbytes) == len(bucket.chunks) == n
+        assert n <= max_entries
         end = 0
         for t, off, nb, chunk in zip(bucket.tensors, bucket.offsets, bucket.nbytes, bucket.chunks):
             assert off % alignment == 0, "offset not aligned"
@@ -124,15 +125,35 @@ def test_plan_properties(sizes: list[int], buckets_of: int, align_pow: int) -> N
     st.lists(st.integers(0, 3000), max_size=64),
     st.integers(1, 16),
     st.integers(0, 9),
+    st.integers(1, 70),
 )
-def test_vectorised_layout_equals_the_loop(sizes: list[int], buckets_of: int, align_pow: int) -> None:
+def test_vectorised_layout_equals_the_loop(sizes: list[int], buckets_of: int, align_pow: int, cap: int) -> None:
     """Short lists take the per-tensor loop; the vectorised path must lay out the same."""
     alignment = 1 << align_pow
     bucket_bytes = align_up(max([*sizes, 1]), alignment) * buckets_of
-    assert _plan_unchunked(sizes, bucket_bytes, alignment) == plan_buckets(sizes, bucket_bytes, alignment)
+    loop = plan_buckets(sizes, bucket_bytes, alignment, max_entries=cap)
+    assert _plan_unchunked(sizes, bucket_bytes, alignment, cap) == loop
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.integers(0, 5000), min_size=65, max_size=400), st.integers(1, 8))
-def test_long_unchunked_lists_keep_every_invariant(sizes: list[int], buckets_of: int) -> None:
-    check_plan(sizes, align_up(max(sizes) or 1, 256) * buckets_of, 256)
+@given(st.lists(st.integers(0, 5000), min_size=65, max_size=400), st.integers(1, 8), st.integers(1, 500))
+def test_long_unchunked_lists_keep_every_invariant(sizes: list[int], buckets_of: int, cap: int) -> None:
+    check_plan(sizes, align_up(max(sizes) or 1, 256) * buckets_of, 256, cap)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.lists(st.one_of(st.integers(0, 600), st.integers(0, 5000)), max_size=40),
+    buckets_of=st.integers(1, 8),
+    cap=st.integers(1, 5),
+)
+def test_entry_cap_holds_with_chunked_tensors(sizes: list[int], buckets_of: int, cap: int) -> None:
+    check_plan(sizes, buckets_of * 256, 256, cap)
+
+
+def test_entry_cap_splits_runs_of_small_tensors() -> None:
+    plan = plan_buckets([256] * 10, 1 << 20, 256, max_entries=4)
+    assert [b.tensors for b in plan] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [b.offsets for b in plan] == [[0, 256, 512, 768]] * 2 + [[0, 256]]
+    with pytest.raises(WeightstreamError, match="max_entries"):
+        plan_buckets([1], 4096, max_entries=0)
