@@ -395,16 +395,10 @@ def _check(spec: Any, value: Any, where: str) -> Any:
             raise ProtocolError(f"field '{where}': expected {spec.lo}..{spec.hi}, got {value}")
         return float(value)
     if isinstance(spec, _Str):
-        if type(value) is not str:
-            raise ProtocolError(f"field '{where}': expected str, got {type(value).__name__}")
-        if len(value) > spec.max_len:
-            raise ProtocolError(f"field '{where}': expected at most {spec.max_len} characters, got {len(value)}")
+        _sized(value, str, "str", len(value) if type(value) is str else 0, spec.max_len, "characters", where)
         return value
     if isinstance(spec, _List):
-        if type(value) is not list:
-            raise ProtocolError(f"field '{where}': expected a list, got {type(value).__name__}")
-        if len(value) > spec.max_len:
-            raise ProtocolError(f"field '{where}': expected at most {spec.max_len} items, got {len(value)}")
+        _sized(value, list, "a list", len(value) if type(value) is list else 0, spec.max_len, "items", where)
         item = spec.item
         # Names are checked at C speed (type set, longest); only a failing list is walked
         # in Python to name the offending index.
@@ -417,16 +411,11 @@ def _check(spec: Any, value: Any, where: str) -> Any:
             return value
         return [_check(item, x, f"{where}[{i}]") for i, x in enumerate(value)]
     if isinstance(spec, _Bin):
-        if type(value) is not bytes:
-            raise ProtocolError(f"field '{where}': expected bin (packed bytes), got {type(value).__name__}")
-        if len(value) > spec.max_len:
-            raise ProtocolError(f"field '{where}': expected at most {spec.max_len} entries, got {len(value)}")
+        _sized(value, bytes, "bin (packed bytes)", len(value) if type(value) is bytes else 0, spec.max_len, "entries", where)
         return value
     if isinstance(spec, _U64s):
-        if type(value) is not bytes:
-            raise ProtocolError(f"field '{where}': expected bin of packed little-endian uint64, got {type(value).__name__}")
-        if len(value) > 8 * spec.max_len:
-            raise ProtocolError(f"field '{where}': expected at most {spec.max_len} entries, got {len(value) // 8}")
+        count = len(value) // 8 if type(value) is bytes else 0
+        _sized(value, bytes, "bin of packed little-endian uint64", count, spec.max_len, "entries", where)
         if u64_array(value, spec.hi) is None:
             if len(value) % 8:
                 raise ProtocolError(f"field '{where}': expected a multiple of 8 bytes (packed uint64), got {len(value)}")
@@ -444,6 +433,13 @@ def _check(spec: Any, value: Any, where: str) -> Any:
                 raise ProtocolError(f"field '{where}': expected str keys and scalar values, got {_short(k)}: {type(x).__name__}")
         return value
     raise TypeError(f"unknown spec {spec!r}")  # programming error, never peer input
+
+
+def _sized(value: Any, kind: type, kind_text: str, size: int, limit: int, unit: str, where: str) -> None:
+    if type(value) is not kind:
+        raise ProtocolError(f"field '{where}': expected {kind_text}, got {type(value).__name__}")
+    if size > limit:
+        raise ProtocolError(f"field '{where}': expected at most {limit} {unit}, got {size}")
 
 
 # --- cross-field rules ---------------------------------------------------------------
