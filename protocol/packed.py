@@ -20,6 +20,7 @@ import numpy as np
 
 U64 = np.dtype("<u8")
 _EMPTY = np.zeros(0, np.int64)
+_EMPTY.flags.writeable = False
 # Sizes are summed and added to offsets in int64; keep every value far from overflow.
 MAX_VALUE = (1 << 62) - 1
 

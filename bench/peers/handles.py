@@ -17,7 +17,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from .harness import zmq_ipc
+from .harness import pull_socket, push_sockets, zmq_ipc
 
 SHM = "/dev/shm"
 END = b"END"
@@ -35,13 +35,7 @@ def _map(path: str, size: int, create: bool) -> mmap.mmap:
 
 def setup(workdir: str, receivers: int) -> dict[str, Any]:
     ctx = zmq.Context()
-    socks = []
-    for rank in range(receivers):
-        s = ctx.socket(zmq.PUSH)
-        s.setsockopt(zmq.SNDHWM, 0)
-        s.setsockopt(zmq.LINGER, 0)
-        s.bind(zmq_ipc(workdir, f"h{rank}.sock"))
-        socks.append(s)
+    socks = push_sockets(ctx, workdir, "h", receivers)
     ack = ctx.socket(zmq.PULL)
     ack.setsockopt(zmq.LINGER, 0)
     ack.setsockopt(zmq.RCVTIMEO, 120_000)
@@ -89,11 +83,7 @@ def teardown(state: dict[str, Any]) -> None:
 def receive(workdir: str, rank: int, model: dict[str, np.ndarray], options: dict[str, Any],
             versions: int, report: Any, ready: Any) -> None:
     ctx = zmq.Context()
-    s = ctx.socket(zmq.PULL)
-    s.setsockopt(zmq.RCVHWM, 0)
-    s.setsockopt(zmq.LINGER, 0)
-    s.setsockopt(zmq.RCVTIMEO, 120_000)
-    s.connect(zmq_ipc(workdir, f"h{rank}.sock"))
+    s = pull_socket(ctx, workdir, "h", rank)
     ack = ctx.socket(zmq.PUSH)
     ack.setsockopt(zmq.LINGER, 1000)
     ack.connect(zmq_ipc(workdir, "hack.sock"))

@@ -155,3 +155,25 @@ def run(
 
 def zmq_ipc(workdir: str, name: str) -> str:
     return f"ipc://{os.path.join(workdir, name)}"
+
+
+def push_sockets(ctx: zmq.Context[Any], workdir: str, prefix: str, receivers: int) -> list[zmq.Socket[Any]]:
+    """The sender's side of a peer: one bound PUSH socket per rank, unbounded queue."""
+    socks = []
+    for rank in range(receivers):
+        s = ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.SNDHWM, 0)
+        s.setsockopt(zmq.LINGER, 0)
+        s.bind(zmq_ipc(workdir, f"{prefix}{rank}.sock"))
+        socks.append(s)
+    return socks
+
+
+def pull_socket(ctx: zmq.Context[Any], workdir: str, prefix: str, rank: int) -> zmq.Socket[Any]:
+    """A rank's side: its PULL socket, with a receive timeout so a lost sender fails the run."""
+    s = ctx.socket(zmq.PULL)
+    s.setsockopt(zmq.RCVHWM, 0)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, 120_000)
+    s.connect(zmq_ipc(workdir, f"{prefix}{rank}.sock"))
+    return s

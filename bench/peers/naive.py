@@ -12,20 +12,14 @@ from typing import Any
 import numpy as np
 import zmq
 
-from .harness import zmq_ipc
+from .harness import pull_socket, push_sockets
 
 END = b"END"
 
 
 def setup(workdir: str, receivers: int) -> dict[str, Any]:
     ctx = zmq.Context()
-    socks = []
-    for rank in range(receivers):
-        s = ctx.socket(zmq.PUSH)
-        s.setsockopt(zmq.SNDHWM, 0)
-        s.setsockopt(zmq.LINGER, 0)
-        s.bind(zmq_ipc(workdir, f"naive{rank}.sock"))
-        socks.append(s)
+    socks = push_sockets(ctx, workdir, "naive", receivers)
     return {"ctx": ctx, "socks": socks}
 
 
@@ -50,11 +44,7 @@ def teardown(state: dict[str, Any]) -> None:
 def receive(workdir: str, rank: int, model: dict[str, np.ndarray], options: dict[str, Any],
             versions: int, report: Any, ready: Any) -> None:
     ctx = zmq.Context()
-    s = ctx.socket(zmq.PULL)
-    s.setsockopt(zmq.RCVHWM, 0)
-    s.setsockopt(zmq.LINGER, 0)
-    s.setsockopt(zmq.RCVTIMEO, 120_000)
-    s.connect(zmq_ipc(workdir, f"naive{rank}.sock"))
+    s = pull_socket(ctx, workdir, "naive", rank)
     ready()
     try:
         for v in range(versions):
