@@ -420,3 +420,31 @@ def test_a_replaced_param_is_checked_again(endpoint: str) -> None:
                 sender.push(named.items(), version="v3")
             assert daemon.committed_version == "v2"
             assert not state["w"].any(), "a rejected version must not touch the model"
+
+
+@pytest.mark.timeout(120)
+def test_a_repointed_torch_param_gets_the_next_version(endpoint: str) -> None:
+    """TorchModuleSink keeps its specs (and so the daemon its direct-copy destinations) while
+    every tensor stays where it was. ``param.data = ...`` moves a parameter's memory without
+    replacing the object: the next version must land in the new memory, bit-exact."""
+    torch = pytest.importorskip("torch")
+    from weightstream.receiver.sinks import TorchModuleSink
+
+    module = torch.nn.Linear(8, 4)
+    sink = TorchModuleSink(module)
+    with BucketSender(endpoint, bucket_bytes=BUCKET, timeout=30) as sender:
+        with ReceiverDaemon(endpoint, sink, heartbeat_interval=0.2) as daemon:
+            for step in range(2):
+                named = {"weight": np.full((4, 8), step, np.float32), "bias": np.arange(4, dtype=np.float32) + step}
+                sender.push(named.items(), version=f"v{step}")
+            specs = sink.param_specs()
+            assert sink.param_specs() is specs, "unchanged module: the same specs object"
+            old = module.weight.data
+            module.weight.data = torch.zeros(4, 8)  # new memory, same Parameter object
+            assert sink.param_specs() is not specs
+            named = {"weight": np.full((4, 8), 7, np.float32), "bias": np.full(4, 9, np.float32)}
+            sender.push(named.items(), version="v2")
+            assert daemon.committed_version == "v2"
+    assert module.weight.detach().numpy().tobytes() == named["weight"].tobytes()
+    assert module.bias.detach().numpy().tobytes() == named["bias"].tobytes()
+    assert old.numpy().tolist() == np.full((4, 8), 1, np.float32).tolist(), "the old memory is left alone"
