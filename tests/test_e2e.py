@@ -422,29 +422,52 @@ def test_a_replaced_param_is_checked_again(endpoint: str) -> None:
             assert not state["w"].any(), "a rejected version must not touch the model"
 
 
-@pytest.mark.timeout(120)
-def test_a_repointed_torch_param_gets_the_next_version(endpoint: str) -> None:
-    """TorchModuleSink keeps its specs (and so the daemon its direct-copy destinations) while
-    every tensor stays where it was. ``param.data = ...`` moves a parameter's memory without
-    replacing the object: the next version must land in the new memory, bit-exact."""
-    torch = pytest.importorskip("torch")
-    from weightstream.receiver.sinks import TorchModuleSink
+def _moving_model(framework: str) -> tuple[Any, Any, Any, Any]:
+    """(sink, weight shape, move(): give the weight new memory and return the old one, read(t))."""
+    if framework == "torch":
+        torch = pytest.importorskip("torch")
+        from weightstream.receiver.sinks import TorchModuleSink
 
-    module = torch.nn.Linear(8, 4)
-    sink = TorchModuleSink(module)
+        module = torch.nn.Linear(8, 4)
+
+        def move() -> Any:
+            old = module.weight.data
+            module.weight.data = torch.zeros(4, 8)  # new memory, same Parameter object
+            return old
+
+        return TorchModuleSink(module), (4, 8), move, lambda: (module.weight.detach().numpy(), module.bias.detach().numpy())
+    paddle = pytest.importorskip("paddle")
+    from weightstream.receiver.sinks import PaddleLayerSink
+
+    layer = paddle.nn.Linear(8, 4)
+
+    def move() -> Any:
+        old = layer.weight
+        layer.weight = paddle.create_parameter([8, 4], "float32")  # a new parameter, new memory
+        return old
+
+    return PaddleLayerSink(layer), (8, 4), move, lambda: (layer.weight.numpy(), layer.bias.numpy())
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("framework", ["torch", "paddle"])
+def test_a_param_whose_memory_moves_gets_the_next_version(endpoint: str, framework: str) -> None:
+    """A framework sink keeps its specs (and so the daemon its direct-copy destinations) while
+    every tensor stays where it was. When a parameter's memory moves (torch ``.data = ...``, a
+    new Paddle parameter), the next version must land in the new memory, bit-exact."""
+    sink, shape, move, read = _moving_model(framework)
     with BucketSender(endpoint, bucket_bytes=BUCKET, timeout=30) as sender:
         with ReceiverDaemon(endpoint, sink, heartbeat_interval=0.2) as daemon:
             for step in range(2):
-                named = {"weight": np.full((4, 8), step, np.float32), "bias": np.arange(4, dtype=np.float32) + step}
+                named = {"weight": np.full(shape, step, np.float32), "bias": np.arange(4, dtype=np.float32) + step}
                 sender.push(named.items(), version=f"v{step}")
             specs = sink.param_specs()
-            assert sink.param_specs() is specs, "unchanged module: the same specs object"
-            old = module.weight.data
-            module.weight.data = torch.zeros(4, 8)  # new memory, same Parameter object
+            assert sink.param_specs() is specs, "unchanged model: the same specs object"
+            old = move()
             assert sink.param_specs() is not specs
-            named = {"weight": np.full((4, 8), 7, np.float32), "bias": np.full(4, 9, np.float32)}
+            named = {"weight": np.full(shape, 7, np.float32), "bias": np.full(4, 9, np.float32)}
             sender.push(named.items(), version="v2")
             assert daemon.committed_version == "v2"
-    assert module.weight.detach().numpy().tobytes() == named["weight"].tobytes()
-    assert module.bias.detach().numpy().tobytes() == named["bias"].tobytes()
-    assert old.numpy().tolist() == np.full((4, 8), 1, np.float32).tolist(), "the old memory is left alone"
+    weight, bias = read()
+    assert weight.tobytes() == named["weight"].tobytes() and bias.tobytes() == named["bias"].tobytes()
+    assert old.numpy().tolist() == np.full(shape, 1, np.float32).tolist(), "the old memory is left alone"

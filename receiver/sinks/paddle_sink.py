@@ -10,7 +10,7 @@ import numpy as np
 from ...protocol.dtypes import from_paddle
 from ...protocol.errors import WeightstreamError
 from ...protocol.tensors import Framework, bytes_view
-from .base import ParamSpecs, spec_mismatch, unknown_name
+from .base import ParamSpecs, SpecsCache, spec_mismatch, unknown_name
 
 if TYPE_CHECKING:
     import paddle
@@ -39,12 +39,15 @@ class PaddleLayerSink:
                 f"PaddleLayerSink: expected a paddle.nn.Layer, got {type(layer).__qualname__}; fix: pass the model"
             )
         self.layer = layer
+        self._specs = SpecsCache()
 
     def param_specs(self) -> ParamSpecs:
-        return {
-            name: (from_paddle(t.dtype).name, tuple(int(n) for n in t.shape))
-            for name, t in self.layer.state_dict().items()
-        }
+        """The layer's specs: the same object while no tensor moved (a new parameter moves one)."""
+        state = self.layer.state_dict()
+        return self._specs.get(
+            list(state), list(state.values()), _data_ptr,
+            lambda: {name: (from_paddle(t.dtype).name, tuple(int(n) for n in t.shape)) for name, t in state.items()},
+        )
 
     def _target(self, name: str) -> Any:
         # Walk the structured name through _sub_layers (O(depth)); fall back to state_dict().
@@ -93,3 +96,9 @@ class PaddleLayerSink:
         except WeightstreamError:
             return None
         return bytes_view(target)
+
+
+
+def _data_ptr(t: Any) -> int:
+    """Where a tensor's memory is; 0 for one not allocated yet (LazyGuard)."""
+    return t.data_ptr() if t._is_initialized() else 0

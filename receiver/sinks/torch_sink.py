@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -11,14 +10,13 @@ import numpy as np
 from ...protocol.dtypes import from_torch
 from ...protocol.errors import WeightstreamError
 from ...protocol.tensors import Framework, bytes_view
-from .base import ParamSpecs, spec_mismatch, unknown_name
+from .base import ParamSpecs, SpecsCache, spec_mismatch, unknown_name
 
 if TYPE_CHECKING:
     import torch
 
 # (owning module's _parameters or _buffers dict, key in it)
 _Slot = tuple[dict[str, Any], str]
-_dtype, _shape = attrgetter("dtype"), attrgetter("shape")
 
 
 class TorchModuleSink:
@@ -48,27 +46,19 @@ class TorchModuleSink:
         self._by_name: dict[str, Any] = {}
         # id(meta tensor) -> (tensor, slots referencing it); built when first needed.
         self._meta_index: dict[int, tuple[Any, list[_Slot]]] | None = None
-        # (names, where each tensor's memory is, its dtypes and shapes) -> the specs made from them
-        self._specs: tuple[list[str], list[int], list[Any], list[Any], ParamSpecs] | None = None
+        self._specs = SpecsCache()
 
     def param_specs(self) -> ParamSpecs:
-        """The module's specs; the same dict object as last time while every tensor is where it
-        was, with the same dtype and shape (so the daemon keeps its check and its destinations).
-        Compared with C-level maps: at 100k params, rebuilding costs more than moving the bytes."""
+        """The module's specs: the same object while no tensor moved (``.data = ...`` moves one)."""
         import torch
 
         state = self.module.state_dict(keep_vars=True)
         tensors = {name: t for name, t in state.items() if isinstance(t, torch.Tensor)}  # skip extra-state payloads
         self._by_name = tensors
-        names, values = list(tensors), list(tensors.values())
-        where = list(map(torch.Tensor.data_ptr, values))  # a replaced or re-pointed (.data = ...) tensor moves
-        dtypes, shapes = list(map(_dtype, values)), list(map(_shape, values))
-        cached = self._specs
-        if cached is not None and cached[0] == names and cached[1] == where and cached[2] == dtypes and cached[3] == shapes:
-            return cached[4]
-        specs = {name: (from_torch(t.dtype).name, tuple(t.shape)) for name, t in tensors.items()}
-        self._specs = (names, where, dtypes, shapes, specs)
-        return specs
+        return self._specs.get(
+            list(tensors), list(tensors.values()), torch.Tensor.data_ptr,
+            lambda: {name: (from_torch(t.dtype).name, tuple(t.shape)) for name, t in tensors.items()},
+        )
 
     def _slot(self, name: str) -> _Slot | None:
         """Where ``name`` lives, found by walking the module path (O(depth), no state_dict)."""
