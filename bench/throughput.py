@@ -6,9 +6,10 @@
 
 Every run verifies the bytes it moved (xxh3_64 per tensor, sender vs each receiver),
 writes bench/results/<timestamp>.json and .png, and prints a table plus ratios.
-Methods: memcpy (limit: one-process NumPy copy of the same bytes), weightstream,
-naive (pickle per tensor over ZMQ), handles (one shm segment per tensor), lockstep
-(one buffer, REQ/REP acks).
+Methods: memcpy (limit: one-process NumPy copy of the same bytes), pipeline (limit
+of a two-copy pipeline: two processes copying the same bytes into and out of shm
+slots at once; see bench/pipeline_limit.py), weightstream, naive (pickle per tensor
+over ZMQ), handles (one shm segment per tensor), lockstep (one buffer, REQ/REP acks).
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ import numpy as np
 
 from weightstream import synthetic
 
-from . import ws_run
+from . import pipeline_limit, ws_run
 from .peers import handles, harness, lockstep, naive
 
 MiB = 1 << 20
 GiB = 1 << 30
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("memcpy", "weightstream", "naive", "handles", "lockstep")
+METHODS = ("memcpy", "pipeline", "weightstream", "naive", "handles", "lockstep")
+LIMITS = ("memcpy", "pipeline")  # machine ceilings, measured without receivers
 
 
 @dataclass
@@ -92,6 +94,12 @@ def memcpy_row(shape: str, model: synthetic.Model, repeats: int = 3) -> Row:
         times.append(time.perf_counter() - t)
     ok = bool(np.array_equal(dst, src))
     return Row(shape, "memcpy", len(model.tensors), model.nbytes, 0, seconds=times, verified=ok)
+
+
+def pipeline_row(shape: str, model: synthetic.Model, repeats: int = 3) -> Row:
+    times, ok = pipeline_limit.measure(model.nbytes, repeats)
+    return Row(shape, "pipeline", len(model.tensors), model.nbytes, 0, seconds=times, verified=ok,
+               error=None if times else "a copier process failed")
 
 
 def peer_row(method: str, shape: str, model: synthetic.Model, receivers: int, bucket: int, buffers: int,
@@ -177,8 +185,8 @@ def run_plan(plan: Plan, log: Any = print) -> list[Row]:
         model = make_model(shape, plan.size, plan.default_bucket * MiB)
         log(f"== {shape}: {len(model.tensors)} tensors, {model.nbytes / 1e9:.3f} GB")
         for method in plan.methods:
-            if method == "memcpy":
-                rows.append(memcpy_row(shape, model))
+            if method in LIMITS:
+                rows.append(memcpy_row(shape, model) if method == "memcpy" else pipeline_row(shape, model))
                 log(_fmt(rows[-1]))
                 continue
             for r, b, n, p in configs(plan, shape, method):
@@ -207,7 +215,7 @@ def _default(rows: list[Row], shape: str, method: str, plan: Plan, receivers: in
     for row in rows:
         if row.shape != shape or row.method != method or not row.seconds:
             continue
-        if method == "memcpy":
+        if method in LIMITS:
             return row
         if row.receivers != receivers:
             continue
@@ -227,9 +235,10 @@ def ratios(rows: list[Row], plan: Plan) -> list[dict[str, Any]]:
             if ws is None:
                 continue
             entry: dict[str, Any] = {"shape": shape, "receivers": r, "weightstream_gbps": ws.gbps}
-            limit = _default(rows, shape, "memcpy", plan, r)
-            if limit:
-                entry["vs_memcpy"] = ws.gbps / limit.gbps
+            for name in LIMITS:
+                limit = _default(rows, shape, name, plan, r)
+                if limit:
+                    entry[f"vs_{name}"] = ws.gbps / limit.gbps
             for peer in ("naive", "handles", "lockstep"):
                 p = _default(rows, shape, peer, plan, r)
                 if p:
@@ -269,7 +278,7 @@ def plot(rows: list[Row], path: Path) -> None:
     for ax, shape in zip(axes[:, 0], shapes):
         sel = [r for r in rows if r.shape == shape and r.seconds]
         labels = [f"{r.label()} r{r.receivers}" if r.receivers else r.label() for r in sel]
-        colors = ["tab:gray" if r.method == "memcpy" else "tab:green" if r.method == "weightstream" else "tab:red"
+        colors = ["tab:gray" if r.method in LIMITS else "tab:green" if r.method == "weightstream" else "tab:red"
                   for r in sel]
         ax.barh(labels, [r.gbps for r in sel], color=colors)
         ax.set_title(f"{shape}: {sel[0].tensors if sel else 0} tensors, {sel[0].bytes / 1e9 if sel else 0:.2f} GB")
