@@ -9,6 +9,9 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -239,8 +242,9 @@ def _good_version(fake: FakeSender, ident: bytes, version: str, checksum: bool =
     fake.expect((m.Committed,), 5, lambda x: x.version == version)
 
 
-@pytest.mark.timeout(60)
-def test_corrupt_bucket_fails_checksum(endpoint: str) -> None:
+@contextmanager
+def _after_v1(endpoint: str) -> Iterator[tuple[Collector, FakeSender, ReceiverDaemon, bytes]]:
+    """A daemon on a Collector, served by a fake sender that committed v1 to it."""
     collector = Collector()
     fake = FakeSender(endpoint)
     try:
@@ -248,57 +252,55 @@ def test_corrupt_bucket_fails_checksum(endpoint: str) -> None:
             ident = fake.wait_hello()
             assert wait_until(lambda: daemon.status.connected, 5)
             _good_version(fake, ident, "v1")
-            good = collector.digests()
-            assert good == digests(_small("v1"))
-            handed = collector.handed
-
-            named = _small("v2")
-            fake.send_msg(ident, fake.begin("v2", named))
-            fake.expect((m.Ready,), 5, lambda x: x.version == "v2")
-            bucket = fake.bucket_messages("v2", named, checksum=True)
-            fake.slots[0].host_view()[bucket.arrays()[0][1] + 5] ^= 0xFF  # corrupted between pack and apply
-            fake.send_msg(ident, bucket)
-            failed = fake.expect((m.Failed,), 5, lambda x: x.version == "v2")
-            assert failed.error == "VersionAborted" and "bucket 0" in failed.message, failed
-            assert failed.model_intact
-            with pytest.raises(VersionAborted, match="bucket 0"):
-                daemon.wait_for_version("v2", 5)
-            st = daemon.status
-            assert st.committed_version == "v1" and st.model_intact and st.state == "idle", st
-            assert collector.handed == handed and collector.digests() == good
-
-            _good_version(fake, ident, "v3")  # the daemon goes on
-            assert collector.digests() == digests(_small("v3"))
+            yield collector, fake, daemon, ident
     finally:
         fake.close()
+
+
+@pytest.mark.timeout(60)
+def test_corrupt_bucket_fails_checksum(endpoint: str) -> None:
+    with _after_v1(endpoint) as (collector, fake, daemon, ident):
+        good = collector.digests()
+        assert good == digests(_small("v1"))
+        handed = collector.handed
+
+        named = _small("v2")
+        fake.send_msg(ident, fake.begin("v2", named))
+        fake.expect((m.Ready,), 5, lambda x: x.version == "v2")
+        bucket = fake.bucket_messages("v2", named, checksum=True)
+        fake.slots[0].host_view()[bucket.arrays()[0][1] + 5] ^= 0xFF  # corrupted between pack and apply
+        fake.send_msg(ident, bucket)
+        failed = fake.expect((m.Failed,), 5, lambda x: x.version == "v2")
+        assert failed.error == "VersionAborted" and "bucket 0" in failed.message, failed
+        assert failed.model_intact
+        with pytest.raises(VersionAborted, match="bucket 0"):
+            daemon.wait_for_version("v2", 5)
+        st = daemon.status
+        assert st.committed_version == "v1" and st.model_intact and st.state == "idle", st
+        assert collector.handed == handed and collector.digests() == good
+
+        _good_version(fake, ident, "v3")  # the daemon goes on
+        assert collector.digests() == digests(_small("v3"))
 
 
 @pytest.mark.timeout(60)
 def test_staged_chunk_alone_keeps_model_intact(endpoint: str) -> None:
     """Only the first piece of a chunked tensor arrived (staged in scratch, nothing handed
     to load_weights) when the sender aborted: the model is intact and must say so."""
-    collector = Collector()
-    fake = FakeSender(endpoint)
-    try:
-        with ReceiverDaemon(endpoint, collector, rank=0, **HB) as daemon:
-            ident = fake.wait_hello()
-            assert wait_until(lambda: daemon.status.connected, 5)
-            _good_version(fake, ident, "v1")
-            big = np.arange(2 * BUCKET_BYTES // 4, dtype=np.float32).reshape(2, -1)
-            fake.send_msg(ident, fake.begin("v2", [("big", big)], buckets=2))
-            fake.expect((m.Ready,), 5, lambda x: x.version == "v2")
-            half = big.nbytes // 2
-            fake.slots[0].host_view()[:half] = big.view(np.uint8).reshape(-1)[:half]
-            fake.send_msg(ident, m.Bucket.build(version="v2", seq=0, slot=0, first=0, offsets=[0], nbytes=[half], chunks=[0]))
-            fake.expect((m.Ack,), 5, lambda x: x.version == "v2")  # the piece was staged
-            fake.send_msg(ident, m.Abort(version="v2", reason="test"))
-            assert wait_until(lambda: daemon.status.state != "receiving", 5)
-            st = daemon.status
-            assert collector.handed == 4, "nothing of v2 reached load_weights"
-            assert st.committed_version == "v1"
-            assert st.model_intact, f"nothing of v2 was handed to load_weights, yet {st}"
-    finally:
-        fake.close()
+    with _after_v1(endpoint) as (collector, fake, daemon, ident):
+        big = np.arange(2 * BUCKET_BYTES // 4, dtype=np.float32).reshape(2, -1)
+        fake.send_msg(ident, fake.begin("v2", [("big", big)], buckets=2))
+        fake.expect((m.Ready,), 5, lambda x: x.version == "v2")
+        half = big.nbytes // 2
+        fake.slots[0].host_view()[:half] = big.view(np.uint8).reshape(-1)[:half]
+        fake.send_msg(ident, m.Bucket.build(version="v2", seq=0, slot=0, first=0, offsets=[0], nbytes=[half], chunks=[0]))
+        fake.expect((m.Ack,), 5, lambda x: x.version == "v2")  # the piece was staged
+        fake.send_msg(ident, m.Abort(version="v2", reason="test"))
+        assert wait_until(lambda: daemon.status.state != "receiving", 5)
+        st = daemon.status
+        assert collector.handed == 4, "nothing of v2 reached load_weights"
+        assert st.committed_version == "v1"
+        assert st.model_intact, f"nothing of v2 was handed to load_weights, yet {st}"
 
 
 @pytest.mark.timeout(60)
@@ -306,27 +308,19 @@ def test_late_bucket_of_a_failed_version_is_not_an_error(endpoint: str) -> None:
     """A sender streams the buckets it already queued after a rank failed the version.
     The rank must drop them quietly: an ERROR carries no version, so the sender would
     charge it to whatever round runs when it arrives (the next push fails spuriously)."""
-    collector = Collector()
-    fake = FakeSender(endpoint)
-    try:
-        with ReceiverDaemon(endpoint, collector, rank=0, **HB) as daemon:
-            ident = fake.wait_hello()
-            assert wait_until(lambda: daemon.status.connected, 5)
-            _good_version(fake, ident, "v1")
-            named = _small("v2")
-            collector.fail = ("KeyError", 0)  # read when load_weights starts, at BEGIN
-            fake.send_msg(ident, fake.begin("v2", named, buckets=2))
-            fake.expect((m.Ready,), 5, lambda x: x.version == "v2")
-            first = fake.bucket_messages("v2", named[:2], slot=0)
-            fake.send_msg(ident, first)
-            fake.expect((m.Failed,), 5, lambda x: x.version == "v2")
-            second = fake.bucket_messages("v2", named[2:], slot=1, first=2)
-            fake.send_msg(ident, m.Bucket(**{**{f: getattr(second, f) for f in second.__dataclass_fields__}, "seq": 1}))
-            with pytest.raises(TimeoutError):
-                err = fake.expect((m.Error,), 1.0)
-                pytest.fail(f"the rank answered a late BUCKET of the version it failed with {err}")
-    finally:
-        fake.close()
+    with _after_v1(endpoint) as (collector, fake, daemon, ident):
+        named = _small("v2")
+        collector.fail = ("KeyError", 0)  # read when load_weights starts, at BEGIN
+        fake.send_msg(ident, fake.begin("v2", named, buckets=2))
+        fake.expect((m.Ready,), 5, lambda x: x.version == "v2")
+        first = fake.bucket_messages("v2", named[:2], slot=0)
+        fake.send_msg(ident, first)
+        fake.expect((m.Failed,), 5, lambda x: x.version == "v2")
+        second = fake.bucket_messages("v2", named[2:], slot=1, first=2)
+        fake.send_msg(ident, replace(second, seq=1))
+        with pytest.raises(TimeoutError):
+            err = fake.expect((m.Error,), 1.0)
+            pytest.fail(f"the rank answered a late BUCKET of the version it failed with {err}")
 
 
 # --- many cycles with faults: leaks ------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -289,7 +290,7 @@ def test_welcome_with_bad_slot_descriptor(fake: FakeSender, daemon: ReceiverDaem
     bad = fake.welcome()
     bad_slots = [dict(s) for s in bad.slots]
     bad_slots[1] = {"host": host_identity(), **slot}
-    fake.send(m.Welcome(**{**{f: getattr(bad, f) for f in bad.__dataclass_fields__}, "slots": bad_slots}))
+    fake.send(replace(bad, slots=bad_slots))
     err = fake.wait_for(m.Error)
     assert err.error == "TransportError" and mentions in err.message, err.message
     assert not daemon.status.connected

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 
 from weightstream.protocol import messages as m
 from weightstream.protocol.errors import ProtocolError
+from weightstream.protocol.packed import pack_u64
 from weightstream.protocol.shm import TRANSPORT
 from weightstream.protocol.tensors import bytes_view
 from weightstream.receiver.prefetch import PrefetchQueue
@@ -107,9 +109,7 @@ def test_every_tensor_arrives_bit_exact(loop: asyncio.AbstractEventLoop, direct:
 
 def changed(msg: m.Bucket, **fields: Any) -> m.Bucket:
     """``msg`` with some fields replaced; per-entry lists are packed as the wire does."""
-    old = {f: getattr(msg, f) for f in msg.__slots__}
-    old["offsets"], old["nbytes"], old["chunks"] = (a.tolist() for a in msg.arrays())
-    return m.Bucket.build(**{**old, **fields})
+    return replace(msg, **{k: pack_u64(v) if k in ("offsets", "nbytes", "chunks") else v for k, v in fields.items()})
 
 
 def test_out_of_order_entry_is_refused(loop: asyncio.AbstractEventLoop) -> None:
