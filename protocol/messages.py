@@ -463,12 +463,12 @@ class ManifestArrays:
 def manifest_arrays(msg: Begin) -> ManifestArrays:
     """Validate a BEGIN's packed arrays and derive per-tensor sizes.
 
-    Remembered for the last message (by identity): the decode check and the
-    receiver's run both need them for the same BEGIN.
+    The last BEGIN that decoded is answered from memory (by identity): the
+    decode check and the receiver's run both need them for the same message.
     """
-    global _last_arrays
-    if _last_arrays is not None and _last_arrays[0] is msg:
-        return _last_arrays[1]
+    last = _last_valid
+    if last is not None and last[0] is msg:
+        return last[1]
     n = len(msg.names)
     if len(msg.dtypes) != n or len(msg.ndims) != n:
         raise ProtocolError(
@@ -494,15 +494,11 @@ def manifest_arrays(msg: Begin) -> ManifestArrays:
     if float(sizes.sum(dtype=np.float64)) > MAX_VALUE:
         raise ProtocolError(f"BEGIN: tensors of more than {MAX_VALUE} bytes in all; expected a real model")
     arrays = ManifestArrays(codes, dims, sizes)
-    _last_arrays = (msg, arrays)
     return arrays
 
 
-_last_arrays: tuple[Begin, ManifestArrays] | None = None
-
-
 def _check_begin(msg: Begin) -> None:
-    global _last_arrays, _last_valid
+    global _last_valid
     n = len(msg.names)
     if (n == 0) != (msg.buckets == 0):
         raise ProtocolError(
@@ -511,7 +507,6 @@ def _check_begin(msg: Begin) -> None:
     prev = _last_valid
     if prev is not None and same_manifest(msg, prev[0]):  # every step of an RL loop: checked last time
         arrays = prev[1]
-        _last_arrays = (msg, arrays)
     else:
         if len(set(msg.names)) != n:
             raise ProtocolError("BEGIN: field 'names' holds duplicate tensor names; each name must appear once")
