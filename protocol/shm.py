@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from . import spans
 from .dtypes import DType
 from .errors import TransportError
 from .tensors import host_bytes, view_as
@@ -87,26 +88,36 @@ class ShmExportedSlot:
             np.copyto(self.host_view()[offset : offset + nbytes], source[start : start + nbytes])
 
     def write_tensors(self, offsets: list[int], tensors: list[Any], nbytes: list[int]) -> int | None:
-        """Whole tensors at ``offsets``. Small C-contiguous NumPy arrays take a memoryview copy
-        with no intermediate view (~0.4 us per tensor over the memcpy, against ~1.3 us through
-        ``write``); anything else, and big tensors (whose copy releases the GIL), take ``write``."""
-        mv, ndarray, small = self._mv, np.ndarray, _SMALL_COPY
-        for i, (offset, tensor, n) in enumerate(zip(offsets, tensors, nbytes)):
-            if n <= small and type(tensor) is ndarray:
-                try:
-                    if tensor.dtype.kind != "V":
-                        mv[offset : offset + n] = tensor.data.cast("B")
-                    else:  # bfloat16/float8 (ml_dtypes) export no buffer format: go through uint8
-                        mv[offset : offset + n] = tensor.view(np.uint8).data.cast("B")
-                    continue
-                except (TypeError, ValueError):  # not C-contiguous, 0-d, or not n bytes: the checked path
-                    pass
-            source = host_bytes(tensor)
-            if source.nbytes != n:
+        """Whole tensors at ``offsets``. The C accelerator copies every C-contiguous buffer of the
+        right size (~0.1 us per tensor over the memcpy); the rest, and everything without it,
+        takes ``_write_checked``."""
+        count, view = len(tensors), self.host_view()
+        i = spans.gather(view, offsets, nbytes, tensors, 0)
+        while i < count:
+            if not self._write_checked(offsets[i], tensors[i], nbytes[i]):
                 return i
-            if n:
-                self.write(offset, source, 0, n)
+            i = spans.gather(view, offsets, nbytes, tensors, i + 1)
         return None
+
+    def _write_checked(self, offset: int, tensor: Any, n: int) -> bool:
+        """One whole tensor; False if it is not ``n`` bytes. A small C-contiguous NumPy array takes a
+        memoryview copy with no intermediate view (~0.4 us over the memcpy, against ~1.3 us through
+        ``write``); anything else, and big tensors (whose copy releases the GIL), take ``write``."""
+        if n <= _SMALL_COPY and type(tensor) is np.ndarray:
+            try:
+                if tensor.dtype.kind != "V":
+                    self._mv[offset : offset + n] = tensor.data.cast("B")
+                else:  # bfloat16/float8 (ml_dtypes) export no buffer format: go through uint8
+                    self._mv[offset : offset + n] = tensor.view(np.uint8).data.cast("B")
+                return True
+            except (TypeError, ValueError):  # not C-contiguous, 0-d, or not n bytes: the checked path
+                pass
+        source = host_bytes(tensor)
+        if source.nbytes != n:
+            return False
+        if n:
+            self.write(offset, source, 0, n)
+        return True
 
     def flush(self) -> None:
         """Host stores are visible to other processes once the ZMQ send happens after them."""

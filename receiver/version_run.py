@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..protocol import messages as m
+from ..protocol import spans
 from ..protocol.dtypes import DTYPES
 from ..protocol.errors import ProtocolError, VersionAborted
 from ..protocol.tensors import INT_OF_ITEMSIZE, Framework
@@ -236,13 +237,19 @@ class VersionRun:
         raw = slot.raw(0, slot.size)
         mv = memoryview(raw)
         self.touched = True  # the model's own memory is written from here on
-        for index, target, offset, n in zip(range(first, end), targets[first:end], offsets, self.fulls[first:end]):
+        targets, sizes = targets[first:end], self.fulls[first:end]
+        count, names = end - first, self.names
+        k = spans.scatter(raw, offsets, sizes, targets, 0)  # C: every target it can fill exactly
+        while k < count:
+            target, offset, n = targets[k], offsets[k], sizes[k]
             if type(target) is memoryview:  # small: per-tensor overhead dominates, a memoryview copy is the cheapest
                 target[:] = mv[offset : offset + n]
             elif target is not None:  # NumPy releases the GIL for big copies, so the daemon's loop keeps running
                 np.copyto(target, raw[offset : offset + n])
             else:  # no place to write it: load_weights gets a view
-                yield self.names[index], self._view(slot, raw[offset : offset + n], self.dtypes[index], self.shapes[index])
+                index = first + k
+                yield names[index], self._view(slot, raw[offset : offset + n], self.dtypes[index], self.shapes[index])
+            k = spans.scatter(raw, offsets, sizes, targets, k + 1)
         self.applied += end - first
 
     def _write_piece(self, slot: ImportedSlot, name: str, data: Any, chunk: int) -> Any | None:

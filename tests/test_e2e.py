@@ -25,6 +25,7 @@ from weightstream import (
     RemoteError,
     WeightstreamError,
 )
+from weightstream.protocol import spans
 from weightstream.receiver.sinks import NumpySink
 
 pytestmark = pytest.mark.timeout(120)
@@ -193,6 +194,20 @@ def trainer_tensors(kind: str, seed: int) -> list[tuple[str, Any]]:
 def test_two_receivers_three_versions_reusing_slots(endpoint: str, kind: str, direct: bool) -> None:
     """Every tensor through load_weights (a recording wrapper), or, given the sink itself, copied
     straight into the model's memory (direct mode: load_weights sees none of them)."""
+    two_receivers_three_versions(endpoint, kind, direct, native=spans.NATIVE)
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["load_weights", "direct"])
+def test_without_the_c_accelerator_the_same_bytes_arrive(
+    endpoint: str, direct: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What an install without a C compiler runs: the pure-Python copy loops on both sides."""
+    monkeypatch.setenv("WEIGHTSTREAM_PURE_PYTHON", "1")  # read at import by the spawned ranks
+    monkeypatch.setattr(spans, "NATIVE", False)  # this process imported spans already
+    two_receivers_three_versions(endpoint, "numpy", direct, native=False)
+
+
+def two_receivers_three_versions(endpoint: str, kind: str, direct: bool, native: bool) -> None:
     specs = w.SPECS[kind]
     versions = ["v1", "v2", "v3"]
     initial = expected(w.make_weights(specs, 100))
@@ -201,7 +216,9 @@ def test_two_receivers_three_versions_reusing_slots(endpoint: str, kind: str, di
         with BucketSender(endpoint, receivers=2, bucket_bytes=BUCKET, num_buffers=2, timeout=60) as sender:
             ranks.spawn(1, kind, 100, versions, direct=direct)  # rank 1 after
             for rank in (0, 1):
-                assert ranks.expect(rank, "started")["model"] == initial
+                started = ranks.expect(rank, "started")
+                assert started["model"] == initial
+                assert started["native"] is native
             sender.wait_for_receivers(2, timeout=EVENT_TIMEOUT)
             for seed, version in enumerate(versions, start=1):
                 weights = w.make_weights(specs, seed)

@@ -1,0 +1,13 @@
+"""Only the optional C accelerator lives here; everything else is in pyproject.toml.
+
+``optional=True``: where no C compiler is available the install still succeeds and
+weightstream copies small tensors with its pure-Python loops (slower per tensor, same bytes).
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension("weightstream._spans", ["weightstream/_spans.c"], optional=True, extra_compile_args=["-O2"]),
+    ]
+)

@@ -1,0 +1,173 @@
+"""The C copy accelerator against the pure-Python loops it stands in for: the same bytes
+land, it stops exactly where the Python path must take over, and a span outside the flat
+buffer is refused before any byte of its batch moves."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from weightstream.protocol import spans
+from weightstream.protocol.shm import ShmExportedSlot
+
+pytestmark = pytest.mark.timeout(60)
+
+native = pytest.mark.skipif(not spans.BUILT, reason="the C accelerator was not built (no compiler at install time)")
+
+DTYPES = [np.uint8, np.int16, np.float32, np.float64, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, np.bool_]
+
+
+def test_the_accelerator_is_built_where_ci_requires_it() -> None:
+    if os.environ.get("WEIGHTSTREAM_REQUIRE_NATIVE") != "1":
+        pytest.skip("only CI, which has a compiler, requires it")
+    assert spans.BUILT, "weightstream._spans did not build; see the pip install log for the compiler error"
+
+
+@st.composite
+def sources(draw: Any) -> list[Any]:
+    """Arrays of every kind a trainer hands over, some the C path copies and some it must leave."""
+    out: list[Any] = []
+    for _ in range(draw(st.integers(0, 24))):
+        dtype = draw(st.sampled_from(DTYPES))
+        shape = tuple(draw(st.lists(st.integers(0, 5), max_size=3)))
+        arr = np.arange(int(np.prod(shape)), dtype=np.uint8).astype(dtype).reshape(shape)
+        kind = draw(st.sampled_from(["plain", "plain", "fortran", "strided", "readonly", "none"]))
+        if kind == "fortran" and arr.ndim > 1:
+            arr = np.asfortranarray(arr)
+        elif kind == "strided" and arr.ndim >= 1 and arr.shape[0] > 1:
+            arr = arr[::2]
+        elif kind == "readonly":
+            arr.flags.writeable = False
+        out.append(None if kind == "none" else arr)
+    return out
+
+
+def layout(items: list[Any], gap: int) -> tuple[list[int], list[int], int]:
+    offsets, nbytes, cursor = [], [], 0
+    for item in items:
+        n = 0 if item is None else item.nbytes
+        offsets.append(cursor)
+        nbytes.append(n)
+        cursor += n + gap
+    return offsets, nbytes, cursor
+
+
+def c_exportable(item: Any, writable: bool) -> bool:
+    if item is None or not item.flags.c_contiguous:
+        return False
+    return item.flags.writeable or not writable
+
+
+@native
+@settings(max_examples=200, deadline=None)
+@given(items=sources(), gap=st.integers(0, 9), start=st.integers(0, 3))
+def test_gather_copies_up_to_the_first_source_it_cannot_take(items: list[Any], gap: int, start: int) -> None:
+    offsets, nbytes, size = layout(items, gap)
+    dst = np.full(size, 0xAB, np.uint8)
+    stop = spans._gather(dst, offsets, nbytes, items, start)  # type: ignore[misc]
+    want_stop = next((i for i in range(start, len(items)) if not c_exportable(items[i], writable=False)), len(items))
+    assert stop == max(want_stop, min(start, len(items)))
+    want = np.full(size, 0xAB, np.uint8)
+    for i in range(start, stop):
+        want[offsets[i] : offsets[i] + nbytes[i]] = items[i].reshape(-1).view(np.uint8)
+    assert dst.tobytes() == want.tobytes()
+
+
+@native
+@settings(max_examples=200, deadline=None)
+@given(items=sources(), gap=st.integers(0, 9))
+def test_scatter_fills_up_to_the_first_target_it_cannot_write(items: list[Any], gap: int) -> None:
+    offsets, nbytes, size = layout(items, gap)
+    src = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+    before = [None if t is None else t.copy() for t in items]
+    stop = spans._scatter(src, offsets, nbytes, items, 0)  # type: ignore[misc]
+    assert stop == next((i for i, t in enumerate(items) if not c_exportable(t, writable=True)), len(items))
+    for i, (target, old) in enumerate(zip(items, before)):
+        if target is None:
+            continue
+        got = np.ascontiguousarray(target).reshape(-1).view(np.uint8)
+        want = src[offsets[i] : offsets[i] + nbytes[i]] if i < stop else np.ascontiguousarray(old).reshape(-1).view(np.uint8)
+        assert got.tobytes() == want.tobytes()
+
+
+@native
+def test_a_source_of_the_wrong_size_stops_the_copy_there() -> None:
+    dst = np.zeros(16, np.uint8)
+    items = [np.ones(4, np.uint8), np.ones(3, np.uint8), np.ones(4, np.uint8)]
+    assert spans._gather(dst, [0, 4, 8], [4, 4, 4], items, 0) == 1  # type: ignore[misc]
+    assert dst.tolist() == [1] * 4 + [0] * 12
+
+
+@native
+@pytest.mark.parametrize(
+    ("offsets", "nbytes", "items", "message"),
+    [
+        ([13], [4], [np.ones(4, np.uint8)], "expected bytes [13, 17) inside the 16-byte buffer"),
+        ([-1], [4], [np.ones(4, np.uint8)], "offsets[0]: expected a non-negative int, got -1"),
+        ([0], [-4], [np.ones(4, np.uint8)], "nbytes[0]: expected a non-negative int, got -4"),
+        ([0, 4], [4], [np.ones(4, np.uint8)] * 2, "expected equal lengths, got 2, 1 and 2"),
+    ],
+    ids=["past-the-end", "negative-offset", "negative-size", "lengths"],
+)
+def test_a_span_the_buffer_cannot_hold_is_refused_before_its_batch_moves(
+    offsets: list[int], nbytes: list[int], items: list[Any], message: str
+) -> None:
+    for copy in (spans._gather, spans._scatter):
+        flat = np.zeros(16, np.uint8)
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
+            copy(flat, offsets, nbytes, items, 0)  # type: ignore[misc]
+        assert not flat.any()
+
+
+@native
+def test_a_read_only_flat_buffer_cannot_be_gathered_into() -> None:
+    flat = np.zeros(8, np.uint8)
+    flat.flags.writeable = False
+    with pytest.raises((BufferError, ValueError)):
+        spans._gather(flat, [0], [4], [np.ones(4, np.uint8)], 0)  # type: ignore[misc]
+
+
+def test_without_the_accelerator_both_hand_everything_to_the_python_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spans, "NATIVE", False)
+    flat = np.zeros(8, np.uint8)
+    assert spans.gather(flat, [0], [4], [np.ones(4, np.uint8)], 0) == 0
+    assert spans.scatter(flat, [0], [4], [np.ones(4, np.uint8)], 0) == 0
+    assert not flat.any()
+
+
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "python"])
+def test_write_tensors_lands_every_kind_of_tensor_and_names_the_one_that_changed(
+    use_native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slot's bulk write, mixing what the C path takes with what only Python can."""
+    if use_native and not spans.BUILT:
+        pytest.skip("the C accelerator was not built")
+    monkeypatch.setattr(spans, "NATIVE", use_native)
+    rng = np.random.default_rng(7)
+    tensors = [
+        rng.random((3, 5), dtype=np.float32),
+        np.asfortranarray(rng.random((4, 3))),  # F order: the checked path copies it in C order
+        rng.random(100).astype(ml_dtypes.bfloat16),
+        np.float64(2.5),  # a NumPy scalar
+        np.array(7, np.int64),  # 0-d
+        np.zeros((0, 3), np.float16),
+        rng.random(40_000)[::2],  # strided, big
+        rng.random(1 << 17),  # bigger than the small-copy limit
+    ]
+    offsets, nbytes, size = layout(tensors, 8)
+    slot = ShmExportedSlot(size)
+    try:
+        assert slot.write_tensors(offsets, tensors, nbytes) is None
+        for tensor, offset, n in zip(tensors, offsets, nbytes):
+            want = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)
+            assert slot.host_view()[offset : offset + n].tobytes() == want.tobytes()  # no view outlives close
+        resized = [*tensors[:5], np.zeros((1, 3), np.float16), *tensors[6:]]
+        assert slot.write_tensors(offsets, resized, nbytes) == 5
+    finally:
+        slot.close()

@@ -1,0 +1,158 @@
+/* weightstream._spans: copy many small byte spans between one flat buffer and many objects.
+ *
+ * At 100k tensors of 4 KiB an interpreted loop spends more time per tensor than the memcpy
+ * of its bytes. These two functions run that loop in C: per tensor one buffer export and
+ * one memmove, with the GIL released while bytes move. They are accelerators only: each
+ * stops at the first item it cannot copy exactly (no C-contiguous buffer, the wrong size,
+ * None, read-only) and returns its index, and the caller's Python loop, which owns every
+ * check and error message, takes that item and calls again from the next one.
+ *
+ *   gather(dst, offsets, nbytes, sources, start) -> index   sources[i] -> dst[offsets[i]:]
+ *   scatter(src, offsets, nbytes, targets, start) -> index  src[offsets[i]:] -> targets[i]
+ *
+ * A span outside the flat buffer is a caller bug (the planner and the BUCKET check place
+ * every span inside its slot) and raises ValueError before any byte of its batch moves.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+#define BATCH 256                      /* buffers held at once: bounds the stack use */
+#define GIL_FREE_BYTES (256 * 1024)    /* below this, dropping the GIL costs more than it frees */
+
+typedef struct {
+    Py_buffer flat;
+    PyObject *offsets, *nbytes, *items; /* fast sequences (lists pass through uncopied) */
+    Py_ssize_t count;
+} Spans;
+
+static void spans_release(Spans *s) {
+    if (s->flat.obj != NULL) PyBuffer_Release(&s->flat);
+    Py_XDECREF(s->offsets);
+    Py_XDECREF(s->nbytes);
+    Py_XDECREF(s->items);
+}
+
+static int spans_open(Spans *s, PyObject *args, int flat_writable) {
+    PyObject *flat, *offsets, *nbytes, *items;
+    memset(s, 0, sizeof(*s));
+    if (!PyArg_ParseTuple(args, "OOOO", &flat, &offsets, &nbytes, &items)) return -1;
+    if (PyObject_GetBuffer(flat, &s->flat, PyBUF_C_CONTIGUOUS | (flat_writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    s->offsets = PySequence_Fast(offsets, "offsets: expected a sequence of ints");
+    s->nbytes = PySequence_Fast(nbytes, "nbytes: expected a sequence of ints");
+    s->items = PySequence_Fast(items, "expected a sequence of buffers");
+    if (s->offsets == NULL || s->nbytes == NULL || s->items == NULL) return -1;
+    s->count = PySequence_Fast_GET_SIZE(s->items);
+    if (PySequence_Fast_GET_SIZE(s->offsets) != s->count || PySequence_Fast_GET_SIZE(s->nbytes) != s->count) {
+        PyErr_Format(PyExc_ValueError, "offsets, nbytes and items: expected equal lengths, got %zd, %zd and %zd",
+                     PySequence_Fast_GET_SIZE(s->offsets), PySequence_Fast_GET_SIZE(s->nbytes), s->count);
+        return -1;
+    }
+    return 0;
+}
+
+static int size_at(PyObject *seq, Py_ssize_t i, const char *what, Py_ssize_t *out) {
+    Py_ssize_t v = PyNumber_AsSsize_t(PySequence_Fast_GET_ITEM(seq, i), PyExc_OverflowError);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (v < 0) {
+        PyErr_Format(PyExc_ValueError, "%s[%zd]: expected a non-negative int, got %zd", what, i, v);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* Copy items [start, ...) until one cannot be copied exactly; return its index (count if none). */
+static PyObject *copy_spans(PyObject *args, int gather) {
+    Spans s;
+    Py_ssize_t start;
+    PyObject *rest = PyTuple_GetSlice(args, 0, 4);
+    if (rest == NULL) return NULL;
+    if (PyTuple_GET_SIZE(args) != 5 || (start = PyNumber_AsSsize_t(PyTuple_GET_ITEM(args, 4), PyExc_OverflowError)) < 0) {
+        Py_DECREF(rest);
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "expected (flat, offsets, nbytes, items, start) with start >= 0");
+        return NULL;
+    }
+    int opened = spans_open(&s, rest, gather);
+    Py_DECREF(rest);
+    if (opened < 0) {
+        spans_release(&s);
+        return NULL;
+    }
+    char *flat = (char *)s.flat.buf;
+    const int item_flags = PyBUF_C_CONTIGUOUS | (gather ? 0 : PyBUF_WRITABLE);
+    Py_buffer held[BATCH];
+    char *at[BATCH];
+    Py_ssize_t i = start < s.count ? start : s.count;
+    int stopped = 0, failed = 0;
+    while (i < s.count && !stopped && !failed) {
+        int n = 0;
+        Py_ssize_t batch_bytes = 0;
+        for (; n < BATCH && i < s.count; i++) {
+            PyObject *item = PySequence_Fast_GET_ITEM(s.items, i);
+            Py_ssize_t offset, size;
+            if (size_at(s.offsets, i, "offsets", &offset) < 0 || size_at(s.nbytes, i, "nbytes", &size) < 0) {
+                failed = 1;
+                break;
+            }
+            if (offset > s.flat.len || size > s.flat.len - offset) {
+                PyErr_Format(PyExc_ValueError,
+                             "span %zd: expected bytes [%zd, %zd) inside the %zd-byte buffer; "
+                             "the plan and the buffer disagree", i, offset, offset + size, s.flat.len);
+                failed = 1;
+                break;
+            }
+            if (item == Py_None || PyObject_GetBuffer(item, &held[n], item_flags) < 0) {
+                PyErr_Clear(); /* not ours to copy: the caller's checked path takes it */
+                stopped = 1;
+                break;
+            }
+            if (held[n].len != size) {
+                PyBuffer_Release(&held[n]);
+                stopped = 1;
+                break;
+            }
+            at[n] = flat + offset;
+            batch_bytes += size;
+            n++;
+        }
+        if (!failed) {
+            if (batch_bytes >= GIL_FREE_BYTES) {
+                Py_BEGIN_ALLOW_THREADS
+                for (int k = 0; k < n; k++)
+                    gather ? memmove(at[k], held[k].buf, held[k].len) : memmove(held[k].buf, at[k], held[k].len);
+                Py_END_ALLOW_THREADS
+            } else {
+                for (int k = 0; k < n; k++)
+                    gather ? memmove(at[k], held[k].buf, held[k].len) : memmove(held[k].buf, at[k], held[k].len);
+            }
+        }
+        for (int k = 0; k < n; k++) PyBuffer_Release(&held[k]);
+    }
+    spans_release(&s);
+    if (failed) return NULL;
+    return PyLong_FromSsize_t(i);
+}
+
+static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) { return copy_spans(args, 1); }
+static PyObject *scatter(PyObject *Py_UNUSED(self), PyObject *args) { return copy_spans(args, 0); }
+
+static PyMethodDef methods[] = {
+    {"gather", gather, METH_VARARGS,
+     "gather(dst, offsets, nbytes, sources, start) -> int\n\n"
+     "Copy each C-contiguous source of exactly nbytes[i] bytes into dst at offsets[i], from index start on;\n"
+     "return the index of the first source it could not copy (len(sources) when all were)."},
+    {"scatter", scatter, METH_VARARGS,
+     "scatter(src, offsets, nbytes, targets, start) -> int\n\n"
+     "Copy src[offsets[i]:offsets[i] + nbytes[i]] into each writable C-contiguous target of exactly that\n"
+     "size, from index start on; return the index of the first target it could not fill (len(targets) when all were)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "_spans", .m_doc = NULL, .m_size = -1, .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__spans(void) { return PyModule_Create(&module); }
