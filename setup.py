@@ -8,6 +8,6 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("weightstream._spans", ["weightstream/_spans.c"], optional=True, extra_compile_args=["-O2"]),
+        Extension("weightstream._speedups", ["weightstream/_speedups.c"], optional=True, extra_compile_args=["-O2"]),
     ]
 )

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from . import spans
+from . import speedups
 from .dtypes import DType
 from .errors import TransportError
 from .tensors import host_bytes, view_as
@@ -92,11 +92,11 @@ class ShmExportedSlot:
         right size (~0.1 us per tensor over the memcpy); the rest, and everything without it,
         takes ``_write_checked``."""
         count, view = len(tensors), self.host_view()
-        i = spans.gather(view, offsets, nbytes, tensors, 0)
+        i = speedups.gather(view, offsets, nbytes, tensors, 0)
         while i < count:
             if not self._write_checked(offsets[i], tensors[i], nbytes[i]):
                 return i
-            i = spans.gather(view, offsets, nbytes, tensors, i + 1)
+            i = speedups.gather(view, offsets, nbytes, tensors, i + 1)
         return None
 
     def _write_checked(self, offset: int, tensor: Any, n: int) -> bool:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from operator import attrgetter, itemgetter
 from typing import Any
 
 import numpy as np
 
 from ..protocol import messages as m
+from ..protocol import speedups
 from ..protocol.dtypes import BY_NUMPY, DTYPES, by_name, dtype_of
 from ..protocol.errors import WeightstreamError
 from ..protocol.gc_pause import gc_paused
@@ -37,10 +38,11 @@ class Manifest:
     def same_layout(self, other: Manifest | None) -> bool:
         """Same names, dtypes and shapes in the same order (compared at C speed): everything
         derived from ``other`` (its bucket plan, its packed BEGIN arrays) holds for this one."""
-        return (
-            other is not None and self.dtypes == other.dtypes and self.shapes == other.shapes
-            and self.names == other.names
-        )
+        if other is None:
+            return False
+        if self.names is other.names and self.dtypes is other.dtypes and self.shapes is other.shapes:
+            return True  # describe found the previous layout unchanged and shares its lists
+        return self.dtypes == other.dtypes and self.shapes == other.shapes and self.names == other.names
 
 
 _CODE_OF_NUMPY = {dt: d.code for dt, d in BY_NUMPY.items()}
@@ -55,6 +57,10 @@ def describe(named_tensors: Iterable[tuple[str, Any]], previous: Manifest | None
     """
     with gc_paused():
         items = named_tensors if type(named_tensors) is list else list(named_tensors)
+        if previous is not None:  # an RL loop's every push after the first: nothing to build or check
+            same = speedups.unchanged_arrays(items, _CODE_OF_NUMPY, previous.names, previous.dtypes, previous.shapes)
+            if same is not None:
+                return replace(previous, tensors=same)
         fast = _describe_numpy(items)
         if fast is not None:
             if previous is None or fast.names != previous.names:

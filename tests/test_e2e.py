@@ -25,7 +25,7 @@ from weightstream import (
     RemoteError,
     WeightstreamError,
 )
-from weightstream.protocol import spans
+from weightstream.protocol import speedups
 from weightstream.receiver.sinks import NumpySink
 
 pytestmark = pytest.mark.timeout(120)
@@ -194,7 +194,7 @@ def trainer_tensors(kind: str, seed: int) -> list[tuple[str, Any]]:
 def test_two_receivers_three_versions_reusing_slots(endpoint: str, kind: str, direct: bool) -> None:
     """Every tensor through load_weights (a recording wrapper), or, given the sink itself, copied
     straight into the model's memory (direct mode: load_weights sees none of them)."""
-    two_receivers_three_versions(endpoint, kind, direct, native=spans.NATIVE)
+    two_receivers_three_versions(endpoint, kind, direct, native=speedups.NATIVE)
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["load_weights", "direct"])
@@ -203,7 +203,7 @@ def test_without_the_c_accelerator_the_same_bytes_arrive(
 ) -> None:
     """What an install without a C compiler runs: the pure-Python copy loops on both sides."""
     monkeypatch.setenv("WEIGHTSTREAM_PURE_PYTHON", "1")  # read at import by the spawned ranks
-    monkeypatch.setattr(spans, "NATIVE", False)  # this process imported spans already
+    monkeypatch.setattr(speedups, "NATIVE", False)  # this process imported spans already
     two_receivers_three_versions(endpoint, "numpy", direct, native=False)
 
 

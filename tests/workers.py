@@ -18,7 +18,7 @@ import numpy as np
 import xxhash
 
 from weightstream import ReceiverDaemon, WeightstreamError
-from weightstream.protocol import spans
+from weightstream.protocol import speedups
 from weightstream.protocol.dtypes import by_name, dtype_of
 from weightstream.protocol.tensors import host_bytes, view_as
 
@@ -231,7 +231,7 @@ def receiver_main(
                                 heartbeat_interval=0.2, heartbeat_timeout=10.0)
         daemon.start()
         try:
-            queue.put({"event": "started", "rank": rank, "model": model_state(kind, model), "native": spans.NATIVE})
+            queue.put({"event": "started", "rank": rank, "model": model_state(kind, model), "native": speedups.NATIVE})
             for version in versions:
                 calls_before = len(recorder.calls)
                 try:

@@ -1,17 +1,26 @@
-/* weightstream._spans: copy many small byte spans between one flat buffer and many objects.
+/* weightstream._speedups: the per-tensor loops of a push, in C.
  *
  * At 100k tensors of 4 KiB an interpreted loop spends more time per tensor than the memcpy
- * of its bytes. These two functions run that loop in C: per tensor one buffer export and
- * one memmove, with the GIL released while bytes move. They are accelerators only: each
- * stops at the first item it cannot copy exactly (no C-contiguous buffer, the wrong size,
- * None, read-only) and returns its index, and the caller's Python loop, which owns every
- * check and error message, takes that item and calls again from the next one.
+ * of its bytes. Everything here is an accelerator only: it does the common case and hands
+ * anything else back, and the Python code, which owns every check and error message, does
+ * the rest (and everything, where this module was not built).
  *
  *   gather(dst, offsets, nbytes, sources, start) -> index   sources[i] -> dst[offsets[i]:]
  *   scatter(src, offsets, nbytes, targets, start) -> index  src[offsets[i]:] -> targets[i]
  *
- * A span outside the flat buffer is a caller bug (the planner and the BUCKET check place
- * every span inside its slot) and raises ValueError before any byte of its batch moves.
+ * Per tensor one buffer export and one memmove, with the GIL released while bytes move.
+ * Each stops at the first item it cannot copy exactly (no C-contiguous buffer, the wrong
+ * size, None, read-only) and returns its index; the caller takes that item and calls again
+ * from the next one. A span outside the flat buffer is a caller bug (the planner and the
+ * BUCKET check place every span inside its slot) and raises ValueError before any byte of
+ * its batch moves.
+ *
+ *   unchanged_arrays(items, ndarray, code_of, names, codes, shapes) -> list | None
+ *
+ * The tensors of ``items`` (``(name, array)`` pairs) if every pair has exactly the previous
+ * push's name, dtype code and shape, else None. One pass, and no object that outlives it:
+ * an RL loop pushes the same layout every step, and building 100k shape tuples per push
+ * costs more than comparing them, then again in the garbage collector.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -136,6 +145,56 @@ static PyObject *copy_spans(PyObject *args, int gather) {
     return PyLong_FromSsize_t(i);
 }
 
+static PyObject *str_dtype, *str_shape; /* interned once: a lookup by C string makes a new str each time */
+
+static PyObject *unchanged_arrays(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *items, *ndarray, *code_of, *names, *codes, *shapes;
+    if (!PyArg_ParseTuple(args, "O!OO!O!O!O!", &PyList_Type, &items, &ndarray, &PyDict_Type, &code_of, &PyList_Type,
+                          &names, &PyList_Type, &codes, &PyList_Type, &shapes))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    if (PyList_GET_SIZE(names) != n || PyList_GET_SIZE(codes) != n || PyList_GET_SIZE(shapes) != n) Py_RETURN_NONE;
+    PyObject *tensors = PyList_New(n);
+    if (tensors == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(items, i);
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2) goto changed;
+        PyObject *name = PyTuple_GET_ITEM(item, 0), *tensor = PyTuple_GET_ITEM(item, 1);
+        if (Py_TYPE(tensor) != (PyTypeObject *)ndarray) goto changed;
+        int same = name == PyList_GET_ITEM(names, i);
+        if (!same) {
+            if (!PyUnicode_CheckExact(name)) goto changed;
+            if ((same = PyObject_RichCompareBool(name, PyList_GET_ITEM(names, i), Py_EQ)) < 0) goto failed;
+            if (!same) goto changed;
+        }
+        PyObject *dtype = PyObject_GetAttr(tensor, str_dtype);
+        if (dtype == NULL) goto failed;
+        PyObject *code = PyDict_GetItemWithError(code_of, dtype); /* borrowed */
+        Py_DECREF(dtype);
+        if (code == NULL) {
+            if (PyErr_Occurred()) goto failed;
+            goto changed; /* not a wire dtype: the general path says so */
+        }
+        if ((same = PyObject_RichCompareBool(code, PyList_GET_ITEM(codes, i), Py_EQ)) < 0) goto failed;
+        if (!same) goto changed;
+        PyObject *shape = PyObject_GetAttr(tensor, str_shape);
+        if (shape == NULL) goto failed;
+        same = PyObject_RichCompareBool(shape, PyList_GET_ITEM(shapes, i), Py_EQ);
+        Py_DECREF(shape);
+        if (same < 0) goto failed;
+        if (!same) goto changed;
+        Py_INCREF(tensor);
+        PyList_SET_ITEM(tensors, i, tensor);
+    }
+    return tensors;
+changed:
+    Py_DECREF(tensors);
+    Py_RETURN_NONE;
+failed:
+    Py_DECREF(tensors);
+    return NULL;
+}
+
 static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) { return copy_spans(args, 1); }
 static PyObject *scatter(PyObject *Py_UNUSED(self), PyObject *args) { return copy_spans(args, 0); }
 
@@ -148,11 +207,20 @@ static PyMethodDef methods[] = {
      "scatter(src, offsets, nbytes, targets, start) -> int\n\n"
      "Copy src[offsets[i]:offsets[i] + nbytes[i]] into each writable C-contiguous target of exactly that\n"
      "size, from index start on; return the index of the first target it could not fill (len(targets) when all were)."},
+    {"unchanged_arrays", unchanged_arrays, METH_VARARGS,
+     "unchanged_arrays(items, ndarray, code_of, names, codes, shapes) -> list | None\n\n"
+     "The arrays of the (name, array) pairs in the list items, if every pair is an exact ndarray with\n"
+     "names[i], the dtype whose code_of[dtype] is codes[i] and shapes[i]; else None."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, .m_name = "_spans", .m_doc = NULL, .m_size = -1, .m_methods = methods,
+    PyModuleDef_HEAD_INIT, .m_name = "_speedups", .m_doc = NULL, .m_size = -1, .m_methods = methods,
 };
 
-PyMODINIT_FUNC PyInit__spans(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__speedups(void) {
+    str_dtype = PyUnicode_InternFromString("dtype");
+    str_shape = PyUnicode_InternFromString("shape");
+    if (str_dtype == NULL || str_shape == NULL) return NULL;
+    return PyModule_Create(&module);
+}

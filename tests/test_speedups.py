@@ -5,6 +5,7 @@ buffer is refused before any byte of its batch moves."""
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import ml_dtypes
@@ -13,12 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weightstream.protocol import spans
+from weightstream.protocol import speedups
 from weightstream.protocol.shm import ShmExportedSlot
 
 pytestmark = pytest.mark.timeout(60)
 
-native = pytest.mark.skipif(not spans.BUILT, reason="the C accelerator was not built (no compiler at install time)")
+native = pytest.mark.skipif(not speedups.BUILT, reason="the C accelerator was not built (no compiler at install time)")
 
 DTYPES = [np.uint8, np.int16, np.float32, np.float64, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, np.bool_]
 
@@ -26,7 +27,7 @@ DTYPES = [np.uint8, np.int16, np.float32, np.float64, ml_dtypes.bfloat16, ml_dty
 def test_the_accelerator_is_built_where_ci_requires_it() -> None:
     if os.environ.get("WEIGHTSTREAM_REQUIRE_NATIVE") != "1":
         pytest.skip("only CI, which has a compiler, requires it")
-    assert spans.BUILT, "weightstream._spans did not build; see the pip install log for the compiler error"
+    assert speedups.BUILT, "weightstream._spans did not build; see the pip install log for the compiler error"
 
 
 @st.composite
@@ -70,7 +71,7 @@ def c_exportable(item: Any, writable: bool) -> bool:
 def test_gather_copies_up_to_the_first_source_it_cannot_take(items: list[Any], gap: int, start: int) -> None:
     offsets, nbytes, size = layout(items, gap)
     dst = np.full(size, 0xAB, np.uint8)
-    stop = spans._gather(dst, offsets, nbytes, items, start)  # type: ignore[misc]
+    stop = speedups._gather(dst, offsets, nbytes, items, start)  # type: ignore[misc]
     want_stop = next((i for i in range(start, len(items)) if not c_exportable(items[i], writable=False)), len(items))
     assert stop == max(want_stop, min(start, len(items)))
     want = np.full(size, 0xAB, np.uint8)
@@ -86,7 +87,7 @@ def test_scatter_fills_up_to_the_first_target_it_cannot_write(items: list[Any], 
     offsets, nbytes, size = layout(items, gap)
     src = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
     before = [None if t is None else t.copy() for t in items]
-    stop = spans._scatter(src, offsets, nbytes, items, 0)  # type: ignore[misc]
+    stop = speedups._scatter(src, offsets, nbytes, items, 0)  # type: ignore[misc]
     assert stop == next((i for i, t in enumerate(items) if not c_exportable(t, writable=True)), len(items))
     for i, (target, old) in enumerate(zip(items, before)):
         if target is None:
@@ -100,7 +101,7 @@ def test_scatter_fills_up_to_the_first_target_it_cannot_write(items: list[Any], 
 def test_a_source_of_the_wrong_size_stops_the_copy_there() -> None:
     dst = np.zeros(16, np.uint8)
     items = [np.ones(4, np.uint8), np.ones(3, np.uint8), np.ones(4, np.uint8)]
-    assert spans._gather(dst, [0, 4, 8], [4, 4, 4], items, 0) == 1  # type: ignore[misc]
+    assert speedups._gather(dst, [0, 4, 8], [4, 4, 4], items, 0) == 1  # type: ignore[misc]
     assert dst.tolist() == [1] * 4 + [0] * 12
 
 
@@ -118,7 +119,7 @@ def test_a_source_of_the_wrong_size_stops_the_copy_there() -> None:
 def test_a_span_the_buffer_cannot_hold_is_refused_before_its_batch_moves(
     offsets: list[int], nbytes: list[int], items: list[Any], message: str
 ) -> None:
-    for copy in (spans._gather, spans._scatter):
+    for copy in (speedups._gather, speedups._scatter):
         flat = np.zeros(16, np.uint8)
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
             copy(flat, offsets, nbytes, items, 0)  # type: ignore[misc]
@@ -130,14 +131,14 @@ def test_a_read_only_flat_buffer_cannot_be_gathered_into() -> None:
     flat = np.zeros(8, np.uint8)
     flat.flags.writeable = False
     with pytest.raises((BufferError, ValueError)):
-        spans._gather(flat, [0], [4], [np.ones(4, np.uint8)], 0)  # type: ignore[misc]
+        speedups._gather(flat, [0], [4], [np.ones(4, np.uint8)], 0)  # type: ignore[misc]
 
 
 def test_without_the_accelerator_both_hand_everything_to_the_python_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(spans, "NATIVE", False)
+    monkeypatch.setattr(speedups, "NATIVE", False)
     flat = np.zeros(8, np.uint8)
-    assert spans.gather(flat, [0], [4], [np.ones(4, np.uint8)], 0) == 0
-    assert spans.scatter(flat, [0], [4], [np.ones(4, np.uint8)], 0) == 0
+    assert speedups.gather(flat, [0], [4], [np.ones(4, np.uint8)], 0) == 0
+    assert speedups.scatter(flat, [0], [4], [np.ones(4, np.uint8)], 0) == 0
     assert not flat.any()
 
 
@@ -146,9 +147,9 @@ def test_write_tensors_lands_every_kind_of_tensor_and_names_the_one_that_changed
     use_native: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The slot's bulk write, mixing what the C path takes with what only Python can."""
-    if use_native and not spans.BUILT:
+    if use_native and not speedups.BUILT:
         pytest.skip("the C accelerator was not built")
-    monkeypatch.setattr(spans, "NATIVE", use_native)
+    monkeypatch.setattr(speedups, "NATIVE", use_native)
     rng = np.random.default_rng(7)
     tensors = [
         rng.random((3, 5), dtype=np.float32),
@@ -171,3 +172,57 @@ def test_write_tensors_lands_every_kind_of_tensor_and_names_the_one_that_changed
         assert slot.write_tensors(offsets, resized, nbytes) == 5
     finally:
         slot.close()
+
+
+# --- describe's unchanged-layout fast path ---------------------------------------------
+
+def _layout_items(rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
+    return [(f"p{i}", rng.random(n).astype(np.float32)) for i, n in enumerate([3, 1, 4, 1, 5])]
+
+
+CHANGES = {
+    "renamed": lambda items: [*items[:2], ("other", items[2][1]), *items[3:]],
+    "retyped": lambda items: [*items[:2], (items[2][0], items[2][1].astype(np.float16)), *items[3:]],
+    "reshaped": lambda items: [*items[:2], (items[2][0], items[2][1].reshape(2, 2)), *items[3:]],
+    "one-more": lambda items: [*items, ("p5", np.zeros(2, np.float32))],
+    "one-fewer": lambda items: items[:-1],
+    "reordered": lambda items: [items[1], items[0], *items[2:]],
+    "not-a-pair": lambda items: [*items[:2], (items[2][0], items[2][1], 1), *items[3:]],
+    "a-list-pair": lambda items: [*items[:2], list(items[2]), *items[3:]],
+    "not-numpy": lambda items: [*items[:2], (items[2][0], memoryview(items[2][1])), *items[3:]],
+    "not-a-wire-dtype": lambda items: [*items[:2], (items[2][0], items[2][1].astype(np.complex64)), *items[3:]],
+    "a-subclass": lambda items: [*items[:2], (items[2][0], np.ma.masked_array(items[2][1])), *items[3:]],
+}
+
+
+@native
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_any_change_of_layout_takes_the_full_describe(change: str) -> None:
+    from weightstream.sender.manifest import _CODE_OF_NUMPY, describe
+
+    items = _layout_items(np.random.default_rng(1))
+    previous = describe(items)
+    fresh = [(name, t.copy()) for name, t in items]  # new arrays, same layout
+    same = speedups.unchanged_arrays(fresh, _CODE_OF_NUMPY, previous.names, previous.dtypes, previous.shapes)
+    assert same is not None and all(a is b for a, b in zip(same, (t for _, t in fresh)))
+    changed = CHANGES[change](fresh)
+    assert speedups.unchanged_arrays(changed, _CODE_OF_NUMPY, previous.names, previous.dtypes, previous.shapes) is None
+
+
+@pytest.mark.parametrize("change", ["unchanged", *sorted(CHANGES)])
+def test_describe_with_a_previous_push_equals_describe_from_scratch(change: str) -> None:
+    from weightstream.protocol.errors import WeightstreamError
+    from weightstream.sender.manifest import describe
+
+    items = _layout_items(np.random.default_rng(2))
+    previous = describe(items)
+    now = items if change == "unchanged" else CHANGES[change](items)
+    try:
+        want = describe(now)
+    except WeightstreamError as exc:
+        with pytest.raises(WeightstreamError, match=re.escape(str(exc))):
+            describe(now, previous=previous)
+        return
+    got = describe(now, previous=previous)
+    assert (got.names, got.dtypes, got.shapes, got.nbytes) == (want.names, want.dtypes, want.shapes, want.nbytes)
+    assert all(a is b for a, b in zip(got.tensors or [], want.tensors or []))
