@@ -4,27 +4,30 @@
 on, and return the index of the first item they could not copy exactly (``len(items)``
 when all were). The caller's Python loop owns every check and error: it takes that item
 by its checked path and calls again from the next one. ``unchanged_arrays`` answers
-whether a push has exactly the last push's layout, or None when it cannot tell.
+whether a push has exactly the last push's layout, or None when it cannot tell;
+``same_items`` whether a dict still holds the same keys and objects.
 
 Without the C module (no compiler at install time) or with ``WEIGHTSTREAM_PURE_PYTHON=1``,
-``gather``/``scatter`` return ``start`` at once, ``unchanged_arrays`` returns None, and
-the Python code does everything: the same bytes, about 0.5 us more per small tensor.
+``gather``/``scatter`` return ``start`` at once, ``unchanged_arrays`` returns None,
+``same_items`` compares in Python, and the Python code does everything: the same bytes, about 0.5 us more per small tensor.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from operator import is_
 from typing import Any
 
 import numpy as np
 
 try:
     from .._speedups import gather as _gather
+    from .._speedups import same_items as _same_items
     from .._speedups import scatter as _scatter
     from .._speedups import unchanged_arrays as _unchanged_arrays
 except ImportError:  # built without a C compiler: the pure-Python loops do the work
-    _gather = _scatter = _unchanged_arrays = None
+    _gather = _scatter = _unchanged_arrays = _same_items = None
 
 BUILT = _gather is not None
 NATIVE = BUILT and os.environ.get("WEIGHTSTREAM_PURE_PYTHON", "") in ("", "0")
@@ -48,3 +51,14 @@ def unchanged_arrays(
     if not NATIVE or not all(type(x) is list for x in (items, names, codes, shapes)):
         return None
     return _unchanged_arrays(items, np.ndarray, code_of, names, codes, shapes)  # type: ignore[misc]
+
+
+def same_items(mapping: dict[Any, Any], keys: list[Any], values: list[Any]) -> bool:
+    """Does ``mapping`` hold exactly ``keys`` (equal) bound to the very objects in ``values``, in order?"""
+    if NATIVE and type(mapping) is dict and type(keys) is list and type(values) is list:
+        return _same_items(mapping, keys, values)  # type: ignore[no-any-return,misc]
+    return (
+        len(mapping) == len(keys) == len(values)
+        and list(mapping) == keys  # keys are str: == never calls into an array
+        and all(map(is_, values, mapping.values()))
+    )

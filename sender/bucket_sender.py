@@ -344,16 +344,17 @@ class BucketSender:
                 )
             with pub.cond:
                 rnd.pending[bucket.seq] = (slot_index, set(rnd.ranks))
+            offsets, nbytes, chunks = bucket.packed()
             pub.broadcast(
                 idents,
-                m.Bucket.build(
+                m.Bucket(
                     version=rnd.version,
                     seq=bucket.seq,
                     slot=slot_index,
                     first=first,
-                    offsets=bucket.offsets,
-                    nbytes=bucket.nbytes,
-                    chunks=bucket.chunks,
+                    offsets=offsets,
+                    nbytes=nbytes,
+                    chunks=chunks,
                     checksum=digest,
                 ),
             )

@@ -126,12 +126,17 @@ def from_specs(specs: Mapping[str, tuple[str, Sequence[int]]]) -> Manifest:
 
 
 def check_names(names: list[str], what: str) -> None:
-    """Non-empty str of at most MAX_NAME_LEN chars, unique; checked at C speed, named on failure."""
+    """Non-empty str of at most MAX_NAME_LEN chars without NUL, unique; checked at C speed, named on failure."""
     limit = m.MAX_NAME_LEN
-    if names and (set(map(type, names)) != {str} or max(map(len, names)) > limit or min(map(len, names)) == 0):
+    if names and (
+        set(map(type, names)) != {str} or max(map(len, names)) > limit or min(map(len, names)) == 0
+        or "\0" in "".join(names)  # the wire separates names with NUL
+    ):
         for name in names:
-            if type(name) is not str or not name or len(name) > limit:
-                raise WeightstreamError(f"{what} must be non-empty str of at most {limit} chars, got {name!r:.80}")
+            if type(name) is not str or not name or len(name) > limit or "\0" in name:
+                raise WeightstreamError(
+                    f"{what} must be non-empty str of at most {limit} chars without NUL, got {name!r:.80}"
+                )
     if len(set(names)) != len(names):
         seen: set[str] = set()
         for name in names:

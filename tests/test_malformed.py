@@ -171,7 +171,7 @@ def test_bad_buckets_and_begins_in_session_then_a_real_version_commits(
     # BUCKET before BEGIN
     expect_protocol_error(fake, daemon, m.encode(bucket(0, "a.weight")), mentions="no such version")
     # BEGIN with a duplicate name
-    dup = pack({**msgpack.unpackb(m.encode(begin())), "names": ["b", "b"], "dtypes": bytes([5, 5]), "ndims": bytes([1, 1]),
+    dup = pack({**msgpack.unpackb(m.encode(begin())), "names": b"b\0b", "dtypes": bytes([5, 5]), "ndims": bytes([1, 1]),
                 "dims": pack_u64([3, 3]), "total_bytes": 48})
     expect_protocol_error(fake, daemon, dup, mentions="duplicate")
     # BEGIN with an unknown dtype code

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,10 +17,12 @@ from weightstream.protocol.errors import (
     ProtocolError,
     RemoteError,
     VersionAborted,
+    WeightstreamError,
     from_wire,
     wire_name,
 )
 from weightstream.protocol.packed import pack_u64
+from weightstream.sender.manifest import describe
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -101,7 +105,11 @@ BEGIN, BUCKET = EXAMPLES[2], EXAMPLES[6]
         (body_of(EXAMPLES[8], seq=1.0), "ACK.seq"),
         (body_of(EXAMPLES[10], seconds=float("nan")), "COMMITTED.seconds"),
         (body_of(EXAMPLES[11], model_intact=1), "FAILED.model_intact"),
-        (body_of(BEGIN, names=["a", "a", "b"]), "duplicate"),
+        (body_of(BEGIN, names=b"a\0a\0b"), "duplicate"),
+        (body_of(BEGIN, names=["a.w", "e", "f"]), "BEGIN.names"),  # a v2 list where the bin belongs
+        (body_of(BEGIN, names=b"a\0\xff\0b"), "invalid byte at 2"),
+        (body_of(BEGIN, names=b"a\0\0b"), "BEGIN.names[1]"),  # an empty name
+        (body_of(BEGIN, names=b"a\0b"), "parallel"),  # two names, three dtypes
         (body_of(BEGIN, dtypes=bytes([8, 7])), "parallel"),
         (body_of(BEGIN, dtypes=[8, 7, 0]), "BEGIN.dtypes"),  # a list where packed bytes belong
         (body_of(BEGIN, dtypes=bytes([8, 7, 12])), "BEGIN.dtypes[2]"),
@@ -111,7 +119,7 @@ BEGIN, BUCKET = EXAMPLES[2], EXAMPLES[6]
         (body_of(BEGIN, dims=pack_u64([2, 3, 0])[:-1]), "multiple of 8"),
         (body_of(BEGIN, dims=pack_u64([2, 3, 1 << 47, 1 << 47])), "more than"),  # a tensor of 2**94 elements
         (body_of(BEGIN, total_bytes=27), "total_bytes"),
-        (body_of(BEGIN, names=["x" * 1025, "b", "c"]), "BEGIN.names[0]"),
+        (body_of(BEGIN, names=b"x" * 1025 + b"\0b\0c"), "BEGIN.names[0]"),
         (body_of(BUCKET, offsets=pack_u64([0])), "parallel"),
         (body_of(BUCKET, offsets=[0, 256]), "BUCKET.offsets"),
         (body_of(BUCKET, nbytes=pack_u64([24, 1 << 63])), "BUCKET.nbytes[1]"),
@@ -264,6 +272,26 @@ def test_oversized_frame_is_refused_before_parsing() -> None:
         m.decode(b"\x00" * (m.MAX_MESSAGE_BYTES + 1))
 
 
+def test_names_travel_as_one_bin_and_repeat_as_the_same_list() -> None:
+    names = ["a.w", "模型.🙂", "e"]
+    frame = m.encode(BEGIN)
+    assert msgpack.unpackb(frame)["names"] == "\0".join(names).encode()
+    first, again = m.decode(frame), m.decode(frame)
+    assert first.names == names and again.names is first.names  # no 100k str objects per step
+
+
+@pytest.mark.parametrize("names", [["a", "b\0c", "d"], ["a", "", "d"], [""]], ids=["nul", "empty", "only-empty"])
+def test_a_name_the_wire_cannot_carry_is_refused_when_encoding(names: list[str]) -> None:
+    begin = dataclasses.replace(BEGIN, names=names)
+    with pytest.raises(ProtocolError, match="non-empty names without NUL"):
+        m.encode(begin)
+
+
+def test_describe_names_a_tensor_whose_name_holds_nul() -> None:
+    with pytest.raises(WeightstreamError, match=r"without NUL, got 'b\\x00c'"):
+        describe([("a", np.zeros(1)), ("b\0c", np.zeros(1))])
+
+
 def test_a_repeated_manifest_is_still_checked_where_it_differs() -> None:
     """Decode remembers the last valid BEGIN to skip re-validating an identical manifest;
     anything that differs from it is checked in full."""
@@ -272,7 +300,7 @@ def test_a_repeated_manifest_is_still_checked_where_it_differs() -> None:
     with pytest.raises(ProtocolError, match="total_bytes"):
         m.decode(body_of(BEGIN, total_bytes=25))
     with pytest.raises(ProtocolError, match="duplicate"):
-        m.decode(body_of(BEGIN, names=["a.w", "a.w", "e"]))
+        m.decode(body_of(BEGIN, names="a.w\0a.w\0e".encode()))
     with pytest.raises(ProtocolError, match="BEGIN.dtypes"):
         m.decode(body_of(BEGIN, dtypes=bytes([8, 7, 99])))
     assert m.decode(good) == BEGIN

@@ -226,3 +226,26 @@ def test_describe_with_a_previous_push_equals_describe_from_scratch(change: str)
     got = describe(now, previous=previous)
     assert (got.names, got.dtypes, got.shapes, got.nbytes) == (want.names, want.dtypes, want.shapes, want.nbytes)
     assert all(a is b for a, b in zip(got.tensors or [], want.tensors or []))
+
+
+# --- a sink's state dict, unchanged or not ----------------------------------------------
+
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "python"])
+def test_same_items_sees_every_kind_of_change_to_a_state_dict(use_native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if use_native and not speedups.BUILT:
+        pytest.skip("the C accelerator was not built")
+    monkeypatch.setattr(speedups, "NATIVE", use_native)
+    state = {f"p{i}": np.zeros(i + 1) for i in range(4)}
+    keys, values = list(state), list(state.values())
+    assert speedups.same_items(state, keys, values)
+    assert speedups.same_items(state, ["".join(k) for k in keys], values)  # equal, not identical, names
+    changes = {
+        "replaced": lambda d: d.__setitem__("p2", np.zeros(3)),
+        "added": lambda d: d.__setitem__("p9", np.zeros(1)),
+        "removed": lambda d: d.pop("p1"),
+        "reordered": lambda d: d.__setitem__("p0", d.pop("p0")),
+    }
+    for name, change in changes.items():
+        changed = dict(state)
+        change(changed)
+        assert not speedups.same_items(changed, keys, values), name

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from operator import is_
 from typing import Any
 
 import numpy as np
 
+from ...protocol import speedups
 from ...protocol.dtypes import from_numpy
 from ...protocol.errors import WeightstreamError
 from ...protocol.tensors import Framework, bytes_view
@@ -42,10 +42,10 @@ class NumpySink:
         """The arrays' specs; the same dict object as last time when nothing in ``state`` was replaced."""
         if not self._fixed:
             return {}
-        names, arrays = list(self.state), list(self.state.values())
         cached = self._specs
-        if cached is not None and cached[0] == names and len(cached[1]) == len(arrays) and all(map(is_, cached[1], arrays)):
+        if cached is not None and speedups.same_items(self.state, cached[0], cached[1]):
             return cached[2]
+        names, arrays = list(self.state), list(self.state.values())
         specs = {name: (from_numpy(a.dtype).name, tuple(a.shape)) for name, a in zip(names, arrays)}
         self._specs = (names, arrays, specs)
         return specs
