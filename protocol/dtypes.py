@@ -144,6 +144,11 @@ def _paddle_table() -> dict[Any, DType]:
     return _BY_PADDLE
 
 
+def codes_by_torch_dtype() -> dict[Any, int]:
+    """Wire dtype codes keyed by torch dtype (imports torch)."""
+    return {dt: d.code for dt, d in _torch_table().items()}
+
+
 def from_torch(dtype: Any) -> DType:
     """DType of a ``torch.dtype``."""
     found = _torch_table().get(dtype)

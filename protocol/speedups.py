@@ -15,6 +15,7 @@ Without the C module (no compiler at install time) or with ``WEIGHTSTREAM_PURE_P
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from operator import is_
 from typing import Any
@@ -34,8 +35,13 @@ NATIVE = BUILT and os.environ.get("WEIGHTSTREAM_PURE_PYTHON", "") in ("", "0")
 
 
 def gather(dst: Any, offsets: Sequence[int], nbytes: Sequence[int], sources: Sequence[Any], start: int) -> int:
-    """``sources[i]`` (whole, C-contiguous, exactly ``nbytes[i]`` bytes) into ``dst`` at ``offsets[i]``."""
-    return _gather(dst, offsets, nbytes, sources, start) if NATIVE else start  # type: ignore[misc]
+    """``sources[i]`` (whole, C-contiguous, exactly ``nbytes[i]`` bytes) into ``dst`` at ``offsets[i]``.
+
+    Buffers (NumPy arrays) and plain CPU torch tensors and Parameters; never a subclass, whose
+    ``data_ptr`` may not be the whole tensor's bytes (a DTensor's is its local shard)."""
+    if not NATIVE:
+        return start
+    return _gather(dst, offsets, nbytes, sources, start, _tensor_types())  # type: ignore[no-any-return,misc]
 
 
 def scatter(src: Any, offsets: Sequence[int], nbytes: Sequence[int], targets: Sequence[Any], start: int) -> int:
@@ -46,11 +52,17 @@ def scatter(src: Any, offsets: Sequence[int], nbytes: Sequence[int], targets: Se
 def unchanged_arrays(
     items: list[Any], code_of: dict[Any, int], names: list[str], codes: list[int], shapes: list[tuple[int, ...]]
 ) -> list[Any] | None:
-    """The arrays of ``items`` if every pair is a NumPy array with exactly ``names[i]``, dtype code
-    ``codes[i]`` (through ``code_of``) and ``shapes[i]``; None if any differs or there is no C module."""
+    """The tensors of ``items`` if every pair is a NumPy array (or a plain CPU-or-not torch
+    tensor/Parameter) with exactly ``names[i]``, dtype code ``codes[i]`` (through ``code_of``,
+    keyed by NumPy and torch dtypes) and ``shapes[i]``; None if any differs or there is no C module."""
     if not NATIVE or not all(type(x) is list for x in (items, names, codes, shapes)):
         return None
-    return _unchanged_arrays(items, np.ndarray, code_of, names, codes, shapes)  # type: ignore[misc]
+    return _unchanged_arrays(items, np.ndarray, code_of, names, codes, shapes, _tensor_types())  # type: ignore[no-any-return,misc]
+
+
+def _tensor_types() -> tuple[type, ...]:
+    torch = sys.modules.get("torch")  # a torch tensor can only exist if torch is imported
+    return (torch.Tensor, torch.nn.Parameter) if torch is not None else ()
 
 
 def same_items(mapping: dict[Any, Any], keys: list[Any], values: list[Any]) -> bool:

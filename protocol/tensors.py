@@ -95,6 +95,8 @@ def _torch_bytes(t: Any) -> np.ndarray:
     torch = sys.modules["torch"]
     itype = getattr(torch, _INT_NAME[t.element_size()])
     t = t.detach()
+    if t.is_neg():  # a lazily negated view (torch._neg_view): its memory does not hold its values
+        t = t.resolve_neg()
     return (t if t.dtype == itype else t.view(itype)).numpy().reshape(-1).view(np.uint8)
 
 

@@ -9,6 +9,7 @@ per-tensor floor, so it allocates nothing per tensor (a NumPy shape is already a
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from operator import attrgetter, itemgetter
@@ -18,7 +19,7 @@ import numpy as np
 
 from ..protocol import messages as m
 from ..protocol import speedups
-from ..protocol.dtypes import BY_NUMPY, DTYPES, by_name, dtype_of
+from ..protocol.dtypes import BY_NUMPY, DTYPES, by_name, codes_by_torch_dtype, dtype_of
 from ..protocol.errors import WeightstreamError
 from ..protocol.gc_pause import gc_paused
 from ..protocol.tensors import shape_of
@@ -58,7 +59,7 @@ def describe(named_tensors: Iterable[tuple[str, Any]], previous: Manifest | None
     with gc_paused():
         items = named_tensors if type(named_tensors) is list else list(named_tensors)
         if previous is not None:  # an RL loop's every push after the first: nothing to build or check
-            same = speedups.unchanged_arrays(items, _CODE_OF_NUMPY, previous.names, previous.dtypes, previous.shapes)
+            same = speedups.unchanged_arrays(items, _codes_by_dtype(), previous.names, previous.dtypes, previous.shapes)
             if same is not None:
                 return replace(previous, tensors=same)
         fast = _describe_numpy(items)
@@ -86,6 +87,13 @@ def describe(named_tensors: Iterable[tuple[str, Any]], previous: Manifest | None
             sizes.append(dtype.itemsize * math.prod(shape))
     check_names(names, "tensor names")
     return Manifest(names, tensors, codes, shapes, sizes)
+
+
+def _codes_by_dtype() -> dict[Any, int]:
+    """Wire dtype codes keyed by NumPy dtype, and by torch dtype once torch is imported."""
+    if "torch" not in sys.modules:
+        return _CODE_OF_NUMPY
+    return {**_CODE_OF_NUMPY, **codes_by_torch_dtype()}
 
 
 def _describe_numpy(items: list[Any]) -> Manifest | None:

@@ -249,3 +249,97 @@ def test_same_items_sees_every_kind_of_change_to_a_state_dict(use_native: bool, 
         changed = dict(state)
         change(changed)
         assert not speedups.same_items(changed, keys, values), name
+
+
+# --- torch tensors: read through their own accessors ------------------------------------
+
+def _torch_sources() -> list[Any]:
+    import torch
+
+    gen = torch.Generator().manual_seed(3)
+    return [
+        torch.rand(3, 5, generator=gen),
+        torch.nn.Parameter(torch.rand(7, generator=gen)),  # requires grad
+        torch.rand(9, generator=gen).to(torch.bfloat16),
+        torch.tensor(4, dtype=torch.int64),  # 0-d
+        torch.zeros(0, 3),
+        torch.rand(20, generator=gen)[5:15],  # a view at an offset into its storage
+    ]
+
+
+@native
+def test_gather_takes_plain_cpu_torch_tensors_bit_exact() -> None:
+    import torch
+
+    sources = _torch_sources()
+    nbytes = [t.numel() * t.element_size() for t in sources]
+    offsets = [sum(nbytes[:i]) + 3 * i for i in range(len(nbytes))]
+    dst = np.zeros(offsets[-1] + nbytes[-1], np.uint8)
+    assert speedups.gather(dst, offsets, nbytes, sources, 0) == len(sources)
+    for source, offset, n in zip(sources, offsets, nbytes):
+        want = source.detach().reshape(-1).view(torch.uint8).numpy()
+        assert dst[offset : offset + n].tobytes() == want.tobytes()
+
+
+@native
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda t: t.t(),  # not contiguous
+        lambda t: t.to("meta"),  # no data
+        lambda t: __import__("torch")._neg_view(t),  # lazily negated: its memory is not its values
+        lambda t: t.as_subclass(type("Sub", (__import__("torch").Tensor,), {})),  # a subclass (DTensor-like)
+        lambda t: t.reshape(-1)[:14],  # fewer bytes than planned
+    ],
+    ids=["transposed", "meta", "neg-view", "subclass", "resized"],
+)
+def test_gather_leaves_every_other_torch_tensor_to_the_checked_path(make: Any) -> None:
+    import torch
+
+    base = torch.rand(3, 5)
+    dst = np.zeros(64, np.uint8)
+    assert speedups.gather(dst, [0], [60], [make(base)], 0) == 0
+    assert not dst.any()
+
+
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "python"])
+def test_write_tensors_lands_torch_tensors_bit_exact(use_native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    if use_native and not speedups.BUILT:
+        pytest.skip("the C accelerator was not built")
+    monkeypatch.setattr(speedups, "NATIVE", use_native)
+    tensors = [*_torch_sources(), torch.rand(4, 6).t(), torch._neg_view(torch.rand(5))]
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    offsets = [sum(sizes[:i]) + 8 * i for i in range(len(sizes))]
+    slot = ShmExportedSlot(offsets[-1] + sizes[-1] + 8)
+    try:
+        assert slot.write_tensors(offsets, tensors, sizes) is None
+        for tensor, offset, n in zip(tensors, offsets, sizes):
+            want = tensor.detach().resolve_neg().contiguous().reshape(-1).view(torch.uint8).numpy()
+            assert slot.host_view()[offset : offset + n].tobytes() == want.tobytes()
+    finally:
+        slot.close()
+
+
+@pytest.mark.parametrize("change", ["unchanged", "renamed", "retyped", "reshaped", "subclass"])
+def test_describe_of_torch_tensors_with_a_previous_push_equals_describe_from_scratch(change: str) -> None:
+    import torch
+
+    from weightstream.sender.manifest import describe
+
+    items = [(f"p{i}", t) for i, t in enumerate(_torch_sources())]
+    previous = describe(items)
+    name, tensor = items[1]
+    replacement = {
+        "unchanged": (name, tensor),
+        "renamed": ("other", tensor),
+        "retyped": (name, tensor.detach().double()),
+        "reshaped": (name, tensor.detach().reshape(7, 1)),
+        "subclass": (name, tensor.detach().as_subclass(type("Sub", (torch.Tensor,), {}))),
+    }[change]
+    now = [items[0], replacement, *items[2:]]
+    got, want = describe(now, previous=previous), describe(now)
+    assert (got.names, got.dtypes, got.nbytes) == (want.names, want.dtypes, want.nbytes)
+    assert [tuple(s) for s in got.shapes] == [tuple(s) for s in want.shapes]
+    assert all(a is b for a, b in zip(got.tensors or [], want.tensors or []))

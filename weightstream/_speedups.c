@@ -5,20 +5,26 @@
  * anything else back, and the Python code, which owns every check and error message, does
  * the rest (and everything, where this module was not built).
  *
- *   gather(dst, offsets, nbytes, sources, start) -> index   sources[i] -> dst[offsets[i]:]
+ *   gather(dst, offsets, nbytes, sources, start[, tensor_types]) -> index   sources[i] -> dst[offsets[i]:]
  *   scatter(src, offsets, nbytes, targets, start) -> index  src[offsets[i]:] -> targets[i]
  *
  * Per tensor one buffer export and one memmove, with the GIL released while bytes move.
+ * torch tensors export no buffer: ``gather`` takes those whose type is exactly one of
+ * ``tensor_types`` by their own accessors (is_cpu, is_contiguous(), nbytes, data_ptr()),
+ * and keeps the GIL over such a batch, as holding no buffer it must not let Python code
+ * resize one mid-copy.
  * Each stops at the first item it cannot copy exactly (no C-contiguous buffer, the wrong
  * size, None, read-only) and returns its index; the caller takes that item and calls again
  * from the next one. A span outside the flat buffer is a caller bug (the planner and the
  * BUCKET check place every span inside its slot) and raises ValueError before any byte of
  * its batch moves.
  *
- *   unchanged_arrays(items, ndarray, code_of, names, codes, shapes) -> list | None
+ *   unchanged_arrays(items, ndarray, code_of, names, codes, shapes[, tensor_types]) -> list | None
  *
- * The tensors of ``items`` (``(name, array)`` pairs) if every pair has exactly the previous
- * push's name, dtype code and shape, else None. One pass, and no object that outlives it:
+ * The tensors of ``items`` (``(name, tensor)`` pairs: exact NumPy arrays, or tensors whose
+ * type is exactly one of ``tensor_types``, shaped by ``size()``, which torch answers ~5x
+ * faster than ``.shape``) if every pair has exactly the previous push's name, dtype code and
+ * shape, else None. One pass, and no object that outlives it:
  * an RL loop pushes the same layout every step, and building 100k shape tuples per push
  * costs more than comparing them, then again in the garbage collector.
  *
@@ -78,18 +84,52 @@ static int size_at(PyObject *seq, Py_ssize_t i, const char *what, Py_ssize_t *ou
     return 0;
 }
 
+static PyObject *str_dtype, *str_shape; /* interned once: a lookup by C string makes a new str each time */
+static PyObject *str_is_cpu, *str_is_contiguous, *str_is_neg, *str_nbytes, *str_data_ptr, *str_size;
+
+static int is_one_of(PyObject *item, PyObject *types) {
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(types); k++)
+        if (Py_TYPE(item) == (PyTypeObject *)PyTuple_GET_ITEM(types, k)) return 1;
+    return 0;
+}
+
+/* A torch tensor's bytes, read through its accessors: 1 if it is a contiguous CPU tensor of
+ * exactly ``size`` bytes whose memory holds its values as they are (no lazy negation bit),
+ * with its address in *ptr; 0 if not (the caller's checked path takes it). */
+static int tensor_bytes(PyObject *item, PyObject *tensor_types, Py_ssize_t size, void **ptr) {
+    if (!is_one_of(item, tensor_types)) return 0;
+    PyObject *is_cpu = PyObject_GetAttr(item, str_is_cpu);
+    PyObject *contiguous = is_cpu == Py_True ? PyObject_CallMethodNoArgs(item, str_is_contiguous) : NULL;
+    PyObject *negated = contiguous == Py_True ? PyObject_CallMethodNoArgs(item, str_is_neg) : NULL;
+    PyObject *nbytes = negated == Py_False ? PyObject_GetAttr(item, str_nbytes) : NULL;
+    Py_ssize_t n = nbytes != NULL ? PyNumber_AsSsize_t(nbytes, PyExc_OverflowError) : -1;
+    PyObject *address = n == size ? PyObject_CallMethodNoArgs(item, str_data_ptr) : NULL;
+    *ptr = address != NULL ? PyLong_AsVoidPtr(address) : NULL;
+    Py_XDECREF(is_cpu);
+    Py_XDECREF(contiguous);
+    Py_XDECREF(negated);
+    Py_XDECREF(nbytes);
+    Py_XDECREF(address);
+    if (PyErr_Occurred()) PyErr_Clear();
+    return address != NULL && (*ptr != NULL || size == 0);
+}
+
 /* Copy items [start, ...) until one cannot be copied exactly; return its index (count if none). */
 static PyObject *copy_spans(PyObject *args, int gather) {
     Spans s;
     Py_ssize_t start;
-    PyObject *rest = PyTuple_GetSlice(args, 0, 4);
-    if (rest == NULL) return NULL;
-    if (PyTuple_GET_SIZE(args) != 5 || (start = PyNumber_AsSsize_t(PyTuple_GET_ITEM(args, 4), PyExc_OverflowError)) < 0) {
-        Py_DECREF(rest);
+    Py_ssize_t nargs = PyTuple_GET_SIZE(args);
+    PyObject *tensor_types = nargs == 6 ? PyTuple_GET_ITEM(args, 5) : NULL;
+    if (nargs < 5 || nargs > 5 + gather || (tensor_types != NULL && !PyTuple_Check(tensor_types)) ||
+        (start = PyNumber_AsSsize_t(PyTuple_GET_ITEM(args, 4), PyExc_OverflowError)) < 0) {
         if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "expected (flat, offsets, nbytes, items, start) with start >= 0");
+            PyErr_SetString(PyExc_TypeError, gather ? "expected (dst, offsets, nbytes, sources, start[, tensor_types]) "
+                                                      "with start >= 0 and tensor_types a tuple"
+                                                    : "expected (src, offsets, nbytes, targets, start) with start >= 0");
         return NULL;
     }
+    PyObject *rest = PyTuple_GetSlice(args, 0, 4);
+    if (rest == NULL) return NULL;
     int opened = spans_open(&s, rest, gather);
     Py_DECREF(rest);
     if (opened < 0) {
@@ -103,7 +143,7 @@ static PyObject *copy_spans(PyObject *args, int gather) {
     Py_ssize_t i = start < s.count ? start : s.count;
     int stopped = 0, failed = 0;
     while (i < s.count && !stopped && !failed) {
-        int n = 0;
+        int n = 0, raw = 0;
         Py_ssize_t batch_bytes = 0;
         for (; n < BATCH && i < s.count; i++) {
             PyObject *item = PySequence_Fast_GET_ITEM(s.items, i);
@@ -120,9 +160,16 @@ static PyObject *copy_spans(PyObject *args, int gather) {
                 break;
             }
             if (item == Py_None || PyObject_GetBuffer(item, &held[n], item_flags) < 0) {
-                PyErr_Clear(); /* not ours to copy: the caller's checked path takes it */
-                stopped = 1;
-                break;
+                PyErr_Clear(); /* no buffer: a torch tensor, or not ours to copy (the caller's checked path) */
+                void *ptr;
+                if (tensor_types == NULL || !tensor_bytes(item, tensor_types, size, &ptr)) {
+                    stopped = 1;
+                    break;
+                }
+                held[n].buf = ptr; /* no exporter: PyBuffer_Release below is a no-op for it */
+                held[n].obj = NULL;
+                held[n].len = size;
+                raw = 1;
             }
             if (held[n].len != size) {
                 PyBuffer_Release(&held[n]);
@@ -134,14 +181,16 @@ static PyObject *copy_spans(PyObject *args, int gather) {
             n++;
         }
         if (!failed) {
-            if (batch_bytes >= GIL_FREE_BYTES) {
+            if (batch_bytes >= GIL_FREE_BYTES && !raw) {
                 Py_BEGIN_ALLOW_THREADS
                 for (int k = 0; k < n; k++)
-                    gather ? memmove(at[k], held[k].buf, held[k].len) : memmove(held[k].buf, at[k], held[k].len);
+                    if (held[k].len) /* an empty tensor may have no address at all */
+                        gather ? memmove(at[k], held[k].buf, held[k].len) : memmove(held[k].buf, at[k], held[k].len);
                 Py_END_ALLOW_THREADS
             } else {
                 for (int k = 0; k < n; k++)
-                    gather ? memmove(at[k], held[k].buf, held[k].len) : memmove(held[k].buf, at[k], held[k].len);
+                    if (held[k].len) /* an empty tensor may have no address at all */
+                        gather ? memmove(at[k], held[k].buf, held[k].len) : memmove(held[k].buf, at[k], held[k].len);
             }
         }
         for (int k = 0; k < n; k++) PyBuffer_Release(&held[k]);
@@ -151,12 +200,10 @@ static PyObject *copy_spans(PyObject *args, int gather) {
     return PyLong_FromSsize_t(i);
 }
 
-static PyObject *str_dtype, *str_shape; /* interned once: a lookup by C string makes a new str each time */
-
 static PyObject *unchanged_arrays(PyObject *Py_UNUSED(self), PyObject *args) {
-    PyObject *items, *ndarray, *code_of, *names, *codes, *shapes;
-    if (!PyArg_ParseTuple(args, "O!OO!O!O!O!", &PyList_Type, &items, &ndarray, &PyDict_Type, &code_of, &PyList_Type,
-                          &names, &PyList_Type, &codes, &PyList_Type, &shapes))
+    PyObject *items, *ndarray, *code_of, *names, *codes, *shapes, *tensor_types = NULL;
+    if (!PyArg_ParseTuple(args, "O!OO!O!O!O!|O!", &PyList_Type, &items, &ndarray, &PyDict_Type, &code_of, &PyList_Type,
+                          &names, &PyList_Type, &codes, &PyList_Type, &shapes, &PyTuple_Type, &tensor_types))
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(items);
     if (PyList_GET_SIZE(names) != n || PyList_GET_SIZE(codes) != n || PyList_GET_SIZE(shapes) != n) Py_RETURN_NONE;
@@ -166,7 +213,8 @@ static PyObject *unchanged_arrays(PyObject *Py_UNUSED(self), PyObject *args) {
         PyObject *item = PyList_GET_ITEM(items, i);
         if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2) goto changed;
         PyObject *name = PyTuple_GET_ITEM(item, 0), *tensor = PyTuple_GET_ITEM(item, 1);
-        if (Py_TYPE(tensor) != (PyTypeObject *)ndarray) goto changed;
+        int numpy = Py_TYPE(tensor) == (PyTypeObject *)ndarray;
+        if (!numpy && !(tensor_types != NULL && is_one_of(tensor, tensor_types))) goto changed;
         int same = name == PyList_GET_ITEM(names, i);
         if (!same) {
             if (!PyUnicode_CheckExact(name)) goto changed;
@@ -183,7 +231,7 @@ static PyObject *unchanged_arrays(PyObject *Py_UNUSED(self), PyObject *args) {
         }
         if ((same = PyObject_RichCompareBool(code, PyList_GET_ITEM(codes, i), Py_EQ)) < 0) goto failed;
         if (!same) goto changed;
-        PyObject *shape = PyObject_GetAttr(tensor, str_shape);
+        PyObject *shape = numpy ? PyObject_GetAttr(tensor, str_shape) : PyObject_CallMethodNoArgs(tensor, str_size);
         if (shape == NULL) goto failed;
         same = PyObject_RichCompareBool(shape, PyList_GET_ITEM(shapes, i), Py_EQ);
         Py_DECREF(shape);
@@ -226,17 +274,18 @@ static PyObject *scatter(PyObject *Py_UNUSED(self), PyObject *args) { return cop
 
 static PyMethodDef methods[] = {
     {"gather", gather, METH_VARARGS,
-     "gather(dst, offsets, nbytes, sources, start) -> int\n\n"
-     "Copy each C-contiguous source of exactly nbytes[i] bytes into dst at offsets[i], from index start on;\n"
+     "gather(dst, offsets, nbytes, sources, start[, tensor_types]) -> int\n\n"
+     "Copy each C-contiguous source of exactly nbytes[i] bytes into dst at offsets[i], from index start on\n"
+     "(a buffer, or a contiguous CPU tensor whose type is exactly one of tensor_types);\n"
      "return the index of the first source it could not copy (len(sources) when all were)."},
     {"scatter", scatter, METH_VARARGS,
      "scatter(src, offsets, nbytes, targets, start) -> int\n\n"
      "Copy src[offsets[i]:offsets[i] + nbytes[i]] into each writable C-contiguous target of exactly that\n"
      "size, from index start on; return the index of the first target it could not fill (len(targets) when all were)."},
     {"unchanged_arrays", unchanged_arrays, METH_VARARGS,
-     "unchanged_arrays(items, ndarray, code_of, names, codes, shapes) -> list | None\n\n"
-     "The arrays of the (name, array) pairs in the list items, if every pair is an exact ndarray with\n"
-     "names[i], the dtype whose code_of[dtype] is codes[i] and shapes[i]; else None."},
+     "unchanged_arrays(items, ndarray, code_of, names, codes, shapes[, tensor_types]) -> list | None\n\n"
+     "The tensors of the (name, tensor) pairs in the list items, if every pair is an exact ndarray (or of a\n"
+     "type in tensor_types) with names[i], the dtype whose code_of[dtype] is codes[i] and shapes[i]; else None."},
     {"same_items", same_items, METH_VARARGS,
      "same_items(mapping, keys, values) -> bool\n\n"
      "Whether the dict holds exactly keys (equal str) bound to the very objects in values, in that order."},
@@ -250,6 +299,12 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__speedups(void) {
     str_dtype = PyUnicode_InternFromString("dtype");
     str_shape = PyUnicode_InternFromString("shape");
-    if (str_dtype == NULL || str_shape == NULL) return NULL;
+    str_is_cpu = PyUnicode_InternFromString("is_cpu");
+    str_is_contiguous = PyUnicode_InternFromString("is_contiguous");
+    str_is_neg = PyUnicode_InternFromString("is_neg");
+    str_nbytes = PyUnicode_InternFromString("nbytes");
+    str_data_ptr = PyUnicode_InternFromString("data_ptr");
+    str_size = PyUnicode_InternFromString("size");
+    if (!str_dtype || !str_shape || !str_is_cpu || !str_is_contiguous || !str_is_neg || !str_nbytes || !str_data_ptr || !str_size) return NULL;
     return PyModule_Create(&module);
 }
