@@ -313,10 +313,13 @@ def _joined_names(names: list[str], where: str) -> bytes:
     last = _last_joined
     if last is not None and names == last[0]:  # a private copy: equal even if the caller's list changed
         return last[1]
-    blob = "\0".join(names).encode("utf-8")
-    if blob.count(b"\0") != max(len(names) - 1, 0) or not all(names):
+    try:
+        blob = "\0".join(names).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        blob = b""
+    if blob.count(b"\0") != max(len(names) - 1, 0) or not all(names) or (names and not blob):
         raise ProtocolError(
-            f"field '{where}': expected non-empty names without NUL characters; "
+            f"field '{where}': expected non-empty names in UTF-8 without NUL characters; "
             "fix: rename the tensors (the sender's describe refuses such names with the name)"
         )
     _last_joined = (list(names), blob)

@@ -134,16 +134,17 @@ def from_specs(specs: Mapping[str, tuple[str, Sequence[int]]]) -> Manifest:
 
 
 def check_names(names: list[str], what: str) -> None:
-    """Non-empty str of at most MAX_NAME_LEN chars without NUL, unique; checked at C speed, named on failure."""
+    """Non-empty str of at most MAX_NAME_LEN chars, UTF-8 without NUL, unique; checked at C speed, named on failure."""
     limit = m.MAX_NAME_LEN
     if names and (
         set(map(type, names)) != {str} or max(map(len, names)) > limit or min(map(len, names)) == 0
-        or "\0" in "".join(names)  # the wire separates names with NUL
+        or not _wire_text("".join(names))
     ):
         for name in names:
-            if type(name) is not str or not name or len(name) > limit or "\0" in name:
+            if type(name) is not str or not name or len(name) > limit or not _wire_text(name):
                 raise WeightstreamError(
-                    f"{what} must be non-empty str of at most {limit} chars without NUL, got {name!r:.80}"
+                    f"{what} must be non-empty str of at most {limit} chars, valid UTF-8 without NUL, "
+                    f"got {name!r:.80}"
                 )
     if len(set(names)) != len(names):
         seen: set[str] = set()
@@ -151,6 +152,17 @@ def check_names(names: list[str], what: str) -> None:
             if name in seen:
                 raise WeightstreamError(f"tensor name {name!r} appears twice; names must be unique per version")
             seen.add(name)
+
+
+def _wire_text(text: str) -> bool:
+    """The wire joins names with NUL, in UTF-8: no NUL, and no lone surrogate (which UTF-8 cannot hold)."""
+    if "\0" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def pull(source: Iterator[tuple[str, Any]], manifest: Manifest, index: int) -> Any:

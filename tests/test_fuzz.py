@@ -86,7 +86,7 @@ nested_maps = st.one_of(
                                     "slots": any_value}),
 )
 
-name = st.text(st.characters(exclude_characters="\0"), min_size=1, max_size=12)  # NUL separates names on the wire
+name = st.text(st.characters(codec="utf-8", exclude_characters="\0"), min_size=1, max_size=12)  # NUL separates names
 version = st.text(min_size=1, max_size=16)
 session = st.text(max_size=16)
 text = st.text(max_size=40)

@@ -280,16 +280,19 @@ def test_names_travel_as_one_bin_and_repeat_as_the_same_list() -> None:
     assert first.names == names and again.names is first.names  # no 100k str objects per step
 
 
-@pytest.mark.parametrize("names", [["a", "b\0c", "d"], ["a", "", "d"], [""]], ids=["nul", "empty", "only-empty"])
+@pytest.mark.parametrize(
+    "names", [["a", "b\0c", "d"], ["a", "", "d"], [""], ["a", "\ud800"]], ids=["nul", "empty", "only-empty", "surrogate"]
+)
 def test_a_name_the_wire_cannot_carry_is_refused_when_encoding(names: list[str]) -> None:
     begin = dataclasses.replace(BEGIN, names=names)
-    with pytest.raises(ProtocolError, match="non-empty names without NUL"):
+    with pytest.raises(ProtocolError, match="non-empty names in UTF-8 without NUL"):
         m.encode(begin)
 
 
-def test_describe_names_a_tensor_whose_name_holds_nul() -> None:
-    with pytest.raises(WeightstreamError, match=r"without NUL, got 'b\\x00c'"):
-        describe([("a", np.zeros(1)), ("b\0c", np.zeros(1))])
+@pytest.mark.parametrize(("bad", "shown"), [("b\0c", r"'b\\x00c'"), ("b\ud800", r"'b\\ud800'")], ids=["nul", "surrogate"])
+def test_describe_names_a_tensor_whose_name_the_wire_cannot_carry(bad: str, shown: str) -> None:
+    with pytest.raises(WeightstreamError, match=f"valid UTF-8 without NUL, got {shown}"):
+        describe([("a", np.zeros(1)), (bad, np.zeros(1))])
 
 
 def test_a_repeated_manifest_is_still_checked_where_it_differs() -> None:

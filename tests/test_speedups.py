@@ -343,3 +343,42 @@ def test_describe_of_torch_tensors_with_a_previous_push_equals_describe_from_scr
     assert (got.names, got.dtypes, got.nbytes) == (want.names, want.dtypes, want.nbytes)
     assert [tuple(s) for s in got.shapes] == [tuple(s) for s in want.shapes]
     assert all(a is b for a, b in zip(got.tensors or [], want.tensors or []))
+
+
+@native
+def test_python_code_run_by_a_torch_accessor_cannot_pull_the_list_from_under_the_c_loop() -> None:
+    """A TorchFunctionMode runs Python inside is_cpu/size()/data_ptr(); here it empties the
+    very lists being walked. The C loops walk snapshots, so they finish, bit-exact."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    from weightstream.sender.manifest import describe
+
+    items = [(f"p{i}", torch.rand(4)) for i in range(8)]
+    tensors = [t for _, t in items]
+    previous = describe(list(items))
+    calls = 0
+
+    class Emptying(TorchFunctionMode):
+        def __init__(self, victim: list[Any]) -> None:
+            super().__init__()
+            self.victim = victim
+
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            nonlocal calls
+            calls += 1
+            self.victim.clear()
+            return func(*args, **(kwargs or {}))
+
+    codes = describe.__globals__["_codes_by_dtype"]()
+    with Emptying(items):
+        same = speedups.unchanged_arrays(items, codes, previous.names, previous.dtypes, previous.shapes)
+    assert calls > 0, "the mode never ran: the test proves nothing"
+    calls = 0
+    assert same is not None and [id(t) for t in same] == [id(t) for t in tensors]
+    sources, dst = list(tensors), np.zeros(8 * 16, np.uint8)
+    with Emptying(sources):
+        copied = speedups.gather(dst, [16 * i for i in range(8)], [16] * 8, sources, 0)
+    assert calls > 0, "the mode never ran: the test proves nothing"
+    assert copied == 8
+    assert dst.tobytes() == b"".join(t.numpy().tobytes() for t in tensors)

@@ -9,15 +9,16 @@
  *   scatter(src, offsets, nbytes, targets, start) -> index  src[offsets[i]:] -> targets[i]
  *
  * Per tensor one buffer export and one memmove, with the GIL released while bytes move.
- * torch tensors export no buffer: ``gather`` takes those whose type is exactly one of
- * ``tensor_types`` by their own accessors (is_cpu, is_contiguous(), nbytes, data_ptr()),
- * and keeps the GIL over such a batch, as holding no buffer it must not let Python code
- * resize one mid-copy.
  * Each stops at the first item it cannot copy exactly (no C-contiguous buffer, the wrong
  * size, None, read-only) and returns its index; the caller takes that item and calls again
  * from the next one. A span outside the flat buffer is a caller bug (the planner and the
  * BUCKET check place every span inside its slot) and raises ValueError before any byte of
  * its batch moves.
+ *
+ * torch tensors export no buffer: ``gather`` takes those whose type is exactly one of
+ * ``tensor_types`` by their own accessors (is_cpu, is_contiguous(), is_neg(), nbytes,
+ * data_ptr()), and keeps the GIL over such a batch: holding no buffer, it must not let
+ * Python code resize one mid-copy.
  *
  *   unchanged_arrays(items, ndarray, code_of, names, codes, shapes[, tensor_types]) -> list | None
  *
@@ -43,7 +44,9 @@
 
 typedef struct {
     Py_buffer flat;
-    PyObject *offsets, *nbytes, *items; /* fast sequences (lists pass through uncopied) */
+    /* tuples: a torch accessor may run Python code (a TorchFunctionMode), which must not be able
+     * to shrink what is being walked */
+    PyObject *offsets, *nbytes, *items;
     Py_ssize_t count;
 } Spans;
 
@@ -60,21 +63,20 @@ static int spans_open(Spans *s, PyObject *args, int flat_writable) {
     if (!PyArg_ParseTuple(args, "OOOO", &flat, &offsets, &nbytes, &items)) return -1;
     if (PyObject_GetBuffer(flat, &s->flat, PyBUF_C_CONTIGUOUS | (flat_writable ? PyBUF_WRITABLE : 0)) < 0)
         return -1;
-    s->offsets = PySequence_Fast(offsets, "offsets: expected a sequence of ints");
-    s->nbytes = PySequence_Fast(nbytes, "nbytes: expected a sequence of ints");
-    s->items = PySequence_Fast(items, "expected a sequence of buffers");
-    if (s->offsets == NULL || s->nbytes == NULL || s->items == NULL) return -1;
-    s->count = PySequence_Fast_GET_SIZE(s->items);
-    if (PySequence_Fast_GET_SIZE(s->offsets) != s->count || PySequence_Fast_GET_SIZE(s->nbytes) != s->count) {
+    if ((s->offsets = PySequence_Tuple(offsets)) == NULL || (s->nbytes = PySequence_Tuple(nbytes)) == NULL ||
+        (s->items = PySequence_Tuple(items)) == NULL)
+        return -1;
+    s->count = PyTuple_GET_SIZE(s->items);
+    if (PyTuple_GET_SIZE(s->offsets) != s->count || PyTuple_GET_SIZE(s->nbytes) != s->count) {
         PyErr_Format(PyExc_ValueError, "offsets, nbytes and items: expected equal lengths, got %zd, %zd and %zd",
-                     PySequence_Fast_GET_SIZE(s->offsets), PySequence_Fast_GET_SIZE(s->nbytes), s->count);
+                     PyTuple_GET_SIZE(s->offsets), PyTuple_GET_SIZE(s->nbytes), s->count);
         return -1;
     }
     return 0;
 }
 
 static int size_at(PyObject *seq, Py_ssize_t i, const char *what, Py_ssize_t *out) {
-    Py_ssize_t v = PyNumber_AsSsize_t(PySequence_Fast_GET_ITEM(seq, i), PyExc_OverflowError);
+    Py_ssize_t v = PyNumber_AsSsize_t(PyTuple_GET_ITEM(seq, i), PyExc_OverflowError);
     if (v == -1 && PyErr_Occurred()) return -1;
     if (v < 0) {
         PyErr_Format(PyExc_ValueError, "%s[%zd]: expected a non-negative int, got %zd", what, i, v);
@@ -146,7 +148,7 @@ static PyObject *copy_spans(PyObject *args, int gather) {
         int n = 0, raw = 0;
         Py_ssize_t batch_bytes = 0;
         for (; n < BATCH && i < s.count; i++) {
-            PyObject *item = PySequence_Fast_GET_ITEM(s.items, i);
+            PyObject *item = PyTuple_GET_ITEM(s.items, i);
             Py_ssize_t offset, size;
             if (size_at(s.offsets, i, "offsets", &offset) < 0 || size_at(s.nbytes, i, "nbytes", &size) < 0) {
                 failed = 1;
@@ -207,10 +209,17 @@ static PyObject *unchanged_arrays(PyObject *Py_UNUSED(self), PyObject *args) {
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(items);
     if (PyList_GET_SIZE(names) != n || PyList_GET_SIZE(codes) != n || PyList_GET_SIZE(shapes) != n) Py_RETURN_NONE;
+    /* a snapshot: a torch accessor may run Python code (a TorchFunctionMode) that changes the list */
+    PyObject *pairs = PyList_AsTuple(items);
+    if (pairs == NULL) return NULL;
     PyObject *tensors = PyList_New(n);
-    if (tensors == NULL) return NULL;
+    if (tensors == NULL) {
+        Py_DECREF(pairs);
+        return NULL;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PyList_GET_ITEM(items, i);
+        if (PyList_GET_SIZE(names) != n || PyList_GET_SIZE(codes) != n || PyList_GET_SIZE(shapes) != n) goto changed;
+        PyObject *item = PyTuple_GET_ITEM(pairs, i);
         if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2) goto changed;
         PyObject *name = PyTuple_GET_ITEM(item, 0), *tensor = PyTuple_GET_ITEM(item, 1);
         int numpy = Py_TYPE(tensor) == (PyTypeObject *)ndarray;
@@ -240,11 +249,14 @@ static PyObject *unchanged_arrays(PyObject *Py_UNUSED(self), PyObject *args) {
         Py_INCREF(tensor);
         PyList_SET_ITEM(tensors, i, tensor);
     }
+    Py_DECREF(pairs);
     return tensors;
 changed:
+    Py_DECREF(pairs);
     Py_DECREF(tensors);
     Py_RETURN_NONE;
 failed:
+    Py_DECREF(pairs);
     Py_DECREF(tensors);
     return NULL;
 }
