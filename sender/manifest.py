@@ -90,10 +90,16 @@ def describe(named_tensors: Iterable[tuple[str, Any]], previous: Manifest | None
 
 
 def _codes_by_dtype() -> dict[Any, int]:
-    """Wire dtype codes keyed by NumPy dtype, and by torch dtype once torch is imported."""
-    if "torch" not in sys.modules:
-        return _CODE_OF_NUMPY
-    return {**_CODE_OF_NUMPY, **codes_by_torch_dtype()}
+    """Wire dtype codes keyed by NumPy dtype, and by torch dtype once torch is imported (built once)."""
+    global _CODE_OF_ANY
+    if _CODE_OF_ANY is None:
+        if "torch" not in sys.modules:
+            return _CODE_OF_NUMPY
+        _CODE_OF_ANY = {**_CODE_OF_NUMPY, **codes_by_torch_dtype()}
+    return _CODE_OF_ANY
+
+
+_CODE_OF_ANY: dict[Any, int] | None = None  # _CODE_OF_NUMPY plus torch's, once torch is imported
 
 
 def _describe_numpy(items: list[Any]) -> Manifest | None:
