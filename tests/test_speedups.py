@@ -24,6 +24,15 @@ native = pytest.mark.skipif(not speedups.BUILT, reason="the C accelerator was no
 DTYPES = [np.uint8, np.int16, np.float32, np.float64, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, np.bool_]
 
 
+@pytest.fixture(params=[True, False], ids=["native", "python"])
+def copy_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Run the test with the C module, then with the pure-Python loops alone."""
+    if request.param and not speedups.BUILT:
+        pytest.skip("the C accelerator was not built")
+    monkeypatch.setattr(speedups, "NATIVE", request.param)
+    return bool(request.param)
+
+
 def test_the_accelerator_is_built_where_ci_requires_it() -> None:
     if os.environ.get("WEIGHTSTREAM_REQUIRE_NATIVE") != "1":
         pytest.skip("only CI, which has a compiler, requires it")
@@ -142,14 +151,8 @@ def test_without_the_accelerator_both_hand_everything_to_the_python_loop(monkeyp
     assert not flat.any()
 
 
-@pytest.mark.parametrize("use_native", [True, False], ids=["native", "python"])
-def test_write_tensors_lands_every_kind_of_tensor_and_names_the_one_that_changed(
-    use_native: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_write_tensors_lands_every_kind_of_tensor_and_names_the_one_that_changed(copy_mode: bool) -> None:
     """The slot's bulk write, mixing what the C path takes with what only Python can."""
-    if use_native and not speedups.BUILT:
-        pytest.skip("the C accelerator was not built")
-    monkeypatch.setattr(speedups, "NATIVE", use_native)
     rng = np.random.default_rng(7)
     tensors = [
         rng.random((3, 5), dtype=np.float32),
@@ -230,11 +233,7 @@ def test_describe_with_a_previous_push_equals_describe_from_scratch(change: str)
 
 # --- a sink's state dict, unchanged or not ----------------------------------------------
 
-@pytest.mark.parametrize("use_native", [True, False], ids=["native", "python"])
-def test_same_items_sees_every_kind_of_change_to_a_state_dict(use_native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    if use_native and not speedups.BUILT:
-        pytest.skip("the C accelerator was not built")
-    monkeypatch.setattr(speedups, "NATIVE", use_native)
+def test_same_items_sees_every_kind_of_change_to_a_state_dict(copy_mode: bool) -> None:
     state = {f"p{i}": np.zeros(i + 1) for i in range(4)}
     keys, values = list(state), list(state.values())
     assert speedups.same_items(state, keys, values)
@@ -272,9 +271,8 @@ def test_gather_takes_plain_cpu_torch_tensors_bit_exact() -> None:
     import torch
 
     sources = _torch_sources()
-    nbytes = [t.numel() * t.element_size() for t in sources]
-    offsets = [sum(nbytes[:i]) + 3 * i for i in range(len(nbytes))]
-    dst = np.zeros(offsets[-1] + nbytes[-1], np.uint8)
+    offsets, nbytes, size = layout(sources, 3)
+    dst = np.zeros(size, np.uint8)
     assert speedups.gather(dst, offsets, nbytes, sources, 0) == len(sources)
     for source, offset, n in zip(sources, offsets, nbytes):
         want = source.detach().reshape(-1).view(torch.uint8).numpy()
@@ -302,17 +300,12 @@ def test_gather_leaves_every_other_torch_tensor_to_the_checked_path(make: Any) -
     assert not dst.any()
 
 
-@pytest.mark.parametrize("use_native", [True, False], ids=["native", "python"])
-def test_write_tensors_lands_torch_tensors_bit_exact(use_native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_write_tensors_lands_torch_tensors_bit_exact(copy_mode: bool) -> None:
     import torch
 
-    if use_native and not speedups.BUILT:
-        pytest.skip("the C accelerator was not built")
-    monkeypatch.setattr(speedups, "NATIVE", use_native)
     tensors = [*_torch_sources(), torch.rand(4, 6).t(), torch._neg_view(torch.rand(5))]
-    sizes = [t.numel() * t.element_size() for t in tensors]
-    offsets = [sum(sizes[:i]) + 8 * i for i in range(len(sizes))]
-    slot = ShmExportedSlot(offsets[-1] + sizes[-1] + 8)
+    offsets, sizes, size = layout(tensors, 8)
+    slot = ShmExportedSlot(size)
     try:
         assert slot.write_tensors(offsets, tensors, sizes) is None
         for tensor, offset, n in zip(tensors, offsets, sizes):
@@ -352,7 +345,7 @@ def test_python_code_run_by_a_torch_accessor_cannot_pull_the_list_from_under_the
     import torch
     from torch.overrides import TorchFunctionMode
 
-    from weightstream.sender.manifest import describe
+    from weightstream.sender.manifest import _codes_by_dtype, describe
 
     items = [(f"p{i}", torch.rand(4)) for i in range(8)]
     tensors = [t for _, t in items]
@@ -370,7 +363,7 @@ def test_python_code_run_by_a_torch_accessor_cannot_pull_the_list_from_under_the
             self.victim.clear()
             return func(*args, **(kwargs or {}))
 
-    codes = describe.__globals__["_codes_by_dtype"]()
+    codes = _codes_by_dtype()
     with Emptying(items):
         same = speedups.unchanged_arrays(items, codes, previous.names, previous.dtypes, previous.shapes)
     assert calls > 0, "the mode never ran: the test proves nothing"
