@@ -9,7 +9,8 @@ whether a push has exactly the last push's layout, or None when it cannot tell;
 
 Without the C module (no compiler at install time) or with ``WEIGHTSTREAM_PURE_PYTHON=1``,
 ``gather``/``scatter`` return ``start`` at once, ``unchanged_arrays`` returns None,
-``same_items`` compares in Python, and the Python code does everything: the same bytes, about 0.5 us more per small tensor.
+``same_items`` compares in Python, and the Python code does everything: the same bytes,
+about 0.5 us more per small tensor.
 """
 
 from __future__ import annotations
