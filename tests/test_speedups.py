@@ -212,6 +212,24 @@ def test_any_change_of_layout_takes_the_full_describe(change: str) -> None:
     assert speedups.unchanged_arrays(changed, _CODE_OF_NUMPY, previous.names, previous.dtypes, previous.shapes) is None
 
 
+@native
+def test_the_fast_path_checks_every_dtype_of_a_mixed_model() -> None:
+    """It looks a dtype's code up again only when the dtype object changes from the last
+    tensor's: alternating dtypes, and one retyped to its neighbour's, must still be seen."""
+    from weightstream.sender.manifest import _CODE_OF_NUMPY, describe
+
+    kinds = [np.float32, np.float16, np.float16, np.int64, np.float32, np.float32]
+    items = [(f"p{i}", np.zeros(4, kind)) for i, kind in enumerate(kinds)]
+    previous = describe(items)
+    same = speedups.unchanged_arrays(items, _CODE_OF_NUMPY, previous.names, previous.dtypes, previous.shapes)
+    assert same is not None and all(a is b for a, b in zip(same, (t for _, t in items)))
+    for i in range(1, len(items)):  # each tensor takes the dtype of the one before it
+        changed = list(items)
+        changed[i] = (items[i][0], np.zeros(4, kinds[i - 1]))
+        got = speedups.unchanged_arrays(changed, _CODE_OF_NUMPY, previous.names, previous.dtypes, previous.shapes)
+        assert (got is None) == (kinds[i] != kinds[i - 1])
+
+
 @pytest.mark.parametrize("change", ["unchanged", *sorted(CHANGES)])
 def test_describe_with_a_previous_push_equals_describe_from_scratch(change: str) -> None:
     from weightstream.protocol.errors import WeightstreamError

@@ -25,7 +25,9 @@
  * The tensors of ``items`` (``(name, tensor)`` pairs: exact NumPy arrays, or tensors whose
  * type is exactly one of ``tensor_types``, shaped by ``size()``, which torch answers ~5x
  * faster than ``.shape``) if every pair has exactly the previous push's name, dtype code and
- * shape, else None. One pass, and no object that outlives it:
+ * shape, else None. A dtype's code is looked up only when the dtype object differs from the
+ * last tensor's (NumPy hashes a dtype anew each time, ~10% of the pass). One pass, and no
+ * object that outlives it:
  * an RL loop pushes the same layout every step, and building 100k shape tuples per push
  * costs more than comparing them, then again in the garbage collector.
  *
@@ -217,6 +219,7 @@ static PyObject *unchanged_arrays(PyObject *Py_UNUSED(self), PyObject *args) {
         Py_DECREF(pairs);
         return NULL;
     }
+    PyObject *last_dtype = NULL, *last_code = NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
         if (PyList_GET_SIZE(names) != n || PyList_GET_SIZE(codes) != n || PyList_GET_SIZE(shapes) != n) goto changed;
         PyObject *item = PyTuple_GET_ITEM(pairs, i);
@@ -232,13 +235,19 @@ static PyObject *unchanged_arrays(PyObject *Py_UNUSED(self), PyObject *args) {
         }
         PyObject *dtype = PyObject_GetAttr(tensor, str_dtype);
         if (dtype == NULL) goto failed;
-        PyObject *code = PyDict_GetItemWithError(code_of, dtype); /* borrowed */
-        Py_DECREF(dtype);
-        if (code == NULL) {
-            if (PyErr_Occurred()) goto failed;
-            goto changed; /* not a wire dtype: the general path says so */
+        if (dtype == last_dtype) { /* a model has few dtypes, each one object: no hash per tensor */
+            Py_DECREF(dtype);
+        } else {
+            PyObject *code = PyDict_GetItemWithError(code_of, dtype); /* borrowed */
+            Py_XSETREF(last_dtype, dtype); /* held: a freed dtype's address could come back as another */
+            if (code == NULL) {
+                if (PyErr_Occurred()) goto failed;
+                goto changed; /* not a wire dtype: the general path says so */
+            }
+            Py_INCREF(code);
+            Py_XSETREF(last_code, code);
         }
-        if ((same = PyObject_RichCompareBool(code, PyList_GET_ITEM(codes, i), Py_EQ)) < 0) goto failed;
+        if ((same = PyObject_RichCompareBool(last_code, PyList_GET_ITEM(codes, i), Py_EQ)) < 0) goto failed;
         if (!same) goto changed;
         PyObject *shape = numpy ? PyObject_GetAttr(tensor, str_shape) : PyObject_CallMethodNoArgs(tensor, str_size);
         if (shape == NULL) goto failed;
@@ -250,14 +259,20 @@ static PyObject *unchanged_arrays(PyObject *Py_UNUSED(self), PyObject *args) {
         PyList_SET_ITEM(tensors, i, tensor);
     }
     Py_DECREF(pairs);
+    Py_XDECREF(last_dtype);
+    Py_XDECREF(last_code);
     return tensors;
 changed:
     Py_DECREF(pairs);
     Py_DECREF(tensors);
+    Py_XDECREF(last_dtype);
+    Py_XDECREF(last_code);
     Py_RETURN_NONE;
 failed:
     Py_DECREF(pairs);
     Py_DECREF(tensors);
+    Py_XDECREF(last_dtype);
+    Py_XDECREF(last_code);
     return NULL;
 }
 
