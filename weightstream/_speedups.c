@@ -258,22 +258,20 @@ static PyObject *unchanged_arrays(PyObject *Py_UNUSED(self), PyObject *args) {
         Py_INCREF(tensor);
         PyList_SET_ITEM(tensors, i, tensor);
     }
-    Py_DECREF(pairs);
-    Py_XDECREF(last_dtype);
-    Py_XDECREF(last_code);
-    return tensors;
+    PyObject *result = tensors;
+    goto done;
 changed:
-    Py_DECREF(pairs);
     Py_DECREF(tensors);
-    Py_XDECREF(last_dtype);
-    Py_XDECREF(last_code);
-    Py_RETURN_NONE;
+    result = Py_NewRef(Py_None);
+    goto done;
 failed:
-    Py_DECREF(pairs);
     Py_DECREF(tensors);
+    result = NULL;
+done:
+    Py_DECREF(pairs);
     Py_XDECREF(last_dtype);
     Py_XDECREF(last_code);
-    return NULL;
+    return result;
 }
 
 static PyObject *same_items(PyObject *Py_UNUSED(self), PyObject *args) {
