@@ -45,6 +45,7 @@ from .prefetch import PrefetchQueue
 from .run_manifest import RunManifest
 from .targets import detached_copy, resolve_target
 from .version_run import VersionRun
+from .waiting import cancel_and_wait, wait_bounded
 
 log = logging.getLogger("weightstream.receiver")
 
@@ -275,9 +276,9 @@ class ReceiverDaemon:
                     log.error("rank %d: daemon task failed: %r", self.rank, task.exception())
             stop_wait.cancel()
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            stuck = await cancel_and_wait(tasks, grace=1.0, attempts=10)
+            if stuck:
+                log.error("rank %d: %s ignored cancellation for 10s", self.rank, ", ".join(t.get_name() for t in stuck))
             await self._abort_run(WeightstreamError("daemon stopped"))
             if self._welcome is not None:
                 self._send(m.Bye(reason="daemon stopped"))
@@ -285,9 +286,9 @@ class ReceiverDaemon:
             sock.close(linger=0)
             ctx.term()
             # Let queued work (a snapshot commit, say) finish; load_weights was already aborted above.
-            await asyncio.wait_for(
-                asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown), timeout=self._apply_timeout
-            )
+            shutdown = asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+            if not await wait_bounded(shutdown, self._apply_timeout):
+                log.error("rank %d: the apply thread did not finish within %.0fs of stop()", self.rank, self._apply_timeout)
             with self._cond:
                 self._state = "stopped"
                 self._cond.notify_all()
@@ -628,9 +629,7 @@ class ReceiverDaemon:
             return
         run.queue.abort(error)
         if task is not None and not task.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(task), timeout=self._apply_timeout)
-            except asyncio.TimeoutError:
+            if not await wait_bounded(task, self._apply_timeout):
                 log.error("rank %d: load_weights did not return within %.0fs of an abort", self.rank, self._apply_timeout)
         if self._run is run:  # _apply did not already record it
             self._sink_aborted()
