@@ -116,6 +116,31 @@ def test_torch_sink_in_place_and_no_alias() -> None:
     assert dest is not None and dest.ctypes.data == model[0].weight.data_ptr() and dest.nbytes == 24
 
 
+def test_torch_sink_skips_extra_state_and_sees_a_moved_tensor() -> None:
+    """A module's get_extra_state payload is not a tensor to load; a reassigned .data is a new spec."""
+    torch = pytest.importorskip("torch")
+
+    class WithExtra(torch.nn.Linear):
+        def get_extra_state(self) -> dict[str, int]:
+            return {"step": 3}
+
+        def set_extra_state(self, state: Any) -> None:
+            pass
+
+    model = WithExtra(3, 2)
+    assert "_extra_state" in model.state_dict()
+    sink = as_sink(model)
+    specs = sink.param_specs()
+    assert sorted(specs) == ["bias", "weight"]
+    assert sink.param_specs() is specs  # nothing moved: the same object, the check is skipped
+    model.bias.data = torch.zeros(2)  # same name, dtype and shape, new memory
+    moved = sink.param_specs()
+    assert moved is not specs and moved == specs
+    value = np.arange(2, dtype=np.float32)
+    sink.load_weights(stream("torch", {"bias": value}))
+    assert raw(model.bias) == raw(value)
+
+
 def test_torch_sink_materialises_meta() -> None:
     torch = pytest.importorskip("torch")
     with torch.device("meta"):

@@ -9,6 +9,7 @@ import numpy as np
 
 from ...protocol.dtypes import from_paddle
 from ...protocol.errors import WeightstreamError
+from ...protocol.gc_pause import gc_paused
 from ...protocol.tensors import Framework, bytes_view
 from .base import ParamSpecs, SpecsCache, spec_mismatch, unknown_name
 
@@ -43,11 +44,12 @@ class PaddleLayerSink:
 
     def param_specs(self) -> ParamSpecs:
         """The layer's specs: the same object while no tensor moved (a new parameter moves one)."""
-        state = self.layer.state_dict()
-        return self._specs.get(
-            list(state), list(state.values()), _data_ptr,
-            lambda: {name: (from_paddle(t.dtype).name, tuple(int(n) for n in t.shape)) for name, t in state.items()},
-        )
+        with gc_paused():  # as for torch: a big layer's walk would otherwise trigger full collections
+            state = self.layer.state_dict()
+            return self._specs.get(
+                list(state), list(state.values()), _data_ptr,
+                lambda: {name: (from_paddle(t.dtype).name, tuple(int(n) for n in t.shape)) for name, t in state.items()},
+            )
 
     def _target(self, name: str) -> Any:
         # Walk the structured name through _sub_layers (O(depth)); fall back to state_dict().

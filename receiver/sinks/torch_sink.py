@@ -9,6 +9,7 @@ import numpy as np
 
 from ...protocol.dtypes import from_torch
 from ...protocol.errors import WeightstreamError
+from ...protocol.gc_pause import gc_paused
 from ...protocol.tensors import Framework, bytes_view
 from .base import ParamSpecs, SpecsCache, spec_mismatch, unknown_name
 
@@ -52,13 +53,18 @@ class TorchModuleSink:
         """The module's specs: the same object while no tensor moved (``.data = ...`` moves one)."""
         import torch
 
-        state = self.module.state_dict(keep_vars=True)
-        tensors = {name: t for name, t in state.items() if isinstance(t, torch.Tensor)}  # skip extra-state payloads
-        self._by_name = tensors
-        return self._specs.get(
-            list(tensors), list(tensors.values()), torch.Tensor.data_ptr,
-            lambda: {name: (from_torch(t.dtype).name, tuple(t.shape)) for name, t in tensors.items()},
-        )
+        with gc_paused():  # 100k params: the walk's small objects would trigger collections of the whole heap
+            state = self.module.state_dict(keep_vars=True)
+            plain = (torch.Tensor, torch.nn.Parameter)
+            if all(type(t) in plain for t in state.values()):
+                tensors = state
+            else:  # skip extra-state payloads; isinstance is slower, so only here
+                tensors = {name: t for name, t in state.items() if isinstance(t, torch.Tensor)}
+            self._by_name = tensors
+            return self._specs.get(
+                list(tensors), list(tensors.values()), torch.Tensor.data_ptr,
+                lambda: {name: (from_torch(t.dtype).name, tuple(t.shape)) for name, t in tensors.items()},
+            )
 
     def _slot(self, name: str) -> _Slot | None:
         """Where ``name`` lives, found by walking the module path (O(depth), no state_dict)."""
