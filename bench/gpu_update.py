@@ -118,7 +118,7 @@ def handle_receiver(gib: float, inbox: Any, outbox: Any) -> None:
     params = build(model_shapes(gib), fill=False)
     outbox.put("ready")
     while True:
-        msg = inbox.get()
+        msg = inbox.get(timeout=600)  # a lost trainer fails the run rather than hanging it
         if msg is None:
             return
         for name, (rebuild, args) in msg:
