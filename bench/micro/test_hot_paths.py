@@ -1,0 +1,120 @@
+"""Micro-benchmarks of the per-tensor hot paths at 100k tensors, with pytest-benchmark.
+
+Each checks what it computed, and each group has a baseline measured in the same run
+(one memcpy of the same bytes; building the same number of plain tuples), so the table
+reads as overhead per tensor. Not in the default test run (``testpaths = tests``):
+
+    python -m pytest bench/micro --benchmark-columns=min,median,max
+
+CI runs them once each with ``--benchmark-disable``, for the checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from weightstream.protocol import messages as m
+from weightstream.protocol.gc_pause import gc_paused
+from weightstream.protocol.shm import ShmExportedSlot
+from weightstream.protocol.transport import get_transport
+from weightstream.sender.manifest import Manifest, describe
+from weightstream.sender.planner import align_up, plan_buckets
+
+N = 100_000
+TENSOR_BYTES = 4096
+ALIGN = 256
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def model() -> list[tuple[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    flat = rng.integers(0, 255, N * TENSOR_BYTES, dtype=np.uint8).view(np.float32)
+    # separate arrays, as a trainer's parameters are, not views of one buffer
+    return [(f"layers.{i // 8}.w{i % 8}", flat[i * 1024 : (i + 1) * 1024].copy()) for i in range(N)]
+
+
+@pytest.fixture(scope="module")
+def manifest(model: list[tuple[str, np.ndarray]]) -> Manifest:
+    return describe(model)
+
+
+@pytest.fixture()
+def slot() -> Iterator[ShmExportedSlot]:
+    (exported,) = get_transport("shm").create_slots(1, N * TENSOR_BYTES)
+    yield exported
+    exported.close()
+
+
+@pytest.mark.benchmark(group="describe 100k")
+def test_describe_first_push(benchmark: Any, model: list[tuple[str, np.ndarray]]) -> None:
+    got = benchmark(describe, model)
+    assert len(got) == N and got.nbytes[0] == TENSOR_BYTES and got.names[-1] == model[-1][0]
+
+
+@pytest.mark.benchmark(group="describe 100k")
+def test_describe_unchanged_push(benchmark: Any, model: list[tuple[str, np.ndarray]], manifest: Manifest) -> None:
+    got = benchmark(describe, model, manifest)
+    assert got.names is manifest.names and got.tensors is not None and got.tensors[7] is model[7][1]
+
+
+@pytest.mark.benchmark(group="describe 100k")
+def test_baseline_one_tuple_per_tensor(benchmark: Any, model: list[tuple[str, np.ndarray]]) -> None:
+    """The floor for anything that touches each tensor once from Python (collector paused, as describe's is)."""
+
+    def one_tuple_each() -> list[tuple[str, Any, Any]]:
+        with gc_paused():
+            return [(name, t.dtype, t.shape) for name, t in model]
+
+    got = benchmark(one_tuple_each)
+    assert len(got) == N
+
+
+@pytest.mark.benchmark(group="plan 100k")
+def test_plan_buckets(benchmark: Any) -> None:
+    sizes = [TENSOR_BYTES] * N
+    plan = benchmark(plan_buckets, sizes, 64 << 20, ALIGN)
+    placed = sorted(tensor for bucket in plan for tensor in bucket.tensors)
+    assert placed == list(range(N))
+
+
+@pytest.mark.benchmark(group="BEGIN 100k")
+def test_begin_encode(benchmark: Any, manifest: Manifest) -> None:
+    msg = m.Begin.build("v1", manifest.names, manifest.dtypes, manifest.shapes, sum(manifest.nbytes), 7)
+    frame = benchmark(m.encode, msg)
+    assert m.decode(frame).names == manifest.names
+
+
+@pytest.mark.benchmark(group="BEGIN 100k")
+def test_begin_decode(benchmark: Any, manifest: Manifest) -> None:
+    frame = m.encode(m.Begin.build("v1", manifest.names, manifest.dtypes, manifest.shapes, sum(manifest.nbytes), 7))
+    got = benchmark(m.decode, frame)
+    assert isinstance(got, m.Begin) and got.names == manifest.names and got.shapes()[5] == (1024,)
+
+
+@pytest.mark.benchmark(group="copy 100k x 4 KiB into a slot")
+def test_write_tensors(benchmark: Any, slot: ShmExportedSlot, manifest: Manifest, model: list[tuple[str, np.ndarray]]) -> None:
+    tensors = [t for _, t in model]
+    offsets = [align_up(i * TENSOR_BYTES, ALIGN) for i in range(N)]
+    left = benchmark(slot.write_tensors, offsets, tensors, manifest.nbytes)
+    assert left is None
+    written = slot.host_view()[: N * TENSOR_BYTES]
+    same = np.array_equal(written, np.concatenate(tensors).view(np.uint8))  # bytes: random floats hold NaNs
+    del written  # no view may outlive the slot
+    assert same
+
+
+@pytest.mark.benchmark(group="copy 100k x 4 KiB into a slot")
+def test_baseline_one_memcpy_of_the_same_bytes(benchmark: Any, slot: ShmExportedSlot, model: list[tuple[str, np.ndarray]]) -> None:
+    source = np.concatenate([t for _, t in model]).view(np.uint8)
+    target = slot.host_view()[: source.nbytes]
+    slot.write_tensors([0], [source], [source.nbytes])  # fault the pages in, as the ring's slots are
+    benchmark(np.copyto, target, source)
+    same = np.array_equal(target, source)
+    del target
+    assert same
