@@ -276,9 +276,11 @@ class ReceiverDaemon:
                     log.error("rank %d: daemon task failed: %r", self.rank, task.exception())
             stop_wait.cancel()
         finally:
-            stuck = await cancel_and_wait(tasks, grace=1.0, attempts=10)
+            grace, attempts = 1.0, 10
+            stuck = await cancel_and_wait(tasks, grace=grace, attempts=attempts)
             if stuck:
-                log.error("rank %d: %s ignored cancellation for 10s", self.rank, ", ".join(t.get_name() for t in stuck))
+                names = ", ".join(t.get_name() for t in stuck)
+                log.error("rank %d: %s ignored cancellation for %.0fs", self.rank, names, grace * attempts)
             await self._abort_run(WeightstreamError("daemon stopped"))
             if self._welcome is not None:
                 self._send(m.Bye(reason="daemon stopped"))

@@ -55,8 +55,7 @@ class TorchModuleSink:
 
         with gc_paused():  # 100k params: the walk's small objects would trigger collections of the whole heap
             state = self.module.state_dict(keep_vars=True)
-            plain = (torch.Tensor, torch.nn.Parameter)
-            if all(type(t) in plain for t in state.values()):
+            if set(map(type, state.values())) <= {torch.Tensor, torch.nn.Parameter}:
                 tensors = state
             else:  # skip extra-state payloads; isinstance is slower, so only here
                 tensors = {name: t for name, t in state.items() if isinstance(t, torch.Tensor)}
