@@ -24,10 +24,9 @@ from weightstream.protocol.shm import TRANSPORT
 PIECE = 256 << 20
 
 
-def _copier(descriptor: dict[str, Any], direction: str, nbytes: int, start: Any, out: Any) -> None:
+def _copier(descriptor: dict[str, Any], direction: str, piece: int, nbytes: int, start: Any, out: Any) -> None:
     mapped = TRANSPORT.open_slot(descriptor)  # the receivers' own mapping of a sender slot
     try:
-        piece = min(PIECE, nbytes)
         slot = mapped.host_view()[:piece]
         private = np.arange(piece, dtype=np.uint8) if direction == "in" else np.zeros(piece, np.uint8)
         spans = []
@@ -66,7 +65,7 @@ def measure(nbytes: int, repeats: int = 3) -> tuple[list[float], bool]:
         slots[1].host_view()[:] = np.arange(piece, dtype=np.uint8)  # what the reader must find
         slots[0].host_view().fill(0)  # both touched once, as a ring is after its first version
         for _ in range(repeats):
-            result = _run_pair(ctx, slots, moved)
+            result = _run_pair(ctx, slots, piece, moved)
             if result is None:
                 return [], False  # a copier died or hung: no ceiling to report
             (spans_a, ok_a), (spans_b, ok_b) = result
@@ -81,10 +80,10 @@ def measure(nbytes: int, repeats: int = 3) -> tuple[list[float], bool]:
             slot.close()
 
 
-def _run_pair(ctx: Any, slots: list[Any], moved: int) -> list[tuple[list[Any], bool]] | None:
+def _run_pair(ctx: Any, slots: list[Any], piece: int, moved: int) -> list[tuple[list[Any], bool]] | None:
     start, out = ctx.Barrier(2), ctx.Queue()
     procs = [
-        ctx.Process(target=_copier, args=(slot.descriptor(), d, moved, start, out))
+        ctx.Process(target=_copier, args=(slot.descriptor(), d, piece, moved, start, out))
         for slot, d in zip(slots, ("in", "out"))
     ]
     for p in procs:
