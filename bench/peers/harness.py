@@ -157,16 +157,23 @@ def zmq_ipc(workdir: str, name: str) -> str:
     return f"ipc://{os.path.join(workdir, name)}"
 
 
-def push_sockets(ctx: zmq.Context[Any], workdir: str, prefix: str, receivers: int) -> list[zmq.Socket[Any]]:
-    """The sender's side of a peer: one bound PUSH socket per rank, unbounded queue."""
+def bound_sockets(
+    ctx: zmq.Context[Any], workdir: str, prefix: str, receivers: int, kind: int, options: dict[int, int]
+) -> list[zmq.Socket[Any]]:
+    """The sender's side of a peer: one socket of ``kind`` per rank, bound at ``{prefix}{rank}.sock``."""
     socks = []
     for rank in range(receivers):
-        s = ctx.socket(zmq.PUSH)
-        s.setsockopt(zmq.SNDHWM, 0)
-        s.setsockopt(zmq.LINGER, 0)
+        s = ctx.socket(kind)
+        for option, value in options.items():
+            s.setsockopt(option, value)
         s.bind(zmq_ipc(workdir, f"{prefix}{rank}.sock"))
         socks.append(s)
     return socks
+
+
+def push_sockets(ctx: zmq.Context[Any], workdir: str, prefix: str, receivers: int) -> list[zmq.Socket[Any]]:
+    """One bound PUSH socket per rank, unbounded queue."""
+    return bound_sockets(ctx, workdir, prefix, receivers, zmq.PUSH, {zmq.SNDHWM: 0, zmq.LINGER: 0})
 
 
 def pull_socket(ctx: zmq.Context[Any], workdir: str, prefix: str, rank: int) -> zmq.Socket[Any]:

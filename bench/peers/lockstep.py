@@ -16,7 +16,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from .harness import zmq_ipc
+from .harness import bound_sockets, zmq_ipc
 
 SHM = "/dev/shm"
 
@@ -52,13 +52,7 @@ def make_setup(bucket: int) -> Any:
         buf = np.frombuffer(mm, dtype=np.uint8)
         buf.fill(0)
         ctx = zmq.Context()
-        socks = []
-        for rank in range(receivers):
-            s = ctx.socket(zmq.REQ)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.RCVTIMEO, 120_000)
-            s.bind(zmq_ipc(workdir, f"ls{rank}.sock"))
-            socks.append(s)
+        socks = bound_sockets(ctx, workdir, "ls", receivers, zmq.REQ, {zmq.LINGER: 0, zmq.RCVTIMEO: 120_000})
         with open(os.path.join(workdir, "lockstep.name"), "w") as f:
             f.write(seg)
         return {"ctx": ctx, "socks": socks, "mm": mm, "buf": buf, "path": path}
