@@ -6,10 +6,12 @@
 
 Every run verifies the bytes it moved (xxh3_64 per tensor, sender vs each receiver),
 writes bench/results/<timestamp>.json and .png, and prints a table plus ratios.
-Methods: memcpy (limit: one-process NumPy copy of the same bytes), pipeline (limit
-of a two-copy pipeline: two processes copying the same bytes into and out of shm
-slots at once; see bench/pipeline_limit.py), weightstream, naive (pickle per tensor
-over ZMQ), handles (one shm segment per tensor), lockstep (one buffer, REQ/REP acks).
+Methods: memcpy (limit: one-process NumPy copy of the same bytes), memcpy_stream (the
+same copy by streaming stores, which weightstream uses for slots past the cache's size:
+the one-copy ceiling of this machine), pipeline (limit of a two-copy pipeline: two
+processes copying the same bytes into and out of shm slots at once; see
+bench/pipeline_limit.py), weightstream, naive (pickle per tensor over ZMQ), handles (one
+shm segment per tensor), lockstep (one buffer, REQ/REP acks).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from weightstream import synthetic
+from weightstream.protocol import speedups
 
 from . import pipeline_limit, ws_run
 from .peers import handles, harness, lockstep, naive
@@ -36,8 +39,8 @@ from .peers import handles, harness, lockstep, naive
 MiB = 1 << 20
 GiB = 1 << 30
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("memcpy", "pipeline", "weightstream", "naive", "handles", "lockstep")
-LIMITS = ("memcpy", "pipeline")  # machine ceilings, measured without receivers
+METHODS = ("memcpy", "memcpy_stream", "pipeline", "weightstream", "naive", "handles", "lockstep")
+LIMITS = ("memcpy", "memcpy_stream", "pipeline")  # machine ceilings, measured without receivers
 
 
 @dataclass
@@ -83,17 +86,21 @@ def make_model(shape: str, size: int, bucket: int) -> synthetic.Model:
     raise SystemExit(f"unknown shape {shape!r}; expected large, transformer, small or large_same")
 
 
-def memcpy_row(shape: str, model: synthetic.Model, repeats: int = 3) -> Row:
+def memcpy_row(shape: str, model: synthetic.Model, repeats: int = 3, stream: bool = False) -> Row:
     src = model.buffer
     dst = np.empty_like(src)
     dst.fill(0)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        np.copyto(dst, src)
+        if stream:
+            speedups.copy(dst, src, stream=True)
+        else:
+            np.copyto(dst, src)
         times.append(time.perf_counter() - t)
     ok = bool(np.array_equal(dst, src))
-    return Row(shape, "memcpy", len(model.tensors), model.nbytes, 0, seconds=times, verified=ok)
+    return Row(shape, "memcpy_stream" if stream else "memcpy", len(model.tensors), model.nbytes, 0, seconds=times,
+               verified=ok)
 
 
 def pipeline_row(shape: str, model: synthetic.Model, repeats: int = 3) -> Row:
@@ -186,7 +193,10 @@ def run_plan(plan: Plan, log: Any = print) -> list[Row]:
         log(f"== {shape}: {len(model.tensors)} tensors, {model.nbytes / 1e9:.3f} GB")
         for method in plan.methods:
             if method in LIMITS:
-                rows.append(memcpy_row(shape, model) if method == "memcpy" else pipeline_row(shape, model))
+                if method == "pipeline":
+                    rows.append(pipeline_row(shape, model))
+                else:
+                    rows.append(memcpy_row(shape, model, stream=method == "memcpy_stream"))
                 log(_fmt(rows[-1]))
                 continue
             for r, b, n, p in configs(plan, shape, method):

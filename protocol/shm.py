@@ -19,6 +19,7 @@ import numpy as np
 import xxhash
 
 from . import speedups
+from .streaming import slot_streams
 from .dtypes import DType
 from .errors import TransportError
 from .tensors import host_bytes, view_as
@@ -66,6 +67,7 @@ class ShmExportedSlot:
             ) from exc
         self.size = size
         self.name = name
+        self.streams = slot_streams(size)  # a bucket this big is in DRAM before a rank reads it
         self._view: np.ndarray | None = np.frombuffer(self._shm.buf, dtype=np.uint8, count=size)
         self._view.fill(0)  # allocate every page now, not as page faults inside the first push
         self._mv = memoryview(self._view)
@@ -84,19 +86,19 @@ class ShmExportedSlot:
     def write(self, offset: int, source: np.ndarray, start: int, nbytes: int) -> None:
         if nbytes <= _SMALL_COPY:  # per-tensor overhead dominates: a memoryview copy is ~3x cheaper
             self._mv[offset : offset + nbytes] = source.data[start : start + nbytes]
-        else:  # NumPy releases the GIL for big copies, so the I/O thread keeps running
-            np.copyto(self.host_view()[offset : offset + nbytes], source[start : start + nbytes])
+        else:  # the GIL is released for big copies, so the I/O thread keeps running
+            speedups.copy(self.host_view()[offset : offset + nbytes], source[start : start + nbytes], self.streams)
 
     def write_tensors(self, offsets: list[int], tensors: list[Any], nbytes: list[int]) -> int | None:
         """Whole tensors at ``offsets``. The C accelerator copies every C-contiguous buffer of the
         right size (~0.1 us per tensor over the memcpy); the rest, and everything without it,
         takes ``_write_checked``."""
         count, view = len(tensors), self.host_view()
-        i = speedups.gather(view, offsets, nbytes, tensors, 0)
+        i = speedups.gather(view, offsets, nbytes, tensors, 0, self.streams)
         while i < count:
             if not self._write_checked(offsets[i], tensors[i], nbytes[i]):
                 return i
-            i = speedups.gather(view, offsets, nbytes, tensors, i + 1)
+            i = speedups.gather(view, offsets, nbytes, tensors, i + 1, self.streams)
         return None
 
     def _write_checked(self, offset: int, tensor: Any, n: int) -> bool:
@@ -169,6 +171,7 @@ class ShmImportedSlot:
             os.close(fd)
         self.name = name
         self.size = size
+        self.streams = slot_streams(size)  # copies out of it go to memory read only at the next forward pass
         self._view: np.ndarray | None = np.frombuffer(self._mmap, dtype=np.uint8, count=size)
 
     def host_view(self) -> np.ndarray:
@@ -186,7 +189,7 @@ class ShmImportedSlot:
         return np.empty(nbytes, dtype=np.uint8)
 
     def copy(self, dst: np.ndarray, at: int, src: np.ndarray) -> None:
-        np.copyto(dst[at : at + src.nbytes], src)
+        speedups.copy(dst[at : at + src.nbytes], src, self.streams)
 
     def sync(self) -> None:
         """Host copies are synchronous: nothing to wait for."""

@@ -5,7 +5,9 @@ on, and return the index of the first item they could not copy exactly (``len(it
 when all were). The caller's Python loop owns every check and error: it takes that item
 by its checked path and calls again from the next one. ``unchanged_arrays`` answers
 whether a push has exactly the last push's layout, or None when it cannot tell;
-``same_items`` whether a dict still holds the same keys and objects.
+``same_items`` whether a dict still holds the same keys and objects. ``stream=True`` makes
+the copies bypass the cache (see :mod:`.streaming`); ``copy`` is one such copy of a whole
+buffer, NumPy's where there is no C module.
 
 Without the C module (no compiler at install time) or with ``WEIGHTSTREAM_PURE_PYTHON=1``,
 ``gather``/``scatter`` return ``start`` at once, ``unchanged_arrays`` returns None,
@@ -24,30 +26,43 @@ from typing import Any
 import numpy as np
 
 try:
+    from .._speedups import copy as _copy
     from .._speedups import gather as _gather
     from .._speedups import same_items as _same_items
     from .._speedups import scatter as _scatter
     from .._speedups import unchanged_arrays as _unchanged_arrays
 except ImportError:  # built without a C compiler: the pure-Python loops do the work
-    _gather = _scatter = _unchanged_arrays = _same_items = None
+    _copy = _gather = _scatter = _unchanged_arrays = _same_items = None
 
 BUILT = _gather is not None
 NATIVE = BUILT and os.environ.get("WEIGHTSTREAM_PURE_PYTHON", "") in ("", "0")
 
 
-def gather(dst: Any, offsets: Sequence[int], nbytes: Sequence[int], sources: Sequence[Any], start: int) -> int:
+def gather(
+    dst: Any, offsets: Sequence[int], nbytes: Sequence[int], sources: Sequence[Any], start: int, stream: bool = False
+) -> int:
     """``sources[i]`` (whole, C-contiguous, exactly ``nbytes[i]`` bytes) into ``dst`` at ``offsets[i]``.
 
     Buffers (NumPy arrays) and plain CPU torch tensors and Parameters; never a subclass, whose
     ``data_ptr`` may not be the whole tensor's bytes (a DTensor's is its local shard)."""
     if not NATIVE:
         return start
-    return _gather(dst, offsets, nbytes, sources, start, _tensor_types())  # type: ignore[no-any-return,misc]
+    return _gather(dst, offsets, nbytes, sources, start, _tensor_types(), stream)  # type: ignore[no-any-return,misc]
 
 
-def scatter(src: Any, offsets: Sequence[int], nbytes: Sequence[int], targets: Sequence[Any], start: int) -> int:
+def scatter(
+    src: Any, offsets: Sequence[int], nbytes: Sequence[int], targets: Sequence[Any], start: int, stream: bool = False
+) -> int:
     """``src[offsets[i]:offsets[i] + nbytes[i]]`` into each writable ``targets[i]`` of exactly that size."""
-    return _scatter(src, offsets, nbytes, targets, start) if NATIVE else start  # type: ignore[misc]
+    return _scatter(src, offsets, nbytes, targets, start, stream) if NATIVE else start  # type: ignore[no-any-return,misc]
+
+
+def copy(dst: np.ndarray, src: np.ndarray, stream: bool = False) -> None:
+    """``dst[:] = src`` for two C-contiguous uint8 arrays of one size; GIL released for big ones."""
+    if NATIVE and dst.flags.c_contiguous and dst.flags.writeable and src.flags.c_contiguous:
+        _copy(dst, src, stream)  # type: ignore[misc]
+    else:
+        np.copyto(dst, src)
 
 
 def unchanged_arrays(

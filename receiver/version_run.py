@@ -25,6 +25,7 @@ from ..protocol import messages as m
 from ..protocol import speedups
 from ..protocol.dtypes import DTYPES
 from ..protocol.errors import ProtocolError, VersionAborted
+from ..protocol.streaming import slot_streams
 from ..protocol.tensors import INT_OF_ITEMSIZE, Framework
 from ..protocol.transport import ImportedSlot
 from .prefetch import PrefetchQueue
@@ -239,7 +240,8 @@ class VersionRun:
         self.touched = True  # the model's own memory is written from here on
         targets, sizes = targets[first:end], self.fulls[first:end]
         count, names = end - first, self.names
-        k = speedups.scatter(raw, offsets, sizes, targets, 0)  # C: every target it can fill exactly
+        stream = slot_streams(slot.size)
+        k = speedups.scatter(raw, offsets, sizes, targets, 0, stream)  # C: every target it can fill exactly
         while k < count:
             target, offset, n = targets[k], offsets[k], sizes[k]
             if type(target) is memoryview:  # small: per-tensor overhead dominates, a memoryview copy is the cheapest
@@ -249,7 +251,7 @@ class VersionRun:
             else:  # no place to write it: load_weights gets a view
                 index = first + k
                 yield names[index], self._view(slot, raw[offset : offset + n], self.dtypes[index], self.shapes[index])
-            k = speedups.scatter(raw, offsets, sizes, targets, k + 1)
+            k = speedups.scatter(raw, offsets, sizes, targets, k + 1, stream)
         self.applied += end - first
 
     def _write_piece(self, slot: ImportedSlot, name: str, data: Any, chunk: int) -> Any | None:

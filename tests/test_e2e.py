@@ -207,6 +207,18 @@ def test_without_the_c_accelerator_the_same_bytes_arrive(
     two_receivers_three_versions(endpoint, "numpy", direct, native=False)
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["load_weights", "direct"])
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_streaming_stores_land_the_same_bytes(
+    endpoint: str, kind: str, direct: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every copy into and out of the slots by streaming stores (chosen by size for slots at
+    least the size of the cache, forced here for 4 KiB ones): whole tensors, chunk pieces
+    written into the model, torch sources, each bit-exact on both ranks."""
+    monkeypatch.setenv("WEIGHTSTREAM_STREAMING_STORES", "1")  # read per slot, here and in the spawned ranks
+    two_receivers_three_versions(endpoint, kind, direct, native=speedups.NATIVE)
+
+
 def two_receivers_three_versions(endpoint: str, kind: str, direct: bool, native: bool) -> None:
     specs = w.SPECS[kind]
     versions = ["v1", "v2", "v3"]

@@ -76,11 +76,11 @@ def c_exportable(item: Any, writable: bool) -> bool:
 
 @native
 @settings(max_examples=200, deadline=None)
-@given(items=sources(), gap=st.integers(0, 9), start=st.integers(0, 3))
-def test_gather_copies_up_to_the_first_source_it_cannot_take(items: list[Any], gap: int, start: int) -> None:
+@given(items=sources(), gap=st.integers(0, 9), start=st.integers(0, 3), stream=st.booleans())
+def test_gather_copies_up_to_the_first_source_it_cannot_take(items: list[Any], gap: int, start: int, stream: bool) -> None:
     offsets, nbytes, size = layout(items, gap)
     dst = np.full(size, 0xAB, np.uint8)
-    stop = speedups._gather(dst, offsets, nbytes, items, start)  # type: ignore[misc]
+    stop = speedups._gather(dst, offsets, nbytes, items, start, (), stream)  # type: ignore[misc]
     want_stop = next((i for i in range(start, len(items)) if not c_exportable(items[i], writable=False)), len(items))
     assert stop == max(want_stop, min(start, len(items)))
     want = np.full(size, 0xAB, np.uint8)
@@ -91,12 +91,12 @@ def test_gather_copies_up_to_the_first_source_it_cannot_take(items: list[Any], g
 
 @native
 @settings(max_examples=200, deadline=None)
-@given(items=sources(), gap=st.integers(0, 9))
-def test_scatter_fills_up_to_the_first_target_it_cannot_write(items: list[Any], gap: int) -> None:
+@given(items=sources(), gap=st.integers(0, 9), stream=st.booleans())
+def test_scatter_fills_up_to_the_first_target_it_cannot_write(items: list[Any], gap: int, stream: bool) -> None:
     offsets, nbytes, size = layout(items, gap)
     src = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
     before = [None if t is None else t.copy() for t in items]
-    stop = speedups._scatter(src, offsets, nbytes, items, 0)  # type: ignore[misc]
+    stop = speedups._scatter(src, offsets, nbytes, items, 0, stream)  # type: ignore[misc]
     assert stop == next((i for i, t in enumerate(items) if not c_exportable(t, writable=True)), len(items))
     for i, (target, old) in enumerate(zip(items, before)):
         if target is None:
@@ -104,6 +104,56 @@ def test_scatter_fills_up_to_the_first_target_it_cannot_write(items: list[Any], 
         got = np.ascontiguousarray(target).reshape(-1).view(np.uint8)
         want = src[offsets[i] : offsets[i] + nbytes[i]] if i < stop else np.ascontiguousarray(old).reshape(-1).view(np.uint8)
         assert got.tobytes() == want.tobytes()
+
+
+@native
+@settings(max_examples=300, deadline=None)
+@given(
+    size=st.one_of(st.integers(0, 600), st.integers(4000, 70_000)),
+    dst_at=st.integers(0, 130),
+    src_at=st.integers(0, 130),
+    stream=st.booleans(),
+)
+def test_copy_lands_every_byte_at_any_alignment_and_nothing_around_it(
+    size: int, dst_at: int, src_at: int, stream: bool
+) -> None:
+    """Streaming copies have a cached head up to the destination's next 64-byte line, whole
+    lines, and a cached tail: every split of those, from any source alignment."""
+    src = np.random.default_rng(size).integers(0, 256, src_at + size, dtype=np.uint8)
+    dst = np.full(dst_at + size + 64, 0xAB, np.uint8)
+    speedups._copy(dst[dst_at : dst_at + size], src[src_at:], stream)  # type: ignore[misc]
+    assert dst[dst_at : dst_at + size].tobytes() == src[src_at:].tobytes()
+    assert (dst[:dst_at] == 0xAB).all() and (dst[dst_at + size :] == 0xAB).all()
+
+
+@native
+@pytest.mark.parametrize("shift", [-100, -1, 1, 100])
+def test_an_overlapping_streaming_copy_is_a_memmove(shift: int) -> None:
+    buf = np.arange(4096, dtype=np.uint32).view(np.uint8)
+    want = buf[1000:9000].copy()
+    speedups._copy(buf[1000 + shift : 9000 + shift], buf[1000:9000], True)  # type: ignore[misc]
+    assert buf[1000 + shift : 9000 + shift].tobytes() == want.tobytes()
+
+
+@native
+def test_copy_refuses_buffers_of_different_sizes_and_a_read_only_destination() -> None:
+    with pytest.raises(ValueError, match="expected a destination of the source's 8 bytes, got 7"):
+        speedups._copy(np.zeros(7, np.uint8), np.ones(8, np.uint8), True)  # type: ignore[misc]
+    frozen = np.zeros(8, np.uint8)
+    frozen.flags.writeable = False
+    with pytest.raises((BufferError, ValueError)):
+        speedups._copy(frozen, np.ones(8, np.uint8))  # type: ignore[misc]
+    assert not frozen.any()
+
+
+def test_copy_takes_numpys_path_for_what_the_c_copy_cannot(copy_mode: bool) -> None:
+    """A strided view (or no C module) goes through np.copyto: the same bytes."""
+    src = np.arange(64, dtype=np.uint8)
+    dst = np.zeros(128, np.uint8)
+    speedups.copy(dst[::2], src, stream=True)
+    assert dst[::2].tobytes() == src.tobytes() and not dst[1::2].any()
+    speedups.copy(dst[:64], src, stream=True)
+    assert dst[:64].tobytes() == src.tobytes()
 
 
 @native
