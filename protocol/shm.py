@@ -19,9 +19,9 @@ import numpy as np
 import xxhash
 
 from . import speedups
-from .streaming import slot_streams
 from .dtypes import DType
 from .errors import TransportError
+from .streaming import slot_streams
 from .tensors import host_bytes, view_as
 from .transport import create_all
 
