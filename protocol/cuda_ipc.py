@@ -514,6 +514,7 @@ def _paddle_view(buf: DeviceBytes, dtype: DType, shape: tuple[int, ...], copy_st
 
 class CudaImportedSlot:
     domain = "cuda"
+    streams = False  # device copies: no host cache to bypass
 
     def __init__(self, descriptor: dict[str, Any]) -> None:
         desc = decode_descriptor(descriptor)

@@ -48,6 +48,7 @@ class ImportedSlot(Protocol):
 
     size: int
     domain: str  # "host" for CPU memory; chunks then go straight into a sink's destination
+    streams: bool  # host copies out of it bypass the cache (see :mod:`.streaming`)
 
     def raw(self, offset: int, nbytes: int) -> Any: ...  # flat uint8 view into the slot
     def typed(self, framework: str, buffer: Any, dtype: DType, shape: tuple[int, ...]) -> Any: ...

@@ -119,6 +119,7 @@ class _PartSlot:
     """The ImportedSlot face of a mapped part: all VersionRun.iterate needs of it."""
 
     domain = "host"
+    streams = False  # its buckets carry views only, never a direct copy
 
     def __init__(self, part: MappedPart) -> None:
         self.part = part

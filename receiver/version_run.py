@@ -25,7 +25,6 @@ from ..protocol import messages as m
 from ..protocol import speedups
 from ..protocol.dtypes import DTYPES
 from ..protocol.errors import ProtocolError, VersionAborted
-from ..protocol.streaming import slot_streams
 from ..protocol.tensors import INT_OF_ITEMSIZE, Framework
 from ..protocol.transport import ImportedSlot
 from .prefetch import PrefetchQueue
@@ -240,7 +239,7 @@ class VersionRun:
         self.touched = True  # the model's own memory is written from here on
         targets, sizes = targets[first:end], self.fulls[first:end]
         count, names = end - first, self.names
-        stream = slot_streams(slot.size)
+        stream = slot.streams
         k = speedups.scatter(raw, offsets, sizes, targets, 0, stream)  # C: every target it can fill exactly
         while k < count:
             target, offset, n = targets[k], offsets[k], sizes[k]
