@@ -212,8 +212,8 @@ def test_without_the_c_accelerator_the_same_bytes_arrive(
 def test_streaming_stores_land_the_same_bytes(
     endpoint: str, kind: str, direct: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every copy into and out of the slots by streaming stores (chosen by size for slots at
-    least the size of the cache, forced here for 4 KiB ones): whole tensors, chunk pieces
+    """Every copy into and out of the slots by streaming stores (chosen by size for slots of at
+    least half the cache, forced here for 4 KiB ones): whole tensors, chunk pieces
     written into the model, torch sources, each bit-exact on both ranks."""
     monkeypatch.setenv("WEIGHTSTREAM_STREAMING_STORES", "1")  # read per slot, here and in the spawned ranks
     two_receivers_three_versions(endpoint, kind, direct, native=speedups.NATIVE)

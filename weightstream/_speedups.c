@@ -166,6 +166,15 @@ static int tensor_bytes(PyObject *item, PyObject *tensor_types, Py_ssize_t size,
     return address != NULL && (*ptr != NULL || size == 0);
 }
 
+/* One batch of spans, slot side at[k], tensor side held[k], then the fence. */
+static void copy_batch(char **at, Py_buffer *held, int n, int gather, int stream) {
+    for (int k = 0; k < n; k++)
+        if (held[k].len) /* an empty tensor may have no address at all */
+            gather ? copy_bytes(at[k], held[k].buf, held[k].len, stream)
+                   : copy_bytes(held[k].buf, at[k], held[k].len, stream);
+    stream_fence(stream);
+}
+
 /* Copy items [start, ...) until one cannot be copied exactly; return its index (count if none). */
 static PyObject *copy_spans(PyObject *args, int gather) {
     Spans s;
@@ -238,18 +247,10 @@ static PyObject *copy_spans(PyObject *args, int gather) {
         if (!failed) {
             if (batch_bytes >= GIL_FREE_BYTES && !raw) {
                 Py_BEGIN_ALLOW_THREADS
-                for (int k = 0; k < n; k++)
-                    if (held[k].len) /* an empty tensor may have no address at all */
-                        gather ? copy_bytes(at[k], held[k].buf, held[k].len, stream)
-                               : copy_bytes(held[k].buf, at[k], held[k].len, stream);
-                stream_fence(stream);
+                copy_batch(at, held, n, gather, stream);
                 Py_END_ALLOW_THREADS
             } else {
-                for (int k = 0; k < n; k++)
-                    if (held[k].len) /* an empty tensor may have no address at all */
-                        gather ? copy_bytes(at[k], held[k].buf, held[k].len, stream)
-                               : copy_bytes(held[k].buf, at[k], held[k].len, stream);
-                stream_fence(stream);
+                copy_batch(at, held, n, gather, stream);
             }
         }
         for (int k = 0; k < n; k++) PyBuffer_Release(&held[k]);
