@@ -166,12 +166,30 @@ static int tensor_bytes(PyObject *item, PyObject *tensor_types, Py_ssize_t size,
     return address != NULL && (*ptr != NULL || size == 0);
 }
 
+/* Ask for the first and last line of a destination, to be written. A streaming copy writes
+ * those two lines by cached stores (they are shared with whatever lies around it), and a
+ * cached store to a line not in the cache holds up every store behind it until the line
+ * arrives from memory: at 4 KiB tensors that stall was a quarter of the copy. */
+static inline void prefetch_ends(char *dst, Py_ssize_t n) {
+#if defined(__GNUC__)
+    if (n <= 0) return;
+    __builtin_prefetch(dst, 1, 3);
+    __builtin_prefetch(dst + n - 1, 1, 3);
+#else
+    (void)dst, (void)n;
+#endif
+}
+
 /* One batch of spans, slot side at[k], tensor side held[k], then the fence. */
 static void copy_batch(char **at, Py_buffer *held, int n, int gather, int stream) {
-    for (int k = 0; k < n; k++)
+    if (stream && n) prefetch_ends(gather ? at[0] : held[0].buf, held[0].len);
+    for (int k = 0; k < n; k++) {
+        if (stream && k + 1 < n) /* one copy ahead: a 4 KiB copy takes longer than the fetch */
+            prefetch_ends(gather ? at[k + 1] : held[k + 1].buf, held[k + 1].len);
         if (held[k].len) /* an empty tensor may have no address at all */
             gather ? copy_bytes(at[k], held[k].buf, held[k].len, stream)
                    : copy_bytes(held[k].buf, at[k], held[k].len, stream);
+    }
     stream_fence(stream);
 }
 
