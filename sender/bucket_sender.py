@@ -29,6 +29,19 @@ log = logging.getLogger("weightstream.sender")
 
 
 @dataclass(frozen=True)
+class _Layout:
+    """What a push derives from its layout alone. An RL loop pushes the same layout every
+    step, so the next push redoes only the checks, not this (~2 ms at 100k tensors)."""
+
+    manifest: Manifest  # without its tensors
+    plan: list[Any]
+    ndims: bytes  # BEGIN's packed shapes
+    dims: bytes
+    dtypes: bytes  # BEGIN's dtype codes
+    total: int  # payload bytes
+
+
+@dataclass(frozen=True)
 class ReceiverResult:
     rank: int
     tensors: int
@@ -120,7 +133,7 @@ class BucketSender:
         self._ring = SlotRing(num_buffers, self._publisher.cond)
         # the last push's manifest, bucket plan and packed shapes: an RL loop pushes the same
         # layout every step, so only its checks are redone, not its planning
-        self._last_layout: tuple[Manifest, list[Any], tuple[bytes, bytes]] | None = None
+        self._last_layout: _Layout | None = None
         self._publisher.on_slot_free = self._ring.release
         self.committed_version: str | None = None
 
@@ -223,17 +236,17 @@ class BucketSender:
             manifest = from_specs(specs)
             source = iter(named_tensors)
         else:
-            manifest = describe(named_tensors, previous=self._last_layout[0] if self._last_layout else None)
-        last = self._last_layout
-        if last is not None and manifest.same_layout(last[0]):
-            plan, (ndims, dims) = last[1], last[2]
-        else:
+            manifest = describe(named_tensors, previous=self._last_layout.manifest if self._last_layout else None)
+        layout = self._last_layout
+        if layout is None or not manifest.same_layout(layout.manifest):
             with gc_paused():
                 plan = plan_buckets(manifest.nbytes, self.bucket_bytes, self.alignment)
                 ndims, dims = pack_shapes(manifest.shapes)
             # without the tensors: a trainer that makes fresh ones per push must get its memory back
-            self._last_layout = (replace(manifest, tensors=None), plan, (ndims, dims))
-        total = sum(manifest.nbytes)
+            layout = self._last_layout = _Layout(
+                replace(manifest, tensors=None), plan, ndims, dims, bytes(manifest.dtypes), sum(manifest.nbytes)
+            )
+        plan, total = layout.plan, layout.total
         self.wait_for_receivers(timeout=timeout)
         start = time.perf_counter()
         pub = self._publisher
@@ -249,9 +262,9 @@ class BucketSender:
                 m.Begin(
                     version=version,
                     names=manifest.names,
-                    dtypes=bytes(manifest.dtypes),
-                    ndims=ndims,
-                    dims=dims,
+                    dtypes=layout.dtypes,
+                    ndims=layout.ndims,
+                    dims=layout.dims,
                     total_bytes=total,
                     buckets=len(plan),
                     force=True if force else None,

@@ -280,6 +280,27 @@ def test_the_fast_path_checks_every_dtype_of_a_mixed_model() -> None:
         assert (got is None) == (kinds[i] != kinds[i - 1])
 
 
+_shapes = st.lists(st.integers(0, 5), min_size=0, max_size=5).map(tuple)
+
+
+@native
+@settings(max_examples=200, deadline=None)
+@given(before=st.lists(_shapes, min_size=1, max_size=6), after=st.lists(_shapes, min_size=1, max_size=6),
+       transposed=st.booleans())
+def test_the_fast_path_sees_every_shape_change(before: list[tuple[int, ...]], after: list[tuple[int, ...]],
+                                               transposed: bool) -> None:
+    """Shapes are read from the arrays' own fields, not ``.shape``: 0-d arrays, empty dims,
+    equal sizes in another shape, and views (a transpose) must all compare as ``.shape`` does."""
+    from weightstream.sender.manifest import _CODE_OF_NUMPY, describe
+
+    after = (after * len(before))[: len(before)]
+    previous = describe([(f"p{i}", np.zeros(s, np.float32)) for i, s in enumerate(before)])
+    now = [(f"p{i}", np.zeros(s[::-1], np.float32).T if transposed else np.zeros(s, np.float32))
+           for i, s in enumerate(after)]
+    got = speedups.unchanged_arrays(now, _CODE_OF_NUMPY, previous.names, previous.dtypes, previous.shapes)
+    assert (got is not None) == (after == before)
+
+
 @pytest.mark.parametrize("change", ["unchanged", *sorted(CHANGES)])
 def test_describe_with_a_previous_push_equals_describe_from_scratch(change: str) -> None:
     from weightstream.protocol.errors import WeightstreamError

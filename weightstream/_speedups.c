@@ -29,10 +29,10 @@
  *
  *   unchanged_arrays(items, ndarray, code_of, names, codes, shapes[, tensor_types]) -> list | None
  *
- * The tensors of ``items`` (``(name, tensor)`` pairs: exact NumPy arrays, or tensors whose
- * type is exactly one of ``tensor_types``, shaped by ``size()``, which torch answers ~5x
- * faster than ``.shape``) if every pair has exactly the previous push's name, dtype code and
- * shape, else None. A dtype's code is looked up only when the dtype object differs from the
+ * The tensors of ``items`` (``(name, tensor)`` pairs: exact NumPy arrays, whose dtype and
+ * shape are read from the array's own fields, or tensors whose type is exactly one of
+ * ``tensor_types``, shaped by ``size()``, which torch answers ~5x faster than ``.shape``) if
+ * every pair has exactly the previous push's name, dtype code and shape, else None. A dtype's code is looked up only when the dtype object differs from the
  * last tensor's (NumPy hashes a dtype anew each time, ~10% of the pass). One pass, and no
  * object that outlives it:
  * an RL loop pushes the same layout every step, and building 100k shape tuples per push
@@ -278,6 +278,50 @@ static PyObject *copy_spans(PyObject *args, int gather) {
     return PyLong_FromSsize_t(i);
 }
 
+/* The leading fields of NumPy's PyArrayObject_fields: public ABI since NumPy 1.7 (every compiled
+ * extension's PyArray_NDIM, PyArray_DIMS and PyArray_DESCR read them), in NumPy 2 as in 1.
+ * Reading them skips ``.shape``, which builds a tuple per array: 70% of a 100k-tensor check. */
+typedef struct {
+    PyObject_HEAD
+    char *data;
+    int nd;
+    Py_ssize_t *dimensions;
+    Py_ssize_t *strides;
+    PyObject *base;
+    PyObject *descr;
+} NumpyArrayHead;
+
+/* 1 when this NumPy's arrays have the fields above where they are expected: checked against
+ * ``.shape`` and ``.dtype`` once per process, on the first array met; -1 before that. */
+static int numpy_head_ok = -1;
+
+static int check_numpy_head(PyObject *array) {
+    NumpyArrayHead *head = (NumpyArrayHead *)array;
+    PyObject *shape = PyObject_GetAttr(array, str_shape), *dtype = PyObject_GetAttr(array, str_dtype);
+    int ok = shape != NULL && dtype != NULL && PyTuple_CheckExact(shape) && head->descr == dtype &&
+             head->nd >= 0 && PyTuple_GET_SIZE(shape) == head->nd;
+    for (Py_ssize_t k = 0; ok && k < head->nd; k++)
+        ok = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, k)) == head->dimensions[k];
+    Py_XDECREF(shape);
+    Py_XDECREF(dtype);
+    if (PyErr_Occurred()) return -1;
+    return ok;
+}
+
+/* 1 if the array's shape is the tuple of ints ``want``, 0 if not. */
+static int numpy_shape_is(PyObject *array, PyObject *want) {
+    NumpyArrayHead *head = (NumpyArrayHead *)array;
+    if (!PyTuple_CheckExact(want) || PyTuple_GET_SIZE(want) != head->nd) return 0;
+    for (Py_ssize_t k = 0; k < head->nd; k++) {
+        PyObject *dim = PyTuple_GET_ITEM(want, k);
+        if (!PyLong_CheckExact(dim)) return 0;
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(dim, &overflow);
+        if (overflow || v != (long long)head->dimensions[k]) return 0;
+    }
+    return 1;
+}
+
 static PyObject *unchanged_arrays(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *items, *ndarray, *code_of, *names, *codes, *shapes, *tensor_types = NULL;
     if (!PyArg_ParseTuple(args, "O!OO!O!O!O!|O!", &PyList_Type, &items, &ndarray, &PyDict_Type, &code_of, &PyList_Type,
@@ -307,7 +351,9 @@ static PyObject *unchanged_arrays(PyObject *Py_UNUSED(self), PyObject *args) {
             if ((same = PyObject_RichCompareBool(name, PyList_GET_ITEM(names, i), Py_EQ)) < 0) goto failed;
             if (!same) goto changed;
         }
-        PyObject *dtype = PyObject_GetAttr(tensor, str_dtype);
+        if (numpy && numpy_head_ok < 0 && (numpy_head_ok = check_numpy_head(tensor)) < 0) goto failed;
+        int head = numpy && numpy_head_ok;
+        PyObject *dtype = head ? Py_NewRef(((NumpyArrayHead *)tensor)->descr) : PyObject_GetAttr(tensor, str_dtype);
         if (dtype == NULL) goto failed;
         if (dtype == last_dtype) { /* a model has few dtypes, each one object: no hash per tensor */
             Py_DECREF(dtype);
@@ -323,12 +369,16 @@ static PyObject *unchanged_arrays(PyObject *Py_UNUSED(self), PyObject *args) {
         }
         if ((same = PyObject_RichCompareBool(last_code, PyList_GET_ITEM(codes, i), Py_EQ)) < 0) goto failed;
         if (!same) goto changed;
-        PyObject *shape = numpy ? PyObject_GetAttr(tensor, str_shape) : PyObject_CallMethodNoArgs(tensor, str_size);
-        if (shape == NULL) goto failed;
-        same = PyObject_RichCompareBool(shape, PyList_GET_ITEM(shapes, i), Py_EQ);
-        Py_DECREF(shape);
-        if (same < 0) goto failed;
-        if (!same) goto changed;
+        if (head) {
+            if (!numpy_shape_is(tensor, PyList_GET_ITEM(shapes, i))) goto changed;
+        } else {
+            PyObject *shape = numpy ? PyObject_GetAttr(tensor, str_shape) : PyObject_CallMethodNoArgs(tensor, str_size);
+            if (shape == NULL) goto failed;
+            same = PyObject_RichCompareBool(shape, PyList_GET_ITEM(shapes, i), Py_EQ);
+            Py_DECREF(shape);
+            if (same < 0) goto failed;
+            if (!same) goto changed;
+        }
         Py_INCREF(tensor);
         PyList_SET_ITEM(tensors, i, tensor);
     }
