@@ -21,6 +21,7 @@ from weightstream.protocol import messages as m
 from weightstream.protocol import speedups
 from weightstream.protocol.gc_pause import gc_paused
 from weightstream.protocol.shm import ShmExportedSlot
+from weightstream.protocol.tensors import bytes_view
 from weightstream.protocol.transport import get_transport
 from weightstream.sender.manifest import Manifest, describe
 from weightstream.sender.planner import align_up, plan_buckets
@@ -134,3 +135,30 @@ def test_baseline_one_streaming_copy_of_the_same_bytes(
     same = np.array_equal(target, source)
     del target
     assert same
+
+
+@pytest.mark.benchmark(group="copy 100k x 4 KiB out of a slot")
+def test_scatter_into_separate_arrays(benchmark: Any, slot: ShmExportedSlot, model: list[tuple[str, np.ndarray]]) -> None:
+    """A rank's direct copy: each tensor from the slot into its own parameter array, as a
+    model's parameters are separate allocations (the C scatter, by streaming stores)."""
+    source = np.concatenate([t for _, t in model]).view(np.uint8)
+    slot.write_tensors([0], [source], [source.nbytes])
+    targets = [np.empty_like(t) for _, t in model]
+    views = [bytes_view(t) for t in targets]
+    offsets, sizes = [i * TENSOR_BYTES for i in range(N)], [TENSOR_BYTES] * N
+    raw = slot.host_view()
+    done = benchmark(speedups.scatter, raw, offsets, sizes, views, 0, slot.streams)
+    del raw
+    assert done == N and all(np.array_equal(a.view(np.uint8), t.view(np.uint8)) for a, (_, t) in zip(targets, model))
+
+
+@pytest.mark.benchmark(group="copy 100k x 4 KiB out of a slot")
+def test_baseline_one_streaming_copy_out_of_the_slot(benchmark: Any, slot: ShmExportedSlot, model: list[tuple[str, np.ndarray]]) -> None:
+    source = np.concatenate([t for _, t in model]).view(np.uint8)
+    slot.write_tensors([0], [source], [source.nbytes])
+    target = np.empty_like(source)
+    target.fill(0)
+    raw = slot.host_view()[: source.nbytes]
+    benchmark(speedups.copy, target, raw, slot.streams)
+    del raw
+    assert np.array_equal(target, source)
