@@ -12,6 +12,10 @@ the one-copy ceiling of this machine), pipeline (limit of a two-copy pipeline: t
 processes copying the same bytes into and out of shm slots at once; see
 bench/pipeline_limit.py), weightstream, naive (pickle per tensor over ZMQ), handles (one
 shm segment per tensor), lockstep (one buffer, REQ/REP acks).
+
+Each weightstream version is also paired with a NumPy memcpy of the same bytes timed just
+before it; the "x memcpy" column is the median of those per-version ratios, which holds
+while the host's memory bandwidth drifts between rows.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ class Row:
     buffers: int | None = None
     prefetch: int | None = None
     seconds: list[float] = field(default_factory=list)
+    # weightstream rows: NumPy's memcpy of the same bytes, timed just before each version
+    paired_memcpy: list[float] = field(default_factory=list)
     verified: bool = True
     error: str | None = None
 
@@ -64,6 +70,13 @@ class Row:
     @property
     def gbps(self) -> float:
         return self.bytes / self.best_s / 1e9 if self.seconds else float("nan")
+
+    @property
+    def paired_ratio(self) -> float:
+        """Median over versions of memcpy time / this version's time: the ratio to the limit
+        measured at the same moment, not the best of each measured minutes apart."""
+        pairs = [m / s for m, s in zip(self.paired_memcpy, self.seconds)]
+        return statistics.median(pairs) if pairs else float("nan")
 
     def label(self) -> str:
         if self.method != "weightstream" and self.method != "lockstep":
@@ -84,6 +97,19 @@ def make_model(shape: str, size: int, bucket: int) -> synthetic.Model:
     if shape == "large_same":  # the 100k x 4 KiB bytes, in 4 big tensors
         return synthetic.few_large(100_000 * 4096, count=4)
     raise SystemExit(f"unknown shape {shape!r}; expected large, transformer, small or large_same")
+
+
+def paired_memcpy(model: synthetic.Model) -> Any:
+    """A timer of one NumPy memcpy of the model's bytes, into memory faulted in once."""
+    dst = np.empty_like(model.buffer)
+    dst.fill(0)
+
+    def timed() -> float:
+        t = time.perf_counter()
+        np.copyto(dst, model.buffer)
+        return time.perf_counter() - t
+
+    return timed
 
 
 def memcpy_row(shape: str, model: synthetic.Model, repeats: int = 3, stream: bool = False) -> Row:
@@ -116,7 +142,8 @@ def peer_row(method: str, shape: str, model: synthetic.Model, receivers: int, bu
         row.bucket_mib, row.buffers, row.prefetch = bucket // MiB, buffers, prefetch
         res = harness.run("bench.ws_run", model, ws_run.make_sender(model), setup=ws_run.make_setup(bucket, buffers),
                           teardown=ws_run.teardown, receivers=receivers, versions=versions,
-                          options={"prefetch": prefetch})
+                          options={"prefetch": prefetch}, paired=paired_memcpy(model))
+        row.paired_memcpy = res.paired
     elif method == "naive":
         res = harness.run("bench.peers.naive", model, naive.make_sender(model), setup=naive.setup,
                           teardown=naive.teardown, receivers=receivers, versions=versions)
@@ -249,6 +276,8 @@ def ratios(rows: list[Row], plan: Plan) -> list[dict[str, Any]]:
                 limit = _default(rows, shape, name, plan, r)
                 if limit:
                     entry[f"vs_{name}"] = ws.gbps / limit.gbps
+            if ws.paired_memcpy:
+                entry["vs_memcpy_paired"] = ws.paired_ratio
             for peer in ("naive", "handles", "lockstep"):
                 p = _default(rows, shape, peer, plan, r)
                 if p:
@@ -259,17 +288,23 @@ def ratios(rows: list[Row], plan: Plan) -> list[dict[str, Any]]:
     for r, entry in small.items():
         if r in same:
             entry["time_vs_large_same_bytes"] = same[r]["weightstream_gbps"] / entry["weightstream_gbps"]
+            if "vs_memcpy_paired" in entry and "vs_memcpy_paired" in same[r]:  # each against its own moment's memcpy
+                entry["time_vs_large_same_bytes_paired"] = same[r]["vs_memcpy_paired"] / entry["vs_memcpy_paired"]
     return out
 
 
 def print_table(rows: list[Row], rats: list[dict[str, Any]]) -> None:
     print()
-    print(f"{'shape':<12} {'method':<28} {'rcv':>3} {'tensors':>8} {'GB':>7} {'best s':>8} {'GB/s':>7} {'median s':>9}  check")
+    print(f"{'shape':<12} {'method':<28} {'rcv':>3} {'tensors':>8} {'GB':>7} {'best s':>8} {'GB/s':>7} {'median s':>9} "
+          f"{'x memcpy':>8}  check")
     for row in rows:
         med = statistics.median(row.seconds) if row.seconds else float("nan")
         status = "ok" if row.verified and not row.error else f"FAIL {row.error}"
+        paired = f"{row.paired_ratio:8.2f}" if row.paired_memcpy else f"{'':>8}"
         print(f"{row.shape:<12} {row.label():<28} {row.receivers:>3} {row.tensors:>8} {row.bytes / 1e9:>7.3f} "
-              f"{row.best_s:>8.3f} {row.gbps:>7.2f} {med:>9.3f}  {status}")
+              f"{row.best_s:>8.3f} {row.gbps:>7.2f} {med:>9.3f} {paired}  {status}")
+    print("x memcpy: the median over versions of (NumPy memcpy of the same bytes, timed just before the version) / "
+          "(the version's time)")
     print()
     print("ratios (weightstream at the default config; speed-up = peer time / weightstream time):")
     for e in rats:

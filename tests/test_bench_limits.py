@@ -1,4 +1,4 @@
-"""The bench's two-copy ceiling runs for any model size, not only whole 256 MiB pieces."""
+"""The bench's own measuring: the two-copy ceiling at any model size, and the paired memcpy ratio."""
 
 from __future__ import annotations
 
@@ -15,3 +15,27 @@ def test_pipeline_limit_measures_and_verifies(nbytes: int) -> None:
     sized their pieces from that total and failed on the slot)."""
     times, ok = pipeline_limit.measure(nbytes, repeats=1)
     assert ok and len(times) == 1 and times[0] > 0
+
+
+def test_a_weightstream_row_pairs_each_version_with_a_memcpy_of_the_same_bytes() -> None:
+    """The ratio to memcpy is taken per version against a memcpy timed just before it, and
+    the small-vs-large comparison uses each row's own paired ratio."""
+    from bench import throughput
+    from weightstream import synthetic
+
+    model = synthetic.many_small(count=300, nbytes=4096)
+    row = throughput.peer_row("weightstream", "small", model, receivers=1, bucket=1 << 20, buffers=2, prefetch=2,
+                              versions=3)
+    assert row.verified and row.error is None, row.error
+    assert len(row.paired_memcpy) == len(row.seconds) == 3 and all(t > 0 for t in row.paired_memcpy)
+    assert row.paired_ratio == sorted(m / s for m, s in zip(row.paired_memcpy, row.seconds))[1]
+
+    large = throughput.Row("large_same", "weightstream", 4, row.bytes, 1, 1, 2, 2, seconds=[1.0, 2.0],
+                           paired_memcpy=[0.5, 0.5])
+    small = throughput.Row("small", "weightstream", 300, row.bytes, 1, 1, 2, 2, seconds=[2.0, 3.0],
+                           paired_memcpy=[1.0, 1.0])
+    plan = throughput.Plan(shapes=["small", "large_same"], size=0, methods=["weightstream"], receivers=[1],
+                           buckets=[1], buffers=[2], prefetch=[2], versions=2, default_bucket=1)
+    (s, _) = throughput.ratios([small, large], plan)
+    assert s["vs_memcpy_paired"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+    assert s["time_vs_large_same_bytes_paired"] == pytest.approx(((0.5 + 0.25) / 2) / ((1 / 2 + 1 / 3) / 2))

@@ -30,6 +30,7 @@ TIMEOUT = 600.0
 @dataclass
 class RunResult:
     seconds: list[float] = field(default_factory=list)  # timed versions only
+    paired: list[float] = field(default_factory=list)  # the ``paired`` baseline, timed just before each
     verified: bool = True
     mismatches: int = 0
     error: str | None = None
@@ -95,11 +96,15 @@ def run(
     versions: int = 3,
     warmup: int = 1,
     options: dict[str, Any] | None = None,
+    paired: Callable[[], float] | None = None,
 ) -> RunResult:
     """Time ``versions`` pushes (after ``warmup``) of ``model`` to ``receivers`` processes.
 
     ``setup(endpoint_dir, receivers)`` builds the sender state before receivers start;
     ``send_version(state, v)`` moves one version; the clock stops when every receiver said done.
+    ``paired()``, if given, runs just before each timed version and returns its own seconds: a
+    baseline taken at the same moment, so that a ratio to it holds while the host's memory
+    bandwidth drifts (on a shared VM it moved by a third within minutes).
     """
     options = options or {}
     total = warmup + versions
@@ -124,6 +129,8 @@ def run(
             if v:
                 model.bump()
             expected = synthetic.digests(model)
+            if paired is not None and v >= warmup:
+                result.paired.append(paired())
             t0 = time.perf_counter()
             send_version(state, v)
             for c in conns:
