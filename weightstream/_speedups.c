@@ -32,9 +32,10 @@
  * The tensors of ``items`` (``(name, tensor)`` pairs: exact NumPy arrays, whose dtype and
  * shape are read from the array's own fields, or tensors whose type is exactly one of
  * ``tensor_types``, shaped by ``size()``, which torch answers ~5x faster than ``.shape``) if
- * every pair has exactly the previous push's name, dtype code and shape, else None. A dtype's code is looked up only when the dtype object differs from the
- * last tensor's (NumPy hashes a dtype anew each time, ~10% of the pass). One pass, and no
- * object that outlives it:
+ * every pair has exactly the previous push's name, dtype code and shape, else None. A
+ * dtype's code is looked up only when the dtype object differs from the last tensor's
+ * (NumPy hashes a dtype anew each time, ~10% of the pass). One pass, and no object that
+ * outlives it:
  * an RL loop pushes the same layout every step, and building 100k shape tuples per push
  * costs more than comparing them, then again in the garbage collector.
  *
