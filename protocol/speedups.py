@@ -2,17 +2,18 @@
 
 ``gather``/``scatter`` copy many tensors into or out of one flat slot, from index ``start``
 on, and return the index of the first item they could not copy exactly (``len(items)``
-when all were). The caller's Python loop owns every check and error: it takes that item
-by its checked path and calls again from the next one. ``unchanged_arrays`` answers
-whether a push has exactly the last push's layout, or None when it cannot tell;
-``same_items`` whether a dict still holds the same keys and objects. ``stream=True`` makes
-the copies bypass the cache (see :mod:`.streaming`); ``copy`` is one such copy of a whole
-buffer, NumPy's where there is no C module.
+when all were). ``scatter`` writes to addresses that ``destinations`` read once from a
+rank's targets, 0 where it may not write. The caller's Python loop owns every check and
+error: it takes that item by its checked path and calls again from the next one.
+``unchanged_arrays`` answers whether a push has exactly the last push's layout, or None
+when it cannot tell; ``same_items`` whether a dict still holds the same keys and objects.
+``stream=True`` makes the copies bypass the cache (see :mod:`.streaming`); ``copy`` is one
+such copy of a whole buffer, NumPy's where there is no C module.
 
 Without the C module (no compiler at install time) or with ``WEIGHTSTREAM_PURE_PYTHON=1``,
-``gather``/``scatter`` return ``start`` at once, ``unchanged_arrays`` returns None,
-``same_items`` compares in Python, and the Python code does everything: the same bytes,
-about 0.5 us more per small tensor.
+``gather``/``scatter`` return ``start`` at once, ``destinations`` and ``unchanged_arrays``
+return None, ``same_items`` compares in Python, and the Python code does everything: the
+same bytes, about 0.5 us more per small tensor.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ import numpy as np
 
 try:
     from .._speedups import copy as _copy
+    from .._speedups import destinations as _destinations
     from .._speedups import gather as _gather
     from .._speedups import same_items as _same_items
     from .._speedups import scatter as _scatter
     from .._speedups import unchanged_arrays as _unchanged_arrays
 except ImportError:  # built without a C compiler: the pure-Python loops do the work
-    _copy = _gather = _scatter = _unchanged_arrays = _same_items = None
+    _copy = _gather = _scatter = _unchanged_arrays = _same_items = _destinations = None
 
 BUILT = _gather is not None
 NATIVE = BUILT and os.environ.get("WEIGHTSTREAM_PURE_PYTHON", "") in ("", "0")
@@ -50,11 +52,18 @@ def gather(
     return _gather(dst, offsets, nbytes, sources, start, _tensor_types(), stream)  # type: ignore[no-any-return,misc]
 
 
-def scatter(
-    src: Any, offsets: Sequence[int], nbytes: Sequence[int], targets: Sequence[Any], start: int, stream: bool = False
-) -> int:
-    """``src[offsets[i]:offsets[i] + nbytes[i]]`` into each writable ``targets[i]`` of exactly that size."""
-    return _scatter(src, offsets, nbytes, targets, start, stream) if NATIVE else start  # type: ignore[no-any-return,misc]
+def destinations(targets: Sequence[Any], nbytes: Sequence[int]) -> bytes | None:
+    """Per target, the native uint64 address of its writable C-contiguous buffer of exactly
+    ``nbytes[i]`` bytes, else 0; None without the C module."""
+    return _destinations(targets, nbytes) if NATIVE else None  # type: ignore[no-any-return,misc]
+
+
+def scatter(src: Any, offsets: np.ndarray, nbytes: np.ndarray, addresses: np.ndarray, start: int,
+            stream: bool = False) -> int:
+    """``src[offsets[i]:offsets[i] + nbytes[i]]`` to ``addresses[i]`` from ``start`` on, until an
+    address is 0; that index. Arrays of 8-byte ints; the addresses from :func:`destinations`, over
+    targets the caller keeps alive for as long as it uses them."""
+    return _scatter(src, offsets, nbytes, addresses, start, stream) if NATIVE else start  # type: ignore[no-any-return,misc]
 
 
 def copy(dst: np.ndarray, src: np.ndarray, stream: bool = False) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..protocol import messages as m
+from ..protocol import speedups
 
 _SMALL_COPY = 64 << 10  # below this a memoryview copy beats np.copyto's per-call cost
 
@@ -30,6 +31,7 @@ class RunManifest:
         # direct mode: per tensor, where its bytes go (see ``targets``); built on first use
         self._targets: list[Any] | None = None
         self._targets_of: Any = None
+        self.addresses: np.ndarray | None = None  # per tensor, where the C copy writes (with ``targets``)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -62,4 +64,7 @@ class RunManifest:
                 else:
                     targets.append(dest)
             self._targets, self._targets_of = targets, owner
+            # the C copy's view of the same targets: their addresses, 0 where it cannot write
+            built = speedups.destinations(targets, self.fulls)
+            self.addresses = None if built is None else np.frombuffer(built, np.uint64)
         return self._targets

@@ -62,9 +62,9 @@ class PreparedBucket:
     used: int  # end of the last piece in the slot: the checksummed range
     # (name, typed view, -1) for a whole tensor; (name, raw uint8 piece, byte offset) for a chunk
     entries: list[tuple[str, Any, int]]
-    # direct mode: the whole tensors, as (manifest index of the first, their slot offsets); the
-    # rest (chunk pieces) stay in ``entries``
-    whole: tuple[list[int], list[int]] | None = None
+    # direct mode: the whole tensors, as (manifest index of the first, their slot offsets as
+    # int64); the rest (chunk pieces) stay in ``entries``
+    whole: tuple[int, np.ndarray] | None = None
 
 
 class VersionRun:
@@ -139,7 +139,7 @@ class VersionRun:
             hi -= 1
         ends = [*range(lo), *range(hi, n)]
         entries = [self._entry(slot, first + k, int(offsets[k]), int(nbytes[k]), int(chunks[k])) for k in ends]
-        whole = (first + lo, offsets[lo:hi].tolist()) if hi > lo else None
+        whole = (first + lo, offsets[lo:hi]) if hi > lo else None
         return PreparedBucket(msg.seq, msg.slot, slot, msg.checksum, used, entries, whole)
 
     def _advance(self, msg: m.Bucket, offsets: np.ndarray, nbytes: np.ndarray, chunks: np.ndarray) -> int:
@@ -237,12 +237,15 @@ class VersionRun:
         raw = slot.raw(0, slot.size)
         mv = memoryview(raw)
         self.touched = True  # the model's own memory is written from here on
+        addresses = self.manifest.addresses  # None without the C module: the loop takes every tensor
         targets, sizes = targets[first:end], self.fulls[first:end]
         count, names = end - first, self.names
         stream = slot.streams
-        k = speedups.scatter(raw, offsets, sizes, targets, 0, stream)  # C: every target it can fill exactly
+        spans = None if addresses is None else (offsets, self.manifest.sizes[first:end], addresses[first:end])
+        # C: every target with an address, the GIL released over the whole run
+        k = 0 if spans is None else speedups.scatter(raw, *spans, 0, stream)
         while k < count:
-            target, offset, n = targets[k], offsets[k], sizes[k]
+            target, offset, n = targets[k], int(offsets[k]), sizes[k]
             if type(target) is memoryview:  # small: per-tensor overhead dominates, a memoryview copy is the cheapest
                 target[:] = mv[offset : offset + n]
             elif target is not None:  # NumPy releases the GIL for big copies, so the daemon's loop keeps running
@@ -250,7 +253,7 @@ class VersionRun:
             else:  # no place to write it: load_weights gets a view
                 index = first + k
                 yield names[index], self._view(slot, raw[offset : offset + n], self.dtypes[index], self.shapes[index])
-            k = speedups.scatter(raw, offsets, sizes, targets, k + 1, stream)
+            k = k + 1 if spans is None else speedups.scatter(raw, *spans, k + 1, stream)
         self.applied += end - first
 
     def _write_piece(self, slot: ImportedSlot, name: str, data: Any, chunk: int) -> Any | None:

@@ -89,20 +89,42 @@ def test_gather_copies_up_to_the_first_source_it_cannot_take(items: list[Any], g
     assert dst.tobytes() == want.tobytes()
 
 
+def u64(values: list[int]) -> np.ndarray:
+    return np.array(values, np.uint64)
+
+
 @native
 @settings(max_examples=200, deadline=None)
-@given(items=sources(), gap=st.integers(0, 9), stream=st.booleans())
-def test_scatter_fills_up_to_the_first_target_it_cannot_write(items: list[Any], gap: int, stream: bool) -> None:
+@given(items=sources(), gap=st.integers(0, 9), wrong_size=st.integers(-1, 5))
+def test_destinations_give_an_address_only_where_the_c_copy_may_write(items: list[Any], gap: int, wrong_size: int) -> None:
+    offsets, nbytes, size = layout(items, gap)
+    if 0 <= wrong_size < len(items):
+        nbytes[wrong_size] += 1  # a target of another size than its span: no address
+    got = np.frombuffer(speedups._destinations(items, nbytes), np.uint64)  # type: ignore[misc]
+    for i, (item, n) in enumerate(zip(items, nbytes)):
+        usable = c_exportable(item, writable=True) and item.nbytes == n
+        assert (got[i] != 0) == usable
+        if usable and n:
+            assert int(got[i]) == item.__array_interface__["data"][0]
+
+
+@native
+@settings(max_examples=200, deadline=None)
+@given(items=sources(), gap=st.integers(0, 9), stream=st.booleans(), start=st.integers(0, 3))
+def test_scatter_fills_up_to_the_first_target_it_cannot_write(items: list[Any], gap: int, stream: bool, start: int) -> None:
     offsets, nbytes, size = layout(items, gap)
     src = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
     before = [None if t is None else t.copy() for t in items]
-    stop = speedups._scatter(src, offsets, nbytes, items, 0, stream)  # type: ignore[misc]
-    assert stop == next((i for i, t in enumerate(items) if not c_exportable(t, writable=True)), len(items))
+    addresses = np.frombuffer(speedups._destinations(items, nbytes), np.uint64)  # type: ignore[misc]
+    stop = speedups._scatter(src, u64(offsets), u64(nbytes), addresses, start, stream)  # type: ignore[misc]
+    want_stop = next((i for i in range(start, len(items)) if not c_exportable(items[i], writable=True)), len(items))
+    assert stop == max(want_stop, min(start, len(items)))
     for i, (target, old) in enumerate(zip(items, before)):
         if target is None:
             continue
         got = np.ascontiguousarray(target).reshape(-1).view(np.uint8)
-        want = src[offsets[i] : offsets[i] + nbytes[i]] if i < stop else np.ascontiguousarray(old).reshape(-1).view(np.uint8)
+        moved = start <= i < stop
+        want = src[offsets[i] : offsets[i] + nbytes[i]] if moved else np.ascontiguousarray(old).reshape(-1).view(np.uint8)
         assert got.tobytes() == want.tobytes()
 
 
@@ -178,11 +200,42 @@ def test_a_source_of_the_wrong_size_stops_the_copy_there() -> None:
 def test_a_span_the_buffer_cannot_hold_is_refused_before_its_batch_moves(
     offsets: list[int], nbytes: list[int], items: list[Any], message: str
 ) -> None:
-    for copy in (speedups._gather, speedups._scatter):
-        flat = np.zeros(16, np.uint8)
-        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
-            copy(flat, offsets, nbytes, items, 0)  # type: ignore[misc]
-        assert not flat.any()
+    flat = np.zeros(16, np.uint8)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        speedups._gather(flat, offsets, nbytes, items, 0)  # type: ignore[misc]
+    assert not flat.any()
+
+
+@native
+@pytest.mark.parametrize(
+    ("offsets", "nbytes", "message"),
+    [
+        ([0, 13], [4, 4], "span 1: expected bytes [13, 17) inside the 16-byte buffer"),
+        ([0, 2**64 - 1], [4, 4], "span 1: expected bytes [18446744073709551615, "),  # a negative int64, as uint64
+        ([0, 4], [4], "expected equal lengths, got 2, 1 and 2"),
+    ],
+    ids=["past-the-end", "negative-offset", "lengths"],
+)
+def test_scatter_refuses_a_span_outside_the_slot_before_any_byte_moves(
+    offsets: list[int], nbytes: list[int], message: str
+) -> None:
+    targets = [np.zeros(4, np.uint8), np.zeros(4, np.uint8)]
+    addresses = np.frombuffer(speedups._destinations(targets, [4, 4]), np.uint64)  # type: ignore[misc]
+    src = np.ones(16, np.uint8)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        speedups._scatter(src, u64(offsets), u64(nbytes), addresses, 0, True)  # type: ignore[misc]
+    assert not any(t.any() for t in targets)
+
+
+@native
+def test_scatter_takes_arrays_of_8_byte_ints_only() -> None:
+    addresses = np.zeros(1, np.uint64)
+    with pytest.raises(TypeError, match="offsets: expected a buffer of 8-byte ints"):
+        speedups._scatter(np.ones(8, np.uint8), np.zeros(1, np.uint32), u64([4]), addresses, 0)  # type: ignore[misc]
+    with pytest.raises(TypeError, match="addresses: expected a buffer of 8-byte ints"):
+        speedups._scatter(np.ones(8, np.uint8), u64([0]), u64([4]), np.zeros(1, np.float64), 0)  # type: ignore[misc]
+    # signed int64, as a rank's BUCKET arrays are: taken as they are
+    assert speedups._scatter(np.ones(8, np.uint8), np.zeros(1, np.int64), np.full(1, 4, np.int64), addresses, 0) == 0  # type: ignore[misc]
 
 
 @native
@@ -197,8 +250,10 @@ def test_without_the_accelerator_both_hand_everything_to_the_python_loop(monkeyp
     monkeypatch.setattr(speedups, "NATIVE", False)
     flat = np.zeros(8, np.uint8)
     assert speedups.gather(flat, [0], [4], [np.ones(4, np.uint8)], 0) == 0
-    assert speedups.scatter(flat, [0], [4], [np.ones(4, np.uint8)], 0) == 0
-    assert not flat.any()
+    target = np.zeros(4, np.uint8)
+    assert speedups.destinations([target], [4]) is None
+    assert speedups.scatter(np.ones(8, np.uint8), u64([0]), u64([4]), u64([target.ctypes.data]), 0) == 0
+    assert not flat.any() and not target.any()
 
 
 def test_write_tensors_lands_every_kind_of_tensor_and_names_the_one_that_changed(copy_mode: bool) -> None:

@@ -6,10 +6,16 @@
  * the rest (and everything, where this module was not built).
  *
  *   gather(dst, offsets, nbytes, sources, start[, tensor_types[, stream]]) -> index   sources[i] -> dst[offsets[i]:]
- *   scatter(src, offsets, nbytes, targets, start[, stream]) -> index  src[offsets[i]:] -> targets[i]
+ *   destinations(targets, nbytes) -> bytes                            per target, its address or 0
+ *   scatter(src, offsets, nbytes, addresses, start[, stream]) -> index  src[offsets[i]:] -> addresses[i]
  *   copy(dst, src[, stream])                                          dst[:] = src (equal sizes)
  *
- * Per tensor one buffer export and one copy, with the GIL released while bytes move.
+ * ``gather`` exports each tensor's buffer per push and copies it, with the GIL released while
+ * bytes move: a trainer's tensors may be new objects every push. A rank's targets are the
+ * same for every version of a layout, so it asks for their addresses once (``destinations``,
+ * 0 where the C copy may not write) and keeps the targets alive with them; ``scatter`` then
+ * reads only the three uint64 arrays and copies a whole bucket with the GIL released (3.8 ->
+ * 3.1 ms per 16k tensors of 4 KiB, against one buffer export per tensor).
  * ``stream`` copies with streaming (non-temporal) stores, for destinations nobody reads
  * soon: a slot much larger than the cache, or a model's weights. A cached store first reads
  * the destination line it writes (3 bytes of memory traffic per byte copied, 2 here), and
@@ -17,8 +23,8 @@
  * may misreport as hundreds of MiB. A slot small enough to stay in the cache until the
  * rank reads it is faster with cached stores: the caller decides.
  * Each stops at the first item it cannot copy exactly (no C-contiguous buffer, the wrong
- * size, None, read-only) and returns its index; the caller takes that item and calls again
- * from the next one. A span outside the flat buffer is a caller bug (the planner and the
+ * size, None, read-only: address 0 for ``scatter``) and returns its index; the caller takes
+ * that item and calls again from the next one. A span outside the flat buffer is a caller bug (the planner and the
  * BUCKET check place every span inside its slot) and raises ValueError before any byte of
  * its batch moves.
  *
@@ -108,11 +114,11 @@ static void spans_release(Spans *s) {
     Py_XDECREF(s->items);
 }
 
-static int spans_open(Spans *s, PyObject *args, int flat_writable) {
+static int spans_open(Spans *s, PyObject *args) {
     PyObject *flat, *offsets, *nbytes, *items;
     memset(s, 0, sizeof(*s));
     if (!PyArg_ParseTuple(args, "OOOO", &flat, &offsets, &nbytes, &items)) return -1;
-    if (PyObject_GetBuffer(flat, &s->flat, PyBUF_C_CONTIGUOUS | (flat_writable ? PyBUF_WRITABLE : 0)) < 0)
+    if (PyObject_GetBuffer(flat, &s->flat, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
         return -1;
     if ((s->offsets = PySequence_Tuple(offsets)) == NULL || (s->nbytes = PySequence_Tuple(nbytes)) == NULL ||
         (s->items = PySequence_Tuple(items)) == NULL)
@@ -181,46 +187,44 @@ static inline void prefetch_ends(char *dst, Py_ssize_t n) {
 #endif
 }
 
-/* One batch of spans, slot side at[k], tensor side held[k], then the fence. */
-static void copy_batch(char **at, Py_buffer *held, int n, int gather, int stream) {
-    if (stream && n) prefetch_ends(gather ? at[0] : held[0].buf, held[0].len);
+/* One batch of a gather: the tensors held[k] into the slot at at[k], then the fence. */
+static void copy_batch(char **at, Py_buffer *held, int n, int stream) {
+    if (stream && n) prefetch_ends(at[0], held[0].len);
     for (int k = 0; k < n; k++) {
         if (stream && k + 1 < n) /* one copy ahead: a 4 KiB copy takes longer than the fetch */
-            prefetch_ends(gather ? at[k + 1] : held[k + 1].buf, held[k + 1].len);
+            prefetch_ends(at[k + 1], held[k + 1].len);
         if (held[k].len) /* an empty tensor may have no address at all */
-            gather ? copy_bytes(at[k], held[k].buf, held[k].len, stream)
-                   : copy_bytes(held[k].buf, at[k], held[k].len, stream);
+            copy_bytes(at[k], held[k].buf, held[k].len, stream);
     }
     stream_fence(stream);
 }
 
-/* Copy items [start, ...) until one cannot be copied exactly; return its index (count if none). */
-static PyObject *copy_spans(PyObject *args, int gather) {
+/* Gather items [start, ...) until one cannot be copied exactly; return its index (count if none). */
+static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
     Spans s;
     Py_ssize_t start;
     Py_ssize_t nargs = PyTuple_GET_SIZE(args);
-    PyObject *tensor_types = gather && nargs >= 6 ? PyTuple_GET_ITEM(args, 5) : NULL;
-    PyObject *stream_arg = nargs == 6 + gather ? PyTuple_GET_ITEM(args, 5 + gather) : Py_False;
+    PyObject *tensor_types = nargs >= 6 ? PyTuple_GET_ITEM(args, 5) : NULL;
+    PyObject *stream_arg = nargs == 7 ? PyTuple_GET_ITEM(args, 6) : Py_False;
     int stream = 0;
-    if (nargs < 5 || nargs > 6 + gather || (tensor_types != NULL && !PyTuple_Check(tensor_types)) ||
+    if (nargs < 5 || nargs > 7 || (tensor_types != NULL && !PyTuple_Check(tensor_types)) ||
         (stream = PyObject_IsTrue(stream_arg)) < 0 ||
         (start = PyNumber_AsSsize_t(PyTuple_GET_ITEM(args, 4), PyExc_OverflowError)) < 0) {
         if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, gather ? "expected (dst, offsets, nbytes, sources, start[, tensor_types[, stream]]) "
-                                                      "with start >= 0 and tensor_types a tuple"
-                                                    : "expected (src, offsets, nbytes, targets, start[, stream]) with start >= 0");
+            PyErr_SetString(PyExc_TypeError, "expected (dst, offsets, nbytes, sources, start[, tensor_types[, stream]]) "
+                                             "with start >= 0 and tensor_types a tuple");
         return NULL;
     }
     PyObject *rest = PyTuple_GetSlice(args, 0, 4);
     if (rest == NULL) return NULL;
-    int opened = spans_open(&s, rest, gather);
+    int opened = spans_open(&s, rest);
     Py_DECREF(rest);
     if (opened < 0) {
         spans_release(&s);
         return NULL;
     }
     char *flat = (char *)s.flat.buf;
-    const int item_flags = PyBUF_C_CONTIGUOUS | (gather ? 0 : PyBUF_WRITABLE);
+    const int item_flags = PyBUF_C_CONTIGUOUS;
     Py_buffer held[BATCH];
     char *at[BATCH];
     Py_ssize_t i = start < s.count ? start : s.count;
@@ -266,10 +270,10 @@ static PyObject *copy_spans(PyObject *args, int gather) {
         if (!failed) {
             if (batch_bytes >= GIL_FREE_BYTES && !raw) {
                 Py_BEGIN_ALLOW_THREADS
-                copy_batch(at, held, n, gather, stream);
+                copy_batch(at, held, n, stream);
                 Py_END_ALLOW_THREADS
             } else {
-                copy_batch(at, held, n, gather, stream);
+                copy_batch(at, held, n, stream);
             }
         }
         for (int k = 0; k < n; k++) PyBuffer_Release(&held[k]);
@@ -419,8 +423,114 @@ static PyObject *same_items(PyObject *Py_UNUSED(self), PyObject *args) {
     return PyBool_FromLong(i == n);
 }
 
-static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) { return copy_spans(args, 1); }
-static PyObject *scatter(PyObject *Py_UNUSED(self), PyObject *args) { return copy_spans(args, 0); }
+/* A C-contiguous buffer of 8-byte ints, read-only: offsets, sizes or addresses. */
+static int u64_buffer(PyObject *obj, Py_buffer *view, const char *what) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return -1;
+    const char *f = view->format != NULL ? view->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@') f++;
+    if (view->itemsize != 8 || f[1] != '\0' || strchr("QqLlNn", f[0]) == NULL) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a buffer of 8-byte ints (a uint64 array), got format %s of %zd bytes",
+                     what, view->format != NULL ? view->format : "B", view->itemsize);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *destinations(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *targets_in, *nbytes_in;
+    if (!PyArg_ParseTuple(args, "OO", &targets_in, &nbytes_in)) return NULL;
+    PyObject *targets = PySequence_Tuple(targets_in);
+    PyObject *nbytes = targets != NULL ? PySequence_Tuple(nbytes_in) : NULL;
+    PyObject *out = NULL;
+    if (nbytes == NULL) goto done;
+    Py_ssize_t n = PyTuple_GET_SIZE(targets);
+    if (PyTuple_GET_SIZE(nbytes) != n) {
+        PyErr_Format(PyExc_ValueError, "targets and nbytes: expected equal lengths, got %zd and %zd", n,
+                     PyTuple_GET_SIZE(nbytes));
+        goto done;
+    }
+    if ((out = PyBytes_FromStringAndSize(NULL, n * 8)) == NULL) goto done;
+    uint64_t *address = (uint64_t *)PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t size;
+        if (size_at(nbytes, i, "nbytes", &size) < 0) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        PyObject *target = PyTuple_GET_ITEM(targets, i);
+        Py_buffer view;
+        address[i] = 0;
+        if (target == Py_None) continue;
+        if (PyObject_GetBuffer(target, &view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+            PyErr_Clear(); /* not writable, or not a buffer: the caller's path */
+            continue;
+        }
+        if (view.len == size) address[i] = view.buf != NULL ? (uint64_t)(uintptr_t)view.buf : 1; /* 1: empty, never written */
+        PyBuffer_Release(&view);
+    }
+done:
+    Py_XDECREF(targets);
+    Py_XDECREF(nbytes);
+    return out;
+}
+
+static PyObject *scatter(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *src_obj, *offsets_obj, *nbytes_obj, *address_obj;
+    Py_ssize_t start;
+    int stream = 0;
+    if (!PyArg_ParseTuple(args, "OOOOn|p", &src_obj, &offsets_obj, &nbytes_obj, &address_obj, &start, &stream))
+        return NULL;
+    Py_buffer src, offsets, nbytes, address;
+    if (PyObject_GetBuffer(src_obj, &src, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    PyObject *result = NULL;
+    int have = 0;
+    if (u64_buffer(offsets_obj, &offsets, "offsets") < 0) goto release;
+    have = 1;
+    if (u64_buffer(nbytes_obj, &nbytes, "nbytes") < 0) goto release;
+    have = 2;
+    if (u64_buffer(address_obj, &address, "addresses") < 0) goto release;
+    have = 3;
+    Py_ssize_t count = address.len / 8;
+    if (offsets.len / 8 != count || nbytes.len / 8 != count) {
+        PyErr_Format(PyExc_ValueError, "offsets, nbytes and addresses: expected equal lengths, got %zd, %zd and %zd",
+                     offsets.len / 8, nbytes.len / 8, count);
+        goto release;
+    }
+    if (start < 0) {
+        PyErr_SetString(PyExc_ValueError, "start: expected a non-negative int");
+        goto release;
+    }
+    const uint64_t *at = (const uint64_t *)offsets.buf, *size = (const uint64_t *)nbytes.buf;
+    const uint64_t *to = (const uint64_t *)address.buf;
+    Py_ssize_t stop = start < count ? start : count;
+    /* every span is checked before any byte moves */
+    for (; stop < count && to[stop] != 0; stop++) {
+        if (at[stop] > (uint64_t)src.len || size[stop] > (uint64_t)src.len - at[stop]) {
+            PyErr_Format(PyExc_ValueError,
+                         "span %zd: expected bytes [%llu, %llu) inside the %zd-byte buffer; the plan and the buffer disagree",
+                         stop, (unsigned long long)at[stop], (unsigned long long)(at[stop] + size[stop]), src.len);
+            goto release;
+        }
+    }
+    const char *base = (const char *)src.buf;
+    Py_ssize_t first = start < count ? start : count;
+    Py_BEGIN_ALLOW_THREADS /* no Python object is touched per span */
+    for (Py_ssize_t k = first; k < stop; k++) {
+        if (stream && k + 1 < stop) prefetch_ends((char *)(uintptr_t)to[k + 1], (Py_ssize_t)size[k + 1]);
+        if (size[k]) copy_bytes((char *)(uintptr_t)to[k], base + at[k], (Py_ssize_t)size[k], stream);
+    }
+    stream_fence(stream);
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(stop);
+release:
+    if (have >= 3) PyBuffer_Release(&address);
+    if (have >= 2) PyBuffer_Release(&nbytes);
+    if (have >= 1) PyBuffer_Release(&offsets);
+    PyBuffer_Release(&src);
+    return result;
+}
+
 
 static PyObject *copy(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *dst_obj, *src_obj;
@@ -455,11 +565,15 @@ static PyMethodDef methods[] = {
      "Copy each C-contiguous source of exactly nbytes[i] bytes into dst at offsets[i], from index start on\n"
      "(a buffer, or a contiguous CPU tensor whose type is exactly one of tensor_types), by streaming stores\n"
      "if stream; return the index of the first source it could not copy (len(sources) when all were)."},
+    {"destinations", destinations, METH_VARARGS,
+     "destinations(targets, nbytes) -> bytes\n\n"
+     "Per target, as a native uint64: the address of its writable C-contiguous buffer of exactly nbytes[i]\n"
+     "bytes, or 0 where there is none (None, read-only, strided, another size)."},
     {"scatter", scatter, METH_VARARGS,
-     "scatter(src, offsets, nbytes, targets, start[, stream]) -> int\n\n"
-     "Copy src[offsets[i]:offsets[i] + nbytes[i]] into each writable C-contiguous target of exactly that\n"
-     "size, from index start on, by streaming stores if stream; return the index of the first target it\n"
-     "could not fill (len(targets) when all were)."},
+     "scatter(src, offsets, nbytes, addresses, start[, stream]) -> int\n\n"
+     "Copy src[offsets[i]:offsets[i] + nbytes[i]] to addresses[i] (buffers of 8-byte ints; the addresses\n"
+     "from destinations(), over targets the caller keeps alive), from index start on, by streaming stores if\n"
+     "stream; return the index of the first address that is 0 (len when none is)."},
     {"copy", copy, METH_VARARGS,
      "copy(dst, src[, stream]) -> None\n\n"
      "dst[:] = src for two C-contiguous buffers of equal size (dst writable), the GIL released over big\n"
