@@ -9,7 +9,7 @@ so a 100k-tensor model pays its per-tensor Python work once, not every version.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -17,6 +17,17 @@ from ..protocol import messages as m
 from ..protocol import speedups
 
 _SMALL_COPY = 64 << 10  # below this a memoryview copy beats np.copyto's per-call cost
+
+
+class Targets(NamedTuple):
+    """Where each tensor of a layout lands in the model, in the two forms a copy needs."""
+
+    # per tensor: a writable memoryview (small tensors), a uint8 array (big ones) or None (no
+    # destination of the tensor's size: load_weights gets a view instead)
+    objects: list[Any]
+    # the same as native uint64 addresses for the C copy, 0 where it may not write; valid while
+    # ``objects`` holds the buffers (so always kept together); None without the C module
+    addresses: np.ndarray | None
 
 
 class RunManifest:
@@ -29,9 +40,8 @@ class RunManifest:
         self._shapes: list[tuple[int, ...]] | None = None
         self._begin = begin
         # direct mode: per tensor, where its bytes go (see ``targets``); built on first use
-        self._targets: list[Any] | None = None
+        self._targets: Targets | None = None
         self._targets_of: Any = None
-        self.addresses: np.ndarray | None = None  # per tensor, where the C copy writes (with ``targets``)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -46,13 +56,10 @@ class RunManifest:
             self._shapes = self._begin.shapes()
         return self._shapes
 
-    def targets(self, destination: Callable[[str], Any], owner: Any) -> list[Any]:
-        """Per tensor: a writable memoryview (small tensors), a uint8 array (big ones) or None
-        (no destination of the tensor's size: load_weights gets a view instead).
-
-        Kept while ``owner`` (the sink's specs object, which a direct-copy sink keeps only
-        while its arrays are unchanged) is the same object.
-        """
+    def targets(self, destination: Callable[[str], Any], owner: Any) -> Targets:
+        """Where each tensor lands: looked up through ``destination`` once, and kept while
+        ``owner`` (the sink's specs object, which a direct-copy sink keeps only while its
+        arrays are unchanged) is the same object."""
         if self._targets is None or self._targets_of is not owner:
             targets: list[Any] = []
             for name, full in zip(self.names, self.fulls):
@@ -63,8 +70,7 @@ class RunManifest:
                     targets.append(memoryview(np.asarray(dest)).cast("B"))
                 else:
                     targets.append(dest)
-            self._targets, self._targets_of = targets, owner
-            # the C copy's view of the same targets: their addresses, 0 where it cannot write
-            built = speedups.destinations(targets, self.fulls)
-            self.addresses = None if built is None else np.frombuffer(built, np.uint64)
+            addresses = speedups.destinations(targets, self.fulls)
+            self._targets = Targets(targets, None if addresses is None else np.frombuffer(addresses, np.uint64))
+            self._targets_of = owner
         return self._targets

@@ -232,26 +232,25 @@ class VersionRun:
         """Direct mode: copy whole tensors into their destinations; yield only those without one."""
         first, offsets = bucket.whole  # type: ignore[misc]
         end = first + len(offsets)
-        targets = self.manifest.targets(self._destination, self._targets_owner)  # type: ignore[arg-type]
+        targets, addresses = self.manifest.targets(self._destination, self._targets_owner)  # type: ignore[arg-type]
         slot = bucket.mapping
         raw = slot.raw(0, slot.size)
         mv = memoryview(raw)
         self.touched = True  # the model's own memory is written from here on
-        addresses = self.manifest.addresses  # None without the C module: the loop takes every tensor
-        targets, sizes = targets[first:end], self.fulls[first:end]
-        count, names = end - first, self.names
+        count, names, fulls = end - first, self.names, self.fulls
         stream = slot.streams
+        # C: every target with an address, the GIL released over the whole run; without the C
+        # module (no addresses) the loop below takes every tensor
         spans = None if addresses is None else (offsets, self.manifest.sizes[first:end], addresses[first:end])
-        # C: every target with an address, the GIL released over the whole run
         k = 0 if spans is None else speedups.scatter(raw, *spans, 0, stream)
         while k < count:
-            target, offset, n = targets[k], int(offsets[k]), sizes[k]
+            index = first + k
+            target, offset, n = targets[index], int(offsets[k]), fulls[index]
             if type(target) is memoryview:  # small: per-tensor overhead dominates, a memoryview copy is the cheapest
                 target[:] = mv[offset : offset + n]
             elif target is not None:  # NumPy releases the GIL for big copies, so the daemon's loop keeps running
                 np.copyto(target, raw[offset : offset + n])
             else:  # no place to write it: load_weights gets a view
-                index = first + k
                 yield names[index], self._view(slot, raw[offset : offset + n], self.dtypes[index], self.shapes[index])
             k = k + 1 if spans is None else speedups.scatter(raw, *spans, k + 1, stream)
         self.applied += end - first

@@ -90,12 +90,15 @@ def test_run_manifest_targets_follow_their_owner() -> None:
 
     manifest = RunManifest(begin)
     owner = object()
-    targets = manifest.targets(destination, owner)
+    found = manifest.targets(destination, owner)
+    targets = found.objects
     assert isinstance(targets[0], memoryview) and isinstance(targets[1], np.ndarray)
     assert targets[2] is None and targets[3] is None  # wrong size, no destination: load_weights gets a view
-    assert manifest.targets(destination, owner) is targets
+    if found.addresses is not None:  # the C copy writes where the objects are, and nowhere else
+        assert found.addresses.tolist() == [state["small"].ctypes.data, state["big"].ctypes.data, 0, 0]
+    assert manifest.targets(destination, owner) is found
     state["small"] = np.ones(4, np.float32)
-    fresh = manifest.targets(destination, object())  # a new specs object: destinations looked up again
+    fresh = manifest.targets(destination, object()).objects  # a new specs object: destinations looked up again
     assert fresh is not targets
     fresh[0][:] = np.full(4, 2.0, np.float32).view(np.uint8)
     assert state["small"].tolist() == [2.0] * 4
