@@ -475,6 +475,17 @@ done:
     return out;
 }
 
+/* Spans [first, stop) of src to their addresses, then the fence. */
+static void scatter_spans(const char *src, const uint64_t *at, const uint64_t *size, const uint64_t *to,
+                          Py_ssize_t first, Py_ssize_t stop, int stream) {
+    for (Py_ssize_t k = first; k < stop; k++) {
+        if (stream && k + 1 < stop) /* one copy ahead, as in copy_batch */
+            prefetch_ends((char *)(uintptr_t)to[k + 1], (Py_ssize_t)size[k + 1]);
+        if (size[k]) copy_bytes((char *)(uintptr_t)to[k], src + at[k], (Py_ssize_t)size[k], stream);
+    }
+    stream_fence(stream);
+}
+
 static PyObject *scatter(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *src_obj, *offsets_obj, *nbytes_obj, *address_obj;
     Py_ssize_t start;
@@ -503,7 +514,7 @@ static PyObject *scatter(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     const uint64_t *at = (const uint64_t *)offsets.buf, *size = (const uint64_t *)nbytes.buf;
     const uint64_t *to = (const uint64_t *)address.buf;
-    Py_ssize_t stop = start < count ? start : count;
+    Py_ssize_t stop = start < count ? start : count, total = 0;
     /* every span is checked before any byte moves */
     for (; stop < count && to[stop] != 0; stop++) {
         if (at[stop] > (uint64_t)src.len || size[stop] > (uint64_t)src.len - at[stop]) {
@@ -512,16 +523,16 @@ static PyObject *scatter(PyObject *Py_UNUSED(self), PyObject *args) {
                          stop, (unsigned long long)at[stop], (unsigned long long)(at[stop] + size[stop]), src.len);
             goto release;
         }
+        total += (Py_ssize_t)size[stop];
     }
-    const char *base = (const char *)src.buf;
     Py_ssize_t first = start < count ? start : count;
-    Py_BEGIN_ALLOW_THREADS /* no Python object is touched per span */
-    for (Py_ssize_t k = first; k < stop; k++) {
-        if (stream && k + 1 < stop) prefetch_ends((char *)(uintptr_t)to[k + 1], (Py_ssize_t)size[k + 1]);
-        if (size[k]) copy_bytes((char *)(uintptr_t)to[k], base + at[k], (Py_ssize_t)size[k], stream);
+    if (total >= GIL_FREE_BYTES) { /* no Python object is touched per span */
+        Py_BEGIN_ALLOW_THREADS
+        scatter_spans((const char *)src.buf, at, size, to, first, stop, stream);
+        Py_END_ALLOW_THREADS
+    } else {
+        scatter_spans((const char *)src.buf, at, size, to, first, stop, stream);
     }
-    stream_fence(stream);
-    Py_END_ALLOW_THREADS
     result = PyLong_FromSsize_t(stop);
 release:
     if (have >= 3) PyBuffer_Release(&address);
@@ -530,7 +541,6 @@ release:
     PyBuffer_Release(&src);
     return result;
 }
-
 
 static PyObject *copy(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *dst_obj, *src_obj;
