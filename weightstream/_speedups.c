@@ -24,9 +24,9 @@
  * rank reads it is faster with cached stores: the caller decides.
  * Each stops at the first item it cannot copy exactly (no C-contiguous buffer, the wrong
  * size, None, read-only: address 0 for ``scatter``) and returns its index; the caller takes
- * that item and calls again from the next one. A span outside the flat buffer is a caller bug (the planner and the
- * BUCKET check place every span inside its slot) and raises ValueError before any byte of
- * its batch moves.
+ * that item and calls again from the next one. A span outside the flat buffer is a caller
+ * bug (the planner and the BUCKET check place every span inside its slot) and raises
+ * ValueError before any byte of its batch moves.
  *
  * torch tensors export no buffer: ``gather`` takes those whose type is exactly one of
  * ``tensor_types`` by their own accessors (is_cpu, is_contiguous(), is_neg(), nbytes,
@@ -224,7 +224,6 @@ static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
         return NULL;
     }
     char *flat = (char *)s.flat.buf;
-    const int item_flags = PyBUF_C_CONTIGUOUS;
     Py_buffer held[BATCH];
     char *at[BATCH];
     Py_ssize_t i = start < s.count ? start : s.count;
@@ -246,7 +245,7 @@ static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
                 failed = 1;
                 break;
             }
-            if (item == Py_None || PyObject_GetBuffer(item, &held[n], item_flags) < 0) {
+            if (item == Py_None || PyObject_GetBuffer(item, &held[n], PyBUF_C_CONTIGUOUS) < 0) {
                 PyErr_Clear(); /* no buffer: a torch tensor, or not ours to copy (the caller's checked path) */
                 void *ptr;
                 if (tensor_types == NULL || !tensor_bytes(item, tensor_types, size, &ptr)) {
@@ -478,6 +477,7 @@ done:
 /* Spans [first, stop) of src to their addresses, then the fence. */
 static void scatter_spans(const char *src, const uint64_t *at, const uint64_t *size, const uint64_t *to,
                           Py_ssize_t first, Py_ssize_t stop, int stream) {
+    if (stream && first < stop) prefetch_ends((char *)(uintptr_t)to[first], (Py_ssize_t)size[first]);
     for (Py_ssize_t k = first; k < stop; k++) {
         if (stream && k + 1 < stop) /* one copy ahead, as in copy_batch */
             prefetch_ends((char *)(uintptr_t)to[k + 1], (Py_ssize_t)size[k + 1]);
