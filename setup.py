@@ -9,5 +9,7 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension("weightstream._speedups", ["weightstream/_speedups.c"], optional=True, extra_compile_args=["-O2"]),
+        # Linux only (futexes, MAP_FIXED): elsewhere slots are plain and it is not needed
+        Extension("weightstream._ring", ["weightstream/_ring.c"], optional=True, extra_compile_args=["-O2"]),
     ]
 )

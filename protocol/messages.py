@@ -31,7 +31,8 @@ from .packed import MAX_VALUE, element_counts, pack_shapes, pack_u64, u64_array,
 
 # 2: per-tensor arrays packed as bin; BUCKET entries by manifest index instead of name/dtype/shape
 # 3: BEGIN's names as one NUL-separated UTF-8 bin instead of a list of str
-PROTOCOL_VERSION = 3
+# 4: READY's ``streamed`` and BUCKET's ``ring``: a bucket may stream through a slot's ring
+PROTOCOL_VERSION = 4
 ALIGNMENT = 256
 
 # Decoder limits: a hostile or broken peer must not make us allocate without bound.
@@ -187,6 +188,9 @@ class Begin(Message):
 class Ready(Message):
     TYPE = "READY"
     version: str = _spec(_VERSION)
+    # this rank copies every tensor of the version out of the slot itself (no view reaches
+    # load_weights), so its buckets may stream through a slot's ring (see protocol.shm_ring)
+    streamed: bool | None = _spec(bool, default=None)
 
 
 @_message
@@ -211,14 +215,16 @@ class Bucket(Message):
     chunks: bytes = _spec(_OFFSETS)
     # xxh3_64 of the slot bytes [0, end of last piece) when the sender enables checksums
     checksum: int | None = _spec(_Int(0, (1 << 64) - 1), default=None)
+    # published before its bytes: they stream through the slot's ring as the sender writes them
+    ring: bool | None = _spec(bool, default=None)
 
     @classmethod
     def build(
         cls, version: str, seq: int, slot: int, first: int, offsets: Any, nbytes: Any, chunks: Any,
-        checksum: int | None = None,
+        checksum: int | None = None, ring: bool | None = None,
     ) -> Bucket:
         """A BUCKET from per-entry int sequences (lists or NumPy arrays)."""
-        return cls(version, seq, slot, first, pack_u64(offsets), pack_u64(nbytes), pack_u64(chunks), checksum)  # type: ignore[call-arg]
+        return cls(version, seq, slot, first, pack_u64(offsets), pack_u64(nbytes), pack_u64(chunks), checksum, ring)  # type: ignore[call-arg]
 
     def __len__(self) -> int:
         return len(self.offsets) // 8

@@ -12,13 +12,14 @@ import mmap
 import os
 import secrets
 import socket
+from collections.abc import Callable
 from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
 import xxhash
 
-from . import speedups
+from . import shm_ring, speedups
 from .dtypes import DType
 from .errors import TransportError
 from .streaming import slot_streams
@@ -55,11 +56,34 @@ def _map_readwrite(fd: int, size: int) -> mmap.mmap:
     return mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
 
 
+def write_one(write: Callable[[int, np.ndarray, int, int], None], mv: memoryview, offset: int, tensor: Any, n: int) -> bool:
+    """One whole tensor into a slot; False if it is not ``n`` bytes. A small C-contiguous NumPy
+    array takes a memoryview copy into ``mv`` with no intermediate view (~0.4 us over the memcpy,
+    against ~1.3 us through ``write``); anything else, and big tensors (whose copy releases the
+    GIL), take ``write(offset, source, start, nbytes)``."""
+    if n <= _SMALL_COPY and type(tensor) is np.ndarray:
+        try:
+            if tensor.dtype.kind != "V":
+                mv[offset : offset + n] = tensor.data.cast("B")
+            else:  # bfloat16/float8 (ml_dtypes) export no buffer format: go through uint8
+                mv[offset : offset + n] = tensor.view(np.uint8).data.cast("B")
+            return True
+        except (TypeError, ValueError):  # not C-contiguous, 0-d, or not n bytes: the checked path
+            pass
+    source = host_bytes(tensor)
+    if source.nbytes != n:
+        return False
+    if n:
+        write(offset, source, 0, n)
+    return True
+
+
 class ShmExportedSlot:
     def __init__(self, size: int) -> None:
         name = f"{PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
+        ring_bytes = shm_ring.ring_bytes_for(size)
         try:
-            self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+            self._shm = shared_memory.SharedMemory(name=name, create=True, size=shm_ring.segment_bytes(size, ring_bytes))
         except OSError as exc:
             raise TransportError(
                 f"could not create a {size}-byte shared-memory slot ({exc}); "
@@ -71,9 +95,22 @@ class ShmExportedSlot:
         self._view: np.ndarray | None = np.frombuffer(self._shm.buf, dtype=np.uint8, count=size)
         self._view.fill(0)  # allocate every page now, not as page faults inside the first push
         self._mv = memoryview(self._view)
+        self.ring: shm_ring.RingWriter | None = None
+        self._ring_map: Any = None
+        if ring_bytes:
+            try:
+                self._ring_map = shm_ring.RingMap(self._shm._fd, ring_bytes, 2 * ring_bytes)  # type: ignore[attr-defined]
+                control = shm_ring.Control(self._shm.buf, shm_ring.control_offset(size))
+            except (OSError, ValueError) as exc:
+                self.close()
+                raise TransportError(f"could not map the ring of shm slot {name} ({exc}); set {shm_ring.ENV}=0") from exc
+            self.ring = shm_ring.RingWriter(control, np.frombuffer(self._ring_map, np.uint8), ring_bytes)
 
     def descriptor(self) -> dict[str, Any]:
-        return {"name": self.name, "size": self.size, "host": host_identity()}
+        found = {"name": self.name, "size": self.size, "host": host_identity()}
+        if self.ring is not None:
+            found["ring"] = self.ring.ring_bytes
+        return found
 
     def host_view(self) -> np.ndarray:
         if self._view is None:
@@ -92,34 +129,14 @@ class ShmExportedSlot:
     def write_tensors(self, offsets: list[int], tensors: list[Any], nbytes: list[int]) -> int | None:
         """Whole tensors at ``offsets``. The C accelerator copies every C-contiguous buffer of the
         right size (~0.1 us per tensor over the memcpy); the rest, and everything without it,
-        takes ``_write_checked``."""
+        takes :func:`write_one`."""
         count, view = len(tensors), self.host_view()
         i = speedups.gather(view, offsets, nbytes, tensors, 0, self.streams)
         while i < count:
-            if not self._write_checked(offsets[i], tensors[i], nbytes[i]):
+            if not write_one(self.write, self._mv, offsets[i], tensors[i], nbytes[i]):
                 return i
             i = speedups.gather(view, offsets, nbytes, tensors, i + 1, self.streams)
         return None
-
-    def _write_checked(self, offset: int, tensor: Any, n: int) -> bool:
-        """One whole tensor; False if it is not ``n`` bytes. A small C-contiguous NumPy array takes a
-        memoryview copy with no intermediate view (~0.4 us over the memcpy, against ~1.3 us through
-        ``write``); anything else, and big tensors (whose copy releases the GIL), take ``write``."""
-        if n <= _SMALL_COPY and type(tensor) is np.ndarray:
-            try:
-                if tensor.dtype.kind != "V":
-                    self._mv[offset : offset + n] = tensor.data.cast("B")
-                else:  # bfloat16/float8 (ml_dtypes) export no buffer format: go through uint8
-                    self._mv[offset : offset + n] = tensor.view(np.uint8).data.cast("B")
-                return True
-            except (TypeError, ValueError):  # not C-contiguous, 0-d, or not n bytes: the checked path
-                pass
-        source = host_bytes(tensor)
-        if source.nbytes != n:
-            return False
-        if n:
-            self.write(offset, source, 0, n)
-        return True
 
     def flush(self) -> None:
         """Host stores are visible to other processes once the ZMQ send happens after them."""
@@ -132,6 +149,15 @@ class ShmExportedSlot:
             return
         self._mv.release()
         self._view = None
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        if self._ring_map is not None:
+            try:
+                self._ring_map.close()
+            except BufferError:
+                pass  # a view is still alive somewhere; the mapping goes when it does
+            self._ring_map = None
         try:
             self._shm.close()
         except BufferError:
@@ -162,17 +188,35 @@ class ShmImportedSlot:
             fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
         except OSError as exc:
             raise TransportError(f"could not open shared-memory slot {name} ({exc}); is the sender alive?") from exc
+        ring_bytes = descriptor.get("ring", 0)
+        if type(ring_bytes) is not int or ring_bytes < 0 or ring_bytes % shm_ring.PAGE or ring_bytes >= size:
+            raise TransportError(
+                f"shm slot {name}: expected 'ring' to be a multiple of {shm_ring.PAGE} below the slot's {size} bytes, "
+                f"got {ring_bytes!r}"
+            )
+        if shm_ring.RingMap is None:
+            ring_bytes = 0  # this rank cannot map rings: it never says READY streamed
+        segment = shm_ring.segment_bytes(size, ring_bytes)
+        self.ring: shm_ring.RingReader | None = None
+        self._ring_map: Any = None
         try:
             actual = os.fstat(fd).st_size
-            if actual < size:
-                raise TransportError(f"shm slot {name}: expected at least {size} bytes, segment has {actual}")
-            self._mmap: mmap.mmap | None = _map_readwrite(fd, size)
+            if actual < segment:
+                raise TransportError(f"shm slot {name}: expected at least {segment} bytes, segment has {actual}")
+            self._mmap: mmap.mmap | None = _map_readwrite(fd, segment)
+            if ring_bytes:
+                self._ring_map = shm_ring.RingMap(fd, ring_bytes, 2 * ring_bytes)
+        except OSError as exc:
+            raise TransportError(f"could not map shm slot {name} ({exc})") from exc
         finally:
             os.close(fd)
         self.name = name
         self.size = size
         self.streams = slot_streams(size)  # copies out of it go to memory read only at the next forward pass
         self._view: np.ndarray | None = np.frombuffer(self._mmap, dtype=np.uint8, count=size)
+        if ring_bytes:
+            control = shm_ring.Control(self._mmap, shm_ring.control_offset(size))
+            self.ring = shm_ring.RingReader(control, np.frombuffer(self._ring_map, np.uint8), ring_bytes)
 
     def host_view(self) -> np.ndarray:
         if self._view is None:
@@ -199,6 +243,15 @@ class ShmImportedSlot:
 
     def close(self) -> None:
         self._view = None
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        if self._ring_map is not None:
+            try:
+                self._ring_map.close()
+            except BufferError:
+                pass  # a consumer still holds a view; the mapping is released with it
+            self._ring_map = None
         if self._mmap is not None:
             try:
                 self._mmap.close()

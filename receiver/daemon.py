@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import zmq
 import zmq.asyncio
 
@@ -37,6 +38,7 @@ from ..protocol.errors import (
 )
 from ..protocol.security import CurveKeys, apply_client_curve, check_network_endpoint
 from ..protocol.shm import host_identity
+from ..protocol.shm_ring import MAX_CONSUMERS
 from ..protocol.tensors import Framework
 from ..protocol.transport import ImportedSlot, available_transports, get_transport
 from ..protocol.versions import is_older
@@ -462,13 +464,30 @@ class ReceiverDaemon:
             targets_owner=expected,
         )
         run.staged = self._staged
+        run.streamed = self._streamable(run, manifest, expected)
+        run.ring_index = self.rank
+        run.check = run.queue.check
         self._run = run
         self._inbox = asyncio.Queue()
         self._busy_slots.clear()
         with self._cond:
             self._state = "receiving"
         self._run_task = asyncio.create_task(self._apply(run, self._inbox))
-        self._send(m.Ready(version=msg.version))
+        self._send(m.Ready(version=msg.version, streamed=True if run.streamed else None))
+
+    def _streamable(self, run: VersionRun, manifest: RunManifest, expected: Any) -> bool:
+        """Can this rank take the version's buckets through the slots' rings? Only if it copies every
+        whole tensor to an address itself, so no view of a ring reaches load_weights (chunked
+        tensors are written piece by piece, in place or into scratch)."""
+        welcome, destination = self._welcome, getattr(self._sink, "destination", None)
+        if not run.direct or welcome is None or destination is None or self.rank >= MAX_CONSUMERS:
+            return False
+        if not self._slots or any(getattr(slot, "ring", None) is None for slot in self._slots):
+            return False
+        _, addresses = manifest.targets(destination, expected)
+        if addresses is None:
+            return False
+        return bool(np.all((addresses != 0) | (manifest.sizes > welcome.bucket_bytes)))
 
     def _checked_before(self, manifest: RunManifest, expected: Any) -> bool:
         """The same manifest against the same specs object passed last time (an RL loop's every step)."""

@@ -26,13 +26,20 @@ class PrefetchQueue:
         self._loop = loop
         self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._space = asyncio.Semaphore(depth)
+        self._error: WeightstreamError | None = None
 
     async def put(self, item: Any) -> None:
         await self._space.acquire()
         self._items.put(item)
 
     def abort(self, error: WeightstreamError) -> None:
+        self._error = error
         self._items.put(_Abort(error))
+
+    def check(self) -> None:
+        """Consumer side, between the waits of a long copy: raise the abort error, if any."""
+        if self._error is not None:
+            raise self._error
 
     def get(self, timeout: float) -> Any:
         """Consumer side (any thread): next item, or raise the abort error / PeerTimeout."""

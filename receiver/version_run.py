@@ -25,6 +25,7 @@ from ..protocol import messages as m
 from ..protocol import speedups
 from ..protocol.dtypes import DTYPES
 from ..protocol.errors import ProtocolError, VersionAborted
+from ..protocol.shm_ring import RingRead, RingReader
 from ..protocol.tensors import INT_OF_ITEMSIZE, Framework
 from ..protocol.transport import ImportedSlot
 from .prefetch import PrefetchQueue
@@ -65,6 +66,11 @@ class PreparedBucket:
     # direct mode: the whole tensors, as (manifest index of the first, their slot offsets as
     # int64); the rest (chunk pieces) stay in ``entries``
     whole: tuple[int, np.ndarray] | None = None
+    # a bucket streamed through the slot's ring: the entries' (offset, nbytes) in the slot, and
+    # how many entries come before the whole tensors (all of it is read in offset order)
+    ring: RingReader | None = None
+    spans: list[tuple[int, int]] | None = None
+    head: int = 0
 
 
 class VersionRun:
@@ -110,6 +116,11 @@ class VersionRun:
         self.applied_ok = False
         self.started = 0.0
         self.staged = False  # staged mode: the consumer only copies; the model is untouched
+        # set by the daemon when this rank said READY streamed: its index among a ring's
+        # consumers, and the check that raises once the version was aborted
+        self.streamed = False
+        self.ring_index = 0
+        self.check: Callable[[], None] = lambda: None
 
     # --- loop side -----------------------------------------------------------------------
 
@@ -127,6 +138,7 @@ class VersionRun:
         self.next_seq += 1
         n = len(offsets)
         used = int((offsets + nbytes).max()) if n else 0
+        ring = self._ring_of(msg, slot)
         if not (self.direct and slot.domain == "host"):
             pieces = zip(range(first, first + n), offsets.tolist(), nbytes.tolist(), chunks.tolist())
             entries = [self._entry(slot, *piece) for piece in pieces]
@@ -138,9 +150,28 @@ class VersionRun:
         if hi > lo and (chunks[hi - 1] or nbytes[hi - 1] != fulls[first + hi - 1]):
             hi -= 1
         ends = [*range(lo), *range(hi, n)]
-        entries = [self._entry(slot, first + k, int(offsets[k]), int(nbytes[k]), int(chunks[k])) for k in ends]
+        if ring is None:
+            entries = [self._entry(slot, first + k, int(offsets[k]), int(nbytes[k]), int(chunks[k])) for k in ends]
+            whole = (first + lo, offsets[lo:hi]) if hi > lo else None
+            return PreparedBucket(msg.seq, msg.slot, slot, msg.checksum, used, entries, whole)
+        # the ring: only chunk pieces and whole tensors with an address (the rank said so at READY)
+        entries = [(self.names[first + k], None, int(chunks[k])) for k in ends]
+        spans = [(int(offsets[k]), int(nbytes[k])) for k in ends]
         whole = (first + lo, offsets[lo:hi]) if hi > lo else None
-        return PreparedBucket(msg.seq, msg.slot, slot, msg.checksum, used, entries, whole)
+        return PreparedBucket(msg.seq, msg.slot, slot, None, used, entries, whole, ring, spans, lo)
+
+    def _ring_of(self, msg: m.Bucket, slot: ImportedSlot) -> RingReader | None:
+        if not msg.ring:
+            return None
+        ring = getattr(slot, "ring", None)
+        if ring is None or not self.streamed or not self.direct:
+            raise ProtocolError(
+                f"BUCKET {msg.seq}: field 'ring': expected none, since this rank did not offer to take "
+                f"{self.version!r} through a slot's ring (READY streamed), got ring=True"
+            )
+        if msg.checksum is not None:
+            raise ProtocolError(f"BUCKET {msg.seq}: fields 'ring' and 'checksum': a ring bucket cannot be checksummed")
+        return ring  # type: ignore[no-any-return]
 
     def _advance(self, msg: m.Bucket, offsets: np.ndarray, nbytes: np.ndarray, chunks: np.ndarray) -> int:
         """Check that the bucket continues the manifest in order; return its first manifest index."""
@@ -213,6 +244,10 @@ class VersionRun:
                         f"bucket {bucket.seq} of {self.version!r} failed its checksum (expected {bucket.checksum:#018x}, "
                         f"got {got:#018x}): the slot was overwritten or corrupted in transit; the version was not committed"
                     )
+            if bucket.ring is not None:
+                yield from self._apply_ring(bucket)
+                self._on_ack(bucket.seq, bucket.slot)
+                continue
             if bucket.whole is not None:
                 yield from self._apply_whole(bucket)
             for name, data, chunk in bucket.entries:
@@ -255,8 +290,47 @@ class VersionRun:
             k = k + 1 if spans is None else speedups.scatter(raw, *spans, k + 1, stream)
         self.applied += end - first
 
-    def _write_piece(self, slot: ImportedSlot, name: str, data: Any, chunk: int) -> Any | None:
-        """Write a chunk into its destination; return a view to yield once complete."""
+    def _apply_ring(self, bucket: PreparedBucket) -> Iterator[tuple[str, Any]]:
+        """A bucket streamed through the slot's ring, in offset order: the chunk piece it may start
+        with, the whole tensors (each straight to its address), the chunk piece it may end with.
+        Only a chunked tensor completed in scratch is yielded (a private copy, not the ring)."""
+        read = bucket.ring.reading(self.ring_index, bucket.used, self.check, self.timeout)  # type: ignore[union-attr]
+        slot, spans = bucket.mapping, bucket.spans or []
+        pieces = list(zip(bucket.entries, spans))
+
+        def piece(k: int) -> Iterator[tuple[str, Any]]:
+            (name, _, chunk), (offset, nbytes) = pieces[k]
+            data = self._write_piece(slot, name, None, chunk, (read, offset, nbytes))
+            if data is not None:
+                self.touched = True
+                yield name, data
+                self.applied += 1
+
+        for k in range(bucket.head):
+            yield from piece(k)
+        if bucket.whole is not None:
+            first, offsets = bucket.whole
+            end = first + len(offsets)
+            targets, addresses = self.manifest.targets(self._destination, self._targets_owner)  # type: ignore[arg-type]
+            if addresses is None:
+                raise VersionAborted("a ring bucket came but this rank has no destination addresses (no C module)")
+            self.touched = True  # the model's own memory is written from here on
+            k = read.scatter(offsets, self.manifest.sizes[first:end], addresses[first:end], 0, len(offsets), slot.streams)
+            if k < len(offsets):
+                raise VersionAborted(
+                    f"tensor {self.names[first + k]!r} has no place to be written, yet this rank took "
+                    f"{self.version!r} through the ring; the version was aborted"
+                )
+            self.applied += end - first
+        for k in range(bucket.head, len(pieces)):
+            yield from piece(k)
+        read.consume(bucket.used)
+
+    def _write_piece(
+        self, slot: ImportedSlot, name: str, data: Any, chunk: int, ring: tuple[RingRead, int, int] | None = None
+    ) -> Any | None:
+        """Write a chunk into its destination; return a view to yield once complete. From a ring,
+        ``ring`` is (the read, the piece's offset, its bytes) and ``data`` is None."""
         if not self._index:
             self._index = {n: i for i, n in enumerate(self.names)}
         index = self._index[name]
@@ -273,8 +347,13 @@ class VersionRun:
         buf, in_place = held
         if in_place:
             self.touched = True  # the model's own memory is written from here on
-        slot.copy(buf, chunk, data)
-        end = chunk + data.nbytes
+        if ring is None:
+            slot.copy(buf, chunk, data)
+            end = chunk + data.nbytes
+        else:
+            read, offset, nbytes = ring
+            read.copy_out(buf, chunk, offset, nbytes, slot.streams and in_place)
+            end = chunk + nbytes
         if end < full:
             return None
         del self._partial[name]

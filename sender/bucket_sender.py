@@ -17,7 +17,8 @@ from ..protocol.errors import PeerTimeout, TransportError, WeightstreamError, fr
 from ..protocol.gc_pause import gc_paused
 from ..protocol.packed import pack_shapes
 from ..protocol.security import CurveKeys
-from ..protocol.shm import host_identity
+from ..protocol.shm import host_identity, write_one
+from ..protocol.shm_ring import RingWriter, Run, runs
 from ..protocol.transport import get_transport
 from ..protocol.versions import read_version
 from .manifest import Manifest, describe, from_specs, pull
@@ -39,6 +40,7 @@ class _Layout:
     dims: bytes
     dtypes: bytes  # BEGIN's dtype codes
     total: int  # payload bytes
+    runs: dict[tuple[int, int], list[Run]] = field(default_factory=dict)  # (seq, ring bytes) -> ring runs
 
 
 @dataclass(frozen=True)
@@ -319,57 +321,125 @@ class BucketSender:
         before_first_publish: Any,
         source: Iterator[tuple[str, Any]] | None = None,
     ) -> None:
-        pub = self._publisher
         if not plan:
             if source is not None and next(source, None) is not None:
                 raise WeightstreamError("specs= is empty but tensors came; yield exactly the specs' tensors")
             before_first_publish()
-        cached_index, cached_bytes = -1, None
+        streamed = False
+        if plan and not self.checksum and all(getattr(slot, "ring", None) is not None for slot in self._slots):
+            before_first_publish()  # READY says whether every rank can take buckets through the ring
+            streamed = all(rank in rnd.streamed for rank in rnd.ranks)
+        cache = _PieceCache(manifest, source)
         for bucket in plan:
             slot_index = self._ring.acquire(timeout, rnd.check)
             slot = self._slots[slot_index]
-            # The planner lays tensors out in order, so a bucket holds a contiguous run of them.
-            first, last = bucket.tensors[0], bucket.tensors[-1] + 1
-            whole = source is None and bucket.chunks[0] == 0 and bucket.nbytes[-1] == manifest.nbytes[last - 1]
+            if streamed:
+                self._stream_ring(bucket, slot_index, slot, cache, rnd, idents, timeout, len(plan))
+                continue
             with gc_paused():
-                if whole and manifest.tensors is not None:  # no chunk: every tensor is copied once, in bulk
-                    changed = slot.write_tensors(bucket.offsets, manifest.tensors[first:last], bucket.nbytes)
-                    if changed is not None:
-                        raise _changed(manifest, first + changed)
-                else:
-                    for index, offset, nbytes, chunk in zip(bucket.tensors, bucket.offsets, bucket.nbytes, bucket.chunks):
-                        if index != cached_index:  # a chunked tensor is converted once
-                            tensor = manifest.tensors[index] if source is None else pull(source, manifest, index)
-                            cached_index, cached_bytes = index, slot.source_bytes(tensor)
-                            del tensor  # only the byte view lives on, until the next tensor replaces it
-                            if cached_bytes.nbytes != manifest.nbytes[index]:
-                                raise _changed(manifest, index)
-                        if nbytes:
-                            slot.write(offset, cached_bytes, chunk, nbytes)
+                self._fill(bucket, slot, slot, cache)
             slot.flush()
             digest = slot.digest(bucket.used) if self.checksum else None
             if bucket.seq == 0:
                 before_first_publish()
-            if source is not None and bucket.seq == len(plan) - 1 and next(source, None) is not None:
-                raise WeightstreamError(
-                    f"the tensors ran past the {len(manifest)} given in specs=; "
-                    "yield exactly the specs' tensors, in the specs' order"
-                )
-            with pub.cond:
-                rnd.pending[bucket.seq] = (slot_index, set(rnd.ranks))
-            offsets, nbytes, chunks = bucket.packed()
-            pub.broadcast(
-                idents,
-                m.Bucket(
-                    version=rnd.version,
-                    seq=bucket.seq,
-                    slot=slot_index,
-                    first=first,
-                    offsets=offsets,
-                    nbytes=nbytes,
-                    chunks=chunks,
-                    checksum=digest,
-                ),
+            cache.check_end(bucket.seq == len(plan) - 1)
+            self._publish(bucket, slot_index, rnd, idents, digest, None)
+
+    def _fill(self, bucket: Any, slot: Any, target: Any, cache: _PieceCache) -> None:
+        """Copy a bucket's pieces through ``target`` (the slot, or its ring)."""
+        manifest = cache.manifest
+        # The planner lays tensors out in order, so a bucket holds a contiguous run of them.
+        first, last = bucket.tensors[0], bucket.tensors[-1] + 1
+        whole = cache.source is None and bucket.chunks[0] == 0 and bucket.nbytes[-1] == manifest.nbytes[last - 1]
+        if whole and manifest.tensors is not None:  # no chunk: every tensor is copied once, in bulk
+            tensors = manifest.tensors[first:last]
+            if target is slot:
+                changed = slot.write_tensors(bucket.offsets, tensors, bucket.nbytes)
+            else:
+                changed = target.write_tensors(bucket.offsets, tensors, bucket.nbytes, self._runs(bucket, target), write_one)
+            if changed is not None:
+                raise _changed(manifest, first + changed)
+            return
+        for index, offset, nbytes, chunk in zip(bucket.tensors, bucket.offsets, bucket.nbytes, bucket.chunks):
+            data = cache.bytes_of(index, slot)
+            if nbytes:
+                target.write(offset, data, chunk, nbytes)
+
+    def _runs(self, bucket: Any, ring: RingWriter) -> list[Run]:
+        """A bucket's runs between two ring waits, made once per layout."""
+        layout = self._last_layout
+        key = (bucket.seq, ring.ring_bytes)
+        found = layout.runs.get(key) if layout is not None else None
+        if found is None:
+            found = runs(bucket.offsets, bucket.nbytes, ring.ring_bytes)
+            if layout is not None:
+                layout.runs[key] = found
+        return found
+
+    def _stream_ring(
+        self, bucket: Any, slot_index: int, slot: Any, cache: _PieceCache, rnd: Round, idents: list[bytes],
+        timeout: float, buckets: int,
+    ) -> None:
+        """Publish the bucket first, then write it through the slot's ring while the ranks copy it
+        out right behind (see protocol.shm_ring)."""
+        ring = slot.ring
+        ring.begin(sorted(rnd.ranks), rnd.check, timeout)
+        self._publish(bucket, slot_index, rnd, idents, None, True)
+        try:
+            with gc_paused():
+                self._fill(bucket, slot, ring, cache)
+            ring.finish(bucket.used)
+            cache.check_end(bucket.seq == buckets - 1)
+        except BaseException:
+            ring.abort()  # ranks waiting for its bytes wake now, not at their timeout
+            raise
+
+    def _publish(
+        self, bucket: Any, slot_index: int, rnd: Round, idents: list[bytes], digest: int | None, ring: bool | None
+    ) -> None:
+        pub = self._publisher
+        with pub.cond:
+            rnd.pending[bucket.seq] = (slot_index, set(rnd.ranks))
+        offsets, nbytes, chunks = bucket.packed()
+        pub.broadcast(
+            idents,
+            m.Bucket(
+                version=rnd.version,
+                seq=bucket.seq,
+                slot=slot_index,
+                first=bucket.tensors[0],
+                offsets=offsets,
+                nbytes=nbytes,
+                chunks=chunks,
+                checksum=digest,
+                ring=ring,
+            ),
+        )
+
+
+class _PieceCache:
+    """The tensor whose pieces are being written: a chunked tensor is converted once, and in lazy
+    mode each tensor is pulled from the trainer's generator only when packing reaches it."""
+
+    def __init__(self, manifest: Manifest, source: Iterator[tuple[str, Any]] | None) -> None:
+        self.manifest, self.source = manifest, source
+        self._index, self._bytes = -1, None
+
+    def bytes_of(self, index: int, slot: Any) -> Any:
+        if index != self._index:
+            manifest = self.manifest
+            tensor = manifest.tensors[index] if self.source is None else pull(self.source, manifest, index)  # type: ignore[index]
+            self._index, self._bytes = index, slot.source_bytes(tensor)
+            del tensor  # only the byte view lives on, until the next tensor replaces it
+            if self._bytes.nbytes != manifest.nbytes[index]:
+                raise _changed(manifest, index)
+        return self._bytes
+
+    def check_end(self, last_bucket: bool) -> None:
+        if self.source is not None and last_bucket and next(self.source, None) is not None:
+            raise WeightstreamError(
+                f"the tensors ran past the {len(self.manifest)} given in specs=; "
+                "yield exactly the specs' tensors, in the specs' order"
             )
 
 

@@ -29,6 +29,7 @@ from ..protocol.security import (
     prepare_ipc_endpoint,
     start_authenticator,
 )
+from ..protocol.shm_ring import MAX_CONSUMERS
 
 log = logging.getLogger("weightstream.sender")
 
@@ -49,6 +50,7 @@ class Round:
     version: str
     ranks: dict[int, bytes]  # rank -> routing identity
     ready: set[int] = field(default_factory=set)
+    streamed: set[int] = field(default_factory=set)  # ranks that take buckets through a slot's ring
     rejected: dict[int, tuple[str, str]] = field(default_factory=dict)
     committed: dict[int, m.Committed] = field(default_factory=dict)
     failure: WeightstreamError | None = None
@@ -317,6 +319,8 @@ class Publisher:
             return
         if isinstance(msg, m.Ready):
             rnd.ready.add(peer.rank)
+            if msg.streamed and peer.rank < MAX_CONSUMERS:
+                rnd.streamed.add(peer.rank)
         elif isinstance(msg, m.Reject):
             rnd.rejected[peer.rank] = (msg.error, msg.reason)
         elif isinstance(msg, m.Ack):
