@@ -68,23 +68,35 @@ def segment_bytes(slot_bytes: int, ring_bytes: int) -> int:
     return control_offset(slot_bytes) + CONTROL_BYTES if ring_bytes else slot_bytes
 
 
-class Run(NamedTuple):
-    """Spans [start, stop) of a bucket, copied between two waits: at ``offsets`` (relative to
-    ``shift``, a multiple of the ring's size, so they fall inside the doubled ring)."""
+class RingPlan(NamedTuple):
+    """How the sender copies a push's whole-tensor buckets through a ring, made once per layout.
+    Per tensor (by manifest index) its offset in its bucket and its size, as tuples, which the C
+    gather takes as they are, so that no run copies a slice of them. Per bucket its runs (see
+    :func:`windows`) as (start, stop, shift) in manifest indexes, ``shift`` being the multiple of
+    the ring's size to take off their offsets so that they fall inside the doubled ring."""
 
-    start: int
-    stop: int
-    shift: int
-    offsets: list[int]
+    offsets: tuple[int, ...]
+    nbytes: tuple[int, ...]
+    runs: dict[int, list[tuple[int, int, int]]]  # bucket seq -> its runs
 
 
-def runs(offsets: list[int], sizes: list[int], ring_bytes: int) -> list[Run]:
-    """The sender's :func:`windows` of a bucket, with their ring offsets (made once per layout)."""
-    found = []
-    for a, b in windows(np.asarray(offsets, np.int64), np.asarray(sizes, np.int64), ring_bytes // 8):
-        shift = offsets[a] - offsets[a] % ring_bytes
-        found.append(Run(a, b, shift, [o - shift for o in offsets[a:b]]))
-    return found
+def ring_plan(buckets: list[Any], count: int, ring_bytes: int) -> RingPlan:
+    """The :class:`RingPlan` of planned buckets (``tensors``, ``offsets``, ``nbytes``, ``chunks``
+    per bucket) over ``count`` tensors; buckets with a chunk piece get no runs."""
+    offsets, sizes = [0] * count, [0] * count
+    runs: dict[int, list[tuple[int, int, int]]] = {}
+    for bucket in buckets:
+        if any(bucket.chunks) or len(set(bucket.tensors)) != len(bucket.tensors):
+            continue
+        first = bucket.tensors[0]
+        offsets[first : first + len(bucket.offsets)] = bucket.offsets
+        sizes[first : first + len(bucket.nbytes)] = bucket.nbytes
+        found = []
+        for a, b in windows(np.asarray(bucket.offsets, np.int64), np.asarray(bucket.nbytes, np.int64), ring_bytes // 8):
+            start = bucket.offsets[a]
+            found.append((first + a, first + b, start - start % ring_bytes))
+        runs[bucket.seq] = found
+    return RingPlan(tuple(offsets), tuple(sizes), runs)
 
 
 def windows(offsets: np.ndarray, sizes: np.ndarray, piece: int) -> list[tuple[int, int]]:
@@ -145,6 +157,7 @@ class RingWriter:
         self.produced = 0
         self._waiter = _Waiter(check, timeout, f"waiting for ranks {consumers} to read the slot's ring")
 
+
     def _space(self, end: int) -> None:
         control, slack = self.control, self.ring_bytes // 4
         self._waiter.until(lambda: control.wait_space(end, slack, TICK))
@@ -169,28 +182,28 @@ class RingWriter:
         speedups.copy(self.view[offset : offset + nbytes], source[start : start + nbytes])
 
     def write_tensors(
-        self, offsets: list[int], tensors: list[Any], nbytes: list[int], plan: list[Run],
+        self, items: tuple[Any, ...], plan: RingPlan, seq: int,
         write_one: Callable[[Callable[[int, np.ndarray, int, int], None], memoryview, int, Any, int], bool],
     ) -> int | None:
-        """Whole tensors, run by run (see :func:`runs`); the index of one whose byte size is not
-        ``nbytes[i]``, else None. ``write_one(write, mv, offset, tensor, n)`` is the slot's checked
-        copy of one tensor, through ``write`` or into the memoryview ``mv``."""
-        view, mv = self.view, self._mv
-        for a, b, shift, at in plan:
+        """Bucket ``seq``'s whole tensors (``items`` holds every tensor of the push, by manifest index),
+        run by run; the index of one whose byte size is not as planned, else None.
+        ``write_one(write, mv, offset, tensor, n)`` is the slot's checked copy of one tensor,
+        through ``write`` or into the memoryview ``mv``."""
+        view, mv, offsets, nbytes = self.view, self._mv, plan.offsets, plan.nbytes
+        for a, b, shift in plan.runs[seq]:
             if b - a == 1 and nbytes[a] > self.piece:  # a big tensor: piece by piece
-                source = host_bytes(tensors[a])
+                source = host_bytes(items[a])
                 if source.nbytes != nbytes[a]:
                     return a
                 self.write(offsets[a], source, 0, nbytes[a])
                 continue
             end = offsets[b - 1] + nbytes[b - 1]
             self._space(end)
-            sizes, items = nbytes[a:b], tensors[a:b]
-            k = speedups.gather(view, at, sizes, items, 0)
-            while k < b - a:
-                if not write_one(self._write_here, mv, at[k], items[k], sizes[k]):
-                    return a + k
-                k = speedups.gather(view, at, sizes, items, k + 1)
+            i = speedups.gather(view, offsets, nbytes, items, a, False, b, shift)
+            while i < b:
+                if not write_one(self._write_here, mv, offsets[i] - shift, items[i], nbytes[i]):
+                    return i
+                i = speedups.gather(view, offsets, nbytes, items, i + 1, False, b, shift)
             self._produce(end)
         return None
 

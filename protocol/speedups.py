@@ -41,15 +41,22 @@ NATIVE = BUILT and os.environ.get("WEIGHTSTREAM_PURE_PYTHON", "") in ("", "0")
 
 
 def gather(
-    dst: Any, offsets: Sequence[int], nbytes: Sequence[int], sources: Sequence[Any], start: int, stream: bool = False
+    dst: Any, offsets: Sequence[int], nbytes: Sequence[int], sources: Sequence[Any], start: int, stream: bool = False,
+    stop: int | None = None, shift: int = 0,
 ) -> int:
-    """``sources[i]`` (whole, C-contiguous, exactly ``nbytes[i]`` bytes) into ``dst`` at ``offsets[i]``.
+    """``sources[i]`` (whole, C-contiguous, exactly ``nbytes[i]`` bytes) into ``dst`` at ``offsets[i] - shift``,
+    for i in [start, stop).
 
     Buffers (NumPy arrays) and plain CPU torch tensors and Parameters; never a subclass, whose
-    ``data_ptr`` may not be the whole tensor's bytes (a DTensor's is its local shard)."""
+    ``data_ptr`` may not be the whole tensor's bytes (a DTensor's is its local shard). Lists are
+    copied into tuples per call, tuples are not: a caller that copies a long sequence part by part
+    passes tuples and ``stop`` rather than slices."""
     if not NATIVE:
         return start
-    return _gather(dst, offsets, nbytes, sources, start, _tensor_types(), stream)  # type: ignore[no-any-return,misc]
+    if stop is None and not shift:
+        return _gather(dst, offsets, nbytes, sources, start, _tensor_types(), stream)  # type: ignore[no-any-return,misc]
+    stop = len(sources) if stop is None else stop
+    return _gather(dst, offsets, nbytes, sources, start, _tensor_types(), stream, stop, shift)  # type: ignore[no-any-return,misc]
 
 
 def destinations(targets: Sequence[Any], nbytes: Sequence[int]) -> bytes | None:
@@ -76,7 +83,7 @@ def copy(dst: np.ndarray, src: np.ndarray, stream: bool = False) -> None:
 
 def unchanged_arrays(
     items: list[Any], code_of: dict[Any, int], names: list[str], codes: list[int], shapes: list[tuple[int, ...]]
-) -> list[Any] | None:
+) -> tuple[Any, ...] | None:
     """The tensors of ``items`` if every pair is a NumPy array (or a plain CPU-or-not torch
     tensor/Parameter) with exactly ``names[i]``, dtype code ``codes[i]`` (through ``code_of``,
     keyed by NumPy and torch dtypes) and ``shapes[i]``; None if any differs or there is no C module."""

@@ -18,7 +18,7 @@ from ..protocol.gc_pause import gc_paused
 from ..protocol.packed import pack_shapes
 from ..protocol.security import CurveKeys
 from ..protocol.shm import host_identity, write_one
-from ..protocol.shm_ring import RingWriter, Run, runs
+from ..protocol.shm_ring import RingPlan, RingWriter, ring_plan
 from ..protocol.transport import get_transport
 from ..protocol.versions import read_version
 from .manifest import Manifest, describe, from_specs, pull
@@ -40,7 +40,7 @@ class _Layout:
     dims: bytes
     dtypes: bytes  # BEGIN's dtype codes
     total: int  # payload bytes
-    runs: dict[tuple[int, int], list[Run]] = field(default_factory=dict)  # (seq, ring bytes) -> ring runs
+    ring_plans: dict[int, RingPlan] = field(default_factory=dict)  # by ring bytes
 
 
 @dataclass(frozen=True)
@@ -330,12 +330,12 @@ class BucketSender:
             before_first_publish()  # READY says whether every rank can take buckets through the ring
             streamed = all(rank in rnd.streamed for rank in rnd.ranks)
         cache = _PieceCache(manifest, source)
+        if streamed:
+            self._stream_rings(plan, cache, rnd, idents, timeout)
+            return
         for bucket in plan:
             slot_index = self._ring.acquire(timeout, rnd.check)
             slot = self._slots[slot_index]
-            if streamed:
-                self._stream_ring(bucket, slot_index, slot, cache, rnd, idents, timeout, len(plan))
-                continue
             with gc_paused():
                 self._fill(bucket, slot, slot, cache)
             slot.flush()
@@ -352,47 +352,48 @@ class BucketSender:
         first, last = bucket.tensors[0], bucket.tensors[-1] + 1
         whole = cache.source is None and bucket.chunks[0] == 0 and bucket.nbytes[-1] == manifest.nbytes[last - 1]
         if whole and manifest.tensors is not None:  # no chunk: every tensor is copied once, in bulk
-            tensors = manifest.tensors[first:last]
             if target is slot:
-                changed = slot.write_tensors(bucket.offsets, tensors, bucket.nbytes)
+                changed = slot.write_tensors(bucket.offsets, manifest.tensors[first:last], bucket.nbytes)
+                if changed is not None:
+                    raise _changed(manifest, first + changed)
             else:
-                changed = target.write_tensors(bucket.offsets, tensors, bucket.nbytes, self._runs(bucket, target), write_one)
-            if changed is not None:
-                raise _changed(manifest, first + changed)
+                changed = target.write_tensors(cache.items(), self._ring_plan(target), bucket.seq, write_one)
+                if changed is not None:
+                    raise _changed(manifest, changed)
             return
         for index, offset, nbytes, chunk in zip(bucket.tensors, bucket.offsets, bucket.nbytes, bucket.chunks):
             data = cache.bytes_of(index, slot)
             if nbytes:
                 target.write(offset, data, chunk, nbytes)
 
-    def _runs(self, bucket: Any, ring: RingWriter) -> list[Run]:
-        """A bucket's runs between two ring waits, made once per layout."""
+    def _ring_plan(self, ring: RingWriter) -> RingPlan:
+        """How the layout's buckets go through a ring of this size, made once per layout."""
         layout = self._last_layout
-        key = (bucket.seq, ring.ring_bytes)
-        found = layout.runs.get(key) if layout is not None else None
+        if layout is None:  # pragma: no cover - push sets it before streaming
+            raise WeightstreamError("internal: a ring bucket before the layout was planned")
+        found = layout.ring_plans.get(ring.ring_bytes)
         if found is None:
-            found = runs(bucket.offsets, bucket.nbytes, ring.ring_bytes)
-            if layout is not None:
-                layout.runs[key] = found
+            found = layout.ring_plans[ring.ring_bytes] = ring_plan(layout.plan, len(layout.manifest), ring.ring_bytes)
         return found
 
-    def _stream_ring(
-        self, bucket: Any, slot_index: int, slot: Any, cache: _PieceCache, rnd: Round, idents: list[bytes],
-        timeout: float, buckets: int,
-    ) -> None:
-        """Publish the bucket first, then write it through the slot's ring while the ranks copy it
-        out right behind (see protocol.shm_ring)."""
-        ring = slot.ring
-        ring.begin(sorted(rnd.ranks), rnd.check, timeout)
-        self._publish(bucket, slot_index, rnd, idents, None, True)
-        try:
-            with gc_paused():
-                self._fill(bucket, slot, ring, cache)
-            ring.finish(bucket.used)
-            cache.check_end(bucket.seq == buckets - 1)
-        except BaseException:
-            ring.abort()  # ranks waiting for its bytes wake now, not at their timeout
-            raise
+    def _stream_rings(self, plan: list[Any], cache: _PieceCache, rnd: Round, idents: list[bytes], timeout: float) -> None:
+        """Each bucket is published first and then written through its slot's ring, while the ranks
+        copy it out right behind (see protocol.shm_ring)."""
+        ranks = sorted(rnd.ranks)
+        for bucket in plan:
+            slot_index = self._ring.acquire(timeout, rnd.check)
+            slot = self._slots[slot_index]
+            ring = slot.ring
+            ring.begin(ranks, rnd.check, timeout)
+            self._publish(bucket, slot_index, rnd, idents, None, True)
+            try:
+                with gc_paused():
+                    self._fill(bucket, slot, ring, cache)
+                ring.finish(bucket.used)
+                cache.check_end(bucket.seq == len(plan) - 1)
+            except BaseException:
+                ring.abort()  # ranks waiting for its bytes wake now, not at their timeout
+                raise
 
     def _publish(
         self, bucket: Any, slot_index: int, rnd: Round, idents: list[bytes], digest: int | None, ring: bool | None
@@ -424,6 +425,13 @@ class _PieceCache:
     def __init__(self, manifest: Manifest, source: Iterator[tuple[str, Any]] | None) -> None:
         self.manifest, self.source = manifest, source
         self._index, self._bytes = -1, None
+        self._items: tuple[Any, ...] | None = None
+
+    def items(self) -> tuple[Any, ...]:
+        """Every tensor of the push, as one tuple (made once: runs index it without slicing)."""
+        if self._items is None:
+            self._items = tuple(self.manifest.tensors or ())
+        return self._items
 
     def bytes_of(self, index: int, slot: Any) -> Any:
         if index != self._index:

@@ -28,7 +28,7 @@ from ..protocol.tensors import shape_of
 @dataclass
 class Manifest:
     names: list[str]
-    tensors: list[Any] | None  # None in lazy mode: the tensors come from a generator
+    tensors: Sequence[Any] | None  # None in lazy mode: the tensors come from a generator; a tuple when unchanged
     dtypes: list[int]
     shapes: list[tuple[int, ...]]
     nbytes: list[int]

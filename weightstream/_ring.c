@@ -234,7 +234,7 @@ static int consumer_index(Py_ssize_t index) {
     return 0;
 }
 
-/* The least any consumer of the bucket consumed. */
+/* The least any consumer of the bucket consumed (UINT64_MAX with no consumer). */
 static uint64_t least_consumed(ControlBlock *b) {
     uint64_t mask = atomic_load(&b->producer.mask), least = UINT64_MAX;
     for (int i = 0; mask; i++, mask >>= 1) {
@@ -255,11 +255,15 @@ static void wake_consumers(ControlBlock *b, uint64_t produced, int force) {
     }
 }
 
+/* May the producer write up to end? Every consumer passed end - ring_bytes. */
+static int space_for(ControlBlock *b, uint64_t end) {
+    uint64_t ring = atomic_load(&b->producer.ring_bytes);
+    return end <= ring || least_consumed(b) >= end - ring;
+}
+
 static void wake_producer(ControlBlock *b, int force) {
     ProducerLine *p = &b->producer;
-    if (atomic_load(&p->waiting) &&
-        (force || least_consumed(b) + atomic_load(&p->ring_bytes) >= atomic_load(&p->need)))
-        futex_wake(&p->futex);
+    if (atomic_load(&p->waiting) && (force || space_for(b, atomic_load(&p->need)))) futex_wake(&p->futex);
 }
 
 /* reset(mask, ring_bytes): the producer, before it publishes a bucket in this slot (every rank
@@ -311,8 +315,7 @@ static PyObject *control_wait_space(Control *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KKd", &end, &slack, &timeout) || control_open(self) < 0) return NULL;
     ControlBlock *b = self->block;
     ProducerLine *p = &b->producer;
-    uint64_t ring = atomic_load(&p->ring_bytes);
-    if (least_consumed(b) + ring >= end) Py_RETURN_TRUE;
+    if (space_for(b, end)) Py_RETURN_TRUE;
     int ok;
     Py_BEGIN_ALLOW_THREADS
     /* consumers asleep short of their slack must not wait for what we now wait for */
@@ -320,10 +323,10 @@ static PyObject *control_wait_space(Control *self, PyObject *args) {
     uint32_t seen = atomic_load(&p->futex);
     atomic_store(&p->need, end + slack);
     atomic_store(&p->waiting, 1);
-    ok = least_consumed(b) + ring >= end;
+    ok = space_for(b, end);
     if (!ok) {
         futex_wait(&p->futex, seen, timeout);
-        ok = least_consumed(b) + ring >= end;
+        ok = space_for(b, end);
     }
     atomic_store(&p->waiting, 0);
     Py_END_ALLOW_THREADS

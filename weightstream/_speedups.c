@@ -5,7 +5,8 @@
  * anything else back, and the Python code, which owns every check and error message, does
  * the rest (and everything, where this module was not built).
  *
- *   gather(dst, offsets, nbytes, sources, start[, tensor_types[, stream]]) -> index   sources[i] -> dst[offsets[i]:]
+ *   gather(dst, offsets, nbytes, sources, start[, tensor_types[, stream[, stop[, shift]]]]) -> index
+ *                                                                     sources[i] -> dst[offsets[i] - shift:]
  *   destinations(targets, nbytes) -> bytes                            per target, its address or 0
  *   scatter(src, offsets, nbytes, addresses, start[, stream]) -> index  src[offsets[i]:] -> addresses[i]
  *   copy(dst, src[, stream])                                          dst[:] = src (equal sizes)
@@ -33,7 +34,7 @@
  * data_ptr()), and keeps the GIL over such a batch: holding no buffer, it must not let
  * Python code resize one mid-copy.
  *
- *   unchanged_arrays(items, ndarray, code_of, names, codes, shapes[, tensor_types]) -> list | None
+ *   unchanged_arrays(items, ndarray, code_of, names, codes, shapes[, tensor_types]) -> tuple | None
  *
  * The tensors of ``items`` (``(name, tensor)`` pairs: exact NumPy arrays, whose dtype and
  * shape are read from the array's own fields, or tensors whose type is exactly one of
@@ -202,17 +203,19 @@ static void copy_batch(char **at, Py_buffer *held, int n, int stream) {
 /* Gather items [start, ...) until one cannot be copied exactly; return its index (count if none). */
 static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
     Spans s;
-    Py_ssize_t start;
+    Py_ssize_t start, stop = PY_SSIZE_T_MAX, shift = 0;
     Py_ssize_t nargs = PyTuple_GET_SIZE(args);
     PyObject *tensor_types = nargs >= 6 ? PyTuple_GET_ITEM(args, 5) : NULL;
-    PyObject *stream_arg = nargs == 7 ? PyTuple_GET_ITEM(args, 6) : Py_False;
+    PyObject *stream_arg = nargs >= 7 ? PyTuple_GET_ITEM(args, 6) : Py_False;
     int stream = 0;
-    if (nargs < 5 || nargs > 7 || (tensor_types != NULL && !PyTuple_Check(tensor_types)) ||
+    if (nargs < 5 || nargs > 9 || (tensor_types != NULL && !PyTuple_Check(tensor_types)) ||
         (stream = PyObject_IsTrue(stream_arg)) < 0 ||
-        (start = PyNumber_AsSsize_t(PyTuple_GET_ITEM(args, 4), PyExc_OverflowError)) < 0) {
+        (start = PyNumber_AsSsize_t(PyTuple_GET_ITEM(args, 4), PyExc_OverflowError)) < 0 ||
+        (nargs >= 8 && (stop = PyNumber_AsSsize_t(PyTuple_GET_ITEM(args, 7), PyExc_OverflowError)) < 0) ||
+        (nargs == 9 && (shift = PyNumber_AsSsize_t(PyTuple_GET_ITEM(args, 8), PyExc_OverflowError)) < 0)) {
         if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "expected (dst, offsets, nbytes, sources, start[, tensor_types[, stream]]) "
-                                             "with start >= 0 and tensor_types a tuple");
+            PyErr_SetString(PyExc_TypeError, "expected (dst, offsets, nbytes, sources, start[, tensor_types[, stream[, stop"
+                                             "[, shift]]]]) with start, stop, shift >= 0 and tensor_types a tuple");
         return NULL;
     }
     PyObject *rest = PyTuple_GetSlice(args, 0, 4);
@@ -223,6 +226,7 @@ static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
         spans_release(&s);
         return NULL;
     }
+    if (stop < s.count) s.count = stop; /* only [start, stop): the sequences stay whole, no slice is made */
     char *flat = (char *)s.flat.buf;
     Py_buffer held[BATCH];
     char *at[BATCH];
@@ -238,7 +242,8 @@ static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
                 failed = 1;
                 break;
             }
-            if (offset > s.flat.len || size > s.flat.len - offset) {
+            offset -= shift;
+            if (offset < 0 || offset > s.flat.len || size > s.flat.len - offset) {
                 PyErr_Format(PyExc_ValueError,
                              "span %zd: expected bytes [%zd, %zd) inside the %zd-byte buffer; "
                              "the plan and the buffer disagree", i, offset, offset + size, s.flat.len);
@@ -336,7 +341,7 @@ static PyObject *unchanged_arrays(PyObject *Py_UNUSED(self), PyObject *args) {
     /* a snapshot: a torch accessor may run Python code (a TorchFunctionMode) that changes the list */
     PyObject *pairs = PyList_AsTuple(items);
     if (pairs == NULL) return NULL;
-    PyObject *tensors = PyList_New(n);
+    PyObject *tensors = PyTuple_New(n); /* a tuple: the ring gather takes it as it is */
     if (tensors == NULL) {
         Py_DECREF(pairs);
         return NULL;
@@ -384,7 +389,7 @@ static PyObject *unchanged_arrays(PyObject *Py_UNUSED(self), PyObject *args) {
             if (!same) goto changed;
         }
         Py_INCREF(tensor);
-        PyList_SET_ITEM(tensors, i, tensor);
+        PyTuple_SET_ITEM(tensors, i, tensor);
     }
     PyObject *result = tensors;
     goto done;
@@ -571,8 +576,9 @@ static PyObject *copy(PyObject *Py_UNUSED(self), PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"gather", gather, METH_VARARGS,
-     "gather(dst, offsets, nbytes, sources, start[, tensor_types[, stream]]) -> int\n\n"
-     "Copy each C-contiguous source of exactly nbytes[i] bytes into dst at offsets[i], from index start on\n"
+     "gather(dst, offsets, nbytes, sources, start[, tensor_types[, stream[, stop[, shift]]]]) -> int\n\n"
+     "Copy each C-contiguous source of exactly nbytes[i] bytes into dst at offsets[i] - shift, from index start\n"
+     "up to stop (tuples are taken as they are: pass tuples to call it often over parts of long sequences)\n"
      "(a buffer, or a contiguous CPU tensor whose type is exactly one of tensor_types), by streaming stores\n"
      "if stream; return the index of the first source it could not copy (len(sources) when all were)."},
     {"destinations", destinations, METH_VARARGS,
@@ -589,7 +595,7 @@ static PyMethodDef methods[] = {
      "dst[:] = src for two C-contiguous buffers of equal size (dst writable), the GIL released over big\n"
      "copies, by streaming stores if stream."},
     {"unchanged_arrays", unchanged_arrays, METH_VARARGS,
-     "unchanged_arrays(items, ndarray, code_of, names, codes, shapes[, tensor_types]) -> list | None\n\n"
+     "unchanged_arrays(items, ndarray, code_of, names, codes, shapes[, tensor_types]) -> tuple | None\n\n"
      "The tensors of the (name, tensor) pairs in the list items, if every pair is an exact ndarray (or of a\n"
      "type in tensor_types) with names[i], the dtype whose code_of[dtype] is codes[i] and shapes[i]; else None."},
     {"same_items", same_items, METH_VARARGS,
