@@ -80,13 +80,15 @@ class RingPlan(NamedTuple):
     runs: dict[int, list[tuple[int, int, int]]]  # bucket seq -> its runs
 
 
-def ring_plan(buckets: list[Any], count: int, ring_bytes: int) -> RingPlan:
+def ring_plan(buckets: list[Any], tensor_bytes: list[int], ring_bytes: int) -> RingPlan:
     """The :class:`RingPlan` of planned buckets (``tensors``, ``offsets``, ``nbytes``, ``chunks``
-    per bucket) over ``count`` tensors; buckets with a chunk piece get no runs."""
+    per bucket) of tensors of ``tensor_bytes``; a bucket with a chunk piece gets no runs (the
+    sender writes it piece by piece)."""
+    count = len(tensor_bytes)
     offsets, sizes = [0] * count, [0] * count
     runs: dict[int, list[tuple[int, int, int]]] = {}
     for bucket in buckets:
-        if any(bucket.chunks) or len(set(bucket.tensors)) != len(bucket.tensors):
+        if any(bucket.chunks) or any(n != tensor_bytes[i] for i, n in zip(bucket.tensors, bucket.nbytes)):
             continue
         first = bucket.tensors[0]
         offsets[first : first + len(bucket.offsets)] = bucket.offsets

@@ -133,12 +133,12 @@ class VersionRun:
             raise ProtocolError(f"BUCKET: field 'seq': expected {self.next_seq}, got {msg.seq}")
         if msg.seq >= self.num_buckets:
             raise ProtocolError(f"BUCKET: field 'seq': version {self.version!r} has {self.num_buckets} buckets, got seq {msg.seq}")
+        ring = self._ring_of(msg, slot)
         offsets, nbytes, chunks = msg.arrays()
         first = self._advance(msg, offsets, nbytes, chunks)
         self.next_seq += 1
         n = len(offsets)
         used = int((offsets + nbytes).max()) if n else 0
-        ring = self._ring_of(msg, slot)
         if not (self.direct and slot.domain == "host"):
             pieces = zip(range(first, first + n), offsets.tolist(), nbytes.tolist(), chunks.tolist())
             entries = [self._entry(slot, *piece) for piece in pieces]

@@ -373,7 +373,7 @@ class BucketSender:
             raise WeightstreamError("internal: a ring bucket before the layout was planned")
         found = layout.ring_plans.get(ring.ring_bytes)
         if found is None:
-            found = layout.ring_plans[ring.ring_bytes] = ring_plan(layout.plan, len(layout.manifest), ring.ring_bytes)
+            found = layout.ring_plans[ring.ring_bytes] = ring_plan(layout.plan, layout.manifest.nbytes, ring.ring_bytes)
         return found
 
     def _stream_rings(self, plan: list[Any], cache: _PieceCache, rnd: Round, idents: list[bytes], timeout: float) -> None:

@@ -195,9 +195,9 @@ static int control_init(Control *self, PyObject *args, PyObject *Py_UNUSED(kwds)
         return -1;
     }
     if (PyObject_GetBuffer(obj, &self->buffer, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return -1;
-    if (offset < 0 || offset % LINE != 0 || self->buffer.len - offset < (Py_ssize_t)sizeof(ControlBlock) ||
+    if (offset < 0 || offset > self->buffer.len || self->buffer.len - offset < (Py_ssize_t)sizeof(ControlBlock) ||
         ((uintptr_t)self->buffer.buf + (uintptr_t)offset) % LINE != 0) {
-        PyErr_Format(PyExc_ValueError, "Control: expected %zu bytes at a 64-byte aligned offset of the buffer, "
+        PyErr_Format(PyExc_ValueError, "Control: expected %zu bytes at a 64-byte aligned address in the buffer, "
                                        "got offset %zd of %zd bytes", sizeof(ControlBlock), offset, self->buffer.len);
         PyBuffer_Release(&self->buffer);
         return -1;

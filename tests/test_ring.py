@@ -1,0 +1,402 @@
+"""Buckets streamed through a slot's ring: the run planning, the doubled mapping and its
+counters, and end to end with real processes (a tiny ring, so every bucket laps it many times),
+including the faults that a ring adds: a sender that stops writing, a rank that stops reading.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import ring_workers as rw
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from weightstream import BucketSender, PeerLost, ReceiverDaemon, WeightstreamError
+from weightstream.protocol import shm_ring
+from weightstream.protocol.shm import ShmExportedSlot, ShmImportedSlot, write_one
+from weightstream.receiver.sinks import NumpySink
+from weightstream.sender.planner import plan_buckets
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(shm_ring.Control is None, reason="weightstream._ring is not built (no C compiler, or not Linux)"),
+]
+CTX = mp.get_context("spawn")
+PAGE = shm_ring.PAGE
+
+
+# --- planning (pure) ---------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(sizes=st.lists(st.integers(0, 5000), max_size=60), piece=st.sampled_from([256, 1024, 4096]))
+def test_windows_cover_every_span_once_in_runs_of_at_most_two_pieces(sizes: list[int], piece: int) -> None:
+    offsets = np.cumsum([0, *[(s + 255) // 256 * 256 for s in sizes[:-1]]]).astype(np.int64) if sizes else np.zeros(0, np.int64)
+    runs = shm_ring.windows(offsets, np.asarray(sizes, np.int64), piece)
+    assert [i for a, b in runs for i in range(a, b)] == list(range(len(sizes)))  # in order, each once
+    for a, b in runs:
+        assert b > a
+        if b - a > 1 or sizes[a] <= piece:
+            assert all(s <= piece for s in sizes[a:b])  # a span bigger than a piece is alone
+            assert offsets[b - 1] + sizes[b - 1] - offsets[a] <= 2 * piece  # a run waits for at most two pieces
+
+
+def test_ring_plan_shifts_each_run_into_the_doubled_ring() -> None:
+    ring = 4 * PAGE
+    sizes = [1000] * 40 + [3 * ring] + [300] * 7
+    plan = plan_buckets(sizes, 64 * PAGE, 256)
+    found = shm_ring.ring_plan(plan, sizes, ring)
+    assert set(found.runs) == {b.seq for b in plan}
+    for bucket in plan:
+        for a, b, shift in found.runs[bucket.seq]:
+            assert shift % ring == 0
+            start = found.offsets[a] - shift
+            assert 0 <= start < ring
+            if b - a > 1 or found.nbytes[a] <= ring // 8:
+                assert found.offsets[b - 1] + found.nbytes[b - 1] - shift <= 2 * ring  # inside the doubled ring
+
+
+def test_ring_plan_skips_buckets_with_chunk_pieces() -> None:
+    sizes = [100, 150_000, 100]
+    plan = plan_buckets(sizes, 16 * PAGE, 256)  # the middle tensor is chunked, its first piece after the first tensor
+    found = shm_ring.ring_plan(plan, sizes, 2 * PAGE)
+    assert [b.tensors for b in plan][:1] == [[0, 1]] and 0 not in found.runs
+    whole = {b.seq for b in plan if not any(b.chunks) and all(n == sizes[i] for i, n in zip(b.tensors, b.nbytes))}
+    assert set(found.runs) == whole
+
+
+def test_ring_size_follows_the_cache_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(shm_ring.ENV, raising=False)
+    assert shm_ring.ring_bytes_for(256 << 20, cache_bytes=32 << 20) == 4 << 20
+    assert shm_ring.ring_bytes_for(8 << 20, cache_bytes=32 << 20) == 0  # a slot under 4 rings stays plain
+    assert shm_ring.ring_bytes_for(256 << 20, cache_bytes=1 << 20) == 1 << 20  # never under 1 MiB
+    monkeypatch.setenv(shm_ring.ENV, "0")
+    assert shm_ring.ring_bytes_for(256 << 20) == 0
+    monkeypatch.setenv(shm_ring.ENV, str(2 * PAGE + 5))
+    assert shm_ring.ring_bytes_for(64 * PAGE) == 2 * PAGE  # whole pages
+    assert shm_ring.ring_bytes_for(2 * PAGE) == 0  # not smaller than the slot
+
+
+# --- the mapping and the counters --------------------------------------------------------------
+
+
+def test_ring_map_repeats_its_pages_and_refuses_to_close_under_a_view() -> None:
+    fd = os.memfd_create("ws-ring-test")
+    try:
+        os.ftruncate(fd, 2 * PAGE)
+        ring = shm_ring.RingMap(fd, PAGE, 2 * PAGE)
+        view = np.frombuffer(ring, np.uint8)
+        view[PAGE - 4 : PAGE + 4] = np.arange(8, dtype=np.uint8) + 1  # across the wrap: one contiguous copy
+        assert view[:4].tolist() == [5, 6, 7, 8] and view[PAGE - 4 : PAGE].tolist() == [1, 2, 3, 4]
+        with pytest.raises(BufferError, match="still use"):
+            ring.close()
+        del view
+        ring.close()
+        assert ring.closed
+        with pytest.raises(ValueError, match="closed"):
+            np.frombuffer(ring, np.uint8)
+        with pytest.raises(ValueError, match="multiple of"):
+            shm_ring.RingMap(fd, PAGE + 1, 2 * PAGE)
+    finally:
+        os.close(fd)
+
+
+def _control() -> Any:
+    block = np.zeros(shm_ring.CONTROL_BYTES + 64, np.uint8)
+    start = (-block.ctypes.data) % 64
+    return shm_ring.Control(block, start)
+
+
+def test_control_waits_time_out_and_see_an_abort() -> None:
+    control = _control()
+    control.reset(0b101, 1000)  # consumers 0 and 2
+    assert control.wait_space(1000, 0, 0.01)  # the first lap is free
+    began = time.monotonic()
+    assert not control.wait_space(1001, 0, 0.05)  # nobody consumed yet
+    assert control.wait_data(0, 1, 1000, 0, 0.05) == 0
+    assert time.monotonic() - began >= 0.09  # each slept its timeout, no spinning needed to see it
+    control.produce(600)
+    assert control.wait_data(2, 600, 1000, 0, 0.01) == 1
+    control.consume(0, 600)
+    assert not control.wait_space(1601, 0, 0.01)  # consumer 2 still holds the lap
+    control.consume(2, 700)
+    assert control.wait_space(1600, 0, 0.01)
+    assert control.counters() == (600, [600, 700])
+    control.abort()
+    assert control.wait_data(0, 900, 1000, 0, 1.0) == -1
+    with pytest.raises(ValueError, match="consumer index"):
+        control.consume(64, 1)
+    control.reset(0, 1000)
+    assert control.wait_space(1 << 40, 0, 0.01)  # no consumer: nothing to wait for
+    control.release()
+    with pytest.raises(ValueError, match="closed"):
+        control.produce(1)
+
+
+def test_a_sleeping_consumer_is_woken_by_the_producer() -> None:
+    control = _control()
+    control.reset(1, 1 << 20)
+    got: list[tuple[int, float]] = []
+
+    def consumer() -> None:
+        began = time.monotonic()
+        got.append((control.wait_data(0, 4096, 1 << 20, 0, 5.0), time.monotonic() - began))
+
+    thread = threading.Thread(target=consumer)
+    thread.start()
+    time.sleep(0.1)
+    control.produce(4096)
+    thread.join(5)
+    assert got and got[0][0] == 1 and got[0][1] < 2.0  # woken, not timed out
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(0, 9000), min_size=1, max_size=40), seed=st.integers(0, 1 << 30))
+def test_a_bucket_through_a_small_ring_arrives_whole(sizes: list[int], seed: int) -> None:
+    """Sender and rank on two threads, a 8 KiB ring: spans straddle the wrap, some exceed a piece."""
+    rng = np.random.default_rng(seed)
+    tensors = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
+    bucket_bytes = 64 * PAGE
+    plan = plan_buckets(sizes, bucket_bytes, 256)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(shm_ring.ENV, str(2 * PAGE))
+        slot = ShmExportedSlot(bucket_bytes)
+    mapped = ShmImportedSlot(slot.descriptor())
+    try:
+        writer, reader = slot.ring, mapped.ring
+        assert writer is not None and reader is not None
+        ring_plan = shm_ring.ring_plan(plan, sizes, writer.ring_bytes)
+        out = [np.zeros(n, np.uint8) for n in sizes]
+        addresses = np.array([t.ctypes.data if n else 1 for t, n in zip(out, sizes)], np.uint64)
+        for bucket in plan:
+            if bucket.seq not in ring_plan.runs:
+                continue  # chunked: not this test's business
+            first, last = bucket.tensors[0], bucket.tensors[-1] + 1
+            writer.begin([0], lambda: None, 5.0)
+            errors: list[BaseException] = []
+
+            def rank(bucket: Any = bucket, first: int = first, last: int = last) -> None:
+                try:
+                    read = reader.reading(0, bucket.used, lambda: None, 5.0)
+                    offsets = np.asarray(bucket.offsets, np.int64)
+                    done = read.scatter(offsets, np.asarray(bucket.nbytes, np.int64), addresses[first:last], 0,
+                                        len(offsets), False)
+                    assert done == len(offsets)
+                    read.consume(bucket.used)
+                except BaseException as exc:
+                    errors.append(exc)
+
+            thread = threading.Thread(target=rank)
+            thread.start()
+            assert writer.write_tensors(tuple(tensors), ring_plan, bucket.seq, write_one) is None
+            writer.finish(bucket.used)
+            thread.join(10)
+            assert not errors, errors
+        for bucket in plan:
+            if bucket.seq in ring_plan.runs:
+                for i in bucket.tensors:
+                    assert out[i].tobytes() == tensors[i].tobytes()
+    finally:
+        mapped.close()
+        slot.close()
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+class Ranks:
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint, self.queue, self.procs = endpoint, CTX.Queue(), {}
+
+    def spawn(self, rank: int, direct: bool, versions: list[str], scale: int = 1) -> None:
+        proc = CTX.Process(target=rw.rank_main, args=(self.endpoint, rank, direct, versions, self.queue, scale), daemon=True)
+        proc.start()
+        self.procs[rank] = proc
+
+    def events(self, count: int, timeout: float = 90.0) -> list[dict[str, Any]]:
+        out = []
+        deadline = time.monotonic() + timeout
+        while len(out) < count:
+            try:
+                event = self.queue.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue_mod.Empty:
+                raise AssertionError(f"got {len(out)} of {count} events: {out}") from None
+            if event["event"] == "crashed":
+                raise AssertionError(f"rank {event['rank']} crashed: {event['error']}\n{event['tb']}")
+            out.append(event)
+        return out
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            proc.join(15)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        self.queue.close()
+        self.queue.join_thread()
+
+
+@pytest.fixture
+def small_rings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(shm_ring.ENV, str(rw.RING_BYTES))
+
+
+def _streamed(sender: BucketSender) -> bool:
+    return any(slot.ring is not None and slot.ring.produced > 0 for slot in sender._slots)
+
+
+@pytest.mark.parametrize("ranks_direct", [(True,), (True, True), (True, False)], ids=["one", "two", "mixed"])
+def test_versions_through_the_ring_are_bit_exact(endpoint: str, small_rings: None, ranks_direct: tuple[bool, ...]) -> None:
+    """Direct ranks take every bucket through the ring; a rank that takes views keeps the slots whole."""
+    versions = ["v1", "v2", "v3"]
+    ranks = Ranks(endpoint)
+    try:
+        for rank, direct in enumerate(ranks_direct):
+            ranks.spawn(rank, direct, versions)
+        ranks.events(len(ranks_direct))
+        with BucketSender(endpoint, receivers=len(ranks_direct), bucket_bytes=rw.BUCKET_BYTES, **rw.HB) as sender:
+            assert all(slot.ring is not None for slot in sender._slots)
+            for seed, version in enumerate(versions, start=1):
+                model = rw.make_model(seed)
+                report = sender.push(model.items(), version=version)
+                assert report.buckets > 3
+                assert _streamed(sender) == all(ranks_direct), "a ring bucket iff every rank copies for itself"
+                for event in ranks.events(len(ranks_direct)):
+                    assert event["event"] == "committed", event
+                    assert event["digests"] == rw.digests(model), f"rank {event['rank']} is not bit-exact"
+        ranks.events(len(ranks_direct))  # done
+    finally:
+        ranks.close()
+
+
+def test_a_tensor_that_changes_mid_push_aborts_the_ranks_waiting_in_the_ring(endpoint: str, small_rings: None) -> None:
+    model = rw.make_model(1)
+    specs = rw.specs_of(model)
+    state = {name: np.zeros_like(t) for name, t in model.items()}
+    daemon = ReceiverDaemon(endpoint, NumpySink(state), rank=0, **rw.HB).start()
+    try:
+        with BucketSender(endpoint, receivers=1, bucket_bytes=rw.BUCKET_BYTES, **rw.HB) as sender:
+
+            def broken() -> Any:
+                for name, tensor in model.items():
+                    yield name, (tensor[:-1] if name == "embed.big" else tensor)  # long after a ring bucket went out
+
+            began = time.monotonic()
+            with pytest.raises(WeightstreamError, match="embed.big"):
+                sender.push(broken(), version="bad", specs=specs)
+            assert _streamed(sender)
+            deadline = time.monotonic() + 5
+            while daemon.status.state == "receiving" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            status = daemon.status
+            assert status.state == "aborted" and not status.model_intact, status
+            assert time.monotonic() - began < 3.0, "the rank saw the abort at once, not after a timeout"
+            sender.push(model.items(), version="good")
+            daemon.wait_for_version("good", 10)
+        assert rw.digests(state) == rw.digests(model)
+        assert daemon.status.model_intact
+    finally:
+        daemon.stop()
+
+
+def test_a_rank_killed_while_the_sender_waits_on_the_ring(endpoint: str, small_rings: None) -> None:
+    ranks = Ranks(endpoint)
+    try:
+        for rank in (0, 1):
+            ranks.spawn(rank, True, ["v1", "v2"], scale=400)  # a 64 MiB tensor: many laps of the ring
+        ranks.events(2)
+        with BucketSender(endpoint, receivers=2, bucket_bytes=rw.BUCKET_BYTES, timeout=30.0, **rw.HB) as sender:
+            model = rw.make_model(1, scale=400)
+            sender.push(model.items(), version="v1")
+            assert _streamed(sender)
+            ranks.events(2)
+            timer = threading.Timer(0.05, ranks.procs[1].kill)
+            timer.start()
+            began = time.monotonic()
+            with pytest.raises(PeerLost) as info:
+                sender.push(rw.make_model(2, scale=400).items(), version="v2")
+            timer.join()
+            assert info.value.rank == 1
+            assert time.monotonic() - began < 2 * rw.HB["heartbeat_timeout"] + 2.0
+            event = ranks.events(1)[0]
+            assert event["rank"] == 0 and event["event"].startswith("failed")
+    finally:
+        ranks.close()
+
+
+def test_a_sender_killed_mid_ring_bucket(endpoint: str, small_rings: None) -> None:
+    """The rank waiting for ring bytes notices the dead sender by its heartbeats, and serves the next one."""
+    scale = 400
+    state = {name: np.zeros_like(t) for name, t in rw.make_model(0, scale).items()}
+    daemon = ReceiverDaemon(endpoint, NumpySink(state), rank=0, **rw.HB).start()
+    senders: list[Any] = []
+
+    def start_sender() -> Any:
+        conn, child = CTX.Pipe()
+        proc = CTX.Process(target=rw.sender_main, args=(endpoint, child, scale), daemon=True)
+        proc.start()
+        assert conn.poll(30) and all(conn.recv()["rings"])
+        senders.append((proc, conn))
+        return proc, conn
+
+    try:
+        proc, conn = start_sender()
+        conn.send({"seed": 1, "version": "v1"})
+        assert conn.poll(60) and conn.recv()["ok"]
+        daemon.wait_for_version("v1", 10)
+        conn.send({"seed": 2, "version": "v2"})
+        deadline = time.monotonic() + 10
+        while daemon.status.state != "receiving" and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.02)
+        proc.kill()
+        killed = time.monotonic()
+        while daemon.status.connected and time.monotonic() < killed + 10:
+            time.sleep(0.02)
+        status = daemon.status
+        assert not status.connected and status.state != "receiving", status
+        assert time.monotonic() - killed < 2 * rw.HB["heartbeat_timeout"] + 1.0
+        assert status.committed_version == "v1"
+        _, conn = start_sender()
+        conn.send({"seed": 3, "version": "v3"})
+        assert conn.poll(60) and conn.recv()["ok"]
+        daemon.wait_for_version("v3", 10)
+        assert rw.digests(state) == rw.digests(rw.make_model(3, scale))
+        assert daemon.status.model_intact
+    finally:
+        for proc, conn in senders:
+            if proc.is_alive():
+                conn.send(None)
+                proc.join(15)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        daemon.stop()
+
+
+def test_a_ring_bucket_to_a_rank_that_did_not_offer_is_refused() -> None:
+    from weightstream.protocol import messages as m
+    from weightstream.protocol.errors import ProtocolError
+    from weightstream.receiver.version_run import VersionRun
+
+    begin = m.Begin.build(version="v", names=["w"], dtypes=[8], shapes=[(4,)], total_bytes=16, buckets=1)
+    run = VersionRun(begin, framework="numpy", queue=None, timeout=1.0, on_ack=lambda s, k: None)  # type: ignore[arg-type]
+    bucket = m.Bucket.build(version="v", seq=0, slot=0, first=0, offsets=[0], nbytes=[16], chunks=[0], ring=True)
+
+    class Slot:
+        domain, ring, size = "host", object(), 4096
+
+    with pytest.raises(ProtocolError, match="'ring'"):
+        run.prepare(bucket, Slot())  # type: ignore[arg-type]
+    assert run.next_seq == 0  # refused before it counted
+    run.streamed = run.direct = True
+    checked = m.Bucket.build(version="v", seq=0, slot=0, first=0, offsets=[0], nbytes=[16], chunks=[0], checksum=1, ring=True)
+    with pytest.raises(ProtocolError, match="checksum"):
+        run.prepare(checked, Slot())  # type: ignore[arg-type]
