@@ -243,9 +243,10 @@ class ShmImportedSlot:
 
     def close(self) -> None:
         self._view = None
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
+        # Dropped, not released: a thread still inside a ring wait holds the reader, whose control
+        # block and view then keep both mappings alive (the closes below raise BufferError) until
+        # it lets go, rather than have them unmapped under it.
+        self.ring = None
         if self._ring_map is not None:
             try:
                 self._ring_map.close()

@@ -231,10 +231,6 @@ class RingReader:
         self.control, self.view, self.ring_bytes = control, view, ring_bytes
         self.piece = ring_bytes // 8
 
-    def close(self) -> None:
-        self.control.release()
-        self.view = None  # type: ignore[assignment]
-
     def reading(self, index: int, used: int, check: Callable[[], None], timeout: float) -> RingRead:
         return RingRead(self, index, used, check, timeout)
 

@@ -400,3 +400,30 @@ def test_a_ring_bucket_to_a_rank_that_did_not_offer_is_refused() -> None:
     checked = m.Bucket.build(version="v", seq=0, slot=0, first=0, offsets=[0], nbytes=[16], chunks=[0], checksum=1, ring=True)
     with pytest.raises(ProtocolError, match="checksum"):
         run.prepare(checked, Slot())  # type: ignore[arg-type]
+
+
+def test_closing_a_mapped_slot_under_a_waiting_reader_keeps_its_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank that drops its session while its apply thread still waits in the ring must not unmap
+    the control block under that thread: the wait ends by its timeout, then the memory goes."""
+    monkeypatch.setenv(shm_ring.ENV, str(2 * PAGE))
+    slot = ShmExportedSlot(64 * PAGE)
+    mapped = ShmImportedSlot(slot.descriptor())
+    try:
+        slot.ring.begin([0], lambda: None, 5.0)  # type: ignore[union-attr]
+        read = mapped.ring.reading(0, 8 * PAGE, lambda: None, 0.3)  # type: ignore[union-attr]
+        outcome: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                read.wait(PAGE)  # nothing is ever produced: it times out
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        time.sleep(0.05)
+        mapped.close()  # while the thread sleeps on a futex inside the control block
+        thread.join(5)
+        assert outcome and type(outcome[0]).__name__ == "PeerTimeout"
+    finally:
+        slot.close()
