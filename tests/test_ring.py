@@ -174,7 +174,7 @@ def test_a_bucket_through_a_small_ring_arrives_whole(sizes: list[int], seed: int
         assert writer is not None and reader is not None
         ring_plan = shm_ring.ring_plan(plan, sizes, writer.ring_bytes)
         out = [np.zeros(n, np.uint8) for n in sizes]
-        addresses = np.array([t.ctypes.data if n else 1 for t, n in zip(out, sizes)], np.uint64)
+        addresses = np.array([t.ctypes.data if n else 0 for t, n in zip(out, sizes)], np.uint64)  # an empty one: none
         for bucket in plan:
             if bucket.seq not in ring_plan.runs:
                 continue  # chunked: not this test's business
