@@ -17,11 +17,12 @@ from ..protocol.errors import PeerTimeout, TransportError, WeightstreamError, fr
 from ..protocol.gc_pause import gc_paused
 from ..protocol.packed import pack_shapes
 from ..protocol.security import CurveKeys
-from ..protocol.shm import host_identity, write_one
+from ..protocol.shm import host_identity
 from ..protocol.shm_ring import RingPlan, RingWriter, ring_plan
 from ..protocol.transport import get_transport
 from ..protocol.versions import read_version
-from .manifest import Manifest, describe, from_specs, pull
+from .manifest import Manifest, describe, from_specs
+from .packing import PieceCache, fill
 from .planner import plan_buckets
 from .publisher import Publisher, Round, describe_ranks
 from .ring import SlotRing
@@ -329,7 +330,7 @@ class BucketSender:
         if plan and not self.checksum and all(getattr(slot, "ring", None) is not None for slot in self._slots):
             before_first_publish()  # READY says whether every rank can take buckets through the ring
             streamed = all(rank in rnd.streamed for rank in rnd.ranks)
-        cache = _PieceCache(manifest, source)
+        cache = PieceCache(manifest, source)
         if streamed:
             self._stream_rings(plan, cache, rnd, idents, timeout)
             return
@@ -337,34 +338,13 @@ class BucketSender:
             slot_index = self._ring.acquire(timeout, rnd.check)
             slot = self._slots[slot_index]
             with gc_paused():
-                self._fill(bucket, slot, slot, cache)
+                fill(bucket, slot, slot, cache, self._ring_plan)
             slot.flush()
             digest = slot.digest(bucket.used) if self.checksum else None
             if bucket.seq == 0:
                 before_first_publish()
             cache.check_end(bucket.seq == len(plan) - 1)
             self._publish(bucket, slot_index, rnd, idents, digest, None)
-
-    def _fill(self, bucket: Any, slot: Any, target: Any, cache: _PieceCache) -> None:
-        """Copy a bucket's pieces through ``target`` (the slot, or its ring)."""
-        manifest = cache.manifest
-        # The planner lays tensors out in order, so a bucket holds a contiguous run of them.
-        first, last = bucket.tensors[0], bucket.tensors[-1] + 1
-        whole = cache.source is None and bucket.chunks[0] == 0 and bucket.nbytes[-1] == manifest.nbytes[last - 1]
-        if whole and manifest.tensors is not None:  # no chunk: every tensor is copied once, in bulk
-            if target is slot:
-                changed = slot.write_tensors(bucket.offsets, manifest.tensors[first:last], bucket.nbytes)
-                if changed is not None:
-                    raise _changed(manifest, first + changed)
-            else:
-                changed = target.write_tensors(cache.items(), self._ring_plan(target), bucket.seq, write_one)
-                if changed is not None:
-                    raise _changed(manifest, changed)
-            return
-        for index, offset, nbytes, chunk in zip(bucket.tensors, bucket.offsets, bucket.nbytes, bucket.chunks):
-            data = cache.bytes_of(index, slot)
-            if nbytes:
-                target.write(offset, data, chunk, nbytes)
 
     def _ring_plan(self, ring: RingWriter) -> RingPlan:
         """How the layout's buckets go through a ring of this size, made once per layout."""
@@ -376,7 +356,7 @@ class BucketSender:
             found = layout.ring_plans[ring.ring_bytes] = ring_plan(layout.plan, layout.manifest.nbytes, ring.ring_bytes)
         return found
 
-    def _stream_rings(self, plan: list[Any], cache: _PieceCache, rnd: Round, idents: list[bytes], timeout: float) -> None:
+    def _stream_rings(self, plan: list[Any], cache: PieceCache, rnd: Round, idents: list[bytes], timeout: float) -> None:
         """Each bucket is published first and then written through its slot's ring, while the ranks
         copy it out right behind (see protocol.shm_ring)."""
         ranks = sorted(rnd.ranks)
@@ -388,7 +368,7 @@ class BucketSender:
             self._publish(bucket, slot_index, rnd, idents, None, True)
             try:
                 with gc_paused():
-                    self._fill(bucket, slot, ring, cache)
+                    fill(bucket, slot, ring, cache, self._ring_plan)
                 ring.finish(bucket.used)
                 cache.check_end(bucket.seq == len(plan) - 1)
             except BaseException:
@@ -416,46 +396,6 @@ class BucketSender:
                 ring=ring,
             ),
         )
-
-
-class _PieceCache:
-    """The tensor whose pieces are being written: a chunked tensor is converted once, and in lazy
-    mode each tensor is pulled from the trainer's generator only when packing reaches it."""
-
-    def __init__(self, manifest: Manifest, source: Iterator[tuple[str, Any]] | None) -> None:
-        self.manifest, self.source = manifest, source
-        self._index, self._bytes = -1, None
-        self._items: tuple[Any, ...] | None = None
-
-    def items(self) -> tuple[Any, ...]:
-        """Every tensor of the push, as one tuple (made once: runs index it without slicing)."""
-        if self._items is None:
-            self._items = tuple(self.manifest.tensors or ())
-        return self._items
-
-    def bytes_of(self, index: int, slot: Any) -> Any:
-        if index != self._index:
-            manifest = self.manifest
-            tensor = manifest.tensors[index] if self.source is None else pull(self.source, manifest, index)  # type: ignore[index]
-            self._index, self._bytes = index, slot.source_bytes(tensor)
-            del tensor  # only the byte view lives on, until the next tensor replaces it
-            if self._bytes.nbytes != manifest.nbytes[index]:
-                raise _changed(manifest, index)
-        return self._bytes
-
-    def check_end(self, last_bucket: bool) -> None:
-        if self.source is not None and last_bucket and next(self.source, None) is not None:
-            raise WeightstreamError(
-                f"the tensors ran past the {len(self.manifest)} given in specs=; "
-                "yield exactly the specs' tensors, in the specs' order"
-            )
-
-
-def _changed(manifest: Manifest, index: int) -> WeightstreamError:
-    return WeightstreamError(
-        f"tensor {manifest.names[index]!r} changed while being pushed: expected {manifest.nbytes[index]} bytes; "
-        "do not resize params during push"
-    )
 
 
 def _rejection(version: str, rnd: Round) -> WeightstreamError:

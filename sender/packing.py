@@ -1,0 +1,79 @@
+"""Packing one bucket: copying its tensors, or pieces of them, into a slot or through its ring.
+
+Whole buckets of whole tensors are copied in bulk (the C gather); a bucket with a chunk piece,
+and every bucket of a lazy push, piece by piece, each tensor converted once and, in lazy mode,
+pulled from the trainer's generator only when packing reaches it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ..protocol.errors import WeightstreamError
+from ..protocol.shm import write_one
+from ..protocol.shm_ring import RingPlan
+from .manifest import Manifest, pull
+
+
+def fill(bucket: Any, slot: Any, target: Any, cache: PieceCache, ring_plan: Callable[[Any], RingPlan]) -> None:
+    """Copy a planned bucket's pieces through ``target``: the slot itself, or its ring, whose
+    runs ``ring_plan(ring)`` gives."""
+    manifest = cache.manifest
+    # The planner lays tensors out in order, so a bucket holds a contiguous run of them.
+    first, last = bucket.tensors[0], bucket.tensors[-1] + 1
+    whole = cache.source is None and bucket.chunks[0] == 0 and bucket.nbytes[-1] == manifest.nbytes[last - 1]
+    if whole and manifest.tensors is not None:  # no chunk: every tensor is copied once, in bulk
+        if target is slot:
+            changed = slot.write_tensors(bucket.offsets, manifest.tensors[first:last], bucket.nbytes)
+            if changed is not None:
+                raise changed_error(manifest, first + changed)
+        else:
+            changed = target.write_tensors(cache.items(), ring_plan(target), bucket.seq, write_one)
+            if changed is not None:
+                raise changed_error(manifest, changed)
+        return
+    for index, offset, nbytes, chunk in zip(bucket.tensors, bucket.offsets, bucket.nbytes, bucket.chunks):
+        data = cache.bytes_of(index, slot)
+        if nbytes:
+            target.write(offset, data, chunk, nbytes)
+
+
+class PieceCache:
+    """The tensor whose pieces are being written: a chunked tensor is converted once, and in lazy
+    mode each tensor is pulled from the trainer's generator only when packing reaches it."""
+
+    def __init__(self, manifest: Manifest, source: Iterator[tuple[str, Any]] | None) -> None:
+        self.manifest, self.source = manifest, source
+        self._index, self._bytes = -1, None
+        self._items: tuple[Any, ...] | None = None
+
+    def items(self) -> tuple[Any, ...]:
+        """Every tensor of the push, as one tuple (made once: runs index it without slicing)."""
+        if self._items is None:
+            self._items = tuple(self.manifest.tensors or ())
+        return self._items
+
+    def bytes_of(self, index: int, slot: Any) -> Any:
+        if index != self._index:
+            manifest = self.manifest
+            tensor = manifest.tensors[index] if self.source is None else pull(self.source, manifest, index)  # type: ignore[index]
+            self._index, self._bytes = index, slot.source_bytes(tensor)
+            del tensor  # only the byte view lives on, until the next tensor replaces it
+            if self._bytes.nbytes != manifest.nbytes[index]:
+                raise changed_error(manifest, index)
+        return self._bytes
+
+    def check_end(self, last_bucket: bool) -> None:
+        if self.source is not None and last_bucket and next(self.source, None) is not None:
+            raise WeightstreamError(
+                f"the tensors ran past the {len(self.manifest)} given in specs=; "
+                "yield exactly the specs' tensors, in the specs' order"
+            )
+
+
+def changed_error(manifest: Manifest, index: int) -> WeightstreamError:
+    return WeightstreamError(
+        f"tensor {manifest.names[index]!r} changed while being pushed: expected {manifest.nbytes[index]} bytes; "
+        "do not resize params during push"
+    )
