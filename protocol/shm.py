@@ -56,6 +56,16 @@ def _map_readwrite(fd: int, size: int) -> mmap.mmap:
     return mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
 
 
+def close_mapping(mapping: Any) -> None:
+    """Close an mmap, RingMap or SharedMemory unless a view of it is still alive somewhere: the
+    mapping then goes when the last view does."""
+    if mapping is not None:
+        try:
+            mapping.close()
+        except BufferError:
+            pass
+
+
 def write_one(write: Callable[[int, np.ndarray, int, int], None], mv: memoryview, offset: int, tensor: Any, n: int) -> bool:
     """One whole tensor into a slot; False if it is not ``n`` bytes. A small C-contiguous NumPy
     array takes a memoryview copy into ``mv`` with no intermediate view (~0.4 us over the memcpy,
@@ -152,16 +162,9 @@ class ShmExportedSlot:
         if self.ring is not None:
             self.ring.close()
             self.ring = None
-        if self._ring_map is not None:
-            try:
-                self._ring_map.close()
-            except BufferError:
-                pass  # a view is still alive somewhere; the mapping goes when it does
-            self._ring_map = None
-        try:
-            self._shm.close()
-        except BufferError:
-            pass  # a view is still alive somewhere; the mapping goes when it does
+        close_mapping(self._ring_map)
+        self._ring_map = None
+        close_mapping(self._shm)
         try:
             self._shm.unlink()
         except FileNotFoundError:
@@ -247,18 +250,10 @@ class ShmImportedSlot:
         # block and view then keep both mappings alive (the closes below raise BufferError) until
         # it lets go, rather than have them unmapped under it.
         self.ring = None
-        if self._ring_map is not None:
-            try:
-                self._ring_map.close()
-            except BufferError:
-                pass  # a consumer still holds a view; the mapping is released with it
-            self._ring_map = None
-        if self._mmap is not None:
-            try:
-                self._mmap.close()
-            except BufferError:
-                pass  # a consumer still holds a view; the mapping is released with it
-            self._mmap = None
+        close_mapping(self._ring_map)
+        self._ring_map = None
+        close_mapping(self._mmap)
+        self._mmap = None
 
 
 class ShmTransport:
