@@ -23,20 +23,27 @@ LAYOUT: list[tuple[str, str, tuple[int, ...]]] = [
     ("embed.big", "float32", (160, 257)),  # ~160 KiB: three buckets' worth
     ("tail.bias", "int64", (33,)),
 ]
-SPECS = {name: (dtype, shape) for name, dtype, shape in LAYOUT}
+# A torch module's parameters (float) and a buffer (int): the TorchModuleSink copies into them directly.
+TORCH_LAYOUT: list[tuple[str, str, tuple[int, ...]]] = [
+    *[(f"w{i}", ("float32", "float16", "bfloat16")[i % 3], (5 + i % 6, 33)) for i in range(40)],
+    ("embed.big", "float32", (160, 257)),
+    ("steps", "int64", (3,)),
+]
 RING_BYTES = 8192
 BUCKET_BYTES = 64 << 10
 HB = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.0}
 
 
-def make_model(seed: int, scale: int = 1) -> dict[str, np.ndarray]:
-    """The LAYOUT's tensors from a seed (``scale`` multiplies the big tensor's rows)."""
+def make_model(seed: int, scale: int = 1, layout: list[tuple[str, str, tuple[int, ...]]] = LAYOUT) -> dict[str, np.ndarray]:
+    """A layout's tensors from a seed (``scale`` multiplies the big tensor's rows)."""
+    from weightstream.protocol.dtypes import by_name
+
     rng = np.random.default_rng(seed)
     out = {}
-    for name, dtype, shape in LAYOUT:
+    for name, dtype, shape in layout:
         if name == "embed.big":
             shape = (shape[0] * scale, shape[1])
-        dt = np.dtype(dtype)
+        dt = by_name(dtype).numpy
         raw = rng.integers(0, 256, size=int(np.prod(shape)) * dt.itemsize, dtype=np.uint8)
         out[name] = raw.view(dt).reshape(shape)
     return out
@@ -46,9 +53,33 @@ def specs_of(model: dict[str, np.ndarray]) -> dict[str, tuple[str, tuple[int, ..
     return {name: (str(t.dtype), tuple(t.shape)) for name, t in model.items()}
 
 
-def digests(model: dict[str, np.ndarray]) -> dict[str, str]:
-    return {name: f"{t.dtype.str}{list(t.shape)}:{xxhash.xxh3_64_hexdigest(np.ascontiguousarray(t).view(np.uint8))}"
-            for name, t in model.items()}
+def digests(model: dict[str, Any]) -> dict[str, str]:
+    """Per tensor: shape and xxh3 of its bytes (NumPy arrays, or torch tensors by their bytes)."""
+    out = {}
+    for name, t in model.items():
+        raw = np.ascontiguousarray(t).view(np.uint8) if isinstance(t, np.ndarray) else _torch_bytes(t)
+        out[name] = f"{list(t.shape)}:{xxhash.xxh3_64_hexdigest(raw)}"
+    return out
+
+
+def _torch_bytes(tensor: Any) -> np.ndarray:
+    import torch
+
+    flat = tensor.detach().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy() if flat.numel() else np.zeros(0, np.uint8)
+
+
+def torch_module(layout: list[tuple[str, str, tuple[int, ...]]]) -> Any:
+    import torch
+
+    module = torch.nn.Module()
+    for name, dtype, shape in layout:
+        tensor = torch.zeros(shape, dtype=getattr(torch, dtype))
+        if tensor.is_floating_point():
+            module.register_parameter(name.replace(".", "_"), torch.nn.Parameter(tensor, requires_grad=False))
+        else:
+            module.register_buffer(name.replace(".", "_"), tensor)
+    return module
 
 
 class PlainLoad:
@@ -62,16 +93,24 @@ class PlainLoad:
             np.copyto(self.state[name], tensor)
 
 
-def rank_main(endpoint: str, rank: int, direct: bool, versions: list[str], queue: Any, scale: int = 1) -> None:
-    """Report "started", then per version "committed" or "failed" (with the model's digests), then "done"."""
+def rank_main(endpoint: str, rank: int, kind: str, versions: list[str], queue: Any, scale: int = 1) -> None:
+    """Report "started", then per version "committed" or "failed" (with the model's digests), then "done".
+    ``kind``: "direct" (a NumpySink), "plain" (a load_weights taking views) or "torch" (a TorchModuleSink
+    over a module of TORCH_LAYOUT, whose names use "_" for ".")."""
     from weightstream import ReceiverDaemon, WeightstreamError
-    from weightstream.receiver.sinks import NumpySink
+    from weightstream.receiver.sinks import NumpySink, TorchModuleSink
 
     try:
-        state = {name: np.zeros_like(t) for name, t in make_model(0, scale).items()}
-        sink: Any = NumpySink(state) if direct else PlainLoad(state)
+        sink: Any
+        if kind == "torch":
+            module = torch_module(TORCH_LAYOUT)
+            state: dict[str, Any] = dict(module.state_dict())
+            sink = TorchModuleSink(module)
+        else:
+            state = {name: np.zeros_like(t) for name, t in make_model(0, scale).items()}
+            sink = NumpySink(state) if kind == "direct" else PlainLoad(state)
         daemon = ReceiverDaemon(endpoint, sink, rank=rank, framework="numpy", prefetch=2,
-                                expected=None if direct else specs_of(state), **HB)
+                                expected=specs_of(state) if kind == "plain" else None, **HB)
         daemon.start()
         try:
             queue.put({"event": "started", "rank": rank})
