@@ -433,3 +433,24 @@ def test_closing_a_mapped_slot_under_a_waiting_reader_keeps_its_memory(monkeypat
         assert outcome and type(outcome[0]).__name__ == "PeerTimeout"
     finally:
         slot.close()
+
+
+def test_a_sink_whose_destinations_raise_fails_the_version_not_the_daemon(endpoint: str, small_rings: None) -> None:
+    """Whether a rank can take a ring is asked at BEGIN, on the daemon's loop: a sink that raises
+    there must cost the version (reported by type), never the daemon."""
+    model = rw.make_model(1)
+
+    class Broken(NumpySink):
+        def destination(self, name: str) -> np.ndarray | None:
+            raise RuntimeError("no destinations today")
+
+    state = {name: np.zeros_like(t) for name, t in model.items()}
+    daemon = ReceiverDaemon(endpoint, Broken(state), rank=0, **rw.HB).start()
+    try:
+        with BucketSender(endpoint, receivers=1, bucket_bytes=rw.BUCKET_BYTES, **rw.HB) as sender:
+            with pytest.raises(WeightstreamError, match="RuntimeError"):
+                sender.push(model.items(), version="v1")
+            assert not _streamed(sender)
+            assert daemon.status.connected  # still serving
+    finally:
+        daemon.stop()
