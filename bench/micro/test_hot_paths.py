@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from weightstream.protocol import messages as m
-from weightstream.protocol import speedups
+from weightstream.protocol import shm_ring, speedups
 from weightstream.protocol.gc_pause import gc_paused
-from weightstream.protocol.shm import ShmExportedSlot
+from weightstream.protocol.shm import ShmExportedSlot, write_one
 from weightstream.protocol.tensors import bytes_view
 from weightstream.protocol.transport import get_transport
 from weightstream.sender.manifest import Manifest, describe
@@ -164,3 +164,55 @@ def test_baseline_one_streaming_copy_out_of_the_slot(benchmark: Any, slot: ShmEx
     benchmark(speedups.copy, target, raw, slot.streams)
     del raw
     assert np.array_equal(target, source)
+
+
+@pytest.fixture()
+def ring_slot(monkeypatch: pytest.MonkeyPatch) -> Iterator[ShmExportedSlot]:
+    monkeypatch.setenv(shm_ring.ENV, str(4 << 20))
+    (exported,) = get_transport("shm").create_slots(1, 64 << 20)
+    if exported.ring is None:
+        exported.close()
+        pytest.skip("no ring here (weightstream._ring not built)")
+    yield exported
+    exported.close()
+
+
+@pytest.mark.benchmark(group="copy 100k x 4 KiB through a 4 MiB ring, no rank reading")
+def test_ring_write_tensors(benchmark: Any, ring_slot: ShmExportedSlot, manifest: Manifest,
+                            model: list[tuple[str, np.ndarray]]) -> None:
+    """The sender's side of a push through rings (64 MiB buckets): the gather run by run, with a
+    space check before each run and a counter after it."""
+    ring = ring_slot.ring
+    assert ring is not None
+    plan = plan_buckets(manifest.nbytes, 64 << 20, ALIGN)
+    runs = shm_ring.ring_plan(plan, manifest.nbytes, ring.ring_bytes)
+    items = tuple(t for _, t in model)
+
+    def push() -> None:
+        for bucket in plan:
+            ring.begin([], lambda: None, 5.0)
+            if ring.write_tensors(items, runs, bucket.seq, write_one) is not None:
+                raise AssertionError("a tensor did not fit its plan")
+
+    benchmark(push)
+    last = plan[-1]  # the ring holds the end of the last bucket: its last tensors, whole
+    for k in (-1, -2, -500):
+        at = last.offsets[k] % ring.ring_bytes
+        assert np.array_equal(ring.view[at : at + TENSOR_BYTES], items[last.tensors[k]].view(np.uint8))
+
+
+@pytest.mark.benchmark(group="copy 100k x 4 KiB through a 4 MiB ring, no rank reading")
+def test_baseline_the_same_bytes_through_the_ring_in_pieces(
+    benchmark: Any, ring_slot: ShmExportedSlot, model: list[tuple[str, np.ndarray]]
+) -> None:
+    ring = ring_slot.ring
+    assert ring is not None
+    source = np.concatenate([t for _, t in model]).view(np.uint8)
+
+    def push() -> None:
+        ring.begin([], lambda: None, 5.0)
+        ring.write(0, source, 0, source.nbytes)
+
+    benchmark(push)
+    at = (source.nbytes - TENSOR_BYTES) % ring.ring_bytes
+    assert np.array_equal(ring.view[at : at + TENSOR_BYTES], source[-TENSOR_BYTES:])
