@@ -23,7 +23,7 @@ from ..protocol.transport import get_transport
 from ..protocol.versions import read_version
 from .manifest import Manifest, describe, from_specs
 from .packing import PieceCache, fill
-from .planner import plan_buckets
+from .planner import MAX_ENTRIES, RING_MAX_ENTRIES, plan_buckets
 from .publisher import Publisher, Round, describe_ranks
 from .ring import SlotRing
 
@@ -41,6 +41,7 @@ class _Layout:
     dims: bytes
     dtypes: bytes  # BEGIN's dtype codes
     total: int  # payload bytes
+    max_entries: int  # the planner's cap on tensors per bucket
     ring_plans: dict[int, RingPlan] = field(default_factory=dict)  # by ring bytes
 
 
@@ -137,6 +138,7 @@ class BucketSender:
         # the last push's manifest, bucket plan and packed shapes: an RL loop pushes the same
         # layout every step, so only its checks are redone, not its planning
         self._last_layout: _Layout | None = None
+        self._streamed_last: bool | None = None  # did every rank take the last push through the rings?
         self._publisher.on_slot_free = self._ring.release
         self.committed_version: str | None = None
 
@@ -240,14 +242,14 @@ class BucketSender:
             source = iter(named_tensors)
         else:
             manifest = describe(named_tensors, previous=self._last_layout.manifest if self._last_layout else None)
-        layout = self._last_layout
-        if layout is None or not manifest.same_layout(layout.manifest):
+        layout, cap = self._last_layout, RING_MAX_ENTRIES if self._rings_expected() else MAX_ENTRIES
+        if layout is None or layout.max_entries != cap or not manifest.same_layout(layout.manifest):
             with gc_paused():
-                plan = plan_buckets(manifest.nbytes, self.bucket_bytes, self.alignment)
+                plan = plan_buckets(manifest.nbytes, self.bucket_bytes, self.alignment, max_entries=cap)
                 ndims, dims = pack_shapes(manifest.shapes)
             # without the tensors: a trainer that makes fresh ones per push must get its memory back
             layout = self._last_layout = _Layout(
-                replace(manifest, tensors=None), plan, ndims, dims, bytes(manifest.dtypes), sum(manifest.nbytes)
+                replace(manifest, tensors=None), plan, ndims, dims, bytes(manifest.dtypes), sum(manifest.nbytes), cap
             )
         plan, total = layout.plan, layout.total
         self.wait_for_receivers(timeout=timeout)
@@ -327,9 +329,9 @@ class BucketSender:
                 raise WeightstreamError("specs= is empty but tensors came; yield exactly the specs' tensors")
             before_first_publish()
         streamed = False
-        if plan and not self.checksum and all(getattr(slot, "ring", None) is not None for slot in self._slots):
+        if plan and self._rings_offered():
             before_first_publish()  # READY says whether every rank can take buckets through the ring
-            streamed = all(rank in rnd.streamed for rank in rnd.ranks)
+            streamed = self._streamed_last = all(rank in rnd.streamed for rank in rnd.ranks)
         cache = PieceCache(manifest, source)
         if streamed:
             self._stream_rings(plan, cache, rnd, idents, timeout)
@@ -345,6 +347,14 @@ class BucketSender:
                 before_first_publish()
             cache.check_end(bucket.seq == len(plan) - 1)
             self._publish(bucket, slot_index, rnd, idents, digest, None)
+
+    def _rings_offered(self) -> bool:
+        return not self.checksum and all(getattr(slot, "ring", None) is not None for slot in self._slots)
+
+    def _rings_expected(self) -> bool:
+        """Will this push's buckets likely go through the rings? The plan is fixed before the ranks
+        say (BEGIN carries the bucket count), so the last push's answer stands in for theirs."""
+        return self._rings_offered() and self._streamed_last is not False
 
     def _ring_plan(self, ring: RingWriter) -> RingPlan:
         """How the layout's buckets go through a ring of this size, made once per layout."""

@@ -10,7 +10,8 @@ A bucket also holds at most ``max_entries`` tensors. A bucket is the unit the
 pipeline overlaps (the sender packs one while ranks apply another), and for tiny
 tensors its cost is per tensor, not per byte: 100k tensors of 4 KiB in 256 MiB
 buckets would make two buckets, leaving the ranks idle while the first ~65k are
-packed. Capped, the first bucket ships after ~16k.
+packed. Capped, the first bucket ships after ~16k. Buckets that go through a
+slot's ring are published before they are packed, and take a higher cap.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ def align_up(n: int, alignment: int) -> int:
 
 
 MAX_ENTRIES = 16384  # measured: 100k x 4 KiB pushes ~10% faster than uncapped; 8k was no better
+# Through a slot's ring a bucket is published before its bytes are written, so the ranks are not
+# idle while it fills and the cap's reason is gone; what remains is a message round per bucket
+# (~1.5 ms on 2 cores). Measured: 100k x 4 KiB pushes ~20% faster in 2 buckets than in 7.
+RING_MAX_ENTRIES = 65536
 
 
 def plan_buckets(

@@ -454,3 +454,31 @@ def test_a_sink_whose_destinations_raise_fails_the_version_not_the_daemon(endpoi
             assert daemon.status.connected  # still serving
     finally:
         daemon.stop()
+
+
+def test_ring_pushes_plan_fewer_bigger_buckets_and_fall_back_when_a_rank_cannot_stream(
+    endpoint: str, small_rings: None
+) -> None:
+    """Through a ring a bucket is published before its bytes are written, so a ring push plans up to
+    RING_MAX_ENTRIES tensors per bucket; once a rank could not take the rings, the next push plans
+    for the plain path again (MAX_ENTRIES), and bytes arrive whole either way."""
+    from weightstream.sender.planner import MAX_ENTRIES, RING_MAX_ENTRIES
+
+    count = MAX_ENTRIES + 100
+    assert count < RING_MAX_ENTRIES
+    model = {f"t{i}": np.full(4, i, np.int32) for i in range(count)}  # 16 B each, 256 B apart
+    for sink_kind, buckets in (("direct", [1, 1]), ("plain", [1, 2])):
+        state = {name: np.zeros_like(t) for name, t in model.items()}
+        sink: Any = NumpySink(state) if sink_kind == "direct" else rw.PlainLoad(state)
+        expected = None if sink_kind == "direct" else rw.specs_of(state)
+        daemon = ReceiverDaemon(endpoint, sink, rank=0, expected=expected, **rw.HB).start()
+        try:
+            with BucketSender(endpoint, receivers=1, bucket_bytes=64 << 20, **rw.HB) as sender:
+                for version, want in zip(("v1", "v2"), buckets):
+                    report = sender.push(model.items(), version=version)
+                    assert report.buckets == want, sink_kind
+                    assert _streamed(sender) == (sink_kind == "direct")
+                    daemon.wait_for_version(version, timeout=30)
+                    assert rw.digests(state) == rw.digests(model)
+        finally:
+            daemon.stop()

@@ -95,6 +95,37 @@ def u64(values: list[int]) -> np.ndarray:
 
 @native
 @settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(0, 700), max_size=30), cuts=st.sets(st.integers(0, 30)), stream=st.booleans())
+def test_back_to_back_tensors_are_copied_as_runs_bit_exact(sizes: list[int], cuts: set[int], stream: bool) -> None:
+    """Views into one flat buffer (a trainer's parameter buffer), back to back in memory and in
+    the slot except where a gap cuts the run: gather and scatter copy each run at once."""
+    flat = np.random.default_rng(len(sizes)).integers(0, 256, sum(sizes) + 64 * len(sizes), dtype=np.uint8)
+    views, offsets, at, pos = [], [], 0, 0
+    for i, n in enumerate(sizes):
+        gap = 64 if i in cuts else 0
+        at, pos = at + (gap if i % 3 != 1 else 0), pos + (gap if i % 3 != 0 else 0)  # in memory, the slot, or both
+        views.append(flat[at : at + n])
+        offsets.append(pos)
+        at, pos = at + n, pos + n
+    slot = np.full(pos + 1, 0xAB, np.uint8)
+    assert speedups._gather(slot, offsets, sizes, views, 0, (), stream) == len(views)  # type: ignore[misc]
+    for view, offset in zip(views, offsets):
+        assert slot[offset : offset + view.nbytes].tobytes() == view.tobytes()
+    back = np.full_like(flat, 0xCD)
+    targets = [back[v.__array_interface__["data"][0] - flat.__array_interface__["data"][0] :][: v.nbytes] for v in views]
+    addresses = np.frombuffer(speedups._destinations(targets, sizes), np.uint64)  # type: ignore[misc]
+    assert speedups._scatter(slot, u64(offsets), u64(sizes), addresses, 0, stream) == len(views)  # type: ignore[misc]
+    for view, target in zip(views, targets):
+        assert target.tobytes() == view.tobytes()
+    covered = np.zeros(flat.nbytes, bool)
+    for v in views:
+        start = v.__array_interface__["data"][0] - flat.__array_interface__["data"][0]
+        covered[start : start + v.nbytes] = True
+    assert (back[~covered] == 0xCD).all()  # nothing between the runs was written
+
+
+@native
+@settings(max_examples=200, deadline=None)
 @given(items=sources(), gap=st.integers(0, 9), wrong_size=st.integers(-1, 5))
 def test_destinations_give_an_address_only_where_the_c_copy_may_write(items: list[Any], gap: int, wrong_size: int) -> None:
     offsets, nbytes, size = layout(items, gap)
