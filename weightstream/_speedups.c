@@ -190,7 +190,7 @@ static inline void prefetch_ends(char *dst, Py_ssize_t n) {
 
 /* One batch of a gather: the tensors held[k] into the slot at at[k], then the fence. Tensors
  * that lie back to back in memory and in the slot (views into a trainer's flat parameter
- * buffer) are copied as one run: at 4 KiB a copy per tensor costs a third more. */
+ * buffer) are copied as one run (100k views of 4 KiB through a ring: 23.7 -> 22.0 ms alone). */
 static void copy_batch(char **at, Py_buffer *held, int n, int stream) {
     if (stream && n) prefetch_ends(at[0], held[0].len);
     for (int k = 0; k < n;) {
