@@ -9,10 +9,12 @@ are enforced. Anything wrong raises :class:`ProtocolError` naming the field.
 Per-tensor metadata travels as packed binary arrays (:mod:`.packed`): BEGIN carries
 the manifest once (names as one NUL-separated UTF-8 bin, dtype codes, ranks and dims),
 and a BUCKET names its entries by their manifest index (``first``, then consecutive),
-with offsets, piece sizes and chunk starts as uint64.
+with offsets, piece sizes and chunk starts as uint64. A repeated manifest is named by
+its ``layout`` number instead (``reuse``), and a bucket of whole tensors packed from 0
+sends only their ``count``: both sides derive its arrays from the manifest.
 
-Checks that need session context (slot count and size) live in
-:func:`check_bucket_fits`, called by the receiver once it knows its slots.
+Checks that need session context (slot count and size, a packed bucket's manifest) live in
+:func:`check_bucket_fits` and :func:`packed_entries`, called by the receiver.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ import numpy as np
 from .dtypes import DTYPES
 from .errors import ProtocolError
 from .gc_pause import gc_paused
-from .packed import MAX_VALUE, element_counts, pack_shapes, pack_u64, u64_array, unpack_shapes
+from .packed import MAX_VALUE, element_counts, pack_shapes, pack_u64, packed_offsets, u64_array, unpack_shapes
 
 # 2: per-tensor arrays packed as bin; BUCKET entries by manifest index instead of name/dtype/shape
 # 3: BEGIN's names as one NUL-separated UTF-8 bin instead of a list of str
 # 4: READY's ``streamed`` and BUCKET's ``ring``: a bucket may stream through a slot's ring
-PROTOCOL_VERSION = 4
+# 5: BEGIN's ``layout`` and ``reuse`` (a repeated manifest is named, not resent) and BUCKET's
+#    ``count`` (a bucket of whole tensors packed from 0 leaves its arrays out)
+PROTOCOL_VERSION = 5
 ALIGNMENT = 256
 
 # Decoder limits: a hostile or broken peer must not make us allocate without bound.
@@ -169,15 +173,26 @@ class Begin(Message):
     buckets: int = _spec(_Int(0, MAX_ENTRIES))
     # accept a version older than the rank's committed one (a deliberate rollback)
     force: bool | None = _spec(bool, default=None)
+    # the sender's number for this manifest (names, dtypes, shapes) within its session
+    layout: int | None = _spec(_Int(1), default=None)
+    # names/dtypes/ndims/dims are empty: the manifest is the one this rank took last, under
+    # ``layout``. An RL loop pushes one layout every step; at 100k tensors resending it costs
+    # a 2.6 MB frame and its decode per version.
+    reuse: bool | None = _spec(bool, default=None)
 
     @classmethod
     def build(
         cls, version: str, names: list[str], dtypes: list[int], shapes: list[Any], total_bytes: int, buckets: int,
-        force: bool | None = None,
+        force: bool | None = None, layout: int | None = None,
     ) -> Begin:
         """A BEGIN from per-tensor lists (dtype codes, shapes as int sequences)."""
         ndims, dims = pack_shapes(shapes)
-        return cls(version, names, bytes(dtypes), ndims, dims, total_bytes, buckets, force)  # type: ignore[call-arg]
+        return cls(version, names, bytes(dtypes), ndims, dims, total_bytes, buckets, force, layout)  # type: ignore[call-arg]
+
+    @classmethod
+    def reusing(cls, version: str, layout: int, total_bytes: int, buckets: int, force: bool | None = None) -> Begin:
+        """A BEGIN whose manifest is the rank's last one, named by ``layout``."""
+        return cls(version, [], b"", b"", b"", total_bytes, buckets, force, layout, True)  # type: ignore[call-arg]
 
     def shapes(self) -> list[tuple[int, ...]]:
         """Every tensor's shape; one tuple per tensor, so only for paths that need them."""
@@ -217,6 +232,10 @@ class Bucket(Message):
     checksum: int | None = _spec(_Int(0, (1 << 64) - 1), default=None)
     # published before its bytes: they stream through the slot's ring as the sender writes them
     ring: bool | None = _spec(bool, default=None)
+    # set: offsets/nbytes/chunks are empty, and the bucket holds the ``count`` whole tensors
+    # from ``first`` on, packed from offset 0 (see packed.packed_offsets); both sides derive
+    # the arrays from the manifest instead of moving 24 bytes a tensor
+    count: int | None = _spec(_Int(1, MAX_ENTRIES), default=None)
 
     @classmethod
     def build(
@@ -227,10 +246,11 @@ class Bucket(Message):
         return cls(version, seq, slot, first, pack_u64(offsets), pack_u64(nbytes), pack_u64(chunks), checksum, ring)  # type: ignore[call-arg]
 
     def __len__(self) -> int:
-        return len(self.offsets) // 8
+        return self.count if self.count is not None else len(self.offsets) // 8
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(offsets, nbytes, chunks) as int64 arrays; decode has bounded every value."""
+        """(offsets, nbytes, chunks) as int64 arrays; decode has bounded every value. A packed
+        bucket (``count``) has none: its entries come from the manifest (``packed_entries``)."""
         return tuple(np.frombuffer(b, "<u8").view(np.int64) for b in (self.offsets, self.nbytes, self.chunks))  # type: ignore[return-value]
 
 
@@ -316,6 +336,8 @@ def encode(msg: Message) -> bytes:
 
 def _joined_names(names: list[str], where: str) -> bytes:
     global _last_joined
+    if not names:  # an empty or reusing BEGIN must not evict the model's names
+        return b""
     last = _last_joined
     if last is not None and names == last[0]:  # a private copy: equal even if the caller's list changed
         return last[1]
@@ -483,6 +505,8 @@ def _check_names(spec: _Names, value: Any, where: str) -> list[str]:
     global _last_names
     _sized(value, bytes, "bin (UTF-8 names joined by NUL)", len(value) if type(value) is bytes else 0,
            MAX_MESSAGE_BYTES, "bytes", where)
+    if not value:  # an empty or reusing BEGIN must not evict the model's names
+        return []
     last = _last_names
     if last is not None and value == last[0]:
         return last[1]
@@ -568,6 +592,13 @@ def manifest_arrays(msg: Begin) -> ManifestArrays:
 
 def _check_begin(msg: Begin) -> None:
     global _last_valid
+    if msg.reuse:  # the rank checks total_bytes and buckets against the manifest it holds
+        if msg.layout is None or msg.names or msg.dtypes or msg.ndims or msg.dims:
+            raise ProtocolError(
+                "BEGIN: field 'reuse': expected a 'layout' and empty names/dtypes/ndims/dims with reuse=True, got "
+                f"layout={msg.layout} and {len(msg.names)} names; send either the manifest or its layout alone"
+            )
+        return
     n = len(msg.names)
     if (n == 0) != (msg.buckets == 0):
         raise ProtocolError(
@@ -596,6 +627,11 @@ _last_valid: tuple[Begin, ManifestArrays] | None = None
 
 def _check_bucket(msg: Bucket) -> None:
     lengths = (len(msg.offsets), len(msg.nbytes), len(msg.chunks))
+    if msg.count is not None and any(lengths):
+        raise ProtocolError(
+            f"BUCKET: field 'count': expected empty offsets/nbytes/chunks with count={msg.count} (a packed bucket), "
+            f"got {lengths[0] // 8}/{lengths[1] // 8}/{lengths[2] // 8} entries; send either count or the arrays"
+        )
     if lengths[0] != lengths[1] or lengths[0] != lengths[2]:
         raise ProtocolError(
             f"BUCKET: offsets/nbytes/chunks must be parallel arrays; got {lengths[0] // 8}/{lengths[1] // 8}/{lengths[2] // 8} entries"
@@ -606,7 +642,9 @@ _CROSS_CHECKS: dict[str, Any] = {"BEGIN": _check_begin, "BUCKET": _check_bucket}
 
 
 def check_bucket_fits(msg: Bucket, slot_sizes: list[int], alignment: int) -> None:
-    """Context checks: the slot exists and every entry lies inside it, aligned."""
+    """Context checks: the slot exists and every entry lies inside it, aligned. A packed
+    bucket's entries are aligned by construction; whether they fit needs the manifest
+    (see ``packed_entries``)."""
     if msg.slot >= len(slot_sizes):
         raise ProtocolError(f"BUCKET {msg.seq}: field 'slot': expected 0..{len(slot_sizes) - 1}, got {msg.slot}")
     if not msg.offsets:
@@ -622,6 +660,28 @@ def check_bucket_fits(msg: Bucket, slot_sizes: list[int], alignment: int) -> Non
         if misaligned[i]:
             raise ProtocolError(f"BUCKET {msg.seq}: entry {i}: offset {off} is not aligned to {alignment} bytes")
         raise ProtocolError(f"BUCKET {msg.seq}: entry {i}: bytes {off}..{end} lie outside slot {msg.slot} of {size} bytes")
+
+
+def packed_entries(
+    msg: Bucket, sizes: np.ndarray, alignment: int, slot_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A packed BUCKET's (offsets, nbytes, chunks) from the manifest's tensor sizes (int64):
+    tensors ``first`` .. ``first + count - 1`` whole, packed from 0; checked to fit the slot."""
+    first, count = msg.first, msg.count or 0
+    if first + count > len(sizes):
+        raise ProtocolError(
+            f"BUCKET {msg.seq}: {count} tensors from manifest index {first} run past the {len(sizes)} tensors of "
+            f"{msg.version!r}"
+        )
+    nbytes = sizes[first:first + count]
+    offsets = packed_offsets(nbytes, alignment)
+    end = int(offsets[-1] + nbytes[-1]) if count else 0
+    if end > slot_size:
+        raise ProtocolError(
+            f"BUCKET {msg.seq}: {count} tensors from manifest index {first} need {end} bytes packed, more than "
+            f"slot {msg.slot} of {slot_size} bytes"
+        )
+    return offsets, nbytes, np.zeros(count, np.int64)
 
 
 class ErrorReplyLimiter:

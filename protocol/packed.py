@@ -97,3 +97,11 @@ def element_counts(ndims: bytes, dims: np.ndarray) -> np.ndarray | None:
     counts = np.multiply.reduceat(padded, starts)
     counts[ranks == 0] = 1  # reduceat gives the next tensor's first dim for an empty segment
     return counts
+
+
+def packed_offsets(sizes: np.ndarray, alignment: int) -> np.ndarray:
+    """Where whole tensors of ``sizes`` bytes lie when packed from offset 0, each at the first
+    ``alignment``-byte boundary after the last (an empty one takes no space): a packed BUCKET's
+    offsets, which the wire leaves out because both sides derive them. int64, like ``sizes``."""
+    aligned = (sizes + (alignment - 1)) & ~(alignment - 1)
+    return np.cumsum(aligned) - aligned

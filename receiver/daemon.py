@@ -112,6 +112,7 @@ class ReceiverDaemon:
         # the same specs object only while its params are unchanged (NumpySink does)
         # the last BEGIN's manifest (reused while the next is identical) and what it was checked against
         self._manifest: RunManifest | None = None
+        self._manifest_layout: tuple[str, int] | None = None  # (sender session, layout) that named it
         self._last_checked: tuple[Any, RunManifest] | None = None
         self._session = secrets.token_hex(8)
         # Read on the caller's thread: that is where the rank selected its GPU (the loop thread sees device 0).
@@ -437,9 +438,7 @@ class ReceiverDaemon:
                     f"version {msg.version!r} is older than the committed {committed!r}; "
                     "push with force=True to roll back deliberately"
                 )
-            manifest = self._manifest
-            if manifest is None or not manifest.same_as(msg):
-                manifest = self._manifest = RunManifest(msg)
+            manifest = self._manifest_of(msg)
             if expected and not (from_sink and self._checked_before(manifest, expected)):
                 check_manifest(manifest.names, manifest.codes, manifest.shapes, expected, allow_missing=self._allow_missing)
                 self._last_checked = (expected, manifest)
@@ -462,6 +461,7 @@ class ReceiverDaemon:
             manifest=manifest,
             # a direct-copy sink returns the same specs object only while its arrays are unchanged
             targets_owner=expected,
+            alignment=self._welcome.alignment if self._welcome is not None else m.ALIGNMENT,
         )
         run.staged = self._staged
         run.streamed = self._streamable(run, manifest, expected)
@@ -474,6 +474,31 @@ class ReceiverDaemon:
             self._state = "receiving"
         self._run_task = asyncio.create_task(self._apply(run, self._inbox))
         self._send(m.Ready(version=msg.version, streamed=True if run.streamed else None))
+
+    def _manifest_of(self, msg: m.Begin) -> RunManifest:
+        """The BEGIN's manifest: the one it carries (reusing the last one's derived forms if it is
+        the same), or with ``reuse`` the one this rank took last under the BEGIN's ``layout``."""
+        session = self._welcome.session if self._welcome is not None else ""
+        manifest = self._manifest
+        if not msg.reuse:
+            if manifest is None or not manifest.same_as(msg):
+                manifest = self._manifest = RunManifest(msg)
+            self._manifest_layout = None if msg.layout is None else (session, msg.layout)
+            return manifest
+        if manifest is None or self._manifest_layout != (session, msg.layout):
+            held = "none" if self._manifest_layout is None or self._manifest_layout[0] != session else self._manifest_layout[1]
+            raise ProtocolError(
+                f"BEGIN {msg.version!r}: field 'layout': expected the layout this rank holds from this sender ({held}), "
+                f"got {msg.layout} with reuse=True; a sender resends the manifest to a rank that has not said READY "
+                "to it since it connected, so push again (it will), and report it if it repeats"
+            )
+        if msg.total_bytes != manifest.total or (len(manifest) == 0) != (msg.buckets == 0):
+            raise ProtocolError(
+                f"BEGIN {msg.version!r}: expected {manifest.total} bytes in {'no' if not len(manifest) else 'some'} buckets "
+                f"for the {len(manifest)} tensors of layout {msg.layout}, got total_bytes={msg.total_bytes} in "
+                f"{msg.buckets} buckets; send the manifest when the layout changed"
+            )
+        return manifest
 
     def _streamable(self, run: VersionRun, manifest: RunManifest, expected: Any) -> bool:
         """Can this rank take the version's buckets through the slots' rings? Only if it copies every

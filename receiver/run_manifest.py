@@ -16,6 +16,7 @@ import numpy as np
 from ..protocol import messages as m
 from ..protocol import speedups
 
+_PACKED_KEPT = 256  # packed buckets' derived arrays kept per layout (a layout has a few buckets)
 _SMALL_COPY = 64 << 10  # below this a memoryview copy beats np.copyto's per-call cost
 
 
@@ -37,11 +38,13 @@ class RunManifest:
         self.codes = begin.dtypes  # bytes: indexing gives the dtype code
         self.sizes = arrays.sizes  # int64 array, for vectorised bucket checks
         self.fulls: list[int] = arrays.sizes.tolist()  # the same as ints, for per-tensor loops
+        self.total = sum(self.fulls)
         self._shapes: list[tuple[int, ...]] | None = None
         self._begin = begin
         # direct mode: per tensor, where its bytes go (see ``targets``); built on first use
         self._targets: Targets | None = None
         self._targets_of: Any = None
+        self._packed: dict[tuple[int, int | None, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return len(self.names)
@@ -49,6 +52,20 @@ class RunManifest:
     def same_as(self, begin: m.Begin) -> bool:
         """Does ``begin`` carry exactly this manifest? Compared at C speed."""
         return m.same_manifest(begin, self._begin)
+
+    def packed_entries(self, msg: m.Bucket, alignment: int, slot_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A packed BUCKET's (offsets, nbytes, chunks), derived once per bucket of the layout:
+        every version of an RL loop sends the same buckets."""
+        key = (msg.first, msg.count, alignment, slot_size)
+        found = self._packed.get(key)
+        if found is None:
+            if len(self._packed) >= _PACKED_KEPT:
+                self._packed.clear()
+            found = m.packed_entries(msg, self.sizes, alignment, slot_size)
+            for array in found:
+                array.flags.writeable = False  # shared by every version's run
+            self._packed[key] = found
+        return found
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:

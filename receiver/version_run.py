@@ -86,13 +86,16 @@ class VersionRun:
         direct: bool = False,
         manifest: RunManifest | None = None,
         targets_owner: Any = None,
+        alignment: int = m.ALIGNMENT,
     ) -> None:
         self.version = begin.version
         self.num_buckets = begin.buckets
-        self.total_tensors = len(begin.names)
         self.total_bytes = begin.total_bytes
-        # the manifest, in the order buckets must deliver it (the daemon's, reused across versions)
+        # the manifest, in the order buckets must deliver it (the daemon's, reused across versions;
+        # a reusing BEGIN carries none of its own)
         self.manifest = manifest if manifest is not None else RunManifest(begin)
+        self.total_tensors = len(self.manifest)
+        self.alignment = alignment  # the session's: a packed bucket's offsets are derived with it
         self.names, self.dtypes, self.fulls = self.manifest.names, self.manifest.codes, self.manifest.fulls
         self._index: dict[str, int] = {}  # name -> manifest index, built on the first chunk piece
         self.framework = framework
@@ -134,8 +137,12 @@ class VersionRun:
         if msg.seq >= self.num_buckets:
             raise ProtocolError(f"BUCKET: field 'seq': version {self.version!r} has {self.num_buckets} buckets, got seq {msg.seq}")
         ring = self._ring_of(msg, slot)
-        offsets, nbytes, chunks = msg.arrays()
-        first = self._advance(msg, offsets, nbytes, chunks)
+        if msg.count is None:
+            offsets, nbytes, chunks = msg.arrays()
+            first = self._advance(msg, offsets, nbytes, chunks)
+        else:
+            offsets, nbytes, chunks = self.manifest.packed_entries(msg, self.alignment, slot.size)
+            first = self._advance_whole(msg)
         self.next_seq += 1
         n = len(offsets)
         used = int((offsets + nbytes).max()) if n else 0
@@ -213,6 +220,21 @@ class VersionRun:
             self._cursor, self._cursor_bytes = end, 0
         else:
             self._cursor, self._cursor_bytes = end - 1, last_done
+        return first
+
+    def _advance_whole(self, msg: m.Bucket) -> int:
+        """``_advance`` for a packed bucket: whole tensors by construction, so it only has to
+        start at the next tensor (packed_entries checked that they exist)."""
+        first = self._cursor
+        if msg.first != first or self._cursor_bytes:
+            want = f"{first} ({self.names[first][:80]!r})" if first < len(self.names) else f"{first} (the end)"
+            if self._cursor_bytes:
+                want += f" from byte {self._cursor_bytes} (its first chunks came already)"
+            raise ProtocolError(
+                f"BUCKET {msg.seq}: field 'first': expected manifest index {want}, got {msg.first} with count={msg.count} "
+                "whole tensors (buckets carry the BEGIN manifest in order; duplicate, missing or out-of-order bucket)"
+            )
+        self._cursor = first + (msg.count or 0)
         return first
 
     def _entry(self, slot: ImportedSlot, index: int, offset: int, nbytes: int, chunk: int) -> tuple[str, Any, int]:

@@ -42,6 +42,7 @@ class _Layout:
     dtypes: bytes  # BEGIN's dtype codes
     total: int  # payload bytes
     max_entries: int  # the planner's cap on tensors per bucket
+    number: int  # names it in a BEGIN to ranks that took it already (this sender's count)
     ring_plans: dict[int, RingPlan] = field(default_factory=dict)  # by ring bytes
 
 
@@ -138,6 +139,7 @@ class BucketSender:
         # the last push's manifest, bucket plan and packed shapes: an RL loop pushes the same
         # layout every step, so only its checks are redone, not its planning
         self._last_layout: _Layout | None = None
+        self._layouts = 0  # layouts planned so far: the last one's number
         self._streamed_last: bool | None = None  # did every rank take the last push through the rings?
         self._publisher.on_slot_free = self._ring.release
         self.committed_version: str | None = None
@@ -248,8 +250,10 @@ class BucketSender:
                 plan = plan_buckets(manifest.nbytes, self.bucket_bytes, self.alignment, max_entries=cap)
                 ndims, dims = pack_shapes(manifest.shapes)
             # without the tensors: a trainer that makes fresh ones per push must get its memory back
+            self._layouts += 1
             layout = self._last_layout = _Layout(
-                replace(manifest, tensors=None), plan, ndims, dims, bytes(manifest.dtypes), sum(manifest.nbytes), cap
+                replace(manifest, tensors=None), plan, ndims, dims, bytes(manifest.dtypes), sum(manifest.nbytes), cap,
+                self._layouts,
             )
         plan, total = layout.plan, layout.total
         self.wait_for_receivers(timeout=timeout)
@@ -257,23 +261,37 @@ class BucketSender:
         pub = self._publisher
         with pub.cond:
             ranks = {rank: peer.identity for rank, peer in pub.peers.items()}
-            rnd = Round(version=version, ranks=ranks)
+            # ranks that said READY to this layout last are sent its number, the rest the manifest
+            reusing = [peer.identity for peer in pub.peers.values() if peer.layout == layout.number]
+            for peer in pub.peers.values():
+                peer.layout = None  # until this BEGIN's READY
+            rnd = Round(version=version, ranks=ranks, layout=layout.number)
             pub.round = rnd
         idents = list(ranks.values())
         self._ring.reset()
         try:
-            pub.broadcast(
-                idents,
-                m.Begin(
-                    version=version,
-                    names=manifest.names,
-                    dtypes=layout.dtypes,
-                    ndims=layout.ndims,
-                    dims=layout.dims,
-                    total_bytes=total,
-                    buckets=len(plan),
-                    force=True if force else None,
-                ),
+            forced = True if force else None
+            if len(reusing) < len(idents):
+                pub.broadcast(
+                    [ident for ident in idents if ident not in reusing],
+                    m.Begin(
+                        version=version,
+                        names=manifest.names,
+                        dtypes=layout.dtypes,
+                        ndims=layout.ndims,
+                        dims=layout.dims,
+                        total_bytes=total,
+                        buckets=len(plan),
+                        force=forced,
+                        layout=layout.number,
+                    ),
+                )
+            if reusing:
+                pub.broadcast(reusing, m.Begin.reusing(version, layout.number, total, len(plan), forced))
+            log.debug(
+                "BEGIN %s: layout %d named to ranks: %s; its manifest sent to ranks: %s", version, layout.number,
+                describe_ranks(r for r, ident in ranks.items() if ident in reusing),
+                describe_ranks(r for r, ident in ranks.items() if ident not in reusing),
             )
 
 
@@ -391,7 +409,8 @@ class BucketSender:
         pub = self._publisher
         with pub.cond:
             rnd.pending[bucket.seq] = (slot_index, set(rnd.ranks))
-        offsets, nbytes, chunks = bucket.packed()
+        # whole tensors packed from 0: the ranks derive the arrays from the manifest (protocol v5)
+        offsets, nbytes, chunks = (b"", b"", b"") if bucket.whole else bucket.packed()
         pub.broadcast(
             idents,
             m.Bucket(
@@ -404,6 +423,7 @@ class BucketSender:
                 chunks=chunks,
                 checksum=digest,
                 ring=ring,
+                count=len(bucket.tensors) if bucket.whole else None,
             ),
         )
 

@@ -35,6 +35,8 @@ class PlannedBucket:
     nbytes: list[int] = field(default_factory=list)  # bytes of this piece
     chunks: list[int] = field(default_factory=list)  # byte offset of the piece inside its tensor
     used: int = 0  # end of the last piece, before padding
+    # whole tensors only, packed from 0 (protocol.packed.packed_offsets): the BUCKET sends a count
+    whole: bool = True
     _packed: tuple[bytes, bytes, bytes] | None = field(default=None, repr=False, compare=False)
 
     def add(self, tensor: int, offset: int, nbytes: int, chunk: int) -> None:
@@ -122,9 +124,10 @@ def plan_buckets(
         if current is not None and cursor < bucket_bytes and len(tensors_) < max_entries:
             piece = bucket_bytes - cursor
             current.add(index, cursor, piece, 0)
+            current.whole = False
             done = piece
         while done < size:
-            current = PlannedBucket(seq=len(buckets))
+            current = PlannedBucket(seq=len(buckets), whole=False)
             buckets.append(current)
             piece = min(bucket_bytes, size - done)
             current.add(index, 0, piece, done)

@@ -41,6 +41,9 @@ class Peer:
     session: str
     pid: int
     last_seen: float
+    # the layout this rank said READY to last (BucketSender's number): the next BEGIN of that
+    # layout names it instead of resending the manifest. None from each BEGIN until its READY.
+    layout: int | None = None
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Round:
 
     version: str
     ranks: dict[int, bytes]  # rank -> routing identity
+    layout: int | None = None  # the BEGIN's layout number
     ready: set[int] = field(default_factory=set)
     streamed: set[int] = field(default_factory=set)  # ranks that take buckets through a slot's ring
     rejected: dict[int, tuple[str, str]] = field(default_factory=dict)
@@ -319,6 +323,7 @@ class Publisher:
             return
         if isinstance(msg, m.Ready):
             rnd.ready.add(peer.rank)
+            peer.layout = rnd.layout
             if msg.streamed and peer.rank < MAX_CONSUMERS:
                 rnd.streamed.add(peer.rank)
         elif isinstance(msg, m.Reject):
@@ -335,6 +340,11 @@ class Publisher:
         elif isinstance(msg, m.Committed):
             rnd.committed[peer.rank] = msg
         elif isinstance(msg, m.Failed):
+            if peer.rank not in rnd.ready:
+                # A rank says READY before it can fail a version, and its messages arrive in order:
+                # this is the FAILED that an ABORT of an earlier attempt at this version drew.
+                log.debug("ignored FAILED of an earlier attempt at %r from rank %d", rnd.version, peer.rank)
+                return
             rnd.fail(from_wire(msg.error, msg.message, rank=peer.rank))
         else:
             log.debug("ignored unexpected %s from rank %d", msg.TYPE, peer.rank)

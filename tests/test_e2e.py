@@ -332,6 +332,64 @@ def test_a_restarted_sender_at_the_same_endpoint_is_served(endpoint: str) -> Non
         assert expected(state) == expected(v2)
 
 
+def test_a_repeated_layout_is_named_and_a_new_rank_or_layout_gets_the_manifest(
+    endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Protocol v5: a rank that took a layout is sent only its number on the next push; a restarted
+    rank, a changed layout and a rank that rejected the last BEGIN get the manifest. Bit-exact."""
+    def version(seed: int, extra: bool = False) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        out = {f"layer.{i}.w": rng.standard_normal(300 + i, dtype=np.float32) for i in range(40)}
+        if extra:
+            out["head.bias"] = rng.integers(-9, 9, 7, dtype=np.int64)
+        return out
+
+    def begins(since: int) -> list[str]:
+        return [r.getMessage() for r in caplog.records[since:] if r.getMessage().startswith("BEGIN ")]
+
+    caplog.set_level("DEBUG", logger="weightstream.sender")
+    states: list[dict[str, np.ndarray]] = [{}, {}]
+    pushes = [("v1", version(1)), ("v2", version(2)), ("v3", version(3)), ("v4", version(4, True)), ("v5", version(5, True))]
+    want = [
+        "layout 1 named to ranks: none; its manifest sent to ranks: 0, 1",
+        "layout 1 named to ranks: 0, 1; its manifest sent to ranks: none",
+        "layout 1 named to ranks: 0; its manifest sent to ranks: 1",  # rank 1 restarted before v3
+        "layout 2 named to ranks: none; its manifest sent to ranks: 0, 1",
+        "layout 2 named to ranks: 0, 1; its manifest sent to ranks: none",
+    ]
+    with BucketSender(endpoint, receivers=2, bucket_bytes=BUCKET, timeout=30, heartbeat_interval=0.1) as sender:
+        daemons = [ReceiverDaemon(endpoint, NumpySink(states[r]), rank=r, heartbeat_interval=0.1).start() for r in (0, 1)]
+        try:
+            for (name, weights), line in zip(pushes, want):
+                if name == "v3":
+                    daemons[1].stop()
+                    states[1] = {}
+                    daemons[1] = ReceiverDaemon(endpoint, NumpySink(states[1]), rank=1, heartbeat_interval=0.1).start()
+                    sender.wait_for_receivers(2, timeout=30)
+                    deadline = time.monotonic() + 10  # the old rank's BYE, then the new one's HELLO
+                    while 1 not in sender.wait_for_receivers(2) and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                since = len(caplog.records)
+                sender.push(weights.items(), version=name)
+                assert begins(since) == [f"BEGIN {name}: {line}"]
+                for r in (0, 1):
+                    daemons[r].wait_for_version(name, timeout=30)
+                    assert expected(states[r]) == expected(weights)
+            # a rank that rejects a BEGIN is sent the manifest next time, even of the same layout
+            fixed = ReceiverDaemon(endpoint, NumpySink(dict(version(6))), rank=2, heartbeat_interval=0.1).start()
+            daemons.append(fixed)  # a model without head.bias
+            sender.wait_for_receivers(3, timeout=30)
+            for name, line in [("v6", "0, 1; its manifest sent to ranks: 2")] * 2:
+                since = len(caplog.records)
+                with pytest.raises(ManifestMismatch, match="head.bias"):
+                    sender.push(version(7, True).items(), version=name)
+                assert begins(since) == [f"BEGIN {name}: layout 2 named to ranks: {line}"]
+        finally:
+            for daemon in daemons:
+                daemon.stop()
+    assert expected(states[0]) == expected(states[1]) == expected(version(5, True))
+
+
 def test_a_receiver_killed_mid_version_fails_the_push_with_peer_lost(endpoint: str) -> None:
     """The dead peer is noticed by heartbeat; push raises PeerLost instead of hanging."""
     weights = w.make_weights(w.NUMPY_SPECS, 1)

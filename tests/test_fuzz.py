@@ -111,8 +111,11 @@ def begin(draw: Any) -> m.Begin:
     names, codes, shapes = draw(tensors())
     total = sum(sizes_of(codes, shapes))
     buckets = draw(st.integers(1, 100)) if names else 0  # zero buckets exactly when there are no tensors
+    layout = draw(st.none() | st.integers(1, 1 << 62))
+    if layout is not None and draw(st.booleans()):  # protocol v5: a repeated manifest named by its layout
+        return m.Begin.reusing(draw(version), layout, total, buckets, draw(st.none() | st.booleans()))
     return m.Begin.build(version=draw(version), names=names, dtypes=codes, shapes=shapes, total_bytes=total,
-                         buckets=buckets, force=draw(st.none() | st.booleans()))
+                         buckets=buckets, force=draw(st.none() | st.booleans()), layout=layout)
 
 
 @st.composite
@@ -120,6 +123,10 @@ def bucket(draw: Any) -> m.Bucket:
     names, codes, shapes = draw(tensors())
     sizes = sizes_of(codes, shapes)
     offsets = [draw(st.integers(0, 1 << 30)) * m.ALIGNMENT for _ in names]
+    if names and draw(st.booleans()):  # protocol v5: a packed bucket sends only its count
+        return m.Bucket(draw(version), draw(st.integers(0, 1000)), draw(st.integers(0, m.MAX_SLOTS - 1)),
+                        draw(st.integers(0, 1000)), b"", b"", b"", draw(st.none() | st.integers(0, (1 << 64) - 1)),
+                        draw(st.none() | st.booleans()), len(names))
     return m.Bucket.build(version=draw(version), seq=draw(st.integers(0, 1000)), slot=draw(st.integers(0, m.MAX_SLOTS - 1)),
                           first=draw(st.integers(0, 1000)), offsets=offsets, nbytes=sizes, chunks=[0] * len(names),
                           checksum=draw(st.none() | st.integers(0, (1 << 64) - 1)))

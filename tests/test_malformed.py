@@ -272,6 +272,79 @@ def test_out_of_order_bucket_fails_the_version_and_the_next_one_commits(
     assert daemon_state["a.weight"].view(np.uint8).tolist() == [1] * 4000
 
 
+def packed(seq: int, first: int, count: int, version: str) -> m.Bucket:
+    """A protocol-v5 BUCKET that sends only its count: the rank derives its entries."""
+    return m.Bucket(version=version, seq=seq, slot=seq % 2, first=first, offsets=b"", nbytes=b"", chunks=b"", count=count)
+
+
+def test_reusing_begins_and_packed_buckets_by_hand(
+    fake: FakeSender, daemon: ReceiverDaemon, daemon_state: dict[str, np.ndarray]
+) -> None:
+    """A BEGIN that names a layout the rank does not hold, or disagrees with it, and packed buckets
+    that run past the manifest, skip a tensor or overflow the slot are refused with the field
+    named; the model is untouched, and a reusing BEGIN with packed buckets then commits bit-exact."""
+    fake.wait_for(m.Hello)
+    fake.send(fake.welcome())
+
+    def rejected(msg: m.Begin, mentions: str) -> None:
+        fake.send(msg)
+        reject = fake.wait_for(m.Reject)
+        assert reject.error == "ProtocolError" and mentions in reject.reason, reject.reason
+
+    def failed(version: str, bad: m.Bucket, mentions: str) -> None:
+        fake.send(m.Begin.reusing(version, layout=7, total_bytes=4024, buckets=2))
+        fake.wait_for(m.Ready)
+        fake.send(bad)
+        assert fake.wait_for(m.Failed).model_intact
+        assert mentions in (daemon.status.last_error or ""), daemon.status.last_error
+
+    rejected(m.Begin.reusing("v0", layout=7, total_bytes=4024, buckets=2), "holds from this sender (none)")
+    full = replace(begin("v1"), layout=7)
+    fake.send(full)
+    fake.wait_for(m.Ready)
+    a = np.arange(1000, dtype=np.float32) - 3.25
+    b = np.array([9, -9, 1 << 50], dtype=np.int64)
+    fake.slots[0].host_view()[:4000] = a.view(np.uint8)
+    fake.slots[1].host_view()[:24] = b.view(np.uint8)
+    for bucket_ in (packed(0, 0, 1, "v1"), packed(1, 1, 1, "v1")):
+        fake.send(bucket_)
+        fake.wait_for(m.Ack)
+    fake.send(m.Commit(version="v1"))
+    assert fake.wait_for(m.Committed).version == "v1"
+    assert daemon_state["a.weight"].tobytes() == a.tobytes() and daemon_state["b"].tobytes() == b.tobytes()
+    before = {k: v.tobytes() for k, v in daemon_state.items()}
+
+    rejected(m.Begin.reusing("v2", layout=8, total_bytes=4024, buckets=2), "holds from this sender (7), got 8")
+    rejected(m.Begin.reusing("v2", layout=7, total_bytes=4025, buckets=2), "total_bytes=4025")
+    rejected(m.Begin.reusing("v2", layout=7, total_bytes=4024, buckets=0), "in 0 buckets")
+    failed("v2", packed(0, 0, 2, "v2"), "need 4120 bytes packed, more than slot 0 of 4096")
+    failed("v3", packed(0, 1, 1, "v3"), "field 'first': expected manifest index 0")
+    failed("v4", packed(0, 0, 3, "v4"), "run past the 2 tensors")
+    assert {k: v.tobytes() for k, v in daemon_state.items()} == before and daemon.status.model_intact
+
+    # chunked first: the next packed bucket must not skip the tensor's remaining bytes
+    fake.send(m.Begin.reusing("v5", layout=7, total_bytes=4024, buckets=3))
+    fake.wait_for(m.Ready)
+    fake.send(bucket(0, "a.weight", version="v5", nbytes=[2048]))
+    fake.send(packed(1, 1, 1, "v5"))
+    fake.wait_for(m.Failed)
+    assert "from byte 2048" in (daemon.status.last_error or ""), daemon.status.last_error
+
+    # a new sender session: layout numbers start over, so the old one is not taken
+    fake.send(fake.welcome(session="fake0002"))
+    time.sleep(0.2)
+    rejected(m.Begin.reusing("v6", layout=7, total_bytes=4024, buckets=2), "(none)")
+    fake.send(replace(full, version="v6"))
+    fake.wait_for(m.Ready)
+    fake.slots[0].host_view()[:4000] = 0
+    fake.slots[1].host_view()[:24] = 0
+    for bucket_ in (packed(0, 0, 1, "v6"), packed(1, 1, 1, "v6")):
+        fake.send(bucket_)
+    fake.send(m.Commit(version="v6"))
+    assert fake.wait_for(m.Committed).version == "v6"
+    assert not daemon_state["a.weight"].any() and not daemon_state["b"].any()
+
+
 @pytest.mark.parametrize(
     ("slot", "mentions"),
     [

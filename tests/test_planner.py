@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightstream import WeightstreamError
+from weightstream.protocol.packed import packed_offsets
 from weightstream.sender.planner import _plan_unchunked, align_up, plan_buckets
 
 pytestmark = pytest.mark.timeout(60)
@@ -33,6 +35,11 @@ def check_plan(sizes: list[int], bucket_bytes: int, alignment: int, max_entries:
             if not order or order[-1] != t:
                 order.append(t)
         assert bucket.used == end
+        whole = all(chunk == 0 and nb == sizes[t] for t, nb, chunk in zip(bucket.tensors, bucket.nbytes, bucket.chunks))
+        assert bucket.whole == whole, "a bucket of whole tensors sends only their count, and only such a bucket"
+        if bucket.whole:  # what the rank derives from the manifest must be the plan
+            derived = packed_offsets(np.array([sizes[t] for t in bucket.tensors], np.int64), alignment)
+            assert derived.tolist() == bucket.offsets
     assert order == list(range(len(sizes))), "tensor order must be preserved"
     for i, size in enumerate(sizes):
         pieces = covered[i]

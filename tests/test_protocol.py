@@ -50,7 +50,12 @@ EXAMPLES: list[m.Message] = [
     m.Ping(session="s1"),
     m.Pong(session="s1"),
     m.Bye(reason="closing"),
+    # protocol v5: a repeated manifest named by its layout, and a bucket that sends only its count
+    m.Begin.build(version="step_1", names=["a"], dtypes=[8], shapes=[[2]], total_bytes=8, buckets=1, layout=3),
+    m.Begin.reusing("step_2", layout=3, total_bytes=8, buckets=1, force=True),
+    m.Bucket(version="step_2", seq=0, slot=1, first=0, offsets=b"", nbytes=b"", chunks=b"", ring=True, count=1),
 ]
+REUSE, PACKED = EXAMPLES[-2], EXAMPLES[-1]
 
 
 def test_every_message_type_has_an_example() -> None:
@@ -127,6 +132,13 @@ BEGIN, BUCKET = EXAMPLES[2], EXAMPLES[6]
         (body_of(BUCKET, slot=64), "BUCKET.slot"),
         (body_of(BUCKET, checksum=-1), "BUCKET.checksum"),
         (body_of(BUCKET, names=["a.w"]), "unexpected field"),
+        (body_of(REUSE, names=b"a"), "'reuse'"),  # a manifest and reuse at once
+        (body_of(REUSE, dims=pack_u64([2])), "'reuse'"),
+        (body_of(REUSE, layout=_DROP), "'reuse'"),
+        (body_of(REUSE, layout=0), "BEGIN.layout"),
+        (body_of(REUSE, reuse=1), "BEGIN.reuse"),
+        (body_of(PACKED, offsets=pack_u64([0]), nbytes=pack_u64([8]), chunks=pack_u64([0])), "'count'"),
+        (body_of(PACKED, count=0), "BUCKET.count"),
         (body_of(EXAMPLES[1], slots=[{"k": [1]}]), "WELCOME.slots"),
         (body_of(EXAMPLES[1], slots=[SLOT] * 65), "WELCOME.slots"),
         (body_of(EXAMPLES[1], alignment=0), "WELCOME.alignment"),
@@ -173,6 +185,28 @@ def test_check_bucket_fits_rejects(changes: dict[str, Any], slots: list[int], me
     msg = m.decode(body_of(BUCKET, **changes))
     with pytest.raises(ProtocolError, match=mentions):
         m.check_bucket_fits(msg, slots, 256)  # type: ignore[arg-type]
+
+
+def test_packed_entries_are_the_planner_layout_and_must_fit() -> None:
+    sizes = np.array([4000, 0, 24, 300, 256], np.int64)
+    msg = dataclasses.replace(PACKED, first=1, count=4)
+    m.check_bucket_fits(msg, [4096, 4096], 256)  # only the slot: the entries need the manifest
+    offsets, nbytes, chunks = m.packed_entries(msg, sizes, 256, 4096)
+    assert offsets.tolist() == [0, 0, 256, 768] and nbytes.tolist() == [0, 24, 300, 256] and chunks.tolist() == [0] * 4
+    with pytest.raises(ProtocolError, match="run past the 5 tensors"):
+        m.packed_entries(dataclasses.replace(msg, count=5), sizes, 256, 4096)
+    with pytest.raises(ProtocolError, match="need 4120 bytes packed, more than slot 1 of 4096"):
+        m.packed_entries(dataclasses.replace(msg, first=0, count=3), sizes, 256, 4096)
+    with pytest.raises(ProtocolError, match="'slot'"):
+        m.check_bucket_fits(dataclasses.replace(msg, slot=2), [4096, 4096], 256)
+
+
+def test_an_empty_or_reusing_begin_keeps_the_names_cache() -> None:
+    """A rank that is sent the manifest again after a reusing BEGIN must still get the shared list."""
+    first = m.decode(m.encode(BEGIN))
+    m.decode(m.encode(REUSE))
+    m.decode(m.encode(EXAMPLES[3]))  # no tensors at all
+    assert m.decode(m.encode(BEGIN)).names is first.names
 
 
 # --- errors across the wire ------------------------------------------------------------
