@@ -387,6 +387,34 @@ def test_the_fast_path_sees_every_shape_change(before: list[tuple[int, ...]], af
     assert (got is not None) == (after == before)
 
 
+@native
+@settings(max_examples=60, deadline=None)
+@given(at=st.integers(0, 99), change=st.sampled_from(sorted(CHANGES)))
+def test_the_fast_path_sees_a_change_anywhere_in_a_long_list(at: int, change: str) -> None:
+    """The pass reads pairs ahead of the one it checks: a change (a non-pair, a non-array, a new
+    shape) at any place, the last ones included, must still be seen, and nothing read past the end."""
+    from weightstream.sender.manifest import _CODE_OF_NUMPY, describe
+
+    items = [(f"p{i}", np.zeros(4, np.float32)) for i in range(100)]
+    previous = describe(items)
+    same = speedups.unchanged_arrays(items, _CODE_OF_NUMPY, previous.names, previous.dtypes, previous.shapes)
+    assert same is not None and len(same) == 100
+    window = items[max(at - 2, 0):at + 3]
+    changed_window = CHANGES[change](window) if len(window) == 5 else window[:-1]
+    changed = [*items[:max(at - 2, 0)], *changed_window, *items[at + 3:]]
+    assert speedups.unchanged_arrays(changed, _CODE_OF_NUMPY, previous.names, previous.dtypes, previous.shapes) is None
+
+
+def test_describe_shares_one_tuple_per_distinct_shape() -> None:
+    from weightstream.sender.manifest import describe
+
+    got = describe([(f"p{i}", np.zeros((4, i % 3), np.float32)) for i in range(30)])
+    assert len({id(shape) for shape in got.shapes}) == 3 and got.shapes[:3] == [(4, 0), (4, 1), (4, 2)]
+    torch = pytest.importorskip("torch")
+    general = describe([(f"p{i}", torch.zeros((2, i % 2), dtype=torch.int8)) for i in range(10)])  # not NumPy
+    assert len({id(shape) for shape in general.shapes}) == 2
+
+
 @pytest.mark.parametrize("change", ["unchanged", *sorted(CHANGES)])
 def test_describe_with_a_previous_push_equals_describe_from_scratch(change: str) -> None:
     from weightstream.protocol.errors import WeightstreamError
