@@ -45,6 +45,25 @@ def test_importing_sinks_does_not_import_frameworks() -> None:
 # --- NumPy -----------------------------------------------------------------------------
 
 
+def test_numpy_sink_specs_follow_every_change_to_its_state() -> None:
+    """The specs object is reused while the dict is untouched (the daemon then skips the manifest
+    check), and rebuilt after anything was added, removed or rebound, even back to what it was."""
+    state = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.int64)}
+    sink = NumpySink(state)
+    specs = sink.param_specs()
+    assert sink.param_specs() is specs and sink.param_specs() is specs
+    original = state["w"]
+    state["w"] = np.zeros((3, 2), np.float32)  # same name, another shape
+    changed = sink.param_specs()
+    assert changed["w"] == ("float32", (3, 2)) and sink.param_specs() is changed
+    state["w"] = original  # back: equal to the first specs again
+    assert sink.param_specs() == specs
+    state["extra"] = np.zeros(1, np.int8)
+    assert "extra" in sink.param_specs()
+    del state["extra"], state["b"]
+    assert sink.param_specs() == {"w": ("float32", (2, 3))}
+
+
 def test_numpy_sink_in_place() -> None:
     state = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, by_name("bfloat16").numpy)}
     ids = {k: id(v) for k, v in state.items()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Any
 
 import ml_dtypes
@@ -451,6 +452,32 @@ def test_same_items_sees_every_kind_of_change_to_a_state_dict(copy_mode: bool) -
         changed = dict(state)
         change(changed)
         assert not speedups.same_items(changed, keys, values), name
+
+
+def test_every_change_to_a_state_dict_moves_its_version_tag(copy_mode: bool) -> None:
+    """NumpySink trusts its cached specs while the tag is the one it saw: any entry added,
+    removed, rebound or reordered must move it. Where there is no tag, the sink walks."""
+    state = {f"p{i}": np.zeros(i + 1) for i in range(4)}
+    tag = speedups.dict_version(state)
+    if not copy_mode or sys.version_info >= (3, 12):
+        assert tag is None
+        return
+    assert tag is not None and speedups.dict_version(state) == tag  # reading it changes nothing
+    changes = {
+        "replaced": lambda d: d.__setitem__("p2", np.zeros(3)),
+        "added": lambda d: d.__setitem__("p9", np.zeros(1)),
+        "removed": lambda d: d.pop("p1"),
+        "reordered": lambda d: d.__setitem__("p0", d.pop("p0")),
+        "cleared": lambda d: d.clear(),
+        "updated": lambda d: d.update({"p3": np.ones(4)}),
+    }
+    for name, change in changes.items():
+        before = speedups.dict_version(state)
+        change(state)
+        assert speedups.dict_version(state) != before, name
+        assert speedups.dict_version(dict(state)) != speedups.dict_version(state), "a copy is another state"
+    with pytest.raises(TypeError, match="expected a dict"):
+        speedups._dict_version([])  # type: ignore[misc]
 
 
 # --- torch tensors: read through their own accessors ------------------------------------

@@ -51,6 +51,14 @@
  * Does the dict hold exactly ``keys`` (equal str) bound to ``values`` (the same objects), in
  * that order? A receiver's NumPy state dict, checked every version before its cached specs
  * are trusted, without building two 100k lists to compare.
+ *
+ *   dict_version(mapping) -> int | None
+ *
+ * The dict's version tag (PEP 509): it changes whenever an entry is added, removed or bound to
+ * another object, and no two states of any dicts share one. Equal to the tag seen when
+ * ``same_items`` last passed, the dict still holds the same items, with no walk at all (a
+ * 100k-entry walk is 0.5-1.5 ms on a rank's path to READY). None from Python 3.12 on, which
+ * deprecated the tag (3.13 dropped it): callers walk.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -459,6 +467,18 @@ static PyObject *same_items(PyObject *Py_UNUSED(self), PyObject *args) {
     return PyBool_FromLong(i == n);
 }
 
+static PyObject *dict_version(PyObject *Py_UNUSED(self), PyObject *mapping) {
+    if (!PyDict_Check(mapping)) {
+        PyErr_Format(PyExc_TypeError, "dict_version: expected a dict, got %s", Py_TYPE(mapping)->tp_name);
+        return NULL;
+    }
+#if PY_VERSION_HEX < 0x030C0000
+    return PyLong_FromUnsignedLongLong(((PyDictObject *)mapping)->ma_version_tag);
+#else
+    Py_RETURN_NONE;
+#endif
+}
+
 /* A C-contiguous buffer of 8-byte ints, read-only: offsets, sizes or addresses. */
 static int u64_buffer(PyObject *obj, Py_buffer *view, const char *what) {
     if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return -1;
@@ -636,6 +656,10 @@ static PyMethodDef methods[] = {
     {"same_items", same_items, METH_VARARGS,
      "same_items(mapping, keys, values) -> bool\n\n"
      "Whether the dict holds exactly keys (equal str) bound to the very objects in values, in that order."},
+    {"dict_version", dict_version, METH_O,
+     "dict_version(mapping) -> int | None\n\n"
+     "The dict's PEP 509 version tag, which changes with every added, removed or rebound entry; None where\n"
+     "this Python has none (3.12 on)."},
     {NULL, NULL, 0, NULL},
 };
 

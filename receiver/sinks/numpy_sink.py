@@ -36,18 +36,22 @@ class NumpySink:
         # The specs are re-derived only when the dict's keys or arrays changed (checked by identity,
         # at C speed): at 100k params, rebuilding them every version costs more than moving the bytes.
         self._specs: tuple[list[str], list[np.ndarray], ParamSpecs] | None = None
+        self._specs_tag: int | None = None  # the dict's version tag when _specs was last found true
         self._dest: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}  # name -> (array, its byte view)
 
     def param_specs(self) -> ParamSpecs:
         """The arrays' specs; the same dict object as last time when nothing in ``state`` was replaced."""
         if not self._fixed:
             return {}
-        cached = self._specs
+        cached, tag = self._specs, speedups.dict_version(self.state)
+        if cached is not None and tag is not None and tag == self._specs_tag:
+            return cached[2]  # not one entry added, removed or rebound since the walk below
         if cached is not None and speedups.same_items(self.state, cached[0], cached[1]):
+            self._specs_tag = tag
             return cached[2]
         names, arrays = list(self.state), list(self.state.values())
         specs = {name: (from_numpy(a.dtype).name, tuple(a.shape)) for name, a in zip(names, arrays)}
-        self._specs = (names, arrays, specs)
+        self._specs, self._specs_tag = (names, arrays, specs), tag
         return specs
 
     def load_one(self, name: str, tensor: np.ndarray) -> None:
