@@ -35,6 +35,9 @@ try:
     from .._speedups import same_items as _same_items
     from .._speedups import scatter as _scatter
     from .._speedups import unchanged_arrays as _unchanged_arrays
+    from .._speedups import use_numpy as _use_numpy
+
+    _use_numpy(np.ndarray)
 except ImportError:  # built without a C compiler: the pure-Python loops do the work
     _copy = _gather = _scatter = _unchanged_arrays = _same_items = _destinations = _dict_version = None
 

@@ -40,6 +40,10 @@ def test_the_accelerator_is_built_where_ci_requires_it() -> None:
     assert speedups.BUILT, "weightstream._spans did not build; see the pip install log for the compiler error"
 
 
+class _Subclass(np.ndarray):
+    pass
+
+
 @st.composite
 def sources(draw: Any) -> list[Any]:
     """Arrays of every kind a trainer hands over, some the C path copies and some it must leave."""
@@ -48,8 +52,12 @@ def sources(draw: Any) -> list[Any]:
         dtype = draw(st.sampled_from(DTYPES))
         shape = tuple(draw(st.lists(st.integers(0, 5), max_size=3)))
         arr = np.arange(int(np.prod(shape)), dtype=np.uint8).astype(dtype).reshape(shape)
-        kind = draw(st.sampled_from(["plain", "plain", "fortran", "strided", "readonly", "none"]))
-        if kind == "fortran" and arr.ndim > 1:
+        kind = draw(st.sampled_from(["plain", "plain", "fortran", "strided", "readonly", "none", "big", "subclass"]))
+        if kind == "big":  # past the size read from the array's own fields: the buffer protocol again
+            arr = np.arange(5000, dtype=np.uint8).astype(dtype)[: 5000 if draw(st.booleans()) else 4999]
+        elif kind == "subclass":  # not an exact ndarray: exported as a buffer
+            arr = arr.view(_Subclass)
+        elif kind == "fortran" and arr.ndim > 1:
             arr = np.asfortranarray(arr)
         elif kind == "strided" and arr.ndim >= 1 and arr.shape[0] > 1:
             arr = arr[::2]

@@ -71,6 +71,8 @@
 #define BATCH 256                      /* buffers held at once: bounds the stack use */
 #define GIL_FREE_BYTES (256 * 1024)    /* below this, dropping the GIL costs more than it frees */
 #define STREAM_MIN_BYTES 256           /* below this the aligned head and tail are most of the copy */
+#define FAST_NUMPY_BYTES (16 * 1024)   /* arrays up to this size are read from their fields (numpy_bytes) */
+#define AHEAD 16                       /* items prefetched ahead of a pass over many small tensors */
 
 /* dst[:n] = src[:n]. Streaming: cached stores up to dst's next 64-byte line, then whole lines
  * by non-temporal stores, then the tail; the caller fences (stream_fence) before anyone
@@ -182,6 +184,111 @@ static int tensor_bytes(PyObject *item, PyObject *tensor_types, Py_ssize_t size,
     return address != NULL && (*ptr != NULL || size == 0);
 }
 
+/* The leading fields of NumPy's PyArrayObject_fields: public ABI since NumPy 1.7 (every compiled
+ * extension's PyArray_NDIM, PyArray_DIMS and PyArray_DESCR read them), in NumPy 2 as in 1.
+ * Reading them skips ``.shape``, which builds a tuple per array: 70% of a 100k-tensor check. */
+typedef struct {
+    PyObject_HEAD
+    char *data;
+    int nd;
+    Py_ssize_t *dimensions;
+    Py_ssize_t *strides;
+    PyObject *base;
+    PyObject *descr;
+    int flags;
+} NumpyArrayHead;
+
+#define NPY_C_CONTIGUOUS_FLAG 0x0001 /* NPY_ARRAY_C_CONTIGUOUS */
+
+/* 1 when this NumPy's arrays have the fields above where they are expected: checked against
+ * ``.shape``, ``.dtype``, the data address and the C-contiguous flag once per process, on
+ * the first array met; -1 before that. */
+static int numpy_head_ok = -1;
+
+static int check_numpy_head(PyObject *array) {
+    NumpyArrayHead *head = (NumpyArrayHead *)array;
+    PyObject *shape = PyObject_GetAttr(array, str_shape), *dtype = PyObject_GetAttr(array, str_dtype);
+    PyObject *iface = PyObject_GetAttrString(array, "__array_interface__");
+    PyObject *data = iface != NULL && PyDict_Check(iface) ? PyDict_GetItemString(iface, "data") : NULL; /* borrowed */
+    PyObject *flags = PyObject_GetAttrString(array, "flags");
+    PyObject *contiguous = flags != NULL ? PyObject_GetAttrString(flags, "c_contiguous") : NULL;
+    int ok = shape != NULL && dtype != NULL && PyTuple_CheckExact(shape) && head->descr == dtype &&
+             head->nd >= 0 && PyTuple_GET_SIZE(shape) == head->nd && data != NULL && PyTuple_Check(data) &&
+             PyTuple_GET_SIZE(data) >= 1 && PyLong_AsVoidPtr(PyTuple_GET_ITEM(data, 0)) == (void *)head->data &&
+             contiguous != NULL && (contiguous == Py_True) == ((head->flags & NPY_C_CONTIGUOUS_FLAG) != 0);
+    for (Py_ssize_t k = 0; ok && k < head->nd; k++)
+        ok = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, k)) == head->dimensions[k];
+    Py_XDECREF(shape);
+    Py_XDECREF(dtype);
+    Py_XDECREF(iface);
+    Py_XDECREF(flags);
+    Py_XDECREF(contiguous);
+    if (PyErr_Occurred()) return -1;
+    return ok;
+}
+
+/* NumPy's array type, from use_numpy(); NULL until then (gather then takes every array by the
+ * buffer protocol). */
+static PyTypeObject *ndarray_type = NULL;
+static PyObject *last_descr = NULL; /* held: a freed dtype's address could come back as another */
+static Py_ssize_t last_itemsize = 0;
+
+/* A small C-contiguous exact ndarray's bytes, read from its fields: 1 with *ptr set if it holds
+ * exactly ``size`` bytes, 0 if it is not such an array (the caller takes the buffer protocol).
+ * Exporting a buffer costs ~50 ns an array, a quarter of copying a 4 KiB tensor and the
+ * sender's largest per-tensor cost at 100k tensors. Only small ones: the caller keeps the GIL
+ * while it copies them, having no export that would stop another thread resizing the array. */
+static int numpy_bytes(PyObject *item, Py_ssize_t size, void **ptr) {
+    if (ndarray_type == NULL || Py_TYPE(item) != ndarray_type || size > FAST_NUMPY_BYTES) return 0;
+    if (numpy_head_ok < 0 && (numpy_head_ok = check_numpy_head(item)) < 0) {
+        PyErr_Clear();
+        numpy_head_ok = -1; /* undecided: the next array tries again */
+        return 0;
+    }
+    NumpyArrayHead *head = (NumpyArrayHead *)item;
+    if (!numpy_head_ok || !(head->flags & NPY_C_CONTIGUOUS_FLAG)) return 0;
+    if (head->descr != last_descr) {
+        PyObject *itemsize = PyObject_GetAttrString(head->descr, "itemsize");
+        Py_ssize_t value = itemsize != NULL ? PyLong_AsSsize_t(itemsize) : -1;
+        Py_XDECREF(itemsize);
+        if (value <= 0) {
+            PyErr_Clear();
+            return 0;
+        }
+        Py_INCREF(head->descr);
+        Py_XSETREF(last_descr, head->descr);
+        last_itemsize = value;
+    }
+    Py_ssize_t count = last_itemsize;
+    for (int k = 0; k < head->nd; k++)
+        if (head->dimensions[k] < 0 || __builtin_mul_overflow(count, head->dimensions[k], &count)) return 0;
+    if (count != size || (size && head->data == NULL)) return 0;
+    *ptr = head->data;
+    return 1;
+}
+
+/* The arrays a gather reads next lie apart in memory (each with its dims elsewhere): ask for
+ * them a few items ahead, as prefetch_pairs does for describe's pass. */
+static void prefetch_sources(PyObject *items, Py_ssize_t i, Py_ssize_t n) {
+#if defined(__GNUC__)
+    if (i + AHEAD < n) __builtin_prefetch(PyTuple_GET_ITEM(items, i + AHEAD));
+    if (i + AHEAD / 2 < n && numpy_head_ok == 1 && Py_TYPE(PyTuple_GET_ITEM(items, i + AHEAD / 2)) == ndarray_type)
+        __builtin_prefetch(((NumpyArrayHead *)PyTuple_GET_ITEM(items, i + AHEAD / 2))->dimensions);
+#else
+    (void)items, (void)i, (void)n;
+#endif
+}
+
+static PyObject *use_numpy(PyObject *Py_UNUSED(self), PyObject *type) {
+    if (!PyType_Check(type)) {
+        PyErr_Format(PyExc_TypeError, "use_numpy: expected numpy.ndarray, got %s", Py_TYPE(type)->tp_name);
+        return NULL;
+    }
+    Py_INCREF(type);
+    Py_XSETREF(ndarray_type, (PyTypeObject *)type);
+    Py_RETURN_NONE;
+}
+
 /* Ask for the first and last line of a destination, to be written. A streaming copy writes
  * those two lines by cached stores (they are shared with whatever lies around it), and a
  * cached store to a line not in the cache holds up every store behind it until the line
@@ -251,6 +358,7 @@ static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
         int n = 0, raw = 0;
         Py_ssize_t batch_bytes = 0;
         for (; n < BATCH && i < s.count; i++) {
+            prefetch_sources(s.items, i, s.count);
             PyObject *item = PyTuple_GET_ITEM(s.items, i);
             Py_ssize_t offset, size;
             if (size_at(s.offsets, i, "offsets", &offset) < 0 || size_at(s.nbytes, i, "nbytes", &size) < 0) {
@@ -265,7 +373,13 @@ static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
                 failed = 1;
                 break;
             }
-            if (item == Py_None || PyObject_GetBuffer(item, &held[n], PyBUF_C_CONTIGUOUS) < 0) {
+            void *fast;
+            if (numpy_bytes(item, size, &fast)) {
+                held[n].buf = fast; /* no exporter, as for a torch tensor below */
+                held[n].obj = NULL;
+                held[n].len = size;
+                raw = 1;
+            } else if (item == Py_None || PyObject_GetBuffer(item, &held[n], PyBUF_C_CONTIGUOUS) < 0) {
                 PyErr_Clear(); /* no buffer: a torch tensor, or not ours to copy (the caller's checked path) */
                 void *ptr;
                 if (tensor_types == NULL || !tensor_bytes(item, tensor_types, size, &ptr)) {
@@ -302,36 +416,6 @@ static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
     return PyLong_FromSsize_t(i);
 }
 
-/* The leading fields of NumPy's PyArrayObject_fields: public ABI since NumPy 1.7 (every compiled
- * extension's PyArray_NDIM, PyArray_DIMS and PyArray_DESCR read them), in NumPy 2 as in 1.
- * Reading them skips ``.shape``, which builds a tuple per array: 70% of a 100k-tensor check. */
-typedef struct {
-    PyObject_HEAD
-    char *data;
-    int nd;
-    Py_ssize_t *dimensions;
-    Py_ssize_t *strides;
-    PyObject *base;
-    PyObject *descr;
-} NumpyArrayHead;
-
-/* 1 when this NumPy's arrays have the fields above where they are expected: checked against
- * ``.shape`` and ``.dtype`` once per process, on the first array met; -1 before that. */
-static int numpy_head_ok = -1;
-
-static int check_numpy_head(PyObject *array) {
-    NumpyArrayHead *head = (NumpyArrayHead *)array;
-    PyObject *shape = PyObject_GetAttr(array, str_shape), *dtype = PyObject_GetAttr(array, str_dtype);
-    int ok = shape != NULL && dtype != NULL && PyTuple_CheckExact(shape) && head->descr == dtype &&
-             head->nd >= 0 && PyTuple_GET_SIZE(shape) == head->nd;
-    for (Py_ssize_t k = 0; ok && k < head->nd; k++)
-        ok = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, k)) == head->dimensions[k];
-    Py_XDECREF(shape);
-    Py_XDECREF(dtype);
-    if (PyErr_Occurred()) return -1;
-    return ok;
-}
-
 /* 1 if the array's shape is the tuple of ints ``want``, 0 if not. */
 static int numpy_shape_is(PyObject *array, PyObject *want) {
     NumpyArrayHead *head = (NumpyArrayHead *)array;
@@ -349,7 +433,6 @@ static int numpy_shape_is(PyObject *array, PyObject *want) {
 /* Each pair's tuple, array, dims block and previous shape lie apart in memory: fetched one after
  * another they are ~5 cache misses a tensor. Ask for them a few pairs ahead, each stage reading
  * only what an earlier stage fetched (a hint: wrong or late costs nothing but the fetch). */
-#define AHEAD 16
 static void prefetch_pairs(PyObject *pairs, PyObject *shapes, PyObject *ndarray, Py_ssize_t i, Py_ssize_t n) {
 #if defined(__GNUC__)
     if (i + 2 * AHEAD < n) __builtin_prefetch(PyTuple_GET_ITEM(pairs, i + 2 * AHEAD));
@@ -653,6 +736,9 @@ static PyMethodDef methods[] = {
      "unchanged_arrays(items, ndarray, code_of, names, codes, shapes[, tensor_types]) -> tuple | None\n\n"
      "The tensors of the (name, tensor) pairs in the list items, if every pair is an exact ndarray (or of a\n"
      "type in tensor_types) with names[i], the dtype whose code_of[dtype] is codes[i] and shapes[i]; else None."},
+    {"use_numpy", use_numpy, METH_O,
+     "use_numpy(ndarray) -> None\n\n"
+     "NumPy's array type: gather then reads small C-contiguous arrays' bytes from their fields."},
     {"same_items", same_items, METH_VARARGS,
      "same_items(mapping, keys, values) -> bool\n\n"
      "Whether the dict holds exactly keys (equal str) bound to the very objects in values, in that order."},
