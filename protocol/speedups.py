@@ -13,8 +13,8 @@ such copy of a whole buffer, NumPy's where there is no C module.
 
 Without the C module (no compiler at install time) or with ``WEIGHTSTREAM_PURE_PYTHON=1``,
 ``gather``/``scatter`` return ``start`` at once, ``destinations``, ``unchanged_arrays`` and
-``dict_version`` return None, ``same_items`` compares in Python, and the Python code does everything: the
-same bytes, about 0.5 us more per small tensor.
+``dict_version`` return None, ``same_items`` compares in Python, and the Python code does
+everything: the same bytes, about 0.5 us more per small tensor.
 """
 
 from __future__ import annotations

@@ -22,8 +22,7 @@ def fill(bucket: Any, slot: Any, target: Any, cache: PieceCache, ring_plan: Call
     manifest = cache.manifest
     # The planner lays tensors out in order, so a bucket holds a contiguous run of them.
     first, last = bucket.tensors[0], bucket.tensors[-1] + 1
-    whole = cache.source is None and bucket.chunks[0] == 0 and bucket.nbytes[-1] == manifest.nbytes[last - 1]
-    if whole and manifest.tensors is not None:  # no chunk: every tensor is copied once, in bulk
+    if bucket.whole and cache.source is None and manifest.tensors is not None:  # no chunk: each tensor once, in bulk
         if target is slot:
             changed = slot.write_tensors(bucket.offsets, manifest.tensors[first:last], bucket.nbytes)
             if changed is not None:
