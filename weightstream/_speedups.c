@@ -267,13 +267,23 @@ static int numpy_bytes(PyObject *item, Py_ssize_t size, void **ptr) {
     return 1;
 }
 
+/* Ask for an exact ndarray's dims block, which NumPy allocates apart from the array (its head
+ * must have been fetched already: this reads its type and dims pointer). */
+static inline void prefetch_dims(PyObject *item, PyTypeObject *ndarray) {
+#if defined(__GNUC__)
+    if (numpy_head_ok == 1 && ndarray != NULL && Py_TYPE(item) == ndarray)
+        __builtin_prefetch(((NumpyArrayHead *)item)->dimensions);
+#else
+    (void)item, (void)ndarray;
+#endif
+}
+
 /* The arrays a gather reads next lie apart in memory (each with its dims elsewhere): ask for
  * them a few items ahead, as prefetch_pairs does for describe's pass. */
 static void prefetch_sources(PyObject *items, Py_ssize_t i, Py_ssize_t n) {
 #if defined(__GNUC__)
     if (i + AHEAD < n) __builtin_prefetch(PyTuple_GET_ITEM(items, i + AHEAD));
-    if (i + AHEAD / 2 < n && numpy_head_ok == 1 && Py_TYPE(PyTuple_GET_ITEM(items, i + AHEAD / 2)) == ndarray_type)
-        __builtin_prefetch(((NumpyArrayHead *)PyTuple_GET_ITEM(items, i + AHEAD / 2))->dimensions);
+    if (i + AHEAD / 2 < n) prefetch_dims(PyTuple_GET_ITEM(items, i + AHEAD / 2), ndarray_type);
 #else
     (void)items, (void)i, (void)n;
 #endif
@@ -443,9 +453,8 @@ static void prefetch_pairs(PyObject *pairs, PyObject *shapes, PyObject *ndarray,
     }
     if (i + AHEAD / 2 < n) {
         PyObject *pair = PyTuple_GET_ITEM(pairs, i + AHEAD / 2), *shape = PyList_GET_ITEM(shapes, i + AHEAD / 2);
-        if (numpy_head_ok == 1 && PyTuple_CheckExact(pair) && PyTuple_GET_SIZE(pair) == 2 &&
-            Py_TYPE(PyTuple_GET_ITEM(pair, 1)) == (PyTypeObject *)ndarray)
-            __builtin_prefetch(((NumpyArrayHead *)PyTuple_GET_ITEM(pair, 1))->dimensions);
+        if (PyTuple_CheckExact(pair) && PyTuple_GET_SIZE(pair) == 2)
+            prefetch_dims(PyTuple_GET_ITEM(pair, 1), (PyTypeObject *)ndarray);
         if (PyTuple_CheckExact(shape) && PyTuple_GET_SIZE(shape) > 0) __builtin_prefetch(PyTuple_GET_ITEM(shape, 0));
     }
 #else
