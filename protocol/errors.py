@@ -7,12 +7,16 @@ class name and message, and are rebuilt here by name with :func:`from_wire`.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class WeightstreamError(Exception):
     """Base class of every error weightstream raises on purpose."""
 
     #: rank of the receiver the error came from, when it is a remote error
     rank: int | None = None
+    #: a failed ``push`` attaches its PushReport: every rank's outcome
+    report: Any = None
 
     def __init__(self, message: str, *, rank: int | None = None) -> None:
         super().__init__(message)
@@ -46,6 +50,14 @@ class VersionAborted(WeightstreamError):
     """A version was aborted before every receiver committed it."""
 
 
+class RankInUse(WeightstreamError):
+    """A rank was claimed while another live connection holds it (a duplicate daemon, say)."""
+
+
+class IdentityRefused(WeightstreamError):
+    """A peer claimed a rank its credentials do not allow (allowed_clients maps keys to ranks)."""
+
+
 class RemoteError(WeightstreamError):
     """A receiver's ``load_weights`` (or sink) raised; carries the original type name."""
 
@@ -64,6 +76,8 @@ _BY_NAME: dict[str, type[WeightstreamError]] = {
         PeerTimeout,
         PeerLost,
         VersionAborted,
+        RankInUse,
+        IdentityRefused,
         RemoteError,
     )
 }

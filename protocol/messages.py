@@ -20,7 +20,7 @@ Checks that need session context (slot count and size, a packed bucket's manifes
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import msgpack
@@ -36,17 +36,36 @@ from .packed import MAX_VALUE, element_counts, pack_shapes, pack_u64, packed_off
 # 4: READY's ``streamed`` and BUCKET's ``ring``: a bucket may stream through a slot's ring
 # 5: BEGIN's ``layout`` and ``reuse`` (a repeated manifest is named, not resent) and BUCKET's
 #    ``count`` (a bucket of whole tensors packed from 0 leaves its arrays out)
-PROTOCOL_VERSION = 5
+# 6: two-phase commit (PREPARED, then COMMIT only once every rank prepared); per-connection
+#    routing identities (PONG's ``known``); a manifest split over BEGIN ``parts`` + MANIFEST
+#    frames; BEGIN's ``transport`` (per-push transport parameters); bounded decoding
+PROTOCOL_VERSION = 6
 ALIGNMENT = 256
 
 # Decoder limits: a hostile or broken peer must not make us allocate without bound.
-MAX_MESSAGE_BYTES = 256 << 20
+MAX_MESSAGE_BYTES = 256 << 20  # the largest frame a rank accepts (libzmq MAXMSGSIZE)
+# the largest frame a sender accepts: ranks send only small control messages
+MAX_PEER_MESSAGE_BYTES = 1 << 20
+# frames decoded from a peer whose HELLO (sender) / WELCOME (rank) was not yet accepted
+PRE_HELLO_MAX_BYTES = 64 << 10
+# the sender splits a manifest into frames of at most this many bytes (BEGIN ``parts``)
+MANIFEST_PART_BYTES = 64 << 20
 MAX_ENTRIES = 4_000_000
 MAX_NAME_LEN = 1024
 MAX_NDIM = 16
 MAX_TEXT_LEN = 64 << 10
 MAX_SLOTS = 64
 MAX_DIM = 1 << 48
+# Every msgpack array/map of a valid message is small (slots <= MAX_SLOTS, transports <= 16,
+# per-tensor arrays travel as bin), and a message holds only a few of them. Both bounds keep
+# what one decode can allocate near the frame's own size: a frame of nested empty arrays is
+# refused after MAX_CONTAINERS of them, not expanded into tens of millions of lists.
+MAX_CONTAINER_LEN = 2 * MAX_SLOTS  # over every field limit, so a field check names an overlong list
+MAX_CONTAINERS = 128
+# a name costs ~60 bytes of Python objects beyond its UTF-8 bytes: a BEGIN may hold at most
+# (4 x its names bin + 64 MiB) / 64 names, so 1-byte names cannot blow up a decode 30x
+_NAME_OVERHEAD = 64
+_DECODE_SLACK = 64 << 20
 
 _INT_MAX = (1 << 63) - 1
 
@@ -179,6 +198,11 @@ class Begin(Message):
     # ``layout``. An RL loop pushes one layout every step; at 100k tensors resending it costs
     # a 2.6 MB frame and its decode per version.
     reuse: bool | None = _spec(bool, default=None)
+    # the manifest does not fit one frame: this BEGIN carries its first tensors and ``parts - 1``
+    # MANIFEST frames follow with the rest, in order (total_bytes and buckets are the whole's)
+    parts: int | None = _spec(_Int(2, 1 << 16), default=None)
+    # per-push parameters of the session's transport (a collective's store address, say)
+    transport: dict[str, Any] | None = _spec(_Map(), default=None)
 
     @classmethod
     def build(
@@ -197,6 +221,19 @@ class Begin(Message):
     def shapes(self) -> list[tuple[int, ...]]:
         """Every tensor's shape; one tuple per tensor, so only for paths that need them."""
         return unpack_shapes(self.ndims, np.frombuffer(self.dims, "<u8"))
+
+
+@_message
+class ManifestPart(Message):
+    """The rest of a manifest that did not fit its BEGIN's frame: tensors in push order."""
+
+    TYPE = "MANIFEST"
+    version: str = _spec(_VERSION)
+    part: int = _spec(_Int(1, 1 << 16))  # 1 .. BEGIN.parts - 1, in order
+    names: list[str] = _spec(_NAMES)
+    dtypes: bytes = _spec(_Bin())
+    ndims: bytes = _spec(_Bin())
+    dims: bytes = _spec(_U64s(MAX_DIM, MAX_ENTRIES * MAX_NDIM))
 
 
 @_message
@@ -262,7 +299,23 @@ class Ack(Message):
 
 
 @_message
+class Prepared(Message):
+    """Every byte of the version is applied (staged: received, verified and held); the rank
+    commits it only on COMMIT and drops it on ABORT."""
+
+    TYPE = "PREPARED"
+    version: str = _spec(_VERSION)
+    tensors: int = _spec(_Int())
+    bytes: int = _spec(_Int())
+    seconds: float = _spec(_Float())
+    # the served model was written already (not staged): an ABORT now leaves it torn
+    in_place: bool = _spec(bool, default=True)
+
+
+@_message
 class Commit(Message):
+    """Sent only once every rank of the push said PREPARED."""
+
     TYPE = "COMMIT"
     version: str = _spec(_VERSION)
 
@@ -311,6 +364,9 @@ class Ping(Message):
 class Pong(Message):
     TYPE = "PONG"
     session: str = _spec(_SESSION)
+    # False: the sender holds no rank for this connection (it was dropped or never welcomed);
+    # the rank reconnects and says HELLO again
+    known: bool | None = _spec(bool, default=None)
 
 
 @_message
@@ -328,10 +384,17 @@ def encode(msg: Message) -> bytes:
         value = getattr(msg, name)
         if required or value is not None:  # optional fields travel only when set
             body[name] = _joined_names(value, name) if type(spec) is _Names else value
-    if msg.TYPE in _BULK:
-        with gc_paused():
-            return msgpack.packb(body, use_bin_type=True)
-    return msgpack.packb(body, use_bin_type=True)
+    if msg.TYPE not in _BULK:
+        return msgpack.packb(body, use_bin_type=True)
+    with gc_paused():
+        frame = msgpack.packb(body, use_bin_type=True)
+    if len(frame) > MAX_MESSAGE_BYTES:  # libzmq on the rank would drop the connection unread
+        raise ProtocolError(
+            f"{msg.TYPE} of {len(frame)} bytes exceeds the ranks' frame limit of {MAX_MESSAGE_BYTES} bytes; "
+            "a manifest is split into MANIFEST frames and a bucket holds a bounded number of tensors, so "
+            "this is a bug: report it with the tensor count"
+        )
+    return frame
 
 
 def _joined_names(names: list[str], where: str) -> bytes:
@@ -359,18 +422,23 @@ def _joined_names(names: list[str], where: str) -> bytes:
 _last_joined: tuple[list[str], bytes] | None = None
 
 
-_BULK = frozenset({"BEGIN", "BUCKET"})  # per-tensor arrays: see gc_pause
+_BULK = frozenset({"BEGIN", "MANIFEST", "BUCKET"})  # per-tensor arrays: see gc_pause
 _BULK_FRAME = 64 << 10
 
 
-def decode(frame: bytes) -> Message:
-    """Parse and validate one frame; raise :class:`ProtocolError` naming what is wrong."""
+def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """Parse and validate one frame; raise :class:`ProtocolError` naming what is wrong.
+
+    ``max_bytes``: the largest frame this peer may send now; a larger one is refused before
+    a byte of it is parsed (a peer not yet through the handshake gets PRE_HELLO_MAX_BYTES).
+    """
     if not isinstance(frame, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"expected a bytes frame, got {type(frame).__name__}")
-    if len(frame) > MAX_MESSAGE_BYTES:
+    if len(frame) > max_bytes:
         raise ProtocolError(
-            f"message of {len(frame)} bytes exceeds the limit of {MAX_MESSAGE_BYTES} bytes; "
-            "split the model into fewer tensors per bucket or raise MAX_MESSAGE_BYTES on both sides"
+            f"frame of {len(frame)} bytes exceeds the limit of {max_bytes} bytes for this peer now"
+            + ("; before the handshake only small frames are decoded: say HELLO / WELCOME first"
+               if max_bytes < MAX_MESSAGE_BYTES else "; run the same weightstream version on sender and ranks")
         )
     if len(frame) > _BULK_FRAME:
         with gc_paused():
@@ -378,19 +446,41 @@ def decode(frame: bytes) -> Message:
     return _decode(frame)
 
 
+class _ContainerBudget:
+    """msgpack's list/map hook: counts containers and stops a decode past MAX_CONTAINERS."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = MAX_CONTAINERS
+
+    def __call__(self, obj: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise ProtocolError(
+                f"frame holds more than {MAX_CONTAINERS} msgpack arrays/maps; a message has a few small ones"
+            )
+        return obj
+
+
 def _decode(frame: bytes | bytearray | memoryview) -> Message:
+    budget = _ContainerBudget()
     try:
         body = msgpack.unpackb(
             frame,
             raw=False,
             use_list=True,
             strict_map_key=True,
-            max_array_len=MAX_ENTRIES,
-            max_map_len=64,
-            max_str_len=MAX_TEXT_LEN,
+            max_array_len=MAX_CONTAINER_LEN,
+            max_map_len=MAX_CONTAINER_LEN,
+            max_str_len=4 * MAX_TEXT_LEN,  # bytes; the fields limit characters
             max_bin_len=MAX_MESSAGE_BYTES,
             max_ext_len=0,
+            list_hook=budget,
+            object_hook=budget,
         )
+    except ProtocolError:
+        raise
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise ProtocolError(f"frame is not valid msgpack ({type(exc).__name__}: {exc}); expected one msgpack map") from None
     if not isinstance(body, dict):
@@ -510,12 +600,17 @@ def _check_names(spec: _Names, value: Any, where: str) -> list[str]:
     last = _last_names
     if last is not None and value == last[0]:
         return last[1]
+    count = value.count(b"\0") + 1  # before splitting: each name becomes a Python object
+    if count > spec.max_count or count * _NAME_OVERHEAD > 4 * len(value) + _DECODE_SLACK:
+        limit = min(spec.max_count, (4 * len(value) + _DECODE_SLACK) // _NAME_OVERHEAD)
+        raise ProtocolError(
+            f"field '{where}': expected at most {limit} names in a bin of {len(value)} bytes, got {count}; "
+            "a decode may cost at most 4x its frame + 64 MiB"
+        )
     try:
-        names = value.decode("utf-8").split("\0") if value else []
+        names = value.decode("utf-8").split("\0")
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"field '{where}': expected UTF-8 names, got an invalid byte at {exc.start}") from None
-    if len(names) > spec.max_count:
-        raise ProtocolError(f"field '{where}': expected at most {spec.max_count} names, got {len(names)}")
     if names and (min(map(len, names)) == 0 or max(map(len, names)) > spec.max_len):
         _first_bad(names, lambda x: 0 < len(x) <= spec.max_len, where, f"a name of 1 to {spec.max_len} characters")
     if len(set(names)) != len(names):
@@ -599,6 +694,9 @@ def _check_begin(msg: Begin) -> None:
                 f"layout={msg.layout} and {len(msg.names)} names; send either the manifest or its layout alone"
             )
         return
+    if msg.parts is not None:  # a first part: its arrays are checked now, the whole once joined
+        manifest_arrays(msg)
+        return
     n = len(msg.names)
     if (n == 0) != (msg.buckets == 0):
         raise ProtocolError(
@@ -613,6 +711,74 @@ def _check_begin(msg: Begin) -> None:
     if total != msg.total_bytes:
         raise ProtocolError(f"BEGIN: field 'total_bytes': expected {total} (sum of tensor sizes), got {msg.total_bytes}")
     _last_valid = (msg, arrays)
+
+
+def _check_manifest_part(msg: ManifestPart) -> None:
+    manifest_arrays(msg)  # type: ignore[arg-type]  # the same four packed arrays as a BEGIN
+
+
+def may_need_split(names: list[str], dims_bytes: int, part_bytes: int = MANIFEST_PART_BYTES) -> bool:
+    """Could this manifest exceed one part? (UTF-8 takes at most 4 bytes a character.)"""
+    return 4 * sum(map(len, names)) + 3 * len(names) + dims_bytes > part_bytes
+
+
+def split_begin(msg: Begin, part_bytes: int = MANIFEST_PART_BYTES) -> list[Message]:
+    """``msg`` as one BEGIN, or, when its manifest exceeds ``part_bytes``, a BEGIN with the
+    first tensors (``parts``) followed by MANIFEST frames with the rest, each under the limit."""
+    names = msg.names
+    if not names:
+        return [msg]
+    ndims = np.frombuffer(msg.ndims, np.uint8).astype(np.int64)
+    # bytes each tensor adds to a frame: its UTF-8 name, a NUL, a dtype code, its rank, 8 per dim
+    utf8 = np.fromiter((len(x.encode("utf-8")) for x in names), np.int64, len(names))
+    cost = np.cumsum(utf8 + 3 + 8 * ndims)
+    if int(cost[-1]) <= part_bytes:
+        return [msg]
+    dim_ends = np.cumsum(ndims)
+    bounds, start = [], 0
+    while start < len(names):
+        base = int(cost[start - 1]) if start else 0
+        stop = int(np.searchsorted(cost, base + part_bytes, side="right"))
+        stop = max(stop, start + 1)
+        bounds.append((start, stop))
+        start = stop
+    if len(bounds) == 1:
+        return [msg]
+
+    def arrays(a: int, b: int) -> tuple[list[str], bytes, bytes, bytes]:
+        d0 = int(dim_ends[a - 1]) if a else 0
+        d1 = int(dim_ends[b - 1])
+        return names[a:b], msg.dtypes[a:b], msg.ndims[a:b], msg.dims[8 * d0:8 * d1]
+
+    first_names, first_dtypes, first_ndims, first_dims = arrays(*bounds[0])
+    out: list[Message] = [
+        replace(msg, names=first_names, dtypes=first_dtypes, ndims=first_ndims, dims=first_dims, parts=len(bounds))
+    ]
+    for i, (a, b) in enumerate(bounds[1:], 1):
+        part_names, dtypes, part_ndims, dims = arrays(a, b)
+        out.append(ManifestPart(version=msg.version, part=i, names=part_names, dtypes=dtypes, ndims=part_ndims, dims=dims))  # type: ignore[call-arg]
+    return out
+
+
+def join_manifest(first: Begin, rest: list[ManifestPart]) -> Begin:
+    """A split manifest's BEGIN and its MANIFEST frames as one BEGIN, checked as a whole."""
+    if first.parts is None or len(rest) != first.parts - 1:
+        raise ProtocolError(
+            f"BEGIN {first.version!r}: expected {0 if first.parts is None else first.parts - 1} MANIFEST frames, got {len(rest)}"
+        )
+    names = [n for part in (first, *rest) for n in part.names]
+    if len(set(names)) != len(names):
+        raise ProtocolError(f"BEGIN {first.version!r}: its MANIFEST parts hold duplicate tensor names; each name must appear once")
+    whole = replace(
+        first,
+        names=names,
+        dtypes=b"".join(p.dtypes for p in (first, *rest)),
+        ndims=b"".join(p.ndims for p in (first, *rest)),
+        dims=b"".join(p.dims for p in (first, *rest)),
+        parts=None,
+    )
+    _check_begin(whole)
+    return whole
 
 
 def same_manifest(a: Begin, b: Begin) -> bool:
@@ -638,7 +804,7 @@ def _check_bucket(msg: Bucket) -> None:
         )
 
 
-_CROSS_CHECKS: dict[str, Any] = {"BEGIN": _check_begin, "BUCKET": _check_bucket}
+_CROSS_CHECKS: dict[str, Any] = {"BEGIN": _check_begin, "MANIFEST": _check_manifest_part, "BUCKET": _check_bucket}
 
 
 def check_bucket_fits(msg: Bucket, slot_sizes: list[int], alignment: int) -> None:

@@ -53,17 +53,23 @@ log = logging.getLogger("weightstream.receiver")
 
 ParamSpecs = Mapping[str, tuple[str, Sequence[int]]]
 
+# a WELCOME's heartbeat interval is clamped to this: a sender asking for 1 ms would make the
+# daemon spin on PINGs
+MIN_HEARTBEAT_INTERVAL = 0.05
+
 
 @dataclass(frozen=True)
 class DaemonStatus:
     """A snapshot of a daemon: what it serves and whether the model is whole."""
 
-    state: str  # "idle" | "receiving" | "aborted" | "stopped"
+    state: str  # "idle" | "receiving" | "prepared" | "aborted" | "stopped"
     committed_version: str | None
-    receiving_version: str | None
+    receiving_version: str | None  # the version in flight (receiving or prepared)
     model_intact: bool
     last_error: str | None
     connected: bool
+    reconnects: int = 0  # times the daemon dropped its connection and opened a new one
+    last_reconnect: str | None = None  # why it last did
 
 
 class ReceiverDaemon:
@@ -144,6 +150,12 @@ class ReceiverDaemon:
         self._busy_slots: set[int] = set()
         self._executor: ThreadPoolExecutor | None = None
         self._error_limiter = m.ErrorReplyLimiter()
+        self._ctx: Any = None
+        self._reconnect_reason: str | None = None
+        self._reconnect_event: asyncio.Event | None = None
+        self._reconnects = 0
+        self._last_reconnect: str | None = None
+        self._pending_manifest: tuple[m.Begin, list[m.ManifestPart]] | None = None  # a split BEGIN so far
 
     # --- public, thread-safe ---------------------------------------------------------
 
@@ -159,10 +171,12 @@ class ReceiverDaemon:
             return DaemonStatus(
                 state=self._state,
                 committed_version=self._committed,
-                receiving_version=run.version if run is not None and self._state == "receiving" else None,
+                receiving_version=run.version if run is not None and self._state in ("receiving", "prepared") else None,
                 model_intact=self._model_intact,
                 last_error=self._last_error,
                 connected=self._welcome is not None,
+                reconnects=self._reconnects,
+                last_reconnect=self._last_reconnect,
             )
 
     def start(self, timeout: float = 10.0) -> ReceiverDaemon:
@@ -249,24 +263,13 @@ class ReceiverDaemon:
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"weightstream-apply{self.rank}")
-        ctx = zmq.asyncio.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, str(self.rank).encode())
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue stale HELLO/PING for a sender that is not there
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        sock.setsockopt(zmq.MAXMSGSIZE, m.MAX_MESSAGE_BYTES)
-        if self._curve is not None:
-            apply_client_curve(sock, *self._curve)
-        sock.connect(self.endpoint)
-        self._sock = sock
+        self._reconnect_event = asyncio.Event()
+        ctx = self._ctx = zmq.asyncio.Context()
+        self._open_socket()
         with self._cond:
             self._state = "idle"
         tasks = [
-            asyncio.create_task(self._read_loop(), name="weightstream-read"),
+            asyncio.create_task(self._connection_loop(), name="weightstream-read"),
             asyncio.create_task(self._heartbeat_loop(), name="weightstream-heartbeat"),
         ]
         if _started is not None:
@@ -288,7 +291,7 @@ class ReceiverDaemon:
             if self._welcome is not None:
                 self._send(m.Bye(reason="daemon stopped"))
             self._drop_session()
-            sock.close(linger=0)
+            self._sock.close(linger=0)
             ctx.term()
             # Let queued work (a snapshot commit, say) finish; load_weights was already aborted above.
             shutdown = asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
@@ -298,6 +301,59 @@ class ReceiverDaemon:
                 self._state = "stopped"
                 self._cond.notify_all()
             self._serving = False
+
+    def _open_socket(self) -> None:
+        """A fresh DEALER: libzmq gives each connection its own routing identity, and the rank is
+        claimed in HELLO with this daemon's session token (a reconnect shows the same token)."""
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue stale HELLO/PING for a sender that is not there
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.setsockopt(zmq.MAXMSGSIZE, m.MAX_MESSAGE_BYTES)
+        if self._curve is not None:
+            apply_client_curve(sock, *self._curve)
+        sock.connect(self.endpoint)
+        self._sock = sock
+        self._last_heard = time.monotonic()
+
+    def _request_reconnect(self, reason: str) -> None:
+        """Drop this connection and open a new one (done by the connection loop)."""
+        if self._reconnect_event is not None and not self._reconnect_event.is_set():
+            log.warning("rank %d: reconnecting: %s", self.rank, reason)
+            self._reconnect_reason = reason
+            self._reconnect_event.set()
+
+    async def _connection_loop(self) -> None:
+        """Read from the current socket; on a reconnect request abort the version in flight, close
+        the socket, open a new one and say HELLO again."""
+        event = self._reconnect_event
+        if event is None:  # pragma: no cover - serve() sets it first
+            raise WeightstreamError("internal: connection loop before serve()")
+        while True:
+            reader = asyncio.create_task(self._read_loop(self._sock))
+            wake = asyncio.create_task(event.wait())
+            try:
+                done, _ = await asyncio.wait([reader, wake], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                wake.cancel()
+                if not reader.done():
+                    await cancel_and_wait([reader], grace=1.0, attempts=10)
+            if reader in done:
+                reader.result()  # _read_loop returns only by raising
+                return
+            reason = self._reconnect_reason or "reconnect requested"
+            await self._abort_run(PeerLost(f"{reason}; the version in flight was aborted"))
+            self._drop_session()
+            self._sock.close(linger=0)
+            self._open_socket()
+            with self._cond:
+                self._reconnects += 1
+                self._last_reconnect = reason
+            event.clear()
+            self._send(self._hello())
 
     def _send(self, msg: m.Message) -> None:
         """Send without waiting; with IMMEDIATE set, a frame for a gone sender is dropped."""
@@ -318,33 +374,36 @@ class ReceiverDaemon:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            if self._welcome is None:
+            welcome = self._welcome
+            if welcome is None:
                 self._send(self._hello())
-                await asyncio.sleep(self._hb_interval)
+                await asyncio.sleep(max(self._hb_interval, MIN_HEARTBEAT_INTERVAL))
                 continue
+            interval = max(welcome.heartbeat_interval, MIN_HEARTBEAT_INTERVAL)
             silent = time.monotonic() - self._last_heard
-            if silent > self._welcome.heartbeat_timeout:
-                log.warning("rank %d: sender silent for %.1fs; treating it as lost", self.rank, silent)
-                await self._sender_lost(f"the sender sent nothing for {silent:.1f}s (heartbeat timeout)")
-                continue
-            self._send(m.Ping(session=self._welcome.session))
-            await asyncio.sleep(self._welcome.heartbeat_interval)
+            if silent > max(welcome.heartbeat_timeout, 2 * interval):
+                self._request_reconnect(f"the sender sent nothing for {silent:.1f}s (heartbeat timeout)")
+            else:
+                self._send(m.Ping(session=welcome.session))
+            await asyncio.sleep(interval)
 
     async def _sender_lost(self, reason: str) -> None:
         await self._abort_run(PeerLost(f"{reason}; the version in flight was aborted"))
         self._drop_session()
         self._send(self._hello())
 
-    async def _read_loop(self) -> None:
+    async def _read_loop(self, sock: Any) -> None:
         while True:
-            frames = await self._sock.recv_multipart()
-            self._last_heard = time.monotonic()
+            frames = await sock.recv_multipart()
             if len(frames) != 1:
                 self._protocol_error(ProtocolError(f"expected 1 frame per message, got {len(frames)}"))
                 continue
             msg = None
             try:
-                msg = m.decode(frames[0])
+                # before a WELCOME is accepted, only small frames are decoded
+                msg = m.decode(frames[0], m.MAX_MESSAGE_BYTES if self._welcome is not None else m.PRE_HELLO_MAX_BYTES)
+                if self._welcome is not None:  # a stranger's frames do not keep a session alive
+                    self._last_heard = time.monotonic()
                 await self._dispatch(msg)
             except ProtocolError as exc:
                 # Name the version the bad frame was about (else the one in flight) so the
@@ -365,6 +424,8 @@ class ReceiverDaemon:
         elif isinstance(msg, m.Pong):
             if self._welcome is not None and msg.session != self._welcome.session:
                 await self._sender_lost("a new sender answered at the endpoint")
+            elif self._welcome is not None and msg.known is False:
+                self._request_reconnect("the sender no longer knows this connection (it was dropped)")
         elif isinstance(msg, m.Bye):
             if self._welcome is not None:
                 log.info("rank %d: sender said BYE (%s)", self.rank, msg.reason)
@@ -378,6 +439,8 @@ class ReceiverDaemon:
             raise ProtocolError(f"{msg.TYPE} before WELCOME; expected HELLO/WELCOME first")
         elif isinstance(msg, m.Begin):
             await self._on_begin(msg)
+        elif isinstance(msg, m.ManifestPart):
+            await self._on_manifest_part(msg)
         elif isinstance(msg, m.Bucket):
             self._on_bucket(msg)
         elif isinstance(msg, m.Commit):
@@ -419,6 +482,7 @@ class ReceiverDaemon:
         self._slots = []
         self._welcome = None
         self._busy_slots.clear()
+        self._pending_manifest = None
 
     # --- versions --------------------------------------------------------------------
 
@@ -427,6 +491,10 @@ class ReceiverDaemon:
             await self._abort_run(VersionAborted(f"superseded by version {msg.version!r}"))
         with self._cond:
             self._failed.pop(msg.version, None)  # a retry: waiters see this attempt, not the last one
+        self._pending_manifest = None
+        if msg.parts is not None:  # the rest of the manifest follows in MANIFEST frames
+            self._pending_manifest = (msg, [])
+            return
         expected = self._expected
         from_sink = expected is None and self._sink is not None
         if from_sink:
@@ -474,6 +542,25 @@ class ReceiverDaemon:
             self._state = "receiving"
         self._run_task = asyncio.create_task(self._apply(run, self._inbox))
         self._send(m.Ready(version=msg.version, streamed=True if run.streamed else None))
+
+    async def _on_manifest_part(self, msg: m.ManifestPart) -> None:
+        pending = self._pending_manifest
+        if pending is None or pending[0].version != msg.version or msg.part != len(pending[1]) + 1:
+            self._pending_manifest = None
+            want = "none" if pending is None else f"part {len(pending[1]) + 1} of {pending[0].version!r}"
+            raise ProtocolError(f"MANIFEST {msg.version!r}: field 'part': expected {want}, got part {msg.part}")
+        first, rest = pending
+        rest.append(msg)
+        if len(rest) + 1 < (first.parts or 0):
+            return
+        self._pending_manifest = None
+        try:
+            whole = m.join_manifest(first, rest)
+        except ProtocolError as exc:
+            self._record_failure(first.version, exc, touched=False)
+            self._send(m.Reject(version=first.version, error="ProtocolError", reason=str(exc)[: m.MAX_TEXT_LEN]))
+            return
+        await self._on_begin(whole)
 
     def _manifest_of(self, msg: m.Begin) -> RunManifest:
         """The BEGIN's manifest: the one it carries (reusing the last one's derived forms if it is
@@ -551,16 +638,49 @@ class ReceiverDaemon:
         run = self._run
         if self._failed_already(msg.version):
             return
-        if run is None or run.version != msg.version:
-            self._send(
-                m.Failed(version=msg.version, error="VersionAborted", message="COMMIT for a version not in progress on this rank")
-            )
+        if run is None or run.version != msg.version or not run.applied_ok or run.commit_started:
+            self._send(m.Failed(
+                version=msg.version, error="VersionAborted",
+                message="COMMIT for a version this rank has not said PREPARED to; a sender commits only once every "
+                "rank prepared",
+                model_intact=self._model_intact,
+            ))
+            if run is not None and run.version == msg.version and not run.commit_started:
+                run.queue.abort(ProtocolError(f"COMMIT of {msg.version!r} before this rank said PREPARED"))
             return
-        run.commit_requested = True
-        self._maybe_commit(run)
+        run.commit_started = True
+        if run.held is None:  # applied in place already: committing is bookkeeping
+            self._commit(run)
+            return
+        # staged: the served model changes only now, with the bytes held since PREPARED
+        run.swap_task = asyncio.create_task(self._swap(run))
 
-    def _maybe_commit(self, run: VersionRun) -> None:
-        if not (run.commit_requested and run.applied_ok) or run is not self._run:
+    async def _swap(self, run: VersionRun) -> None:
+        held, run.held = run.held or [], None
+        loop = asyncio.get_running_loop()
+        try:
+            run.touched = True
+            await asyncio.shield(loop.run_in_executor(self._executor, self._load, iter(held)))
+        except Exception as exc:  # after COMMIT: this rank reports the failure, the model may be torn
+            self._fail_run(run, exc)
+            return
+        self._commit(run)
+
+    def _prepared(self, run: VersionRun) -> None:
+        """Every byte is applied (staged: held and verified): say PREPARED and wait for COMMIT."""
+        if run is not self._run:
+            return
+        run.applied_ok = True
+        run.prepared_seconds = time.perf_counter() - run.started
+        with self._cond:
+            self._state = "prepared"
+        self._send(m.Prepared(
+            version=run.version, tensors=run.applied, bytes=run.total_bytes, seconds=run.prepared_seconds,
+            in_place=run.held is None,
+        ))
+
+    def _commit(self, run: VersionRun) -> None:
+        if run is not self._run:
             return
         seconds = time.perf_counter() - run.started
         hook = getattr(self._sink, "on_commit", None)
@@ -593,18 +713,16 @@ class ReceiverDaemon:
             return
         finally:
             feeder.cancel()
-        run.applied_ok = True
-        self._maybe_commit(run)
+        self._prepared(run)
 
     def _apply_sync(self, run: VersionRun) -> None:
         if self._staged:
-            # Copy the whole version out of the slots first (one model's worth of spare memory);
-            # load_weights runs only once every bucket arrived and passed its checks.
+            # Copy the whole version out of the slots (one model's worth of spare memory); the
+            # served model changes only at COMMIT (_swap), so an abort before it leaves it as it was.
             held = [(name, detached_copy(tensor)) for name, tensor in run.iterate()]
             if not run.complete:
                 raise VersionAborted(f"version {run.version!r} ended before every tensor arrived")
-            run.touched = True
-            self._load(iter(held))
+            run.held = held
             return
         iterator = run.iterate()
         self._load(iterator)
@@ -669,24 +787,35 @@ class ReceiverDaemon:
             if touched:
                 self._model_intact = False
                 self._state = "aborted"
-            elif self._state == "receiving":
+            elif self._state in ("receiving", "prepared"):
                 self._state = "idle" if self._model_intact else "aborted"
             self._cond.notify_all()
 
     async def _abort_run(self, error: WeightstreamError) -> None:
-        """Stop the version in flight and wait (bounded) for load_weights to return."""
+        """Stop the version in flight and wait (bounded) for load_weights to return. A version
+        whose COMMIT arrived is not aborted: its staged swap runs to its end."""
         run, task = self._run, self._run_task
         if run is None:
+            return
+        if run.commit_started:
+            swap = run.swap_task
+            if swap is not None and not swap.done() and not await wait_bounded(swap, self._apply_timeout):
+                log.error("rank %d: load_weights did not return within %.0fs of COMMIT", self.rank, self._apply_timeout)
             return
         run.queue.abort(error)
         if task is not None and not task.done():
             if not await wait_bounded(task, self._apply_timeout):
                 log.error("rank %d: load_weights did not return within %.0fs of an abort", self.rank, self._apply_timeout)
-        if self._run is run:  # _apply did not already record it
+        if self._run is run:  # _apply did not already record it: the rank had PREPARED
             self._sink_aborted()
+            run.held = None
             self._record_failure(run.version, error, touched=run.touched)
             self._run = None
             self._inbox = None
+            self._send(m.Failed(  # the answer to an ABORT; dropped if the sender is gone
+                version=run.version, error=type(error).__name__, message=f"{type(error).__name__}: {error}"[: m.MAX_TEXT_LEN],
+                model_intact=not run.touched,
+            ))
 
 
 def _ignore_send_error(future: Any) -> None:

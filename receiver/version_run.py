@@ -115,8 +115,11 @@ class VersionRun:
         self.finished = False
         self._partial: dict[str, tuple[Any, bool]] = {}
         # set by the daemon
-        self.commit_requested = False
-        self.applied_ok = False
+        self.applied_ok = False  # every byte applied (staged: held); PREPARED went out
+        self.commit_started = False  # COMMIT arrived: the version is decided, never aborted now
+        self.held: list[tuple[str, Any]] | None = None  # staged: the version's copies until COMMIT
+        self.swap_task: Any = None  # staged: the load_weights call COMMIT started
+        self.prepared_seconds = 0.0
         self.started = 0.0
         self.staged = False  # staged mode: the consumer only copies; the model is untouched
         # set by the daemon when this rank said READY streamed: its index among a ring's

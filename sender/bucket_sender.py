@@ -41,6 +41,7 @@ class _Layout:
     dims: bytes
     dtypes: bytes  # BEGIN's dtype codes
     total: int  # payload bytes
+    may_split: bool  # the manifest may not fit one frame: BEGIN is then split into MANIFEST parts
     max_entries: int  # the planner's cap on tensors per bucket
     number: int  # names it in a BEGIN to ranks that took it already (this sender's count)
     ring_plans: dict[int, RingPlan] = field(default_factory=dict)  # by ring bytes
@@ -48,15 +49,28 @@ class _Layout:
 
 @dataclass(frozen=True)
 class ReceiverResult:
+    """One rank's part in a push.
+
+    ``outcome``: "committed"; "aborted" (it was fine, another rank's failure ended the
+    version); "rejected" (its manifest check refused the version before a byte was written);
+    "failed" (its own error, in ``error``); "lost" (disconnected, silent or timed out).
+    ``model_intact``: False when the rank's served model holds bytes of a version it did not
+    commit (it applied in place and then aborted); None when the rank did not say.
+    """
+
     rank: int
     tensors: int
     bytes: int
     seconds: float
+    outcome: str = "committed"
+    error: str | None = None
+    model_intact: bool | None = True
 
 
 @dataclass(frozen=True)
 class PushReport:
-    """What one ``push`` moved; returned only when every receiver committed."""
+    """What one ``push`` moved and how each rank ended it. ``push`` returns it when every rank
+    committed (``committed``); a failed push raises with it as ``exc.report``."""
 
     version: str
     bytes: int
@@ -64,11 +78,17 @@ class PushReport:
     buckets: int
     seconds: float
     receivers: dict[int, ReceiverResult] = field(default_factory=dict)
+    committed: bool = True
 
     @property
     def gbps(self) -> float:
         """Payload gigabytes (1e9) per second, end to end."""
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+# after a failure, how long a push waits for the other ranks to say how it ended for them
+# (their answers to ABORT carry model_intact) before it raises
+_OUTCOME_WAIT_S = 2.0
 
 
 class BucketSender:
@@ -94,7 +114,7 @@ class BucketSender:
         model_dir: str | Path | None = None,
         checksum: bool = False,
         curve_keys: CurveKeys | None = None,
-        allowed_clients: Iterable[bytes] | None = None,
+        allowed_clients: Iterable[bytes] | Mapping[int, bytes] | None = None,
         insecure: bool = False,
     ) -> None:
         if receivers < 1:
@@ -252,8 +272,8 @@ class BucketSender:
             # without the tensors: a trainer that makes fresh ones per push must get its memory back
             self._layouts += 1
             layout = self._last_layout = _Layout(
-                replace(manifest, tensors=None), plan, ndims, dims, bytes(manifest.dtypes), sum(manifest.nbytes), cap,
-                self._layouts,
+                replace(manifest, tensors=None), plan, ndims, dims, bytes(manifest.dtypes), sum(manifest.nbytes),
+                m.may_need_split(manifest.names, len(dims)), cap, self._layouts,
             )
         plan, total = layout.plan, layout.total
         self.wait_for_receivers(timeout=timeout)
@@ -272,20 +292,21 @@ class BucketSender:
         try:
             forced = True if force else None
             if len(reusing) < len(idents):
-                pub.broadcast(
-                    [ident for ident in idents if ident not in reusing],
-                    m.Begin(
-                        version=version,
-                        names=manifest.names,
-                        dtypes=layout.dtypes,
-                        ndims=layout.ndims,
-                        dims=layout.dims,
-                        total_bytes=total,
-                        buckets=len(plan),
-                        force=forced,
-                        layout=layout.number,
-                    ),
+                begin = m.Begin(
+                    version=version,
+                    names=manifest.names,
+                    dtypes=layout.dtypes,
+                    ndims=layout.ndims,
+                    dims=layout.dims,
+                    total_bytes=total,
+                    buckets=len(plan),
+                    force=forced,
+                    layout=layout.number,
                 )
+                full = [ident for ident in idents if ident not in reusing]
+                # a manifest over one frame's limit travels as BEGIN + MANIFEST parts
+                for frame in m.split_begin(begin) if layout.may_split else [begin]:
+                    pub.broadcast(full, frame)
             if reusing:
                 pub.broadcast(reusing, m.Begin.reusing(version, layout.number, total, len(plan), forced))
             log.debug(
@@ -294,12 +315,11 @@ class BucketSender:
                 describe_ranks(r for r, ident in ranks.items() if ident not in reusing),
             )
 
-
             def wait_ready() -> None:
                 pub.wait(
                     lambda: len(rnd.ready) + len(rnd.rejected) == len(ranks),
                     timeout,
-                    f"ranks {describe_ranks(ranks)} to check the manifest of {version!r}",
+                    f"ranks {describe_ranks(set(ranks) - rnd.ready - set(rnd.rejected))} to check the manifest of {version!r}",
                 )
                 if rnd.rejected:
                     raise _rejection(version, rnd)
@@ -307,6 +327,15 @@ class BucketSender:
             # Packing the first slots overlaps the receivers' manifest check; nothing is
             # published (and so nothing touches a model) before every rank said READY.
             self._stream(manifest, plan, rnd, idents, timeout, wait_ready, source)
+            # Two-phase: COMMIT only once every rank holds every byte (PREPARED); until then any
+            # failure aborts the version on every rank and none commits it.
+            pub.wait(
+                lambda: len(rnd.prepared) == len(ranks),
+                timeout,
+                f"ranks {describe_ranks(set(ranks) - set(rnd.prepared))} to prepare {version!r}",
+            )
+            with pub.cond:
+                rnd.commit_sent = True
             pub.broadcast(idents, m.Commit(version=version))
             pub.wait(
                 lambda: len(rnd.committed) == len(ranks),
@@ -314,18 +343,31 @@ class BucketSender:
                 f"ranks {describe_ranks(set(ranks) - set(rnd.committed))} to commit {version!r}",
             )
         except BaseException as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            pub.broadcast(idents, m.Abort(version=version, reason=reason[: m.MAX_TEXT_LEN]))
+            with pub.cond:
+                commit_sent, rnd.aborted = rnd.commit_sent, not rnd.commit_sent
+                if isinstance(exc, PeerTimeout):  # the ranks that did not answer in time
+                    for rank in ranks:
+                        if not rnd.settled(rank) and (commit_sent or rank not in rnd.prepared):
+                            rnd.lost[rank] = f"no answer within {timeout:.1f}s"
+            if not commit_sent:  # after COMMIT the decision stands: ranks commit what they hold
+                reason = f"{type(exc).__name__}: {exc}"
+                pub.broadcast(idents, m.Abort(version=version, reason=reason[: m.MAX_TEXT_LEN]))
+            try:  # bounded: ranks answer an ABORT (or COMMIT) with how it ended for them
+                pub.wait_quiet(lambda: all(rnd.settled(rank) for rank in ranks), min(timeout, _OUTCOME_WAIT_S))
+            finally:
+                report = _report(rnd, total, len(manifest), len(plan), time.perf_counter() - start)
+            if isinstance(exc, WeightstreamError):
+                exc.report = report
+            log.warning("push of %s failed: %s", version, "; ".join(
+                f"rank {r.rank} {r.outcome}" + (f" ({r.error})" if r.error else "") for r in report.receivers.values()
+            ))
             raise
         finally:
             with pub.cond:
                 pub.round = None
         seconds = time.perf_counter() - start
         self.committed_version = version
-        results = {
-            rank: ReceiverResult(rank, c.tensors, c.bytes, c.seconds) for rank, c in sorted(rnd.committed.items())
-        }
-        report = PushReport(version, total, len(manifest), len(plan), seconds, results)
+        report = _report(rnd, total, len(manifest), len(plan), seconds)
         log.info(
             "pushed %s: %d tensors, %d bytes, %d buckets to %d ranks in %.3fs",
             version, len(manifest), total, len(plan), len(ranks), seconds,
@@ -426,6 +468,33 @@ class BucketSender:
                 count=len(bucket.tensors) if bucket.whole else None,
             ),
         )
+
+
+def _report(rnd: Round, total: int, tensors: int, buckets: int, seconds: float) -> PushReport:
+    """Every rank's outcome of a round; the caller holds no lock (the round is over or frozen)."""
+    results: dict[int, ReceiverResult] = {}
+    for rank in sorted(rnd.ranks):
+        done = rnd.committed.get(rank)
+        if done is not None:
+            results[rank] = ReceiverResult(rank, done.tensors, done.bytes, done.seconds)
+            continue
+        prep = rnd.prepared.get(rank)
+        applied = (prep.tensors, prep.bytes, prep.seconds) if prep is not None else (0, 0, 0.0)
+        # a rank that prepared in place holds the uncommitted version in its served model
+        intact: bool | None = None if prep is None else not prep.in_place
+        if rank in rnd.rejected:
+            error, reason = rnd.rejected[rank]
+            results[rank] = ReceiverResult(rank, 0, 0, 0.0, "rejected", f"{error}: {reason}", True)
+        elif rank in rnd.failed:
+            error, message, model_intact = rnd.failed[rank]
+            outcome = "failed" if rank in rnd.causes else "aborted"
+            results[rank] = ReceiverResult(rank, *applied, outcome, f"{error}: {message}", model_intact)
+        elif rank in rnd.lost:
+            results[rank] = ReceiverResult(rank, *applied, "lost", rnd.lost[rank], intact)
+        else:
+            results[rank] = ReceiverResult(rank, *applied, "aborted", None, intact)
+    ok = bool(results) and all(r.outcome == "committed" for r in results.values())
+    return PushReport(rnd.version, total, tensors, buckets, seconds, results, ok)
 
 
 def _rejection(version: str, rnd: Round) -> WeightstreamError:

@@ -14,14 +14,22 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
 from ..protocol import messages as m
-from ..protocol.errors import PeerLost, PeerTimeout, ProtocolError, WeightstreamError, from_wire
+from ..protocol.errors import (
+    IdentityRefused,
+    PeerLost,
+    PeerTimeout,
+    ProtocolError,
+    RankInUse,
+    WeightstreamError,
+    from_wire,
+)
 from ..protocol.security import (
     CurveKeys,
     apply_server_curve,
@@ -37,9 +45,10 @@ log = logging.getLogger("weightstream.sender")
 @dataclass
 class Peer:
     rank: int
-    identity: bytes
-    session: str
+    identity: bytes  # this connection's routing identity (libzmq's, random per connection)
+    session: str  # the daemon's random token: a reconnect of the same daemon shows it again
     pid: int
+    host: str
     last_seen: float
     # the layout this rank said READY to last (BucketSender's number): the next BEGIN of that
     # layout names it instead of resending the manifest. None from each BEGIN until its READY.
@@ -56,22 +65,32 @@ class Round:
     ready: set[int] = field(default_factory=set)
     streamed: set[int] = field(default_factory=set)  # ranks that take buckets through a slot's ring
     rejected: dict[int, tuple[str, str]] = field(default_factory=dict)
+    prepared: dict[int, m.Prepared] = field(default_factory=dict)
+    commit_sent: bool = False
     committed: dict[int, m.Committed] = field(default_factory=dict)
+    # a rank's failure: (error name, message, model_intact); after an ABORT, its answer to it
+    failed: dict[int, tuple[str, str, bool]] = field(default_factory=dict)
+    answered: set[int] = field(default_factory=set)  # ranks that sent FAILED (it carries model_intact)
+    lost: dict[int, str] = field(default_factory=dict)  # rank -> why
+    causes: set[int] = field(default_factory=set)  # ranks whose failure or loss ended the round
+    aborted: bool = False  # ABORT went out: FAILED answers now report each rank's state
     failure: WeightstreamError | None = None
     # seq -> (slot, ranks still to ack)
     pending: dict[int, tuple[int, set[int]]] = field(default_factory=dict)
 
-    def fail(self, error: WeightstreamError) -> None:
+    def fail(self, error: WeightstreamError, rank: int | None = None) -> None:
         if self.failure is None:
             self.failure = error
+            if rank is not None:
+                self.causes.add(rank)
 
     def check(self) -> None:
         if self.failure is not None:
             raise self.failure
 
-
-def identity_of(rank: int) -> bytes:
-    return str(rank).encode()
+    def settled(self, rank: int) -> bool:
+        """Has this rank said how the round ended for it (or can it no longer)?"""
+        return rank in self.answered or rank in self.lost or rank in self.rejected or rank in self.committed
 
 
 class Publisher:
@@ -84,16 +103,22 @@ class Publisher:
         heartbeat_timeout: float,
         poll_interval: float,
         curve_keys: CurveKeys | None = None,
-        allowed_clients: Iterable[bytes] | None = None,
+        allowed_clients: Iterable[bytes] | Mapping[int, bytes] | None = None,
         insecure: bool = False,
     ) -> None:
         self.endpoint = endpoint
+        # {rank: public key}: a CURVE key may claim only its rank (the connection's ZAP user id)
+        self._rank_keys: dict[int, bytes] | None = None
+        if isinstance(allowed_clients, Mapping):
+            self._rank_keys = {int(rank): _z85(key) for rank, key in allowed_clients.items()}
+            allowed_clients = list(self._rank_keys.values())
         self.session = session
         self._welcome = welcome
         self._heartbeat_timeout = heartbeat_timeout
         self._poll_ms = max(1, int(poll_interval * 1000))
         self.cond = threading.Condition()
-        self.peers: dict[int, Peer] = {}
+        self.peers: dict[int, Peer] = {}  # by rank: the one live connection holding it
+        self._by_ident: dict[bytes, Peer] = {}
         self.lost: dict[int, tuple[float, str]] = {}  # rank -> (when, why), for error messages
         self.round: Round | None = None
         self.on_slot_free: Callable[[int], None] = lambda slot: None
@@ -106,11 +131,13 @@ class Publisher:
         self._auth = start_authenticator(self._ctx, allowed_clients) if curve_keys is not None else None
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
-        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer raises, never drops
-        self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted rank takes its identity back
+        # a send to a gone peer raises, never drops. No ROUTER_HANDOVER: identities are libzmq's
+        # own, one per connection, and a rank is claimed in HELLO, so no peer can take another's
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._router.setsockopt(zmq.SNDHWM, 0)
         self._router.setsockopt(zmq.RCVHWM, 0)
-        self._router.setsockopt(zmq.MAXMSGSIZE, m.MAX_MESSAGE_BYTES)  # libzmq drops oversized frames unread
+        # ranks send only small control messages: libzmq drops a connection that sends more, unread
+        self._router.setsockopt(zmq.MAXMSGSIZE, m.MAX_PEER_MESSAGE_BYTES)
         if curve_keys is not None:
             apply_server_curve(self._router, curve_keys)
         try:
@@ -162,6 +189,17 @@ class Publisher:
                 if left <= 0:
                     raise PeerTimeout(f"timed out after {timeout:.1f}s waiting for {what}")
                 self.cond.wait(left)
+
+    def wait_quiet(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait on round/peer events until ``predicate`` holds or ``timeout``; never raises."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(left)
+        return True
 
     def close(self, bye: bool = True) -> None:
         if bye:
@@ -231,47 +269,53 @@ class Publisher:
                 self._peer_gone(ident, f"send failed ({exc.strerror})")
 
     def _drain_router(self) -> None:
+        want_key = self._rank_keys is not None
         while True:
             try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=not want_key)
             except zmq.Again:
                 return
             if len(frames) != 2:
                 log.warning("dropped a message of %d frames; expected [identity, body]", len(frames))
                 continue
+            user_id: str | None = None
+            if want_key:
+                user_id = frames[1].get("User-Id")  # the ZAP handler's name for the CURVE key
+                frames = [f.bytes for f in frames]
             ident, body = frames
+            known = ident in self._by_ident  # read by this thread only (the lock guards writes)
             try:
-                msg = m.decode(body)
+                # before its HELLO is accepted a peer gets only small frames decoded
+                msg = m.decode(body, m.MAX_PEER_MESSAGE_BYTES if known else m.PRE_HELLO_MAX_BYTES)
             except ProtocolError as exc:
-                log.warning("bad message from %r: %s", ident[:32], exc)
-                with self.cond:
-                    known = self._peer_by_ident(ident) is not None
+                log.warning("bad message from %s: %s", "a rank" if known else "an unknown peer", exc)
                 if known and self._error_limiter.allow(exc, time.monotonic()):  # unknown peers get nothing
                     self._try_send(ident, m.Error(error="ProtocolError", message=str(exc)[: m.MAX_TEXT_LEN]))
                 continue
-            self._handle(ident, msg)
+            self._handle(ident, msg, user_id)
 
-    def _try_send(self, ident: bytes, msg: m.Message) -> None:
+    def _try_send(self, ident: bytes, msg: m.Message) -> bool:
         try:
             self._router.send_multipart([ident, m.encode(msg)])
         except zmq.ZMQError:
-            pass
+            return False
+        return True
 
-    def _handle(self, ident: bytes, msg: m.Message) -> None:
+    def _handle(self, ident: bytes, msg: m.Message, user_id: str | None) -> None:
         now = time.monotonic()
         if isinstance(msg, m.Hello):
-            self._on_hello(ident, msg, now)
+            self._on_hello(ident, msg, now, user_id)
             return
         with self.cond:
-            peer = self._peer_by_ident(ident)
+            peer = self._by_ident.get(ident)
             if isinstance(msg, m.Ping):
                 if peer is not None:
                     peer.last_seen = now
-                # An unknown or stale peer learns our session from the PONG and says HELLO again.
-                self._try_send(ident, m.Pong(session=self.session))
+                # An unknown peer (dropped, or never welcomed) learns that it must say HELLO again.
+                self._try_send(ident, m.Pong(session=self.session, known=peer is not None))
                 return
             if peer is None:
-                log.debug("ignored %s from unknown peer %r", msg.TYPE, ident[:32])
+                log.debug("ignored %s from a connection that holds no rank", msg.TYPE)
                 return
             peer.last_seen = now
             if isinstance(msg, m.Bye):
@@ -281,32 +325,56 @@ class Publisher:
                 return
             self._on_round_message(peer, msg)
 
-    def _on_hello(self, ident: bytes, msg: m.Hello, now: float) -> None:
-        if ident != identity_of(msg.rank):
-            log.warning("HELLO from identity %r claims rank %d; ignored", ident[:32], msg.rank)
-            return
+    def _refuse(self, ident: bytes, error: WeightstreamError) -> None:
+        log.warning("refused a claim: %s", error)
+        self._try_send(ident, m.Error(error=type(error).__name__, message=str(error)[: m.MAX_TEXT_LEN]))
+
+    def _on_hello(self, ident: bytes, msg: m.Hello, now: float, user_id: str | None) -> None:
+        if self._rank_keys is not None:
+            allowed = self._rank_keys.get(msg.rank)
+            if user_id is None or allowed is None or user_id.encode() != allowed:
+                mine = [r for r, k in self._rank_keys.items() if user_id is not None and k == user_id.encode()]
+                self._refuse(ident, IdentityRefused(
+                    f"rank {msg.rank} was claimed with CURVE key {(user_id or '?')[:8]}..., which allowed_clients "
+                    f"lets claim only rank {describe_ranks(mine)}; start the daemon with rank= matching its key, or "
+                    "map the key to this rank in the sender's allowed_clients"
+                ))
+                return
         try:
             reply = self._welcome(msg)
         except WeightstreamError as exc:
-            log.warning("refused rank %d: %s", msg.rank, exc)
-            self._try_send(ident, m.Error(error=type(exc).__name__, message=str(exc)))
+            self._refuse(ident, exc)
             return
         with self.cond:
-            old = self.peers.get(msg.rank)
-            if old is not None and old.session != msg.session:
-                self._drop_peer(old, f"rank {msg.rank} restarted (new receiver session)")
-            self.peers[msg.rank] = Peer(msg.rank, ident, msg.session, msg.pid, now)
+            holder = self.peers.get(msg.rank)
+            if holder is not None and holder.identity != ident:
+                if holder.session == msg.session:  # the same daemon on a new connection
+                    self._drop_peer(holder, f"rank {msg.rank} reconnected")
+                elif self._try_send(holder.identity, m.Pong(session=self.session, known=True)):
+                    # the holder's connection is alive (a send to a closed one raises): refuse
+                    self._refuse(ident, RankInUse(
+                        f"rank {msg.rank} is held by a live connection (pid {holder.pid} on {holder.host}, heard "
+                        f"{now - holder.last_seen:.1f}s ago); the claim of pid {msg.pid} on {msg.host} is refused. "
+                        "Give each daemon its own rank; a restarted rank is adopted once the old one has been "
+                        f"silent for {self._heartbeat_timeout:.0f}s (the sender's heartbeat_timeout)"
+                    ))
+                    return
+                else:
+                    self._drop_peer(holder, f"rank {msg.rank}: its connection closed")
+            peer = self._by_ident.get(ident)
+            if peer is not None and peer.rank != msg.rank:
+                self._refuse(ident, IdentityRefused(
+                    f"this connection holds rank {peer.rank} and now claims rank {msg.rank}; a daemon has one rank"
+                ))
+                return
+            if peer is None:
+                peer = Peer(msg.rank, ident, msg.session, msg.pid, msg.host, now)
+                self.peers[msg.rank] = self._by_ident[ident] = peer
+            peer.last_seen = now
             self.lost.pop(msg.rank, None)
             self.cond.notify_all()
         log.info("rank %d connected (pid %d)", msg.rank, msg.pid)
         self._try_send(ident, reply)
-
-    def _peer_by_ident(self, ident: bytes) -> Peer | None:
-        try:
-            peer = self.peers.get(int(ident))
-        except ValueError:
-            return None
-        return peer if peer is not None and peer.identity == ident else None
 
     def _on_round_message(self, peer: Peer, msg: m.Message) -> None:
         rnd = self.round
@@ -314,7 +382,8 @@ class Publisher:
             log.warning("rank %d reported %s: %s", peer.rank, msg.error, msg.message)
             # An error about another (earlier, already failed) version must not fail this one.
             if rnd is not None and peer.rank in rnd.ranks and msg.version == rnd.version:
-                rnd.fail(from_wire(msg.error, msg.message, rank=peer.rank))
+                rnd.failed.setdefault(peer.rank, (msg.error, msg.message, True))
+                rnd.fail(from_wire(msg.error, msg.message, rank=peer.rank), peer.rank)
                 self.cond.notify_all()
             return
         version = getattr(msg, "version", None)
@@ -337,6 +406,8 @@ class Publisher:
             if not waiting:
                 del rnd.pending[msg.seq]
                 self.on_slot_free(slot)
+        elif isinstance(msg, m.Prepared):
+            rnd.prepared[peer.rank] = msg
         elif isinstance(msg, m.Committed):
             rnd.committed[peer.rank] = msg
         elif isinstance(msg, m.Failed):
@@ -345,7 +416,13 @@ class Publisher:
                 # this is the FAILED that an ABORT of an earlier attempt at this version drew.
                 log.debug("ignored FAILED of an earlier attempt at %r from rank %d", rnd.version, peer.rank)
                 return
-            rnd.fail(from_wire(msg.error, msg.message, rank=peer.rank))
+            first = rnd.failed.get(peer.rank)  # an ERROR may have named the cause already
+            rnd.failed[peer.rank] = (msg.error, msg.message, msg.model_intact) if first is None else (
+                first[0], first[1], msg.model_intact)
+            rnd.answered.add(peer.rank)
+            if not rnd.aborted:  # after an ABORT, a FAILED is a rank's answer to it
+                after = " after COMMIT (the served model may be torn)" if rnd.commit_sent else ""
+                rnd.fail(from_wire(msg.error, msg.message + after, rank=peer.rank), peer.rank)
         else:
             log.debug("ignored unexpected %s from rank %d", msg.TYPE, peer.rank)
             return
@@ -353,23 +430,27 @@ class Publisher:
 
     def _peer_gone(self, ident: bytes, reason: str) -> None:
         with self.cond:
-            peer = self._peer_by_ident(ident)
+            peer = self._by_ident.get(ident)
             if peer is not None:
                 self._drop_peer(peer, f"rank {peer.rank}: {reason}")
 
     def _drop_peer(self, peer: Peer, reason: str, clean: bool = False) -> None:
         """Caller holds the lock."""
+        if self._by_ident.get(peer.identity) is peer:
+            del self._by_ident[peer.identity]
         if self.peers.get(peer.rank) is peer:
             del self.peers[peer.rank]
             self.lost[peer.rank] = (time.monotonic(), reason)
         (log.info if clean else log.warning)("peer gone: %s", reason)
         rnd = self.round
-        if rnd is not None and peer.rank in rnd.ranks and peer.rank not in rnd.committed:
-            err = PeerLost(
-                f"{reason} during version {rnd.version!r}; restart the rank (it reconnects on its own) and push again",
+        if rnd is not None and peer.rank in rnd.ranks and not rnd.settled(peer.rank):
+            rnd.lost[peer.rank] = reason
+            when = "after COMMIT went out (it may or may not have committed)" if rnd.commit_sent else "before COMMIT"
+            rnd.fail(PeerLost(
+                f"{reason} during version {rnd.version!r}, {when}; restart the rank (it reconnects on its own) "
+                "and push again",
                 rank=peer.rank,
-            )
-            rnd.fail(err)
+            ), peer.rank)
         self.cond.notify_all()
 
     def _check_heartbeats(self) -> None:
@@ -391,3 +472,9 @@ class Publisher:
 
 def describe_ranks(ranks: Any) -> str:
     return ", ".join(str(r) for r in sorted(ranks)) or "none"
+
+
+def _z85(key: bytes | str) -> bytes:
+    """A CURVE public key as the ZAP handler names it: 40 Z85 characters."""
+    raw = key.encode() if isinstance(key, str) else bytes(key)
+    return zmq.utils.z85.encode(raw) if len(raw) == 32 else raw

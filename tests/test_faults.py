@@ -238,6 +238,7 @@ def _good_version(fake: FakeSender, ident: bytes, version: str, checksum: bool =
     fake.send_msg(ident, fake.begin(version, named))
     fake.expect((m.Ready,), 5, lambda x: x.version == version)
     fake.send_msg(ident, fake.bucket_messages(version, named, checksum=checksum))
+    fake.expect((m.Prepared,), 5, lambda x: x.version == version)  # two-phase: COMMIT only after PREPARED
     fake.send_msg(ident, m.Commit(version=version))
     fake.expect((m.Committed,), 5, lambda x: x.version == version)
 

@@ -397,6 +397,7 @@ def test_daemon_commits_between_mutated_frames(endpoint: str) -> None:
                 noise()
                 fake.send_msg(ident, fake.bucket_messages(v, named, checksum=True))
                 noise()
+                fake.expect((m.Prepared,), 10, lambda x, v=v: x.version == v)
                 fake.send_msg(ident, m.Commit(version=v))
                 noise()
                 fake.expect((m.Committed,), 10, lambda x, v=v: x.version == v)

@@ -199,6 +199,7 @@ def test_bad_buckets_and_begins_in_session_then_a_real_version_commits(
     fake.slots[1].host_view()[:24] = b.view(np.uint8)
     fake.send(bucket(1, "b"))
     assert fake.wait_for(m.Ack).seq == 1
+    assert fake.wait_for(m.Prepared).version == "v1"  # two-phase: COMMIT only after PREPARED
     fake.send(m.Commit(version="v1"))
     done = fake.wait_for(m.Committed)
     assert (done.version, done.tensors, done.bytes) == ("v1", 2, 4024)
@@ -266,6 +267,7 @@ def test_out_of_order_bucket_fails_the_version_and_the_next_one_commits(
     fake.slots[1].host_view()[:24] = b.view(np.uint8)
     fake.send(bucket(0, "a.weight", version="v2"))
     fake.send(bucket(1, "b", version="v2"))
+    assert fake.wait_for(m.Prepared).version == "v2"  # two-phase: COMMIT only after PREPARED
     fake.send(m.Commit(version="v2"))
     assert fake.wait_for(m.Committed).version == "v2"
     assert daemon_state["b"].tobytes() == b.tobytes()
@@ -309,6 +311,7 @@ def test_reusing_begins_and_packed_buckets_by_hand(
     for bucket_ in (packed(0, 0, 1, "v1"), packed(1, 1, 1, "v1")):
         fake.send(bucket_)
         fake.wait_for(m.Ack)
+    assert fake.wait_for(m.Prepared).version == "v1"  # two-phase: COMMIT only after PREPARED
     fake.send(m.Commit(version="v1"))
     assert fake.wait_for(m.Committed).version == "v1"
     assert daemon_state["a.weight"].tobytes() == a.tobytes() and daemon_state["b"].tobytes() == b.tobytes()
@@ -340,6 +343,7 @@ def test_reusing_begins_and_packed_buckets_by_hand(
     fake.slots[1].host_view()[:24] = 0
     for bucket_ in (packed(0, 0, 1, "v6"), packed(1, 1, 1, "v6")):
         fake.send(bucket_)
+    assert fake.wait_for(m.Prepared).version == "v6"  # two-phase: COMMIT only after PREPARED
     fake.send(m.Commit(version="v6"))
     assert fake.wait_for(m.Committed).version == "v6"
     assert not daemon_state["a.weight"].any() and not daemon_state["b"].any()

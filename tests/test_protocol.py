@@ -50,6 +50,12 @@ EXAMPLES: list[m.Message] = [
     m.Ping(session="s1"),
     m.Pong(session="s1"),
     m.Bye(reason="closing"),
+    # protocol v6: two-phase commit, per-connection identities, split manifests, transport parameters
+    m.Prepared(version="step_1", tensors=3, bytes=26, seconds=0.25, in_place=False),
+    m.Pong(session="s1", known=False),
+    m.ManifestPart(version="step_1", part=1, names=["b.w"], dtypes=b"\x08", ndims=b"\x01", dims=pack_u64([2])),
+    m.Begin(version="step_1", names=["a.w"], dtypes=b"\x08", ndims=b"\x01", dims=pack_u64([2]), total_bytes=16,
+            buckets=1, parts=2, transport={"store": "127.0.0.1:29500", "group": 3}),
     # protocol v5: a repeated manifest named by its layout, and a bucket that sends only its count
     m.Begin.build(version="step_1", names=["a"], dtypes=[8], shapes=[[2]], total_bytes=8, buckets=1, layout=3),
     m.Begin.reusing("step_2", layout=3, total_bytes=8, buckets=1, force=True),
@@ -341,3 +347,67 @@ def test_a_repeated_manifest_is_still_checked_where_it_differs() -> None:
     with pytest.raises(ProtocolError, match="BEGIN.dtypes"):
         m.decode(body_of(BEGIN, dtypes=bytes([8, 7, 99])))
     assert m.decode(good) == BEGIN
+
+
+# --- protocol v6: split manifests and bounded decoding ---------------------------------------
+
+
+def test_a_large_manifest_is_split_into_frames_and_joined_whole() -> None:
+    names = [f"layer.{i:05d}." + "w" * 200 for i in range(2000)]
+    shapes = [[i % 7 + 1, 3] for i in range(2000)]
+    begin = m.Begin.build("step_1", names, [8] * 2000, shapes, sum(4 * 3 * (i % 7 + 1) for i in range(2000)), 1, layout=2)
+    frames = [m.encode(x) for x in m.split_begin(begin, part_bytes=100_000)]
+    assert len(frames) > 4 and all(len(f) <= 100_000 + 1024 for f in frames)
+    first, *rest = (m.decode(f) for f in frames)
+    assert isinstance(first, m.Begin) and first.parts == len(frames)
+    whole = m.join_manifest(first, rest)  # type: ignore[arg-type]
+    assert whole.names == names and whole.dims == begin.dims and whole.dtypes == begin.dtypes and whole.parts is None
+    assert m.split_begin(begin) == [begin]  # under the default limit: one frame
+
+
+def test_a_split_manifest_with_a_name_in_two_parts_is_refused() -> None:
+    begin = m.Begin.build("v", ["a", "b", "a2"], [8] * 3, [[1]] * 3, 24, 1)
+    first, second = m.split_begin(begin, part_bytes=8)[:2]
+    dup = m.ManifestPart(version="v", part=1, names=["a"], dtypes=b"\x08", ndims=b"\x01", dims=pack_u64([1]))
+    with pytest.raises(ProtocolError, match="duplicate"):
+        m.join_manifest(first, [dup, dup])  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match="MANIFEST frames"):
+        m.join_manifest(first, [second])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"\x91" * 2_000_000 + b"\x90",  # nested empty arrays
+        b"\xdd" + (2_000_000).to_bytes(4, "big") + b"\x90" * 2_000_000,  # one array of empty arrays
+        b"\x81\xa1k" + b"\x9f" * 200 + b"\x90" * 3000,  # a tree of arrays
+        b"\xdf" + (1_000_000).to_bytes(4, "big") + b"\xa1k\x80" * 1_000_000,  # a huge map
+    ],
+    ids=["nested", "wide", "tree", "map"],
+)
+def test_decode_refuses_frames_of_many_containers_before_expanding_them(frame: bytes) -> None:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError):
+            m.decode(frame)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * len(frame) + (1 << 20), peak
+
+
+def test_names_bin_of_tiny_names_is_bounded_by_its_size() -> None:
+    blob = b"\0".join([b"x"] * 2_000_000)  # 4 MB of 1-character names: 2M Python strs
+    body = msgpack.packb({"type": "BEGIN", "v": m.PROTOCOL_VERSION, "version": "v", "names": blob, "dtypes": b"",
+                          "ndims": b"", "dims": b"", "total_bytes": 0, "buckets": 1}, use_bin_type=True)
+    with pytest.raises(ProtocolError, match="at most .* names in a bin"):
+        m.decode(body)
+
+
+def test_a_small_frame_limit_refuses_before_parsing() -> None:
+    frame = m.encode(m.Error(error="E", message="é" * 40_000))  # 80 kB of UTF-8
+    with pytest.raises(ProtocolError, match="before the handshake"):
+        m.decode(frame, m.PRE_HELLO_MAX_BYTES)
+    assert isinstance(m.decode(frame), m.Error)

@@ -43,6 +43,7 @@ def test_aborted_half_version_leaves_a_staged_model_intact(endpoint: str, staged
         fake.slots[1].host_view()[:24] = b.view(np.uint8)
         fake.send(bucket(0, "a.weight", version="v2"))
         fake.send(bucket(1, "b", version="v2"))
+        assert fake.wait_for(m.Prepared).version == "v2"  # two-phase: COMMIT only after PREPARED
         fake.send(m.Commit(version="v2"))
         assert fake.wait_for(m.Committed).version == "v2"
         assert state["b"].tobytes() == b.tobytes()

@@ -4,10 +4,12 @@
 """
 
 from .protocol.errors import (
+    IdentityRefused,
     ManifestMismatch,
     PeerLost,
     PeerTimeout,
     ProtocolError,
+    RankInUse,
     RemoteError,
     TransportError,
     VersionAborted,
@@ -15,7 +17,7 @@ from .protocol.errors import (
 )
 from .protocol.security import CurveKeys
 from .receiver.daemon import DaemonStatus, ReceiverDaemon
-from .sender.bucket_sender import BucketSender, PushReport
+from .sender.bucket_sender import BucketSender, PushReport, ReceiverResult
 
 __version__ = "0.1.0"
 
@@ -23,12 +25,15 @@ __all__ = [
     "BucketSender",
     "CurveKeys",
     "DaemonStatus",
+    "IdentityRefused",
     "ManifestMismatch",
     "PeerLost",
     "PeerTimeout",
     "ProtocolError",
     "PushReport",
+    "RankInUse",
     "ReceiverDaemon",
+    "ReceiverResult",
     "RemoteError",
     "TransportError",
     "VersionAborted",
