@@ -56,6 +56,8 @@ ParamSpecs = Mapping[str, tuple[str, Sequence[int]]]
 # a WELCOME's heartbeat interval is clamped to this: a sender asking for 1 ms would make the
 # daemon spin on PINGs
 MIN_HEARTBEAT_INTERVAL = 0.05
+# the sender's answers to a claim it refused (another connection holds the rank, or the key may not claim it)
+_CLAIM_ERRORS = ("RankInUse:", "IdentityRefused:")
 
 
 @dataclass(frozen=True)
@@ -377,7 +379,8 @@ class ReceiverDaemon:
             welcome = self._welcome
             if welcome is None:
                 self._send(self._hello())
-                await asyncio.sleep(max(self._hb_interval, MIN_HEARTBEAT_INTERVAL))
+                refused = (self._last_error or "").startswith(_CLAIM_ERRORS)  # retry, but not in a hurry
+                await asyncio.sleep(max(self._hb_interval, MIN_HEARTBEAT_INTERVAL, 1.0 if refused else 0.0))
                 continue
             interval = max(welcome.heartbeat_interval, MIN_HEARTBEAT_INTERVAL)
             silent = time.monotonic() - self._last_heard
@@ -432,9 +435,11 @@ class ReceiverDaemon:
                 await self._abort_run(PeerLost(f"the sender left ({msg.reason})"))
                 self._drop_session()
         elif isinstance(msg, m.Error):
-            log.warning("rank %d: sender reported %s: %s", self.rank, msg.error, msg.message)
+            text = f"{msg.error}: {msg.message}"
             with self._cond:
-                self._last_error = f"{msg.error}: {msg.message}"
+                repeated, self._last_error = self._last_error == text, text
+            # a refused claim is answered at every HELLO: say it once
+            (log.debug if repeated else log.warning)("rank %d: sender reported %s", self.rank, text)
         elif self._welcome is None:
             raise ProtocolError(f"{msg.TYPE} before WELCOME; expected HELLO/WELCOME first")
         elif isinstance(msg, m.Begin):
@@ -474,6 +479,9 @@ class ReceiverDaemon:
             return
         self._slots = slots
         self._welcome = msg
+        with self._cond:
+            if self._last_error is not None and self._last_error.startswith(_CLAIM_ERRORS):
+                self._last_error = None  # the claim went through after all
         log.info("rank %d: connected to sender (pid %d, %d %s slots)", self.rank, msg.pid, len(slots), msg.transport)
 
     def _drop_session(self) -> None:

@@ -488,7 +488,8 @@ def _report(rnd: Round, total: int, tensors: int, buckets: int, seconds: float) 
         elif rank in rnd.failed:
             error, message, model_intact = rnd.failed[rank]
             outcome = "failed" if rank in rnd.causes else "aborted"
-            results[rank] = ReceiverResult(rank, *applied, outcome, f"{error}: {message}", model_intact)
+            text = message if message.startswith(f"{error}:") else f"{error}: {message}"
+            results[rank] = ReceiverResult(rank, *applied, outcome, text, model_intact)
         elif rank in rnd.lost:
             results[rank] = ReceiverResult(rank, *applied, "lost", rnd.lost[rank], intact)
         else:

@@ -119,6 +119,7 @@ class Publisher:
         self.cond = threading.Condition()
         self.peers: dict[int, Peer] = {}  # by rank: the one live connection holding it
         self._by_ident: dict[bytes, Peer] = {}
+        self._refusals_logged: dict[str, float] = {}  # refusal text -> when it was last logged
         self.lost: dict[int, tuple[float, str]] = {}  # rank -> (when, why), for error messages
         self.round: Round | None = None
         self.on_slot_free: Callable[[int], None] = lambda slot: None
@@ -326,7 +327,12 @@ class Publisher:
             self._on_round_message(peer, msg)
 
     def _refuse(self, ident: bytes, error: WeightstreamError) -> None:
-        log.warning("refused a claim: %s", error)
+        # a refused daemon retries its HELLO every second: log each distinct refusal once a minute
+        text, now = str(error), time.monotonic()
+        if now - self._refusals_logged.get(text, -1e9) > 60.0:
+            self._refusals_logged = {k: t for k, t in self._refusals_logged.items() if now - t <= 60.0}
+            self._refusals_logged[text] = now
+            log.warning("refused a claim: %s", error)
         self._try_send(ident, m.Error(error=type(error).__name__, message=str(error)[: m.MAX_TEXT_LEN]))
 
     def _on_hello(self, ident: bytes, msg: m.Hello, now: float, user_id: str | None) -> None:
@@ -353,8 +359,8 @@ class Publisher:
                 elif self._try_send(holder.identity, m.Pong(session=self.session, known=True)):
                     # the holder's connection is alive (a send to a closed one raises): refuse
                     self._refuse(ident, RankInUse(
-                        f"rank {msg.rank} is held by a live connection (pid {holder.pid} on {holder.host}, heard "
-                        f"{now - holder.last_seen:.1f}s ago); the claim of pid {msg.pid} on {msg.host} is refused. "
+                        f"rank {msg.rank} is held by a live connection (pid {holder.pid} on {holder.host}); the "
+                        f"claim of pid {msg.pid} on {msg.host} is refused. "
                         "Give each daemon its own rank; a restarted rank is adopted once the old one has been "
                         f"silent for {self._heartbeat_timeout:.0f}s (the sender's heartbeat_timeout)"
                     ))
