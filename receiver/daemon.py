@@ -6,6 +6,13 @@ views (at most ``prefetch`` ahead), a heartbeat task, and an apply thread that
 runs the user's ``load_weights`` once per version over a synchronous iterator.
 ``serve()`` is the whole daemon for hosts that own a loop; ``start()`` runs it
 on uvloop in a background thread.
+
+Per version: BEGIN (and MANIFEST parts) -> manifest check -> READY | REJECT; buckets are
+applied (staged: copied aside); then PREPARED, and the version is committed only on COMMIT
+(staged: load_weights runs then). ABORT, or losing the sender, before COMMIT drops it: the
+committed version stays, and model_intact turns False if bytes reached the served model.
+The daemon reconnects on a new socket (a new routing identity, the same session token) when
+the sender goes silent or no longer knows its connection.
 """
 
 from __future__ import annotations

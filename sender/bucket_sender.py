@@ -235,6 +235,11 @@ class BucketSender:
     ) -> PushReport:
         """Stream one version to every receiver; return when all committed it.
 
+        Two-phase: each rank says PREPARED once it holds every byte (applied, or staged);
+        only then does COMMIT go out. Any rejection, failure, lost rank or timeout before
+        that aborts the version on every rank, and ``push`` raises with the PushReport
+        (each rank's outcome) as ``exc.report``.
+
         Ranks refuse a version older than the one they committed (``step_9`` after
         ``step_10``) unless ``force=True``.
 

@@ -2,9 +2,16 @@
 
 Only this thread touches the ROUTER socket. The trainer thread hands it frames
 through a queue plus an inproc wake-up socket (no polling loop), and waits on
-one condition variable for round events (READY, ACK, COMMITTED, failures).
+one condition variable for round events (READY, ACK, PREPARED, COMMITTED, failures).
 The thread answers HELLO and PING at all times, so receivers see a live sender
 while the trainer is busy between pushes.
+
+Identity: libzmq names each connection (no ROUTER_HANDOVER, no chosen identities), and a
+rank is claimed in HELLO together with the daemon's session token. ``peers`` maps each rank
+to the one live connection holding it; a competing claim is refused (RankInUse) unless the
+holder's connection is closed or silent past the heartbeat timeout, or the claim shows the
+holder's own token (the same daemon on a new connection). Frames from a connection that
+holds no rank are decoded only up to PRE_HELLO_MAX_BYTES.
 """
 
 from __future__ import annotations
