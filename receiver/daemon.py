@@ -486,6 +486,7 @@ class ReceiverDaemon:
             return
         self._slots = slots
         self._welcome = msg
+        self._last_heard = time.monotonic()  # silence counts from the WELCOME, not from the socket's opening
         with self._cond:
             if self._last_error is not None and self._last_error.startswith(_CLAIM_ERRORS):
                 self._last_error = None  # the claim went through after all
