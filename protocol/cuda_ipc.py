@@ -602,13 +602,16 @@ class CudaImportedSlot:
 class CudaIpcTransport:
     name = "cuda_ipc"
 
-    def create_slots(self, count: int, size: int) -> list[CudaExportedSlot]:
+    def create_slots(self, count: int, size: int, session: str = "") -> list[CudaExportedSlot]:
         note = expandable_segments_note()
         if note is not None:
             log.warning("%s", note)
         return create_all(CudaExportedSlot, count, size)
 
-    def open_slot(self, descriptor: dict[str, Any]) -> CudaImportedSlot:
+    def open_slot(
+        self, descriptor: dict[str, Any], owner: tuple[int, str] | None = None, insecure: bool = False
+    ) -> CudaImportedSlot:
+        # an IPC handle opens only memory its exporter shared on purpose; the pid check is in the slot
         return CudaImportedSlot(descriptor)
 
 

@@ -47,23 +47,56 @@ def check_network_endpoint(endpoint: str, has_curve: bool, insecure: bool) -> No
 
 
 def prepare_ipc_endpoint(endpoint: str, insecure: bool = False) -> None:
-    """Create an ipc endpoint's directory 0700; refuse one others can reach."""
+    """Create an ipc endpoint's directory 0700 (whatever the umask); refuse one others can reach.
+
+    Both sides call it before they bind or connect: a rank that connected through a directory
+    another user controls would load whatever that user's sender pushes.
+    """
     if not endpoint.startswith("ipc://"):
         return
     path = endpoint[len("ipc://"):]
-    if path.startswith("@"):  # Linux abstract namespace: no directory to protect
-        return
+    if path.startswith("@"):  # Linux abstract namespace: no directory, so anyone on the host can bind it
+        if insecure:
+            return
+        raise WeightstreamError(
+            f"{endpoint} is an abstract unix socket: any local user can bind or reach it, and no permission "
+            "protects it; use a path in a directory of yours (e.g. ipc:///tmp/ws-<uid>/gpu0.sock), or pass "
+            "insecure=True on a host whose users you trust"
+        )
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    _makedirs_private(directory)
     if insecure:
         return
     st = os.stat(directory)
-    if st.st_uid != os.getuid() or st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+    problems = []
+    if st.st_uid != os.getuid():
+        problems.append(f"it is owned by uid {st.st_uid}, not by this process's uid {os.getuid()}")
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        problems.append(f"its mode {stat.S_IMODE(st.st_mode):o} lets other users in (expected 700)")
+    if problems:
         raise WeightstreamError(
-            f"ipc directory {directory} is reachable by other users (mode {stat.S_IMODE(st.st_mode):o}, "
-            f"owner uid {st.st_uid}); expected a directory of yours with mode 700. Use a fresh directory "
-            f"(e.g. ipc:///tmp/ws-{os.getuid()}/gpu0.sock), chmod 700 it, or pass insecure=True"
+            f"ipc directory {directory} is not private: {'; '.join(problems)}. Another user could bind a sender "
+            f"there or connect to yours. Use a fresh directory of yours (e.g. ipc:///tmp/ws-{os.getuid()}/gpu0.sock), "
+            "chmod 700 it, or pass insecure=True"
         )
+
+
+def _makedirs_private(directory: str) -> None:
+    """``os.makedirs(directory)``, each directory it creates set to 0700 whatever the umask."""
+    missing = []
+    head = directory
+    while head and not os.path.isdir(head):
+        missing.append(head)
+        parent = os.path.dirname(head)
+        if parent == head:
+            break
+        head = parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue  # made meanwhile by the other side: the ownership check sees it
+        os.chmod(path, 0o700)  # mkdir's mode is masked by the umask
 
 
 def apply_server_curve(sock: zmq.Socket, keys: CurveKeys) -> None:

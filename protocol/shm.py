@@ -4,6 +4,12 @@ The sender creates each slot once per session and unlinks it on close; Python's
 resource tracker unlinks it too if the sender is killed. Receivers map a slot by
 name without registering it with their own resource tracker (which would unlink
 the sender's segment when a receiver exits) and cache the mapping per session.
+
+Safety: a slot's memory is reserved when it is created (posix_fallocate), so a /dev/shm
+too small for the slots is a TransportError at creation, never a SIGBUS in the middle of
+a push. A segment is named ``ws_<sender pid>_<sender session>_<random>``; a rank maps
+only segments of the sender session it is connected to, owned by its own uid with mode
+0600 (unless ``insecure``), and checks the size with fstat before it maps them.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import mmap
 import os
 import secrets
 import socket
+import stat
 from collections.abc import Callable
 from multiprocessing import shared_memory
 from typing import Any
@@ -33,6 +40,25 @@ except ImportError:  # pragma: no cover - non-POSIX
 
 PREFIX = "ws_"
 _SMALL_COPY = 64 << 10
+SHM_DIR = "/dev/shm"
+
+
+def shm_free_bytes() -> int | None:
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _no_room(needed: int, what: str, detail: str = "") -> TransportError:
+    free = shm_free_bytes()
+    free_text = "unknown" if free is None else f"{free} bytes ({free / (1 << 20):.0f} MiB)"
+    return TransportError(
+        f"{what} needs {needed} bytes ({needed / (1 << 20):.0f} MiB) of shared memory, {SHM_DIR} has {free_text} "
+        f"free{detail}; fix: give the container more (docker run --shm-size=..., or a bigger tmpfs on {SHM_DIR}), "
+        "or lower bucket_bytes / num_buffers"
+    )
 
 
 def host_identity() -> str:
@@ -88,17 +114,29 @@ def write_one(write: Callable[[int, np.ndarray, int, int], None], mv: memoryview
     return True
 
 
+def segment_name(session: str) -> str:
+    """``ws_<pid>_<session>_<random>``: the creator's pid first (leak checks find a dead one's)."""
+    return f"{PREFIX}{os.getpid()}_{session or 'nosession'}_{secrets.token_hex(4)}"
+
+
 class ShmExportedSlot:
-    def __init__(self, size: int) -> None:
-        name = f"{PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
+    def __init__(self, size: int, session: str = "") -> None:
+        name = segment_name(session)
         ring_bytes = shm_ring.ring_bytes_for(size)
+        segment = shm_ring.segment_bytes(size, ring_bytes)
         try:
-            self._shm = shared_memory.SharedMemory(name=name, create=True, size=shm_ring.segment_bytes(size, ring_bytes))
+            self._shm = shared_memory.SharedMemory(name=name, create=True, size=segment)
         except OSError as exc:
             raise TransportError(
                 f"could not create a {size}-byte shared-memory slot ({exc}); "
                 "free space in /dev/shm or lower bucket_bytes/num_buffers"
             ) from exc
+        try:  # reserve every page now: a full tmpfs is an error here, not a SIGBUS at the first write
+            os.posix_fallocate(self._shm._fd, 0, segment)  # type: ignore[attr-defined]
+        except OSError as exc:
+            close_mapping(self._shm)
+            self._shm.unlink()
+            raise _no_room(segment, f"shm slot {name}", f" ({exc.strerror})") from exc
         self.size = size
         self.name = name
         self.streams = slot_streams(size)  # a bucket this big is in DRAM before a rank reads it
@@ -174,12 +212,19 @@ class ShmExportedSlot:
 class ShmImportedSlot:
     domain = "host"
 
-    def __init__(self, descriptor: dict[str, Any]) -> None:
+    def __init__(self, descriptor: dict[str, Any], owner: tuple[int, str] | None = None, insecure: bool = False) -> None:
+        """``owner``: (pid, session) of the sender this rank is connected to; only its segments are mapped."""
         name, size = descriptor.get("name"), descriptor.get("size")
         if not isinstance(name, str) or not name.startswith(PREFIX) or "/" in name or len(name) > 200:
             raise TransportError(f"shm slot descriptor: expected a name starting with {PREFIX!r}, got {name!r}")
         if not isinstance(size, int) or size <= 0:
             raise TransportError(f"shm slot descriptor: expected a positive size, got {size!r}")
+        if owner is not None and not name.startswith(f"{PREFIX}{owner[0]}_{owner[1]}_"):
+            raise TransportError(
+                f"shm slot {name} is not a segment of the connected sender (pid {owner[0]}, session {owner[1]}); "
+                f"expected a name starting with {PREFIX}{owner[0]}_{owner[1]}_. A sender announces only its own "
+                "slots: check that nothing else answers at this endpoint"
+            )
         if descriptor.get("host") != host_identity():
             raise TransportError(
                 f"shm slot {name} lives on host {descriptor.get('host')!r}, this receiver runs on {host_identity()!r}; "
@@ -203,9 +248,18 @@ class ShmImportedSlot:
         self.ring: shm_ring.RingReader | None = None
         self._ring_map: Any = None
         try:
-            actual = os.fstat(fd).st_size
-            if actual < segment:
-                raise TransportError(f"shm slot {name}: expected at least {segment} bytes, segment has {actual}")
+            st = os.fstat(fd)
+            if not insecure and (st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077):
+                raise TransportError(
+                    f"shm slot {name} is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):o}; expected uid "
+                    f"{os.getuid()} (this rank's) and mode 600. Run the sender as the same user as the ranks, or pass "
+                    "insecure=True to the daemon if another user's sender is meant to feed it"
+                )
+            if st.st_size < segment:  # mapping past the end would be a SIGBUS at the first read
+                raise TransportError(
+                    f"shm slot {name}: expected a segment of at least {segment} bytes (as announced), it has "
+                    f"{st.st_size}; the sender and this rank disagree on the slot, or the segment was truncated"
+                )
             self._mmap: mmap.mmap | None = _map_readwrite(fd, segment)
             if ring_bytes:
                 self._ring_map = shm_ring.RingMap(fd, ring_bytes, 2 * ring_bytes)
@@ -259,11 +313,17 @@ class ShmImportedSlot:
 class ShmTransport:
     name = "shm"
 
-    def create_slots(self, count: int, size: int) -> list[ShmExportedSlot]:
-        return create_all(ShmExportedSlot, count, size)
+    def create_slots(self, count: int, size: int, session: str = "") -> list[ShmExportedSlot]:
+        needed = count * shm_ring.segment_bytes(size, shm_ring.ring_bytes_for(size))
+        free = shm_free_bytes()
+        if free is not None and needed > free:  # before anything is made: say it for all slots at once
+            raise _no_room(needed, f"{count} slots of {size} bytes")
+        return create_all(lambda n: ShmExportedSlot(n, session), count, size)
 
-    def open_slot(self, descriptor: dict[str, Any]) -> ShmImportedSlot:
-        return ShmImportedSlot(descriptor)
+    def open_slot(
+        self, descriptor: dict[str, Any], owner: tuple[int, str] | None = None, insecure: bool = False
+    ) -> ShmImportedSlot:
+        return ShmImportedSlot(descriptor, owner, insecure)
 
 
 TRANSPORT = ShmTransport()

@@ -62,8 +62,13 @@ class ImportedSlot(Protocol):
 class Transport(Protocol):
     name: str
 
-    def create_slots(self, count: int, size: int) -> list[ExportedSlot]: ...
-    def open_slot(self, descriptor: dict[str, Any]) -> ImportedSlot: ...
+    # ``session``: the sender's session id; a transport that names its memory puts it in the name
+    def create_slots(self, count: int, size: int, session: str = "") -> list[ExportedSlot]: ...
+    # ``owner``: (pid, session) of the sender the rank is connected to; ``insecure`` skips the
+    # checks that the memory belongs to this rank's user
+    def open_slot(
+        self, descriptor: dict[str, Any], owner: tuple[int, str] | None = None, insecure: bool = False
+    ) -> ImportedSlot: ...
 
 
 # name -> module path; each module exposes ``TRANSPORT`` implementing Transport.

@@ -43,7 +43,7 @@ from ..protocol.errors import (
     from_wire,
     wire_name,
 )
-from ..protocol.security import CurveKeys, apply_client_curve, check_network_endpoint
+from ..protocol.security import CurveKeys, apply_client_curve, check_network_endpoint, prepare_ipc_endpoint
 from ..protocol.shm import host_identity
 from ..protocol.shm_ring import MAX_CONSUMERS
 from ..protocol.tensors import Framework
@@ -135,6 +135,9 @@ class ReceiverDaemon:
         if (curve_keys is None) != (server_key is None):
             raise WeightstreamError("CURVE needs both curve_keys= (this rank's key pair) and server_key= (the sender's public key)")
         check_network_endpoint(endpoint, curve_keys is not None, insecure)
+        # an ipc endpoint in a directory another user controls would let that user feed this rank
+        prepare_ipc_endpoint(endpoint, insecure)
+        self._insecure = insecure
         self._curve = (curve_keys, server_key) if curve_keys is not None and server_key is not None else None
 
         self._cond = threading.Condition()
@@ -473,7 +476,7 @@ class ReceiverDaemon:
             slots: list[ImportedSlot] = []
             try:
                 for desc in msg.slots:
-                    slots.append(transport.open_slot(desc))
+                    slots.append(transport.open_slot(desc, (msg.pid, msg.session), self._insecure))
             except BaseException:
                 for slot in slots:
                     slot.close()

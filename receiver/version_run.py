@@ -285,8 +285,23 @@ class VersionRun:
                 yield name, data
                 self.applied += 1
             bucket.mapping.sync()  # e.g. a CUDA stream sync: copies out of the slot must be complete
+            if bucket.checksum is not None:
+                self._check_unchanged(bucket)
             self._on_ack(bucket.seq, bucket.slot)
         self.finished = True
+
+    def _check_unchanged(self, bucket: PreparedBucket) -> None:
+        """The digest again, once the consumer moved past the bucket and before its ACK: the
+        first check covers what arrived, this one what was copied out (a writer that changed
+        the slot between the two would otherwise commit corrupt tensors as intact)."""
+        got = bucket.mapping.digest(bucket.used)
+        if got != bucket.checksum:
+            raise VersionAborted(
+                f"bucket {bucket.seq} of {self.version!r} changed while it was being applied (checksum "
+                f"{bucket.checksum:#018x} before, {got:#018x} after): something wrote into the slot before this "
+                "rank acked it, so what was copied may be corrupt; the version was not committed. Look for another "
+                "process writing into the sender's slots"
+            )
 
     def _apply_whole(self, bucket: PreparedBucket) -> Iterator[tuple[str, Any]]:
         """Direct mode: copy whole tensors into their destinations; yield only those without one."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -138,8 +139,9 @@ class BucketSender:
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat_timeout = heartbeat_timeout
         self._transport = get_transport(transport)
-        self._slots = self._transport.create_slots(num_buffers, bucket_bytes)
+        self._slots = self._transport.create_slots(num_buffers, bucket_bytes, self.session)
         self._closed = False
+        self._push_lock = threading.Lock()
         try:
             self._publisher = Publisher(
                 endpoint,
@@ -253,6 +255,26 @@ class BucketSender:
         """
         if self._closed:
             raise WeightstreamError("push on a closed BucketSender; create a new one")
+        # one version at a time: a second thread's push would share the slots and the round
+        if not self._push_lock.acquire(blocking=False):
+            raise WeightstreamError(
+                f"push of {version!r} while another thread's push is in progress on this BucketSender; a sender "
+                "pushes one version at a time: wait for the other push to return (e.g. a lock around push), or "
+                "give each stream of versions its own sender and endpoint"
+            )
+        try:
+            return self._push(named_tensors, version, timeout, force, specs)
+        finally:
+            self._push_lock.release()
+
+    def _push(
+        self,
+        named_tensors: Iterable[tuple[str, Any]],
+        version: str | None,
+        timeout: float | None,
+        force: bool,
+        specs: Mapping[str, tuple[str, Sequence[int]]] | None,
+    ) -> PushReport:
         timeout = self.timeout if timeout is None else timeout
         if version is None:
             if self.model_dir is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -160,7 +161,9 @@ class Publisher:
         self._wake_tx.setsockopt(zmq.LINGER, 0)
         self._wake_tx.connect(wake_addr)
         self._wake_lock = threading.Lock()
+        self._socket_file: tuple[str, int, int] | None = None  # (path, dev, inode) of the ipc socket we bound
         try:
+            _refuse_live_ipc_endpoint(endpoint)
             self._router.bind(endpoint)
         except zmq.ZMQError as exc:
             self._close_sockets()
@@ -168,6 +171,16 @@ class Publisher:
                 f"could not bind {endpoint} ({exc}); is another BucketSender bound there? "
                 "Close it first or pick another endpoint"
             ) from exc
+        except BaseException:
+            self._close_sockets()
+            raise
+        path = _ipc_path(endpoint)
+        if path is not None:
+            try:
+                st = os.stat(path)
+                self._socket_file = (path, st.st_dev, st.st_ino)
+            except OSError:
+                pass
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="weightstream-publisher", daemon=True)
         self._thread.start()
@@ -220,9 +233,12 @@ class Publisher:
         if self._thread.is_alive():  # pragma: no cover - the loop always wakes within poll_interval
             log.warning("publisher thread did not stop within 10s")
         self._close_sockets()
-        if self.endpoint.startswith("ipc://"):
+        if self._socket_file is not None:  # only the socket file this sender bound, never a successor's
+            path, dev, ino = self._socket_file
             try:
-                os.unlink(self.endpoint[len("ipc://"):])
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) == (dev, ino):
+                    os.unlink(path)
             except OSError:
                 pass
 
@@ -491,3 +507,31 @@ def _z85(key: bytes | str) -> bytes:
     """A CURVE public key as the ZAP handler names it: 40 Z85 characters."""
     raw = key.encode() if isinstance(key, str) else bytes(key)
     return zmq.utils.z85.encode(raw) if len(raw) == 32 else raw
+
+
+def _ipc_path(endpoint: str) -> str | None:
+    """The socket file of an ipc endpoint (None for other endpoints and abstract sockets)."""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return None
+    return endpoint[len("ipc://"):]
+
+
+def _refuse_live_ipc_endpoint(endpoint: str) -> None:
+    """libzmq binds over an existing socket file silently, stealing a live sender's endpoint.
+    A file that accepts a connection belongs to a live sender: refuse. A stale one (its sender
+    died) refuses the connection, and the bind replaces it."""
+    path = _ipc_path(endpoint)
+    if path is None or not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return  # ECONNREFUSED (stale), or not a socket: libzmq's bind says what is wrong
+    finally:
+        probe.close()
+    raise WeightstreamError(
+        f"another sender is bound at {endpoint} (its socket accepts connections); one BucketSender per endpoint: "
+        "close the other one first, or give this one its own endpoint (e.g. one per GPU)"
+    )

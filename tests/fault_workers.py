@@ -356,7 +356,7 @@ class FakeSender:
 
         self.m = m
         self.session = session
-        self.slots = TRANSPORT.create_slots(slots, slot_bytes)
+        self.slots = TRANSPORT.create_slots(slots, slot_bytes, session=session)
         self.welcome = m.Welcome(
             session=session,
             transport="shm",

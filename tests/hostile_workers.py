@@ -148,7 +148,7 @@ class FakeRouter:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         prepare_ipc_endpoint(endpoint)
-        self.slots = TRANSPORT.create_slots(slots, slot_bytes)
+        self.slots = TRANSPORT.create_slots(slots, slot_bytes, session=self.session)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)

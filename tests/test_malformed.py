@@ -36,7 +36,9 @@ class FakeSender:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(endpoint)
-        self.slots = ShmTransport().create_slots(2, SLOT)
+        # a rank maps only segments named for the session it is connected to
+        self.slots_session = "fake0001"
+        self.slots = ShmTransport().create_slots(2, SLOT, session=self.slots_session)
         self.ident = b""
 
     def recv(self, timeout: float) -> m.Message | None:
@@ -64,6 +66,11 @@ class FakeSender:
         self.send_raw(m.encode(msg))
 
     def welcome(self, session: str = "fake0001") -> m.Welcome:
+        if session != self.slots_session:  # a new sender session comes with its own slots
+            for slot in self.slots:
+                slot.close()
+            self.slots_session = session
+            self.slots = ShmTransport().create_slots(2, SLOT, session=session)
         return m.Welcome(
             session=session, transport="shm", bucket_bytes=SLOT, alignment=256,
             slots=[s.descriptor() for s in self.slots], heartbeat_interval=0.2, heartbeat_timeout=30.0, pid=os.getpid(),
@@ -352,12 +359,13 @@ def test_reusing_begins_and_packed_buckets_by_hand(
 @pytest.mark.parametrize(
     ("slot", "mentions"),
     [
-        ({"name": "ws_0_doesnotexist", "size": SLOT}, "could not open"),
+        ({"name": f"ws_{os.getpid()}_fake0001_doesnotexist", "size": SLOT}, "could not open"),
+        ({"name": "ws_0_fake0001_1234", "size": SLOT}, "not a segment of the connected sender"),
         ({"name": "ws_../../etc/passwd", "size": SLOT}, "expected a name"),
         ({"name": "not_ours", "size": SLOT}, "expected a name"),
         ({"name": "ws_x", "size": -1}, "size"),
     ],
-    ids=["missing", "path", "foreign", "size"],
+    ids=["missing", "other_sender", "path", "foreign", "size"],
 )
 def test_welcome_with_bad_slot_descriptor(fake: FakeSender, daemon: ReceiverDaemon, slot: dict[str, Any], mentions: str) -> None:
     """A WELCOME whose slots cannot be mapped is answered with a TransportError; a good one still works."""
