@@ -10,10 +10,10 @@ from weightstream import BucketSender, ReceiverDaemon
 from weightstream.receiver.sinks import NumpySink
 
 
-def make_setup(bucket: int, buffers: int) -> Any:
+def make_setup(bucket: int, buffers: int, checksum: bool = False) -> Any:
     def setup(workdir: str, receivers: int) -> BucketSender:
         return BucketSender(f"ipc://{workdir}/ws/s.sock", receivers=receivers, bucket_bytes=bucket,
-                            num_buffers=buffers, timeout=600.0)
+                            num_buffers=buffers, timeout=600.0, checksum=checksum)
 
     return setup
 

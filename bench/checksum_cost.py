@@ -1,0 +1,72 @@
+"""What ``checksum=True`` costs a push: the same model pushed with and without it, in one run.
+
+With checksums the sender digests each bucket (xxh3) once, and each rank digests it twice:
+when it arrives, and again after its tensors were applied, before the ACK. Buckets then fill
+whole slots (no ring: the digest needs the whole bucket at once). Runs alternate between the
+two settings so that a drift of the host's memory bandwidth hits both alike.
+
+    python -m bench.checksum_cost --size-mib 1024 --receivers 1 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+
+from weightstream import synthetic
+
+from . import ws_run
+from .peers import harness
+
+MiB = 1 << 20
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=1024, help="bytes of the transformer-like model")
+    ap.add_argument("--bucket-mib", type=int, default=256)
+    ap.add_argument("--buffers", type=int, default=2)
+    ap.add_argument("--receivers", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating runs of each setting")
+    ap.add_argument("--versions", type=int, default=3, help="timed versions per run (after one warm-up)")
+    args = ap.parse_args(argv)
+
+    model = synthetic.transformer_like(args.size_mib * MiB)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(args.rounds):
+        for checksum in (False, True):
+            res = harness.run(
+                "bench.ws_run", model, ws_run.make_sender(model),
+                setup=ws_run.make_setup(args.bucket_mib * MiB, args.buffers, checksum), teardown=ws_run.teardown,
+                receivers=args.receivers, versions=args.versions,
+            )
+            if not res.verified:
+                print(f"checksum={checksum}: FAILED ({res.error or f'{res.mismatches} tensors differ'})")
+                return 1
+            times[checksum].extend(res.seconds)
+    gb = model.nbytes / 1e9
+    print(f"CPU: {cpu_model()}; {gb:.3f} GB in {len(model.tensors)} tensors, {args.receivers} receiver(s), "
+          f"{args.bucket_mib} MiB x {args.buffers} buckets; every byte verified")
+    for checksum in (False, True):
+        t = times[checksum]
+        print(f"  checksum={str(checksum):<5}  best {min(t) * 1e3:7.1f} ms  median {statistics.median(t) * 1e3:7.1f} ms  "
+              f"({gb / min(t):.2f} GB/s best)")
+    ratio = statistics.median(times[True]) / statistics.median(times[False])
+    print(f"  checksum=True takes {ratio:.2f}x the time of checksum=False (medians)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
