@@ -203,15 +203,24 @@ class Begin(Message):
     parts: int | None = _spec(_Int(2, 1 << 16), default=None)
     # per-push parameters of the session's transport (a collective's store address, say)
     transport: dict[str, Any] | None = _spec(_Map(), default=None)
+    # tied weights: more names for tensors the manifest holds once (the trainer's lm_head.weight
+    # sharing embed_tokens.weight's memory); alias_of[i] is the manifest index alias_names[i] names
+    alias_names: list[str] | None = _spec(_NAMES, default=None)
+    alias_of: bytes | None = _spec(_OFFSETS, default=None)
 
     @classmethod
     def build(
         cls, version: str, names: list[str], dtypes: list[int], shapes: list[Any], total_bytes: int, buckets: int,
-        force: bool | None = None, layout: int | None = None,
+        force: bool | None = None, layout: int | None = None, aliases: list[tuple[str, int]] | None = None,
     ) -> Begin:
-        """A BEGIN from per-tensor lists (dtype codes, shapes as int sequences)."""
+        """A BEGIN from per-tensor lists (dtype codes, shapes as int sequences); ``aliases``:
+        (name, manifest index) for names that share a listed tensor's memory."""
         ndims, dims = pack_shapes(shapes)
-        return cls(version, names, bytes(dtypes), ndims, dims, total_bytes, buckets, force, layout)  # type: ignore[call-arg]
+        alias_names, alias_of = ([a for a, _ in aliases], pack_u64([i for _, i in aliases])) if aliases else (None, None)
+        return cls(  # type: ignore[call-arg]
+            version, names, bytes(dtypes), ndims, dims, total_bytes, buckets, force, layout,
+            alias_names=alias_names, alias_of=alias_of,
+        )
 
     @classmethod
     def reusing(cls, version: str, layout: int, total_bytes: int, buckets: int, force: bool | None = None) -> Begin:
@@ -413,7 +422,8 @@ def _joined_names(names: list[str], where: str) -> bytes:
             f"field '{where}': expected non-empty names in UTF-8 without NUL characters; "
             "fix: rename the tensors (the sender's describe refuses such names with the name)"
         )
-    _last_joined = (list(names), blob)
+    if not where.startswith("alias"):  # alias names must not evict the model's names
+        _last_joined = (list(names), blob)
     return blob
 
 
@@ -615,7 +625,8 @@ def _check_names(spec: _Names, value: Any, where: str) -> list[str]:
         _first_bad(names, lambda x: 0 < len(x) <= spec.max_len, where, f"a name of 1 to {spec.max_len} characters")
     if len(set(names)) != len(names):
         raise ProtocolError(f"field '{where}' holds duplicate tensor names; each name must appear once")
-    _last_names = (value, names)
+    if ".alias" not in where:  # alias names must not evict the model's names
+        _last_names = (value, names)
     return names
 
 
@@ -707,10 +718,33 @@ def _check_begin(msg: Begin) -> None:
         arrays = prev[1]
     else:  # names were checked (unique, sized) with their field
         arrays = manifest_arrays(msg)
+    _check_aliases(msg)
     total = int(arrays.sizes.sum())
     if total != msg.total_bytes:
         raise ProtocolError(f"BEGIN: field 'total_bytes': expected {total} (sum of tensor sizes), got {msg.total_bytes}")
     _last_valid = (msg, arrays)
+
+
+def _check_aliases(msg: Begin) -> None:
+    names, of = msg.alias_names, msg.alias_of
+    if names is None and of is None:
+        return
+    if names is None or of is None or len(of) // 8 != len(names):
+        raise ProtocolError(
+            f"BEGIN: fields 'alias_names'/'alias_of' must be parallel arrays; got {len(names or [])} names and "
+            f"{len(of or b'') // 8} indices"
+        )
+    indices = u64_array(of, MAX_VALUE)
+    if indices is not None and len(indices) and int(indices.max()) >= len(msg.names):
+        i = int(np.argmax(indices >= len(msg.names)))
+        raise ProtocolError(
+            f"field 'BEGIN.alias_of[{i}]': expected a manifest index 0..{len(msg.names) - 1}, got {int(indices[i])}"
+        )
+    clash = set(names).intersection(msg.names)
+    if clash:
+        raise ProtocolError(
+            f"BEGIN: alias name(s) {sorted(clash)[:3]} also listed as tensors; a name is either a tensor or an alias"
+        )
 
 
 def _check_manifest_part(msg: ManifestPart) -> None:

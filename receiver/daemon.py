@@ -527,11 +527,21 @@ class ReceiverDaemon:
                 )
             manifest = self._manifest_of(msg)
             if expected and not (from_sink and self._checked_before(manifest, expected)):
-                check_manifest(manifest.names, manifest.codes, manifest.shapes, expected, allow_missing=self._allow_missing)
+                # a sink names its tied tensors and the ones a push need not fill (buffers it has)
+                groups = getattr(self._sink, "name_groups", None) if from_sink else None
+                tied, optional, meta = groups() if groups is not None else ({}, frozenset(), frozenset())
+                names, codes, shapes = manifest.checked_lists()
+                check_manifest(
+                    names, codes, shapes, expected, allow_missing=self._allow_missing, tied=tied, optional=optional,
+                    unmaterialised=meta,
+                )
                 self._last_checked = (expected, manifest)
         except WeightstreamError as exc:
             log.warning("rank %d: rejected version %r: %s", self.rank, msg.version, exc)
             self._record_failure(msg.version, exc, touched=False)
+            if self._unmaterialised():  # never filled yet: the model cannot run
+                with self._cond:
+                    self._model_intact = False
             self._send(m.Reject(version=msg.version, error=wire_name(exc), reason=str(exc)[: m.MAX_TEXT_LEN]))
             return
         loop = asyncio.get_running_loop()
@@ -581,6 +591,10 @@ class ReceiverDaemon:
             return
         await self._on_begin(whole)
 
+    def _unmaterialised(self) -> list[str]:
+        check = getattr(self._sink, "unmaterialised", None)
+        return list(check()) if callable(check) else []
+
     def _manifest_of(self, msg: m.Begin) -> RunManifest:
         """The BEGIN's manifest: the one it carries (reusing the last one's derived forms if it is
         the same), or with ``reuse`` the one this rank took last under the BEGIN's ``layout``."""
@@ -615,12 +629,14 @@ class ReceiverDaemon:
             return False
         if not self._slots or any(getattr(slot, "ring", None) is None for slot in self._slots):
             return False
+        if manifest.aliases_of:  # an alias is delivered after its tensor: not through a ring
+            return False
         try:
             _, addresses = manifest.targets(destination, expected)
         except Exception as exc:  # the sink's own code: the apply thread meets it again and fails the version
             log.debug("rank %d: no ring for %r, the sink's destinations raised %s", self.rank, run.version, type(exc).__name__)
             return False
-        if addresses is None:
+        if addresses is None or manifest.tie_of:
             return False
         sizes = manifest.sizes  # an empty tensor needs no address, a chunked one is written piece by piece
         return bool(np.all((addresses != 0) | (sizes == 0) | (sizes > welcome.bucket_bytes)))
@@ -707,10 +723,18 @@ class ReceiverDaemon:
             # e.g. a SnapshotWriter: disk I/O on the (FIFO, single) apply thread. Queued before the
             # commit is visible, so a restore() or version that follows it runs after the snapshot.
             asyncio.get_running_loop().run_in_executor(self._executor, self._run_hook, hook, run.version)
+        unfilled = self._unmaterialised()
         with self._cond:
             self._committed = run.version
-            self._state = "idle"
-            self._model_intact = True
+            self._state = "idle" if not unfilled else "aborted"
+            # a model with tensors still on the meta device cannot run, whatever this version filled
+            self._model_intact = not unfilled
+            if unfilled:
+                self._last_error = (
+                    f"WeightstreamError: {len(unfilled)} tensors of the model were not filled by any push and are "
+                    f"still on the meta device: {', '.join(unfilled[:5])}; push them too (e.g. named_buffers()), or "
+                    "build the model with only its parameters on the meta device"
+                )
             self._cond.notify_all()
         self._run = None
         self._inbox = None

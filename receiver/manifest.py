@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 
 from ..protocol.dtypes import DTYPES, by_name
 from ..protocol.errors import ManifestMismatch
@@ -20,8 +20,16 @@ def check_manifest(
     expected: ParamSpecs,
     *,
     allow_missing: bool = False,
+    tied: Mapping[str, Hashable] | None = None,
+    optional: Collection[str] = (),
+    unmaterialised: Collection[str] = (),
 ) -> None:
-    """Raise :class:`ManifestMismatch` listing the first offenders of each kind."""
+    """Raise :class:`ManifestMismatch` listing the first offenders of each kind.
+
+    ``tied``: the model's names that share one tensor, each mapped to its group's key; a name not
+    sent is filled when another of its group is. ``optional``: names a push need not fill (a
+    model's own buffers, say). ``unmaterialised``: names on the meta device, named apart when
+    missing (the model cannot run without them)."""
     unexpected: list[str] = []
     wrong: list[str] = []
     matched = 0
@@ -41,11 +49,27 @@ def check_manifest(
     if not allow_missing and matched != len(expected):  # manifest names are unique, so counts suffice
         sent = set(names)
         missing = [n for n in expected if n not in sent]
+        if tied and missing:  # filled through another name of the same tensor
+            filled = {tied[n] for n in sent if n in tied}
+            missing = [n for n in missing if n not in tied or tied[n] not in filled]
+        if optional and missing:
+            missing = [n for n in missing if n not in optional]
     if not (unexpected or wrong or missing):
         return
     parts = []
     if missing:
-        parts.append(f"{len(missing)} missing (in the model, not sent): {_first(missing)}")
+        parts.append(
+            f"{len(missing)} missing (in the model, not sent): {_first(missing)} (a trainer with tied weights lists "
+            "each once in torch's named_parameters(): push named_parameters(remove_duplicate=False) or state_dict() "
+            "to send every name)"
+        )
+        on_meta = [n for n in missing if n in unmaterialised]
+        if on_meta:
+            parts.append(
+                f"{len(on_meta)} of them still on the meta device, so the model cannot run without them: "
+                f"{_first(on_meta)} (push them too, e.g. the trainer's named_buffers() beside named_parameters(), "
+                "or build the model with only its parameters on the meta device)"
+            )
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected (sent, not in the model): {_first(unexpected)}")
     if wrong:

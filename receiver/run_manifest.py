@@ -45,13 +45,34 @@ class RunManifest:
         self._targets: Targets | None = None
         self._targets_of: Any = None
         self._packed: dict[tuple[int, int | None, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        # tied weights the sender sent once: alias name -> manifest index, and per index its aliases
+        self.alias_names: list[str] = list(begin.alias_names or [])
+        self.alias_of: list[int] = np.frombuffer(begin.alias_of, "<u8").tolist() if begin.alias_of else []
+        self.aliases_of: dict[int, list[str]] = {}
+        for alias, index in zip(self.alias_names, self.alias_of):
+            self.aliases_of.setdefault(index, []).append(alias)
+        # tied weights on this rank that the sender sent apart: index -> the first index with the
+        # same destination (direct mode; set by ``targets``). They are compared, not written twice.
+        self.tie_of: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.names)
 
     def same_as(self, begin: m.Begin) -> bool:
         """Does ``begin`` carry exactly this manifest? Compared at C speed."""
-        return m.same_manifest(begin, self._begin)
+        old = self._begin
+        return m.same_manifest(begin, old) and begin.alias_names == old.alias_names and begin.alias_of == old.alias_of
+
+    def checked_lists(self) -> tuple[list[str], bytes, list[tuple[int, ...]]]:
+        """Names, dtype codes and shapes the manifest check sees: each alias as its tensor."""
+        if not self.alias_names:
+            return self.names, self.codes, self.shapes
+        shapes = self.shapes
+        return (
+            self.names + self.alias_names,
+            self.codes + bytes(self.codes[i] for i in self.alias_of),
+            shapes + [shapes[i] for i in self.alias_of],
+        )
 
     def packed_entries(self, msg: m.Bucket, alignment: int, slot_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A packed BUCKET's (offsets, nbytes, chunks), derived once per bucket of the layout:
@@ -79,11 +100,20 @@ class RunManifest:
         arrays are unchanged) is the same object."""
         if self._targets is None or self._targets_of is not owner:
             targets: list[Any] = []
-            for name, full in zip(self.names, self.fulls):
+            first_at: dict[int, int] = {}  # address -> the first tensor written there
+            self.tie_of = {}
+            for index, (name, full) in enumerate(zip(self.names, self.fulls)):
                 dest = destination(name)
                 if dest is None or dest.nbytes != full:
                     targets.append(None)
-                elif full <= _SMALL_COPY:
+                    continue
+                if full:
+                    at = first_at.setdefault(address_of(dest), index)
+                    if at != index:  # tied in this model, sent apart: compared with the first, not written
+                        self.tie_of[index] = at
+                        targets.append(None)
+                        continue
+                if full <= _SMALL_COPY:
                     targets.append(memoryview(np.asarray(dest)).cast("B"))
                 else:
                     targets.append(dest)
@@ -91,3 +121,8 @@ class RunManifest:
             self._targets = Targets(targets, None if addresses is None else np.frombuffer(addresses, np.uint64))
             self._targets_of = owner
         return self._targets
+
+
+def address_of(array: Any) -> int:
+    """Where a NumPy array's bytes start."""
+    return int(np.asarray(array).__array_interface__["data"][0])

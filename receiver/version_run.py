@@ -24,12 +24,12 @@ import numpy as np
 from ..protocol import messages as m
 from ..protocol import speedups
 from ..protocol.dtypes import DTYPES
-from ..protocol.errors import ProtocolError, VersionAborted
+from ..protocol.errors import ManifestMismatch, ProtocolError, VersionAborted
 from ..protocol.shm_ring import RingRead, RingReader
-from ..protocol.tensors import INT_OF_ITEMSIZE, Framework
+from ..protocol.tensors import INT_OF_ITEMSIZE, Framework, bytes_view, host_bytes
 from ..protocol.transport import ImportedSlot
 from .prefetch import PrefetchQueue
-from .run_manifest import RunManifest
+from .run_manifest import RunManifest, address_of
 
 _NUMPY_DTYPES = tuple(d.numpy for d in DTYPES)
 _TORCH_VIEWS: tuple[tuple[np.dtype, Any], ...] | None = None
@@ -114,6 +114,8 @@ class VersionRun:
         self.touched = False  # something was handed to load_weights or written in place
         self.finished = False
         self._partial: dict[str, tuple[Any, bool]] = {}
+        self._in_place_done: tuple[int, np.ndarray] | None = None  # the chunked tensor last completed in place
+        self._alias_dests: dict[str, np.ndarray | None] = {}
         # set by the daemon
         self.applied_ok = False  # every byte applied (staged: held); PREPARED went out
         self.commit_started = False  # COMMIT arrived: the version is decided, never aborted now
@@ -275,15 +277,28 @@ class VersionRun:
                 continue
             if bucket.whole is not None:
                 yield from self._apply_whole(bucket)
+            linked = self.manifest.aliases_of or self.manifest.tie_of
             for name, data, chunk in bucket.entries:
                 if chunk >= 0:
                     data = self._write_piece(bucket.mapping, name, data, chunk)
                     if data is None:  # held in scratch until complete, or written in place
+                        done = self._in_place_done
+                        if done is not None and linked:
+                            self._in_place_done = None
+                            yield from self._alias_deliveries(bucket.mapping, *done)
+                        continue
+                if linked:
+                    index = self._index_of(name)
+                    if index in self.manifest.tie_of:
+                        self._check_tie(index, self._bytes_of(data))
+                        self.applied += 1
                         continue
                 if not self.staged:
                     self.touched = True  # load_weights gets it: the model may change from here on
                 yield name, data
                 self.applied += 1
+                if linked and index in self.manifest.aliases_of:
+                    yield from self._alias_deliveries(bucket.mapping, index, self._bytes_of(data), data)
             bucket.mapping.sync()  # e.g. a CUDA stream sync: copies out of the slot must be complete
             if bucket.checksum is not None:
                 self._check_unchanged(bucket)
@@ -302,6 +317,59 @@ class VersionRun:
                 "rank acked it, so what was copied may be corrupt; the version was not committed. Look for another "
                 "process writing into the sender's slots"
             )
+
+    # --- tied weights -------------------------------------------------------------------
+
+    def _index_of(self, name: str) -> int:
+        if not self._index:
+            self._index = {n: i for i, n in enumerate(self.names)}
+        return self._index[name]
+
+    @staticmethod
+    def _bytes_of(data: Any) -> np.ndarray:
+        """A yielded tensor's bytes as flat uint8 (host memory)."""
+        found = bytes_view(data)
+        return found if found is not None else host_bytes(data)
+
+    def _alias_dest(self, name: str, full: int) -> np.ndarray | None:
+        """Where an alias's bytes go in this rank's model (None: it gets a view instead)."""
+        if name not in self._alias_dests:
+            dest = None
+            if self._destination is not None and not self.staged:
+                found = self._destination(name)
+                if found is not None and found.nbytes == full and found.dtype == np.uint8:
+                    dest = found
+            self._alias_dests[name] = dest
+        return self._alias_dests[name]
+
+    def _alias_deliveries(
+        self, slot: ImportedSlot, index: int, raw: np.ndarray, view: Any = None
+    ) -> Iterator[tuple[str, Any]]:
+        """The sender's aliases of tensor ``index`` (its bytes ``raw``): a model that ties them to
+        the same memory needs nothing more; one that has a separate place gets a copy; otherwise
+        load_weights gets the tensor again under the alias's name."""
+        full = self.fulls[index]
+        primary = self._alias_dest(self.names[index], full) if self.direct else None
+        for alias in self.manifest.aliases_of.get(index, ()):
+            dest = self._alias_dest(alias, full)
+            if dest is not None and slot.domain == "host":
+                if primary is None or address_of(dest) != address_of(primary):
+                    np.copyto(dest, raw)
+                continue
+            yield alias, view if view is not None else self._view(slot, raw, self.dtypes[index], self.shapes[index])
+
+    def _check_tie(self, index: int, raw: np.ndarray) -> None:
+        """Tensor ``index`` shares its memory with ``tie_of[index]`` in this model but came apart:
+        one write is enough if the bytes agree; different values cannot both be served."""
+        twin = self.manifest.tie_of[index]
+        dest = self._alias_dest(self.names[twin], self.fulls[twin])
+        if dest is None or np.array_equal(dest, raw):
+            return
+        raise ManifestMismatch(
+            f"tensors {self.names[twin]!r} and {self.names[index]!r} are one tensor in this rank's model (tied "
+            "weights) but the trainer sent them with different values; fix: tie them in the trainer too (send one, "
+            "or the same tensor under both names), or untie them in the inference model"
+        )
 
     def _apply_whole(self, bucket: PreparedBucket) -> Iterator[tuple[str, Any]]:
         """Direct mode: copy whole tensors into their destinations; yield only those without one."""
@@ -325,10 +393,17 @@ class VersionRun:
                 target[:] = mv[offset : offset + n]
             elif target is not None:  # NumPy releases the GIL for big copies, so the daemon's loop keeps running
                 np.copyto(target, raw[offset : offset + n])
+            elif index in self.manifest.tie_of:  # tied here, sent apart: the first one's bytes must match
+                self._check_tie(index, raw[offset : offset + n])
             else:  # no place to write it: load_weights gets a view
                 yield names[index], self._view(slot, raw[offset : offset + n], self.dtypes[index], self.shapes[index])
             k = k + 1 if spans is None else speedups.scatter(raw, *spans, k + 1, stream)
         self.applied += end - first
+        aliased = self.manifest.aliases_of
+        if aliased:  # the sender's aliases of this bucket's tensors, from the bytes just written
+            for index in sorted(i for i in aliased if first <= i < end):
+                offset = int(offsets[index - first])
+                yield from self._alias_deliveries(slot, index, raw[offset : offset + fulls[index]])
 
     def _apply_ring(self, bucket: PreparedBucket) -> Iterator[tuple[str, Any]]:
         """A bucket streamed through the slot's ring, in offset order: the chunk piece it may start
@@ -377,7 +452,10 @@ class VersionRun:
         code, shape, full = self.dtypes[index], self.shapes[index], self.fulls[index]
         held = self._partial.get(name)
         if held is None:
-            usable = self._destination is not None and slot.domain == "host" and not self.staged
+            usable = (
+                self._destination is not None and slot.domain == "host" and not self.staged
+                and index not in self.manifest.tie_of  # compared with its twin once complete, never written
+            )
             dest = self._destination(name) if usable else None
             if dest is not None and dest.nbytes == full and dest.dtype == np.uint8:
                 held = (dest, True)  # the model's own memory: no full-size temporary
@@ -399,6 +477,7 @@ class VersionRun:
         del self._partial[name]
         if in_place:
             self.applied += 1
+            self._in_place_done = (index, buf)  # its aliases, if any, are delivered from the model's bytes
             return None
         return slot.typed(self.framework, buf, DTYPES[code], tuple(shape))
 

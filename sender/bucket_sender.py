@@ -16,13 +16,13 @@ from typing import Any
 from ..protocol import messages as m
 from ..protocol.errors import PeerTimeout, TransportError, WeightstreamError, from_wire
 from ..protocol.gc_pause import gc_paused
-from ..protocol.packed import pack_shapes
+from ..protocol.packed import pack_shapes, pack_u64
 from ..protocol.security import CurveKeys
 from ..protocol.shm import host_identity
 from ..protocol.shm_ring import RingPlan, RingWriter, ring_plan
 from ..protocol.transport import get_transport
 from ..protocol.versions import read_version
-from .manifest import Manifest, describe, from_specs
+from .manifest import Aliased, Manifest, describe, from_specs, take_aliases
 from .packing import PieceCache, fill
 from .planner import MAX_ENTRIES, RING_MAX_ENTRIES, plan_buckets
 from .publisher import Publisher, Round, describe_ranks
@@ -45,6 +45,7 @@ class _Layout:
     may_split: bool  # the manifest may not fit one frame: BEGIN is then split into MANIFEST parts
     max_entries: int  # the planner's cap on tensors per bucket
     number: int  # names it in a BEGIN to ranks that took it already (this sender's count)
+    aliases: list[tuple[str, int]] = field(default_factory=list)  # tied names sent once: (name, manifest index)
     ring_plans: dict[int, RingPlan] = field(default_factory=dict)  # by ring bytes
 
 
@@ -161,6 +162,8 @@ class BucketSender:
         # the last push's manifest, bucket plan and packed shapes: an RL loop pushes the same
         # layout every step, so only its checks are redone, not its planning
         self._last_layout: _Layout | None = None
+        self._last_full: Manifest | None = None  # the last push's manifest with its aliases, without tensors
+        self._aliased: Aliased | None = None  # its aliases, found once per layout
         self._layouts = 0  # layouts planned so far: the last one's number
         self._streamed_last: bool | None = None  # did every rank take the last push through the rings?
         self._publisher.on_slot_free = self._ring.release
@@ -290,9 +293,16 @@ class BucketSender:
             manifest = from_specs(specs)
             source = iter(named_tensors)
         else:
-            manifest = describe(named_tensors, previous=self._last_layout.manifest if self._last_layout else None)
+            full = describe(named_tensors, previous=self._last_full)
+            self._last_full = replace(full, tensors=None)
+            # tied weights (one tensor under several names) travel once, the other names as aliases
+            manifest, self._aliased = take_aliases(full, self._aliased)
+        aliases = self._aliased.aliases if specs is None and self._aliased is not None else []
         layout, cap = self._last_layout, RING_MAX_ENTRIES if self._rings_expected() else MAX_ENTRIES
-        if layout is None or layout.max_entries != cap or not manifest.same_layout(layout.manifest):
+        if (
+            layout is None or layout.max_entries != cap or not manifest.same_layout(layout.manifest)
+            or layout.aliases != aliases
+        ):
             with gc_paused():
                 plan = plan_buckets(manifest.nbytes, self.bucket_bytes, self.alignment, max_entries=cap)
                 ndims, dims = pack_shapes(manifest.shapes)
@@ -300,7 +310,7 @@ class BucketSender:
             self._layouts += 1
             layout = self._last_layout = _Layout(
                 replace(manifest, tensors=None), plan, ndims, dims, bytes(manifest.dtypes), sum(manifest.nbytes),
-                m.may_need_split(manifest.names, len(dims)), cap, self._layouts,
+                m.may_need_split(manifest.names, len(dims)), cap, self._layouts, aliases,
             )
         plan, total = layout.plan, layout.total
         self.wait_for_receivers(timeout=timeout)
@@ -329,6 +339,8 @@ class BucketSender:
                     buckets=len(plan),
                     force=forced,
                     layout=layout.number,
+                    alias_names=[name for name, _ in layout.aliases] or None,
+                    alias_of=pack_u64([index for _, index in layout.aliases]) if layout.aliases else None,
                 )
                 full = [ident for ident in idents if ident not in reusing]
                 # a manifest over one frame's limit travels as BEGIN + MANIFEST parts

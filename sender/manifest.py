@@ -179,6 +179,81 @@ def _wire_text(text: str) -> bool:
     return True
 
 
+def memory_key(tensor: Any) -> Any:
+    """Tensors with one key alias each other: the same memory, dtype, shape and strides (tied
+    weights, or ``state_dict()`` listing one Parameter under two names). None: never an alias
+    (empty, or a kind whose memory is not known)."""
+    if type(tensor) is np.ndarray:
+        if not tensor.size:
+            return None
+        return ("numpy", tensor.__array_interface__["data"][0], tensor.dtype.str, tensor.shape, tensor.strides)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(tensor, torch.Tensor):
+        if not tensor.numel() or tensor.is_meta:
+            return None
+        return ("torch", str(tensor.device), tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+    paddle = sys.modules.get("paddle")
+    if paddle is not None and isinstance(tensor, paddle.Tensor):
+        if not math.prod(tensor.shape) or not tensor._is_initialized():
+            return None
+        return ("paddle", str(tensor.place), tensor.data_ptr(), str(tensor.dtype), tuple(tensor.shape),
+                tuple(getattr(tensor, "strides", ())))
+    return None
+
+
+def find_aliases(tensors: Sequence[Any]) -> list[tuple[int, int]]:
+    """(alias index, first index) for each tensor that is another one of the list again."""
+    first: dict[Any, int] = {}
+    found = []
+    for i, tensor in enumerate(tensors):
+        key = memory_key(tensor)
+        if key is not None:
+            at = first.setdefault(key, i)
+            if at != i:
+                found.append((i, at))
+    return found
+
+
+@dataclass(frozen=True)
+class Aliased:
+    """A manifest with its aliases taken out: what travels (each tensor once) and the names that
+    travel as aliases, as (name, index in ``wire``)."""
+
+    full_names: list[str]  # the manifest it was made from (identity: an unchanged layout shares it)
+    pairs: list[tuple[int, int]]  # (alias index, first index) in the full manifest
+    keep: list[int]  # full-manifest indices of the tensors that travel
+    wire: Manifest  # without its tensors
+    aliases: list[tuple[str, int]]
+
+
+def take_aliases(manifest: Manifest, last: Aliased | None) -> tuple[Manifest, Aliased | None]:
+    """``manifest`` with aliased tensors sent once; aliases are found again only for a new layout,
+    and the last layout's are checked to still hold (a handful of pairs)."""
+    tensors = manifest.tensors
+    if tensors is None:  # lazy: the tensors do not exist yet
+        return manifest, None
+    if last is not None and last.full_names is manifest.names and all(
+        memory_key(tensors[a]) == memory_key(tensors[b]) for a, b in last.pairs
+    ):
+        found = last
+    else:
+        pairs = find_aliases(tensors)
+        if not pairs:
+            found = Aliased(manifest.names, [], [], manifest, [])
+        else:
+            dropped = {a for a, _ in pairs}
+            keep = [i for i in range(len(manifest)) if i not in dropped]
+            position = {full: wire for wire, full in enumerate(keep)}
+            wire = Manifest(
+                [manifest.names[i] for i in keep], None, [manifest.dtypes[i] for i in keep],
+                [manifest.shapes[i] for i in keep], [manifest.nbytes[i] for i in keep],
+            )
+            found = Aliased(manifest.names, pairs, keep, wire, [(manifest.names[a], position[b]) for a, b in pairs])
+    if not found.pairs:
+        return manifest, found
+    return replace(found.wire, tensors=[tensors[i] for i in found.keep]), found
+
+
 def pull(source: Iterator[tuple[str, Any]], manifest: Manifest, index: int) -> Any:
     """The next lazily made tensor; it must be the one the specs announced."""
     item = next(source, None)

@@ -73,6 +73,17 @@ def spec_mismatch(name: str, want: tuple[str, tuple[int, ...]], got: tuple[str, 
     )
 
 
+def check_tied(first: str, second: str, equal: bool) -> None:
+    """``second`` is the same tensor as ``first`` in the model; it was sent apart: one write is
+    enough when the values agree, and different values cannot both be served."""
+    if not equal:
+        raise ManifestMismatch(
+            f"tensors {first!r} and {second!r} are one tensor in this model (tied weights) but were sent with "
+            "different values; fix: tie them in the trainer too (send one, or the same tensor under both names), "
+            "or untie them in the inference model"
+        )
+
+
 def as_sink(obj: Any) -> Any:
     """``obj`` if it already is a sink, else the ready-made adapter for it.
 

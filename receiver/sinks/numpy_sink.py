@@ -11,7 +11,7 @@ from ...protocol import speedups
 from ...protocol.dtypes import from_numpy
 from ...protocol.errors import WeightstreamError
 from ...protocol.tensors import Framework, bytes_view
-from .base import ParamSpecs, spec_mismatch, unknown_name
+from .base import ParamSpecs, check_tied, spec_mismatch, unknown_name
 
 
 class NumpySink:
@@ -75,8 +75,23 @@ class NumpySink:
         np.copyto(target, tensor, casting="no")
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        written: dict[tuple[int, int], str] = {}  # memory written in this version -> the name that wrote it
         for name, tensor in weights:
+            target = self.state.get(name) if self._fixed else None
+            if target is not None and target.nbytes:
+                first = written.setdefault(_memory_key(target), name)
+                if first != name:  # tied here: one array under a second name
+                    check_tied(first, name, np.array_equal(target, tensor))
+                    continue
             self.load_one(name, tensor)
+
+    def name_groups(self) -> tuple[dict[str, Any], frozenset[str], frozenset[str]]:
+        """(tied names -> a key per array, optional, unmaterialised) for the manifest check."""
+        groups: dict[Any, list[str]] = {}
+        for name, array in self.state.items() if self._fixed else ():
+            groups.setdefault(_memory_key(array) if array.nbytes else id(array), []).append(name)
+        tied = {name: key for key, names in groups.items() if len(names) > 1 for name in names}
+        return tied, frozenset(), frozenset()
 
     def destination(self, name: str) -> np.ndarray | None:
         # A collector does not know the incoming dtype/shape ahead of time: no destination.
@@ -89,3 +104,7 @@ class NumpySink:
         if hit is None or hit[0] is not target:
             hit = self._dest[name] = (target, bytes_view(target))
         return hit[1]
+
+
+def _memory_key(array: np.ndarray) -> tuple[int, int]:
+    return (int(array.__array_interface__["data"][0]), array.nbytes)

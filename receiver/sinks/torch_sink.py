@@ -11,7 +11,7 @@ from ...protocol.dtypes import from_torch
 from ...protocol.errors import WeightstreamError
 from ...protocol.gc_pause import gc_paused
 from ...protocol.tensors import Framework, bytes_view
-from .base import ParamSpecs, SpecsCache, spec_mismatch, unknown_name
+from .base import ParamSpecs, SpecsCache, check_tied, spec_mismatch, unknown_name
 
 if TYPE_CHECKING:
     import torch
@@ -21,7 +21,13 @@ _Slot = tuple[dict[str, Any], str]
 
 
 class TorchModuleSink:
-    """Loads tensors into ``module`` by ``state_dict`` name (parameters and persistent buffers).
+    """Loads tensors into ``module`` by ``state_dict`` name: parameters and buffers, non-persistent
+    ones (rotary ``inv_freq``) included. A push need not fill a buffer the module already has;
+    a tensor still on the ``meta`` device must be pushed.
+
+    Tied weights (one tensor under two names, ``lm_head.weight`` and ``embed_tokens.weight``)
+    are filled by either name. Sent under both names with different values, the version fails
+    naming both.
 
     Materialised tensors are overwritten in place (``copy_`` under ``no_grad``), so
     their identity, device and storage stay. A tensor on the ``meta`` device has no
@@ -48,6 +54,11 @@ class TorchModuleSink:
         # id(meta tensor) -> (tensor, slots referencing it); built when first needed.
         self._meta_index: dict[int, tuple[Any, list[_Slot]]] | None = None
         self._specs = SpecsCache()
+        # non-persistent buffers are not in state_dict; their names, found once (the module's
+        # structure does not change, only its tensors)
+        persistent = module.state_dict(keep_vars=True)
+        self._extra_buffers = [name for name, _ in module.named_buffers(remove_duplicate=False) if name not in persistent]
+        self._maybe_meta = True  # until a walk finds no meta tensor
 
     def param_specs(self) -> ParamSpecs:
         """The module's specs: the same object while no tensor moved (``.data = ...`` moves one)."""
@@ -59,6 +70,10 @@ class TorchModuleSink:
                 tensors = state
             else:  # skip extra-state payloads; isinstance is slower, so only here
                 tensors = {name: t for name, t in state.items() if isinstance(t, torch.Tensor)}
+            for name in self._extra_buffers:
+                found = self._slot(name)
+                if found is not None:
+                    tensors[name] = found[0][found[1]]
             self._by_name = tensors
             return self._specs.get(
                 list(tensors), list(tensors.values()), torch.Tensor.data_ptr,
@@ -74,7 +89,7 @@ class TorchModuleSink:
             return None
         if owner._parameters.get(key) is not None:
             return owner._parameters, key
-        if owner._buffers.get(key) is not None and key not in owner._non_persistent_buffers_set:
+        if owner._buffers.get(key) is not None:
             return owner._buffers, key
         return None
 
@@ -141,11 +156,45 @@ class TorchModuleSink:
                         index.setdefault(id(t), (t, []))[1].append((table, key))
         return index
 
+    def name_groups(self) -> tuple[dict[str, Any], frozenset[str], frozenset[str]]:
+        """(tied, optional, unmaterialised) for the manifest check, from the last ``param_specs``:
+        names sharing one tensor mapped to a common key; buffers the module already holds (a
+        push need not fill them); names still on the meta device (a push must fill them)."""
+        tensors = self._by_name
+        groups: dict[Any, list[str]] = {}
+        for name, t in tensors.items():
+            groups.setdefault(_memory_key(t), []).append(name)
+        tied = {name: key for key, names in groups.items() if len(names) > 1 for name in names}
+        meta = frozenset(name for name, t in tensors.items() if t.is_meta)
+        optional = frozenset(name for name in self._extra_buffers if name in tensors and name not in meta)
+        return tied, optional, meta
+
+    def unmaterialised(self) -> list[str]:
+        """Parameters and buffers still on the meta device: the model cannot run yet. A tensor never
+        goes back to meta, so once none is left this costs nothing."""
+        if not self._maybe_meta:
+            return []
+        found = [name for name, t in self._all_tensors() if t.is_meta]
+        self._maybe_meta = bool(found)
+        return found
+
+    def _all_tensors(self) -> Iterable[tuple[str, Any]]:
+        yield from self.module.named_parameters(remove_duplicate=False)
+        yield from self.module.named_buffers(remove_duplicate=False)
+
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
         import torch
 
+        written: dict[Any, str] = {}  # memory written in this version -> the name that wrote it
         with torch.no_grad():  # once per version, not once per tensor
             for name, tensor in weights:
+                target = self._by_name.get(name)
+                if target is not None and not target.is_meta:
+                    key = _memory_key(target)
+                    first = written.setdefault(key, name)
+                    if first != name:  # tied here: the same tensor under a second name
+                        check_tied(first, name, torch.equal(target, tensor.to(target.device)))
+                        continue
                 self.load_one(name, tensor)
 
     def destination(self, name: str) -> np.ndarray | None:
@@ -154,3 +203,10 @@ class TorchModuleSink:
         except WeightstreamError:
             return None
         return None if target.is_meta else bytes_view(target)
+
+
+def _memory_key(t: Any) -> Any:
+    """Tensors with one key are one tensor: the same object, or the same memory, dtype, shape and strides."""
+    if t.is_meta or t.numel() == 0:
+        return id(t)
+    return (t.device.type, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
