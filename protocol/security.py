@@ -64,6 +64,8 @@ def prepare_ipc_endpoint(endpoint: str, insecure: bool = False) -> None:
             "insecure=True on a host whose users you trust"
         )
     directory = os.path.dirname(os.path.abspath(path))
+    if not insecure:  # before creating anything below them
+        _check_ancestors(directory)
     _makedirs_private(directory)
     if insecure:
         return
@@ -79,6 +81,31 @@ def prepare_ipc_endpoint(endpoint: str, insecure: bool = False) -> None:
             f"there or connect to yours. Use a fresh directory of yours (e.g. ipc:///tmp/ws-{os.getuid()}/gpu0.sock), "
             "chmod 700 it, or pass insecure=True"
         )
+
+
+def _check_ancestors(directory: str) -> None:
+    """Every existing directory above the endpoint's must be yours or root's, and not writable by
+    others unless sticky (like /tmp): else another user could swap the endpoint's directory for
+    one of theirs after the check."""
+    path = os.path.dirname(directory)
+    while True:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            mode = stat.S_IMODE(st.st_mode)
+            if st.st_uid not in (os.getuid(), 0) or (mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX):
+                raise WeightstreamError(
+                    f"ipc endpoint directory {directory} lies under {path} (owner uid {st.st_uid}, mode {mode:o}), which "
+                    "another user can change: they could replace the endpoint's directory with one of theirs. Put the "
+                    f"endpoint under a directory of yours (e.g. ipc:///tmp/ws-{os.getuid()}/gpu0.sock), or pass "
+                    "insecure=True"
+                )
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
 
 
 def _makedirs_private(directory: str) -> None:

@@ -389,7 +389,8 @@ class ReceiverDaemon:
             welcome = self._welcome
             if welcome is None:
                 self._send(self._hello())
-                refused = (self._last_error or "").startswith(_CLAIM_ERRORS)  # retry, but not in a hurry
+                # refused (the claim, or the slots): retry, but not in a hurry
+                refused = (self._last_error or "").startswith((*_CLAIM_ERRORS, "TransportError:"))
                 await asyncio.sleep(max(self._hb_interval, MIN_HEARTBEAT_INTERVAL, 1.0 if refused else 0.0))
                 continue
             interval = max(welcome.heartbeat_interval, MIN_HEARTBEAT_INTERVAL)
@@ -482,9 +483,11 @@ class ReceiverDaemon:
                     slot.close()
                 raise
         except WeightstreamError as exc:
-            log.warning("rank %d: cannot map the sender's slots: %s", self.rank, exc)
+            text = f"{type(exc).__name__}: {exc}"
             with self._cond:
-                self._last_error = f"{type(exc).__name__}: {exc}"
+                repeated, self._last_error = self._last_error == text, text
+            # answered again at every HELLO: say it once
+            (log.debug if repeated else log.warning)("rank %d: cannot map the sender's slots: %s", self.rank, exc)
             self._send(m.Error(error=wire_name(exc), message=str(exc)))
             return
         self._slots = slots

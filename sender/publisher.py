@@ -61,6 +61,7 @@ class Peer:
     # the layout this rank said READY to last (BucketSender's number): the next BEGIN of that
     # layout names it instead of resending the manifest. None from each BEGIN until its READY.
     layout: int | None = None
+    last_error: str | None = None  # the last ERROR it sent, so a repeated one is logged once
 
 
 @dataclass
@@ -408,7 +409,10 @@ class Publisher:
     def _on_round_message(self, peer: Peer, msg: m.Message) -> None:
         rnd = self.round
         if isinstance(msg, m.Error):
-            log.warning("rank %d reported %s: %s", peer.rank, msg.error, msg.message)
+            text = f"{msg.error}: {msg.message}"
+            # a rank refusing the handshake repeats itself at every HELLO: say it once
+            (log.debug if peer.last_error == text else log.warning)("rank %d reported %s", peer.rank, text)
+            peer.last_error = text
             # An error about another (earlier, already failed) version must not fail this one.
             if rnd is not None and peer.rank in rnd.ranks and msg.version == rnd.version:
                 rnd.failed.setdefault(peer.rank, (msg.error, msg.message, True))
