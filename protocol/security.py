@@ -36,6 +36,11 @@ def needs_network_security(endpoint: str) -> bool:
 
 
 def check_network_endpoint(endpoint: str, has_curve: bool, insecure: bool) -> None:
+    if not isinstance(endpoint, str) or "://" not in endpoint:
+        raise WeightstreamError(
+            f"endpoint {endpoint!r} has no scheme; expected ipc:///path/to/socket (same host) or tcp://host:port, "
+            "e.g. ipc:///tmp/ws/gpu0.sock"
+        )
     if needs_network_security(endpoint) and not has_curve and not insecure:
         raise WeightstreamError(
             f"{endpoint} is reachable over the network but no CURVE keys were given; pass "

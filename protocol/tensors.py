@@ -12,7 +12,10 @@ tensors and rejects empty ones, and NumPy's DLPack import has no bfloat16/float8
 
 - torch -> bytes: ``t.detach().view(int_N).numpy()`` then a NumPy flat uint8 view.
 - paddle -> bytes: ``np.from_dlpack(t.detach().view(int_N))`` then a NumPy flat uint8 view
-  (``Tensor.numpy()`` would always copy, and returns uint16/int8 for bf16/fp8).
+  (``Tensor.numpy()`` would always copy, and returns uint16/int8 for bf16/fp8). NumPy 1.x
+  marks every array it imports by DLPack read-only, and a sink writes into these views: there
+  the flat uint8 array is built over ``t.data_ptr()`` through ``__array_interface__``
+  (:class:`_TensorMemory`), and keeps the tensor alive as its ``base``.
 - bytes -> torch: ``torch.from_numpy(buf.view(int_N).reshape(shape)).view(dtype)``.
 - bytes -> paddle: ``paddle.from_dlpack(buf.view(int_N).reshape(shape)).view(dtype)``; the
   tensor holds a reference to ``buf`` through the DLPack capsule.
@@ -100,12 +103,39 @@ def _torch_bytes(t: Any) -> np.ndarray:
     return (t if t.dtype == itype else t.view(itype)).numpy().reshape(-1).view(np.uint8)
 
 
-def _paddle_bytes(t: Any) -> np.ndarray:
-    """Flat uint8 view of a contiguous, initialised CPU paddle tensor (no copy)."""
+def _paddle_bytes_dlpack(t: Any) -> np.ndarray:
+    """Flat uint8 view of a contiguous, initialised CPU paddle tensor (no copy); NumPy 2."""
     paddle = sys.modules["paddle"]
     itype = getattr(paddle, _INT_NAME[t.element_size()])
     t = t.detach()  # paddle refuses __dlpack__ on tensors that require grad; shares the data
     return np.from_dlpack(t if t.dtype == itype else t.view(itype)).reshape(-1).view(np.uint8)
+
+
+class _TensorMemory:
+    """A CPU tensor's bytes offered to NumPy by ``__array_interface__`` (writable).
+
+    ``np.asarray`` of it is a 1-D uint8 array over the tensor's memory whose ``base`` is this
+    object, which holds the tensor: the memory lives as long as the array or any view of it.
+    """
+
+    __slots__ = ("__array_interface__", "tensor")
+
+    def __init__(self, tensor: Any, ptr: int, nbytes: int) -> None:
+        self.tensor = tensor
+        self.__array_interface__ = {"version": 3, "shape": (nbytes,), "typestr": "|u1", "data": (ptr, False)}
+
+
+def _paddle_bytes_pointer(t: Any) -> np.ndarray:
+    """Flat uint8 view of a contiguous, initialised CPU paddle tensor (no copy), built over its
+    ``data_ptr()``: writable on every NumPy (NumPy 1.x's ``from_dlpack`` is read-only)."""
+    nbytes = math.prod(t.shape) * t.element_size()  # t.numel() would be a paddle Tensor
+    if not nbytes:
+        return np.empty(0, np.uint8)  # nothing to alias; an empty tensor may have no pointer
+    return np.asarray(_TensorMemory(t, t.data_ptr(), nbytes))
+
+
+# NumPy < 2 imports every DLPack array read-only (NumPy 2 only when the producer says so)
+_paddle_bytes = _paddle_bytes_dlpack if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else _paddle_bytes_pointer
 
 
 def bytes_view(tensor: Any) -> np.ndarray | None:

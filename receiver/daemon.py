@@ -46,7 +46,7 @@ from ..protocol.errors import (
 from ..protocol.security import CurveKeys, apply_client_curve, check_network_endpoint, prepare_ipc_endpoint
 from ..protocol.shm import host_identity
 from ..protocol.shm_ring import MAX_CONSUMERS
-from ..protocol.tensors import Framework
+from ..protocol.tensors import FRAMEWORKS, Framework
 from ..protocol.transport import ImportedSlot, available_transports, get_transport
 from ..protocol.versions import is_older
 from .manifest import check_manifest
@@ -116,6 +116,11 @@ class ReceiverDaemon:
         self.rank = rank
         self.prefetch = prefetch
         self._load, self._sink = resolve_target(load_weights)
+        if framework is not None and framework not in FRAMEWORKS:
+            raise WeightstreamError(
+                f"framework={framework!r}: expected one of {', '.join(FRAMEWORKS)} (the kind of tensor views "
+                "load_weights gets); fix: e.g. framework=\"torch\""
+            )
         self.framework: Framework = framework or getattr(self._sink, "framework", None) or "numpy"
         self._expected = expected
         self._allow_missing = allow_missing
@@ -233,6 +238,11 @@ class ReceiverDaemon:
     def wait_for_version(self, version: str, timeout: float) -> None:
         """Block until ``version`` is committed; raise its error if it failed, PeerTimeout on timeout."""
         deadline = time.monotonic() + timeout
+        if self._thread is None and not self._serving and self._state != "stopped":
+            raise WeightstreamError(
+                f"wait_for_version({version!r}) on a daemon that is not running; call daemon.start() first "
+                "(or run `await daemon.serve()` in your event loop)"
+            )
         with self._cond:
             while self._committed != version:
                 if version in self._failed:
@@ -808,16 +818,19 @@ class ReceiverDaemon:
         if run is not self._run:
             return
         self._sink_aborted()
-        log.warning("rank %d: version %r failed: %s: %s", self.rank, run.version, type(exc).__name__, exc)
-        error = exc if isinstance(exc, WeightstreamError) else from_wire(type(exc).__name__, str(exc), rank=self.rank)
-        self._record_failure(run.version, error, touched=run.touched, shown=f"{type(exc).__name__}: {exc}")
+        text = str(exc)
+        if not isinstance(exc, WeightstreamError) and run.last_given is not None:  # the engine's own error
+            text += f" (while loading tensor {run.last_given!r}, the last one load_weights was given)"
+        log.warning("rank %d: version %r failed: %s: %s", self.rank, run.version, type(exc).__name__, text)
+        error = exc if isinstance(exc, WeightstreamError) else from_wire(type(exc).__name__, text, rank=self.rank)
+        self._record_failure(run.version, error, touched=run.touched, shown=f"{type(exc).__name__}: {text}")
         self._run = None
         self._inbox = None
         self._send(
             m.Failed(
                 version=run.version,
                 error=type(exc).__name__,
-                message=f"{type(exc).__name__}: {exc}"[: m.MAX_TEXT_LEN],
+                message=f"{type(exc).__name__}: {text}"[: m.MAX_TEXT_LEN],
                 model_intact=not run.touched,
             )
         )

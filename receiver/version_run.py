@@ -112,6 +112,7 @@ class VersionRun:
         # consumer side
         self.applied = 0
         self.touched = False  # something was handed to load_weights or written in place
+        self.last_given: str | None = None  # the tensor load_weights was given last (named when it raises)
         self.finished = False
         self._partial: dict[str, tuple[Any, bool]] = {}
         self._in_place_done: tuple[int, np.ndarray] | None = None  # the chunked tensor last completed in place
@@ -295,6 +296,7 @@ class VersionRun:
                         continue
                 if not self.staged:
                     self.touched = True  # load_weights gets it: the model may change from here on
+                self.last_given = name
                 yield name, data
                 self.applied += 1
                 if linked and index in self.manifest.aliases_of:
@@ -356,6 +358,7 @@ class VersionRun:
                 if primary is None or address_of(dest) != address_of(primary):
                     np.copyto(dest, raw)
                 continue
+            self.last_given = alias
             yield alias, view if view is not None else self._view(slot, raw, self.dtypes[index], self.shapes[index])
 
     def _check_tie(self, index: int, raw: np.ndarray) -> None:
@@ -396,6 +399,7 @@ class VersionRun:
             elif index in self.manifest.tie_of:  # tied here, sent apart: the first one's bytes must match
                 self._check_tie(index, raw[offset : offset + n])
             else:  # no place to write it: load_weights gets a view
+                self.last_given = names[index]
                 yield names[index], self._view(slot, raw[offset : offset + n], self.dtypes[index], self.shapes[index])
             k = k + 1 if spans is None else speedups.scatter(raw, *spans, k + 1, stream)
         self.applied += end - first
@@ -418,6 +422,7 @@ class VersionRun:
             data = self._write_piece(slot, name, None, chunk, (read, offset, nbytes))
             if data is not None:
                 self.touched = True
+                self.last_given = name
                 yield name, data
                 self.applied += 1
 

@@ -78,8 +78,13 @@ def describe(named_tensors: Iterable[tuple[str, Any]], previous: Manifest | None
                     f"push expects (name, tensor) pairs, e.g. model.named_parameters(); got {type(item).__name__}"
                 )
             name, tensor = item
-            dtype = dtype_of(tensor)
-            shape = tuple(shape_of(tensor))
+            try:
+                dtype = dtype_of(tensor)
+                _check_sendable(tensor)
+                shape = tuple(shape_of(tensor))
+            except WeightstreamError as exc:  # say which tensor
+                text = str(exc)
+                raise type(exc)(f"tensor {name!r:.200}: {text.removeprefix('tensor: ')}") from None
             names.append(name)
             tensors.append(tensor)
             codes.append(dtype.code)
@@ -87,6 +92,28 @@ def describe(named_tensors: Iterable[tuple[str, Any]], previous: Manifest | None
             sizes.append(dtype.itemsize * math.prod(shape))
     check_names(names, "tensor names")
     return Manifest(names, tensors, codes, _shared(shapes), sizes)
+
+
+def _check_sendable(tensor: Any) -> None:
+    """A tensor with no data of its own cannot be packed: say so before anything moves."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(tensor, torch.Tensor):
+        if tensor.is_meta:
+            raise WeightstreamError(
+                "expected a materialised tensor, got one on the meta device (it has no data); fix: materialise and "
+                "load it before pushing (e.g. module.to_empty(device='cpu') and load_state_dict)"
+            )
+        if tensor.layout != torch.strided:
+            raise WeightstreamError(
+                f"expected a dense (strided) tensor, got layout {tensor.layout}; fix: push tensor.to_dense()"
+            )
+        return
+    paddle = sys.modules.get("paddle")
+    if paddle is not None and isinstance(tensor, paddle.Tensor) and not tensor._is_initialized():
+        raise WeightstreamError(
+            "expected an initialised paddle tensor, got one without data (e.g. made under paddle.LazyGuard); "
+            "fix: initialise it before pushing"
+        )
 
 
 def _codes_by_dtype() -> dict[Any, int]:

@@ -1,0 +1,75 @@
+"""Mistakes a user makes get an error that names the offending tensor, argument or step and the fix,
+at the call that made them (the constructor, the push), never later in another thread."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from weightstream import BucketSender, ReceiverDaemon, RemoteError, WeightstreamError
+
+pytestmark = pytest.mark.timeout(60)
+HB = {"heartbeat_interval": 0.1, "heartbeat_timeout": 2.0}
+
+
+def _bad_tensors() -> dict[str, tuple[Any, str]]:
+    torch = pytest.importorskip("torch")
+    return {
+        "complex": (torch.zeros(2, dtype=torch.complex64), "dtype torch.complex64 is not supported"),
+        "not_a_tensor": ([1.0, 2.0], "got list"),
+        "meta": (torch.zeros(3, device="meta"), "meta device"),
+        "sparse": (torch.eye(3).to_sparse(), "dense (strided)"),
+        "numpy_complex": (np.zeros(2, np.complex128), "dtype complex128 is not supported"),
+    }
+
+
+@pytest.mark.parametrize("case", ["complex", "not_a_tensor", "meta", "sparse", "numpy_complex"])
+def test_push_names_the_tensor_it_cannot_send(endpoint: str, case: str) -> None:
+    bad, says = _bad_tensors()[case]
+    with BucketSender(endpoint, bucket_bytes=1 << 16, timeout=5, **HB) as sender:
+        with pytest.raises(WeightstreamError) as info:  # before waiting for any receiver
+            sender.push([("layers.0.ok", np.zeros(4, np.float32)), ("layers.1.bad", bad)], version="v1")
+    text = str(info.value)
+    assert "'layers.1.bad'" in text and says in text and "fix" in text, text
+
+
+def test_load_weights_error_names_the_tensor_it_was_given_last(endpoint: str) -> None:
+    seen: list[str] = []
+
+    def load_weights(weights: Any) -> None:
+        for name, tensor in weights:
+            seen.append(name)
+            if name == "b":
+                raise KeyError("no such parameter in this engine")
+
+    named = [(n, np.full(8, i, np.float32)) for i, n in enumerate("abc")]
+    with ReceiverDaemon(endpoint, load_weights, framework="numpy", rank=0, **HB) as daemon, BucketSender(
+        endpoint, bucket_bytes=1 << 16, timeout=20, **HB
+    ) as sender:
+        sender.wait_for_receivers(timeout=10)
+        with pytest.raises(RemoteError) as info:
+            sender.push(named, version="v1")
+        assert "while loading tensor 'b'" in str(info.value) and info.value.remote_type == "KeyError", str(info.value)
+        assert "while loading tensor 'b'" in (daemon.status.last_error or "")
+
+
+def test_a_wrong_framework_fails_in_the_constructor(endpoint: str) -> None:
+    with pytest.raises(WeightstreamError, match=r"framework='pytorch': expected one of numpy, paddle, torch"):
+        ReceiverDaemon(endpoint, lambda weights: None, framework="pytorch", rank=0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", ["/tmp/ws/gpu0.sock", "localhost:5555"])
+def test_an_endpoint_without_a_scheme_is_named_as_such(bad: str) -> None:
+    for make in (lambda: BucketSender(bad), lambda: ReceiverDaemon(bad, lambda weights: None, framework="numpy")):
+        with pytest.raises(WeightstreamError) as info:
+            make()
+        text = str(info.value)
+        assert "has no scheme" in text and "ipc://" in text and "CURVE" not in text, text
+
+
+def test_wait_for_version_before_start_says_so(endpoint: str) -> None:
+    daemon = ReceiverDaemon(endpoint, lambda weights: None, framework="numpy", rank=0)
+    with pytest.raises(WeightstreamError, match=r"not running; call daemon.start\(\) first"):
+        daemon.wait_for_version("v1", timeout=1)
