@@ -1,16 +1,25 @@
 """End-to-end GPU weight update: weightstream cuda_ipc vs the copy limit vs per-tensor IPC handles.
 
 A bf16 model of Llama-3-8B-like shapes, scaled by layer count to ``--gib``, lives on the GPU
-of this (sender) process; one spawned receiver holds the same shapes on the GPU.
+of this (sender) process; a spawned receiver holds the same shapes on the GPU, allocated
+before the first update (a preallocated model, as an inference engine holds it).
 
+- limit: in one process, params -> bucket-sized slot -> params with torch (two D2D copies of
+  every byte, what any transport through a shared slot must at least do).
 - weightstream: BucketSender(transport="cuda_ipc") -> ReceiverDaemon(TorchModuleSink).
-- limit: in one process, params -> slot -> params with torch (two D2D copies of every byte).
 - per-tensor handles: torch.multiprocessing.reductions.reduce_tensor per param, handles sent
   to the receiver, which rebuilds each tensor and copy_()s it (the usual colocated approach).
 
-Usage: python bench/gpu_update.py [--gib 16] [--repeats 3] [--bucket-mib 512]
+All three run in the same process and the same run, so their ratios compare like with like.
+Every version changes the first element of every tensor, and after the last one each
+receiver's tensors are compared with the sender's (a device digest per tensor): a method that
+moved the wrong bytes, or skipped a version, says ``bytes WRONG``.
+
+Usage: python bench/gpu_update.py [--gib 16] [--repeats 3] [--bucket-mib 512] [--out DIR]
 Smoke: python bench/gpu_update.py --gib 0.25 --repeats 1
-Writes JSON to $OUT/gpu_update.json if OUT is set, else bench/results/gpu_update.json.
+Writes gpu_update.json to --out, else to $OUT if set, else to bench/results/, after each method
+(a run stopped by a time limit keeps what it measured, with "complete": false). Exits 1 if a
+method failed or moved wrong bytes.
 """
 
 from __future__ import annotations
@@ -20,13 +29,21 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import queue as queue_mod
+import shutil
 import statistics
+import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 HIDDEN, INTER, VOCAB, KV = 4096, 14336, 128256, 1024  # Llama-3-8B
+
+LIMIT = "limit (2 D2D copies, 1 process)"
+WEIGHTSTREAM = "weightstream cuda_ipc"
+HANDLES = "per-tensor IPC handles"
 
 
 def model_shapes(gib: float) -> list[tuple[str, tuple[int, ...]]]:
@@ -91,48 +108,109 @@ def as_module(params: dict[str, Any]) -> Any:
     return root
 
 
+def mark(params: dict[str, Any], version: int) -> None:
+    """Make version ``version`` differ from the others in every tensor (its first element)."""
+    for t in params.values():
+        t.view(-1)[:1].fill_(float(version + 1))  # small integers are exact in bf16
+
+
+def digests(tensors: dict[str, Any]) -> dict[str, int]:
+    """A 64-bit device digest per tensor (weightstream's, computed on the GPU)."""
+    import torch
+
+    from weightstream.protocol.cuda_ipc import device_digest
+
+    torch.cuda.synchronize()
+    out = {}
+    for name, t in tensors.items():
+        t = t.detach().contiguous()
+        out[name] = device_digest(t.data_ptr(), t.numel() * t.element_size(), t.device.index)
+    return out
+
+
+def compare(want: dict[str, int], got: dict[str, int]) -> str | None:
+    """None if equal, else what differs (a few names)."""
+    bad = sorted(n for n in want.keys() | got.keys() if want.get(n) != got.get(n))
+    return None if not bad else f"{len(bad)} of {len(want)} tensors differ, e.g. {bad[:3]}"
+
+
 # --- receiver processes -------------------------------------------------------------------------
 
 
 def ws_receiver(endpoint: str, gib: float, versions: list[str], done: Any) -> None:
-    import torch
-
-    from weightstream import ReceiverDaemon
-    from weightstream.receiver.sinks import TorchModuleSink
-
-    module = as_module(build(model_shapes(gib), fill=False))
-    daemon = ReceiverDaemon(endpoint, TorchModuleSink(module), rank=0)
-    daemon.start()
     try:
-        for v in versions:
-            daemon.wait_for_version(v, timeout=600)
-        torch.cuda.synchronize()
-        done.put("ok")
-    finally:
-        daemon.stop()
+        import torch
+
+        from weightstream import ReceiverDaemon
+        from weightstream.receiver.sinks import TorchModuleSink
+
+        params = build(model_shapes(gib), fill=False)  # allocated before the first update
+        module = as_module(params)
+        daemon = ReceiverDaemon(endpoint, TorchModuleSink(module), rank=0)
+        daemon.start()
+        try:
+            # only the last: the sender pushes back to back, so an earlier one may already be
+            # superseded by the time this thread looks (pushes are ordered; the last implies all)
+            daemon.wait_for_version(versions[-1], timeout=600)
+            torch.cuda.synchronize()
+            done.put(("ok", digests(dict(module.state_dict()))))
+        finally:
+            daemon.stop()
+    except BaseException:  # noqa: BLE001 - reported to the sender, which fails the method with it
+        done.put(("error", traceback.format_exc()))
 
 
 def handle_receiver(gib: float, inbox: Any, outbox: Any) -> None:
-    import torch
+    try:
+        import torch
 
-    params = build(model_shapes(gib), fill=False)
-    outbox.put("ready")
+        params = build(model_shapes(gib), fill=False)
+        outbox.put(("ready", None))
+        while True:
+            msg = inbox.get(timeout=600)  # a lost trainer fails the run rather than hanging it
+            if msg is None:
+                outbox.put(("ok", digests(params)))
+                return
+            for name, (rebuild, args) in msg:
+                src = rebuild(*args)  # opens (or reuses, via torch's cache) the sender's IPC handle
+                params[name].copy_(src)
+                del src
+            torch.cuda.synchronize()
+            outbox.put(("applied", None))
+    except BaseException:  # noqa: BLE001
+        outbox.put(("error", traceback.format_exc()))
+
+
+def _get(box: Any, proc: Any, timeout: float, what: str) -> tuple[str, Any]:
+    """The next message from a receiver; fails at once if it died or reported an error."""
+    deadline = time.monotonic() + timeout
     while True:
-        msg = inbox.get(timeout=600)  # a lost trainer fails the run rather than hanging it
-        if msg is None:
-            return
-        for name, (rebuild, args) in msg:
-            src = rebuild(*args)  # opens (or reuses, via torch's cache) the sender's IPC handle
-            params[name].copy_(src)
-            del src
-        torch.cuda.synchronize()
-        outbox.put("ok")
+        try:
+            kind, value = box.get(timeout=0.5)
+        except queue_mod.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(
+                    f"the receiver process exited (code {proc.exitcode}) while the sender waited for {what}"
+                ) from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {what} from the receiver within {timeout:.0f}s") from None
+            continue
+        if kind == "error":
+            raise RuntimeError(f"the receiver failed:\n{value}")
+        return kind, value
+
+
+def _stop(proc: Any) -> None:
+    proc.join(timeout=30)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(timeout=10)
 
 
 # --- measurements -------------------------------------------------------------------------------
 
 
-def limit(params: dict[str, Any], bucket: int, repeats: int) -> list[float]:
+def limit(params: dict[str, Any], bucket: int, repeats: int) -> tuple[list[float], str | None]:
     """params -> bucket-sized slot -> params, in one process: the two D2D copies a transport must do."""
     import torch
 
@@ -144,42 +222,63 @@ def limit(params: dict[str, Any], bucket: int, repeats: int) -> list[float]:
         start = time.perf_counter()
         for name, t in params.items():
             flat = t.view(-1).view(torch.uint8)
+            out = dst[name].view(-1).view(torch.uint8)
             for at in range(0, flat.numel(), bucket):
                 piece = flat[at : at + bucket]
                 slot[: piece.numel()].copy_(piece)
-                dst[name].view(-1).view(torch.uint8)[at : at + piece.numel()].copy_(slot[: piece.numel()])
+                out[at : at + piece.numel()].copy_(slot[: piece.numel()])
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+    wrong = [n for n, t in params.items() if not torch.equal(t, dst[n])]
     del dst, slot
     torch.cuda.empty_cache()
-    return times[1:]  # the first run warms the allocator
+    return times[1:], (f"{len(wrong)} tensors differ, e.g. {wrong[:3]}" if wrong else None)  # run 0 warms up
 
 
-def weightstream_run(params: dict[str, Any], gib: float, bucket: int, repeats: int) -> list[float]:
-    from weightstream import BucketSender
+def weightstream_run(params: dict[str, Any], gib: float, bucket: int, repeats: int) -> tuple[list[float], str | None]:
+    from weightstream import BucketSender, PeerTimeout
 
     ctx = mp.get_context("spawn")
     versions = [f"v{i}" for i in range(repeats + 1)]
-    endpoint = f"ipc://{tempfile.mkdtemp(prefix='ws-bench-')}/sock/x.sock"
+    tmp = tempfile.mkdtemp(prefix="ws-bench-")  # 0700, ours: the endpoint's directory is checked
+    endpoint = f"ipc://{tmp}/sock/x.sock"
     done = ctx.Queue()
     proc = ctx.Process(target=ws_receiver, args=(endpoint, gib, versions, done), daemon=True)
     proc.start()
     times = []
     try:
         with BucketSender(endpoint, transport="cuda_ipc", bucket_bytes=bucket, timeout=600) as sender:
-            sender.wait_for_receivers(timeout=300)
-            for v in versions:
+            deadline = time.monotonic() + 300
+            while True:  # the receiver allocates its model first; fail fast if it died doing so
+                try:
+                    sender.wait_for_receivers(timeout=1.0)
+                    break
+                except PeerTimeout:
+                    if proc.is_alive() and time.monotonic() < deadline:
+                        continue
+                    try:
+                        kind, value = done.get_nowait()
+                    except queue_mod.Empty:
+                        kind, value = "", ""
+                    why = (
+                        value
+                        if kind == "error"
+                        else (f"it exited with code {proc.exitcode}" if not proc.is_alive() else "timed out after 300s")
+                    )
+                    raise RuntimeError(f"the receiver never connected: {why}") from None
+            for i, v in enumerate(versions):
+                mark(params, i)
                 report = sender.push(list(params.items()), v)
                 times.append(report.seconds)
-        done.get(timeout=120)
+            _, got = _get(done, proc, 300, "its digests")
+        wrong = compare(digests(params), got)
     finally:
-        proc.join(timeout=60)
-        if proc.is_alive():
-            proc.kill()
-    return times[1:]  # v0 warms up (first mapping, receiver allocator)
+        _stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return times[1:], wrong  # v0 warms up (first mapping, receiver allocator)
 
 
-def handles_run(params: dict[str, Any], gib: float, repeats: int) -> list[float]:
+def handles_run(params: dict[str, Any], gib: float, repeats: int) -> tuple[list[float], str | None]:
     import torch
     from torch.multiprocessing.reductions import reduce_tensor
 
@@ -189,74 +288,112 @@ def handles_run(params: dict[str, Any], gib: float, repeats: int) -> list[float]
     proc.start()
     times = []
     try:
-        outbox.get(timeout=300)
-        for _ in range(repeats + 1):
+        _get(outbox, proc, 300, "ready")
+        for i in range(repeats + 1):
+            mark(params, i)
             torch.cuda.synchronize()
             start = time.perf_counter()
             inbox.put([(name, reduce_tensor(t)) for name, t in params.items()])
-            outbox.get(timeout=600)
+            _get(outbox, proc, 600, "an applied version")
             times.append(time.perf_counter() - start)
         inbox.put(None)
+        _, got = _get(outbox, proc, 300, "its digests")
+        wrong = compare(digests(params), got)
     finally:
-        proc.join(timeout=60)
-        if proc.is_alive():
-            proc.kill()
-    return times[1:]
+        _stop(proc)
+    return times[1:], wrong
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gib", type=float, default=16.0, help="model size in GiB of bf16 (default 16)")
     ap.add_argument("--repeats", type=int, default=3, help="timed updates per method (after one warm-up)")
     ap.add_argument("--bucket-mib", type=int, default=512, help="weightstream bucket size (MiB)")
     ap.add_argument("--skip", default="", help="comma list of methods to skip: limit,weightstream,handles")
+    ap.add_argument("--out", default=None, help="folder for gpu_update.json (default: $OUT, else bench/results)")
     args = ap.parse_args()
 
     import torch
 
     if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: this benchmark needs a GPU")
+        print("no CUDA device: this benchmark needs a GPU", file=sys.stderr)
+        return 1
     skip = set(filter(None, args.skip.split(",")))
     bucket = args.bucket_mib << 20
     shapes = model_shapes(args.gib)
     params = build(shapes, fill=True)
     total = sum(t.numel() * t.element_size() for t in params.values())
-    print(f"model: {len(params)} tensors, {total / (1 << 30):.2f} GiB bf16 on {torch.cuda.get_device_name()}")
+    gpu = torch.cuda.get_device_name()
+    free, whole = torch.cuda.mem_get_info()
+    print(f"model: {len(params)} tensors, {total / (1 << 30):.2f} GiB bf16 on {gpu} "
+          f"({free / (1 << 30):.1f} of {whole / (1 << 30):.1f} GiB free after it; each method needs about "
+          f"{(total + 2 * bucket) / (1 << 30):.1f} GiB more)", flush=True)  # fmt: skip
 
-    results: dict[str, list[float]] = {}
-    if "limit" not in skip:
-        results["limit (2 D2D copies, 1 process)"] = limit(params, bucket, args.repeats)
-    if "weightstream" not in skip:
-        results["weightstream cuda_ipc"] = weightstream_run(params, args.gib, bucket, args.repeats)
-    if "handles" not in skip:
-        results["per-tensor IPC handles"] = handles_run(params, args.gib, args.repeats)
-
-    rows = []
-    lim = statistics.median(next(iter(results.values()))) if "limit" not in skip else None
-    print(f"\n{'method':36} {'median s':>9} {'GB/s':>8} {'x limit':>8}")
-    for method, times in results.items():
-        med = statistics.median(times)
-        gbps = total / med / 1e9
-        ratio = med / lim if lim else float("nan")
-        print(f"{method:36} {med:9.3f} {gbps:8.1f} {ratio:8.2f}")
-        rows.append({"method": method, "seconds": times, "median_s": med, "gbps": gbps, "x_limit": ratio})
-
-    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
+    out_dir = Path(args.out or os.environ.get("OUT") or Path(__file__).parent / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    doc = {
+    doc: dict[str, Any] = {
         "bench": "gpu_update",
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": gpu,
         "torch": torch.__version__,
         "host": platform.node(),
         "bytes": total,
         "tensors": len(params),
         "bucket_bytes": bucket,
         "repeats": args.repeats,
-        "results": rows,
+        "results": [],
+        "ratios": {},
+        "complete": False,
     }
-    (out_dir / "gpu_update.json").write_text(json.dumps(doc, indent=2))
+
+    def save() -> None:
+        (out_dir / "gpu_update.json").write_text(json.dumps(doc, indent=2))
+
+    methods = [
+        ("limit", LIMIT, lambda: limit(params, bucket, args.repeats)),
+        ("weightstream", WEIGHTSTREAM, lambda: weightstream_run(params, args.gib, bucket, args.repeats)),
+        ("handles", HANDLES, lambda: handles_run(params, args.gib, args.repeats)),
+    ]
+    medians: dict[str, float] = {}
+    ok = True
+    print(f"\n{'method':36} {'median s':>9} {'GB/s':>8} {'x limit':>8}  bytes", flush=True)
+    for key, method, run in methods:
+        if key in skip:
+            continue
+        started = time.perf_counter()
+        try:
+            times, wrong = run()
+        except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others' figures
+            ok = False
+            print(f"{method:36} FAILED after {time.perf_counter() - started:.1f}s: {exc}", flush=True)
+            traceback.print_exc()
+            doc["results"].append({"method": method, "error": f"{type(exc).__name__}: {exc}"})
+            save()
+            continue
+        med = statistics.median(times)
+        medians[key] = med
+        lim = medians.get("limit")
+        ratio = med / lim if lim else float("nan")
+        ok = ok and wrong is None
+        print(f"{method:36} {med:9.4f} {total / med / 1e9:8.1f} {ratio:8.2f}  {'ok' if wrong is None else 'WRONG: ' + wrong}",
+              flush=True)  # fmt: skip
+        doc["results"].append({
+            "method": method, "seconds": times, "median_s": med, "gbps": total / med / 1e9,
+            "x_limit": ratio if lim else None, "verified": wrong is None, "mismatch": wrong,
+        })  # fmt: skip
+        save()
+    if "limit" in medians:
+        for key, name in (("weightstream", "weightstream_x_limit"), ("handles", "handles_x_limit")):
+            if key in medians:
+                doc["ratios"][name] = medians[key] / medians["limit"]
+    if "weightstream" in medians and "handles" in medians:
+        doc["ratios"]["weightstream_speedup_vs_handles"] = medians["handles"] / medians["weightstream"]
+    for name, value in doc["ratios"].items():
+        print(f"{name}: {value:.2f}")
+    doc["complete"] = True
+    save()
     print(f"\nwrote {out_dir / 'gpu_update.json'}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

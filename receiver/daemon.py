@@ -457,10 +457,7 @@ class ReceiverDaemon:
                 self._drop_session()
         elif isinstance(msg, m.Error):
             text = f"{msg.error}: {msg.message}"
-            with self._cond:
-                repeated, self._last_error = self._last_error == text, text
-            # a refused claim is answered at every HELLO: say it once
-            (log.debug if repeated else log.warning)("rank %d: sender reported %s", self.rank, text)
+            (log.warning if self._remember_error(text) else log.debug)("rank %d: sender reported %s", self.rank, text)
         elif self._welcome is None:
             raise ProtocolError(f"{msg.TYPE} before WELCOME; expected HELLO/WELCOME first")
         elif isinstance(msg, m.Begin):
@@ -493,11 +490,8 @@ class ReceiverDaemon:
                     slot.close()
                 raise
         except WeightstreamError as exc:
-            text = f"{type(exc).__name__}: {exc}"
-            with self._cond:
-                repeated, self._last_error = self._last_error == text, text
-            # answered again at every HELLO: say it once
-            (log.debug if repeated else log.warning)("rank %d: cannot map the sender's slots: %s", self.rank, exc)
+            new = self._remember_error(f"{type(exc).__name__}: {exc}")
+            (log.warning if new else log.debug)("rank %d: cannot map the sender's slots: %s", self.rank, exc)
             self._send(m.Error(error=wire_name(exc), message=str(exc)))
             return
         self._slots = slots
@@ -507,6 +501,13 @@ class ReceiverDaemon:
             if self._last_error is not None and self._last_error.startswith(_CLAIM_ERRORS):
                 self._last_error = None  # the claim went through after all
         log.info("rank %d: connected to sender (pid %d, %d %s slots)", self.rank, msg.pid, len(slots), msg.transport)
+
+    def _remember_error(self, text: str) -> bool:
+        """Record ``text`` as the last error; False if it was already: a refusal comes back at every
+        HELLO, and is logged once."""
+        with self._cond:
+            new, self._last_error = self._last_error != text, text
+        return new
 
     def _drop_session(self) -> None:
         for slot in self._slots:

@@ -4,10 +4,12 @@ CPU part (runs everywhere): the wire descriptor of a slot (64 raw handle bytes, 
 device UUID, pid) and its validation, the error texts, and that the transport is
 refused with a clear TransportError where CUDA is unusable.
 
-GPU part (``-m gpu``, skipped without a usable GPU): real spawned receiver processes
-with torch modules on CUDA, every dtype bit-exact over several versions, no handle
-re-opened after the first version, and GPU memory back to its baseline after many
-update cycles in both the sender and the receivers.
+GPU part (``-m gpu``, skipped without a usable GPU; ``bash bench/gpu_check.sh OUTDIR`` runs
+it on the GPU machine): real spawned receiver processes with torch modules on CUDA, every
+wire dtype bit-exact through 2 ranks over 3 versions, no handle re-opened after the first
+version, GPU memory back to its baseline after 20 update cycles, the device digest against
+its formula computed on the host, and ``checksum=True`` end to end (matching digests commit,
+a wrong one aborts the version with the model intact).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from weightstream.protocol.cuda_ipc_wire import (
     expandable_segments_note,
     format_uuid,
 )
-from weightstream.protocol.errors import TransportError
+from weightstream.protocol.dtypes import DTYPES as WIRE_DTYPES
+from weightstream.protocol.errors import TransportError, WeightstreamError
 from weightstream.protocol.transport import available_transports, get_transport
 
 pytestmark = pytest.mark.timeout(60)
@@ -157,10 +160,7 @@ def test_sender_refuses_cuda_ipc_without_a_gpu(endpoint: str) -> None:
 # --- GPU: real processes -----------------------------------------------------------------------
 
 CTX = mp.get_context("spawn")
-DTYPES = [
-    "bool", "uint8", "int8", "int16", "int32", "int64",
-    "float16", "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e5m2",
-]  # fmt: skip
+DTYPES = [d.name for d in WIRE_DTYPES]  # every dtype the wire carries, so a new one is tested too
 BUCKET = 64 << 10  # small: several buckets per version and one chunked tensor
 
 
@@ -184,7 +184,9 @@ class _Params:
         mod = torch.nn.Module()
         holder = torch.nn.Module()
         for name, (dtype, shape) in _gpu_model_specs().items():
-            holder.register_buffer(name.split(".", 1)[1], torch.zeros(shape, dtype=by_name(dtype).torch(), device=device))
+            holder.register_buffer(
+                name.split(".", 1)[1], torch.zeros(shape, dtype=by_name(dtype).torch(), device=device)
+            )
         mod.add_module("t", holder)
         return mod
 
@@ -212,52 +214,89 @@ def _digest(t: Any) -> str:
     return xxhash.xxh3_64_hexdigest(flat.view(ints).cpu().numpy().tobytes())
 
 
-def _gpu_receiver(endpoint: str, rank: int, versions: list[str], events: Any) -> None:
-    """Spawned: a torch module on CUDA fed by a ReceiverDaemon; reports digests and counters."""
+def _receiver(
+    endpoint: str, rank: int, versions: list[str], events: Any, device: str = "cuda", expect_fail: tuple[str, ...] = ()
+) -> None:
+    """Spawned: a torch module on ``device`` fed by a ReceiverDaemon; reports digests and counters.
+
+    Each version is reported as a "version" event once committed, or, for a version in
+    ``expect_fail``, as a "failed" event once it failed (with the error and the model's
+    digests then, which must still be the version before). ``device="cpu"`` is the same
+    harness over shm: the CPU rehearsal of these GPU tests.
+    """
     try:
         import torch
 
         from weightstream import ReceiverDaemon
-        from weightstream.protocol import cuda_ipc
         from weightstream.receiver.sinks import TorchModuleSink
 
-        torch.cuda.init()
-        module = _Params.build("cuda")
-        torch.cuda.synchronize()
-        free_before = torch.cuda.mem_get_info()[0]
+        cuda = device == "cuda"
+        if cuda:
+            from weightstream.protocol import cuda_ipc
+
+            torch.cuda.init()
+
+        def counters() -> dict[str, int]:
+            if not cuda:
+                return {"opens": 0, "mappings": 0, "free": 0}
+            torch.cuda.synchronize()
+            return {
+                "opens": cuda_ipc.OPEN_COUNT,
+                "mappings": len(cuda_ipc._MAPPINGS),
+                "free": torch.cuda.mem_get_info()[0],
+            }
+
+        module = _Params.build(device)
+        free_before = counters()["free"]
         daemon = ReceiverDaemon(endpoint, TorchModuleSink(module), rank=rank, heartbeat_interval=0.2)
         daemon.start()
         try:
             for version in versions:
-                daemon.wait_for_version(version, timeout=60)
-                torch.cuda.synchronize()
+                kind, error = "version", None
+                try:
+                    daemon.wait_for_version(version, timeout=60)
+                except WeightstreamError as exc:
+                    if version not in expect_fail:
+                        raise
+                    kind, error = "failed", f"{type(exc).__name__}: {exc}"
+                found = counters()  # synchronizes the device first
                 digests = {name: _digest(t) for name, t in module.state_dict().items()}
-                events.put({"rank": rank, "event": "version", "version": version, "digests": digests,
-                            "opens": cuda_ipc.OPEN_COUNT, "free": torch.cuda.mem_get_info()[0]})  # fmt: skip
+                events.put({"rank": rank, "event": kind, "version": version, "digests": digests, "error": error,
+                            "model_intact": daemon.status.model_intact, **found})  # fmt: skip
         finally:
             daemon.stop()
-        torch.cuda.synchronize()
-        events.put({"rank": rank, "event": "done", "opens": cuda_ipc.OPEN_COUNT,
-                    "mappings": len(cuda_ipc._MAPPINGS), "free_before": free_before,
-                    "free_after": torch.cuda.mem_get_info()[0]})  # fmt: skip
+        events.put({"rank": rank, "event": "done", "free_before": free_before, **counters()})
     except BaseException as exc:  # noqa: BLE001 - reported to the test, which fails with it
         events.put({"rank": rank, "event": "crashed", "error": repr(exc), "tb": traceback.format_exc()})
 
 
-def _next(events: Any, want: str, rank: int, timeout: float = 120.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            event = events.get(timeout=1.0)
-        except queue_mod.Empty:
-            continue
-        if event["event"] == "crashed":
-            raise AssertionError(f"rank {event['rank']} crashed: {event['error']}\n{event['tb']}")
-        if event["rank"] == rank and event["event"] == want:
-            return event
-        events.put(event)  # another rank's: keep it for its own wait
-        time.sleep(0.01)
-    raise AssertionError(f"rank {rank}: no {want!r} event within {timeout}s")
+class _Events:
+    """The ranks' events, in each rank's own order (one shared queue, a buffer per rank)."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+        self.pending: dict[int, list[dict[str, Any]]] = {}
+
+    def next(self, rank: int, timeout: float = 120.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while not self.pending.get(rank):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"rank {rank}: no event within {timeout}s")
+            try:
+                event = self.queue.get(timeout=1.0)
+            except queue_mod.Empty:
+                continue
+            if event["event"] == "crashed":
+                raise AssertionError(f"rank {event['rank']} crashed: {event['error']}\n{event['tb']}")
+            self.pending.setdefault(event["rank"], []).append(event)
+        return self.pending[rank].pop(0)
+
+    def expect(self, rank: int, kind: str, version: str | None = None) -> dict[str, Any]:
+        event = self.next(rank)
+        what = {k: v for k, v in event.items() if k != "digests"}
+        assert event["event"] == kind, f"rank {rank}: expected a {kind!r} event for {version}, got {what}"
+        assert version is None or event["version"] == version, f"rank {rank}: expected {version}, got {what}"
+        return event
 
 
 def _require_gpu() -> None:
@@ -268,48 +307,128 @@ def _require_gpu() -> None:
         pytest.skip("cuda-bindings missing or CUDA unusable")
 
 
-def _run_versions(endpoint: str, versions: list[str], ranks: int) -> dict[int, list[dict[str, Any]]]:
+def _version(gen: Any, device: str) -> dict[str, Any]:
+    """One version of the model: random bytes in every tensor, one source non-contiguous."""
+    named = {n: _random_tensor(d, s, gen, device) for n, (d, s) in _gpu_model_specs().items()}
+    named["t.float32"] = named["t.float32"].t().contiguous().t()  # a non-contiguous source
+    return named
+
+
+def _start(
+    endpoint: str, ranks: int, versions: list[str], device: str, expect_fail: tuple[str, ...] = ()
+) -> tuple[Any, list[Any]]:
+    events: Any = CTX.Queue()
+    procs = [CTX.Process(target=_receiver, args=(endpoint, r, versions, events, device, expect_fail), daemon=True)
+             for r in range(ranks)]  # fmt: skip
+    for p in procs:
+        p.start()
+    return events, procs
+
+
+def _join(events: Any, procs: list[Any]) -> None:
+    for p in procs:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+    events.close()
+    events.join_thread()
+
+
+def _run_versions(
+    endpoint: str, versions: list[str], ranks: int, *, device: str = "cuda", checksum: bool = False
+) -> dict[int, list[dict[str, Any]]]:
+    """Push ``versions`` to ``ranks`` spawned receivers; every rank must hold each bit for bit.
+
+    On CUDA, the device's free memory must be back to its baseline once the ranks are gone and
+    the sender closed (within 4 MiB)."""
     import torch
 
     from weightstream import BucketSender
 
-    torch.cuda.init()
-    torch.cuda.synchronize()
-    baseline = torch.cuda.mem_get_info()[0]  # device-wide: measured before and after the ranks live
-    events: Any = CTX.Queue()
-    procs = [CTX.Process(target=_gpu_receiver, args=(endpoint, r, versions, events), daemon=True) for r in range(ranks)]
-    for p in procs:
-        p.start()
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.init()
+        torch.cuda.synchronize()
+        baseline = torch.cuda.mem_get_info()[0]  # device-wide: measured before and after the ranks live
+    events, procs = _start(endpoint, ranks, versions, device)
+    ev = _Events(events)
     seen: dict[int, list[dict[str, Any]]] = {r: [] for r in range(ranks)}
     gen = torch.Generator().manual_seed(1234)
+    transport = "cuda_ipc" if cuda else "shm"
     try:
-        with BucketSender(endpoint, receivers=ranks, transport="cuda_ipc", bucket_bytes=BUCKET, timeout=90) as sender:
+        with BucketSender(endpoint, receivers=ranks, transport=transport, bucket_bytes=BUCKET, timeout=90,
+                          checksum=checksum) as sender:  # fmt: skip
             for version in versions:
-                named = {n: _random_tensor(d, s, gen, "cuda") for n, (d, s) in _gpu_model_specs().items()}
-                named["t.float32"] = named["t.float32"].t().contiguous().t()  # a non-contiguous source
-                sender.push(list(named.items()), version)
+                named = _version(gen, device)
+                report = sender.push(list(named.items()), version)
+                assert report.committed and sorted(report.receivers) == list(range(ranks)), report
                 want = {n: _digest(t) for n, t in named.items()}
                 for r in range(ranks):
-                    got = _next(events, "version", r)
-                    assert got["version"] == version
+                    got = ev.expect(r, "version", version)
                     assert got["digests"] == want, f"rank {r} {version}: bytes differ"
                     seen[r].append(got)
                 del named
         for r in range(ranks):
-            seen[r].append(_next(events, "done", r))
+            seen[r].append(ev.expect(r, "done"))
     finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-        events.close()
-        events.join_thread()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    leaked = baseline - torch.cuda.mem_get_info()[0]
-    assert leaked <= 4 << 20, f"GPU memory not back to baseline after the run: {leaked} bytes still used"
+        _join(events, procs)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        leaked = baseline - torch.cuda.mem_get_info()[0]
+        assert leaked <= 4 << 20, f"GPU memory not back to baseline after the run: {leaked} bytes still used"
     return seen
+
+
+def _checksum_mismatch(endpoint: str, monkeypatch: pytest.MonkeyPatch, device: str = "cuda") -> None:
+    """checksum=True: v1 commits; v2's buckets carry a checksum off by one bit, so the rank
+    refuses v2 before applying a byte (push raises naming the checksum, the rank still holds
+    v1, model intact); v3 then commits bit for bit."""
+    import torch
+
+    from weightstream import BucketSender
+
+    cuda = device == "cuda"
+    versions = ["v1", "v2", "v3"]
+    events, procs = _start(endpoint, 1, versions, device, expect_fail=("v2",))
+    ev = _Events(events)
+    gen = torch.Generator().manual_seed(99)
+    try:
+        with BucketSender(endpoint, transport="cuda_ipc" if cuda else "shm", bucket_bytes=BUCKET, checksum=True,
+                          timeout=90) as sender:  # fmt: skip
+            v1 = _version(gen, device)
+            sender.push(list(v1.items()), "v1")
+            want_v1 = {n: _digest(t) for n, t in v1.items()}
+            assert ev.expect(0, "version", "v1")["digests"] == want_v1
+
+            slots = getattr(sender, "_slots", None)
+            assert slots, "BucketSender._slots is gone: point this test at where the sender's slots live now"
+            cls = type(slots[0])
+            real = cls.digest
+            monkeypatch.setattr(cls, "digest", lambda self, nbytes: real(self, nbytes) ^ 1)
+            v2 = _version(gen, device)
+            with pytest.raises(WeightstreamError) as info:
+                sender.push(list(v2.items()), "v2")
+            monkeypatch.undo()
+            report = getattr(info.value, "report", None)
+            text = " | ".join(
+                [str(info.value)] + [r.error or "" for r in (report.receivers.values() if report else [])]
+            )
+            assert "checksum" in text, f"v2 failed, but not for its checksum: {text}"
+            failed = ev.expect(0, "failed", "v2")
+            assert "checksum" in failed["error"], failed["error"]
+            assert failed["digests"] == want_v1, "the rank changed its model although v2 failed its checksum"
+            assert failed["model_intact"] is True, failed
+
+            v3 = _version(gen, device)
+            report = sender.push(list(v3.items()), "v3")
+            assert report.committed, report
+            assert ev.expect(0, "version", "v3")["digests"] == {n: _digest(t) for n, t in v3.items()}
+        done = ev.expect(0, "done")
+        assert done["mappings"] == 0, done
+    finally:
+        _join(events, procs)
 
 
 @pytest.mark.gpu
@@ -336,23 +455,123 @@ def test_gpu_memory_back_to_baseline_after_20_cycles(endpoint: str) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_checksum_true_end_to_end_to_two_processes(endpoint: str) -> None:
+    """Sender and ranks hash each bucket on their GPUs (device_digest): the digests agree."""
+    _require_gpu()
+    seen = _run_versions(endpoint, ["v1", "v2", "v3"], ranks=2, checksum=True)
+    for rank, events in seen.items():
+        assert len({e["opens"] for e in events}) == 1, f"rank {rank}: handles re-opened: {events}"
+        assert events[-1]["mappings"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_a_wrong_checksum_aborts_the_version_on_the_gpu_and_the_next_commits(
+    endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _require_gpu()
+    _checksum_mismatch(endpoint, monkeypatch)
+
+
+@pytest.mark.gpu
 @pytest.mark.timeout(120)
 def test_device_digest_detects_changed_and_swapped_words() -> None:
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
+    _require_gpu()
+    import torch
+
     from weightstream.protocol.cuda_ipc import device_digest
 
     data = torch.randint(0, 256, ((3 << 20) + 5,), dtype=torch.uint8, device="cuda")
-    base = device_digest(data.data_ptr(), data.numel(), data.device.index)
-    assert base == device_digest(data.data_ptr(), data.numel(), data.device.index)  # deterministic
+    index = data.device.index
+    base = device_digest(data.data_ptr(), data.numel(), index)
+    assert base == device_digest(data.data_ptr(), data.numel(), index)  # deterministic
     changed = data.clone()
     changed[12345] ^= 1
-    assert device_digest(changed.data_ptr(), changed.numel(), 0) != base
+    assert device_digest(changed.data_ptr(), changed.numel(), index) != base
     swapped = data.clone()
     swapped[0:8], swapped[8:16] = data[8:16].clone(), data[0:8].clone()
     if not torch.equal(swapped, data):
-        assert device_digest(swapped.data_ptr(), swapped.numel(), 0) != base
+        assert device_digest(swapped.data_ptr(), swapped.numel(), index) != base
     tail = data.clone()
     tail[-1] ^= 0xFF
-    assert device_digest(tail.data_ptr(), tail.numel(), 0) != base
+    assert device_digest(tail.data_ptr(), tail.numel(), index) != base
+
+
+def _digest_on_host(data: Any) -> int:
+    """device_digest's documented formula, on the host with NumPy: each 8-byte word times
+    (its index * 0x9E3779B97F4A7C15 | 1), summed mod 2**64; the < 8 trailing bytes xor'ed in
+    as their xxh3 (host_digest)."""
+    import numpy as np
+
+    from weightstream.protocol.shm import host_digest
+
+    words, tail = divmod(data.nbytes, 8)
+    total = 0
+    if words:
+        w = data[: words * 8].view("<u8")
+        mult = (np.arange(words, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+        total = int((w * mult).sum(dtype=np.uint64))  # uint64 array arithmetic wraps mod 2**64
+    if tail:
+        total ^= host_digest(np.ascontiguousarray(data[words * 8 :]))
+    return total
+
+
+def test_digest_formula_on_the_host_matches_the_torch_expression() -> None:
+    """CPU: _digest_on_host (the GPU test's reference) equals device_digest's torch arithmetic
+    run on the CPU, chunk boundary included, so a GPU mismatch is the GPU path's, not the reference's."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    golden = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64, as in cuda_ipc
+    rng = np.random.default_rng(3)
+    for nbytes, chunk in [(0, 4), (7, 4), (8, 4), (8 * 9 + 3, 4), (8 * 1000, 333), (4096 + 5, 1 << 20)]:
+        data = rng.integers(0, 256, nbytes, dtype=np.uint8)
+        words = nbytes // 8
+        acc = torch.zeros((), dtype=torch.int64)
+        x = torch.from_numpy(data[: words * 8].copy()).view(torch.int64)
+        for start in range(0, words, chunk):
+            part = x[start : start + chunk]
+            index = torch.arange(start, start + part.numel(), dtype=torch.int64)
+            acc += (part * (index * golden | 1)).sum()
+        total = int(acc.item()) & ((1 << 64) - 1)
+        if nbytes % 8:
+            from weightstream.protocol.shm import host_digest
+
+            total ^= host_digest(data[words * 8 :])
+        assert _digest_on_host(data) == total, nbytes
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+def test_device_digest_equals_its_formula_computed_on_the_host() -> None:
+    """Exact and deterministic, so the same on every GPU: sizes with and without a tail, and one
+    past the 128 MiB chunk device_digest works in."""
+    _require_gpu()
+    import numpy as np
+    import torch
+
+    from weightstream.protocol.cuda_ipc import device_digest
+
+    rng = np.random.default_rng(11)
+    for nbytes in (5, 8, 4096 + 3, (3 << 20) + 5, (128 << 20) + 8 * 3 + 7):
+        host = rng.integers(0, 256, nbytes, dtype=np.uint8)
+        dev = torch.from_numpy(host).cuda()
+        assert device_digest(dev.data_ptr(), nbytes, dev.device.index) == _digest_on_host(host), nbytes
+        del dev
+
+
+# --- CPU rehearsal of the GPU harness (shm, torch on the CPU): the same code paths minus CUDA -----
+
+
+@pytest.mark.timeout(120)
+def test_gpu_harness_rehearsed_on_cpu_over_shm(endpoint: str) -> None:
+    pytest.importorskip("torch")
+    seen = _run_versions(endpoint, ["v1", "v2", "v3"], ranks=2, device="cpu", checksum=True)
+    assert [[e["event"] for e in events] for events in seen.values()] == [["version"] * 3 + ["done"]] * 2
+
+
+@pytest.mark.timeout(120)
+def test_checksum_mismatch_harness_rehearsed_on_cpu_over_shm(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    _checksum_mismatch(endpoint, monkeypatch, device="cpu")
