@@ -24,8 +24,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import queue
-import subprocess
 import sys
 import threading
 import time
@@ -33,6 +31,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import fault_workers
 import numpy as np
 import xxhash
 
@@ -104,14 +103,7 @@ def shm_segments(pid: int | None = None) -> set[str]:
         return set()
 
 
-def wait_until(predicate: Any, timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
+wait_until = fault_workers.wait_until
 
 
 # --- the rank's load_weights ---------------------------------------------------------------
@@ -311,76 +303,11 @@ def report_dict(report: Any) -> dict[str, Any] | None:
     }
 
 
-class SenderProc:
-    """A BucketSender in a subprocess: ``request`` a command, get its JSON reply."""
+class SenderProc(fault_workers.SenderProc):
+    """A BucketSender in a subprocess running this module's sender; ``request`` a command."""
 
-    def __init__(self, endpoint: str, **opts: Any) -> None:
-        cfg = {"endpoint": endpoint, "opts": {**HB, "bucket_bytes": BUCKET_BYTES, "num_buffers": NUM_BUFFERS, "timeout": 30.0, **opts}}
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HERE), "sender", json.dumps(cfg)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
-        self.pid = self.proc.pid
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-        try:
-            ready = self.reply(60.0)
-        except Exception:
-            self.kill()
-            raise
-        if not ready.get("ready"):
-            self.kill()
-            raise RuntimeError(f"sender process did not start: {ready}")
-        self.segments: list[str] = ready["segments"]
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def reply(self, timeout: float = 60.0) -> dict[str, Any]:
-        try:
-            line = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"sender process {self.pid} gave no reply within {timeout}s") from None
-        if line is None:
-            raise RuntimeError(f"sender process {self.pid} exited (rc={self.proc.poll()})")
-        return json.loads(line)  # type: ignore[no-any-return]
-
-    def send(self, **cmd: Any) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-
-    def request(self, timeout: float = 60.0, **cmd: Any) -> dict[str, Any]:
-        self.send(**cmd)
-        return self.reply(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()  # SIGKILL
-        self.proc.wait(10)
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()  # type: ignore[union-attr]
-            except Exception:
-                pass
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.request(timeout=20.0, cmd="close")
-            except Exception as exc:
-                print(f"sender {self.pid} did not close cleanly: {exc!r}", file=sys.stderr)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill()
+    SCRIPT = HERE
+    DEFAULTS = {"num_buffers": NUM_BUFFERS}
 
 
 def _sender_main(cfg: dict[str, Any]) -> None:

@@ -139,12 +139,16 @@ class Collector:
 
 
 class SenderProc:
-    """A BucketSender in a subprocess: ``request`` a command, get its JSON reply."""
+    """A BucketSender in a subprocess: ``request`` a command, get its JSON reply. A subclass in
+    another worker module runs that module's sender (``SCRIPT``) with its own ``DEFAULTS``."""
+
+    SCRIPT: Path = HERE
+    DEFAULTS: dict[str, Any] = {}
 
     def __init__(self, endpoint: str, **opts: Any) -> None:
-        cfg = {"endpoint": endpoint, "opts": {**HB, "bucket_bytes": BUCKET_BYTES, "timeout": 30.0, **opts}}
+        cfg = {"endpoint": endpoint, "opts": {**HB, "bucket_bytes": BUCKET_BYTES, "timeout": 30.0, **self.DEFAULTS, **opts}}
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE), "sender", json.dumps(cfg)],
+            [sys.executable, str(self.SCRIPT), "sender", json.dumps(cfg)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -153,7 +157,11 @@ class SenderProc:
         self.pid = self.proc.pid
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
-        ready = self._reply(30.0)
+        try:
+            ready = self.reply(60.0)
+        except Exception:
+            self.kill()
+            raise
         if not ready.get("ready"):
             self.kill()
             raise RuntimeError(f"sender process did not start: {ready}")
@@ -165,7 +173,7 @@ class SenderProc:
             self._lines.put(line)
         self._lines.put(None)
 
-    def _reply(self, timeout: float) -> dict[str, Any]:
+    def reply(self, timeout: float = 60.0) -> dict[str, Any]:
         try:
             line = self._lines.get(timeout=timeout)
         except queue.Empty:
@@ -181,14 +189,11 @@ class SenderProc:
 
     def request(self, timeout: float = 60.0, **cmd: Any) -> dict[str, Any]:
         self.send(**cmd)
-        return self._reply(timeout)
-
-    def reply(self, timeout: float = 60.0) -> dict[str, Any]:
-        return self._reply(timeout)
+        return self.reply(timeout)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
+            self.proc.kill()  # SIGKILL
         self.proc.wait(10)
         for f in (self.proc.stdin, self.proc.stdout):
             try:
@@ -199,7 +204,7 @@ class SenderProc:
     def close(self) -> None:
         if self.proc.poll() is None:
             try:
-                self.request(timeout=15.0, cmd="close")
+                self.request(timeout=20.0, cmd="close")
             except Exception as exc:
                 print(f"sender {self.pid} did not close cleanly: {exc!r}", file=sys.stderr)
             try:

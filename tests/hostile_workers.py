@@ -27,18 +27,9 @@ from typing import Any
 
 import psutil
 import zmq
+from fault_workers import wait_until as wait_until  # the tests import it from here too
 
 HB = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.0}
-
-
-def wait_until(predicate: Any, timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 # --- a daemon in a spawned process ------------------------------------------------------

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+from fault_workers import wait_until as wait_until  # the tests import it from here too
 
 HERE = Path(__file__).resolve()
 HB = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.0}
@@ -45,16 +46,6 @@ SPAWN = mp.get_context("spawn")
 def python_cmd() -> list[str]:
     """This interpreter, with -P when pytest runs under -P (else cwd could shadow PYTHONPATH)."""
     return [sys.executable, *(["-P"] if sys.flags.safe_path else [])]
-
-
-def wait_until(predicate: Any, timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 # --- slots that work with the current and the previous slot API ------------------------------
