@@ -23,7 +23,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +52,7 @@ from ..protocol.versions import is_older
 from .manifest import check_manifest
 from .prefetch import PrefetchQueue
 from .run_manifest import RunManifest
+from .sinks.base import NO_GROUPS, name_groups_of
 from .targets import detached_copy, resolve_target
 from .version_run import VersionRun
 from .waiting import cancel_and_wait, wait_bounded
@@ -542,8 +543,7 @@ class ReceiverDaemon:
             manifest = self._manifest_of(msg)
             if expected and not (from_sink and self._checked_before(manifest, expected)):
                 # a sink names its tied tensors and the ones a push need not fill (buffers it has)
-                groups = getattr(self._sink, "name_groups", None) if from_sink else None
-                tied, optional, meta = groups() if groups is not None else ({}, frozenset(), frozenset())
+                tied, optional, meta = name_groups_of(self._sink) if from_sink else NO_GROUPS
                 names, codes, shapes = manifest.checked_lists()
                 check_manifest(
                     names, codes, shapes, expected, allow_missing=self._allow_missing, tied=tied, optional=optional,
@@ -707,9 +707,15 @@ class ReceiverDaemon:
     async def _swap(self, run: VersionRun) -> None:
         held, run.held = run.held or [], None
         loop = asyncio.get_running_loop()
+
+        def given() -> Iterator[tuple[str, Any]]:  # a failure names the tensor load_weights was given last
+            for name, tensor in held:
+                run.last_given = name
+                yield name, tensor
+
         try:
             run.touched = True
-            await asyncio.shield(loop.run_in_executor(self._executor, self._load, iter(held)))
+            await asyncio.shield(loop.run_in_executor(self._executor, self._load, given()))
         except Exception as exc:  # after COMMIT: this rank reports the failure, the model may be torn
             self._fail_run(run, exc)
             return

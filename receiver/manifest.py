@@ -58,12 +58,12 @@ def check_manifest(
         return
     parts = []
     if missing:
-        parts.append(
-            f"{len(missing)} missing (in the model, not sent): {_first(missing)} (a trainer with tied weights lists "
-            "each once in torch's named_parameters(): push named_parameters(remove_duplicate=False) or state_dict() "
-            "to send every name)"
-        )
         on_meta = [n for n in missing if n in unmaterialised]
+        hint = "" if len(on_meta) == len(missing) else (
+            " (a trainer with tied weights lists each once in torch's named_parameters(): push "
+            "named_parameters(remove_duplicate=False) or state_dict() to send every name)"
+        )
+        parts.append(f"{len(missing)} missing (in the model, not sent): {_first(missing)}{hint}")
         if on_meta:
             parts.append(
                 f"{len(on_meta)} of them still on the meta device, so the model cannot run without them: "

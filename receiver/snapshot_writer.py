@@ -30,6 +30,7 @@ from ..protocol.dtypes import DType, dtype_of
 from ..protocol.errors import VersionAborted, WeightstreamError
 from ..protocol.tensors import Framework, host_bytes
 from ..protocol.versions import write_version
+from .sinks.base import name_groups_of
 from .snapshot_format import (
     FORMAT_TAG,
     META_FORMAT,
@@ -345,6 +346,15 @@ class Tee:
 
     def destination(self, name: str) -> None:
         return None
+
+    def name_groups(self) -> tuple[dict[str, Any], frozenset[str], frozenset[str]]:
+        """The model's (first sink's) tied, optional and unmaterialised names: a tee checks a
+        manifest exactly as its model would."""
+        return name_groups_of(self.sinks[0])
+
+    def unmaterialised(self) -> list[str]:
+        check = getattr(self.sinks[0], "unmaterialised", None)
+        return list(check()) if callable(check) else []
 
     def load_one(self, name: str, tensor: Any) -> None:
         for sink in self.sinks:

@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any
 
 from ..protocol import messages as m
-from ..protocol.errors import PeerTimeout, TransportError, WeightstreamError, from_wire
+from ..protocol.errors import PeerTimeout, TransportError, VersionAborted, WeightstreamError, from_wire
 from ..protocol.gc_pause import gc_paused
 from ..protocol.packed import pack_shapes, pack_u64
 from ..protocol.security import CurveKeys
@@ -88,6 +88,8 @@ class PushReport:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
+# an ABORT's reason is repeated in every rank's answer and log line: keep it short
+_ABORT_REASON_CHARS = 500
 # after a failure, how long a push waits for the other ranks to say how it ended for them
 # (their answers to ABORT carry model_intact) before it raises
 _OUTCOME_WAIT_S = 2.0
@@ -313,6 +315,9 @@ class BucketSender:
                 m.may_need_split(manifest.names, len(dims)), cap, self._layouts, aliases,
             )
         plan, total = layout.plan, layout.total
+        # a rank whose process died since the last push still holds its place until a send to it
+        # fails: find out now, so that its restarted process gets the push's timeout to connect
+        self._publisher.prune_closed()
         self.wait_for_receivers(timeout=timeout)
         start = time.perf_counter()
         pub = self._publisher
@@ -390,16 +395,25 @@ class BucketSender:
                             rnd.lost[rank] = f"no answer within {timeout:.1f}s"
             if not commit_sent:  # after COMMIT the decision stands: ranks commit what they hold
                 reason = f"{type(exc).__name__}: {exc}"
-                pub.broadcast(idents, m.Abort(version=version, reason=reason[: m.MAX_TEXT_LEN]))
+                if len(reason) > _ABORT_REASON_CHARS:  # every rank repeats it in its own answer
+                    reason = reason[: _ABORT_REASON_CHARS - 1] + "…"
+                pub.broadcast(idents, m.Abort(version=version, reason=reason))
             try:  # bounded: ranks answer an ABORT (or COMMIT) with how it ended for them
                 pub.wait_quiet(lambda: all(rnd.settled(rank) for rank in ranks), min(timeout, _OUTCOME_WAIT_S))
             finally:
                 report = _report(rnd, total, len(manifest), len(plan), time.perf_counter() - start)
-            if isinstance(exc, WeightstreamError):
-                exc.report = report
             log.warning("push of %s failed: %s", version, "; ".join(
                 f"rank {r.rank} {r.outcome}" + (f" ({r.error})" if r.error else "") for r in report.receivers.values()
             ))
+            if isinstance(exc, WeightstreamError):
+                exc.report = report
+                raise
+            if isinstance(exc, Exception):  # e.g. the trainer's lazy generator raised: typed, with the report
+                aborted = VersionAborted(
+                    f"push of {version!r} aborted on every rank: the trainer side raised {type(exc).__name__}: {exc}"
+                )
+                aborted.report = report
+                raise aborted from exc
             raise
         finally:
             with pub.cond:

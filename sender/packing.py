@@ -23,19 +23,48 @@ def fill(bucket: Any, slot: Any, target: Any, cache: PieceCache, ring_plan: Call
     # The planner lays tensors out in order, so a bucket holds a contiguous run of them.
     first, last = bucket.tensors[0], bucket.tensors[-1] + 1
     if bucket.whole and cache.source is None and manifest.tensors is not None:  # no chunk: each tensor once, in bulk
-        if target is slot:
-            changed = slot.write_tensors(bucket.offsets, manifest.tensors[first:last], bucket.nbytes)
-            if changed is not None:
-                raise changed_error(manifest, first + changed)
-        else:
-            changed = target.write_tensors(cache.items(), ring_plan(target), bucket.seq, write_one)
-            if changed is not None:
-                raise changed_error(manifest, changed)
+        try:
+            if target is slot:
+                changed = slot.write_tensors(bucket.offsets, manifest.tensors[first:last], bucket.nbytes)
+                if changed is not None:
+                    raise changed_error(manifest, first + changed)
+            else:
+                changed = target.write_tensors(cache.items(), ring_plan(target), bucket.seq, write_one)
+                if changed is not None:
+                    raise changed_error(manifest, changed)
+        except Exception as exc:  # a tensor the slot cannot take (on another device, sparse, ...): name it
+            raise _named(exc, manifest, slot, range(first, last)) from exc
         return
     for index, offset, nbytes, chunk in zip(bucket.tensors, bucket.offsets, bucket.nbytes, bucket.chunks):
-        data = cache.bytes_of(index, slot)
+        try:
+            data = cache.bytes_of(index, slot)
+        except Exception as exc:
+            raise _named(exc, manifest, slot, [index]) from exc
         if nbytes:
             target.write(offset, data, chunk, nbytes)
+
+
+def _named(exc: Exception, manifest: Manifest, slot: Any, indices: Any) -> Exception:
+    """``exc`` as a WeightstreamError naming the first of ``indices`` whose bytes the slot cannot
+    take (the bulk copy does not say which); ``exc`` itself if it names its tensor already."""
+    text = str(exc)
+    if isinstance(exc, WeightstreamError) and text.startswith("tensor '"):
+        return exc
+    culprit = None
+    if manifest.tensors is not None:
+        for index in indices:
+            try:
+                slot.source_bytes(manifest.tensors[index])
+            except Exception as found:
+                culprit, exc, text = index, found, str(found)
+                break
+    if culprit is None:
+        return exc
+    what = text.removeprefix("tensor: ")
+    kind = type(exc) if isinstance(exc, WeightstreamError) else WeightstreamError
+    if not isinstance(exc, WeightstreamError):
+        what = f"{type(exc).__name__}: {what}; fix: push a dense, contiguous CPU tensor (e.g. tensor.to_dense().contiguous())"
+    return kind(f"tensor {manifest.names[culprit]!r}: {what}")
 
 
 class PieceCache:

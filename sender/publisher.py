@@ -133,7 +133,8 @@ class Publisher:
         self.round: Round | None = None
         self.on_slot_free: Callable[[int], None] = lambda slot: None
         self._error_limiter = m.ErrorReplyLimiter()
-        self._outbox: queue.SimpleQueue[tuple[bytes, bytes] | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[tuple[bytes, bytes] | threading.Event | None] = queue.SimpleQueue()
+        self._bad_logged = (0.0, 0)  # (when a bad message was last logged, how many since went unlogged)
 
         check_network_endpoint(endpoint, curve_keys is not None, insecure)
         self._ctx = zmq.Context()
@@ -212,6 +213,21 @@ class Publisher:
                     raise PeerTimeout(f"timed out after {timeout:.1f}s waiting for {what}")
                 self.cond.wait(left)
 
+    def prune_closed(self, timeout: float = 1.0) -> None:
+        """Drop the ranks whose connection closed (a send to it fails under ROUTER_MANDATORY): a
+        probe to each, answered by nothing; bounded by ``timeout``."""
+        with self.cond:
+            idents = [p.identity for p in self.peers.values()]
+        if not idents:
+            return
+        done = threading.Event()
+        probe = m.encode(m.Pong(session=self.session, known=True))
+        for ident in idents:
+            self._outbox.put((ident, probe))
+        self._outbox.put(done)
+        self._wake()
+        done.wait(timeout)
+
     def wait_quiet(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait on round/peer events until ``predicate`` holds or ``timeout``; never raises."""
         deadline = time.monotonic() + timeout
@@ -287,6 +303,9 @@ class Publisher:
             if item is None:
                 self._flush_outbox()
                 return False
+            if isinstance(item, threading.Event):  # everything queued before it was sent
+                item.set()
+                continue
             ident, frame = item
             try:
                 self._router.send_multipart([ident, frame], copy=False)
@@ -313,11 +332,22 @@ class Publisher:
                 # before its HELLO is accepted a peer gets only small frames decoded
                 msg = m.decode(body, m.MAX_PEER_MESSAGE_BYTES if known else m.PRE_HELLO_MAX_BYTES)
             except ProtocolError as exc:
-                log.warning("bad message from %s: %s", "a rank" if known else "an unknown peer", exc)
+                self._log_bad(exc, known)
                 if known and self._error_limiter.allow(exc, time.monotonic()):  # unknown peers get nothing
                     self._try_send(ident, m.Error(error="ProtocolError", message=str(exc)[: m.MAX_TEXT_LEN]))
                 continue
             self._handle(ident, msg, user_id)
+
+    def _log_bad(self, exc: ProtocolError, known: bool) -> None:
+        """At most one line a second: a peer flooding garbage must not flood the log too."""
+        now = time.monotonic()
+        last, quiet = self._bad_logged
+        if now - last < 1.0:
+            self._bad_logged = (last, quiet + 1)
+            return
+        more = f" ({quiet} more bad messages in the last second not logged)" if quiet else ""
+        log.warning("bad message from %s: %s%s", "a rank" if known else "an unknown peer", exc, more)
+        self._bad_logged = (now, 0)
 
     def _try_send(self, ident: bytes, msg: m.Message) -> bool:
         try:

@@ -328,7 +328,14 @@ def test_a_rank_killed_while_the_sender_waits_on_the_ring(endpoint: str, small_r
             sender.push(model.items(), version="v1")
             assert _streamed(sender)
             ranks.events(2)
-            timer = threading.Timer(0.05, ranks.procs[1].kill)
+            def kill_mid_push() -> None:  # once the version is under way (a rank dead before it is waited for)
+                deadline = time.monotonic() + 10
+                while sender._publisher.round is None and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                time.sleep(0.05)
+                ranks.procs[1].kill()
+
+            timer = threading.Thread(target=kill_mid_push)
             timer.start()
             began = time.monotonic()
             with pytest.raises(PeerLost) as info:

@@ -73,6 +73,17 @@ def spec_mismatch(name: str, want: tuple[str, tuple[int, ...]], got: tuple[str, 
     )
 
 
+NameGroups = tuple[dict[str, Any], frozenset[str], frozenset[str]]
+NO_GROUPS: NameGroups = ({}, frozenset(), frozenset())
+
+
+def name_groups_of(sink: Any) -> NameGroups:
+    """A sink's (tied, optional, unmaterialised) names for the manifest check; none for a sink
+    that does not say (see TorchModuleSink.name_groups)."""
+    groups = getattr(sink, "name_groups", None)
+    return groups() if callable(groups) else NO_GROUPS  # type: ignore[no-any-return]
+
+
 def check_tied(first: str, second: str, equal: bool) -> None:
     """``second`` is the same tensor as ``first`` in the model; it was sent apart: one write is
     enough when the values agree, and different values cannot both be served."""

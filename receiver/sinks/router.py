@@ -9,7 +9,7 @@ import numpy as np
 
 from ...protocol.errors import ManifestMismatch, WeightstreamError
 from ...protocol.tensors import Framework
-from .base import ParamSpecs, as_sink
+from .base import NameGroups, ParamSpecs, as_sink, name_groups_of
 
 
 class PrefixRouter:
@@ -75,6 +75,27 @@ class PrefixRouter:
                 if self.route(full)[0] is sink:  # a longer prefix may claim it
                     specs[full] = s
         return specs
+
+    def name_groups(self) -> NameGroups:
+        """Each child's tied, optional and unmaterialised names under the prefix that reaches it."""
+        tied: dict[str, Any] = {}
+        optional: set[str] = set()
+        meta: set[str] = set()
+        children = [*self.routes.items(), *([("", self.default)] if self.default is not None else [])]
+        for prefix, sink in children:
+            child_tied, child_optional, child_meta = name_groups_of(sink)
+            reach = lambda n, p=prefix, s=sink: self.route(p + n)[0] is s  # noqa: E731 - shadowed names excluded
+            tied.update((prefix + n, (prefix, key)) for n, key in child_tied.items() if reach(n))
+            optional.update(prefix + n for n in child_optional if reach(n))
+            meta.update(prefix + n for n in child_meta if reach(n))
+        return tied, frozenset(optional), frozenset(meta)
+
+    def unmaterialised(self) -> list[str]:
+        found = []
+        for prefix, sink in [*self.routes.items(), *([("", self.default)] if self.default is not None else [])]:
+            check = getattr(sink, "unmaterialised", None)
+            found += [prefix + n for n in check()] if callable(check) else []
+        return found
 
     def load_one(self, name: str, tensor: Any) -> None:
         sink, inner = self.route(name)
