@@ -17,6 +17,8 @@ moved the wrong bytes, or skipped a version, says ``bytes WRONG``.
 
 Usage: python bench/gpu_update.py [--gib 16] [--repeats 3] [--bucket-mib 512] [--out DIR]
 Smoke: python bench/gpu_update.py --gib 0.25 --repeats 1
+CPU rehearsal of the plumbing (shm, host tensors, dimensions / 16; its figures mean nothing):
+       python bench/gpu_update.py --device cpu --scale 16 --gib 0.02 --repeats 1 --bucket-mib 4
 Writes gpu_update.json to --out, else to $OUT if set, else to bench/results/, after each method
 (a run stopped by a time limit keeps what it measured, with "complete": false). Exits 1 if a
 method failed or moved wrong bytes.
@@ -39,15 +41,19 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-HIDDEN, INTER, VOCAB, KV = 4096, 14336, 128256, 1024  # Llama-3-8B
+LLAMA3_8B = (4096, 14336, 128256, 1024)  # hidden, intermediate, vocabulary, key/value width
 
+TRANSPORT = {"cuda": "cuda_ipc", "cpu": "shm"}
 LIMIT = "limit (2 D2D copies, 1 process)"
-WEIGHTSTREAM = "weightstream cuda_ipc"
+WEIGHTSTREAM = "weightstream {transport}"
 HANDLES = "per-tensor IPC handles"
 
 
-def model_shapes(gib: float) -> list[tuple[str, tuple[int, ...]]]:
-    """Embedding + N decoder layers + head, N chosen so the total is about ``gib`` GiB of bf16."""
+def model_shapes(gib: float, scale: int = 1) -> list[tuple[str, tuple[int, ...]]]:
+    """Embedding + N decoder layers + head, N chosen so the total is about ``gib`` GiB of bf16.
+
+    ``scale`` divides every dimension (CPU rehearsals); 1 is Llama-3-8B's."""
+    HIDDEN, INTER, VOCAB, KV = (d // scale for d in LLAMA3_8B)  # noqa: N806
     layer = [
         ("self_attn.q_proj.weight", (HIDDEN, HIDDEN)),
         ("self_attn.k_proj.weight", (KV, HIDDEN)),
@@ -81,12 +87,19 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def build(shapes: list[tuple[str, tuple[int, ...]]], fill: bool) -> dict[str, Any]:
+def sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def build(shapes: list[tuple[str, tuple[int, ...]]], fill: bool, device: str) -> dict[str, Any]:
     import torch
 
     out = {}
     for name, shape in shapes:
-        t = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+        t = torch.empty(shape, dtype=torch.bfloat16, device=device)
         if fill:
             t.uniform_(-1, 1)
         out[name] = t
@@ -115,16 +128,21 @@ def mark(params: dict[str, Any], version: int) -> None:
 
 
 def digests(tensors: dict[str, Any]) -> dict[str, int]:
-    """A 64-bit device digest per tensor (weightstream's, computed on the GPU)."""
+    """A 64-bit digest per tensor: weightstream's device digest on the GPU, xxh3 on the host."""
     import torch
 
-    from weightstream.protocol.cuda_ipc import device_digest
-
-    torch.cuda.synchronize()
     out = {}
     for name, t in tensors.items():
         t = t.detach().contiguous()
-        out[name] = device_digest(t.data_ptr(), t.numel() * t.element_size(), t.device.index)
+        if t.device.type == "cuda":
+            from weightstream.protocol.cuda_ipc import device_digest
+
+            torch.cuda.synchronize()
+            out[name] = device_digest(t.data_ptr(), t.numel() * t.element_size(), t.device.index)
+        else:
+            import xxhash
+
+            out[name] = xxhash.xxh3_64_intdigest(t.view(-1).view(torch.uint8).numpy().tobytes())
     return out
 
 
@@ -137,14 +155,14 @@ def compare(want: dict[str, int], got: dict[str, int]) -> str | None:
 # --- receiver processes -------------------------------------------------------------------------
 
 
-def ws_receiver(endpoint: str, gib: float, versions: list[str], done: Any) -> None:
+def ws_receiver(
+    endpoint: str, shapes: list[tuple[str, tuple[int, ...]]], device: str, versions: list[str], done: Any
+) -> None:
     try:
-        import torch
-
         from weightstream import ReceiverDaemon
         from weightstream.receiver.sinks import TorchModuleSink
 
-        params = build(model_shapes(gib), fill=False)  # allocated before the first update
+        params = build(shapes, fill=False, device=device)  # allocated before the first update
         module = as_module(params)
         daemon = ReceiverDaemon(endpoint, TorchModuleSink(module), rank=0)
         daemon.start()
@@ -152,7 +170,7 @@ def ws_receiver(endpoint: str, gib: float, versions: list[str], done: Any) -> No
             # only the last: the sender pushes back to back, so an earlier one may already be
             # superseded by the time this thread looks (pushes are ordered; the last implies all)
             daemon.wait_for_version(versions[-1], timeout=600)
-            torch.cuda.synchronize()
+            sync(device)
             done.put(("ok", digests(dict(module.state_dict()))))
         finally:
             daemon.stop()
@@ -160,11 +178,9 @@ def ws_receiver(endpoint: str, gib: float, versions: list[str], done: Any) -> No
         done.put(("error", traceback.format_exc()))
 
 
-def handle_receiver(gib: float, inbox: Any, outbox: Any) -> None:
+def handle_receiver(shapes: list[tuple[str, tuple[int, ...]]], device: str, inbox: Any, outbox: Any) -> None:
     try:
-        import torch
-
-        params = build(model_shapes(gib), fill=False)
+        params = build(shapes, fill=False, device=device)
         outbox.put(("ready", None))
         while True:
             msg = inbox.get(timeout=600)  # a lost trainer fails the run rather than hanging it
@@ -175,7 +191,7 @@ def handle_receiver(gib: float, inbox: Any, outbox: Any) -> None:
                 src = rebuild(*args)  # opens (or reuses, via torch's cache) the sender's IPC handle
                 params[name].copy_(src)
                 del src
-            torch.cuda.synchronize()
+            sync(device)
             outbox.put(("applied", None))
     except BaseException:  # noqa: BLE001
         outbox.put(("error", traceback.format_exc()))
@@ -210,15 +226,15 @@ def _stop(proc: Any) -> None:
 # --- measurements -------------------------------------------------------------------------------
 
 
-def limit(params: dict[str, Any], bucket: int, repeats: int) -> tuple[list[float], str | None]:
+def limit(params: dict[str, Any], device: str, bucket: int, repeats: int) -> tuple[list[float], str | None]:
     """params -> bucket-sized slot -> params, in one process: the two D2D copies a transport must do."""
     import torch
 
-    slot = torch.empty(bucket, dtype=torch.uint8, device="cuda")
+    slot = torch.empty(bucket, dtype=torch.uint8, device=device)
     dst = {n: torch.empty_like(t) for n, t in params.items()}
     times = []
     for _ in range(repeats + 1):
-        torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
         for name, t in params.items():
             flat = t.view(-1).view(torch.uint8)
@@ -227,15 +243,18 @@ def limit(params: dict[str, Any], bucket: int, repeats: int) -> tuple[list[float
                 piece = flat[at : at + bucket]
                 slot[: piece.numel()].copy_(piece)
                 out[at : at + piece.numel()].copy_(slot[: piece.numel()])
-        torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - start)
     wrong = [n for n, t in params.items() if not torch.equal(t, dst[n])]
     del dst, slot
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return times[1:], (f"{len(wrong)} tensors differ, e.g. {wrong[:3]}" if wrong else None)  # run 0 warms up
 
 
-def weightstream_run(params: dict[str, Any], gib: float, bucket: int, repeats: int) -> tuple[list[float], str | None]:
+def weightstream_run(
+    params: dict[str, Any], shapes: list[tuple[str, tuple[int, ...]]], device: str, bucket: int, repeats: int
+) -> tuple[list[float], str | None]:
     from weightstream import BucketSender, PeerTimeout
 
     ctx = mp.get_context("spawn")
@@ -243,11 +262,11 @@ def weightstream_run(params: dict[str, Any], gib: float, bucket: int, repeats: i
     tmp = tempfile.mkdtemp(prefix="ws-bench-")  # 0700, ours: the endpoint's directory is checked
     endpoint = f"ipc://{tmp}/sock/x.sock"
     done = ctx.Queue()
-    proc = ctx.Process(target=ws_receiver, args=(endpoint, gib, versions, done), daemon=True)
+    proc = ctx.Process(target=ws_receiver, args=(endpoint, shapes, device, versions, done), daemon=True)
     proc.start()
     times = []
     try:
-        with BucketSender(endpoint, transport="cuda_ipc", bucket_bytes=bucket, timeout=600) as sender:
+        with BucketSender(endpoint, transport=TRANSPORT[device], bucket_bytes=bucket, timeout=600) as sender:
             deadline = time.monotonic() + 300
             while True:  # the receiver allocates its model first; fail fast if it died doing so
                 try:
@@ -278,20 +297,22 @@ def weightstream_run(params: dict[str, Any], gib: float, bucket: int, repeats: i
     return times[1:], wrong  # v0 warms up (first mapping, receiver allocator)
 
 
-def handles_run(params: dict[str, Any], gib: float, repeats: int) -> tuple[list[float], str | None]:
+def handles_run(
+    params: dict[str, Any], shapes: list[tuple[str, tuple[int, ...]]], device: str, repeats: int
+) -> tuple[list[float], str | None]:
     import torch
     from torch.multiprocessing.reductions import reduce_tensor
 
     ctx = torch.multiprocessing.get_context("spawn")
     inbox, outbox = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=handle_receiver, args=(gib, inbox, outbox), daemon=True)
+    proc = ctx.Process(target=handle_receiver, args=(shapes, device, inbox, outbox), daemon=True)
     proc.start()
     times = []
     try:
         _get(outbox, proc, 300, "ready")
         for i in range(repeats + 1):
             mark(params, i)
-            torch.cuda.synchronize()
+            sync(device)
             start = time.perf_counter()
             inbox.put([(name, reduce_tensor(t)) for name, t in params.items()])
             _get(outbox, proc, 600, "an applied version")
@@ -311,29 +332,37 @@ def main() -> int:
     ap.add_argument("--bucket-mib", type=int, default=512, help="weightstream bucket size (MiB)")
     ap.add_argument("--skip", default="", help="comma list of methods to skip: limit,weightstream,handles")
     ap.add_argument("--out", default=None, help="folder for gpu_update.json (default: $OUT, else bench/results)")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: rehearse the plumbing on a CPU machine (shm, host tensors); its figures mean nothing")  # fmt: skip
+    ap.add_argument("--scale", type=int, default=1, help="divide every model dimension by this (CPU rehearsals)")
     args = ap.parse_args()
 
     import torch
 
-    if not torch.cuda.is_available():
-        print("no CUDA device: this benchmark needs a GPU", file=sys.stderr)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: this benchmark needs a GPU (--device cpu rehearses it)", file=sys.stderr)
         return 1
     skip = set(filter(None, args.skip.split(",")))
     bucket = args.bucket_mib << 20
-    shapes = model_shapes(args.gib)
-    params = build(shapes, fill=True)
+    shapes = model_shapes(args.gib, args.scale)
+    params = build(shapes, fill=True, device=device)
     total = sum(t.numel() * t.element_size() for t in params.values())
-    gpu = torch.cuda.get_device_name()
-    free, whole = torch.cuda.mem_get_info()
-    print(f"model: {len(params)} tensors, {total / (1 << 30):.2f} GiB bf16 on {gpu} "
-          f"({free / (1 << 30):.1f} of {whole / (1 << 30):.1f} GiB free after it; each method needs about "
-          f"{(total + 2 * bucket) / (1 << 30):.1f} GiB more)", flush=True)  # fmt: skip
+    if device == "cuda":
+        gpu = torch.cuda.get_device_name()
+        free, whole = torch.cuda.mem_get_info()
+        room = f"{free / (1 << 30):.1f} of {whole / (1 << 30):.1f} GiB free after it"
+    else:
+        gpu, room = f"CPU REHEARSAL ({platform.processor() or platform.machine()})", "host memory"
+    print(f"model: {len(params)} tensors, {total / (1 << 30):.2f} GiB bf16 on {gpu} ({room}; each method "
+          f"needs about {(total + 2 * bucket) / (1 << 30):.1f} GiB more)", flush=True)  # fmt: skip
 
     out_dir = Path(args.out or os.environ.get("OUT") or Path(__file__).parent / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {
         "bench": "gpu_update",
         "gpu": gpu,
+        "device": device,
         "torch": torch.__version__,
         "host": platform.node(),
         "bytes": total,
@@ -349,9 +378,13 @@ def main() -> int:
         (out_dir / "gpu_update.json").write_text(json.dumps(doc, indent=2))
 
     methods = [
-        ("limit", LIMIT, lambda: limit(params, bucket, args.repeats)),
-        ("weightstream", WEIGHTSTREAM, lambda: weightstream_run(params, args.gib, bucket, args.repeats)),
-        ("handles", HANDLES, lambda: handles_run(params, args.gib, args.repeats)),
+        ("limit", LIMIT, lambda: limit(params, device, bucket, args.repeats)),
+        (
+            "weightstream",
+            WEIGHTSTREAM.format(transport=TRANSPORT[device]),
+            lambda: weightstream_run(params, shapes, device, bucket, args.repeats),
+        ),
+        ("handles", HANDLES, lambda: handles_run(params, shapes, device, args.repeats)),
     ]
     medians: dict[str, float] = {}
     ok = True

@@ -165,7 +165,8 @@ BUCKET = 64 << 10  # small: several buckets per version and one chunked tensor
 
 
 def _gpu_model_specs() -> dict[str, tuple[str, tuple[int, ...]]]:
-    specs = {f"t.{name}": (name, (33, 17)) for name in DTYPES}
+    # "t.x_<dtype>": a bare dtype name would clash with nn.Module's methods (.bfloat16(), .half())
+    specs = {f"t.x_{name}": (name, (33, 17)) for name in DTYPES}
     specs["t.big"] = ("float32", (200, 200))  # 160000 bytes: chunked over 3 buckets
     specs["t.scalar"] = ("float64", ())
     specs["t.empty"] = ("float16", (0, 4))
@@ -291,6 +292,17 @@ class _Events:
             self.pending.setdefault(event["rank"], []).append(event)
         return self.pending[rank].pop(0)
 
+    def poll(self) -> None:
+        """Take what the ranks said so far; fail at once if one crashed."""
+        while True:
+            try:
+                event = self.queue.get_nowait()
+            except queue_mod.Empty:
+                return
+            if event["event"] == "crashed":
+                raise AssertionError(f"rank {event['rank']} crashed: {event['error']}\n{event['tb']}")
+            self.pending.setdefault(event["rank"], []).append(event)
+
     def expect(self, rank: int, kind: str, version: str | None = None) -> dict[str, Any]:
         event = self.next(rank)
         what = {k: v for k, v in event.items() if k != "digests"}
@@ -310,7 +322,7 @@ def _require_gpu() -> None:
 def _version(gen: Any, device: str) -> dict[str, Any]:
     """One version of the model: random bytes in every tensor, one source non-contiguous."""
     named = {n: _random_tensor(d, s, gen, device) for n, (d, s) in _gpu_model_specs().items()}
-    named["t.float32"] = named["t.float32"].t().contiguous().t()  # a non-contiguous source
+    named["t.x_float32"] = named["t.x_float32"].t().contiguous().t()  # a non-contiguous source
     return named
 
 
@@ -323,6 +335,23 @@ def _start(
     for p in procs:
         p.start()
     return events, procs
+
+
+def _connect(sender: Any, ev: _Events, procs: list[Any], timeout: float = 90.0) -> None:
+    """Wait for every rank to say HELLO; fail at once, with its traceback, if one crashed first."""
+    from weightstream import PeerTimeout
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sender.wait_for_receivers(len(procs), timeout=1.0)
+            return
+        except PeerTimeout:
+            time.sleep(0.2)  # a crashed rank's event may still be on its way
+            ev.poll()
+            dead = [(r, p.exitcode) for r, p in enumerate(procs) if not p.is_alive()]
+            if dead or time.monotonic() > deadline:
+                raise AssertionError(f"ranks did not connect within {timeout}s; exited (rank, code): {dead}") from None
 
 
 def _join(events: Any, procs: list[Any]) -> None:
@@ -359,6 +388,7 @@ def _run_versions(
     try:
         with BucketSender(endpoint, receivers=ranks, transport=transport, bucket_bytes=BUCKET, timeout=90,
                           checksum=checksum) as sender:  # fmt: skip
+            _connect(sender, ev, procs)
             for version in versions:
                 named = _version(gen, device)
                 report = sender.push(list(named.items()), version)
@@ -397,6 +427,7 @@ def _checksum_mismatch(endpoint: str, monkeypatch: pytest.MonkeyPatch, device: s
     try:
         with BucketSender(endpoint, transport="cuda_ipc" if cuda else "shm", bucket_bytes=BUCKET, checksum=True,
                           timeout=90) as sender:  # fmt: skip
+            _connect(sender, ev, procs)
             v1 = _version(gen, device)
             sender.push(list(v1.items()), "v1")
             want_v1 = {n: _digest(t) for n, t in v1.items()}
@@ -529,7 +560,7 @@ def test_digest_formula_on_the_host_matches_the_torch_expression() -> None:
         data = rng.integers(0, 256, nbytes, dtype=np.uint8)
         words = nbytes // 8
         acc = torch.zeros((), dtype=torch.int64)
-        x = torch.from_numpy(data[: words * 8].copy()).view(torch.int64)
+        x = torch.from_numpy(data[: words * 8].copy()).view(torch.int64) if words else None
         for start in range(0, words, chunk):
             part = x[start : start + chunk]
             index = torch.arange(start, start + part.numel(), dtype=torch.int64)
