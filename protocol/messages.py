@@ -260,6 +260,8 @@ class Reject(Message):
     version: str = _spec(_VERSION)
     error: str = _spec(_Str(64))
     reason: str = _spec(_Str())
+    # whether the rank's served model is whole (it may still be torn from an earlier version)
+    model_intact: bool | None = _spec(bool, default=None)
 
 
 @_message

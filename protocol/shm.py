@@ -232,16 +232,16 @@ class ShmImportedSlot:
             )
         if _posixshmem is None:  # pragma: no cover
             raise TransportError("POSIX shared memory is not available on this platform")
-        try:
-            fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
-        except OSError as exc:
-            raise TransportError(f"could not open shared-memory slot {name} ({exc}); is the sender alive?") from exc
-        ring_bytes = descriptor.get("ring", 0)
+        ring_bytes = descriptor.get("ring", 0)  # checked before anything is opened: nothing to close on error
         if type(ring_bytes) is not int or ring_bytes < 0 or ring_bytes % shm_ring.PAGE or ring_bytes >= size:
             raise TransportError(
                 f"shm slot {name}: expected 'ring' to be a multiple of {shm_ring.PAGE} below the slot's {size} bytes, "
                 f"got {ring_bytes!r}"
             )
+        try:
+            fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+        except OSError as exc:
+            raise TransportError(f"could not open shared-memory slot {name} ({exc}); is the sender alive?") from exc
         if shm_ring.RingMap is None:
             ring_bytes = 0  # this rank cannot map rings: it never says READY streamed
         segment = shm_ring.segment_bytes(size, ring_bytes)

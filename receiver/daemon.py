@@ -170,6 +170,7 @@ class ReceiverDaemon:
         self._error_limiter = m.ErrorReplyLimiter()
         self._ctx: Any = None
         self._reconnect_reason: str | None = None
+        self._dispatching = False  # the reader is handling a message (an abort may wait on load_weights)
         self._reconnect_event: asyncio.Event | None = None
         self._reconnects = 0
         self._last_reconnect: str | None = None
@@ -406,7 +407,7 @@ class ReceiverDaemon:
                 continue
             interval = max(welcome.heartbeat_interval, MIN_HEARTBEAT_INTERVAL)
             silent = time.monotonic() - self._last_heard
-            if silent > max(welcome.heartbeat_timeout, 2 * interval):
+            if silent > max(welcome.heartbeat_timeout, 2 * interval) and not self._dispatching:
                 self._request_reconnect(f"the sender sent nothing for {silent:.1f}s (heartbeat timeout)")
             else:
                 self._send(m.Ping(session=welcome.session))
@@ -429,12 +430,23 @@ class ReceiverDaemon:
                 msg = m.decode(frames[0], m.MAX_MESSAGE_BYTES if self._welcome is not None else m.PRE_HELLO_MAX_BYTES)
                 if self._welcome is not None:  # a stranger's frames do not keep a session alive
                     self._last_heard = time.monotonic()
-                await self._dispatch(msg)
+                self._dispatching = True  # the sender is not silent while this reader is busy
+                try:
+                    await self._dispatch(msg)
+                finally:
+                    self._dispatching = False
+                    if self._welcome is not None:  # silence counts from when this reader reads again
+                        self._last_heard = time.monotonic()
             except ProtocolError as exc:
                 # Name the version the bad frame was about (else the one in flight) so the
                 # sender fails that round only.
                 version = getattr(msg, "version", None) or (self._run.version if self._run is not None else None)
                 self._protocol_error(exc, version)
+            except Exception as exc:  # a sink's own code, say: the version fails, the daemon keeps serving
+                log.error("rank %d: handling %s raised %s: %s", self.rank, msg.TYPE if msg else "a frame", type(exc).__name__, exc)
+                version = getattr(msg, "version", None) or (self._run.version if self._run is not None else None)
+                self._remember_error(f"{type(exc).__name__}: {exc}")
+                self._send(m.Error(error=wire_name(exc), message=f"{type(exc).__name__}: {exc}"[: m.MAX_TEXT_LEN], version=version))
 
     def _protocol_error(self, exc: ProtocolError, version: str | None = None) -> None:
         log.warning("rank %d: %s", self.rank, exc)
@@ -556,7 +568,10 @@ class ReceiverDaemon:
             if self._unmaterialised():  # never filled yet: the model cannot run
                 with self._cond:
                     self._model_intact = False
-            self._send(m.Reject(version=msg.version, error=wire_name(exc), reason=str(exc)[: m.MAX_TEXT_LEN]))
+            self._send(m.Reject(
+                version=msg.version, error=wire_name(exc), reason=str(exc)[: m.MAX_TEXT_LEN],
+                model_intact=self.status.model_intact,
+            ))
             return
         loop = asyncio.get_running_loop()
         run = VersionRun(
@@ -838,7 +853,7 @@ class ReceiverDaemon:
                 version=run.version,
                 error=type(exc).__name__,
                 message=f"{type(exc).__name__}: {text}"[: m.MAX_TEXT_LEN],
-                model_intact=not run.touched,
+                model_intact=self.status.model_intact,  # this version's damage and any earlier one's
             )
         )
 
@@ -867,6 +882,13 @@ class ReceiverDaemon:
             swap = run.swap_task
             if swap is not None and not swap.done() and not await wait_bounded(swap, self._apply_timeout):
                 log.error("rank %d: load_weights did not return within %.0fs of COMMIT", self.rank, self._apply_timeout)
+                if self._run is run:  # no longer tracked: whatever it leaves in the model is not a committed version
+                    self._record_failure(run.version, PeerTimeout(
+                        f"the staged load_weights of {run.version!r} did not return within apply_timeout="
+                        f"{self._apply_timeout:.0f}s of its COMMIT; the model may hold part of it"
+                    ), touched=True)
+                    self._run = None
+                    self._inbox = None
             return
         run.queue.abort(error)
         if task is not None and not task.done():
@@ -880,7 +902,7 @@ class ReceiverDaemon:
             self._inbox = None
             self._send(m.Failed(  # the answer to an ABORT; dropped if the sender is gone
                 version=run.version, error=type(error).__name__, message=f"{type(error).__name__}: {error}"[: m.MAX_TEXT_LEN],
-                model_intact=not run.touched,
+                model_intact=self.status.model_intact,  # this version's damage and any earlier one's
             ))
 
 

@@ -116,6 +116,7 @@ class VersionRun:
         self.finished = False
         self._partial: dict[str, tuple[Any, bool]] = {}
         self._in_place_done: tuple[int, np.ndarray] | None = None  # the chunked tensor last completed in place
+        self._ties: dict[int, int] = {}  # direct mode: tensors tied in this model, sent apart (set by iterate)
         self._alias_dests: dict[str, np.ndarray | None] = {}
         # set by the daemon
         self.applied_ok = False  # every byte applied (staged: held); PREPARED went out
@@ -263,6 +264,12 @@ class VersionRun:
     # --- consumer side -----------------------------------------------------------------
 
     def iterate(self) -> Iterator[tuple[str, Any]]:
+        # this run's ties, from the model as it is now (a reused manifest keeps the last run's
+        # targets until the model's specs object changes): before any bucket, chunk pieces included
+        self._ties = {}
+        if self.direct and self._destination is not None:
+            self.manifest.targets(self._destination, self._targets_owner)
+            self._ties = self.manifest.tie_of
         for _ in range(self.num_buckets):
             bucket: PreparedBucket = self.queue.get(self.timeout)
             if bucket.checksum is not None:
@@ -278,7 +285,7 @@ class VersionRun:
                 continue
             if bucket.whole is not None:
                 yield from self._apply_whole(bucket)
-            linked = self.manifest.aliases_of or self.manifest.tie_of
+            linked = self.manifest.aliases_of or self._ties
             for name, data, chunk in bucket.entries:
                 if chunk >= 0:
                     data = self._write_piece(bucket.mapping, name, data, chunk)
@@ -290,7 +297,7 @@ class VersionRun:
                         continue
                 if linked:
                     index = self._index_of(name)
-                    if index in self.manifest.tie_of:
+                    if index in self._ties:
                         self._check_tie(index, self._bytes_of(data))
                         self.applied += 1
                         continue
@@ -364,7 +371,7 @@ class VersionRun:
     def _check_tie(self, index: int, raw: np.ndarray) -> None:
         """Tensor ``index`` shares its memory with ``tie_of[index]`` in this model but came apart:
         one write is enough if the bytes agree; different values cannot both be served."""
-        twin = self.manifest.tie_of[index]
+        twin = self._ties[index]
         dest = self._alias_dest(self.names[twin], self.fulls[twin])
         if dest is None or np.array_equal(dest, raw):
             return
@@ -396,7 +403,7 @@ class VersionRun:
                 target[:] = mv[offset : offset + n]
             elif target is not None:  # NumPy releases the GIL for big copies, so the daemon's loop keeps running
                 np.copyto(target, raw[offset : offset + n])
-            elif index in self.manifest.tie_of:  # tied here, sent apart: the first one's bytes must match
+            elif index in self._ties:  # tied here, sent apart: the first one's bytes must match
                 self._check_tie(index, raw[offset : offset + n])
             else:  # no place to write it: load_weights gets a view
                 self.last_given = names[index]
@@ -459,7 +466,7 @@ class VersionRun:
         if held is None:
             usable = (
                 self._destination is not None and slot.domain == "host" and not self.staged
-                and index not in self.manifest.tie_of  # compared with its twin once complete, never written
+                and index not in self._ties  # compared with its twin once complete, never written
             )
             dest = self._destination(name) if usable else None
             if dest is not None and dest.nbytes == full and dest.dtype == np.uint8:

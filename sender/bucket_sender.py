@@ -536,8 +536,8 @@ def _report(rnd: Round, total: int, tensors: int, buckets: int, seconds: float) 
         # a rank that prepared in place holds the uncommitted version in its served model
         intact: bool | None = None if prep is None else not prep.in_place
         if rank in rnd.rejected:
-            error, reason = rnd.rejected[rank]
-            results[rank] = ReceiverResult(rank, 0, 0, 0.0, "rejected", f"{error}: {reason}", True)
+            error, reason, model_intact = rnd.rejected[rank]
+            results[rank] = ReceiverResult(rank, 0, 0, 0.0, "rejected", f"{error}: {reason}", model_intact)
         elif rank in rnd.failed:
             error, message, model_intact = rnd.failed[rank]
             outcome = "failed" if rank in rnd.causes else "aborted"
@@ -552,7 +552,7 @@ def _report(rnd: Round, total: int, tensors: int, buckets: int, seconds: float) 
 
 
 def _rejection(version: str, rnd: Round) -> WeightstreamError:
-    parts = [f"rank {rank}: {reason}" for rank, (_, reason) in sorted(rnd.rejected.items())]
+    parts = [f"rank {rank}: {reason}" for rank, (_, reason, _intact) in sorted(rnd.rejected.items())]
     text = f"version {version!r} rejected before any byte was written; " + " | ".join(parts)
     first = min(rnd.rejected)  # typed by the lowest rank's error (ManifestMismatch, VersionAborted, ...)
     err = from_wire(rnd.rejected[first][0], text, rank=None)

@@ -73,7 +73,7 @@ class Round:
     layout: int | None = None  # the BEGIN's layout number
     ready: set[int] = field(default_factory=set)
     streamed: set[int] = field(default_factory=set)  # ranks that take buckets through a slot's ring
-    rejected: dict[int, tuple[str, str]] = field(default_factory=dict)
+    rejected: dict[int, tuple[str, str, bool | None]] = field(default_factory=dict)  # error, reason, model_intact
     prepared: dict[int, m.Prepared] = field(default_factory=dict)
     commit_sent: bool = False
     committed: dict[int, m.Committed] = field(default_factory=dict)
@@ -459,7 +459,7 @@ class Publisher:
             if msg.streamed and peer.rank < MAX_CONSUMERS:
                 rnd.streamed.add(peer.rank)
         elif isinstance(msg, m.Reject):
-            rnd.rejected[peer.rank] = (msg.error, msg.reason)
+            rnd.rejected[peer.rank] = (msg.error, msg.reason, msg.model_intact)
         elif isinstance(msg, m.Ack):
             entry = rnd.pending.get(msg.seq)
             if entry is None:

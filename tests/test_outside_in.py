@@ -1,6 +1,7 @@
-"""Regressions found by trying the README as a stranger would: a snapshot tee in front of a
-tied model, a rank restarted between pushes, the tensor a staged load_weights failed on, and a
-trainer-side exception in the middle of a push."""
+"""Regressions found by trying the README as a stranger would and by review: a snapshot tee in
+front of a tied model, a rank restarted between pushes, the tensor a staged load_weights failed
+on, a trainer-side exception in the middle of a push, ties that change between pushes, a torn
+rank reported as such in later pushes, and no fd left by a refused WELCOME."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 from fault_workers import HB, ReceiverProc, digests, make_weights, wait_until
 
-from weightstream import BucketSender, ReceiverDaemon, RemoteError, VersionAborted
+from weightstream import BucketSender, ReceiverDaemon, RemoteError, VersionAborted, WeightstreamError
+from weightstream.receiver.sinks import NumpySink
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -93,3 +95,74 @@ def test_a_trainer_side_exception_mid_push_is_typed_and_carries_the_report(endpo
     err = info.value
     assert isinstance(err.__cause__, RuntimeError) and "gather of shard 3" in str(err)
     assert err.report is not None and not err.report.committed and err.report.receivers[0].outcome == "aborted"
+
+
+def test_a_rank_that_unties_two_tensors_between_pushes_gets_both_written(endpoint: str) -> None:
+    """Both tensors are chunked (bigger than a bucket), so chunk-only buckets come first: the
+    rank's ties must be those of its model now, not of the last version."""
+    n = 3 * (1 << 20) // 2 // 4  # 1.5 MiB of float32 each, 1 MiB buckets
+    shared = np.zeros(n, np.float32)
+    state = {"a": shared, "b": shared, "c": np.zeros(16, np.float32)}  # a and b tied on the rank
+
+    def version(x: float) -> list[tuple[str, np.ndarray]]:
+        return [("a", np.full(n, x, np.float32)), ("b", np.full(n, x, np.float32)), ("c", np.full(16, x, np.float32))]
+
+    with ReceiverDaemon(endpoint, NumpySink(state), rank=0, **HB) as daemon, BucketSender(
+        endpoint, bucket_bytes=1 << 20, timeout=20, **HB
+    ) as sender:
+        sender.wait_for_receivers(timeout=10)
+        assert sender.push(version(1.0), version="step_1").committed
+        state["b"] = state["b"].copy()  # untied: b has its own memory now
+        assert sender.push(version(2.0), version="step_2").committed
+        assert (state["a"] == 2.0).all() and (state["b"] == 2.0).all() and daemon.status.model_intact
+        state["b"] = state["a"]  # tied again, and the trainer sends different values
+        with pytest.raises(WeightstreamError, match="'a' and 'b' are one tensor"):
+            sender.push([("a", np.full(n, 3.0, np.float32)), ("b", np.full(n, 4.0, np.float32)),
+                         ("c", np.full(16, 3.0, np.float32))], version="step_3")
+
+
+def test_a_torn_rank_says_so_in_every_later_report(endpoint: str) -> None:
+    state = {"w": np.zeros(1000, np.float32)}
+    fail = {"on": True}
+
+    def refusing(weights: Any) -> None:
+        for _ in weights:
+            pass
+        if fail["on"]:
+            raise RuntimeError("rank 1's engine refused the version")
+
+    def raising() -> Any:
+        raise RuntimeError("the trainer's gather failed")
+        yield
+
+    with BucketSender(endpoint, receivers=2, timeout=20, **HB) as sender, ReceiverDaemon(
+        endpoint, NumpySink(state), rank=0, **HB
+    ) as rank0, ReceiverDaemon(endpoint, refusing, framework="numpy", rank=1, **HB):
+        sender.wait_for_receivers(timeout=10)
+        with pytest.raises(RemoteError) as first:
+            sender.push([("w", np.full(1000, 1.0, np.float32))], version="step_1")  # rank 0 applied in place
+        assert first.value.report.receivers[0].model_intact is False
+        assert wait_until(lambda: rank0.status.model_intact is False, 5)
+        with pytest.raises(VersionAborted) as second:
+            sender.push(raising(), version="step_2", specs={"w": ("float32", (1000,))})
+        assert second.value.report.receivers[0].model_intact is False  # still torn from step_1
+        with pytest.raises(WeightstreamError) as third:
+            sender.push([("w", np.zeros(7, np.float32))], version="step_3")  # rank 0 rejects the shape
+        assert third.value.report.receivers[0].outcome == "rejected"
+        assert third.value.report.receivers[0].model_intact is False
+
+
+def test_a_welcome_with_a_bad_ring_leaves_no_fd_open(endpoint: str) -> None:
+    import os
+
+    from weightstream.protocol.shm import ShmImportedSlot, ShmTransport
+
+    (slot,) = ShmTransport().create_slots(1, 1 << 20, session="s1")  # a real segment the rank can open
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(20):
+            with pytest.raises(WeightstreamError, match="'ring'"):
+                ShmImportedSlot({**slot.descriptor(), "ring": 123})
+        assert len(os.listdir("/proc/self/fd")) <= before
+    finally:
+        slot.close()
