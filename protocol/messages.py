@@ -216,7 +216,7 @@ class Begin(Message):
         """A BEGIN from per-tensor lists (dtype codes, shapes as int sequences); ``aliases``:
         (name, manifest index) for names that share a listed tensor's memory."""
         ndims, dims = pack_shapes(shapes)
-        alias_names, alias_of = ([a for a, _ in aliases], pack_u64([i for _, i in aliases])) if aliases else (None, None)
+        alias_names, alias_of = pack_aliases(aliases)
         return cls(  # type: ignore[call-arg]
             version, names, bytes(dtypes), ndims, dims, total_bytes, buckets, force, layout,
             alias_names=alias_names, alias_of=alias_of,
@@ -230,6 +230,13 @@ class Begin(Message):
     def shapes(self) -> list[tuple[int, ...]]:
         """Every tensor's shape; one tuple per tensor, so only for paths that need them."""
         return unpack_shapes(self.ndims, np.frombuffer(self.dims, "<u8"))
+
+
+def pack_aliases(aliases: list[tuple[str, int]] | None) -> tuple[list[str] | None, bytes | None]:
+    """BEGIN's ``alias_names`` and ``alias_of`` from (name, manifest index) pairs; None for none."""
+    if not aliases:
+        return None, None
+    return [name for name, _ in aliases], pack_u64([index for _, index in aliases])
 
 
 @_message
@@ -778,8 +785,6 @@ def split_begin(msg: Begin, part_bytes: int = MANIFEST_PART_BYTES) -> list[Messa
         stop = max(stop, start + 1)
         bounds.append((start, stop))
         start = stop
-    if len(bounds) == 1:
-        return [msg]
 
     def arrays(a: int, b: int) -> tuple[list[str], bytes, bytes, bytes]:
         d0 = int(dim_ends[a - 1]) if a else 0

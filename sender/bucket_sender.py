@@ -16,7 +16,7 @@ from typing import Any
 from ..protocol import messages as m
 from ..protocol.errors import PeerTimeout, TransportError, VersionAborted, WeightstreamError, from_wire
 from ..protocol.gc_pause import gc_paused
-from ..protocol.packed import pack_shapes, pack_u64
+from ..protocol.packed import pack_shapes
 from ..protocol.security import CurveKeys
 from ..protocol.shm import host_identity
 from ..protocol.shm_ring import RingPlan, RingWriter, ring_plan
@@ -334,6 +334,7 @@ class BucketSender:
         try:
             forced = True if force else None
             if len(reusing) < len(idents):
+                alias_names, alias_of = m.pack_aliases(layout.aliases)
                 begin = m.Begin(
                     version=version,
                     names=manifest.names,
@@ -344,8 +345,8 @@ class BucketSender:
                     buckets=len(plan),
                     force=forced,
                     layout=layout.number,
-                    alias_names=[name for name, _ in layout.aliases] or None,
-                    alias_of=pack_u64([index for _, index in layout.aliases]) if layout.aliases else None,
+                    alias_names=alias_names,
+                    alias_of=alias_of,
                 )
                 full = [ident for ident in idents if ident not in reusing]
                 # a manifest over one frame's limit travels as BEGIN + MANIFEST parts
@@ -401,7 +402,8 @@ class BucketSender:
             try:  # bounded: ranks answer an ABORT (or COMMIT) with how it ended for them
                 pub.wait_quiet(lambda: all(rnd.settled(rank) for rank in ranks), min(timeout, _OUTCOME_WAIT_S))
             finally:
-                report = _report(rnd, total, len(manifest), len(plan), time.perf_counter() - start)
+                with pub.cond:  # the I/O thread may still be recording answers
+                    report = _report(rnd, total, len(manifest), len(plan), time.perf_counter() - start)
             log.warning("push of %s failed: %s", version, "; ".join(
                 f"rank {r.rank} {r.outcome}" + (f" ({r.error})" if r.error else "") for r in report.receivers.values()
             ))
@@ -420,7 +422,8 @@ class BucketSender:
                 pub.round = None
         seconds = time.perf_counter() - start
         self.committed_version = version
-        report = _report(rnd, total, len(manifest), len(plan), seconds)
+        with pub.cond:
+            report = _report(rnd, total, len(manifest), len(plan), seconds)
         log.info(
             "pushed %s: %d tensors, %d bytes, %d buckets to %d ranks in %.3fs",
             version, len(manifest), total, len(plan), len(ranks), seconds,
@@ -524,7 +527,7 @@ class BucketSender:
 
 
 def _report(rnd: Round, total: int, tensors: int, buckets: int, seconds: float) -> PushReport:
-    """Every rank's outcome of a round; the caller holds no lock (the round is over or frozen)."""
+    """Every rank's outcome of a round; the caller holds the publisher's lock."""
     results: dict[int, ReceiverResult] = {}
     for rank in sorted(rnd.ranks):
         done = rnd.committed.get(rank)
