@@ -152,16 +152,16 @@ import pytest_asyncio
 import zmq
 
 import weightstream
-from weightstream.protocol import speedups
+from weightstream import native as speedups
 
 where = os.path.realpath(weightstream.__file__)
 assert where.startswith(site + os.sep), f"weightstream imported from {where}, not from {site}"
 try:
-    import weightstream.protocol.cuda_ipc  # noqa: F401 - ImportError says why CUDA is unusable
+    import weightstream.protocol.transports.cuda_ipc.slots  # noqa: F401 - ImportError says why CUDA is unusable
 except ImportError:
     if sys.argv[2] != "1":
         raise
-    print("dry run: weightstream.protocol.cuda_ipc does not import here")
+    print("dry run: weightstream.protocol.transports.cuda_ipc.slots does not import here")
 
 print(f"weightstream {weightstream.__version__} from {os.path.dirname(where)} (C speedups: "
       f"{'yes' if speedups.NATIVE else 'no'}); pyzmq {zmq.__version__} (libzmq {zmq.zmq_version()}); "

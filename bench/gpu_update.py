@@ -135,7 +135,7 @@ def digests(tensors: dict[str, Any]) -> dict[str, int]:
     for name, t in tensors.items():
         t = t.detach().contiguous()
         if t.device.type == "cuda":
-            from weightstream.protocol.cuda_ipc import device_digest
+            from weightstream.protocol.transports.cuda_ipc.slots import device_digest
 
             torch.cuda.synchronize()
             out[name] = device_digest(t.data_ptr(), t.numel() * t.element_size(), t.device.index)

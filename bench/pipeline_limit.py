@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from weightstream.protocol import speedups
-from weightstream.protocol.shm import TRANSPORT
+from weightstream import native as speedups
+from weightstream.protocol.transports.shm import TRANSPORT
 
 PIECE = 256 << 20
 

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from weightstream import native as speedups
 from weightstream import synthetic
-from weightstream.protocol import speedups
 
 from . import pipeline_limit, ws_run
 from .peers import handles, harness, lockstep, naive

@@ -26,9 +26,9 @@ from typing import Any, ClassVar
 import msgpack
 import numpy as np
 
+from ..gc_pause import gc_paused
 from .dtypes import DTYPES
 from .errors import ProtocolError
-from .gc_pause import gc_paused
 from .packed import MAX_VALUE, element_counts, pack_shapes, pack_u64, packed_offsets, u64_array, unpack_shapes
 
 # 2: per-tensor arrays packed as bin; BUCKET entries by manifest index instead of name/dtype/shape

@@ -32,8 +32,8 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
+from ..frameworks import FRAMEWORKS, Framework
 from ..protocol import messages as m
-from ..protocol.cuda_ipc_wire import device_identity
 from ..protocol.errors import (
     PeerLost,
     PeerTimeout,
@@ -43,12 +43,12 @@ from ..protocol.errors import (
     from_wire,
     wire_name,
 )
-from ..protocol.security import CurveKeys, apply_client_curve, check_network_endpoint, prepare_ipc_endpoint
-from ..protocol.shm import host_identity
-from ..protocol.shm_ring import MAX_CONSUMERS
-from ..protocol.tensors import FRAMEWORKS, Framework
-from ..protocol.transport import ImportedSlot, available_transports, get_transport
-from ..protocol.versions import is_older
+from ..protocol.transports import ImportedSlot, available_transports, get_transport
+from ..protocol.transports.cuda_ipc.wire import device_identity
+from ..protocol.transports.shm import host_identity
+from ..protocol.transports.shm.ring import MAX_CONSUMERS
+from ..security import CurveKeys, apply_client_curve, check_network_endpoint, prepare_ipc_endpoint
+from ..versions import is_older
 from .manifest import check_manifest
 from .prefetch import PrefetchQueue
 from .run_manifest import RunManifest

@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .. import native as speedups
 from ..protocol import messages as m
-from ..protocol import speedups
 
 _PACKED_KEPT = 256  # packed buckets' derived arrays kept per layout (a layout has a few buckets)
 _SMALL_COPY = 64 << 10  # below this a memoryview copy beats np.copyto's per-call cost

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..frameworks import view_as
 from ..protocol import messages as m
 from ..protocol.dtypes import from_numpy
 from ..protocol.errors import VersionAborted, WeightstreamError
-from ..protocol.tensors import view_as
-from ..protocol.versions import compare_versions, version_key
+from ..versions import compare_versions, version_key
 from .manifest import check_manifest
 from .prefetch import PrefetchQueue
 from .snapshot_loader import MappedPart, SnapshotSource, load_snapshot

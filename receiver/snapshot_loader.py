@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..frameworks import host_bytes
 from ..protocol.dtypes import DType, dtype_of
 from ..protocol.errors import WeightstreamError
-from ..protocol.tensors import host_bytes
-from ..protocol.versions import read_version
+from ..versions import read_version
 from .snapshot_format import (
     META_FORMAT,
     META_PARTS,

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from ..frameworks import Framework, host_bytes
 from ..protocol.dtypes import DType, dtype_of
 from ..protocol.errors import VersionAborted, WeightstreamError
-from ..protocol.tensors import Framework, host_bytes
-from ..protocol.versions import write_version
+from ..versions import write_version
 from .sinks.base import name_groups_of
 from .snapshot_format import (
     FORMAT_TAG,

@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from .. import native as speedups
+from ..frameworks import INT_OF_ITEMSIZE, Framework, bytes_view, host_bytes
 from ..protocol import messages as m
-from ..protocol import speedups
 from ..protocol.dtypes import DTYPES
 from ..protocol.errors import ManifestMismatch, ProtocolError, VersionAborted
-from ..protocol.shm_ring import RingRead, RingReader
-from ..protocol.tensors import INT_OF_ITEMSIZE, Framework, bytes_view, host_bytes
-from ..protocol.transport import ImportedSlot
+from ..protocol.transports import ImportedSlot
+from ..protocol.transports.shm.ring import RingRead, RingReader
 from .prefetch import PrefetchQueue
 from .run_manifest import RunManifest, address_of
 

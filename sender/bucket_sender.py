@@ -13,15 +13,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from ..gc_pause import gc_paused
 from ..protocol import messages as m
 from ..protocol.errors import PeerTimeout, TransportError, VersionAborted, WeightstreamError, from_wire
-from ..protocol.gc_pause import gc_paused
 from ..protocol.packed import pack_shapes
-from ..protocol.security import CurveKeys
-from ..protocol.shm import host_identity
-from ..protocol.shm_ring import RingPlan, RingWriter, ring_plan
-from ..protocol.transport import get_transport
-from ..protocol.versions import read_version
+from ..protocol.transports import get_transport
+from ..protocol.transports.shm import host_identity
+from ..protocol.transports.shm.ring import RingPlan, RingWriter, ring_plan
+from ..security import CurveKeys
+from ..versions import read_version
 from .manifest import Aliased, Manifest, describe, from_specs, take_aliases
 from .packing import PieceCache, fill
 from .planner import MAX_ENTRIES, RING_MAX_ENTRIES, plan_buckets

@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from .. import native as speedups
+from ..frameworks import shape_of
+from ..gc_pause import gc_paused
 from ..protocol import messages as m
-from ..protocol import speedups
 from ..protocol.dtypes import BY_NUMPY, DTYPES, by_name, codes_by_torch_dtype, dtype_of
 from ..protocol.errors import WeightstreamError
-from ..protocol.gc_pause import gc_paused
-from ..protocol.tensors import shape_of
 
 
 @dataclass

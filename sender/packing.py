@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..protocol.errors import WeightstreamError
-from ..protocol.shm import write_one
-from ..protocol.shm_ring import RingPlan
+from ..protocol.transports.shm import write_one
+from ..protocol.transports.shm.ring import RingPlan
 from .manifest import Manifest, pull
 
 

@@ -38,14 +38,14 @@ from ..protocol.errors import (
     WeightstreamError,
     from_wire,
 )
-from ..protocol.security import (
+from ..protocol.transports.shm.ring import MAX_CONSUMERS
+from ..security import (
     CurveKeys,
     apply_server_curve,
     check_network_endpoint,
     prepare_ipc_endpoint,
     start_authenticator,
 )
-from ..protocol.shm_ring import MAX_CONSUMERS
 
 log = logging.getLogger("weightstream.sender")
 

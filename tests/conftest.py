@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 SHM_DIR = Path("/dev/shm")
-SHM_PREFIX = "ws_"  # weightstream.protocol.shm.PREFIX
+SHM_PREFIX = "ws_"  # weightstream.protocol.transports.shm.PREFIX
 LEAK_GRACE_S = 5.0  # children and segments get this long to go away on their own
 
 

@@ -356,8 +356,8 @@ class FakeSender:
 
     def __init__(self, endpoint: str, *, slots: int = 2, slot_bytes: int = BUCKET_BYTES, session: str = "fake0001") -> None:
         from weightstream.protocol import messages as m
-        from weightstream.protocol.security import prepare_ipc_endpoint
-        from weightstream.protocol.shm import TRANSPORT
+        from weightstream.protocol.transports.shm import TRANSPORT
+        from weightstream.security import prepare_ipc_endpoint
 
         self.m = m
         self.session = session

@@ -131,8 +131,8 @@ class FakeRouter:
 
     def __init__(self, endpoint: str, *, slot_bytes: int = 4096, slots: int = 2, session: str = "fake0001",
                  heartbeat_interval: float = 0.2, heartbeat_timeout: float = 30.0) -> None:
-        from weightstream.protocol.security import prepare_ipc_endpoint
-        from weightstream.protocol.shm import TRANSPORT
+        from weightstream.protocol.transports.shm import TRANSPORT
+        from weightstream.security import prepare_ipc_endpoint
 
         self.session = session
         self.slot_bytes = slot_bytes
@@ -206,9 +206,9 @@ class FakeRouter:
 def hello(rank: int, session: str) -> Any:
     """A HELLO as a real rank sends it (same host, shm), claiming ``rank`` with ``session``."""
     from weightstream.protocol import messages as m
-    from weightstream.protocol.cuda_ipc_wire import device_identity
-    from weightstream.protocol.shm import host_identity
-    from weightstream.protocol.transport import available_transports
+    from weightstream.protocol.transports import available_transports
+    from weightstream.protocol.transports.cuda_ipc.wire import device_identity
+    from weightstream.protocol.transports.shm import host_identity
 
     return m.Hello(rank=rank, session=session, transports=available_transports(), host=host_identity(),
                    device=device_identity(), pid=os.getpid())
@@ -239,7 +239,7 @@ class FrameTap:
     sender sent, read off the frame's first key without decoding the rest."""
 
     def __init__(self, upstream: str, downstream: str) -> None:
-        from weightstream.protocol.security import prepare_ipc_endpoint
+        from weightstream.security import prepare_ipc_endpoint
 
         prepare_ipc_endpoint(downstream)
         self.frames: list[tuple[str, int]] = []

@@ -54,7 +54,7 @@ def python_cmd() -> list[str]:
 def make_slots(count: int, size: int, session: str) -> list[Any]:
     """Real shm slots named ``ws_<pid>_<session>_...`` (the previous build names them without a
     session and has no ``session`` argument: its ranks do not look at the name)."""
-    from weightstream.protocol.shm import TRANSPORT
+    from weightstream.protocol.transports.shm import TRANSPORT
 
     try:
         return TRANSPORT.create_slots(count, size, session=session)  # type: ignore[call-arg]
@@ -63,7 +63,7 @@ def make_slots(count: int, size: int, session: str) -> list[Any]:
 
 
 def descriptor(name: str, size: int) -> dict[str, Any]:
-    from weightstream.protocol.shm import host_identity
+    from weightstream.protocol.transports.shm import host_identity
 
     return {"name": name, "size": size, "host": host_identity()}
 
@@ -178,8 +178,12 @@ def _other_user_main(conn: Any, uid: int, gid: int, task: str, args: dict[str, A
         # everything this child will need, imported while it can still read root's files
         from fault_workers import BUCKET_BYTES, make_weights
 
-        from weightstream import BucketSender
-        from weightstream.protocol import messages, security, shm  # noqa: F401
+        from weightstream import (
+            BucketSender,
+            security,  # noqa: F401
+        )
+        from weightstream.protocol import messages  # noqa: F401
+        from weightstream.protocol.transports import shm  # noqa: F401
 
         make_weights(0, "warm-up")  # imports ml_dtypes (bfloat16)
         import tempfile

@@ -23,7 +23,10 @@ from typing import Any
 import pytest
 
 from weightstream.protocol import messages as m
-from weightstream.protocol.cuda_ipc_wire import (
+from weightstream.protocol.dtypes import DTYPES as WIRE_DTYPES
+from weightstream.protocol.errors import TransportError, WeightstreamError
+from weightstream.protocol.transports import available_transports, get_transport
+from weightstream.protocol.transports.cuda_ipc.wire import (
     HANDLE_BYTES,
     cuda_error_message,
     decode_descriptor,
@@ -32,9 +35,6 @@ from weightstream.protocol.cuda_ipc_wire import (
     expandable_segments_note,
     format_uuid,
 )
-from weightstream.protocol.dtypes import DTYPES as WIRE_DTYPES
-from weightstream.protocol.errors import TransportError, WeightstreamError
-from weightstream.protocol.transport import available_transports, get_transport
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,7 +44,7 @@ HANDLE = bytes(range(HANDLE_BYTES))
 
 def _cuda_usable() -> bool:
     try:
-        import weightstream.protocol.cuda_ipc  # noqa: F401
+        import weightstream.protocol.transports.cuda_ipc.slots  # noqa: F401
     except ImportError:
         return False
     return True
@@ -233,7 +233,7 @@ def _receiver(
 
         cuda = device == "cuda"
         if cuda:
-            from weightstream.protocol import cuda_ipc
+            from weightstream.protocol.transports.cuda_ipc import slots as cuda_ipc
 
             torch.cuda.init()
 
@@ -511,7 +511,7 @@ def test_device_digest_detects_changed_and_swapped_words() -> None:
     _require_gpu()
     import torch
 
-    from weightstream.protocol.cuda_ipc import device_digest
+    from weightstream.protocol.transports.cuda_ipc.slots import device_digest
 
     data = torch.randint(0, 256, ((3 << 20) + 5,), dtype=torch.uint8, device="cuda")
     index = data.device.index
@@ -535,7 +535,7 @@ def _digest_on_host(data: Any) -> int:
     as their xxh3 (host_digest)."""
     import numpy as np
 
-    from weightstream.protocol.shm import host_digest
+    from weightstream.protocol.transports.shm import host_digest
 
     words, tail = divmod(data.nbytes, 8)
     total = 0
@@ -567,7 +567,7 @@ def test_digest_formula_on_the_host_matches_the_torch_expression() -> None:
             acc += (part * (index * golden | 1)).sum()
         total = int(acc.item()) & ((1 << 64) - 1)
         if nbytes % 8:
-            from weightstream.protocol.shm import host_digest
+            from weightstream.protocol.transports.shm import host_digest
 
             total ^= host_digest(data[words * 8 :])
         assert _digest_on_host(data) == total, nbytes
@@ -582,7 +582,7 @@ def test_device_digest_equals_its_formula_computed_on_the_host() -> None:
     import numpy as np
     import torch
 
-    from weightstream.protocol.cuda_ipc import device_digest
+    from weightstream.protocol.transports.cuda_ipc.slots import device_digest
 
     rng = np.random.default_rng(11)
     for nbytes in (5, 8, 4096 + 3, (3 << 20) + 5, (128 << 20) + 8 * 3 + 7):

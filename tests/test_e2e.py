@@ -25,7 +25,7 @@ from weightstream import (
     RemoteError,
     WeightstreamError,
 )
-from weightstream.protocol import speedups
+from weightstream import native as speedups
 from weightstream.receiver.sinks import NumpySink
 
 pytestmark = pytest.mark.timeout(120)

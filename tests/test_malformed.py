@@ -18,7 +18,7 @@ import zmq
 from weightstream import BucketSender, ReceiverDaemon
 from weightstream.protocol import messages as m
 from weightstream.protocol.packed import pack_u64
-from weightstream.protocol.shm import ShmTransport
+from weightstream.protocol.transports.shm import ShmTransport
 from weightstream.receiver.sinks import NumpySink
 
 pytestmark = pytest.mark.timeout(60)
@@ -370,7 +370,7 @@ def test_reusing_begins_and_packed_buckets_by_hand(
 def test_welcome_with_bad_slot_descriptor(fake: FakeSender, daemon: ReceiverDaemon, slot: dict[str, Any], mentions: str) -> None:
     """A WELCOME whose slots cannot be mapped is answered with a TransportError; a good one still works."""
     fake.wait_for(m.Hello)
-    from weightstream.protocol.shm import host_identity
+    from weightstream.protocol.transports.shm import host_identity
 
     bad = fake.welcome()
     bad_slots = [dict(s) for s in bad.slots]

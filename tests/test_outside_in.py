@@ -155,7 +155,7 @@ def test_a_torn_rank_says_so_in_every_later_report(endpoint: str) -> None:
 def test_a_welcome_with_a_bad_ring_leaves_no_fd_open(endpoint: str) -> None:
     import os
 
-    from weightstream.protocol.shm import ShmImportedSlot, ShmTransport
+    from weightstream.protocol.transports.shm import ShmImportedSlot, ShmTransport
 
     (slot,) = ShmTransport().create_slots(1, 1 << 20, session="s1")  # a real segment the rank can open
     try:

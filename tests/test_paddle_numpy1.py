@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from weightstream import BucketSender, ReceiverDaemon
-from weightstream.protocol import tensors
+from weightstream import frameworks as tensors
+from weightstream.frameworks import bytes_view, host_bytes, view_as
 from weightstream.protocol.dtypes import dtype_of
-from weightstream.protocol.tensors import bytes_view, host_bytes, view_as
 
 paddle = pytest.importorskip("paddle")
 

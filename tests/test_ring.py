@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightstream import BucketSender, PeerLost, ReceiverDaemon, WeightstreamError
-from weightstream.protocol import shm_ring
-from weightstream.protocol.shm import ShmExportedSlot, ShmImportedSlot, write_one
+from weightstream.protocol.transports.shm import ShmExportedSlot, ShmImportedSlot, write_one
+from weightstream.protocol.transports.shm import ring as shm_ring
 from weightstream.receiver.sinks import NumpySink
 from weightstream.sender.planner import plan_buckets
 

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from weightstream.frameworks import host_bytes, view_as
 from weightstream.protocol.dtypes import by_name, dtype_of
 from weightstream.protocol.errors import ManifestMismatch, WeightstreamError
-from weightstream.protocol.tensors import host_bytes, view_as
 from weightstream.receiver.sinks import NumpySink, PrefixRouter, as_sink
 
 pytestmark = pytest.mark.timeout(60)

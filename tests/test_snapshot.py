@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from weightstream import BucketSender, ReceiverDaemon, WeightstreamError
+from weightstream.frameworks import host_bytes
 from weightstream.protocol.dtypes import DTYPES, dtype_of
-from weightstream.protocol.tensors import host_bytes
 from weightstream.receiver.sinks import NumpySink, PaddleLayerSink, TorchModuleSink
 from weightstream.receiver.snapshot import (
     SnapshotWriter,

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weightstream.protocol import speedups
-from weightstream.protocol.shm import ShmExportedSlot
+from weightstream import native as speedups
+from weightstream.protocol.transports.shm import ShmExportedSlot
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from weightstream.protocol import streaming
+from weightstream.protocol.transports.shm import streaming
 
 pytestmark = pytest.mark.timeout(30)
 

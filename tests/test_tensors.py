@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
+from weightstream.frameworks import bytes_view, framework_of, host_bytes, shape_of, view_as
 from weightstream.protocol.dtypes import DTYPES, DType, by_name
 from weightstream.protocol.errors import TransportError, WeightstreamError
-from weightstream.protocol.tensors import bytes_view, framework_of, host_bytes, shape_of, view_as
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from weightstream.frameworks import bytes_view
 from weightstream.protocol import messages as m
 from weightstream.protocol.errors import ProtocolError
 from weightstream.protocol.packed import pack_u64
-from weightstream.protocol.shm import TRANSPORT
-from weightstream.protocol.tensors import bytes_view
+from weightstream.protocol.transports.shm import TRANSPORT
 from weightstream.receiver.prefetch import PrefetchQueue
 from weightstream.receiver.version_run import VersionRun
 from weightstream.sender.manifest import describe

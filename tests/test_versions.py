@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from weightstream import BucketSender, ReceiverDaemon, VersionAborted
-from weightstream.protocol.versions import is_older, read_version, version_key, write_version
 from weightstream.receiver.sinks import NumpySink
+from weightstream.versions import is_older, read_version, version_key, write_version
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -18,9 +18,9 @@ import numpy as np
 import xxhash
 
 from weightstream import ReceiverDaemon, WeightstreamError
-from weightstream.protocol import speedups
+from weightstream import native as speedups
+from weightstream.frameworks import host_bytes, view_as
 from weightstream.protocol.dtypes import by_name, dtype_of
-from weightstream.protocol.tensors import host_bytes, view_as
 
 Digest = tuple[str, tuple[int, ...], str]  # (dtype name, shape, xxh3_64 hex of the bytes)
 Specs = dict[str, tuple[str, tuple[int, ...]]]

@@ -15,8 +15,8 @@ from .protocol.errors import (
     VersionAborted,
     WeightstreamError,
 )
-from .protocol.security import CurveKeys
 from .receiver.daemon import DaemonStatus, ReceiverDaemon
+from .security import CurveKeys
 from .sender.bucket_sender import BucketSender, PushReport, ReceiverResult
 
 __version__ = "0.1.0"

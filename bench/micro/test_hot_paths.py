@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from weightstream import native as speedups
+from weightstream.frameworks import bytes_view
+from weightstream.gc_pause import gc_paused
 from weightstream.protocol import messages as m
-from weightstream.protocol import shm_ring, speedups
-from weightstream.protocol.gc_pause import gc_paused
-from weightstream.protocol.shm import ShmExportedSlot, write_one
-from weightstream.protocol.tensors import bytes_view
-from weightstream.protocol.transport import get_transport
+from weightstream.protocol.transports import get_transport
+from weightstream.protocol.transports.shm import ShmExportedSlot, write_one
+from weightstream.protocol.transports.shm import ring as shm_ring
 from weightstream.sender.manifest import Manifest, describe
 from weightstream.sender.planner import align_up, plan_buckets
 

@@ -10,8 +10,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ...frameworks import Framework
 from ...protocol.errors import ManifestMismatch, WeightstreamError
-from ...protocol.tensors import Framework
 
 #: name -> (canonical dtype name from protocol.dtypes.DTYPES, shape)
 ParamSpecs = dict[str, tuple[str, tuple[int, ...]]]

@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from ...protocol import speedups
+from ... import native as speedups
+from ...frameworks import Framework, bytes_view
 from ...protocol.dtypes import from_numpy
 from ...protocol.errors import WeightstreamError
-from ...protocol.tensors import Framework, bytes_view
 from .base import ParamSpecs, check_tied, spec_mismatch, unknown_name
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from ...frameworks import Framework
 from ...protocol.errors import ManifestMismatch, WeightstreamError
-from ...protocol.tensors import Framework
 from .base import NameGroups, ParamSpecs, as_sink, name_groups_of
 
 

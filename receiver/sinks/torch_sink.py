@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ...frameworks import Framework, bytes_view
+from ...gc_pause import gc_paused
 from ...protocol.dtypes import from_torch
 from ...protocol.errors import WeightstreamError
-from ...protocol.gc_pause import gc_paused
-from ...protocol.tensors import Framework, bytes_view
 from .base import ParamSpecs, SpecsCache, check_tied, spec_mismatch, unknown_name
 
 if TYPE_CHECKING:

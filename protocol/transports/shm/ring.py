@@ -27,13 +27,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import speedups
-from .errors import PeerTimeout, VersionAborted
+from .... import native as speedups
+from ....frameworks import host_bytes
+from ...errors import PeerTimeout, VersionAborted
 from .streaming import last_level_cache_bytes
-from .tensors import host_bytes
 
 try:
-    from .._ring import CONTROL_BYTES, MAX_CONSUMERS, Control, RingMap
+    from ...._ring import CONTROL_BYTES, MAX_CONSUMERS, Control, RingMap
 except ImportError:  # no C compiler at install, or not Linux: slots stay plain
     Control = RingMap = None
     CONTROL_BYTES, MAX_CONSUMERS = 0, 0

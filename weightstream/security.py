@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from .errors import WeightstreamError
+from .protocol.errors import WeightstreamError
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-from .dtypes import DType
-from .errors import TransportError
+from ..dtypes import DType
+from ..errors import TransportError
 
 
 class ExportedSlot(Protocol):
@@ -73,8 +73,8 @@ class Transport(Protocol):
 
 # name -> module path; each module exposes ``TRANSPORT`` implementing Transport.
 TRANSPORTS: dict[str, str] = {
-    "shm": "weightstream.protocol.shm",
-    "cuda_ipc": "weightstream.protocol.cuda_ipc",
+    "shm": "weightstream.protocol.transports.shm",
+    "cuda_ipc": "weightstream.protocol.transports.cuda_ipc.slots",
 }
 
 

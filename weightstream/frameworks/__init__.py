@@ -31,8 +31,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .dtypes import BY_NUMPY, DType, dtype_of
-from .errors import TransportError, WeightstreamError
+from ..protocol.dtypes import BY_NUMPY, DType, dtype_of
+from ..protocol.errors import TransportError, WeightstreamError
 
 Framework = Literal["numpy", "paddle", "torch"]
 FRAMEWORKS: tuple[Framework, ...] = ("numpy", "paddle", "torch")

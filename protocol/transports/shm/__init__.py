@@ -26,12 +26,13 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from . import shm_ring, speedups
-from .dtypes import DType
-from .errors import TransportError
+from .... import native as speedups
+from ....frameworks import host_bytes, view_as
+from ...dtypes import DType
+from ...errors import TransportError
+from .. import create_all
+from . import ring as shm_ring
 from .streaming import slot_streams
-from .tensors import host_bytes, view_as
-from .transport import create_all
 
 try:  # CPython's own binding of shm_open, used by multiprocessing.shared_memory
     import _posixshmem

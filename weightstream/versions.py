@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import WeightstreamError
+from .protocol.errors import WeightstreamError
 
 VERSION_FILE = "version.yaml"
 

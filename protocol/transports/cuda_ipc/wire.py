@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import TransportError
+from ...errors import TransportError
 
 log = logging.getLogger("weightstream.cuda_ipc")
 

@@ -55,7 +55,12 @@ from typing import Any
 
 import numpy as np
 
-from .cuda_ipc_wire import (
+from ....frameworks import view_as
+from ...dtypes import DType
+from ...errors import TransportError
+from .. import create_all, write_tensors
+from ..shm import host_digest
+from .wire import (
     HANDLE_BYTES,
     SlotDescriptor,
     cuda_error_message,
@@ -65,11 +70,6 @@ from .cuda_ipc_wire import (
     expandable_segments_note,
     format_uuid,
 )
-from .dtypes import DType
-from .errors import TransportError
-from .shm import host_digest
-from .tensors import view_as
-from .transport import create_all, write_tensors
 
 try:
     from cuda.bindings import driver as cudrv
