@@ -39,7 +39,7 @@ from .packed import MAX_VALUE, element_counts, pack_shapes, pack_u64, packed_off
 # 6: two-phase commit (PREPARED, then COMMIT only once every rank prepared); per-connection
 #    routing identities (PONG's ``known``); a manifest split over BEGIN ``parts`` + MANIFEST
 #    frames; BEGIN's ``transport`` (per-push transport parameters); bounded decoding
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 ALIGNMENT = 256
 
 # Decoder limits: a hostile or broken peer must not make us allocate without bound.
@@ -55,6 +55,7 @@ MAX_NAME_LEN = 1024
 MAX_NDIM = 16
 MAX_TEXT_LEN = 64 << 10
 MAX_SLOTS = 64
+MAX_DATA_FRAMES = 4096  # data frames after one BUCKET (each at most MAX_MESSAGE_BYTES)
 MAX_DIM = 1 << 48
 # Every msgpack array/map of a valid message is small (slots <= MAX_SLOTS, transports <= 16,
 # per-tensor arrays travel as bin), and a message holds only a few of them. Both bounds keep
@@ -291,6 +292,9 @@ class Bucket(Message):
     # from ``first`` on, packed from offset 0 (see packed.packed_offsets); both sides derive
     # the arrays from the manifest instead of moving 24 bytes a tensor
     count: int | None = _spec(_Int(1, MAX_ENTRIES), default=None)
+    # data frames that follow this message in its multipart (a data-frame transport's bucket
+    # bytes, in order from offset 0); none for memory transports
+    frames: int | None = _spec(_Int(1, MAX_DATA_FRAMES), default=None)
 
     @classmethod
     def build(

@@ -43,10 +43,14 @@ from ..protocol.errors import (
     from_wire,
     wire_name,
 )
-from ..protocol.transports import ImportedSlot, available_transports, get_transport
-from ..protocol.transports.cuda_ipc.wire import device_identity
-from ..protocol.transports.shm import host_identity
-from ..protocol.transports.shm.ring import MAX_CONSUMERS
+from ..protocol.transports import (
+    ImportedSlot,
+    Transport,
+    available_transports,
+    device_identity,
+    get_transport,
+    host_identity,
+)
 from ..security import CurveKeys, apply_client_curve, check_network_endpoint, prepare_ipc_endpoint
 from ..versions import is_older
 from .manifest import check_manifest
@@ -161,6 +165,7 @@ class ReceiverDaemon:
         self._sock: Any = None
         self._welcome: m.Welcome | None = None
         self._slots: list[ImportedSlot] = []
+        self._transport: Transport | None = None  # the session's, from WELCOME
         self._last_heard = 0.0
         self._run: VersionRun | None = None
         self._run_task: asyncio.Task[None] | None = None
@@ -420,19 +425,17 @@ class ReceiverDaemon:
 
     async def _read_loop(self, sock: Any) -> None:
         while True:
-            frames = await sock.recv_multipart()
-            if len(frames) != 1:
-                self._protocol_error(ProtocolError(f"expected 1 frame per message, got {len(frames)}"))
-                continue
+            frames = await sock.recv_multipart(copy=False)
             msg = None
             try:
                 # before a WELCOME is accepted, only small frames are decoded
-                msg = m.decode(frames[0], m.MAX_MESSAGE_BYTES if self._welcome is not None else m.PRE_HELLO_MAX_BYTES)
+                msg = m.decode(frames[0].buffer, m.MAX_MESSAGE_BYTES if self._welcome is not None else m.PRE_HELLO_MAX_BYTES)
+                self._check_data_frames(msg, len(frames) - 1)
                 if self._welcome is not None:  # a stranger's frames do not keep a session alive
                     self._last_heard = time.monotonic()
                 self._dispatching = True  # the sender is not silent while this reader is busy
                 try:
-                    await self._dispatch(msg)
+                    await self._dispatch(msg, frames[1:])
                 finally:
                     self._dispatching = False
                     if self._welcome is not None:  # silence counts from when this reader reads again
@@ -455,7 +458,22 @@ class ReceiverDaemon:
         if self._error_limiter.allow(exc, time.monotonic()):
             self._send(m.Error(error="ProtocolError", message=str(exc)[: m.MAX_TEXT_LEN], version=version))
 
-    async def _dispatch(self, msg: m.Message) -> None:
+    def _check_data_frames(self, msg: m.Message, count: int) -> None:
+        """Frames after a message are bucket bytes: only after a BUCKET that announces them, and
+        only on a session whose transport moves bytes that way."""
+        announced = msg.frames or 0 if isinstance(msg, m.Bucket) else 0
+        if count != announced:
+            raise ProtocolError(
+                f"{msg.TYPE}: expected {1 + announced} frame(s) in the message (the message"
+                + (f" and its {announced} data frames" if announced else "") + f"), got {1 + count}"
+            )
+        if announced and (self._transport is None or not self._transport.capabilities.data_frames):
+            raise ProtocolError(
+                f"BUCKET: field 'frames': expected none, since this session's transport "
+                f"{self._welcome.transport if self._welcome else None!r} moves no bytes in frames, got {announced}"
+            )
+
+    async def _dispatch(self, msg: m.Message, data: list[Any] | None = None) -> None:
         if isinstance(msg, m.Welcome):
             await self._on_welcome(msg)
         elif isinstance(msg, m.Pong):
@@ -478,7 +496,7 @@ class ReceiverDaemon:
         elif isinstance(msg, m.ManifestPart):
             await self._on_manifest_part(msg)
         elif isinstance(msg, m.Bucket):
-            self._on_bucket(msg)
+            self._on_bucket(msg, data or [])
         elif isinstance(msg, m.Commit):
             self._on_commit(msg)
         elif isinstance(msg, m.Abort):
@@ -508,6 +526,7 @@ class ReceiverDaemon:
             self._send(m.Error(error=wire_name(exc), message=str(exc)))
             return
         self._slots = slots
+        self._transport = transport
         self._welcome = msg
         self._last_heard = time.monotonic()  # silence counts from the WELCOME, not from the socket's opening
         with self._cond:
@@ -526,6 +545,7 @@ class ReceiverDaemon:
         for slot in self._slots:
             slot.close()
         self._slots = []
+        self._transport = None
         self._welcome = None
         self._busy_slots.clear()
         self._pending_manifest = None
@@ -553,6 +573,8 @@ class ReceiverDaemon:
                     "push with force=True to roll back deliberately"
                 )
             manifest = self._manifest_of(msg)
+            if self._transport is not None:  # a collective joins the push's group here
+                self._transport.join(self._slots, msg.transport, self.rank)
             if expected and not (from_sink and self._checked_before(manifest, expected)):
                 # a sink names its tied tensors and the ones a push need not fill (buffers it has)
                 tied, optional, meta = name_groups_of(self._sink) if from_sink else NO_GROUPS
@@ -591,7 +613,7 @@ class ReceiverDaemon:
         )
         run.staged = self._staged
         run.streamed = self._streamable(run, manifest, expected)
-        run.ring_index = self.rank
+        run.stream_index = self.rank
         run.check = run.queue.check
         self._run = run
         self._inbox = asyncio.Queue()
@@ -650,20 +672,24 @@ class ReceiverDaemon:
         return manifest
 
     def _streamable(self, run: VersionRun, manifest: RunManifest, expected: Any) -> bool:
-        """Can this rank take the version's buckets through the slots' rings? Only if it copies every
-        whole tensor to an address itself, so no view of a ring reaches load_weights (chunked
-        tensors are written piece by piece, in place or into scratch)."""
-        welcome, destination = self._welcome, getattr(self._sink, "destination", None)
-        if not run.direct or welcome is None or destination is None or self.rank >= MAX_CONSUMERS:
+        """Can this rank take the version's buckets streamed (read as the sender writes them)? Only
+        if it copies every whole tensor to an address itself, so no view of a slot that is being
+        rewritten reaches load_weights (chunked tensors are written piece by piece, in place or
+        into scratch)."""
+        welcome, transport, destination = self._welcome, self._transport, getattr(self._sink, "destination", None)
+        if not run.direct or welcome is None or transport is None or destination is None:
             return False
-        if not self._slots or any(getattr(slot, "ring", None) is None for slot in self._slots):
+        most = transport.capabilities.max_consumers
+        if not transport.capabilities.streamed or (most is not None and self.rank >= most):
             return False
-        if manifest.aliases_of:  # an alias is delivered after its tensor: not through a ring
+        if not self._slots or not all(slot.can_stream for slot in self._slots):
+            return False
+        if manifest.aliases_of:  # an alias is delivered after its tensor: not streamed
             return False
         try:
             _, addresses = manifest.targets(destination, expected)
         except Exception as exc:  # the sink's own code: the apply thread meets it again and fails the version
-            log.debug("rank %d: no ring for %r, the sink's destinations raised %s", self.rank, run.version, type(exc).__name__)
+            log.debug("rank %d: not streamed for %r, the sink's destinations raised %s", self.rank, run.version, type(exc).__name__)
             return False
         if addresses is None or manifest.tie_of:
             return False
@@ -680,7 +706,7 @@ class ReceiverDaemon:
         with self._cond:
             return version in self._failed and (self._run is None or self._run.version != version)
 
-    def _on_bucket(self, msg: m.Bucket) -> None:
+    def _on_bucket(self, msg: m.Bucket, data: list[Any]) -> None:
         if self._failed_already(msg.version):
             return
         run, welcome = self._run, self._welcome
@@ -689,6 +715,8 @@ class ReceiverDaemon:
         m.check_bucket_fits(msg, [s.size for s in self._slots], welcome.alignment)
         if msg.slot in self._busy_slots:
             raise ProtocolError(f"BUCKET {msg.seq}: slot {msg.slot} reused before this receiver acked it")
+        if data:  # the bytes came with the message: into the rank's copy of the slot
+            self._slots[msg.slot].accept(data)
         self._busy_slots.add(msg.slot)
         self._inbox.put_nowait(msg)
 

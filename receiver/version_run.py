@@ -26,8 +26,7 @@ from ..frameworks import INT_OF_ITEMSIZE, Framework, bytes_view, host_bytes
 from ..protocol import messages as m
 from ..protocol.dtypes import DTYPES
 from ..protocol.errors import ManifestMismatch, ProtocolError, VersionAborted
-from ..protocol.transports import ImportedSlot
-from ..protocol.transports.shm.ring import RingRead, RingReader
+from ..protocol.transports import ImportedSlot, StreamRead
 from .prefetch import PrefetchQueue
 from .run_manifest import RunManifest, address_of
 
@@ -66,9 +65,9 @@ class PreparedBucket:
     # direct mode: the whole tensors, as (manifest index of the first, their slot offsets as
     # int64); the rest (chunk pieces) stay in ``entries``
     whole: tuple[int, np.ndarray] | None = None
-    # a bucket streamed through the slot's ring: the entries' (offset, nbytes) in the slot, and
-    # how many entries come before the whole tensors (all of it is read in offset order)
-    ring: RingReader | None = None
+    # a streamed bucket (read as the sender writes it): the entries' (offset, nbytes) in the slot,
+    # and how many entries come before the whole tensors (all of it is read in offset order)
+    streamed: bool = False
     spans: list[tuple[int, int]] | None = None
     head: int = 0
 
@@ -126,10 +125,10 @@ class VersionRun:
         self.prepared_seconds = 0.0
         self.started = 0.0
         self.staged = False  # staged mode: the consumer only copies; the model is untouched
-        # set by the daemon when this rank said READY streamed: its index among a ring's
+        # set by the daemon when this rank said READY streamed: its index among a streamed bucket's
         # consumers, and the check that raises once the version was aborted
         self.streamed = False
-        self.ring_index = 0
+        self.stream_index = 0
         self.check: Callable[[], None] = lambda: None
 
     # --- loop side -----------------------------------------------------------------------
@@ -143,7 +142,7 @@ class VersionRun:
             raise ProtocolError(f"BUCKET: field 'seq': expected {self.next_seq}, got {msg.seq}")
         if msg.seq >= self.num_buckets:
             raise ProtocolError(f"BUCKET: field 'seq': version {self.version!r} has {self.num_buckets} buckets, got seq {msg.seq}")
-        ring = self._ring_of(msg, slot)
+        streamed = self._streamed(msg, slot)
         if msg.count is None:
             offsets, nbytes, chunks = msg.arrays()
             first = self._advance(msg, offsets, nbytes, chunks)
@@ -164,28 +163,27 @@ class VersionRun:
         if hi > lo and (chunks[hi - 1] or nbytes[hi - 1] != fulls[first + hi - 1]):
             hi -= 1
         ends = [*range(lo), *range(hi, n)]
-        if ring is None:
+        if not streamed:
             entries = [self._entry(slot, first + k, int(offsets[k]), int(nbytes[k]), int(chunks[k])) for k in ends]
             whole = (first + lo, offsets[lo:hi]) if hi > lo else None
             return PreparedBucket(msg.seq, msg.slot, slot, msg.checksum, used, entries, whole)
-        # the ring: only chunk pieces and whole tensors with an address (the rank said so at READY)
+        # streamed: only chunk pieces and whole tensors with an address (the rank said so at READY)
         entries = [(self.names[first + k], None, int(chunks[k])) for k in ends]
         spans = [(int(offsets[k]), int(nbytes[k])) for k in ends]
         whole = (first + lo, offsets[lo:hi]) if hi > lo else None
-        return PreparedBucket(msg.seq, msg.slot, slot, None, used, entries, whole, ring, spans, lo)
+        return PreparedBucket(msg.seq, msg.slot, slot, None, used, entries, whole, True, spans, lo)
 
-    def _ring_of(self, msg: m.Bucket, slot: ImportedSlot) -> RingReader | None:
+    def _streamed(self, msg: m.Bucket, slot: ImportedSlot) -> bool:
         if not msg.ring:
-            return None
-        ring = getattr(slot, "ring", None)
-        if ring is None or not self.streamed or not self.direct:
+            return False
+        if not slot.can_stream or not self.streamed or not self.direct:
             raise ProtocolError(
                 f"BUCKET {msg.seq}: field 'ring': expected none, since this rank did not offer to take "
-                f"{self.version!r} through a slot's ring (READY streamed), got ring=True"
+                f"{self.version!r} streamed (READY streamed), got ring=True"
             )
         if msg.checksum is not None:
-            raise ProtocolError(f"BUCKET {msg.seq}: fields 'ring' and 'checksum': a ring bucket cannot be checksummed")
-        return ring  # type: ignore[no-any-return]
+            raise ProtocolError(f"BUCKET {msg.seq}: fields 'ring' and 'checksum': a streamed bucket cannot be checksummed")
+        return True
 
     def _advance(self, msg: m.Bucket, offsets: np.ndarray, nbytes: np.ndarray, chunks: np.ndarray) -> int:
         """Check that the bucket continues the manifest in order; return its first manifest index."""
@@ -279,8 +277,8 @@ class VersionRun:
                         f"bucket {bucket.seq} of {self.version!r} failed its checksum (expected {bucket.checksum:#018x}, "
                         f"got {got:#018x}): the slot was overwritten or corrupted in transit; the version was not committed"
                     )
-            if bucket.ring is not None:
-                yield from self._apply_ring(bucket)
+            if bucket.streamed:
+                yield from self._apply_streamed(bucket)
                 self._on_ack(bucket.seq, bucket.slot)
                 continue
             if bucket.whole is not None:
@@ -416,11 +414,11 @@ class VersionRun:
                 offset = int(offsets[index - first])
                 yield from self._alias_deliveries(slot, index, raw[offset : offset + fulls[index]])
 
-    def _apply_ring(self, bucket: PreparedBucket) -> Iterator[tuple[str, Any]]:
-        """A bucket streamed through the slot's ring, in offset order: the chunk piece it may start
-        with, the whole tensors (each straight to its address), the chunk piece it may end with.
-        Only a chunked tensor completed in scratch is yielded (a private copy, not the ring)."""
-        read = bucket.ring.reading(self.ring_index, bucket.used, self.check, self.timeout)  # type: ignore[union-attr]
+    def _apply_streamed(self, bucket: PreparedBucket) -> Iterator[tuple[str, Any]]:
+        """A streamed bucket, in offset order: the chunk piece it may start with, the whole tensors
+        (each straight to its address), the chunk piece it may end with. Only a chunked tensor
+        completed in scratch is yielded (a private copy, not the slot's stream)."""
+        read = bucket.mapping.stream_reader(self.stream_index, bucket.used, self.check, self.timeout)
         slot, spans = bucket.mapping, bucket.spans or []
         pieces = list(zip(bucket.entries, spans))
 
@@ -440,13 +438,13 @@ class VersionRun:
             end = first + len(offsets)
             targets, addresses = self.manifest.targets(self._destination, self._targets_owner)  # type: ignore[arg-type]
             if addresses is None:
-                raise VersionAborted("a ring bucket came but this rank has no destination addresses (no C module)")
+                raise VersionAborted("a streamed bucket came but this rank has no destination addresses (no C module)")
             self.touched = True  # the model's own memory is written from here on
             k = read.scatter(offsets, self.manifest.sizes[first:end], addresses[first:end], 0, len(offsets), slot.streams)
             if k < len(offsets):
                 raise VersionAborted(
                     f"tensor {self.names[first + k]!r} has no place to be written, yet this rank took "
-                    f"{self.version!r} through the ring; the version was aborted"
+                    f"{self.version!r} streamed; the version was aborted"
                 )
             self.applied += end - first
         for k in range(bucket.head, len(pieces)):
@@ -454,10 +452,10 @@ class VersionRun:
         read.consume(bucket.used)
 
     def _write_piece(
-        self, slot: ImportedSlot, name: str, data: Any, chunk: int, ring: tuple[RingRead, int, int] | None = None
+        self, slot: ImportedSlot, name: str, data: Any, chunk: int, ring: tuple[StreamRead, int, int] | None = None
     ) -> Any | None:
-        """Write a chunk into its destination; return a view to yield once complete. From a ring,
-        ``ring`` is (the read, the piece's offset, its bytes) and ``data`` is None."""
+        """Write a chunk into its destination; return a view to yield once complete. From a
+        streamed bucket, ``ring`` is (the read, the piece's offset, its bytes) and ``data`` is None."""
         if not self._index:
             self._index = {n: i for i, n in enumerate(self.names)}
         index = self._index[name]

@@ -17,9 +17,7 @@ from ..gc_pause import gc_paused
 from ..protocol import messages as m
 from ..protocol.errors import PeerTimeout, TransportError, VersionAborted, WeightstreamError, from_wire
 from ..protocol.packed import pack_shapes
-from ..protocol.transports import get_transport
-from ..protocol.transports.shm import host_identity
-from ..protocol.transports.shm.ring import RingPlan, RingWriter, ring_plan
+from ..protocol.transports import PushLayout, StreamSpec, get_transport, refusal
 from ..security import CurveKeys
 from ..versions import read_version
 from .manifest import Aliased, Manifest, describe, from_specs, take_aliases
@@ -46,7 +44,7 @@ class _Layout:
     max_entries: int  # the planner's cap on tensors per bucket
     number: int  # names it in a BEGIN to ranks that took it already (this sender's count)
     aliases: list[tuple[str, int]] = field(default_factory=list)  # tied names sent once: (name, manifest index)
-    ring_plans: dict[int, RingPlan] = field(default_factory=dict)  # by ring bytes
+    writers: PushLayout | None = None  # what the transport's writers take of it (and derive once)
 
 
 @dataclass(frozen=True)
@@ -167,7 +165,7 @@ class BucketSender:
         self._last_full: Manifest | None = None  # the last push's manifest with its aliases, without tensors
         self._aliased: Aliased | None = None  # its aliases, found once per layout
         self._layouts = 0  # layouts planned so far: the last one's number
-        self._streamed_last: bool | None = None  # did every rank take the last push through the rings?
+        self._streamed_last: bool | None = None  # did every rank take the last push streamed?
         self._publisher.on_slot_free = self._ring.release
         self.committed_version: str | None = None
 
@@ -191,20 +189,12 @@ class BucketSender:
     # --- handshake -------------------------------------------------------------------
 
     def _welcome(self, hello: m.Hello) -> m.Welcome:
-        name = self._transport.name
-        if name not in hello.transports:
-            raise TransportError(
-                f"rank {hello.rank} offers transports {hello.transports}, this sender uses {name!r}; "
-                f"install the extra for {name!r} on the rank or pick a transport both sides have"
-            )
-        if name in ("shm", "cuda_ipc") and hello.host != host_identity():
-            raise TransportError(
-                f"rank {hello.rank} runs on host {hello.host!r}, the sender on {host_identity()!r}; "
-                f"{name} needs both on one node"
-            )
+        refused = refusal(self._transport, hello.rank, hello.transports, hello.host)
+        if refused is not None:
+            raise TransportError(refused)
         return m.Welcome(
             session=self.session,
-            transport=name,
+            transport=self._transport.name,
             bucket_bytes=self.bucket_bytes,
             alignment=self.alignment,
             slots=[slot.descriptor() for slot in self._slots],
@@ -300,7 +290,7 @@ class BucketSender:
             # tied weights (one tensor under several names) travel once, the other names as aliases
             manifest, self._aliased = take_aliases(full, self._aliased)
         aliases = self._aliased.aliases if specs is None and self._aliased is not None else []
-        layout, cap = self._last_layout, RING_MAX_ENTRIES if self._rings_expected() else MAX_ENTRIES
+        layout, cap = self._last_layout, RING_MAX_ENTRIES if self._streams_expected() else MAX_ENTRIES
         if (
             layout is None or layout.max_entries != cap or not manifest.same_layout(layout.manifest)
             or layout.aliases != aliases
@@ -313,6 +303,7 @@ class BucketSender:
             layout = self._last_layout = _Layout(
                 replace(manifest, tensors=None), plan, ndims, dims, bytes(manifest.dtypes), sum(manifest.nbytes),
                 m.may_need_split(manifest.names, len(dims)), cap, self._layouts, aliases,
+                PushLayout(plan, manifest.nbytes),
             )
         plan, total = layout.plan, layout.total
         # a rank whose process died since the last push still holds its place until a send to it
@@ -327,12 +318,16 @@ class BucketSender:
             reusing = [peer.identity for peer in pub.peers.values() if peer.layout == layout.number]
             for peer in pub.peers.values():
                 peer.layout = None  # until this BEGIN's READY
-            rnd = Round(version=version, ranks=ranks, layout=layout.number)
+            rnd = Round(
+                version=version, ranks=ranks, layout=layout.number,
+                max_consumers=self._transport.capabilities.max_consumers,
+            )
             pub.round = rnd
         idents = list(ranks.values())
         self._ring.reset()
         try:
             forced = True if force else None
+            fields = self._transport.begin_fields(self._slots, sorted(ranks))
             if len(reusing) < len(idents):
                 alias_names, alias_of = m.pack_aliases(layout.aliases)
                 begin = m.Begin(
@@ -347,13 +342,15 @@ class BucketSender:
                     layout=layout.number,
                     alias_names=alias_names,
                     alias_of=alias_of,
+                    transport=fields,
                 )
                 full = [ident for ident in idents if ident not in reusing]
                 # a manifest over one frame's limit travels as BEGIN + MANIFEST parts
                 for frame in m.split_begin(begin) if layout.may_split else [begin]:
                     pub.broadcast(full, frame)
             if reusing:
-                pub.broadcast(reusing, m.Begin.reusing(version, layout.number, total, len(plan), forced))
+                again = m.Begin.reusing(version, layout.number, total, len(plan), forced)
+                pub.broadcast(reusing, replace(again, transport=fields) if fields is not None else again)
             log.debug(
                 "BEGIN %s: layout %d named to ranks: %s; its manifest sent to ranks: %s", version, layout.number,
                 describe_ranks(r for r, ident in ranks.items() if ident in reusing),
@@ -371,7 +368,7 @@ class BucketSender:
 
             # Packing the first slots overlaps the receivers' manifest check; nothing is
             # published (and so nothing touches a model) before every rank said READY.
-            self._stream(manifest, plan, rnd, idents, timeout, wait_ready, source)
+            self._stream(manifest, layout, rnd, idents, timeout, wait_ready, source)
             # Two-phase: COMMIT only once every rank holds every byte (PREPARED); until then any
             # failure aborts the version on every rank and none commits it.
             pub.wait(
@@ -433,76 +430,61 @@ class BucketSender:
     def _stream(
         self,
         manifest: Manifest,
-        plan: list[Any],
+        layout: _Layout,
         rnd: Round,
         idents: list[bytes],
         timeout: float,
         before_first_publish: Any,
         source: Iterator[tuple[str, Any]] | None = None,
     ) -> None:
+        """Every bucket through its slot's writer. A plain bucket is written, then published; a
+        streamed one (every rank said at READY it copies each tensor out itself) is published
+        first and written while the ranks copy it out right behind."""
+        plan = layout.plan
         if not plan:
             if source is not None and next(source, None) is not None:
                 raise WeightstreamError("specs= is empty but tensors came; yield exactly the specs' tensors")
             before_first_publish()
-        streamed = False
-        if plan and self._rings_offered():
-            before_first_publish()  # READY says whether every rank can take buckets through the ring
-            streamed = self._streamed_last = all(rank in rnd.streamed for rank in rnd.ranks)
-        cache = PieceCache(manifest, source)
-        if streamed:
-            self._stream_rings(plan, cache, rnd, idents, timeout)
             return
+        stream = None
+        if self._streams_offered():
+            before_first_publish()  # READY says whether every rank takes this push streamed
+            self._streamed_last = all(rank in rnd.streamed for rank in rnd.ranks)
+            if self._streamed_last:
+                stream = StreamSpec(sorted(rnd.ranks), rnd.check, timeout)
+        cache = PieceCache(manifest, source)
         for bucket in plan:
             slot_index = self._ring.acquire(timeout, rnd.check)
             slot = self._slots[slot_index]
-            with gc_paused():
-                fill(bucket, slot, slot, cache, self._ring_plan)
-            slot.flush()
-            digest = slot.digest(bucket.used) if self.checksum else None
-            if bucket.seq == 0:
-                before_first_publish()
-            cache.check_end(bucket.seq == len(plan) - 1)
-            self._publish(bucket, slot_index, rnd, idents, digest, None)
-
-    def _rings_offered(self) -> bool:
-        return not self.checksum and all(getattr(slot, "ring", None) is not None for slot in self._slots)
-
-    def _rings_expected(self) -> bool:
-        """Will this push's buckets likely go through the rings? The plan is fixed before the ranks
-        say (BEGIN carries the bucket count), so the last push's answer stands in for theirs."""
-        return self._rings_offered() and self._streamed_last is not False
-
-    def _ring_plan(self, ring: RingWriter) -> RingPlan:
-        """How the layout's buckets go through a ring of this size, made once per layout."""
-        layout = self._last_layout
-        if layout is None:  # pragma: no cover - push sets it before streaming
-            raise WeightstreamError("internal: a ring bucket before the layout was planned")
-        found = layout.ring_plans.get(ring.ring_bytes)
-        if found is None:
-            found = layout.ring_plans[ring.ring_bytes] = ring_plan(layout.plan, layout.manifest.nbytes, ring.ring_bytes)
-        return found
-
-    def _stream_rings(self, plan: list[Any], cache: PieceCache, rnd: Round, idents: list[bytes], timeout: float) -> None:
-        """Each bucket is published first and then written through its slot's ring, while the ranks
-        copy it out right behind (see protocol.shm_ring)."""
-        ranks = sorted(rnd.ranks)
-        for bucket in plan:
-            slot_index = self._ring.acquire(timeout, rnd.check)
-            slot = self._slots[slot_index]
-            ring = slot.ring
-            ring.begin(ranks, rnd.check, timeout)
-            self._publish(bucket, slot_index, rnd, idents, None, True)
+            writer = slot.writer(bucket, layout.writers, stream)  # type: ignore[arg-type]
+            if writer.streamed:
+                self._publish(bucket, slot_index, rnd, idents, None, True, [])
             try:
                 with gc_paused():
-                    fill(bucket, slot, ring, cache, self._ring_plan)
-                ring.finish(bucket.used)
+                    fill(bucket, writer, cache)
+                frames = writer.finish(bucket.used)
                 cache.check_end(bucket.seq == len(plan) - 1)
             except BaseException:
-                ring.abort()  # ranks waiting for its bytes wake now, not at their timeout
+                writer.abort()
                 raise
+            if not writer.streamed:
+                digest = slot.digest(bucket.used) if self.checksum else None
+                if bucket.seq == 0:
+                    before_first_publish()
+                self._publish(bucket, slot_index, rnd, idents, digest, None, frames)
+
+    def _streams_offered(self) -> bool:
+        """Can this push's buckets be streamed? Never with checksums: a digest needs the whole bucket."""
+        return not self.checksum and all(slot.can_stream for slot in self._slots)
+
+    def _streams_expected(self) -> bool:
+        """Will this push's buckets likely be streamed? The plan is fixed before the ranks say
+        (BEGIN carries the bucket count), so the last push's answer stands in for theirs."""
+        return self._streams_offered() and self._streamed_last is not False
 
     def _publish(
-        self, bucket: Any, slot_index: int, rnd: Round, idents: list[bytes], digest: int | None, ring: bool | None
+        self, bucket: Any, slot_index: int, rnd: Round, idents: list[bytes], digest: int | None, ring: bool | None,
+        frames: list[Any],
     ) -> None:
         pub = self._publisher
         with pub.cond:
@@ -522,7 +504,9 @@ class BucketSender:
                 checksum=digest,
                 ring=ring,
                 count=len(bucket.tensors) if bucket.whole else None,
+                frames=len(frames) or None,
             ),
+            frames,
         )
 
 

@@ -1,4 +1,4 @@
-"""Packing one bucket: copying its tensors, or pieces of them, into a slot or through its ring.
+"""Packing one bucket: copying its tensors, or pieces of them, through the bucket's writer.
 
 Whole buckets of whole tensors are copied in bulk (the C gather); a bucket with a chunk piece,
 and every bucket of a lazy push, piece by piece, each tensor converted once and, in lazy mode,
@@ -7,41 +7,34 @@ pulled from the trainer's generator only when packing reaches it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from ..protocol.errors import WeightstreamError
-from ..protocol.transports.shm import write_one
-from ..protocol.transports.shm.ring import RingPlan
+from ..protocol.transports import BucketWriter
 from .manifest import Manifest, pull
 
 
-def fill(bucket: Any, slot: Any, target: Any, cache: PieceCache, ring_plan: Callable[[Any], RingPlan]) -> None:
-    """Copy a planned bucket's pieces through ``target``: the slot itself, or its ring, whose
-    runs ``ring_plan(ring)`` gives."""
+def fill(bucket: Any, writer: BucketWriter, cache: PieceCache) -> None:
+    """Copy a planned bucket's tensors, or pieces of them, through its ``writer``."""
     manifest = cache.manifest
     # The planner lays tensors out in order, so a bucket holds a contiguous run of them.
     first, last = bucket.tensors[0], bucket.tensors[-1] + 1
     if bucket.whole and cache.source is None and manifest.tensors is not None:  # no chunk: each tensor once, in bulk
         try:
-            if target is slot:
-                changed = slot.write_tensors(bucket.offsets, manifest.tensors[first:last], bucket.nbytes)
-                if changed is not None:
-                    raise changed_error(manifest, first + changed)
-            else:
-                changed = target.write_tensors(cache.items(), ring_plan(target), bucket.seq, write_one)
-                if changed is not None:
-                    raise changed_error(manifest, changed)
+            changed = writer.write_whole(bucket, cache.items())
+            if changed is not None:
+                raise changed_error(manifest, changed)
         except Exception as exc:  # a tensor the slot cannot take (on another device, sparse, ...): name it
-            raise _named(exc, manifest, slot, range(first, last)) from exc
+            raise _named(exc, manifest, writer, range(first, last)) from exc
         return
     for index, offset, nbytes, chunk in zip(bucket.tensors, bucket.offsets, bucket.nbytes, bucket.chunks):
         try:
-            data = cache.bytes_of(index, slot)
+            data = cache.bytes_of(index, writer)
         except Exception as exc:
-            raise _named(exc, manifest, slot, [index]) from exc
+            raise _named(exc, manifest, writer, [index]) from exc
         if nbytes:
-            target.write(offset, data, chunk, nbytes)
+            writer.write(offset, data, chunk, nbytes)
 
 
 def _named(exc: Exception, manifest: Manifest, slot: Any, indices: Any) -> Exception:

@@ -22,7 +22,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,6 @@ from ..protocol.errors import (
     WeightstreamError,
     from_wire,
 )
-from ..protocol.transports.shm.ring import MAX_CONSUMERS
 from ..security import (
     CurveKeys,
     apply_server_curve,
@@ -72,7 +71,8 @@ class Round:
     ranks: dict[int, bytes]  # rank -> routing identity
     layout: int | None = None  # the BEGIN's layout number
     ready: set[int] = field(default_factory=set)
-    streamed: set[int] = field(default_factory=set)  # ranks that take buckets through a slot's ring
+    streamed: set[int] = field(default_factory=set)  # ranks that take buckets streamed
+    max_consumers: int | None = None  # ranks a streamed bucket can feed (the transport's capability)
     rejected: dict[int, tuple[str, str, bool | None]] = field(default_factory=dict)  # error, reason, model_intact
     prepared: dict[int, m.Prepared] = field(default_factory=dict)
     commit_sent: bool = False
@@ -133,7 +133,7 @@ class Publisher:
         self.round: Round | None = None
         self.on_slot_free: Callable[[int], None] = lambda slot: None
         self._error_limiter = m.ErrorReplyLimiter()
-        self._outbox: queue.SimpleQueue[tuple[bytes, bytes] | threading.Event | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[tuple[Any, ...] | threading.Event | None] = queue.SimpleQueue()
         self._bad_logged = (0.0, 0)  # (when a bad message was last logged, how many since went unlogged)
 
         check_network_endpoint(endpoint, curve_keys is not None, insecure)
@@ -193,10 +193,12 @@ class Publisher:
         self._outbox.put((rank_identity, m.encode(msg)))
         self._wake()
 
-    def broadcast(self, identities: list[bytes], msg: m.Message) -> None:
+    def broadcast(self, identities: list[bytes], msg: m.Message, data: Sequence[Any] = ()) -> None:
+        """``msg`` to each rank; ``data``: frames sent after it in the same multipart message (a
+        data-frame transport's bucket bytes), shared, not copied, across ranks."""
         frame = m.encode(msg)
         for ident in identities:
-            self._outbox.put((ident, frame))
+            self._outbox.put((ident, frame, *data) if data else (ident, frame))
         self._wake()
 
     def wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -306,11 +308,10 @@ class Publisher:
             if isinstance(item, threading.Event):  # everything queued before it was sent
                 item.set()
                 continue
-            ident, frame = item
             try:
-                self._router.send_multipart([ident, frame], copy=False)
+                self._router.send_multipart(item, copy=False)
             except zmq.ZMQError as exc:
-                self._peer_gone(ident, f"send failed ({exc.strerror})")
+                self._peer_gone(item[0], f"send failed ({exc.strerror})")
 
     def _drain_router(self) -> None:
         want_key = self._rank_keys is not None
@@ -456,7 +457,7 @@ class Publisher:
         if isinstance(msg, m.Ready):
             rnd.ready.add(peer.rank)
             peer.layout = rnd.layout
-            if msg.streamed and peer.rank < MAX_CONSUMERS:
+            if msg.streamed and (rnd.max_consumers is None or peer.rank < rnd.max_consumers):
                 rnd.streamed.add(peer.rank)
         elif isinstance(msg, m.Reject):
             rnd.rejected[peer.rank] = (msg.error, msg.reason, msg.model_intact)

@@ -5,8 +5,10 @@ Every check is bit-exact: digests of raw bytes plus dtype and shape (NaN payload
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import queue as queue_mod
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,6 +35,18 @@ pytestmark = pytest.mark.timeout(120)
 CTX = mp.get_context("spawn")
 BUCKET = 4096
 EVENT_TIMEOUT = 90.0  # a spawned rank importing torch/paddle on a busy 2-core box
+
+
+_BucketSender = BucketSender
+
+
+@pytest.fixture(params=["shm", "frames"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The test runs over shm, then over the tests' own transport (frame_transport: bucket bytes
+    as data frames beside BUCKET, registered in one line): the same checks hold for any transport
+    behind the interface."""
+    monkeypatch.setattr(sys.modules[__name__], "BucketSender", functools.partial(_BucketSender, transport=request.param))
+    return str(request.param)
 
 
 class Ranks:
@@ -141,7 +155,7 @@ def dtype_version(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return out
 
 
-def test_every_dtype_edge_shape_exact_fill_and_chunking(endpoint: str) -> None:
+def test_every_dtype_edge_shape_exact_fill_and_chunking(endpoint: str, transport: str) -> None:
     rng = np.random.default_rng(7)
     versions = {
         "dtypes": dtype_version(rng),
@@ -191,7 +205,7 @@ def trainer_tensors(kind: str, seed: int) -> list[tuple[str, Any]]:
 
 @pytest.mark.parametrize("direct", [False, True], ids=["load_weights", "direct"])
 @pytest.mark.parametrize("kind", ["numpy", "torch", "paddle"])
-def test_two_receivers_three_versions_reusing_slots(endpoint: str, kind: str, direct: bool) -> None:
+def test_two_receivers_three_versions_reusing_slots(endpoint: str, transport: str, kind: str, direct: bool) -> None:
     """Every tensor through load_weights (a recording wrapper), or, given the sink itself, copied
     straight into the model's memory (direct mode: load_weights sees none of them)."""
     two_receivers_three_versions(endpoint, kind, direct, native=speedups.NATIVE)
@@ -257,7 +271,7 @@ def two_receivers_three_versions(endpoint: str, kind: str, direct: bool, native:
 
 # --- load_weights raising ---------------------------------------------------------------
 
-def test_load_weights_error_becomes_remote_error_and_daemon_keeps_serving(endpoint: str) -> None:
+def test_load_weights_error_becomes_remote_error_and_daemon_keeps_serving(endpoint: str, transport: str) -> None:
     state: dict[str, np.ndarray] = {}
     sink = NumpySink(state)
     calls: list[int] = []
@@ -390,7 +404,7 @@ def test_a_repeated_layout_is_named_and_a_new_rank_or_layout_gets_the_manifest(
     assert expected(states[0]) == expected(states[1]) == expected(version(5, True))
 
 
-def test_a_receiver_killed_mid_version_fails_the_push_with_peer_lost(endpoint: str) -> None:
+def test_a_receiver_killed_mid_version_fails_the_push_with_peer_lost(endpoint: str, transport: str) -> None:
     """The dead peer is noticed by heartbeat; push raises PeerLost instead of hanging."""
     weights = w.make_weights(w.NUMPY_SPECS, 1)
     with Ranks(endpoint) as ranks:
@@ -410,7 +424,7 @@ def test_a_receiver_killed_mid_version_fails_the_push_with_peer_lost(endpoint: s
 
 
 @pytest.mark.parametrize(("num_buffers", "prefetch"), [(1, 1), (3, 4)])
-def test_ring_and_prefetch_sizes(endpoint: str, num_buffers: int, prefetch: int) -> None:
+def test_ring_and_prefetch_sizes(endpoint: str, transport: str, num_buffers: int, prefetch: int) -> None:
     """One slot (every bucket waits for the previous ack) and more slots than buckets in flight."""
     state: dict[str, np.ndarray] = {}
     with BucketSender(endpoint, bucket_bytes=BUCKET, num_buffers=num_buffers, timeout=30) as sender:
@@ -423,7 +437,7 @@ def test_ring_and_prefetch_sizes(endpoint: str, num_buffers: int, prefetch: int)
                 assert expected(state) == expected(weights)
 
 
-def test_an_empty_version_commits(endpoint: str) -> None:
+def test_an_empty_version_commits(endpoint: str, transport: str) -> None:
     calls: list[list[str]] = []
 
     def load_weights(weights: Any) -> None:
@@ -468,7 +482,7 @@ def test_wait_for_version_times_out_with_peer_timeout(endpoint: str) -> None:
             daemon.wait_for_version("never", timeout=0.3)
 
 
-def test_a_slot_is_reused_only_after_every_rank_acked_it(endpoint: str) -> None:
+def test_a_slot_is_reused_only_after_every_rank_acked_it(endpoint: str, transport: str) -> None:
     """A fast and a slow rank: were a slot refilled after only the fast rank's ACK, the slow
     rank's model (copied after a per-tensor delay) would not be bit-exact."""
     versions = ["v1", "v2"]

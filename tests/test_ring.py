@@ -409,7 +409,7 @@ def test_a_ring_bucket_to_a_rank_that_did_not_offer_is_refused() -> None:
     bucket = m.Bucket.build(version="v", seq=0, slot=0, first=0, offsets=[0], nbytes=[16], chunks=[0], ring=True)
 
     class Slot:
-        domain, ring, size = "host", object(), 4096
+        domain, can_stream, size = "host", True, 4096
 
     with pytest.raises(ProtocolError, match="'ring'"):
         run.prepare(bucket, Slot())  # type: ignore[arg-type]

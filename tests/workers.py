@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any
 
+import frame_transport  # noqa: F401 - registers the tests' own transport in every rank process
 import numpy as np
 import xxhash
 

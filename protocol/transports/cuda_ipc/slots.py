@@ -58,8 +58,7 @@ import numpy as np
 from ....frameworks import view_as
 from ...dtypes import DType
 from ...errors import TransportError
-from .. import create_all, write_tensors
-from ..shm import host_digest
+from ..base import Capabilities, NoFields, SlotReader, SlotWriter, create_all, host_digest
 from .wire import (
     HANDLE_BYTES,
     SlotDescriptor,
@@ -283,7 +282,7 @@ def _source(tensor: Any) -> DeviceBytes:
     )
 
 
-class CudaExportedSlot:
+class CudaExportedSlot(SlotWriter):
     """One cudaMalloc'd bucket slot, shared by its 64-byte IPC handle."""
 
     def __init__(self, size: int) -> None:
@@ -320,9 +319,6 @@ class CudaExportedSlot:
                 event = int(_check(cudart.cudaEventCreateWithFlags(cudart.cudaEventDisableTiming), "cudaEventCreateWithFlags"))
             self._events[device] = event
         return event
-
-    def write_tensors(self, offsets: list[int], tensors: list[Any], nbytes: list[int]) -> int | None:
-        return write_tensors(self, offsets, tensors, nbytes)
 
     def write(self, offset: int, source: DeviceBytes, start: int, nbytes: int) -> None:
         if not self.ptr:
@@ -512,7 +508,7 @@ def _paddle_view(buf: DeviceBytes, dtype: DType, shape: tuple[int, ...], copy_st
     return t if t.dtype == target else t.view(target)
 
 
-class CudaImportedSlot:
+class CudaImportedSlot(SlotReader):
     domain = "cuda"
     streams = False  # device copies: no host cache to bypass
 
@@ -599,8 +595,9 @@ class CudaImportedSlot:
         _release(self._handle)
 
 
-class CudaIpcTransport:
+class CudaIpcTransport(NoFields):
     name = "cuda_ipc"
+    capabilities = Capabilities(same_host=True, device="cuda")
 
     def create_slots(self, count: int, size: int, session: str = "") -> list[CudaExportedSlot]:
         note = expandable_segments_note()

@@ -17,20 +17,28 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
-import socket
 import stat
 from collections.abc import Callable
 from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
-import xxhash
 
 from .... import native as speedups
 from ....frameworks import host_bytes, view_as
 from ...dtypes import DType
 from ...errors import TransportError
-from .. import create_all
+from ..base import (
+    Capabilities,
+    NoFields,
+    PushLayout,
+    SlotReader,
+    SlotWriter,
+    StreamSpec,
+    create_all,
+    host_digest,
+    host_identity,
+)
 from . import ring as shm_ring
 from .streaming import slot_streams
 
@@ -60,21 +68,6 @@ def _no_room(needed: int, what: str, detail: str = "") -> TransportError:
         f"free{detail}; fix: give the container more (docker run --shm-size=..., or a bigger tmpfs on {SHM_DIR}), "
         "or lower bucket_bytes / num_buffers"
     )
-
-
-def host_identity() -> str:
-    """Slots by name only make sense on the same host (and the same /dev/shm)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = ""
-    return f"{socket.gethostname()}/{boot}"
-
-
-def host_digest(data: np.ndarray) -> int:
-    """xxh3_64 of host bytes: fast enough to check every bucket (GB/s per core)."""
-    return int(xxhash.xxh3_64_intdigest(memoryview(data)))
 
 
 def _map_readwrite(fd: int, size: int) -> mmap.mmap:
@@ -120,7 +113,7 @@ def segment_name(session: str) -> str:
     return f"{PREFIX}{os.getpid()}_{session or 'nosession'}_{secrets.token_hex(4)}"
 
 
-class ShmExportedSlot:
+class ShmExportedSlot(SlotWriter):
     def __init__(self, size: int, session: str = "") -> None:
         name = segment_name(session)
         ring_bytes = shm_ring.ring_bytes_for(size)
@@ -154,6 +147,13 @@ class ShmExportedSlot:
                 self.close()
                 raise TransportError(f"could not map the ring of shm slot {name} ({exc}); set {shm_ring.ENV}=0") from exc
             self.ring = shm_ring.RingWriter(control, np.frombuffer(self._ring_map, np.uint8), ring_bytes)
+        self.can_stream = self.ring is not None
+
+    def writer(self, bucket: Any, layout: PushLayout, stream: StreamSpec | None) -> Any:
+        """A streamed bucket goes through the slot's ring; any other is written into the slot."""
+        if stream is None or self.ring is None:
+            return self
+        return RingBucketWriter(self.ring, bucket.seq, layout, stream)
 
     def descriptor(self) -> dict[str, Any]:
         found = {"name": self.name, "size": self.size, "host": host_identity()}
@@ -187,9 +187,6 @@ class ShmExportedSlot:
             i = speedups.gather(view, offsets, nbytes, tensors, i + 1, self.streams)
         return None
 
-    def flush(self) -> None:
-        """Host stores are visible to other processes once the ZMQ send happens after them."""
-
     def digest(self, nbytes: int) -> int:
         return host_digest(self.host_view()[:nbytes])
 
@@ -210,7 +207,7 @@ class ShmExportedSlot:
             pass
 
 
-class ShmImportedSlot:
+class ShmImportedSlot(SlotReader):
     domain = "host"
 
     def __init__(self, descriptor: dict[str, Any], owner: tuple[int, str] | None = None, insecure: bool = False) -> None:
@@ -275,6 +272,13 @@ class ShmImportedSlot:
         if ring_bytes:
             control = shm_ring.Control(self._mmap, shm_ring.control_offset(size))
             self.ring = shm_ring.RingReader(control, np.frombuffer(self._ring_map, np.uint8), ring_bytes)
+        self.can_stream = self.ring is not None
+
+    def stream_reader(self, index: int, used: int, check: Callable[[], None], timeout: float) -> shm_ring.RingRead:
+        ring = self.ring
+        if ring is None:
+            raise TransportError(f"shm slot {self.name} has no ring (closed, or this rank cannot map rings)")
+        return ring.reading(index, used, check, timeout)
 
     def host_view(self) -> np.ndarray:
         if self._view is None:
@@ -311,8 +315,41 @@ class ShmImportedSlot:
         self._mmap = None
 
 
-class ShmTransport:
+class RingBucketWriter:
+    """One bucket streamed through a slot's ring (see :mod:`.ring`): published before it is
+    written, each rank copying it out right behind. How the layout's whole-tensor buckets run
+    through a ring of this size is planned once per layout and kept with it."""
+
+    streamed = True
+
+    def __init__(self, ring: shm_ring.RingWriter, seq: int, layout: PushLayout, stream: StreamSpec) -> None:
+        self.ring, self.seq, self.layout = ring, seq, layout
+        ring.begin(stream.consumers, stream.check, stream.timeout)
+
+    def source_bytes(self, tensor: Any) -> np.ndarray:
+        return host_bytes(tensor)
+
+    def write(self, offset: int, source: np.ndarray, start: int, nbytes: int) -> None:
+        self.ring.write(offset, source, start, nbytes)
+
+    def write_whole(self, bucket: Any, items: Any) -> int | None:
+        key = ("shm ring plan", self.ring.ring_bytes)
+        plan = self.layout.derived.get(key)
+        if plan is None:
+            plan = self.layout.derived[key] = shm_ring.ring_plan(self.layout.plan, self.layout.tensor_bytes, self.ring.ring_bytes)
+        return self.ring.write_tensors(items, plan, self.seq, write_one)
+
+    def finish(self, used: int) -> list[Any]:
+        self.ring.finish(used)
+        return []
+
+    def abort(self) -> None:
+        self.ring.abort()  # ranks waiting for its bytes wake now, not at their timeout
+
+
+class ShmTransport(NoFields):
     name = "shm"
+    capabilities = Capabilities(same_host=True, device="host", streamed=True, max_consumers=shm_ring.MAX_CONSUMERS)
 
     def create_slots(self, count: int, size: int, session: str = "") -> list[ShmExportedSlot]:
         needed = count * shm_ring.segment_bytes(size, shm_ring.ring_bytes_for(size))

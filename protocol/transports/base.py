@@ -1,0 +1,264 @@
+"""The Transport interface: how bucket slots are created, described, written and read.
+
+A transport is one module (or small package) holding both sides: the sender's *exported* slots
+(it owns and frees the memory) and a rank's *imported* view of them. Only a small map of scalars
+(the slot descriptor) crosses the wire in WELCOME. Sender and receiver code never name a
+transport: what differs between transports is stated by :class:`Capabilities` and done behind
+the per-bucket :class:`BucketWriter` (sender) and the slot's reads (rank).
+
+One bucket on the sender::
+
+    writer = slot.writer(bucket, layout, stream)   # stream: the ranks reading it as it is written, or None
+    if writer.streamed: publish BUCKET              # ranks copy it out right behind the writes
+    write / write_whole ...                          # the bucket's tensors (or pieces of them)
+    frames = writer.finish(used)                     # visible to ranks; bytes to send after BUCKET, if any
+    if not writer.streamed: publish BUCKET + frames
+
+and on a rank: ``slot.accept(frames)`` (data-frame transports), then ``raw``/``typed`` views or,
+for a streamed bucket, ``slot.stream_reader(...)``; ``slot.sync()`` before the ACK.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+import xxhash
+
+from ..dtypes import DType
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a transport can do, so that sender and receiver decide without naming it."""
+
+    # the slots are memory of the sender's host (or its GPUs): a rank on another host needs
+    # another transport
+    same_host: bool
+    # where bucket bytes live for the ranks: "host" (CPU memory, written straight into a model's
+    # host tensors) or "cuda"
+    device: str = "host"
+    # a bucket may be published before its bytes are written, the ranks copying it out right
+    # behind the writes (each slot says whether it can: ``can_stream``)
+    streamed: bool = False
+    # every rank of a push takes part in each bucket's transfer (a c10d broadcast), so a bucket
+    # moves only once all of them are ready for it
+    collective: bool = False
+    # how many ranks one streamed bucket can feed; None: no limit
+    max_consumers: int | None = None
+    # bucket bytes travel as data frames after the BUCKET message on the control connection,
+    # not through shared memory
+    data_frames: bool = False
+
+
+@dataclass
+class PushLayout:
+    """What a writer may need of a push's layout: the planned buckets and each tensor's bytes,
+    plus what a transport derives from them, kept as long as the layout (an RL loop pushes one
+    layout every step)."""
+
+    plan: list[Any]
+    tensor_bytes: list[int]
+    derived: dict[Any, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """The ranks (by index below ``max_consumers``) that read a streamed bucket as it is written;
+    ``check`` raises once the push failed; a wait with nothing moving ends at ``timeout``."""
+
+    consumers: list[int]
+    check: Callable[[], None]
+    timeout: float
+
+
+class BucketWriter(Protocol):
+    """Writes one bucket; made per bucket by :meth:`ExportedSlot.writer`."""
+
+    streamed: bool  # publish the BUCKET before writing (ranks read right behind the writes)
+
+    def source_bytes(self, tensor: Any) -> Any: ...  # flat uint8 view of a tensor, in the slot's memory domain
+    def write(self, offset: int, source: Any, start: int, nbytes: int) -> None: ...
+    # the bucket's whole tensors in bulk (``items``: every tensor of the push, by manifest index);
+    # the manifest index of one whose byte size is not as planned, else None
+    def write_whole(self, bucket: Any, items: Sequence[Any]) -> int | None: ...
+    # every byte is written: make them visible to ranks; the data frames to send after BUCKET
+    def finish(self, used: int) -> list[Any]: ...
+    def abort(self) -> None: ...  # the push failed mid-bucket: wake ranks waiting for its bytes
+
+
+class ExportedSlot(Protocol):
+    """A slot on the sender side: owns the memory."""
+
+    size: int
+    can_stream: bool  # this slot can take streamed buckets
+
+    def descriptor(self) -> dict[str, Any]: ...
+    def source_bytes(self, tensor: Any) -> Any: ...
+    def writer(self, bucket: Any, layout: PushLayout, stream: StreamSpec | None) -> BucketWriter: ...
+    def digest(self, nbytes: int) -> int: ...  # xxh3_64 (or a device digest) of bytes [0, nbytes)
+    def close(self) -> None: ...
+
+
+class StreamRead(Protocol):
+    """One rank's pass over one streamed bucket: wait for bytes, copy them out, say so."""
+
+    def copy_out(self, dst: Any, at: int, offset: int, nbytes: int, stream: bool) -> None: ...
+    # spans [start, stop) to their addresses; the index of the first without one (stop: all had one)
+    def scatter(self, offsets: Any, sizes: Any, addresses: Any, start: int, stop: int, stream: bool) -> int: ...
+    def consume(self, end: int) -> None: ...
+
+
+class ImportedSlot(Protocol):
+    """A slot mapped on the receiver side: never frees the sender's memory."""
+
+    size: int
+    domain: str  # "host" for CPU memory; chunks then go straight into a sink's destination
+    streams: bool  # host copies out of it bypass the cache (see shm.streaming)
+    can_stream: bool  # it can take streamed buckets (stream_reader)
+
+    def accept(self, frames: list[Any]) -> None: ...  # a data-frame transport's bucket bytes, from offset 0
+    def raw(self, offset: int, nbytes: int) -> Any: ...  # flat uint8 view into the slot
+    def typed(self, framework: str, buffer: Any, dtype: DType, shape: tuple[int, ...]) -> Any: ...
+    def scratch(self, nbytes: int) -> Any: ...  # a private flat uint8 buffer in the same domain
+    def copy(self, dst: Any, at: int, src: Any) -> None: ...  # dst[at:at+len(src)] = src
+    def stream_reader(self, index: int, used: int, check: Callable[[], None], timeout: float) -> StreamRead: ...
+    def sync(self) -> None: ...  # consumer copies out of the slot are complete (before ACK)
+    def digest(self, nbytes: int) -> int: ...  # same function as the exporter's digest
+    def close(self) -> None: ...
+
+
+class Transport(Protocol):
+    name: str
+    capabilities: Capabilities
+
+    # ``session``: the sender's session id; a transport that names its memory puts it in the name
+    def create_slots(self, count: int, size: int, session: str = "") -> list[ExportedSlot]: ...
+    # ``owner``: (pid, session) of the sender the rank is connected to; ``insecure`` skips the
+    # checks that the memory belongs to this rank's user
+    def open_slot(
+        self, descriptor: dict[str, Any], owner: tuple[int, str] | None = None, insecure: bool = False
+    ) -> ImportedSlot: ...
+    # per-push fields for BEGIN (a collective's store address, world size, group id), or None
+    def begin_fields(self, slots: list[ExportedSlot], ranks: list[int]) -> dict[str, Any] | None: ...
+    # a rank's side of those fields at BEGIN (joins the push's group); refuses fields it does not expect
+    def join(self, slots: list[ImportedSlot], fields: dict[str, Any] | None, rank: int) -> None: ...
+
+
+# --- shared by transports -------------------------------------------------------------------
+
+
+def host_identity() -> str:
+    """Memory shared by name only makes sense on one host (one boot of it)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def host_digest(data: np.ndarray) -> int:
+    """xxh3_64 of host bytes: fast enough to check every bucket (GB/s per core)."""
+    return int(xxhash.xxh3_64_intdigest(memoryview(data)))
+
+
+def refusal(transport: Transport, rank: int, offered: list[str], host: str) -> str | None:
+    """Why ``transport`` cannot serve a rank that offers ``offered`` from ``host``; None if it can
+    (an ``auto`` choice picks, per rank, the first transport without one)."""
+    name = transport.name
+    if name not in offered:
+        return (
+            f"rank {rank} offers transports {offered}, this sender uses {name!r}; install the extra for {name!r} on "
+            "the rank or pick a transport both sides have"
+        )
+    if transport.capabilities.same_host and host != host_identity():
+        return f"rank {rank} runs on host {host!r}, the sender on {host_identity()!r}; {name} needs both on one node"
+    return None
+
+
+SlotT = TypeVar("SlotT")
+
+
+def create_all(make: Callable[[int], SlotT], count: int, size: int) -> list[SlotT]:
+    """Create ``count`` slots, or none: a failure frees the ones already made."""
+    slots: list[SlotT] = []
+    try:
+        for _ in range(count):
+            slots.append(make(size))
+    except BaseException:
+        for slot in slots:
+            slot.close()  # type: ignore[attr-defined]
+        raise
+    return slots
+
+
+class SlotWriter:
+    """A slot that is its own writer for plain (not streamed) buckets: a mixin giving
+    ``writer``, ``write_whole``, ``finish`` and ``abort`` from ``write_tensors`` and ``flush``."""
+
+    streamed = False
+    can_stream = False
+
+    def write_tensors(self, offsets: list[int], tensors: Sequence[Any], nbytes: list[int]) -> int | None:
+        """Whole tensors at ``offsets``: the index of one whose byte size is not ``nbytes[i]``, else None."""
+        for i, (offset, tensor, n) in enumerate(zip(offsets, tensors, nbytes)):
+            source = self.source_bytes(tensor)  # type: ignore[attr-defined]
+            if source.nbytes != n:
+                return i
+            if n:
+                self.write(offset, source, 0, n)  # type: ignore[attr-defined]
+        return None
+
+    def writer(self, bucket: Any, layout: PushLayout, stream: StreamSpec | None) -> BucketWriter:
+        return self  # type: ignore[return-value]
+
+    def write_whole(self, bucket: Any, items: Sequence[Any]) -> int | None:
+        first = bucket.tensors[0]
+        changed = self.write_tensors(bucket.offsets, items[first : first + len(bucket.tensors)], bucket.nbytes)
+        return None if changed is None else first + changed
+
+    def flush(self) -> None:
+        """Make every write visible to ranks before the bucket is published."""
+
+    def finish(self, used: int) -> list[Any]:
+        self.flush()
+        return []
+
+    def abort(self) -> None:
+        """Nothing waits on a plain bucket's bytes."""
+
+
+class SlotReader:
+    """Defaults of an imported slot for what its transport does not do."""
+
+    can_stream = False
+
+    def accept(self, frames: list[Any]) -> None:
+        from ..errors import ProtocolError
+
+        raise ProtocolError(f"BUCKET: expected no data frames for slots of this transport, got {len(frames)}")
+
+    def stream_reader(self, index: int, used: int, check: Callable[[], None], timeout: float) -> StreamRead:
+        from ..errors import ProtocolError
+
+        raise ProtocolError("BUCKET: field 'ring': this transport's slots take no streamed buckets")
+
+
+class NoFields:
+    """Defaults of a transport that needs nothing per push."""
+
+    def begin_fields(self, slots: list[Any], ranks: list[int]) -> dict[str, Any] | None:
+        return None
+
+    def join(self, slots: list[Any], fields: dict[str, Any] | None, rank: int) -> None:
+        if fields is not None:
+            from ..errors import ProtocolError
+
+            raise ProtocolError(
+                f"BEGIN: field 'transport': expected none for transport {getattr(self, 'name', '?')!r}, got keys "
+                f"{sorted(fields)[:8]}"
+            )
