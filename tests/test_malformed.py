@@ -3,6 +3,7 @@ daemon keeps serving. The fake sender is a bare zmq ROUTER bound at the endpoint
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator
@@ -212,6 +213,21 @@ def test_bad_buckets_and_begins_in_session_then_a_real_version_commits(
     assert (done.version, done.tensors, done.bytes) == ("v1", 2, 4024)
     daemon.wait_for_version("v1", timeout=5)
     assert daemon_state["a.weight"].tobytes() == a.tobytes() and daemon_state["b"].tobytes() == b.tobytes()
+
+
+def test_data_frames_where_the_session_takes_none_are_refused(fake: FakeSender, daemon: ReceiverDaemon) -> None:
+    """Frames after a message are bucket bytes: only after a BUCKET that announces them, and only
+    on a session whose transport moves bytes that way (shm moves none)."""
+    fake.wait_for(m.Hello)
+    fake.send(fake.welcome())
+    fake.send(begin())
+    assert fake.wait_for(m.Ready).version == "v1"
+    announced = m.encode(dataclasses.replace(bucket(0, "b"), frames=1))
+    expect_protocol_error(fake, daemon, announced, b"\0" * 24, mentions="field 'frames'")
+    short = m.encode(dataclasses.replace(bucket(0, "b"), frames=2))
+    expect_protocol_error(fake, daemon, short, b"\0" * 24, mentions="expected 3 frame(s)")
+    expect_protocol_error(fake, daemon, m.encode(m.Ping(session="fake0001")), b"x", mentions="expected 1 frame(s)")
+    assert daemon.committed_version is None and daemon.status.model_intact
 
 
 def test_after_garbage_and_a_vanished_fake_sender_a_real_sender_is_served(
