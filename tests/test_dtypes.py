@@ -6,7 +6,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from weightstream.protocol.dtypes import BY_NUMPY, DTYPES, by_code, by_name, dtype_of, from_numpy
+from weightstream.frameworks import dtype_of
+from weightstream.protocol.dtypes import BY_NUMPY, DTYPES, by_code, by_name, from_numpy
 from weightstream.protocol.errors import ProtocolError, WeightstreamError
 
 pytestmark = pytest.mark.timeout(60)
