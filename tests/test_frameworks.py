@@ -216,8 +216,12 @@ def test_host_tensors_are_no_cuda_source(name: str) -> None:
     t = fw.view(aligned(np.zeros(8, np.uint8)), by_name("float32"), (2,))
     with pytest.raises(TransportError, match="transport='cuda_ipc'.*transport='shm'"):
         fw.cuda_source(t)
+    with pytest.raises(TransportError, match="transport='cuda_ipc'.*transport='shm'"):
+        frameworks.cuda_source(t)
     with pytest.raises(TransportError, match="expected a CUDA torch or paddle tensor"):
         fw.cuda_source(object())
+    with pytest.raises(TransportError, match="expected a CUDA torch or paddle tensor"):
+        frameworks.cuda_source(object())
 
 
 def test_numpy_has_no_device_view_and_its_device_functions_are_host_only() -> None:

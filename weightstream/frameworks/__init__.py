@@ -24,11 +24,11 @@ from ..protocol.errors import WeightstreamError
 from . import numpy as _numpy
 from . import paddle as _paddle
 from . import torch as _torch
-from ._api import CudaSource, DeviceMemory, Framework, FrameworkModule, not_a_tensor
+from ._api import CudaSource, DeviceMemory, Framework, FrameworkModule, not_a_tensor, not_cuda_tensor
 
 __all__ = [
     "FRAMEWORKS", "INT_OF_ITEMSIZE", "CudaSource", "DeviceMemory", "Framework", "FrameworkModule", "bytes_view",
-    "detached_copy", "dtype_of", "framework_of", "host_bytes", "is_model", "memory_key", "module", "module_of",
+    "cuda_source", "detached_copy", "dtype_of", "framework_of", "host_bytes", "is_model", "memory_key", "module", "module_of",
     "shape_of", "to_host", "unmaterialised", "view_as",
 ]
 
@@ -107,6 +107,14 @@ def detached_copy(tensor: Any) -> Any:
 def to_host(tensor: Any) -> Any:
     """A CPU tensor for :func:`host_bytes` (a GPU one costs one device-to-host copy)."""
     return module_of(tensor).to_host(tensor)
+
+
+def cuda_source(tensor: Any) -> CudaSource:
+    """A CUDA tensor's bytes for a device transport; TransportError for anything else (host tensors included)."""
+    for fw in _BY_LIKELIHOOD:
+        if fw.owns(tensor):
+            return fw.cuda_source(tensor)
+    raise not_cuda_tensor(tensor)
 
 
 def bytes_view(tensor: Any) -> np.ndarray | None:
