@@ -1,24 +1,21 @@
 """The stable dtype table: the integer codes that travel on the wire.
 
 Codes are part of the protocol: never renumber or reuse one, only append.
-bfloat16 and float8 live in NumPy through ``ml_dtypes``. torch and paddle are
-imported lazily so that this module (and the wire codec) never pulls them in.
+bfloat16 and float8 live in NumPy through ``ml_dtypes``. This module knows our codes,
+names, itemsizes and their NumPy dtypes only: what torch and paddle call them lives in
+``weightstream.frameworks`` (one module per framework), so the wire codec never pulls
+a framework in.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from .errors import ProtocolError, WeightstreamError
-
-if TYPE_CHECKING:
-    import paddle
-    import torch
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,27 +30,18 @@ class DType:
     def numpy(self) -> np.dtype:
         return _NUMPY[self.code]
 
-    def torch(self) -> torch.dtype:
-        import torch
+    # Kept for callers not yet moved to weightstream.frameworks (receiver/version_run.py,
+    # the cuda_ipc transport): each is that framework module's native_dtype(). Importing it
+    # here, lazily, keeps this module free of any framework knowledge.
+    def torch(self) -> Any:
+        from ..frameworks import torch as fw
 
-        found = getattr(torch, self.name, None)
-        if found is None:
-            raise WeightstreamError(
-                f"torch {torch.__version__} has no dtype {self.name!r} (weightstream code {self.code}); "
-                "fix: upgrade torch (float8 needs torch >= 2.1) or send this tensor in another dtype"
-            )
-        return found
+        return fw.native_dtype(self)
 
-    def paddle(self) -> paddle.dtype:
-        import paddle
+    def paddle(self) -> Any:
+        from ..frameworks import paddle as fw
 
-        found = getattr(paddle, self.name, None)
-        if found is None:
-            raise WeightstreamError(
-                f"paddle {paddle.__version__} has no dtype {self.name!r} (weightstream code {self.code}); "
-                "fix: upgrade paddlepaddle to >= 3.0 or send this tensor in another dtype"
-            )
-        return found
+        return fw.native_dtype(self)
 
 
 DTYPES: tuple[DType, ...] = (
@@ -92,9 +80,11 @@ _BY_NAME: dict[str, DType] = {d.name: d for d in DTYPES}
 #: spelling of the native order), so ``BY_NUMPY.get(arr.dtype)`` is one dict lookup.
 BY_NUMPY: dict[np.dtype, DType] = {_NUMPY[d.code]: d for d in DTYPES}
 
-# torch.dtype / paddle.dtype -> DType, built on first use (needs the framework imported).
-_BY_TORCH: dict[Any, DType] | None = None
-_BY_PADDLE: dict[Any, DType] | None = None
+#: itemsize -> the same-width integer every reinterpretation of bytes goes through, in
+#: every framework (``weightstream.frameworks`` module doc says why). The one such table.
+INT_OF_ITEMSIZE: dict[int, np.dtype] = {
+    1: np.dtype(np.uint8), 2: np.dtype(np.int16), 4: np.dtype(np.int32), 8: np.dtype(np.int64)
+}
 
 
 def _names() -> str:
@@ -119,71 +109,17 @@ def by_name(name: str) -> DType:
     return found
 
 
-def _unsupported(what: Any) -> WeightstreamError:
+def unsupported(what: Any) -> WeightstreamError:
+    """The error for a dtype outside the table (any framework's), listing the supported ones."""
     return WeightstreamError(
         f"dtype {what} is not supported by weightstream; supported: {_names()}; "
         "fix: cast the tensor to a supported dtype before sending"
     )
 
 
-def _torch_table() -> dict[Any, DType]:
-    global _BY_TORCH
-    if _BY_TORCH is None:
-        import torch
-
-        _BY_TORCH = {getattr(torch, d.name): d for d in DTYPES if hasattr(torch, d.name)}
-    return _BY_TORCH
-
-
-def _paddle_table() -> dict[Any, DType]:
-    global _BY_PADDLE
-    if _BY_PADDLE is None:
-        import paddle
-
-        _BY_PADDLE = {getattr(paddle, d.name): d for d in DTYPES if hasattr(paddle, d.name)}
-    return _BY_PADDLE
-
-
-def codes_by_torch_dtype() -> dict[Any, int]:
-    """Wire dtype codes keyed by torch dtype (imports torch)."""
-    return {dt: d.code for dt, d in _torch_table().items()}
-
-
-def from_torch(dtype: Any) -> DType:
-    """DType of a ``torch.dtype``."""
-    found = _torch_table().get(dtype)
-    if found is None:
-        raise _unsupported(dtype)
-    return found
-
-
-def from_paddle(dtype: Any) -> DType:
-    """DType of a paddle dtype (``paddle.float32`` or a tensor's ``.dtype``)."""
-    found = _paddle_table().get(dtype)
-    if found is None:
-        raise _unsupported(dtype)
-    return found
-
-
 def from_numpy(dtype: Any) -> DType:
     """DType of a NumPy dtype (anything ``np.dtype()`` accepts)."""
     found = BY_NUMPY.get(np.dtype(dtype))
     if found is None:
-        raise _unsupported(np.dtype(dtype))
+        raise unsupported(np.dtype(dtype))
     return found
-
-
-def dtype_of(tensor: Any) -> DType:
-    """DType of a NumPy array/scalar, torch tensor or paddle tensor."""
-    if isinstance(tensor, (np.ndarray, np.generic)):
-        return from_numpy(tensor.dtype)
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(tensor, torch.Tensor):
-        return from_torch(tensor.dtype)
-    paddle = sys.modules.get("paddle")
-    if paddle is not None and isinstance(tensor, paddle.Tensor):
-        return from_paddle(tensor.dtype)
-    raise WeightstreamError(
-        f"tensor: expected a numpy array, torch tensor or paddle tensor, got {type(tensor).__qualname__}; "
-        "fix: convert it to one of those"
-    )

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from ..frameworks import view_as
+from ..frameworks import is_model, unmaterialised, view_as
 from ..protocol import messages as m
 from ..protocol.dtypes import from_numpy
 from ..protocol.errors import VersionAborted, WeightstreamError
@@ -76,10 +75,7 @@ def check_version_order(new: str, committed: str | None, *, force: bool = False)
 def _models_of(target: Any) -> list[Any]:
     """The torch modules / paddle layers behind a sink (routers and tees included)."""
     found: list[Any] = []
-    torch, paddle = sys.modules.get("torch"), sys.modules.get("paddle")
-    if torch is not None and isinstance(target, torch.nn.Module):
-        return [target]
-    if paddle is not None and isinstance(target, paddle.nn.Layer):
+    if is_model(target):
         return [target]
     for attr in ("module", "layer"):  # TorchModuleSink / PaddleLayerSink
         inner = getattr(target, attr, None)
@@ -99,11 +95,7 @@ def verify_materialised(model: Any) -> None:
     """
     missing: list[str] = []
     for mod in _models_of(model):
-        torch = sys.modules.get("torch")
-        if torch is not None and isinstance(mod, torch.nn.Module):
-            missing += [n for n, t in mod.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor) and t.is_meta]
-        else:
-            missing += [n for n, t in mod.state_dict().items() if not t._is_initialized()]
+        missing += unmaterialised(mod)
     if missing:
         shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
         raise WeightstreamError(

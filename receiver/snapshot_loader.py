@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..frameworks import host_bytes
-from ..protocol.dtypes import DType, dtype_of
+from ..frameworks import dtype_of, host_bytes
+from ..frameworks import paddle as paddle_fw
+from ..protocol.dtypes import DType
 from ..protocol.errors import WeightstreamError
 from ..versions import read_version
 from .snapshot_format import (
@@ -111,7 +112,7 @@ def _load_pdparams(path: Path) -> MappedPart:
     tensors: list[tuple[str, np.ndarray]] = []
     raw: list[np.ndarray] = []
     for name, value in state.items():
-        if not isinstance(value, (np.ndarray, paddle.Tensor)):
+        if not isinstance(value, np.ndarray) and not paddle_fw.owns(value):
             continue  # e.g. StructuredToParameterName@@ bookkeeping
         dtype: DType = dtype_of(value)
         flat = np.ascontiguousarray(host_bytes(value))

@@ -17,7 +17,6 @@ import logging
 import os
 import secrets
 import shutil
-import sys
 import threading
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from ..frameworks import Framework, host_bytes
-from ..protocol.dtypes import DType, dtype_of
+from ..frameworks import Framework, dtype_of, host_bytes, to_host
+from ..protocol.dtypes import DType
 from ..protocol.errors import VersionAborted, WeightstreamError
 from ..versions import write_version
 from .sinks.base import name_groups_of
@@ -113,7 +112,7 @@ class SnapshotWriter:
             return
         dtype = dtype_of(tensor)
         shape = tuple(int(d) for d in tensor.shape)
-        data = np.array(host_bytes(_to_host(tensor)), copy=True)  # own memory: the view dies next step
+        data = np.array(host_bytes(to_host(tensor)), copy=True)  # own memory: the view dies next step
         with self._lock:
             if self._aborted:
                 raise VersionAborted(
@@ -305,17 +304,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _to_host(tensor: Any) -> Any:
-    """A CPU tensor for host_bytes (GPU tensors: one device-to-host copy)."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(tensor, torch.Tensor) and tensor.device.type not in ("cpu", "meta"):
-        return tensor.detach().cpu()
-    paddle = sys.modules.get("paddle")
-    if paddle is not None and isinstance(tensor, paddle.Tensor) and tensor._is_initialized() and not tensor.place.is_cpu_place():
-        return tensor.cpu()
-    return tensor
 
 
 class Tee:

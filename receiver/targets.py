@@ -8,29 +8,19 @@ dict of NumPy arrays) that gets wrapped in the matching sink.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
-
-def detached_copy(tensor: Any) -> Any:
-    """A private copy of a slot view in its own framework (staged mode)."""
-    clone = getattr(tensor, "clone", None)
-    return clone() if clone is not None else tensor.copy()
-
-
-def is_framework_model(obj: Any) -> bool:
-    torch, paddle = sys.modules.get("torch"), sys.modules.get("paddle")
-    return (torch is not None and isinstance(obj, torch.nn.Module)) or (
-        paddle is not None and isinstance(obj, paddle.nn.Layer)
-    )
+# detached_copy: a private copy of a slot view in its own framework (staged mode); imported from here by the daemon
+from ..frameworks import detached_copy as detached_copy
+from ..frameworks import is_model
 
 
 def resolve_target(target: Any) -> tuple[Callable[[Any], Any], Any]:
     """Return (load_weights callable, sink or None) for what the user passed."""
     if hasattr(target, "param_specs") and hasattr(target, "load_weights"):
         return target.load_weights, target
-    if is_framework_model(target):  # modules are callable too: wrap them, never call forward()
+    if is_model(target):  # modules are callable too: wrap them, never call forward()
         from .sinks import as_sink
 
         sink = as_sink(target)

@@ -9,7 +9,6 @@ per-tensor floor, so it allocates nothing per tensor (a NumPy shape is already a
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from operator import attrgetter, itemgetter
@@ -18,10 +17,12 @@ from typing import Any
 import numpy as np
 
 from .. import native as speedups
-from ..frameworks import shape_of
+from ..frameworks import memory_key, module_of
+from ..frameworks import numpy as numpy_fw
+from ..frameworks import torch as torch_fw
 from ..gc_pause import gc_paused
 from ..protocol import messages as m
-from ..protocol.dtypes import BY_NUMPY, DTYPES, by_name, codes_by_torch_dtype, dtype_of
+from ..protocol.dtypes import DTYPES, by_name
 from ..protocol.errors import WeightstreamError
 
 
@@ -46,7 +47,7 @@ class Manifest:
         return self.dtypes == other.dtypes and self.shapes == other.shapes and self.names == other.names
 
 
-_CODE_OF_NUMPY = {dt: d.code for dt, d in BY_NUMPY.items()}
+_CODE_OF_NUMPY = numpy_fw.codes_by_dtype()
 _dtype, _shape, _nbytes = attrgetter("dtype"), attrgetter("shape"), attrgetter("nbytes")
 _first, _second = itemgetter(0), itemgetter(1)
 
@@ -79,9 +80,10 @@ def describe(named_tensors: Iterable[tuple[str, Any]], previous: Manifest | None
                 )
             name, tensor = item
             try:
-                dtype = dtype_of(tensor)
-                _check_sendable(tensor)
-                shape = tuple(shape_of(tensor))
+                fw = module_of(tensor)
+                dtype = fw.dtype_of(tensor)
+                fw.check_sendable(tensor)  # a tensor with no data of its own: say so before anything moves
+                shape = fw.shape_of(tensor)
             except WeightstreamError as exc:  # say which tensor
                 text = str(exc)
                 raise type(exc)(f"tensor {name!r:.200}: {text.removeprefix('tensor: ')}") from None
@@ -94,35 +96,13 @@ def describe(named_tensors: Iterable[tuple[str, Any]], previous: Manifest | None
     return Manifest(names, tensors, codes, _shared(shapes), sizes)
 
 
-def _check_sendable(tensor: Any) -> None:
-    """A tensor with no data of its own cannot be packed: say so before anything moves."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(tensor, torch.Tensor):
-        if tensor.is_meta:
-            raise WeightstreamError(
-                "expected a materialised tensor, got one on the meta device (it has no data); fix: materialise and "
-                "load it before pushing (e.g. module.to_empty(device='cpu') and load_state_dict)"
-            )
-        if tensor.layout != torch.strided:
-            raise WeightstreamError(
-                f"expected a dense (strided) tensor, got layout {tensor.layout}; fix: push tensor.to_dense()"
-            )
-        return
-    paddle = sys.modules.get("paddle")
-    if paddle is not None and isinstance(tensor, paddle.Tensor) and not tensor._is_initialized():
-        raise WeightstreamError(
-            "expected an initialised paddle tensor, got one without data (e.g. made under paddle.LazyGuard); "
-            "fix: initialise it before pushing"
-        )
-
-
 def _codes_by_dtype() -> dict[Any, int]:
     """Wire dtype codes keyed by NumPy dtype, and by torch dtype once torch is imported (built once)."""
     global _CODE_OF_ANY
     if _CODE_OF_ANY is None:
-        if "torch" not in sys.modules:
+        if not torch_fw.imported():
             return _CODE_OF_NUMPY
-        _CODE_OF_ANY = {**_CODE_OF_NUMPY, **codes_by_torch_dtype()}
+        _CODE_OF_ANY = {**_CODE_OF_NUMPY, **torch_fw.codes_by_dtype()}
     return _CODE_OF_ANY
 
 
@@ -204,28 +184,6 @@ def _wire_text(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def memory_key(tensor: Any) -> Any:
-    """Tensors with one key alias each other: the same memory, dtype, shape and strides (tied
-    weights, or ``state_dict()`` listing one Parameter under two names). None: never an alias
-    (empty, or a kind whose memory is not known)."""
-    if type(tensor) is np.ndarray:
-        if not tensor.size:
-            return None
-        return ("numpy", tensor.__array_interface__["data"][0], tensor.dtype.str, tensor.shape, tensor.strides)
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(tensor, torch.Tensor):
-        if not tensor.numel() or tensor.is_meta:
-            return None
-        return ("torch", str(tensor.device), tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
-    paddle = sys.modules.get("paddle")
-    if paddle is not None and isinstance(tensor, paddle.Tensor):
-        if not math.prod(tensor.shape) or not tensor._is_initialized():
-            return None
-        return ("paddle", str(tensor.place), tensor.data_ptr(), str(tensor.dtype), tuple(tensor.shape),
-                tuple(getattr(tensor, "strides", ())))
-    return None
 
 
 def find_aliases(tensors: Sequence[Any]) -> list[tuple[int, int]]:

@@ -180,13 +180,14 @@ class _Params:
     def build(device: str) -> Any:
         import torch
 
+        from weightstream.frameworks import torch as torch_fw
         from weightstream.protocol.dtypes import by_name
 
         mod = torch.nn.Module()
         holder = torch.nn.Module()
         for name, (dtype, shape) in _gpu_model_specs().items():
             holder.register_buffer(
-                name.split(".", 1)[1], torch.zeros(shape, dtype=by_name(dtype).torch(), device=device)
+                name.split(".", 1)[1], torch.zeros(shape, dtype=torch_fw.native_dtype(by_name(dtype)), device=device)
             )
         mod.add_module("t", holder)
         return mod
@@ -195,6 +196,7 @@ class _Params:
 def _random_tensor(dtype: str, shape: tuple[int, ...], gen: Any, device: str) -> Any:
     import torch
 
+    from weightstream.frameworks import torch as torch_fw
     from weightstream.protocol.dtypes import by_name
 
     target = by_name(dtype)
@@ -202,8 +204,7 @@ def _random_tensor(dtype: str, shape: tuple[int, ...], gen: Any, device: str) ->
     raw = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=gen).to(device)
     if dtype == "bool":
         raw = raw % 2
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[target.itemsize]
-    return raw.view(ints).view(target.torch()).reshape(shape)
+    return torch_fw.retype(raw, target, shape)  # raw: a fresh tensor, at its storage's offset 0
 
 
 def _digest(t: Any) -> str:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from weightstream import BucketSender, ReceiverDaemon
+from weightstream.frameworks import module
 from weightstream.protocol.dtypes import DTYPES
 
 pytestmark = pytest.mark.timeout(60)
@@ -46,8 +47,7 @@ def test_every_dtype_as_a_view_of_each_framework(endpoint: str, framework: str) 
         daemon.stop()
     assert set(seen) == set(model)
     for d in DTYPES:
-        want = {"numpy": d.numpy, "torch": d.torch, "paddle": d.paddle}[framework]
-        want = want if framework == "numpy" else want()
+        want = module(framework).native_dtype(d)
         for name in (f"t.{d.name}", f"s.{d.name}"):
             dtype, shape, raw = seen[name]
             assert raw == model[name].tobytes(), name

@@ -22,9 +22,8 @@ import numpy as np
 import pytest
 
 from weightstream import BucketSender, ReceiverDaemon
-from weightstream import frameworks as tensors
-from weightstream.frameworks import bytes_view, host_bytes, view_as
-from weightstream.protocol.dtypes import dtype_of
+from weightstream.frameworks import bytes_view, dtype_of, host_bytes, view_as
+from weightstream.frameworks import paddle as paddle_fw
 
 paddle = pytest.importorskip("paddle")
 
@@ -42,17 +41,17 @@ IMPLS = ["pointer", "dlpack"] if NUMPY2 else ["pointer"]
 
 def use_impl(impl: str) -> None:
     """Point weightstream's paddle byte views at one implementation (this process only)."""
-    tensors._paddle_bytes = tensors._paddle_bytes_pointer if impl == "pointer" else tensors._paddle_bytes_dlpack
+    paddle_fw._bytes = paddle_fw._bytes_pointer if impl == "pointer" else paddle_fw._bytes_dlpack
 
 
 @pytest.fixture
 def impl(request: pytest.FixtureRequest) -> Iterator[str]:
-    saved = tensors._paddle_bytes
+    saved = paddle_fw._bytes
     use_impl(request.param)
     try:
         yield request.param
     finally:
-        tensors._paddle_bytes = saved
+        paddle_fw._bytes = saved
 
 
 # --- the block ---------------------------------------------------------------------------
@@ -122,8 +121,8 @@ def scribble(block: Any, seed: int) -> None:
 # --- byte views ----------------------------------------------------------------------------
 
 def test_numpy1_selects_the_pointer_views() -> None:
-    want = tensors._paddle_bytes_dlpack if NUMPY2 else tensors._paddle_bytes_pointer
-    assert tensors._paddle_bytes is want
+    want = paddle_fw._bytes_dlpack if NUMPY2 else paddle_fw._bytes_pointer
+    assert paddle_fw._bytes is want
 
 
 @pytest.mark.parametrize("impl", IMPLS, indirect=True)
@@ -232,7 +231,7 @@ CASES = [("direct", None), ("load_weights", None)] + ([("direct", "pointer")] if
 def test_block_pushed_to_paddle_sink_bit_exact(endpoint: str, mode: str, forced: str | None) -> None:
     """Two versions of the block: its initial weights (the rank's forward pass then matches
     the trainer's bit for bit), then random bytes scribbled in place through byte views."""
-    saved = tensors._paddle_bytes
+    saved = paddle_fw._bytes
     if forced is not None:
         use_impl(forced)  # the sender's side too
     out: Any = CTX.Queue()
@@ -266,7 +265,7 @@ def test_block_pushed_to_paddle_sink_bit_exact(endpoint: str, mode: str, forced:
         proc.join(timeout=30)
         assert proc.exitcode == 0
     finally:
-        tensors._paddle_bytes = saved
+        paddle_fw._bytes = saved
         if proc.is_alive():
             proc.kill()
             proc.join(timeout=5)

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from weightstream.frameworks import host_bytes, view_as
-from weightstream.protocol.dtypes import by_name, dtype_of
+from weightstream.frameworks import dtype_of, host_bytes, view_as
+from weightstream.protocol.dtypes import by_name
 from weightstream.protocol.errors import ManifestMismatch, WeightstreamError
 from weightstream.receiver.sinks import NumpySink, PrefixRouter, as_sink
 

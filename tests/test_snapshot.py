@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from weightstream import BucketSender, ReceiverDaemon, WeightstreamError
-from weightstream.frameworks import host_bytes
-from weightstream.protocol.dtypes import DTYPES, dtype_of
+from weightstream.frameworks import dtype_of, host_bytes
+from weightstream.protocol.dtypes import DTYPES
 from weightstream.receiver.sinks import NumpySink, PaddleLayerSink, TorchModuleSink
 from weightstream.receiver.snapshot import (
     SnapshotWriter,

@@ -20,8 +20,8 @@ import xxhash
 
 from weightstream import ReceiverDaemon, WeightstreamError
 from weightstream import native as speedups
-from weightstream.frameworks import host_bytes, view_as
-from weightstream.protocol.dtypes import by_name, dtype_of
+from weightstream.frameworks import dtype_of, host_bytes, view_as
+from weightstream.protocol.dtypes import by_name
 
 Digest = tuple[str, tuple[int, ...], str]  # (dtype name, shape, xxh3_64 hex of the bytes)
 Specs = dict[str, tuple[str, tuple[int, ...]]]

@@ -90,28 +90,11 @@ def _as_framework(tensors: list[tuple[str, np.ndarray]], framework: str) -> list
     """Zero-copy torch tensors, or paddle tensors, over the same bytes."""
     if framework == "numpy":
         return tensors
-    from .protocol.dtypes import from_numpy
+    if framework not in ("torch", "paddle"):
+        raise ValueError(f"framework: expected numpy, torch or paddle, got {framework!r}")
+    from .frameworks import dtype_of, host_bytes, view_as
 
-    out: list[tuple[str, Any]] = []
-    if framework == "torch":
-        import torch
-
-        for name, a in tensors:
-            raw = torch.from_numpy(a.view(f"u{a.dtype.itemsize}") if a.dtype.itemsize > 1 else a.view(np.uint8))
-            out.append((name, raw.view(from_numpy(a.dtype).torch())))
-        return out
-    if framework == "paddle":
-        import paddle
-
-        for name, a in tensors:
-            dt = from_numpy(a.dtype)
-            if a.dtype.kind in "fiub" and a.dtype.name in ("float32", "int64", "float64", "int32", "uint8"):
-                out.append((name, paddle.to_tensor(a)))
-            else:  # bf16/fp8: carry the bits, reinterpret in paddle
-                raw = paddle.to_tensor(a.view(f"u{a.dtype.itemsize}") if a.dtype.itemsize > 1 else a.view(np.uint8))
-                out.append((name, raw.view(dt.paddle())))
-        return out
-    raise ValueError(f"framework: expected numpy, torch or paddle, got {framework!r}")
+    return [(name, view_as(framework, host_bytes(a), dtype_of(a), a.shape)) for name, a in tensors]  # type: ignore[arg-type]
 
 
 class _Printer:

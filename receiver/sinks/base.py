@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import sys
 from collections.abc import Callable, Iterable
 from operator import attrgetter
 from typing import Any, Protocol, runtime_checkable
@@ -11,6 +10,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from ...frameworks import Framework
+from ...frameworks import paddle as paddle_fw
+from ...frameworks import torch as torch_fw
 from ...protocol.errors import ManifestMismatch, WeightstreamError
 
 #: name -> (canonical dtype name from protocol.dtypes.DTYPES, shape)
@@ -105,13 +106,11 @@ def as_sink(obj: Any) -> Any:
     """
     if all(hasattr(obj, a) for a in ("load_weights", "param_specs", "framework")):
         return obj
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(obj, torch.nn.Module):
+    if torch_fw.is_model(obj):
         from .torch_sink import TorchModuleSink
 
         return TorchModuleSink(obj)
-    paddle = sys.modules.get("paddle")
-    if paddle is not None and isinstance(obj, paddle.nn.Layer):
+    if paddle_fw.is_model(obj):
         from .paddle_sink import PaddleLayerSink
 
         return PaddleLayerSink(obj)

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from ... import native as speedups
-from ...frameworks import Framework, bytes_view
+from ...frameworks import Framework
+from ...frameworks import numpy as numpy_fw
 from ...protocol.dtypes import from_numpy
 from ...protocol.errors import WeightstreamError
 from .base import ParamSpecs, check_tied, spec_mismatch, unknown_name
@@ -102,7 +103,7 @@ class NumpySink:
             return None
         hit = self._dest.get(name)
         if hit is None or hit[0] is not target:
-            hit = self._dest[name] = (target, bytes_view(target))
+            hit = self._dest[name] = (target, numpy_fw.bytes_view(target))
         return hit[1]
 
 

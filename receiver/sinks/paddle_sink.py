@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...frameworks import Framework, bytes_view
+from ...frameworks import Framework
+from ...frameworks import paddle as paddle_fw
 from ...gc_pause import gc_paused
-from ...protocol.dtypes import from_paddle
 from ...protocol.errors import WeightstreamError
 from .base import ParamSpecs, SpecsCache, spec_mismatch, unknown_name
 
@@ -48,7 +48,7 @@ class PaddleLayerSink:
             state = self.layer.state_dict()
             return self._specs.get(
                 list(state), list(state.values()), _data_ptr,
-                lambda: {name: (from_paddle(t.dtype).name, tuple(int(n) for n in t.shape)) for name, t in state.items()},
+                lambda: {name: (paddle_fw.dtype_of(t).name, paddle_fw.shape_of(t)) for name, t in state.items()},
             )
 
     def _target(self, name: str) -> Any:
@@ -76,13 +76,13 @@ class PaddleLayerSink:
 
         target = self._target(name)
         if target.dtype != tensor.dtype or list(target.shape) != list(tensor.shape):
-            want = (from_paddle(target.dtype).name, tuple(int(n) for n in target.shape))
-            raise spec_mismatch(name, want, (from_paddle(tensor.dtype).name, tuple(int(n) for n in tensor.shape)))
-        if not target._is_initialized():
+            want = (paddle_fw.dtype_of(target).name, paddle_fw.shape_of(target))
+            raise spec_mismatch(name, want, (paddle_fw.dtype_of(tensor).name, paddle_fw.shape_of(tensor)))
+        if not paddle_fw.is_materialised(target):
             # Put it where LazyGuard's initialize() would have (e.g. gpu:0 while views come
             # from host shm); set_value then allocates it on the source's place and copies.
             device = paddle.get_device()
-            src = tensor if str(tensor.place) == f"Place({device})" else tensor.to(device)
+            src = tensor if paddle_fw.device_of(tensor) == device else tensor.to(device)
             target.set_value(src)  # a copy: never aliases the bucket view
             return
         with paddle.no_grad():
@@ -97,10 +97,10 @@ class PaddleLayerSink:
             target = self._target(name)
         except WeightstreamError:
             return None
-        return bytes_view(target)
+        return paddle_fw.bytes_view(target)
 
 
 
 def _data_ptr(t: Any) -> int:
     """Where a tensor's memory is; 0 for one not allocated yet (LazyGuard)."""
-    return t.data_ptr() if t._is_initialized() else 0
+    return paddle_fw.data_ptr(t) if paddle_fw.is_materialised(t) else 0

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...frameworks import Framework, bytes_view
+from ...frameworks import Framework
+from ...frameworks import torch as torch_fw
 from ...gc_pause import gc_paused
-from ...protocol.dtypes import from_torch
 from ...protocol.errors import WeightstreamError
 from .base import ParamSpecs, SpecsCache, check_tied, spec_mismatch, unknown_name
 
@@ -77,7 +77,7 @@ class TorchModuleSink:
             self._by_name = tensors
             return self._specs.get(
                 list(tensors), list(tensors.values()), torch.Tensor.data_ptr,
-                lambda: {name: (from_torch(t.dtype).name, tuple(t.shape)) for name, t in tensors.items()},
+                lambda: {name: (torch_fw.dtype_of(t).name, tuple(t.shape)) for name, t in tensors.items()},
             )
 
     def _slot(self, name: str) -> _Slot | None:
@@ -113,8 +113,8 @@ class TorchModuleSink:
         else:
             slot = None
         if target.dtype != tensor.dtype or tuple(target.shape) != tuple(tensor.shape):
-            want = (from_torch(target.dtype).name, tuple(target.shape))
-            raise spec_mismatch(name, want, (from_torch(tensor.dtype).name, tuple(tensor.shape)))
+            want = (torch_fw.dtype_of(target).name, tuple(target.shape))
+            raise spec_mismatch(name, want, (torch_fw.dtype_of(tensor).name, tuple(tensor.shape)))
         if target.is_meta:
             if slot is None:
                 raise WeightstreamError(
@@ -202,11 +202,10 @@ class TorchModuleSink:
             target, _ = self._target(name)
         except WeightstreamError:
             return None
-        return None if target.is_meta else bytes_view(target)
+        return None if target.is_meta else torch_fw.bytes_view(target)
 
 
 def _memory_key(t: Any) -> Any:
     """Tensors with one key are one tensor: the same object, or the same memory, dtype, shape and strides."""
-    if t.is_meta or t.numel() == 0:
-        return id(t)
-    return (t.device.type, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+    key = torch_fw.memory_key(t)
+    return id(t) if key is None else key  # meta or empty: only the object itself

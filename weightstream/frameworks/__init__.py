@@ -1,141 +1,120 @@
-"""The one place that knows NumPy, torch and paddle tensors.
+"""The one place that knows NumPy, torch and paddle tensors: one module per framework.
 
-Sender side: :func:`host_bytes` turns a tensor into a flat uint8 NumPy array over its
-bytes. Receiver side: :func:`view_as` turns a slice of a bucket back into a typed
-tensor of the wanted framework without copying. torch and paddle are never imported
-here unless the caller already uses them (a tensor of theirs exists) or asks for them.
+:mod:`.numpy`, :mod:`.torch` and :mod:`.paddle` each offer the same functions with the same
+signatures and errors (``_api.FrameworkModule``): dtype tables, host bytes, zero-copy views,
+device views, materialisation checks, memory keys. This package picks the module of a
+tensor (:func:`module_of`) or of a name (:func:`module`), and keeps the tensor-level helpers
+callers import from here (:func:`host_bytes`, :func:`view_as`, :func:`bytes_view`, ...).
 
-Zero-copy paths, checked on torch 2.x and paddle 3.x CPU. Every reinterpretation goes
-through the unsigned/signed integer of the SAME itemsize (``_INT``): paddle's
-``view(dtype)`` between different itemsizes mis-scales the storage offset of sliced
-tensors and rejects empty ones, and NumPy's DLPack import has no bfloat16/float8.
-
-- torch -> bytes: ``t.detach().view(int_N).numpy()`` then a NumPy flat uint8 view.
-- paddle -> bytes: ``np.from_dlpack(t.detach().view(int_N))`` then a NumPy flat uint8 view
-  (``Tensor.numpy()`` would always copy, and returns uint16/int8 for bf16/fp8). NumPy 1.x
-  marks every array it imports by DLPack read-only, and a sink writes into these views: there
-  the flat uint8 array is built over ``t.data_ptr()`` through ``__array_interface__``
-  (:class:`_TensorMemory`), and keeps the tensor alive as its ``base``.
-- bytes -> torch: ``torch.from_numpy(buf.view(int_N).reshape(shape)).view(dtype)``.
-- bytes -> paddle: ``paddle.from_dlpack(buf.view(int_N).reshape(shape)).view(dtype)``; the
-  tensor holds a reference to ``buf`` through the DLPack capsule.
-
-All 12 dtypes are zero-copy in all three frameworks, 0-d and empty tensors included.
+torch and paddle are never imported here unless the caller already uses them (a tensor of
+theirs exists) or asks for them (a view of that framework). All 12 wire dtypes are zero-copy
+in all three frameworks, 0-d and empty tensors included.
 """
 
 from __future__ import annotations
 
 import math
-import sys
-from typing import Any, Literal
+from collections.abc import Hashable
+from typing import Any, cast
 
 import numpy as np
 
-from ..protocol.dtypes import BY_NUMPY, DType, dtype_of
-from ..protocol.errors import TransportError, WeightstreamError
+from ..protocol.dtypes import BY_NUMPY, INT_OF_ITEMSIZE, DType
+from ..protocol.errors import WeightstreamError
+from . import numpy as _numpy
+from . import paddle as _paddle
+from . import torch as _torch
+from ._api import CudaSource, DeviceMemory, Framework, FrameworkModule, not_a_tensor, not_cuda_tensor
 
-Framework = Literal["numpy", "paddle", "torch"]
+__all__ = [
+    "FRAMEWORKS", "INT_OF_ITEMSIZE", "CudaSource", "DeviceMemory", "Framework", "FrameworkModule", "bytes_view",
+    "cuda_source", "detached_copy", "dtype_of", "framework_of", "host_bytes", "is_model", "memory_key", "module", "module_of",
+    "shape_of", "to_host", "unmaterialised", "view_as",
+]
+
 FRAMEWORKS: tuple[Framework, ...] = ("numpy", "paddle", "torch")
 
-# itemsize -> the integer dtype every reinterpretation goes through (see module doc)
-_INT_NAME = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
-INT_OF_ITEMSIZE = {n: np.dtype(name) for n, name in _INT_NAME.items()}  # same-width ints to reinterpret through
+_MODULES: dict[str, FrameworkModule] = {
+    "numpy": cast(FrameworkModule, _numpy),
+    "paddle": cast(FrameworkModule, _paddle),
+    "torch": cast(FrameworkModule, _torch),
+}
+# the order tensors are tried in: NumPy first (the commonest, and no sys.modules lookup)
+_BY_LIKELIHOOD = (_MODULES["numpy"], _MODULES["torch"], _MODULES["paddle"])
+
+
+def module(framework: str) -> FrameworkModule:
+    """The module of a framework name; a WeightstreamError naming the choices for anything else."""
+    found = _MODULES.get(framework) if isinstance(framework, str) else None
+    if found is None:
+        raise WeightstreamError(
+            f"framework: expected one of {', '.join(FRAMEWORKS)}, got {framework!r}; "
+            "fix: pass framework='numpy'|'paddle'|'torch'"
+        )
+    return found
+
+
+def module_of(tensor: Any) -> FrameworkModule:
+    """The module of the framework a tensor belongs to, without importing torch or paddle."""
+    for fw in _BY_LIKELIHOOD:
+        if fw.owns(tensor):
+            return fw
+    raise not_a_tensor(tensor)
 
 
 def framework_of(tensor: Any) -> Framework:
     """Which framework a tensor belongs to, without importing torch or paddle."""
-    if isinstance(tensor, (np.ndarray, np.generic)):
-        return "numpy"
-    # A torch/paddle tensor can only exist if its framework is already imported.
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(tensor, torch.Tensor):
-        return "torch"
-    paddle = sys.modules.get("paddle")
-    if paddle is not None and isinstance(tensor, paddle.Tensor):
-        return "paddle"
-    raise WeightstreamError(
-        f"tensor: expected a numpy array, torch tensor or paddle tensor, got {type(tensor).__qualname__}; "
-        "fix: convert it to one of those (e.g. np.asarray)"
-    )
+    return module_of(tensor).NAME
+
+
+def is_model(obj: Any) -> bool:
+    """A torch ``nn.Module`` or a paddle ``nn.Layer`` (never imports either)."""
+    return _torch.is_model(obj) or _paddle.is_model(obj)
+
+
+def unmaterialised(model: Any) -> list[str]:
+    """State-dict names of a torch module / paddle layer that hold no data yet (meta, LazyGuard)."""
+    for fw in (_MODULES["torch"], _MODULES["paddle"]):
+        if fw.is_model(model):
+            return fw.unmaterialised(model)
+    return []
+
+
+def dtype_of(tensor: Any) -> DType:
+    """The wire dtype of a NumPy array/scalar, torch tensor or paddle tensor."""
+    return module_of(tensor).dtype_of(tensor)
 
 
 def shape_of(tensor: Any) -> tuple[int, ...]:
     return tuple(int(n) for n in tensor.shape)
 
 
-def _check_torch_device(tensor: Any) -> None:
-    kind = tensor.device.type
-    if kind == "cpu":
-        return
-    if kind == "meta":
-        raise WeightstreamError(
-            "tensor: expected a materialised tensor, got one on the meta device (no data); "
-            "fix: materialise it (e.g. module.to_empty(device=...) and load weights) before sending"
-        )
-    hint = 'use transport="cuda_ipc"' if kind == "cuda" else "use a GPU transport"
-    raise TransportError(
-        f"tensor: expected a CPU tensor for a host transport, got one on {tensor.device}; "
-        f"fix: {hint} or move it with .cpu()"
-    )
+def memory_key(tensor: Any) -> Hashable | None:
+    """Tensors with one key alias each other: the same memory, dtype, shape and strides (tied
+    weights, or ``state_dict()`` listing one Parameter under two names). None: never an alias
+    (empty, unmaterialised, or a kind whose memory is not known)."""
+    for fw in _BY_LIKELIHOOD:
+        if fw.owns(tensor):
+            return fw.memory_key(tensor)
+    return None
 
 
-def _check_paddle_place(tensor: Any) -> None:
-    if not tensor._is_initialized():
-        raise WeightstreamError(
-            "tensor: expected an initialised paddle tensor, got one without data (e.g. made under paddle.LazyGuard); "
-            "fix: initialise it before sending"
-        )
-    place = tensor.place
-    if place.is_gpu_place():
-        raise TransportError(
-            f"tensor: expected a CPU tensor for a host transport, got one on {place}; "
-            'fix: use transport="cuda_ipc" or move it with .cpu()'
-        )
+def detached_copy(tensor: Any) -> Any:
+    """A private copy of a tensor in its own framework (e.g. of a slot view, kept past its bucket)."""
+    return module_of(tensor).detached_copy(tensor)
 
 
-def _torch_bytes(t: Any) -> np.ndarray:
-    """Flat uint8 view of a contiguous CPU torch tensor (no copy)."""
-    torch = sys.modules["torch"]
-    itype = getattr(torch, _INT_NAME[t.element_size()])
-    t = t.detach()
-    if t.is_neg():  # a lazily negated view (torch._neg_view): its memory does not hold its values
-        t = t.resolve_neg()
-    return (t if t.dtype == itype else t.view(itype)).numpy().reshape(-1).view(np.uint8)
+def to_host(tensor: Any) -> Any:
+    """A CPU tensor for :func:`host_bytes` (a GPU one costs one device-to-host copy)."""
+    return module_of(tensor).to_host(tensor)
 
 
-def _paddle_bytes_dlpack(t: Any) -> np.ndarray:
-    """Flat uint8 view of a contiguous, initialised CPU paddle tensor (no copy); NumPy 2."""
-    paddle = sys.modules["paddle"]
-    itype = getattr(paddle, _INT_NAME[t.element_size()])
-    t = t.detach()  # paddle refuses __dlpack__ on tensors that require grad; shares the data
-    return np.from_dlpack(t if t.dtype == itype else t.view(itype)).reshape(-1).view(np.uint8)
-
-
-class _TensorMemory:
-    """A CPU tensor's bytes offered to NumPy by ``__array_interface__`` (writable).
-
-    ``np.asarray`` of it is a 1-D uint8 array over the tensor's memory whose ``base`` is this
-    object, which holds the tensor: the memory lives as long as the array or any view of it.
-    """
-
-    __slots__ = ("__array_interface__", "tensor")
-
-    def __init__(self, tensor: Any, ptr: int, nbytes: int) -> None:
-        self.tensor = tensor
-        self.__array_interface__ = {"version": 3, "shape": (nbytes,), "typestr": "|u1", "data": (ptr, False)}
-
-
-def _paddle_bytes_pointer(t: Any) -> np.ndarray:
-    """Flat uint8 view of a contiguous, initialised CPU paddle tensor (no copy), built over its
-    ``data_ptr()``: writable on every NumPy (NumPy 1.x's ``from_dlpack`` is read-only)."""
-    nbytes = math.prod(t.shape) * t.element_size()  # t.numel() would be a paddle Tensor
-    if not nbytes:
-        return np.empty(0, np.uint8)  # nothing to alias; an empty tensor may have no pointer
-    return np.asarray(_TensorMemory(t, t.data_ptr(), nbytes))
-
-
-# NumPy < 2 imports every DLPack array read-only (NumPy 2 only when the producer says so)
-_paddle_bytes = _paddle_bytes_dlpack if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else _paddle_bytes_pointer
+def cuda_source(tensor: Any) -> CudaSource:
+    """A CUDA tensor's bytes for a device transport; TransportError for anything else (host tensors included)."""
+    for fw in _BY_LIKELIHOOD:
+        if fw.owns(tensor):
+            return fw.cuda_source(tensor)
+    raise not_cuda_tensor(tensor)
 
 
 def bytes_view(tensor: Any) -> np.ndarray | None:
@@ -144,42 +123,19 @@ def bytes_view(tensor: Any) -> np.ndarray | None:
     None when the tensor is not C-contiguous, not on the CPU, not materialised or
     read-only: callers that must write in place then fall back to a framework copy.
     """
-    fw = framework_of(tensor)
-    if fw == "numpy":
-        if not isinstance(tensor, np.ndarray) or not tensor.flags.c_contiguous or not tensor.flags.writeable:
-            return None
-        return tensor.reshape(-1).view(np.uint8)
-    if tensor.element_size() not in _INT_NAME:  # e.g. complex128: not a wire dtype anyway
-        return None
-    if fw == "torch":
-        if tensor.device.type != "cpu" or tensor.layout != sys.modules["torch"].strided or not tensor.is_contiguous():
-            return None
-        return _torch_bytes(tensor)
-    if not tensor._is_initialized() or not tensor.place.is_cpu_place() or not tensor.is_contiguous():
-        return None
-    return _paddle_bytes(tensor)
+    return module_of(tensor).bytes_view(tensor)
 
 
 def host_bytes(tensor: Any) -> np.ndarray:
     """A 1-D uint8 NumPy array over the tensor's bytes in C order.
 
-    Zero-copy for C-contiguous CPU tensors of every framework and dtype (see module
-    doc); a non-contiguous tensor costs one contiguous copy. GPU tensors raise
-    TransportError. The result may be read-only (a read-only NumPy input stays so).
+    Zero-copy for C-contiguous CPU tensors of every framework and dtype; a non-contiguous
+    tensor costs one contiguous copy. GPU tensors raise TransportError. The result may be
+    read-only (a read-only NumPy input stays so).
     """
     if type(tensor) is np.ndarray and tensor.flags.c_contiguous and tensor.dtype in BY_NUMPY:
         return tensor.reshape(-1).view(np.uint8)  # the hot path: no checks beyond these
-    fw = framework_of(tensor)
-    dtype_of(tensor)  # reject unsupported dtypes here, with the list of supported ones
-    if fw == "numpy":
-        arr = np.ascontiguousarray(tensor)  # no copy when already C-contiguous
-        return arr.reshape(-1).view(np.uint8)
-    if fw == "torch":
-        _check_torch_device(tensor)
-        return _torch_bytes(tensor if tensor.is_contiguous() else tensor.contiguous())  # the one copy
-    _check_paddle_place(tensor)
-    t = tensor if tensor.place.is_cpu_place() else tensor.cpu()  # pinned/custom device: one copy
-    return _paddle_bytes(t if t.is_contiguous() else t.contiguous())  # else: the one copy
+    return module_of(tensor).host_bytes(tensor)
 
 
 def view_as(framework: Framework, buf: np.ndarray, dtype: DType, shape: tuple[int, ...]) -> Any:
@@ -188,7 +144,8 @@ def view_as(framework: Framework, buf: np.ndarray, dtype: DType, shape: tuple[in
     Zero-copy for every dtype in every framework, 0-d and empty shapes included: writes
     to ``buf`` are visible in the result, and the result keeps ``buf`` alive. One
     documented exception: for torch/paddle a read-only ``buf`` is copied first, since
-    both would hand out a writable tensor over read-only memory.
+    both would hand out a writable tensor over read-only memory. The checked form of
+    each module's ``view``.
     """
     expected = math.prod(shape) * dtype.itemsize
     if buf.dtype != np.uint8 or buf.ndim != 1 or buf.size != expected:
@@ -196,24 +153,7 @@ def view_as(framework: Framework, buf: np.ndarray, dtype: DType, shape: tuple[in
             f"view_as: expected a 1-D uint8 buffer of {expected} bytes for {dtype.name}{list(shape)}, "
             f"got {buf.dtype}{list(buf.shape)}; fix: slice the bucket with the entry's offset and nbytes"
         )
-    if framework == "numpy":
-        return buf.view(dtype.numpy).reshape(shape)
-    if framework not in FRAMEWORKS:
-        raise WeightstreamError(
-            f"framework: expected one of {', '.join(FRAMEWORKS)}, got {framework!r}; "
-            "fix: pass framework='numpy'|'paddle'|'torch'"
-        )
-    if not buf.flags.writeable:
+    fw = module(framework)
+    if fw is not _MODULES["numpy"] and not buf.flags.writeable:
         buf = buf.copy()
-    ints = buf.view(INT_OF_ITEMSIZE[dtype.itemsize]).reshape(shape)  # NumPy view: shape is free
-    if framework == "torch":
-        import torch
-
-        t = torch.from_numpy(ints)
-        target = dtype.torch()
-    else:
-        import paddle
-
-        t = paddle.from_dlpack(ints)
-        target = dtype.paddle()
-    return t if t.dtype == target else t.view(target)
+    return fw.view(buf, dtype, tuple(shape))

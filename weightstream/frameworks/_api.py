@@ -1,0 +1,108 @@
+"""What every framework module offers (numpy, torch, paddle): the same names, signatures and errors.
+
+A caller holding a tensor asks :func:`weightstream.frameworks.module_of` for its module, or
+:func:`weightstream.frameworks.module` for one by name, and calls these functions without
+naming a framework itself. Device functions take any object with ``ptr``, ``nbytes`` and
+``device`` (:class:`DeviceMemory`), so a transport hands over its own buffer type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any, Literal, NamedTuple, Protocol
+
+import numpy as np
+
+from ..protocol.dtypes import DType
+from ..protocol.errors import TransportError, WeightstreamError
+
+Framework = Literal["numpy", "paddle", "torch"]
+
+
+class DeviceMemory(Protocol):
+    """A flat byte range of GPU memory that stays valid while this object lives."""
+
+    ptr: int
+    nbytes: int
+    device: int
+
+
+class CudaSource(NamedTuple):
+    """A CUDA tensor's bytes for a device transport: where, how many, on which GPU, what keeps
+    them alive (``owner``) and the producer's current stream, to order the copy after it."""
+
+    ptr: int
+    nbytes: int
+    device: int
+    owner: Any
+    stream: int
+
+
+class FrameworkModule(Protocol):
+    """The interface of ``weightstream.frameworks.numpy`` / ``.torch`` / ``.paddle``."""
+
+    NAME: Framework
+
+    # --- what an object is (never imports the framework: its objects cannot exist otherwise)
+    def imported(self) -> bool: ...
+    def owns(self, obj: Any) -> bool: ...
+    def is_model(self, obj: Any) -> bool: ...
+
+    # --- dtypes: our DType <-> the framework's
+    def native_dtype(self, dtype: DType) -> Any: ...
+    def wire_dtype(self, native: Any) -> DType: ...
+    def dtype_of(self, tensor: Any) -> DType: ...
+    def codes_by_dtype(self) -> dict[Any, int]: ...
+
+    # --- a tensor's facts
+    def shape_of(self, tensor: Any) -> tuple[int, ...]: ...
+    def device_of(self, tensor: Any) -> str: ...
+    def is_materialised(self, tensor: Any) -> bool: ...
+    def check_sendable(self, tensor: Any) -> None: ...
+    def memory_key(self, tensor: Any) -> Hashable | None: ...
+    def unmaterialised(self, model: Any) -> list[str]: ...
+
+    # --- host bytes
+    def host_bytes(self, tensor: Any) -> np.ndarray: ...
+    def bytes_view(self, tensor: Any) -> np.ndarray | None: ...
+    def view(self, buf: np.ndarray, dtype: DType, shape: tuple[int, ...]) -> Any: ...
+    def retype(self, flat: Any, dtype: DType, shape: tuple[int, ...]) -> Any: ...
+    def detached_copy(self, tensor: Any) -> Any: ...
+    def to_host(self, tensor: Any) -> Any: ...
+
+    # --- device memory (cuda_ipc)
+    def device_view(self, buf: DeviceMemory, dtype: DType, shape: tuple[int, ...]) -> Any | None: ...
+    def empty_bytes(self, nbytes: int, device: int | None) -> Any: ...
+    def data_ptr(self, tensor: Any) -> int: ...
+    def cuda_source(self, tensor: Any) -> CudaSource: ...
+    def sync_device(self, device: int) -> None: ...
+
+
+# --- errors every module raises alike -------------------------------------------------------
+
+
+def not_a_tensor(obj: Any) -> WeightstreamError:
+    return WeightstreamError(
+        f"tensor: expected a numpy array, torch tensor or paddle tensor, got {type(obj).__qualname__}; "
+        "fix: convert it to one of those (e.g. np.asarray)"
+    )
+
+
+def not_on_host(where: Any, hint: str) -> TransportError:
+    return TransportError(
+        f"tensor: expected a CPU tensor for a host transport, got one on {where}; fix: {hint} or move it with .cpu()"
+    )
+
+
+def not_on_gpu(where: Any) -> TransportError:
+    return TransportError(
+        f"tensor: expected a CUDA tensor for transport='cuda_ipc', got one on {where}; "
+        "fix: move it with .cuda() or use transport='shm'"
+    )
+
+
+def not_cuda_tensor(obj: Any) -> TransportError:
+    return TransportError(
+        f"tensor: expected a CUDA torch or paddle tensor for transport='cuda_ipc', got {type(obj).__qualname__}; "
+        "fix: move it to the GPU, or use transport='shm' for host tensors"
+    )
