@@ -47,7 +47,6 @@ import functools
 import logging
 import math
 import os
-import sys
 import threading
 import weakref
 from collections.abc import Iterator
@@ -55,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from ....frameworks import view_as
+from ....frameworks import FRAMEWORKS, cuda_source, module, view_as
 from ...dtypes import DType
 from ...errors import TransportError
 from ..base import Capabilities, NoFields, SlotReader, SlotWriter, create_all, host_digest
@@ -83,7 +82,6 @@ __all__ = ["OPEN_COUNT", "TRANSPORT", "decode_descriptor", "device_identity", "e
 _OK = cudart.cudaError_t.cudaSuccess
 _D2D = cudart.cudaMemcpyKind.cudaMemcpyDefault  # UVA: also right when source and slot sit on different GPUs
 _D2H = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-_INT_TYPESTR = {1: "|u1", 2: "<i2", 4: "<i4", 8: "<i8"}  # every dtype travels as the same-size integer
 
 #: real cudaIpcOpenMemHandle calls in this process (tests: 0 new opens per version)
 OPEN_COUNT = 0
@@ -247,39 +245,8 @@ def _free(ptr: int, device: int) -> None:
 
 def _source(tensor: Any) -> DeviceBytes:
     """A flat byte range over a CUDA torch/paddle tensor (one copy if not contiguous)."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(tensor, torch.Tensor):
-        kind = tensor.device.type
-        if kind != "cuda":
-            raise TransportError(
-                f"tensor: expected a CUDA tensor for transport='cuda_ipc', got one on {tensor.device}; "
-                "fix: move it with .cuda() or use transport='shm'"
-            )
-        t = tensor.detach()
-        if not t.is_contiguous():
-            t = t.contiguous()  # runs on the current stream: the event in write() covers it
-        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-        stream = int(torch.cuda.current_stream(t.device).cuda_stream)
-        return DeviceBytes(int(t.data_ptr()), t.numel() * t.element_size(), index, t, stream)
-    paddle = sys.modules.get("paddle")
-    if paddle is not None and isinstance(tensor, paddle.Tensor):
-        place = tensor.place
-        if not place.is_gpu_place():
-            raise TransportError(
-                f"tensor: expected a GPU tensor for transport='cuda_ipc', got one on {place}; "
-                "fix: move it with .cuda() or use transport='shm'"
-            )
-        t = tensor.detach()
-        if not t.is_contiguous():
-            t = t.contiguous()
-        index = int(place.gpu_device_id())
-        s = paddle.device.current_stream(paddle.CUDAPlace(index))
-        stream = int(s.__cuda_stream__()[1]) if hasattr(s, "__cuda_stream__") else int(s.stream_base.cuda_stream)
-        return DeviceBytes(int(t.data_ptr()), t.numel() * t.element_size(), index, t, stream)
-    raise TransportError(
-        f"tensor: expected a CUDA torch or paddle tensor for transport='cuda_ipc', got {type(tensor).__qualname__}; "
-        "fix: move it to the GPU, or use transport='shm' for host tensors"
-    )
+    found = cuda_source(tensor)
+    return DeviceBytes(found.ptr, found.nbytes, found.device, found.owner, found.stream)
 
 
 class CudaExportedSlot(SlotWriter):
@@ -469,45 +436,6 @@ def device_digest(ptr: int, nbytes: int, device: int) -> int:
     return total
 
 
-def _torch_view(buf: DeviceBytes, dtype: DType, shape: tuple[int, ...]) -> Any:
-    import torch
-
-    target = dtype.torch()
-    device = torch.device("cuda", buf.device)
-    if buf.nbytes == 0:
-        return torch.empty(shape, dtype=target, device=device)
-    # device= is explicit: older torch would otherwise copy the interface object to the default device
-    t = torch.as_tensor(_CudaArray(buf, shape, _INT_TYPESTR[dtype.itemsize]), device=device)
-    return t if t.dtype == target else t.view(target)
-
-
-def _paddle_view(buf: DeviceBytes, dtype: DType, shape: tuple[int, ...], copy_stream: int) -> Any:
-    import paddle
-
-    target = dtype.paddle()
-    if buf.nbytes == 0:
-        return paddle.empty(list(shape), dtype=target).cuda(buf.device)
-    ints = getattr(paddle, {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}[dtype.itemsize])
-    try:
-        from cuda.core import Buffer
-    except ImportError:
-        Buffer = None
-    if Buffer is not None:
-        flat = paddle.utils.dlpack.from_dlpack(Buffer.from_handle(buf.ptr, buf.nbytes, owner=buf))
-        if flat.element_size() == 1 and flat.numel() == buf.nbytes:  # a 1-D byte tensor, as cuda.core exports
-            if flat.dtype != paddle.uint8:
-                flat = flat.view(paddle.uint8)
-            t = flat.view(ints).reshape(list(shape))  # offset 0: paddle's itemsize-changing view is safe here
-            return t if t.dtype == target else t.view(target)
-    # Fallback: one D2D copy into paddle's own memory, ordered on paddle's current stream.
-    out = paddle.empty([buf.nbytes], dtype=paddle.uint8).cuda(buf.device)
-    with _on_device(buf.device):
-        _check(cudart.cudaMemcpyAsync(int(out.data_ptr()), buf.ptr, buf.nbytes, _D2D, copy_stream), "cudaMemcpyAsync")
-        _check(cudart.cudaStreamSynchronize(copy_stream), "cudaStreamSynchronize")
-    t = out.view(ints).reshape(list(shape))
-    return t if t.dtype == target else t.view(target)
-
-
 class CudaImportedSlot(SlotReader):
     domain = "cuda"
     streams = False  # device copies: no host cache to bypass
@@ -545,14 +473,22 @@ class CudaImportedSlot(SlotReader):
             raise TransportError(
                 f"cuda_ipc view: expected {expected} bytes for {dtype.name}{list(shape)}, got {buffer.nbytes}"
             )
-        self._used.add(framework)
-        if framework == "torch":
-            return _torch_view(buffer, dtype, shape)
-        if framework == "paddle":
-            return _paddle_view(buffer, dtype, shape, self._own_stream())
-        if framework == "numpy":
+        if framework not in FRAMEWORKS:
+            raise TransportError(f"framework: expected numpy, paddle or torch, got {framework!r}")
+        if framework == "numpy":  # NumPy has no GPU arrays: a host copy
             return view_as("numpy", _to_host(buffer.ptr, buffer.nbytes, buffer.device), dtype, shape)
-        raise TransportError(f"framework: expected numpy, paddle or torch, got {framework!r}")
+        self._used.add(framework)
+        fw = module(framework)
+        found = fw.device_view(buffer, dtype, shape)
+        if found is not None:
+            return found
+        # no zero-copy import (paddle without cuda.core): one D2D copy into the framework's own memory
+        flat = fw.empty_bytes(buffer.nbytes, buffer.device)
+        stream = self._own_stream()
+        with _on_device(buffer.device):
+            _check(cudart.cudaMemcpyAsync(fw.data_ptr(flat), buffer.ptr, buffer.nbytes, _D2D, stream), "cudaMemcpyAsync")
+            _check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+        return fw.retype(flat, dtype, shape)
 
     def scratch(self, nbytes: int) -> DeviceBytes:
         return _owned_device_memory(nbytes, self.device)
@@ -569,14 +505,8 @@ class CudaImportedSlot(SlotReader):
 
     def sync(self) -> None:
         """Consumers' reads of this slot are done: sync the stream they used on the slot's GPU."""
-        if "torch" in self._used and "torch" in sys.modules:
-            import torch
-
-            torch.cuda.current_stream(self.device).synchronize()
-        if "paddle" in self._used and "paddle" in sys.modules:
-            import paddle
-
-            paddle.device.current_stream(paddle.CUDAPlace(self.device)).synchronize()
+        for framework in self._used:
+            module(framework).sync_device(self.device)
         if self._stream:
             _check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
 
