@@ -85,6 +85,17 @@ def test_every_package_directory_is_in_setups_package_list(dist: Any) -> None:
     assert len(dist.packages) == len(set(dist.packages)), f"a package listed twice: {dist.packages}"
 
 
+def test_the_mypy_links_point_at_their_package_roots() -> None:
+    """weightstream/protocol etc. let mypy see the installed names; packaging must skip them."""
+    for name, directory in LAYOUT.items():
+        if name == "weightstream":
+            continue
+        link = ROOT / "weightstream" / name.rpartition(".")[2]
+        assert link.is_symlink(), f"{link}: expected a symlink to ../{directory} (pyproject's [tool.mypy])"
+        target = link.resolve()
+        assert target == (ROOT / directory).resolve(), f"{link} points at {target}, expected {directory}/"
+
+
 def test_every_c_module_has_a_stub_and_an_extension(dist: Any) -> None:
     sources = {p.stem for p in NATIVE_DIR.glob("_*.c")}
     stubs = {p.stem for p in NATIVE_DIR.glob("_*.pyi")}
