@@ -1,15 +1,64 @@
-"""Only the optional C accelerator lives here; everything else is in pyproject.toml.
+"""The packages and the optional C modules; everything else is in pyproject.toml.
 
-``optional=True``: where no C compiler is available the install still succeeds and
-weightstream copies small tensors with its pure-Python loops (slower per tensor, same bytes).
+Packages are found, not listed: every directory with an ``__init__.py`` under a root of
+``PACKAGE_DIRS`` is a package, named by its path below that root, so a new subpackage (a new
+``protocol/transports/tcp/``) cannot be left out of the wheel.
+
+The C modules are ``optional``: where no C compiler is available the install still succeeds
+and weightstream runs its pure-Python loops (slower per tensor, same bytes) and plain slots.
 """
+
+from __future__ import annotations
+
+import os
 
 from setuptools import Extension, setup
 
-setup(
-    ext_modules=[
-        Extension("weightstream._speedups", ["weightstream/_speedups.c"], optional=True, extra_compile_args=["-O2"]),
-        # Linux only (futexes, MAP_FIXED): elsewhere slots are plain and it is not needed
-        Extension("weightstream._ring", ["weightstream/_ring.c"], optional=True, extra_compile_args=["-O2"]),
-    ]
-)
+# Import name -> directory. sender/, receiver/ and protocol/ sit beside weightstream/ in the
+# checkout and install as its subpackages (DESIGN.md's layout).
+PACKAGE_DIRS = {
+    "weightstream": "weightstream",
+    "weightstream.protocol": "protocol",
+    "weightstream.sender": "sender",
+    "weightstream.receiver": "receiver",
+}
+
+NATIVE = "weightstream/native"
+
+
+def find_packages(root: str = os.path.dirname(os.path.abspath(__file__))) -> list[str]:
+    """Every package under ``PACKAGE_DIRS``, sorted. Symlinked directories are not walked:
+    ``weightstream/protocol`` and its siblings are links that let mypy see the installed layout
+    (pyproject's ``[tool.mypy]``); their code is found, once, under its own root."""
+    found = []
+    for name, directory in PACKAGE_DIRS.items():
+        top = os.path.join(root, directory)
+        for path, dirs, files in os.walk(top):
+            dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(path, d)) and d != "__pycache__"]
+            if "__init__.py" in files:
+                below = os.path.relpath(path, top)
+                found.append(name if below == "." else ".".join([name, *below.split(os.sep)]))
+    return sorted(found)
+
+
+def native(name: str) -> Extension:
+    """``weightstream.native.<name>`` from ``weightstream/native/<name>.c``, skipped where it does not build."""
+    return Extension(
+        f"weightstream.native.{name}",
+        [f"{NATIVE}/{name}.c"],
+        depends=[f"{NATIVE}/_shared.h"],
+        optional=True,
+        extra_compile_args=["-O2"],
+    )
+
+
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import it for find_packages
+    setup(
+        packages=find_packages(),
+        package_dir=PACKAGE_DIRS,
+        ext_modules=[
+            native("_spans"),  # gather, scatter, copy, destinations: the per-tensor copy loops
+            native("_layout"),  # unchanged_arrays, same_items, dict_version: "same as last time?"
+            native("_ring"),  # the futex ring; Linux only (futexes, MAP_FIXED): elsewhere slots stay plain
+        ],
+    )

@@ -4,9 +4,11 @@ buffer is refused before any byte of its batch moves."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import ml_dtypes
@@ -37,7 +39,25 @@ def copy_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 def test_the_accelerator_is_built_where_ci_requires_it() -> None:
     if os.environ.get("WEIGHTSTREAM_REQUIRE_NATIVE") != "1":
         pytest.skip("only CI, which has a compiler, requires it")
-    assert speedups.BUILT, "weightstream._spans did not build; see the pip install log for the compiler error"
+    assert speedups.BUILT, "weightstream.native's C modules did not build; see the pip install log for the error"
+
+
+def test_every_c_module_is_built_where_ci_requires_it() -> None:
+    """Each stub beside the wrapper names one C module (setup.py builds each from its .c), and
+    each must import; the shm ring must find its own under the name it imports."""
+    if os.environ.get("WEIGHTSTREAM_REQUIRE_NATIVE") != "1":
+        pytest.skip("only CI, which has a compiler, requires it")
+    stubs = sorted(Path(speedups.__file__).parent.glob("_*.pyi"))
+    assert len(stubs) >= 3, f"expected the C modules' stubs beside {speedups.__file__}, found {stubs}"
+    for stub in stubs:
+        name = f"weightstream.native.{stub.stem}"
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            pytest.fail(f"{name} did not build ({exc}); see the pip install log for the compiler error")
+    from weightstream.protocol.transports.shm import ring as shm_ring
+
+    assert shm_ring.Control is not None, "shm/ring.py imports its C module under another name than the built one"
 
 
 class _Subclass(np.ndarray):
@@ -89,7 +109,7 @@ def c_exportable(item: Any, writable: bool) -> bool:
 def test_gather_copies_up_to_the_first_source_it_cannot_take(items: list[Any], gap: int, start: int, stream: bool) -> None:
     offsets, nbytes, size = layout(items, gap)
     dst = np.full(size, 0xAB, np.uint8)
-    stop = speedups._gather(dst, offsets, nbytes, items, start, (), stream)  # type: ignore[misc]
+    stop = speedups._spans.gather(dst, offsets, nbytes, items, start, (), stream)
     want_stop = next((i for i in range(start, len(items)) if not c_exportable(items[i], writable=False)), len(items))
     assert stop == max(want_stop, min(start, len(items)))
     want = np.full(size, 0xAB, np.uint8)
@@ -117,13 +137,13 @@ def test_back_to_back_tensors_are_copied_as_runs_bit_exact(sizes: list[int], cut
         offsets.append(pos)
         at, pos = at + n, pos + n
     slot = np.full(pos + 1, 0xAB, np.uint8)
-    assert speedups._gather(slot, offsets, sizes, views, 0, (), stream) == len(views)  # type: ignore[misc]
+    assert speedups._spans.gather(slot, offsets, sizes, views, 0, (), stream) == len(views)
     for view, offset in zip(views, offsets):
         assert slot[offset : offset + view.nbytes].tobytes() == view.tobytes()
     back = np.full_like(flat, 0xCD)
     targets = [back[v.__array_interface__["data"][0] - flat.__array_interface__["data"][0] :][: v.nbytes] for v in views]
-    addresses = np.frombuffer(speedups._destinations(targets, sizes), np.uint64)  # type: ignore[misc]
-    assert speedups._scatter(slot, u64(offsets), u64(sizes), addresses, 0, stream) == len(views)  # type: ignore[misc]
+    addresses = np.frombuffer(speedups._spans.destinations(targets, sizes), np.uint64)
+    assert speedups._spans.scatter(slot, u64(offsets), u64(sizes), addresses, 0, stream) == len(views)
     for view, target in zip(views, targets):
         assert target.tobytes() == view.tobytes()
     covered = np.zeros(flat.nbytes, bool)
@@ -140,7 +160,7 @@ def test_destinations_give_an_address_only_where_the_c_copy_may_write(items: lis
     offsets, nbytes, size = layout(items, gap)
     if 0 <= wrong_size < len(items):
         nbytes[wrong_size] += 1  # a target of another size than its span: no address
-    got = np.frombuffer(speedups._destinations(items, nbytes), np.uint64)  # type: ignore[misc]
+    got = np.frombuffer(speedups._spans.destinations(items, nbytes), np.uint64)
     for i, (item, n) in enumerate(zip(items, nbytes)):
         usable = c_exportable(item, writable=True) and item.nbytes == n
         assert (got[i] != 0) == usable
@@ -155,8 +175,8 @@ def test_scatter_fills_up_to_the_first_target_it_cannot_write(items: list[Any], 
     offsets, nbytes, size = layout(items, gap)
     src = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
     before = [None if t is None else t.copy() for t in items]
-    addresses = np.frombuffer(speedups._destinations(items, nbytes), np.uint64)  # type: ignore[misc]
-    stop = speedups._scatter(src, u64(offsets), u64(nbytes), addresses, start, stream)  # type: ignore[misc]
+    addresses = np.frombuffer(speedups._spans.destinations(items, nbytes), np.uint64)
+    stop = speedups._spans.scatter(src, u64(offsets), u64(nbytes), addresses, start, stream)
     want_stop = next((i for i in range(start, len(items)) if not c_exportable(items[i], writable=True)), len(items))
     assert stop == max(want_stop, min(start, len(items)))
     for i, (target, old) in enumerate(zip(items, before)):
@@ -183,7 +203,7 @@ def test_copy_lands_every_byte_at_any_alignment_and_nothing_around_it(
     lines, and a cached tail: every split of those, from any source alignment."""
     src = np.random.default_rng(size).integers(0, 256, src_at + size, dtype=np.uint8)
     dst = np.full(dst_at + size + 64, 0xAB, np.uint8)
-    speedups._copy(dst[dst_at : dst_at + size], src[src_at:], stream)  # type: ignore[misc]
+    speedups._spans.copy(dst[dst_at : dst_at + size], src[src_at:], stream)
     assert dst[dst_at : dst_at + size].tobytes() == src[src_at:].tobytes()
     assert (dst[:dst_at] == 0xAB).all() and (dst[dst_at + size :] == 0xAB).all()
 
@@ -193,18 +213,18 @@ def test_copy_lands_every_byte_at_any_alignment_and_nothing_around_it(
 def test_an_overlapping_streaming_copy_is_a_memmove(shift: int) -> None:
     buf = np.arange(4096, dtype=np.uint32).view(np.uint8)
     want = buf[1000:9000].copy()
-    speedups._copy(buf[1000 + shift : 9000 + shift], buf[1000:9000], True)  # type: ignore[misc]
+    speedups._spans.copy(buf[1000 + shift : 9000 + shift], buf[1000:9000], True)
     assert buf[1000 + shift : 9000 + shift].tobytes() == want.tobytes()
 
 
 @native
 def test_copy_refuses_buffers_of_different_sizes_and_a_read_only_destination() -> None:
     with pytest.raises(ValueError, match="expected a destination of the source's 8 bytes, got 7"):
-        speedups._copy(np.zeros(7, np.uint8), np.ones(8, np.uint8), True)  # type: ignore[misc]
+        speedups._spans.copy(np.zeros(7, np.uint8), np.ones(8, np.uint8), True)
     frozen = np.zeros(8, np.uint8)
     frozen.flags.writeable = False
     with pytest.raises((BufferError, ValueError)):
-        speedups._copy(frozen, np.ones(8, np.uint8))  # type: ignore[misc]
+        speedups._spans.copy(frozen, np.ones(8, np.uint8))
     assert not frozen.any()
 
 
@@ -222,7 +242,7 @@ def test_copy_takes_numpys_path_for_what_the_c_copy_cannot(copy_mode: bool) -> N
 def test_a_source_of_the_wrong_size_stops_the_copy_there() -> None:
     dst = np.zeros(16, np.uint8)
     items = [np.ones(4, np.uint8), np.ones(3, np.uint8), np.ones(4, np.uint8)]
-    assert speedups._gather(dst, [0, 4, 8], [4, 4, 4], items, 0) == 1  # type: ignore[misc]
+    assert speedups._spans.gather(dst, [0, 4, 8], [4, 4, 4], items, 0) == 1
     assert dst.tolist() == [1] * 4 + [0] * 12
 
 
@@ -242,7 +262,7 @@ def test_a_span_the_buffer_cannot_hold_is_refused_before_its_batch_moves(
 ) -> None:
     flat = np.zeros(16, np.uint8)
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
-        speedups._gather(flat, offsets, nbytes, items, 0)  # type: ignore[misc]
+        speedups._spans.gather(flat, offsets, nbytes, items, 0)
     assert not flat.any()
 
 
@@ -260,10 +280,10 @@ def test_scatter_refuses_a_span_outside_the_slot_before_any_byte_moves(
     offsets: list[int], nbytes: list[int], message: str
 ) -> None:
     targets = [np.zeros(4, np.uint8), np.zeros(4, np.uint8)]
-    addresses = np.frombuffer(speedups._destinations(targets, [4, 4]), np.uint64)  # type: ignore[misc]
+    addresses = np.frombuffer(speedups._spans.destinations(targets, [4, 4]), np.uint64)
     src = np.ones(16, np.uint8)
     with pytest.raises(ValueError, match=re.escape(message)):
-        speedups._scatter(src, u64(offsets), u64(nbytes), addresses, 0, True)  # type: ignore[misc]
+        speedups._spans.scatter(src, u64(offsets), u64(nbytes), addresses, 0, True)
     assert not any(t.any() for t in targets)
 
 
@@ -271,11 +291,11 @@ def test_scatter_refuses_a_span_outside_the_slot_before_any_byte_moves(
 def test_scatter_takes_arrays_of_8_byte_ints_only() -> None:
     addresses = np.zeros(1, np.uint64)
     with pytest.raises(TypeError, match="offsets: expected a buffer of 8-byte ints"):
-        speedups._scatter(np.ones(8, np.uint8), np.zeros(1, np.uint32), u64([4]), addresses, 0)  # type: ignore[misc]
+        speedups._spans.scatter(np.ones(8, np.uint8), np.zeros(1, np.uint32), u64([4]), addresses, 0)
     with pytest.raises(TypeError, match="addresses: expected a buffer of 8-byte ints"):
-        speedups._scatter(np.ones(8, np.uint8), u64([0]), u64([4]), np.zeros(1, np.float64), 0)  # type: ignore[misc]
+        speedups._spans.scatter(np.ones(8, np.uint8), u64([0]), u64([4]), np.zeros(1, np.float64), 0)
     # signed int64, as a rank's BUCKET arrays are: taken as they are
-    assert speedups._scatter(np.ones(8, np.uint8), np.zeros(1, np.int64), np.full(1, 4, np.int64), addresses, 0) == 0  # type: ignore[misc]
+    assert speedups._spans.scatter(np.ones(8, np.uint8), np.zeros(1, np.int64), np.full(1, 4, np.int64), addresses, 0) == 0
 
 
 @native
@@ -283,7 +303,7 @@ def test_a_read_only_flat_buffer_cannot_be_gathered_into() -> None:
     flat = np.zeros(8, np.uint8)
     flat.flags.writeable = False
     with pytest.raises((BufferError, ValueError)):
-        speedups._gather(flat, [0], [4], [np.ones(4, np.uint8)], 0)  # type: ignore[misc]
+        speedups._spans.gather(flat, [0], [4], [np.ones(4, np.uint8)], 0)
 
 
 def test_without_the_accelerator_both_hand_everything_to_the_python_loop(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -485,7 +505,7 @@ def test_every_change_to_a_state_dict_moves_its_version_tag(copy_mode: bool) -> 
         assert speedups.dict_version(state) != before, name
         assert speedups.dict_version(dict(state)) != speedups.dict_version(state), "a copy is another state"
     with pytest.raises(TypeError, match="expected a dict"):
-        speedups._dict_version([])  # type: ignore[misc]
+        speedups._layout.dict_version([])  # type: ignore[arg-type]
 
 
 # --- torch tensors: read through their own accessors ------------------------------------

@@ -1,4 +1,7 @@
-"""The per-tensor loops of a push, in C when the accelerator (``weightstream._speedups``) is built.
+"""The per-tensor loops of a push, in C when the accelerator is built: the C modules ``_spans``
+(gather, scatter, copy, destinations) and ``_layout`` (unchanged_arrays, same_items,
+dict_version) beside this file. The third, ``_ring``, is used by the shm ring alone
+(``weightstream.protocol.transports.shm.ring``).
 
 ``gather``/``scatter`` copy many tensors into or out of one flat slot, from index ``start``
 on, and return the index of the first item they could not copy exactly (``len(items)``
@@ -11,10 +14,11 @@ and ``dict_version`` a tag that says so without a walk.
 ``stream=True`` makes the copies bypass the cache (see :mod:`.streaming`); ``copy`` is one
 such copy of a whole buffer, NumPy's where there is no C module.
 
-Without the C module (no compiler at install time) or with ``WEIGHTSTREAM_PURE_PYTHON=1``,
-``gather``/``scatter`` return ``start`` at once, ``destinations``, ``unchanged_arrays`` and
-``dict_version`` return None, ``same_items`` compares in Python, and the Python code does
-everything: the same bytes, about 0.5 us more per small tensor.
+Without the C modules (no compiler at install time; ``BUILT`` says both imported) or with
+``WEIGHTSTREAM_PURE_PYTHON=1``, ``gather``/``scatter`` return ``start`` at once,
+``destinations``, ``unchanged_arrays`` and ``dict_version`` return None, ``same_items``
+compares in Python, and the Python code does everything: the same bytes, about 0.5 us more
+per small tensor.
 """
 
 from __future__ import annotations
@@ -28,20 +32,13 @@ from typing import Any
 import numpy as np
 
 try:
-    from .._speedups import copy as _copy
-    from .._speedups import destinations as _destinations
-    from .._speedups import dict_version as _dict_version
-    from .._speedups import gather as _gather
-    from .._speedups import same_items as _same_items
-    from .._speedups import scatter as _scatter
-    from .._speedups import unchanged_arrays as _unchanged_arrays
-    from .._speedups import use_numpy as _use_numpy
-
-    _use_numpy(np.ndarray)
+    from . import _layout, _spans
 except ImportError:  # built without a C compiler: the pure-Python loops do the work
-    _copy = _gather = _scatter = _unchanged_arrays = _same_items = _destinations = _dict_version = None
+    _layout = _spans = None  # type: ignore[assignment]
+else:
+    _spans.use_numpy(np.ndarray)
 
-BUILT = _gather is not None
+BUILT = _spans is not None and _layout is not None
 NATIVE = BUILT and os.environ.get("WEIGHTSTREAM_PURE_PYTHON", "") in ("", "0")
 
 
@@ -59,15 +56,15 @@ def gather(
     if not NATIVE:
         return start
     if stop is None and not shift:
-        return _gather(dst, offsets, nbytes, sources, start, _tensor_types(), stream)  # type: ignore[no-any-return,misc]
+        return _spans.gather(dst, offsets, nbytes, sources, start, _tensor_types(), stream)
     stop = len(sources) if stop is None else stop
-    return _gather(dst, offsets, nbytes, sources, start, _tensor_types(), stream, stop, shift)  # type: ignore[no-any-return,misc]
+    return _spans.gather(dst, offsets, nbytes, sources, start, _tensor_types(), stream, stop, shift)
 
 
 def destinations(targets: Sequence[Any], nbytes: Sequence[int]) -> bytes | None:
     """Per target, the native uint64 address of its writable C-contiguous buffer of exactly
     ``nbytes[i]`` bytes, else 0; None without the C module."""
-    return _destinations(targets, nbytes) if NATIVE else None  # type: ignore[no-any-return,misc]
+    return _spans.destinations(targets, nbytes) if NATIVE else None
 
 
 def scatter(src: Any, offsets: np.ndarray, nbytes: np.ndarray, addresses: np.ndarray, start: int,
@@ -75,13 +72,13 @@ def scatter(src: Any, offsets: np.ndarray, nbytes: np.ndarray, addresses: np.nda
     """``src[offsets[i]:offsets[i] + nbytes[i]]`` to ``addresses[i]`` from ``start`` on, until an
     address is 0; that index. Arrays of 8-byte ints; the addresses from :func:`destinations`, over
     targets the caller keeps alive for as long as it uses them."""
-    return _scatter(src, offsets, nbytes, addresses, start, stream) if NATIVE else start  # type: ignore[no-any-return,misc]
+    return _spans.scatter(src, offsets, nbytes, addresses, start, stream) if NATIVE else start
 
 
 def copy(dst: np.ndarray, src: np.ndarray, stream: bool = False) -> None:
     """``dst[:] = src`` for two C-contiguous uint8 arrays of one size; GIL released for big ones."""
     if NATIVE and dst.flags.c_contiguous and dst.flags.writeable and src.flags.c_contiguous:
-        _copy(dst, src, stream)  # type: ignore[misc]
+        _spans.copy(dst, src, stream)
     else:
         np.copyto(dst, src)
 
@@ -94,7 +91,7 @@ def unchanged_arrays(
     keyed by NumPy and torch dtypes) and ``shapes[i]``; None if any differs or there is no C module."""
     if not NATIVE or not all(type(x) is list for x in (items, names, codes, shapes)):
         return None
-    return _unchanged_arrays(items, np.ndarray, code_of, names, codes, shapes, _tensor_types())  # type: ignore[no-any-return,misc]
+    return _layout.unchanged_arrays(items, np.ndarray, code_of, names, codes, shapes, _tensor_types())
 
 
 def _tensor_types() -> tuple[type, ...]:
@@ -105,7 +102,7 @@ def _tensor_types() -> tuple[type, ...]:
 def same_items(mapping: dict[Any, Any], keys: list[Any], values: list[Any]) -> bool:
     """Does ``mapping`` hold exactly ``keys`` (equal) bound to the very objects in ``values``, in order?"""
     if NATIVE and type(mapping) is dict and type(keys) is list and type(values) is list:
-        return _same_items(mapping, keys, values)  # type: ignore[no-any-return,misc]
+        return _layout.same_items(mapping, keys, values)
     return (
         len(mapping) == len(keys) == len(values)
         and list(mapping) == keys  # keys are str: == never calls into an array
@@ -117,5 +114,5 @@ def dict_version(mapping: dict[Any, Any]) -> int | None:
     """The dict's PEP 509 version tag: unchanged exactly while no entry was added, removed or
     bound to another object. None without the C module or on Python 3.12 and later."""
     if NATIVE and type(mapping) is dict:
-        return _dict_version(mapping)  # type: ignore[no-any-return,misc]
+        return _layout.dict_version(mapping)
     return None

@@ -33,7 +33,7 @@ from ...errors import PeerTimeout, VersionAborted
 from .streaming import last_level_cache_bytes
 
 try:
-    from ...._ring import CONTROL_BYTES, MAX_CONSUMERS, Control, RingMap
+    from ....native._ring import CONTROL_BYTES, MAX_CONSUMERS, Control, RingMap
 except ImportError:  # no C compiler at install, or not Linux: slots stay plain
     Control = RingMap = None
     CONTROL_BYTES, MAX_CONSUMERS = 0, 0

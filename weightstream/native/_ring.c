@@ -1,4 +1,4 @@
-/* weightstream._ring: a bucket streamed through a small ring of shared memory.
+/* weightstream.native._ring: a bucket streamed through a small ring of shared memory.
  *
  * Through a slot much larger than the last-level cache every byte crosses DRAM four times
  * (the sender reads the tensor and writes the slot; a rank reads the slot and writes the
@@ -166,7 +166,7 @@ static PyGetSetDef ringmap_getset[] = {
 };
 
 static PyTypeObject RingMapType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "weightstream._ring.RingMap",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "weightstream.native._ring.RingMap",
     .tp_basicsize = sizeof(RingMap),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "RingMap(fd, ring_bytes, size): size bytes over the first ring_bytes of fd, repeated",
@@ -409,7 +409,7 @@ static PyMethodDef control_methods[] = {
 };
 
 static PyTypeObject ControlType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "weightstream._ring.Control",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "weightstream.native._ring.Control",
     .tp_basicsize = sizeof(Control),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Control(buffer, offset): a ring's counters in shared memory",
@@ -437,5 +437,5 @@ PyMODINIT_FUNC PyInit__ring(void) {
     return mod;
 }
 #else /* futexes and MAP_FIXED rings are Linux-only: importing this module fails elsewhere */
-#error "weightstream._ring needs Linux"
+#error "weightstream.native._ring needs Linux"
 #endif

@@ -1,4 +1,4 @@
-/* weightstream._speedups: the per-tensor loops of a push, in C.
+/* weightstream.native._spans: the per-tensor copy loops of a push, in C.
  *
  * At 100k tensors of 4 KiB an interpreted loop spends more time per tensor than the memcpy
  * of its bytes. Everything here is an accelerator only: it does the common case and hands
@@ -33,37 +33,9 @@
  * ``tensor_types`` by their own accessors (is_cpu, is_contiguous(), is_neg(), nbytes,
  * data_ptr()), and keeps the GIL over such a batch: holding no buffer, it must not let
  * Python code resize one mid-copy.
- *
- *   unchanged_arrays(items, ndarray, code_of, names, codes, shapes[, tensor_types]) -> tuple | None
- *
- * The tensors of ``items`` (``(name, tensor)`` pairs: exact NumPy arrays, whose dtype and
- * shape are read from the array's own fields, or tensors whose type is exactly one of
- * ``tensor_types``, shaped by ``size()``, which torch answers ~5x faster than ``.shape``) if
- * every pair has exactly the previous push's name, dtype code and shape, else None. A
- * dtype's code is looked up only when the dtype object differs from the last tensor's
- * (NumPy hashes a dtype anew each time, ~10% of the pass). One pass, and no object that
- * outlives it:
- * an RL loop pushes the same layout every step, and building 100k shape tuples per push
- * costs more than comparing them, then again in the garbage collector.
- *
- *   same_items(mapping, keys, values) -> bool
- *
- * Does the dict hold exactly ``keys`` (equal str) bound to ``values`` (the same objects), in
- * that order? A receiver's NumPy state dict, checked every version before its cached specs
- * are trusted, without building two 100k lists to compare.
- *
- *   dict_version(mapping) -> int | None
- *
- * The dict's version tag (PEP 509): it changes whenever an entry is added, removed or bound to
- * another object, and no two states of any dicts share one. Equal to the tag seen when
- * ``same_items`` last passed, the dict still holds the same items, with no walk at all (a
- * 100k-entry walk is 0.5-1.5 ms on a rank's path to READY). None from Python 3.12 on, which
- * deprecated the tag (3.13 dropped it): callers walk.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <stdint.h>
-#include <string.h>
+#include "_shared.h"
+
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -72,7 +44,6 @@
 #define GIL_FREE_BYTES (256 * 1024)    /* below this, dropping the GIL costs more than it frees */
 #define STREAM_MIN_BYTES 256           /* below this the aligned head and tail are most of the copy */
 #define FAST_NUMPY_BYTES (16 * 1024)   /* arrays up to this size are read from their fields (numpy_bytes) */
-#define AHEAD 16                       /* items prefetched ahead of a pass over many small tensors */
 
 /* dst[:n] = src[:n]. Streaming: cached stores up to dst's next 64-byte line, then whole lines
  * by non-temporal stores, then the tail; the caller fences (stream_fence) before anyone
@@ -154,14 +125,7 @@ static int size_at(PyObject *seq, Py_ssize_t i, const char *what, Py_ssize_t *ou
     return 0;
 }
 
-static PyObject *str_dtype, *str_shape; /* interned once: a lookup by C string makes a new str each time */
-static PyObject *str_is_cpu, *str_is_contiguous, *str_is_neg, *str_nbytes, *str_data_ptr, *str_size;
-
-static int is_one_of(PyObject *item, PyObject *types) {
-    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(types); k++)
-        if (Py_TYPE(item) == (PyTypeObject *)PyTuple_GET_ITEM(types, k)) return 1;
-    return 0;
-}
+static PyObject *str_is_cpu, *str_is_contiguous, *str_is_neg, *str_nbytes, *str_data_ptr;
 
 /* A torch tensor's bytes, read through its accessors: 1 if it is a contiguous CPU tensor of
  * exactly ``size`` bytes whose memory holds its values as they are (no lazy negation bit),
@@ -183,50 +147,6 @@ static int tensor_bytes(PyObject *item, PyObject *tensor_types, Py_ssize_t size,
     if (PyErr_Occurred()) PyErr_Clear();
     return address != NULL && (*ptr != NULL || size == 0);
 }
-
-/* The leading fields of NumPy's PyArrayObject_fields: public ABI since NumPy 1.7 (every compiled
- * extension's PyArray_NDIM, PyArray_DIMS and PyArray_DESCR read them), in NumPy 2 as in 1.
- * Reading them skips ``.shape``, which builds a tuple per array: 70% of a 100k-tensor check. */
-typedef struct {
-    PyObject_HEAD
-    char *data;
-    int nd;
-    Py_ssize_t *dimensions;
-    Py_ssize_t *strides;
-    PyObject *base;
-    PyObject *descr;
-    int flags;
-} NumpyArrayHead;
-
-#define NPY_C_CONTIGUOUS_FLAG 0x0001 /* NPY_ARRAY_C_CONTIGUOUS */
-
-/* 1 when this NumPy's arrays have the fields above where they are expected: checked against
- * ``.shape``, ``.dtype``, the data address and the C-contiguous flag once per process, on
- * the first array met; -1 before that. */
-static int numpy_head_ok = -1;
-
-static int check_numpy_head(PyObject *array) {
-    NumpyArrayHead *head = (NumpyArrayHead *)array;
-    PyObject *shape = PyObject_GetAttr(array, str_shape), *dtype = PyObject_GetAttr(array, str_dtype);
-    PyObject *iface = PyObject_GetAttrString(array, "__array_interface__");
-    PyObject *data = iface != NULL && PyDict_Check(iface) ? PyDict_GetItemString(iface, "data") : NULL; /* borrowed */
-    PyObject *flags = PyObject_GetAttrString(array, "flags");
-    PyObject *contiguous = flags != NULL ? PyObject_GetAttrString(flags, "c_contiguous") : NULL;
-    int ok = shape != NULL && dtype != NULL && PyTuple_CheckExact(shape) && head->descr == dtype &&
-             head->nd >= 0 && PyTuple_GET_SIZE(shape) == head->nd && data != NULL && PyTuple_Check(data) &&
-             PyTuple_GET_SIZE(data) >= 1 && PyLong_AsVoidPtr(PyTuple_GET_ITEM(data, 0)) == (void *)head->data &&
-             contiguous != NULL && (contiguous == Py_True) == ((head->flags & NPY_C_CONTIGUOUS_FLAG) != 0);
-    for (Py_ssize_t k = 0; ok && k < head->nd; k++)
-        ok = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, k)) == head->dimensions[k];
-    Py_XDECREF(shape);
-    Py_XDECREF(dtype);
-    Py_XDECREF(iface);
-    Py_XDECREF(flags);
-    Py_XDECREF(contiguous);
-    if (PyErr_Occurred()) return -1;
-    return ok;
-}
-
 /* NumPy's array type, from use_numpy(); NULL until then (gather then takes every array by the
  * buffer protocol). */
 static PyTypeObject *ndarray_type = NULL;
@@ -265,17 +185,6 @@ static int numpy_bytes(PyObject *item, Py_ssize_t size, void **ptr) {
     if (count != size || (size && head->data == NULL)) return 0;
     *ptr = head->data;
     return 1;
-}
-
-/* Ask for an exact ndarray's dims block, which NumPy allocates apart from the array (its head
- * must have been fetched already: this reads its type and dims pointer). */
-static inline void prefetch_dims(PyObject *item, PyTypeObject *ndarray) {
-#if defined(__GNUC__)
-    if (numpy_head_ok == 1 && ndarray != NULL && Py_TYPE(item) == ndarray)
-        __builtin_prefetch(((NumpyArrayHead *)item)->dimensions);
-#else
-    (void)item, (void)ndarray;
-#endif
 }
 
 /* The arrays a gather reads next lie apart in memory (each with its dims elsewhere): ask for
@@ -424,151 +333,6 @@ static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
     spans_release(&s);
     if (failed) return NULL;
     return PyLong_FromSsize_t(i);
-}
-
-/* 1 if the array's shape is the tuple of ints ``want``, 0 if not. */
-static int numpy_shape_is(PyObject *array, PyObject *want) {
-    NumpyArrayHead *head = (NumpyArrayHead *)array;
-    if (!PyTuple_CheckExact(want) || PyTuple_GET_SIZE(want) != head->nd) return 0;
-    for (Py_ssize_t k = 0; k < head->nd; k++) {
-        PyObject *dim = PyTuple_GET_ITEM(want, k);
-        if (!PyLong_CheckExact(dim)) return 0;
-        int overflow;
-        long long v = PyLong_AsLongLongAndOverflow(dim, &overflow);
-        if (overflow || v != (long long)head->dimensions[k]) return 0;
-    }
-    return 1;
-}
-
-/* Each pair's tuple, array, dims block and previous shape lie apart in memory: fetched one after
- * another they are ~5 cache misses a tensor. Ask for them a few pairs ahead, each stage reading
- * only what an earlier stage fetched (a hint: wrong or late costs nothing but the fetch). */
-static void prefetch_pairs(PyObject *pairs, PyObject *shapes, PyObject *ndarray, Py_ssize_t i, Py_ssize_t n) {
-#if defined(__GNUC__)
-    if (i + 2 * AHEAD < n) __builtin_prefetch(PyTuple_GET_ITEM(pairs, i + 2 * AHEAD));
-    if (i + AHEAD < n) {
-        PyObject *pair = PyTuple_GET_ITEM(pairs, i + AHEAD);
-        if (PyTuple_CheckExact(pair) && PyTuple_GET_SIZE(pair) == 2) __builtin_prefetch(PyTuple_GET_ITEM(pair, 1));
-        __builtin_prefetch(PyList_GET_ITEM(shapes, i + AHEAD));
-    }
-    if (i + AHEAD / 2 < n) {
-        PyObject *pair = PyTuple_GET_ITEM(pairs, i + AHEAD / 2), *shape = PyList_GET_ITEM(shapes, i + AHEAD / 2);
-        if (PyTuple_CheckExact(pair) && PyTuple_GET_SIZE(pair) == 2)
-            prefetch_dims(PyTuple_GET_ITEM(pair, 1), (PyTypeObject *)ndarray);
-        if (PyTuple_CheckExact(shape) && PyTuple_GET_SIZE(shape) > 0) __builtin_prefetch(PyTuple_GET_ITEM(shape, 0));
-    }
-#else
-    (void)pairs, (void)shapes, (void)ndarray, (void)i, (void)n;
-#endif
-}
-
-static PyObject *unchanged_arrays(PyObject *Py_UNUSED(self), PyObject *args) {
-    PyObject *items, *ndarray, *code_of, *names, *codes, *shapes, *tensor_types = NULL;
-    if (!PyArg_ParseTuple(args, "O!OO!O!O!O!|O!", &PyList_Type, &items, &ndarray, &PyDict_Type, &code_of, &PyList_Type,
-                          &names, &PyList_Type, &codes, &PyList_Type, &shapes, &PyTuple_Type, &tensor_types))
-        return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(items);
-    if (PyList_GET_SIZE(names) != n || PyList_GET_SIZE(codes) != n || PyList_GET_SIZE(shapes) != n) Py_RETURN_NONE;
-    /* a snapshot: a torch accessor may run Python code (a TorchFunctionMode) that changes the list */
-    PyObject *pairs = PyList_AsTuple(items);
-    if (pairs == NULL) return NULL;
-    PyObject *tensors = PyTuple_New(n); /* a tuple: the ring gather takes it as it is */
-    if (tensors == NULL) {
-        Py_DECREF(pairs);
-        return NULL;
-    }
-    PyObject *last_dtype = NULL, *last_code = NULL;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (PyList_GET_SIZE(names) != n || PyList_GET_SIZE(codes) != n || PyList_GET_SIZE(shapes) != n) goto changed;
-        prefetch_pairs(pairs, shapes, ndarray, i, n);
-        PyObject *item = PyTuple_GET_ITEM(pairs, i);
-        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2) goto changed;
-        PyObject *name = PyTuple_GET_ITEM(item, 0), *tensor = PyTuple_GET_ITEM(item, 1);
-        int numpy = Py_TYPE(tensor) == (PyTypeObject *)ndarray;
-        if (!numpy && !(tensor_types != NULL && is_one_of(tensor, tensor_types))) goto changed;
-        int same = name == PyList_GET_ITEM(names, i);
-        if (!same) {
-            if (!PyUnicode_CheckExact(name)) goto changed;
-            if ((same = PyObject_RichCompareBool(name, PyList_GET_ITEM(names, i), Py_EQ)) < 0) goto failed;
-            if (!same) goto changed;
-        }
-        if (numpy && numpy_head_ok < 0 && (numpy_head_ok = check_numpy_head(tensor)) < 0) goto failed;
-        int head = numpy && numpy_head_ok;
-        PyObject *dtype = head ? Py_NewRef(((NumpyArrayHead *)tensor)->descr) : PyObject_GetAttr(tensor, str_dtype);
-        if (dtype == NULL) goto failed;
-        if (dtype == last_dtype) { /* a model has few dtypes, each one object: no hash per tensor */
-            Py_DECREF(dtype);
-        } else {
-            PyObject *code = PyDict_GetItemWithError(code_of, dtype); /* borrowed */
-            Py_XSETREF(last_dtype, dtype); /* held: a freed dtype's address could come back as another */
-            if (code == NULL) {
-                if (PyErr_Occurred()) goto failed;
-                goto changed; /* not a wire dtype: the general path says so */
-            }
-            Py_INCREF(code);
-            Py_XSETREF(last_code, code);
-        }
-        if ((same = PyObject_RichCompareBool(last_code, PyList_GET_ITEM(codes, i), Py_EQ)) < 0) goto failed;
-        if (!same) goto changed;
-        if (head) {
-            if (!numpy_shape_is(tensor, PyList_GET_ITEM(shapes, i))) goto changed;
-        } else {
-            PyObject *shape = numpy ? PyObject_GetAttr(tensor, str_shape) : PyObject_CallMethodNoArgs(tensor, str_size);
-            if (shape == NULL) goto failed;
-            same = PyObject_RichCompareBool(shape, PyList_GET_ITEM(shapes, i), Py_EQ);
-            Py_DECREF(shape);
-            if (same < 0) goto failed;
-            if (!same) goto changed;
-        }
-        Py_INCREF(tensor);
-        PyTuple_SET_ITEM(tensors, i, tensor);
-    }
-    PyObject *result = tensors;
-    goto done;
-changed:
-    Py_DECREF(tensors);
-    result = Py_NewRef(Py_None);
-    goto done;
-failed:
-    Py_DECREF(tensors);
-    result = NULL;
-done:
-    Py_DECREF(pairs);
-    Py_XDECREF(last_dtype);
-    Py_XDECREF(last_code);
-    return result;
-}
-
-static PyObject *same_items(PyObject *Py_UNUSED(self), PyObject *args) {
-    PyObject *mapping, *keys, *values;
-    if (!PyArg_ParseTuple(args, "O!O!O!", &PyDict_Type, &mapping, &PyList_Type, &keys, &PyList_Type, &values))
-        return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(keys);
-    if (PyDict_GET_SIZE(mapping) != n || PyList_GET_SIZE(values) != n) Py_RETURN_FALSE;
-    Py_ssize_t pos = 0, i = 0;
-    PyObject *key, *value;
-    while (PyDict_Next(mapping, &pos, &key, &value)) {
-        if (i >= n || value != PyList_GET_ITEM(values, i)) Py_RETURN_FALSE;
-        PyObject *want = PyList_GET_ITEM(keys, i);
-        /* exact str only: comparing them runs no Python code, so the dict cannot change under us */
-        if (key != want && !(PyUnicode_CheckExact(key) && PyUnicode_CheckExact(want) && PyUnicode_Compare(key, want) == 0))
-            Py_RETURN_FALSE;
-        i++;
-    }
-    if (PyErr_Occurred()) return NULL;
-    return PyBool_FromLong(i == n);
-}
-
-static PyObject *dict_version(PyObject *Py_UNUSED(self), PyObject *mapping) {
-    if (!PyDict_Check(mapping)) {
-        PyErr_Format(PyExc_TypeError, "dict_version: expected a dict, got %s", Py_TYPE(mapping)->tp_name);
-        return NULL;
-    }
-#if PY_VERSION_HEX < 0x030C0000
-    return PyLong_FromUnsignedLongLong(((PyDictObject *)mapping)->ma_version_tag);
-#else
-    Py_RETURN_NONE;
-#endif
 }
 
 /* A C-contiguous buffer of 8-byte ints, read-only: offsets, sizes or addresses. */
@@ -741,36 +505,23 @@ static PyMethodDef methods[] = {
      "copy(dst, src[, stream]) -> None\n\n"
      "dst[:] = src for two C-contiguous buffers of equal size (dst writable), the GIL released over big\n"
      "copies, by streaming stores if stream."},
-    {"unchanged_arrays", unchanged_arrays, METH_VARARGS,
-     "unchanged_arrays(items, ndarray, code_of, names, codes, shapes[, tensor_types]) -> tuple | None\n\n"
-     "The tensors of the (name, tensor) pairs in the list items, if every pair is an exact ndarray (or of a\n"
-     "type in tensor_types) with names[i], the dtype whose code_of[dtype] is codes[i] and shapes[i]; else None."},
     {"use_numpy", use_numpy, METH_O,
      "use_numpy(ndarray) -> None\n\n"
      "NumPy's array type: gather then reads small C-contiguous arrays' bytes from their fields."},
-    {"same_items", same_items, METH_VARARGS,
-     "same_items(mapping, keys, values) -> bool\n\n"
-     "Whether the dict holds exactly keys (equal str) bound to the very objects in values, in that order."},
-    {"dict_version", dict_version, METH_O,
-     "dict_version(mapping) -> int | None\n\n"
-     "The dict's PEP 509 version tag, which changes with every added, removed or rebound entry; None where\n"
-     "this Python has none (3.12 on)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, .m_name = "_speedups", .m_doc = NULL, .m_size = -1, .m_methods = methods,
+    PyModuleDef_HEAD_INIT, .m_name = "_spans", .m_doc = NULL, .m_size = -1, .m_methods = methods,
 };
 
-PyMODINIT_FUNC PyInit__speedups(void) {
-    str_dtype = PyUnicode_InternFromString("dtype");
-    str_shape = PyUnicode_InternFromString("shape");
+PyMODINIT_FUNC PyInit__spans(void) {
     str_is_cpu = PyUnicode_InternFromString("is_cpu");
     str_is_contiguous = PyUnicode_InternFromString("is_contiguous");
     str_is_neg = PyUnicode_InternFromString("is_neg");
     str_nbytes = PyUnicode_InternFromString("nbytes");
     str_data_ptr = PyUnicode_InternFromString("data_ptr");
-    str_size = PyUnicode_InternFromString("size");
-    if (!str_dtype || !str_shape || !str_is_cpu || !str_is_contiguous || !str_is_neg || !str_nbytes || !str_data_ptr || !str_size) return NULL;
+    if (intern_shared() < 0 || !str_is_cpu || !str_is_contiguous || !str_is_neg || !str_nbytes || !str_data_ptr)
+        return NULL;
     return PyModule_Create(&module);
 }
