@@ -10,10 +10,11 @@ from .errors import (
     VersionAborted,
     WeightstreamError,
 )
-from .messages import ALIGNMENT, PROTOCOL_VERSION, decode, encode
+from .messages import ALIGNMENT, PROTOCOL_VERSION, Codec, decode, encode
 
 __all__ = [
     "ALIGNMENT",
+    "Codec",
     "PROTOCOL_VERSION",
     "ManifestMismatch",
     "PeerLost",

@@ -14,7 +14,9 @@ its ``layout`` number instead (``reuse``), and a bucket of whole tensors packed 
 sends only their ``count``: both sides derive its arrays from the manifest.
 
 Checks that need session context (slot count and size, a packed bucket's manifest) live in
-:func:`check_bucket_fits` and :func:`packed_entries`, called by the receiver.
+:func:`check_bucket_fits` and :func:`packed_entries`, called by the receiver. What a session
+remembers between frames (the manifest it sent or took last) lives in its :class:`Codec`;
+the module keeps no mutable state.
 """
 
 from __future__ import annotations
@@ -127,8 +129,9 @@ class _Map:
     max_len: int = 32
 
 
-def _spec(kind: Any, **kw: Any) -> Any:
-    return field(metadata={"spec": kind}, **kw)
+def _spec(kind: Any) -> dict[str, Any]:
+    """A field's wire check, as its ``dataclasses.field`` metadata: ``field(metadata=_spec(...))``."""
+    return {"spec": kind}
 
 
 _RANK = _Int(0, 1 << 20)
@@ -138,76 +141,67 @@ _NAMES = _Names()
 _OFFSETS = _U64s()
 
 
+@dataclass(frozen=True, slots=True)
 class Message:
-    """Base of all wire messages; subclasses are dataclasses with a TYPE."""
+    """Base of all wire messages: each is a frozen, slotted dataclass with a ``TYPE``, listed in
+    :data:`MESSAGES`; every field carries its wire check as metadata (see ``_spec``)."""
 
     TYPE: ClassVar[str] = ""
 
 
-def _message(cls: type) -> type:
-    cls = dataclass(frozen=True, slots=True)(cls)
-    _REGISTRY[cls.TYPE] = cls
-    _FIELDS[cls.TYPE] = tuple((f.name, f.metadata["spec"], f.default is MISSING) for f in fields(cls))
-    return cls
-
-
-_REGISTRY: dict[str, type] = {}
-_FIELDS: dict[str, tuple[tuple[str, Any, bool], ...]] = {}
-
-
 # --- the messages ------------------------------------------------------------------
 
-@_message
+@dataclass(frozen=True, slots=True)
 class Hello(Message):
     TYPE = "HELLO"
-    rank: int = _spec(_RANK)
-    session: str = _spec(_SESSION)
-    transports: list[str] = _spec(_List(_Str(32), 16))
-    host: str = _spec(_Str(256))
-    device: str = _spec(_Str(256))
-    pid: int = _spec(_Int())
+    rank: int = field(metadata=_spec(_RANK))
+    session: str = field(metadata=_spec(_SESSION))
+    transports: list[str] = field(metadata=_spec(_List(_Str(32), 16)))
+    host: str = field(metadata=_spec(_Str(256)))
+    device: str = field(metadata=_spec(_Str(256)))
+    pid: int = field(metadata=_spec(_Int()))
 
 
-@_message
+@dataclass(frozen=True, slots=True)
 class Welcome(Message):
     TYPE = "WELCOME"
-    session: str = _spec(_SESSION)
-    transport: str = _spec(_Str(32))
-    bucket_bytes: int = _spec(_Int(1))
-    alignment: int = _spec(_Int(1, 1 << 20))
-    slots: list[dict[str, Any]] = _spec(_List(_Map(), MAX_SLOTS))
-    heartbeat_interval: float = _spec(_Float(0.001, 3600.0))
-    heartbeat_timeout: float = _spec(_Float(0.001, 86400.0))
-    pid: int = _spec(_Int())
+    session: str = field(metadata=_spec(_SESSION))
+    transport: str = field(metadata=_spec(_Str(32)))
+    bucket_bytes: int = field(metadata=_spec(_Int(1)))
+    alignment: int = field(metadata=_spec(_Int(1, 1 << 20)))
+    slots: list[dict[str, Any]] = field(metadata=_spec(_List(_Map(), MAX_SLOTS)))
+    heartbeat_interval: float = field(metadata=_spec(_Float(0.001, 3600.0)))
+    heartbeat_timeout: float = field(metadata=_spec(_Float(0.001, 86400.0)))
+    pid: int = field(metadata=_spec(_Int()))
 
 
-@_message
+@dataclass(frozen=True, slots=True)
 class Begin(Message):
     TYPE = "BEGIN"
-    version: str = _spec(_VERSION)
-    names: list[str] = _spec(_NAMES)
-    dtypes: bytes = _spec(_Bin())  # one dtype code per tensor
-    ndims: bytes = _spec(_Bin())  # the rank of each tensor's shape
-    dims: bytes = _spec(_U64s(MAX_DIM, MAX_ENTRIES * MAX_NDIM))  # all shapes' dims, concatenated
-    total_bytes: int = _spec(_Int())
-    buckets: int = _spec(_Int(0, MAX_ENTRIES))
+    version: str = field(metadata=_spec(_VERSION))
+    names: list[str] = field(metadata=_spec(_NAMES))
+    dtypes: bytes = field(metadata=_spec(_Bin()))  # one dtype code per tensor
+    ndims: bytes = field(metadata=_spec(_Bin()))  # the rank of each tensor's shape
+    dims: bytes = field(metadata=_spec(_U64s(MAX_DIM, MAX_ENTRIES * MAX_NDIM)))  # all shapes' dims, concatenated
+    total_bytes: int = field(metadata=_spec(_Int()))
+    buckets: int = field(metadata=_spec(_Int(0, MAX_ENTRIES)))
     # accept a version older than the rank's committed one (a deliberate rollback)
-    force: bool | None = _spec(bool, default=None)
+    force: bool | None = field(default=None, metadata=_spec(bool))
     # the sender's number for this manifest (names, dtypes, shapes) within its session
-    layout: int | None = _spec(_Int(1), default=None)
+    layout: int | None = field(default=None, metadata=_spec(_Int(1)))
     # names/dtypes/ndims/dims are empty: the manifest is the one this rank took last, under
     # ``layout``. An RL loop pushes one layout every step; at 100k tensors resending it costs
     # a 2.6 MB frame and its decode per version.
-    reuse: bool | None = _spec(bool, default=None)
+    reuse: bool | None = field(default=None, metadata=_spec(bool))
     # the manifest does not fit one frame: this BEGIN carries its first tensors and ``parts - 1``
     # MANIFEST frames follow with the rest, in order (total_bytes and buckets are the whole's)
-    parts: int | None = _spec(_Int(2, 1 << 16), default=None)
+    parts: int | None = field(default=None, metadata=_spec(_Int(2, 1 << 16)))
     # per-push parameters of the session's transport (a collective's store address, say)
-    transport: dict[str, Any] | None = _spec(_Map(), default=None)
+    transport: dict[str, Any] | None = field(default=None, metadata=_spec(_Map()))
     # tied weights: more names for tensors the manifest holds once (the trainer's lm_head.weight
     # sharing embed_tokens.weight's memory); alias_of[i] is the manifest index alias_names[i] names
-    alias_names: list[str] | None = _spec(_NAMES, default=None)
-    alias_of: bytes | None = _spec(_OFFSETS, default=None)
+    alias_names: list[str] | None = field(default=None, metadata=_spec(_NAMES))
+    alias_of: bytes | None = field(default=None, metadata=_spec(_OFFSETS))
 
     @classmethod
     def build(
@@ -218,7 +212,7 @@ class Begin(Message):
         (name, manifest index) for names that share a listed tensor's memory."""
         ndims, dims = pack_shapes(shapes)
         alias_names, alias_of = pack_aliases(aliases)
-        return cls(  # type: ignore[call-arg]
+        return cls(
             version, names, bytes(dtypes), ndims, dims, total_bytes, buckets, force, layout,
             alias_names=alias_names, alias_of=alias_of,
         )
@@ -226,7 +220,7 @@ class Begin(Message):
     @classmethod
     def reusing(cls, version: str, layout: int, total_bytes: int, buckets: int, force: bool | None = None) -> Begin:
         """A BEGIN whose manifest is the rank's last one, named by ``layout``."""
-        return cls(version, [], b"", b"", b"", total_bytes, buckets, force, layout, True)  # type: ignore[call-arg]
+        return cls(version, [], b"", b"", b"", total_bytes, buckets, force, layout, True)
 
     def shapes(self) -> list[tuple[int, ...]]:
         """Every tensor's shape; one tuple per tensor, so only for paths that need them."""
@@ -240,61 +234,61 @@ def pack_aliases(aliases: list[tuple[str, int]] | None) -> tuple[list[str] | Non
     return [name for name, _ in aliases], pack_u64([index for _, index in aliases])
 
 
-@_message
+@dataclass(frozen=True, slots=True)
 class ManifestPart(Message):
     """The rest of a manifest that did not fit its BEGIN's frame: tensors in push order."""
 
     TYPE = "MANIFEST"
-    version: str = _spec(_VERSION)
-    part: int = _spec(_Int(1, 1 << 16))  # 1 .. BEGIN.parts - 1, in order
-    names: list[str] = _spec(_NAMES)
-    dtypes: bytes = _spec(_Bin())
-    ndims: bytes = _spec(_Bin())
-    dims: bytes = _spec(_U64s(MAX_DIM, MAX_ENTRIES * MAX_NDIM))
+    version: str = field(metadata=_spec(_VERSION))
+    part: int = field(metadata=_spec(_Int(1, 1 << 16)))  # 1 .. BEGIN.parts - 1, in order
+    names: list[str] = field(metadata=_spec(_NAMES))
+    dtypes: bytes = field(metadata=_spec(_Bin()))
+    ndims: bytes = field(metadata=_spec(_Bin()))
+    dims: bytes = field(metadata=_spec(_U64s(MAX_DIM, MAX_ENTRIES * MAX_NDIM)))
 
 
-@_message
+@dataclass(frozen=True, slots=True)
 class Ready(Message):
     TYPE = "READY"
-    version: str = _spec(_VERSION)
+    version: str = field(metadata=_spec(_VERSION))
     # this rank copies every tensor of the version out of the slot itself (no view reaches
     # load_weights), so its buckets may stream through a slot's ring (see protocol.shm_ring)
-    streamed: bool | None = _spec(bool, default=None)
+    streamed: bool | None = field(default=None, metadata=_spec(bool))
 
 
-@_message
+@dataclass(frozen=True, slots=True)
 class Reject(Message):
     TYPE = "REJECT"
-    version: str = _spec(_VERSION)
-    error: str = _spec(_Str(64))
-    reason: str = _spec(_Str())
+    version: str = field(metadata=_spec(_VERSION))
+    error: str = field(metadata=_spec(_Str(64)))
+    reason: str = field(metadata=_spec(_Str()))
     # whether the rank's served model is whole (it may still be torn from an earlier version)
-    model_intact: bool | None = _spec(bool, default=None)
+    model_intact: bool | None = field(default=None, metadata=_spec(bool))
 
 
-@_message
+@dataclass(frozen=True, slots=True)
 class Bucket(Message):
     TYPE = "BUCKET"
-    version: str = _spec(_VERSION)
-    seq: int = _spec(_Int(0, MAX_ENTRIES))
-    slot: int = _spec(_Int(0, MAX_SLOTS - 1))
+    version: str = field(metadata=_spec(_VERSION))
+    seq: int = field(metadata=_spec(_Int(0, MAX_ENTRIES)))
+    slot: int = field(metadata=_spec(_Int(0, MAX_SLOTS - 1)))
     # manifest index of the first entry; entries are that tensor and the ones after it, in order
-    first: int = _spec(_Int(0, MAX_ENTRIES))
-    offsets: bytes = _spec(_OFFSETS)  # where each piece starts in the slot
-    nbytes: bytes = _spec(_OFFSETS)  # bytes of each piece
+    first: int = field(metadata=_spec(_Int(0, MAX_ENTRIES)))
+    offsets: bytes = field(metadata=_spec(_OFFSETS))  # where each piece starts in the slot
+    nbytes: bytes = field(metadata=_spec(_OFFSETS))  # bytes of each piece
     # byte offset of each piece inside its tensor; all zero unless a tensor is chunked
-    chunks: bytes = _spec(_OFFSETS)
+    chunks: bytes = field(metadata=_spec(_OFFSETS))
     # xxh3_64 of the slot bytes [0, end of last piece) when the sender enables checksums
-    checksum: int | None = _spec(_Int(0, (1 << 64) - 1), default=None)
+    checksum: int | None = field(default=None, metadata=_spec(_Int(0, (1 << 64) - 1)))
     # published before its bytes: they stream through the slot's ring as the sender writes them
-    ring: bool | None = _spec(bool, default=None)
+    ring: bool | None = field(default=None, metadata=_spec(bool))
     # set: offsets/nbytes/chunks are empty, and the bucket holds the ``count`` whole tensors
     # from ``first`` on, packed from offset 0 (see packed.packed_offsets); both sides derive
     # the arrays from the manifest instead of moving 24 bytes a tensor
-    count: int | None = _spec(_Int(1, MAX_ENTRIES), default=None)
+    count: int | None = field(default=None, metadata=_spec(_Int(1, MAX_ENTRIES)))
     # data frames that follow this message in its multipart (a data-frame transport's bucket
     # bytes, in order from offset 0); none for memory transports
-    frames: int | None = _spec(_Int(1, MAX_DATA_FRAMES), default=None)
+    frames: int | None = field(default=None, metadata=_spec(_Int(1, MAX_DATA_FRAMES)))
 
     @classmethod
     def build(
@@ -302,7 +296,7 @@ class Bucket(Message):
         checksum: int | None = None, ring: bool | None = None,
     ) -> Bucket:
         """A BUCKET from per-entry int sequences (lists or NumPy arrays)."""
-        return cls(version, seq, slot, first, pack_u64(offsets), pack_u64(nbytes), pack_u64(chunks), checksum, ring)  # type: ignore[call-arg]
+        return cls(version, seq, slot, first, pack_u64(offsets), pack_u64(nbytes), pack_u64(chunks), checksum, ring)
 
     def __len__(self) -> int:
         return self.count if self.count is not None else len(self.offsets) // 8
@@ -313,99 +307,160 @@ class Bucket(Message):
         return tuple(np.frombuffer(b, "<u8").view(np.int64) for b in (self.offsets, self.nbytes, self.chunks))  # type: ignore[return-value]
 
 
-@_message
+@dataclass(frozen=True, slots=True)
 class Ack(Message):
     TYPE = "ACK"
-    version: str = _spec(_VERSION)
-    seq: int = _spec(_Int(0, MAX_ENTRIES))
+    version: str = field(metadata=_spec(_VERSION))
+    seq: int = field(metadata=_spec(_Int(0, MAX_ENTRIES)))
 
 
-@_message
+@dataclass(frozen=True, slots=True)
 class Prepared(Message):
     """Every byte of the version is applied (staged: received, verified and held); the rank
     commits it only on COMMIT and drops it on ABORT."""
 
     TYPE = "PREPARED"
-    version: str = _spec(_VERSION)
-    tensors: int = _spec(_Int())
-    bytes: int = _spec(_Int())
-    seconds: float = _spec(_Float())
+    version: str = field(metadata=_spec(_VERSION))
+    tensors: int = field(metadata=_spec(_Int()))
+    bytes: int = field(metadata=_spec(_Int()))
+    seconds: float = field(metadata=_spec(_Float()))
     # the served model was written already (not staged): an ABORT now leaves it torn
-    in_place: bool = _spec(bool, default=True)
+    in_place: bool = field(default=True, metadata=_spec(bool))
 
 
-@_message
+@dataclass(frozen=True, slots=True)
 class Commit(Message):
     """Sent only once every rank of the push said PREPARED."""
 
     TYPE = "COMMIT"
-    version: str = _spec(_VERSION)
+    version: str = field(metadata=_spec(_VERSION))
 
 
-@_message
+@dataclass(frozen=True, slots=True)
 class Committed(Message):
     TYPE = "COMMITTED"
-    version: str = _spec(_VERSION)
-    tensors: int = _spec(_Int())
-    bytes: int = _spec(_Int())
-    seconds: float = _spec(_Float())
+    version: str = field(metadata=_spec(_VERSION))
+    tensors: int = field(metadata=_spec(_Int()))
+    bytes: int = field(metadata=_spec(_Int()))
+    seconds: float = field(metadata=_spec(_Float()))
 
 
-@_message
+@dataclass(frozen=True, slots=True)
 class Failed(Message):
     TYPE = "FAILED"
-    version: str = _spec(_VERSION)
-    error: str = _spec(_Str(64))
-    message: str = _spec(_Str())
-    model_intact: bool = _spec(bool, default=True)
+    version: str = field(metadata=_spec(_VERSION))
+    error: str = field(metadata=_spec(_Str(64)))
+    message: str = field(metadata=_spec(_Str()))
+    model_intact: bool = field(default=True, metadata=_spec(bool))
 
 
-@_message
+@dataclass(frozen=True, slots=True)
 class Error(Message):
     TYPE = "ERROR"
-    error: str = _spec(_Str(64))
-    message: str = _spec(_Str())
+    error: str = field(metadata=_spec(_Str(64)))
+    message: str = field(metadata=_spec(_Str()))
     # the version the error is about; a sender fails only that version's round
-    version: str | None = _spec(_VERSION, default=None)
+    version: str | None = field(default=None, metadata=_spec(_VERSION))
 
 
-@_message
+@dataclass(frozen=True, slots=True)
 class Abort(Message):
     TYPE = "ABORT"
-    version: str = _spec(_VERSION)
-    reason: str = _spec(_Str())
+    version: str = field(metadata=_spec(_VERSION))
+    reason: str = field(metadata=_spec(_Str()))
 
 
-@_message
+@dataclass(frozen=True, slots=True)
 class Ping(Message):
     TYPE = "PING"
-    session: str = _spec(_SESSION)
+    session: str = field(metadata=_spec(_SESSION))
 
 
-@_message
+@dataclass(frozen=True, slots=True)
 class Pong(Message):
     TYPE = "PONG"
-    session: str = _spec(_SESSION)
+    session: str = field(metadata=_spec(_SESSION))
     # False: the sender holds no rank for this connection (it was dropped or never welcomed);
     # the rank reconnects and says HELLO again
-    known: bool | None = _spec(bool, default=None)
+    known: bool | None = field(default=None, metadata=_spec(bool))
 
 
-@_message
+@dataclass(frozen=True, slots=True)
 class Bye(Message):
     TYPE = "BYE"
-    reason: str = _spec(_Str())
+    reason: str = field(metadata=_spec(_Str()))
+
+
+# every message, by its TYPE; with each one's (field, spec, required) in wire order.
+# Built once at import and never written: the codec's only module-level tables.
+MESSAGES: tuple[type[Message], ...] = (
+    Hello, Welcome, Begin, ManifestPart, Ready, Reject, Bucket, Ack, Prepared, Commit, Committed, Failed, Error,
+    Abort, Ping, Pong, Bye,
+)
+_REGISTRY: dict[str, type[Message]] = {cls.TYPE: cls for cls in MESSAGES}
+_FIELDS: dict[str, tuple[tuple[str, Any, bool], ...]] = {
+    cls.TYPE: tuple((f.name, f.metadata["spec"], f.default is MISSING) for f in fields(cls)) for cls in MESSAGES
+}
+# the same with whether each field is a names bin (which a codec remembers), for the per-field loops
+_CODED: dict[str, tuple[tuple[str, Any, bool, bool], ...]] = {
+    kind: tuple((name, spec, required, type(spec) is _Names) for name, spec, required in specs)
+    for kind, specs in _FIELDS.items()
+}
 
 
 # --- codec ---------------------------------------------------------------------------
 
+class Codec:
+    """One session's encoder and decoder, with what it remembers between frames.
+
+    An RL loop sends the same manifest every step. A sender's codec keeps the names it joined
+    last, a rank's the names bin it split last and the last BEGIN that passed every check, so
+    a repeat costs comparisons instead of 100k-name joins, splits and checks. Each
+    ``Publisher`` and ``ReceiverDaemon`` owns one: a session never sees another's manifest. The
+    module's :func:`encode` and :func:`decode` remember nothing (the same bytes, the same checks).
+
+    Threads may share one codec: each memory is one tuple, replaced whole.
+    """
+
+    __slots__ = ("_joined", "_names", "_valid")
+
+    def __init__(self) -> None:
+        # the names last encoded (a copy) and their bin: comparing equal lists of the same str
+        # objects is ~20x cheaper than joining them
+        self._joined: tuple[list[str], bytes] | None = None
+        # the last names bin that passed every check, and its names (shared by every decode of it)
+        self._names: tuple[bytes, list[str]] | None = None
+        # the last BEGIN that passed every check: an identical manifest need not be re-validated
+        self._valid: tuple[Begin, ManifestArrays] | None = None
+
+    def encode(self, msg: Message) -> bytes:
+        """Serialise a message to one msgpack frame."""
+        return _encode(msg, self)
+
+    def decode(self, frame: bytes | bytearray | memoryview, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+        """Parse and validate one frame, as :func:`decode`; a repeated manifest is answered from memory."""
+        return _decode_frame(frame, max_bytes, self)
+
+    def manifest_arrays(self, msg: Begin | ManifestPart) -> ManifestArrays:
+        """:func:`manifest_arrays`; the BEGIN this codec decoded last is answered from memory."""
+        return _manifest_arrays(msg, self)
+
+    def join_manifest(self, first: Begin, rest: list[ManifestPart]) -> Begin:
+        """:func:`join_manifest`, remembering the joined BEGIN as this codec's last valid one."""
+        return _join_manifest(first, rest, self)
+
+
 def encode(msg: Message) -> bytes:
-    """Serialise a message to one msgpack frame."""
+    """Serialise a message to one msgpack frame (remembering nothing; see :class:`Codec`)."""
+    return _encode(msg, None)
+
+
+def _encode(msg: Message, codec: Codec | None) -> bytes:
     body: dict[str, Any] = {"type": msg.TYPE, "v": PROTOCOL_VERSION}
-    for name, spec, required in _FIELDS[msg.TYPE]:
+    for name, _, required, names in _CODED[msg.TYPE]:
         value = getattr(msg, name)
         if required or value is not None:  # optional fields travel only when set
-            body[name] = _joined_names(value, name) if type(spec) is _Names else value
+            body[name] = _joined_names(value, name, codec) if names else value
     if msg.TYPE not in _BULK:
         return msgpack.packb(body, use_bin_type=True)
     with gc_paused():
@@ -419,11 +474,10 @@ def encode(msg: Message) -> bytes:
     return frame
 
 
-def _joined_names(names: list[str], where: str) -> bytes:
-    global _last_joined
+def _joined_names(names: list[str], where: str, codec: Codec | None) -> bytes:
     if not names:  # an empty or reusing BEGIN must not evict the model's names
         return b""
-    last = _last_joined
+    last = codec._joined if codec is not None else None
     if last is not None and names == last[0]:  # a private copy: equal even if the caller's list changed
         return last[1]
     try:
@@ -435,26 +489,26 @@ def _joined_names(names: list[str], where: str) -> bytes:
             f"field '{where}': expected non-empty names in UTF-8 without NUL characters; "
             "fix: rename the tensors (the sender's describe refuses such names with the name)"
         )
-    if not where.startswith("alias"):  # alias names must not evict the model's names
-        _last_joined = (list(names), blob)
+    if codec is not None and not where.startswith("alias"):  # alias names must not evict the model's names
+        codec._joined = (list(names), blob)
     return blob
-
-
-# the names last encoded (a copy) and their bin: a sender sends the same names every step,
-# and comparing equal lists of the same str objects is ~20x cheaper than joining them
-_last_joined: tuple[list[str], bytes] | None = None
 
 
 _BULK = frozenset({"BEGIN", "MANIFEST", "BUCKET"})  # per-tensor arrays: see gc_pause
 _BULK_FRAME = 64 << 10
 
 
-def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+def decode(frame: bytes | bytearray | memoryview, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     """Parse and validate one frame; raise :class:`ProtocolError` naming what is wrong.
 
     ``max_bytes``: the largest frame this peer may send now; a larger one is refused before
     a byte of it is parsed (a peer not yet through the handshake gets PRE_HELLO_MAX_BYTES).
+    Remembers nothing between frames; a session decodes with its :class:`Codec`.
     """
+    return _decode_frame(frame, max_bytes, None)
+
+
+def _decode_frame(frame: bytes | bytearray | memoryview, max_bytes: int, codec: Codec | None) -> Message:
     if not isinstance(frame, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"expected a bytes frame, got {type(frame).__name__}")
     if len(frame) > max_bytes:
@@ -465,8 +519,8 @@ def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
         )
     if len(frame) > _BULK_FRAME:
         with gc_paused():
-            return _decode(frame)
-    return _decode(frame)
+            return _decode(frame, codec)
+    return _decode(frame, codec)
 
 
 class _ContainerBudget:
@@ -486,7 +540,7 @@ class _ContainerBudget:
         return obj
 
 
-def _decode(frame: bytes | bytearray | memoryview) -> Message:
+def _decode(frame: bytes | bytearray | memoryview, codec: Codec | None) -> Message:
     budget = _ContainerBudget()
     try:
         body = msgpack.unpackb(
@@ -510,13 +564,13 @@ def _decode(frame: bytes | bytearray | memoryview) -> Message:
         raise ProtocolError(f"expected a msgpack map, got {type(body).__name__}")
     kind = body.get("type")
     try:
-        return _decode_body(kind, body)
+        return _decode_body(kind, body, codec)
     except ProtocolError as exc:
         exc.msg_type = kind if isinstance(kind, str) else None  # lets a peer avoid answering ERROR with ERROR
         raise
 
 
-def _decode_body(kind: Any, body: dict[Any, Any]) -> Message:
+def _decode_body(kind: Any, body: dict[Any, Any], codec: Codec | None) -> Message:
     cls = _REGISTRY.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"field 'type': expected one of {sorted(_REGISTRY)}, got {_short(kind)}")
@@ -527,18 +581,21 @@ def _decode_body(kind: Any, body: dict[Any, Any]) -> Message:
             "run the same weightstream version on sender and receivers"
         )
     values: dict[str, Any] = {}
-    for name, spec, required in _FIELDS[kind]:
+    for name, spec, required, names in _CODED[kind]:
         if name not in body:
             if required:
                 raise ProtocolError(f"{kind}: missing field '{name}'")
             continue
-        values[name] = _check(spec, body[name], f"{kind}.{name}")
+        if names:
+            values[name] = _check_names(spec, body[name], f"{kind}.{name}", codec)
+        else:
+            values[name] = _check(spec, body[name], f"{kind}.{name}")
     extra = set(body) - {"type", "v"} - set(values) - {n for n, _, _ in _FIELDS[kind]}
     if extra:
         raise ProtocolError(f"{kind}: unexpected field(s) {sorted(map(str, extra))[:5]}")
     msg = cls(**values)
-    _CROSS_CHECKS.get(kind, _no_check)(msg)
-    return msg  # type: ignore[no-any-return]
+    _CROSS_CHECKS.get(kind, _no_check)(msg, codec)
+    return msg
 
 
 def _short(value: Any) -> str:
@@ -598,8 +655,6 @@ def _check(spec: Any, value: Any, where: str) -> Any:
             i = int(np.argmax(values > spec.hi))
             raise ProtocolError(f"field '{where}[{i}]': expected 0..{spec.hi}, got {int(values[i])}")
         return value
-    if isinstance(spec, _Names):
-        return _check_names(spec, value, where)
     if isinstance(spec, _Map):
         if type(value) is not dict:
             raise ProtocolError(f"field '{where}': expected a map, got {type(value).__name__}")
@@ -612,15 +667,14 @@ def _check(spec: Any, value: Any, where: str) -> Any:
     raise TypeError(f"unknown spec {spec!r}")  # programming error, never peer input
 
 
-def _check_names(spec: _Names, value: Any, where: str) -> list[str]:
-    """The names in a BEGIN's bin; the last valid bin is answered with the same list (an RL
+def _check_names(spec: _Names, value: Any, where: str, codec: Codec | None) -> list[str]:
+    """The names in a BEGIN's bin; a codec answers its last valid bin with the same list (an RL
     loop sends the same names every step), which callers share and must not mutate."""
-    global _last_names
     _sized(value, bytes, "bin (UTF-8 names joined by NUL)", len(value) if type(value) is bytes else 0,
            MAX_MESSAGE_BYTES, "bytes", where)
     if not value:  # an empty or reusing BEGIN must not evict the model's names
         return []
-    last = _last_names
+    last = codec._names if codec is not None else None
     if last is not None and value == last[0]:
         return last[1]
     count = value.count(b"\0") + 1  # before splitting: each name becomes a Python object
@@ -638,13 +692,9 @@ def _check_names(spec: _Names, value: Any, where: str) -> list[str]:
         _first_bad(names, lambda x: 0 < len(x) <= spec.max_len, where, f"a name of 1 to {spec.max_len} characters")
     if len(set(names)) != len(names):
         raise ProtocolError(f"field '{where}' holds duplicate tensor names; each name must appear once")
-    if ".alias" not in where:  # alias names must not evict the model's names
-        _last_names = (value, names)
+    if codec is not None and ".alias" not in where:  # alias names must not evict the model's names
+        codec._names = (value, names)
     return names
-
-
-# the last names bin that passed every check, and its names
-_last_names: tuple[bytes, list[str]] | None = None
 
 
 def _sized(value: Any, kind: type, kind_text: str, size: int, limit: int, unit: str, where: str) -> None:
@@ -656,7 +706,7 @@ def _sized(value: Any, kind: type, kind_text: str, size: int, limit: int, unit: 
 
 # --- cross-field rules ---------------------------------------------------------------
 
-def _no_check(msg: Any) -> None:
+def _no_check(msg: Any, codec: Codec | None) -> None:
     return None
 
 
@@ -672,13 +722,15 @@ class ManifestArrays:
     sizes: np.ndarray  # bytes per tensor
 
 
-def manifest_arrays(msg: Begin) -> ManifestArrays:
-    """Validate a BEGIN's packed arrays and derive per-tensor sizes.
+def manifest_arrays(msg: Begin | ManifestPart) -> ManifestArrays:
+    """Validate a BEGIN's (or MANIFEST part's) packed arrays and derive per-tensor sizes."""
+    return _manifest_arrays(msg, None)
 
-    The last BEGIN that decoded is answered from memory (by identity): the
-    decode check and the receiver's run both need them for the same message.
-    """
-    last = _last_valid
+
+def _manifest_arrays(msg: Begin | ManifestPart, codec: Codec | None) -> ManifestArrays:
+    # The codec's last valid BEGIN is answered from memory (by identity): the decode check
+    # and the receiver's run both need the arrays of the same message.
+    last = codec._valid if codec is not None else None
     if last is not None and last[0] is msg:
         return last[1]
     n = len(msg.names)
@@ -709,8 +761,7 @@ def manifest_arrays(msg: Begin) -> ManifestArrays:
     return arrays
 
 
-def _check_begin(msg: Begin) -> None:
-    global _last_valid
+def _check_begin(msg: Begin, codec: Codec | None) -> None:
     if msg.reuse:  # the rank checks total_bytes and buckets against the manifest it holds
         if msg.layout is None or msg.names or msg.dtypes or msg.ndims or msg.dims:
             raise ProtocolError(
@@ -719,23 +770,24 @@ def _check_begin(msg: Begin) -> None:
             )
         return
     if msg.parts is not None:  # a first part: its arrays are checked now, the whole once joined
-        manifest_arrays(msg)
+        _manifest_arrays(msg, codec)
         return
     n = len(msg.names)
     if (n == 0) != (msg.buckets == 0):
         raise ProtocolError(
             f"BEGIN: field 'buckets': {msg.buckets} bucket(s) for {n} tensor(s); expected 0 buckets exactly when there are no tensors"
         )
-    prev = _last_valid
+    prev = codec._valid if codec is not None else None
     if prev is not None and same_manifest(msg, prev[0]):  # every step of an RL loop: checked last time
         arrays = prev[1]
     else:  # names were checked (unique, sized) with their field
-        arrays = manifest_arrays(msg)
+        arrays = _manifest_arrays(msg, codec)
     _check_aliases(msg)
     total = int(arrays.sizes.sum())
     if total != msg.total_bytes:
         raise ProtocolError(f"BEGIN: field 'total_bytes': expected {total} (sum of tensor sizes), got {msg.total_bytes}")
-    _last_valid = (msg, arrays)
+    if codec is not None:
+        codec._valid = (msg, arrays)
 
 
 def _check_aliases(msg: Begin) -> None:
@@ -760,8 +812,8 @@ def _check_aliases(msg: Begin) -> None:
         )
 
 
-def _check_manifest_part(msg: ManifestPart) -> None:
-    manifest_arrays(msg)  # type: ignore[arg-type]  # the same four packed arrays as a BEGIN
+def _check_manifest_part(msg: ManifestPart, codec: Codec | None) -> None:
+    _manifest_arrays(msg, codec)  # the same four packed arrays as a BEGIN
 
 
 def may_need_split(names: list[str], dims_bytes: int, part_bytes: int = MANIFEST_PART_BYTES) -> bool:
@@ -801,28 +853,33 @@ def split_begin(msg: Begin, part_bytes: int = MANIFEST_PART_BYTES) -> list[Messa
     ]
     for i, (a, b) in enumerate(bounds[1:], 1):
         part_names, dtypes, part_ndims, dims = arrays(a, b)
-        out.append(ManifestPart(version=msg.version, part=i, names=part_names, dtypes=dtypes, ndims=part_ndims, dims=dims))  # type: ignore[call-arg]
+        out.append(ManifestPart(version=msg.version, part=i, names=part_names, dtypes=dtypes, ndims=part_ndims, dims=dims))
     return out
 
 
 def join_manifest(first: Begin, rest: list[ManifestPart]) -> Begin:
     """A split manifest's BEGIN and its MANIFEST frames as one BEGIN, checked as a whole."""
+    return _join_manifest(first, rest, None)
+
+
+def _join_manifest(first: Begin, rest: list[ManifestPart], codec: Codec | None) -> Begin:
     if first.parts is None or len(rest) != first.parts - 1:
         raise ProtocolError(
             f"BEGIN {first.version!r}: expected {0 if first.parts is None else first.parts - 1} MANIFEST frames, got {len(rest)}"
         )
-    names = [n for part in (first, *rest) for n in part.names]
+    pieces: list[Begin | ManifestPart] = [first, *rest]
+    names = [n for part in pieces for n in part.names]
     if len(set(names)) != len(names):
         raise ProtocolError(f"BEGIN {first.version!r}: its MANIFEST parts hold duplicate tensor names; each name must appear once")
     whole = replace(
         first,
         names=names,
-        dtypes=b"".join(p.dtypes for p in (first, *rest)),
-        ndims=b"".join(p.ndims for p in (first, *rest)),
-        dims=b"".join(p.dims for p in (first, *rest)),
+        dtypes=b"".join(p.dtypes for p in pieces),
+        ndims=b"".join(p.ndims for p in pieces),
+        dims=b"".join(p.dims for p in pieces),
         parts=None,
     )
-    _check_begin(whole)
+    _check_begin(whole, codec)
     return whole
 
 
@@ -832,11 +889,7 @@ def same_manifest(a: Begin, b: Begin) -> bool:
     return a.dims == b.dims and a.dtypes == b.dtypes and a.ndims == b.ndims and same_names
 
 
-# the last BEGIN that passed every check: an identical manifest need not be re-validated
-_last_valid: tuple[Begin, ManifestArrays] | None = None
-
-
-def _check_bucket(msg: Bucket) -> None:
+def _check_bucket(msg: Bucket, codec: Codec | None) -> None:
     lengths = (len(msg.offsets), len(msg.nbytes), len(msg.chunks))
     if msg.count is not None and any(lengths):
         raise ProtocolError(

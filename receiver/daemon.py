@@ -173,6 +173,7 @@ class ReceiverDaemon:
         self._busy_slots: set[int] = set()
         self._executor: ThreadPoolExecutor | None = None
         self._error_limiter = m.ErrorReplyLimiter()
+        self._codec = m.Codec()  # this daemon's: it remembers the manifest it took last
         self._ctx: Any = None
         self._reconnect_reason: str | None = None
         self._dispatching = False  # the reader is handling a message (an abort may wait on load_weights)
@@ -387,7 +388,7 @@ class ReceiverDaemon:
     def _send(self, msg: m.Message) -> None:
         """Send without waiting; with IMMEDIATE set, a frame for a gone sender is dropped."""
         try:
-            self._sock.send(m.encode(msg), flags=zmq.NOBLOCK).add_done_callback(_ignore_send_error)
+            self._sock.send(self._codec.encode(msg), flags=zmq.NOBLOCK).add_done_callback(_ignore_send_error)
         except zmq.ZMQError as exc:
             log.debug("rank %d: could not send %s: %s", self.rank, msg.TYPE, exc)
 
@@ -429,7 +430,7 @@ class ReceiverDaemon:
             msg = None
             try:
                 # before a WELCOME is accepted, only small frames are decoded
-                msg = m.decode(frames[0].buffer, m.MAX_MESSAGE_BYTES if self._welcome is not None else m.PRE_HELLO_MAX_BYTES)
+                msg = self._codec.decode(frames[0].buffer, m.MAX_MESSAGE_BYTES if self._welcome is not None else m.PRE_HELLO_MAX_BYTES)
                 self._check_data_frames(msg, len(frames) - 1)
                 if self._welcome is not None:  # a stranger's frames do not keep a session alive
                     self._last_heard = time.monotonic()
@@ -635,7 +636,7 @@ class ReceiverDaemon:
             return
         self._pending_manifest = None
         try:
-            whole = m.join_manifest(first, rest)
+            whole = self._codec.join_manifest(first, rest)
         except ProtocolError as exc:
             self._record_failure(first.version, exc, touched=False)
             self._send(m.Reject(version=first.version, error="ProtocolError", reason=str(exc)[: m.MAX_TEXT_LEN]))
@@ -653,7 +654,7 @@ class ReceiverDaemon:
         manifest = self._manifest
         if not msg.reuse:
             if manifest is None or not manifest.same_as(msg):
-                manifest = self._manifest = RunManifest(msg)
+                manifest = self._manifest = RunManifest(msg, self._codec.manifest_arrays(msg))
             self._manifest_layout = None if msg.layout is None else (session, msg.layout)
             return manifest
         if manifest is None or self._manifest_layout != (session, msg.layout):

@@ -32,8 +32,9 @@ class Targets(NamedTuple):
 
 
 class RunManifest:
-    def __init__(self, begin: m.Begin) -> None:
-        arrays = m.manifest_arrays(begin)
+    def __init__(self, begin: m.Begin, arrays: m.ManifestArrays | None = None) -> None:
+        """``arrays``: the BEGIN's, when its decode derived them already (``Codec.manifest_arrays``)."""
+        arrays = m.manifest_arrays(begin) if arrays is None else arrays
         self.names = begin.names
         self.codes = begin.dtypes  # bytes: indexing gives the dtype code
         self.sizes = arrays.sizes  # int64 array, for vectorised bucket checks

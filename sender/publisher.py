@@ -133,6 +133,7 @@ class Publisher:
         self.round: Round | None = None
         self.on_slot_free: Callable[[int], None] = lambda slot: None
         self._error_limiter = m.ErrorReplyLimiter()
+        self._codec = m.Codec()  # this sender's: it remembers the names of the manifest it sent last
         self._outbox: queue.SimpleQueue[tuple[Any, ...] | threading.Event | None] = queue.SimpleQueue()
         self._bad_logged = (0.0, 0)  # (when a bad message was last logged, how many since went unlogged)
 
@@ -190,13 +191,13 @@ class Publisher:
     # --- called from the trainer thread ----------------------------------------------
 
     def send(self, rank_identity: bytes, msg: m.Message) -> None:
-        self._outbox.put((rank_identity, m.encode(msg)))
+        self._outbox.put((rank_identity, self._codec.encode(msg)))
         self._wake()
 
     def broadcast(self, identities: list[bytes], msg: m.Message, data: Sequence[Any] = ()) -> None:
         """``msg`` to each rank; ``data``: frames sent after it in the same multipart message (a
         data-frame transport's bucket bytes), shared, not copied, across ranks."""
-        frame = m.encode(msg)
+        frame = self._codec.encode(msg)
         for ident in identities:
             self._outbox.put((ident, frame, *data) if data else (ident, frame))
         self._wake()
@@ -223,7 +224,7 @@ class Publisher:
         if not idents:
             return
         done = threading.Event()
-        probe = m.encode(m.Pong(session=self.session, known=True))
+        probe = self._codec.encode(m.Pong(session=self.session, known=True))
         for ident in idents:
             self._outbox.put((ident, probe))
         self._outbox.put(done)
@@ -331,7 +332,7 @@ class Publisher:
             known = ident in self._by_ident  # read by this thread only (the lock guards writes)
             try:
                 # before its HELLO is accepted a peer gets only small frames decoded
-                msg = m.decode(body, m.MAX_PEER_MESSAGE_BYTES if known else m.PRE_HELLO_MAX_BYTES)
+                msg = self._codec.decode(body, m.MAX_PEER_MESSAGE_BYTES if known else m.PRE_HELLO_MAX_BYTES)
             except ProtocolError as exc:
                 self._log_bad(exc, known)
                 if known and self._error_limiter.allow(exc, time.monotonic()):  # unknown peers get nothing
@@ -352,7 +353,7 @@ class Publisher:
 
     def _try_send(self, ident: bytes, msg: m.Message) -> bool:
         try:
-            self._router.send_multipart([ident, m.encode(msg)])
+            self._router.send_multipart([ident, self._codec.encode(msg)])
         except zmq.ZMQError:
             return False
         return True

@@ -209,10 +209,11 @@ def test_packed_entries_are_the_planner_layout_and_must_fit() -> None:
 
 def test_an_empty_or_reusing_begin_keeps_the_names_cache() -> None:
     """A rank that is sent the manifest again after a reusing BEGIN must still get the shared list."""
-    first = m.decode(m.encode(BEGIN))
-    m.decode(m.encode(REUSE))
-    m.decode(m.encode(EXAMPLES[3]))  # no tensors at all
-    assert m.decode(m.encode(BEGIN)).names is first.names
+    codec = m.Codec()
+    first = codec.decode(m.encode(BEGIN))
+    codec.decode(m.encode(REUSE))
+    codec.decode(m.encode(EXAMPLES[3]))  # no tensors at all
+    assert codec.decode(m.encode(BEGIN)).names is first.names
 
 
 # --- errors across the wire ------------------------------------------------------------
@@ -316,7 +317,8 @@ def test_names_travel_as_one_bin_and_repeat_as_the_same_list() -> None:
     names = ["a.w", "模型.🙂", "e"]
     frame = m.encode(BEGIN)
     assert msgpack.unpackb(frame)["names"] == "\0".join(names).encode()
-    first, again = m.decode(frame), m.decode(frame)
+    codec = m.Codec()  # a session's codec remembers; the module's decode does not
+    first, again = codec.decode(frame), codec.decode(frame)
     assert first.names == names and again.names is first.names  # no 100k str objects per step
 
 
@@ -336,17 +338,18 @@ def test_describe_names_a_tensor_whose_name_the_wire_cannot_carry(bad: str, show
 
 
 def test_a_repeated_manifest_is_still_checked_where_it_differs() -> None:
-    """Decode remembers the last valid BEGIN to skip re-validating an identical manifest;
+    """A codec remembers the last valid BEGIN to skip re-validating an identical manifest;
     anything that differs from it is checked in full."""
+    codec = m.Codec()
     good = m.encode(BEGIN)
-    assert m.decode(good) == BEGIN and m.decode(good) == BEGIN
+    assert codec.decode(good) == BEGIN and codec.decode(good) == BEGIN
     with pytest.raises(ProtocolError, match="total_bytes"):
-        m.decode(body_of(BEGIN, total_bytes=25))
+        codec.decode(body_of(BEGIN, total_bytes=25))
     with pytest.raises(ProtocolError, match="duplicate"):
-        m.decode(body_of(BEGIN, names="a.w\0a.w\0e".encode()))
+        codec.decode(body_of(BEGIN, names="a.w\0a.w\0e".encode()))
     with pytest.raises(ProtocolError, match="BEGIN.dtypes"):
-        m.decode(body_of(BEGIN, dtypes=bytes([8, 7, 99])))
-    assert m.decode(good) == BEGIN
+        codec.decode(body_of(BEGIN, dtypes=bytes([8, 7, 99])))
+    assert codec.decode(good) == BEGIN
 
 
 # --- protocol v6: split manifests and bounded decoding ---------------------------------------
