@@ -32,6 +32,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
+from ..deadline import Deadline, wait_until
 from ..frameworks import FRAMEWORKS, Framework
 from ..protocol import messages as m
 from ..protocol.errors import (
@@ -245,25 +246,28 @@ class ReceiverDaemon:
 
     def wait_for_version(self, version: str, timeout: float) -> None:
         """Block until ``version`` is committed; raise its error if it failed, PeerTimeout on timeout."""
-        deadline = time.monotonic() + timeout
+        deadline = Deadline(timeout)
         if self._thread is None and not self._serving and self._state != "stopped":
             raise WeightstreamError(
                 f"wait_for_version({version!r}) on a daemon that is not running; call daemon.start() first "
                 "(or run `await daemon.serve()` in your event loop)"
             )
+
+        def committed() -> bool:
+            if self._committed == version:
+                return True
+            if version in self._failed:
+                raise self._failed[version]
+            if self._state == "stopped":
+                raise WeightstreamError(f"daemon stopped before version {version!r} was committed")
+            return False
+
         with self._cond:
-            while self._committed != version:
-                if version in self._failed:
-                    raise self._failed[version]
-                if self._state == "stopped":
-                    raise WeightstreamError(f"daemon stopped before version {version!r} was committed")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise PeerTimeout(
-                        f"version {version!r} was not committed within {timeout}s (committed: {self._committed!r}); "
-                        "is the trainer pushing it?"
-                    )
-                self._cond.wait(left)
+            if not wait_until(self._cond, committed, deadline):
+                raise PeerTimeout(
+                    f"version {version!r} was not committed within {timeout}s (committed: {self._committed!r}); "
+                    "is the trainer pushing it?"
+                )
 
     def __enter__(self) -> ReceiverDaemon:
         return self.start()

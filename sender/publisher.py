@@ -28,6 +28,7 @@ from typing import Any
 
 import zmq
 
+from ..deadline import Deadline, wait_until
 from ..protocol import messages as m
 from ..protocol.errors import (
     IdentityRefused,
@@ -204,17 +205,16 @@ class Publisher:
 
     def wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
         """Wait on round/peer events; raise the round's failure or PeerTimeout."""
-        deadline = time.monotonic() + timeout
+        deadline = Deadline(timeout)
+
+        def done() -> bool:
+            if self.round is not None:
+                self.round.check()
+            return predicate()
+
         with self.cond:
-            while True:
-                if self.round is not None:
-                    self.round.check()
-                if predicate():
-                    return
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise PeerTimeout(f"timed out after {timeout:.1f}s waiting for {what}")
-                self.cond.wait(left)
+            if not wait_until(self.cond, done, deadline):
+                raise PeerTimeout(f"timed out after {timeout:.1f}s waiting for {what}")
 
     def prune_closed(self, timeout: float = 1.0) -> None:
         """Drop the ranks whose connection closed (a send to it fails under ROUTER_MANDATORY): a
@@ -233,14 +233,9 @@ class Publisher:
 
     def wait_quiet(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait on round/peer events until ``predicate`` holds or ``timeout``; never raises."""
-        deadline = time.monotonic() + timeout
+        deadline = Deadline(timeout)
         with self.cond:
-            while not predicate():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.cond.wait(left)
-        return True
+            return wait_until(self.cond, predicate, deadline)
 
     def close(self, bye: bool = True) -> None:
         if bye:

@@ -7,10 +7,10 @@ it; the packer waits here, with a timeout, for a free slot.
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 
+from ..deadline import Deadline, wait_until
 from ..protocol.errors import PeerTimeout
 
 
@@ -22,19 +22,19 @@ class SlotRing:
 
     def acquire(self, timeout: float, check: Callable[[], None]) -> int:
         """Wait for a free slot; ``check`` raises if the round failed meanwhile."""
-        deadline = time.monotonic() + timeout
+        deadline = Deadline(timeout)
+
+        def free() -> bool:
+            check()
+            return bool(self._free)
+
         with self._cond:
-            while True:
-                check()
-                if self._free:
-                    return self._free.popleft()
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise PeerTimeout(
-                        f"no bucket slot was freed within {timeout:.1f}s: receivers did not ack; "
-                        "check the receivers' load_weights, or raise timeout="
-                    )
-                self._cond.wait(left)
+            if not wait_until(self._cond, free, deadline):
+                raise PeerTimeout(
+                    f"no bucket slot was freed within {timeout:.1f}s: receivers did not ack; "
+                    "check the receivers' load_weights, or raise timeout="
+                )
+            return self._free.popleft()
 
     def release(self, slot: int) -> None:
         """Caller holds the condition's lock."""

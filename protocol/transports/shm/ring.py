@@ -21,13 +21,13 @@ lap, and never with checksums, whose digest needs the whole bucket at once.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from .... import native as speedups
+from ....deadline import Deadline
 from ....frameworks import host_bytes
 from ...errors import PeerTimeout, VersionAborted
 from .streaming import last_level_cache_bytes
@@ -127,13 +127,13 @@ class _Waiter:
         self.check, self.timeout, self.what = check, timeout, what
 
     def until(self, attempt: Callable[[], int]) -> int:
-        deadline = time.monotonic() + self.timeout
+        deadline = Deadline(self.timeout)
         while True:
             state = attempt()
             if state:
                 return state
             self.check()
-            if time.monotonic() > deadline:
+            if deadline.expired():
                 raise PeerTimeout(
                     f"{self.what}: nothing moved for {self.timeout:.1f}s; the peer stalled. "
                     "Raise the timeout if that is expected"
