@@ -53,7 +53,7 @@ from ..protocol.transports import (
     host_identity,
 )
 from ..security import CurveKeys, apply_client_curve, check_network_endpoint, prepare_ipc_endpoint
-from ..versions import is_older
+from ..versions import check_version_order
 from .manifest import check_manifest
 from .prefetch import PrefetchQueue
 from .run_manifest import RunManifest
@@ -572,11 +572,7 @@ class ReceiverDaemon:
             expected = self._sink.param_specs()  # type: ignore[union-attr]
         try:
             committed = self.committed_version
-            if committed is not None and not msg.force and is_older(msg.version, committed):
-                raise VersionAborted(
-                    f"version {msg.version!r} is older than the committed {committed!r}; "
-                    "push with force=True to roll back deliberately"
-                )
+            check_version_order(msg.version, committed, force=bool(msg.force), unordered=True, fix="push with force=True")
             manifest = self._manifest_of(msg)
             if self._transport is not None:  # a collective joins the push's group here
                 self._transport.join(self._slots, msg.transport, self.rank)

@@ -5,8 +5,8 @@
 - :func:`load_snapshot` (``snapshot_loader``): find and stream a rank's snapshot.
 - :func:`restore_into`: ``ReceiverDaemon.restore`` — apply a snapshot through the same
   PrefetchQueue + VersionRun iterator + load_weights as a live update, no sender needed.
-- :func:`version_key` / :func:`compare_versions`: the version ordering used to refuse
-  going back in time.
+- :func:`check_version_order` (from ``weightstream.versions``): the one rule that refuses
+  going back in time, with :func:`version_key` / :func:`compare_versions`, the order.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..frameworks import is_model, unmaterialised, view_as
 from ..protocol import messages as m
 from ..protocol.dtypes import from_numpy
 from ..protocol.errors import VersionAborted, WeightstreamError
-from ..versions import compare_versions, version_key
+from ..versions import check_version_order, compare_versions, version_key
 from .manifest import check_manifest
 from .prefetch import PrefetchQueue
 from .snapshot_loader import MappedPart, SnapshotSource, load_snapshot
@@ -42,31 +42,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("weightstream.snapshot")
-
-
-
-# --- version ordering ---------------------------------------------------------------------
-
-def check_version_order(new: str, committed: str | None, *, force: bool = False) -> None:
-    """Refuse to go back: raise unless ``new`` is newer than or the same as ``committed``.
-
-    The same version is allowed (reloading it repairs a model a failed update left torn);
-    an older one, or one whose order is unknown, needs ``force=True``.
-    """
-    if committed is None or force:
-        return
-    order = compare_versions(new, committed)
-    if order is None:
-        raise WeightstreamError(
-            f"version order: expected a version newer than the committed {committed!r}, got {new!r} and cannot tell "
-            "which is newer (only integers / step_N / <name>_N with the same <name> are ordered); "
-            "fix: pass force=True if you mean it"
-        )
-    if order < 0:
-        raise WeightstreamError(
-            f"version order: expected a version at least as new as the committed {committed!r}, got the older {new!r}; "
-            "fix: pass force=True to roll back on purpose"
-        )
 
 
 # --- bootstrap verification ---------------------------------------------------------------
@@ -244,7 +219,7 @@ def _restore(
                 f"restore: expected an idle daemon, got one receiving a version (rank {daemon.rank}); "
                 "fix: wait_for_version() first, or restore before start()"
             )
-        check_version_order(version, daemon._committed, force=force)
+        check_version_order(version, daemon._committed, force=force, fix="restore with force=True")
         before = daemon._state
         if before != "stopped":
             daemon._state = "receiving"

@@ -7,7 +7,7 @@ import pytest
 
 from weightstream import BucketSender, ReceiverDaemon, VersionAborted
 from weightstream.receiver.sinks import NumpySink
-from weightstream.versions import is_older, read_version, version_key, write_version
+from weightstream.versions import check_version_order, is_older, read_version, version_key, write_version
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,6 +28,29 @@ def test_is_older_compares_numbers_not_strings() -> None:
     assert is_older("step_9", "10")  # "step_N", "vN" and "N" are one family
     assert not is_older("a_1", "b_2")  # different families: no order
     assert not is_older("final", "step_2")
+
+
+@pytest.mark.parametrize(
+    ("new", "committed", "live", "restore"),
+    [
+        ("step_10", None, "ok", "ok"),  # nothing committed yet
+        ("step_10", "step_10", "ok", "ok"),  # the same version: a repair
+        ("step_11", "10", "ok", "ok"),
+        ("step_9", "step_10", "older", "older"),
+        ("final", "step_2", "ok", "unknown"),  # no order known: a live push goes on, a restore needs force
+        ("a_1", "b_2", "ok", "unknown"),
+    ],
+)
+def test_one_rule_orders_live_pushes_and_restores(new: str, committed: str | None, live: str, restore: str) -> None:
+    """The daemon's BEGIN check (unordered=True) and a snapshot restore call the same rule."""
+    for unordered, want in ((True, live), (False, restore)):
+        if want == "ok":
+            check_version_order(new, committed, unordered=unordered)
+            continue
+        says = "is older than the committed" if want == "older" else "cannot tell which is newer"
+        with pytest.raises(VersionAborted, match=f"{says}.*fix: push with force=True"):
+            check_version_order(new, committed, unordered=unordered, fix="push with force=True")
+        check_version_order(new, committed, unordered=unordered, force=True)  # force always goes through
 
 
 def test_version_yaml_round_trip(tmp_path) -> None:

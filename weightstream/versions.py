@@ -1,4 +1,4 @@
-"""Version strings, and the FastDeploy convention of ``version.yaml`` (``step: N``)."""
+"""Version strings, their one order rule, and the FastDeploy convention of ``version.yaml`` (``step: N``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from .protocol.errors import WeightstreamError
+from .protocol.errors import VersionAborted, WeightstreamError
 
 VERSION_FILE = "version.yaml"
 
@@ -76,9 +76,32 @@ def compare_versions(a: str, b: str) -> int | None:
 
 
 def is_older(version: str, than: str) -> bool:
-    """True only when both versions are ordered and ``version`` comes first.
-
-    Versions without a known order are never called older: for a live push they
-    are opaque strings, and refusing them would block a trainer's legitimate push.
-    """
+    """True only when both versions are ordered and ``version`` comes first."""
     return compare_versions(version, than) == -1
+
+
+def check_version_order(
+    new: str, committed: str | None, *, force: bool = False, unordered: bool = False, fix: str = "pass force=True"
+) -> None:
+    """The one rule for what may follow the committed version; raise VersionAborted if ``new`` may not.
+
+    The same version may (reloading it repairs a model a failed update left torn), and so may a
+    newer one; an older one only with ``force``. A version whose order is unknown (see
+    :func:`compare_versions`) needs ``force`` too, unless ``unordered``: a live push passes it,
+    since its versions are opaque strings and refusing them would block a trainer's legitimate
+    push. ``fix`` says how the caller's user forces it.
+    """
+    if committed is None or force:
+        return
+    order = compare_versions(new, committed)
+    if order is None and not unordered:
+        raise VersionAborted(
+            f"version order: expected a version newer than the committed {committed!r}, got {new!r} and cannot tell "
+            "which is newer (only integers / step_N / <name>_N with the same <name> are ordered); "
+            f"fix: {fix} if you mean it"
+        )
+    if order == -1:
+        raise VersionAborted(
+            f"version {new!r} is older than the committed {committed!r} (expected a version at least as new, got the "
+            f"older {new!r}); fix: {fix} to roll back deliberately"
+        )
