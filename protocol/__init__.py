@@ -1,6 +1,7 @@
 """What sender and receivers agree on: messages, codec, dtypes, errors, transports."""
 
 from .errors import (
+    ConfigError,
     ManifestMismatch,
     PeerLost,
     PeerTimeout,
@@ -15,6 +16,7 @@ from .messages import ALIGNMENT, PROTOCOL_VERSION, Codec, decode, encode
 __all__ = [
     "ALIGNMENT",
     "Codec",
+    "ConfigError",
     "PROTOCOL_VERSION",
     "ManifestMismatch",
     "PeerLost",

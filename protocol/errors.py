@@ -23,6 +23,11 @@ class WeightstreamError(Exception):
         self.rank = rank
 
 
+class ConfigError(WeightstreamError, ValueError):
+    """A configuration mistake: an argument that cannot work (a size, a rank, an endpoint, a key, a
+    transport name). Raised before anything starts; also a ValueError, as Python's own are."""
+
+
 class ProtocolError(WeightstreamError):
     """A message broke the wire protocol (bad type, missing field, out of range)."""
 
@@ -70,6 +75,7 @@ _BY_NAME: dict[str, type[WeightstreamError]] = {
     cls.__name__: cls
     for cls in (
         WeightstreamError,
+        ConfigError,
         ProtocolError,
         ManifestMismatch,
         TransportError,

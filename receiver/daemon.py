@@ -36,6 +36,7 @@ from ..deadline import Deadline, wait_until
 from ..frameworks import FRAMEWORKS, Framework
 from ..protocol import messages as m
 from ..protocol.errors import (
+    ConfigError,
     PeerLost,
     PeerTimeout,
     ProtocolError,
@@ -52,7 +53,7 @@ from ..protocol.transports import (
     get_transport,
     host_identity,
 )
-from ..security import CurveKeys, apply_client_curve, check_network_endpoint, prepare_ipc_endpoint
+from ..security import CurveKeys, apply_client_curve, check_curve_key, check_network_endpoint, prepare_ipc_endpoint
 from ..versions import check_version_order
 from .manifest import check_manifest
 from .prefetch import PrefetchQueue
@@ -115,15 +116,15 @@ class ReceiverDaemon:
         staged: bool = False,
     ) -> None:
         if not isinstance(rank, int) or rank < 0:
-            raise WeightstreamError(f"rank must be an int >= 0, got {rank!r}")
+            raise ConfigError(f"rank must be an int >= 0, got {rank!r}; fix: this rank's index among the sender's ranks")
         if prefetch < 1:
-            raise WeightstreamError(f"prefetch must be >= 1, got {prefetch}")
+            raise ConfigError(f"prefetch must be >= 1, got {prefetch}; fix: e.g. prefetch=2 (buckets mapped ahead)")
         self.endpoint = endpoint
         self.rank = rank
         self.prefetch = prefetch
         self._load, self._sink = resolve_target(load_weights)
         if framework is not None and framework not in FRAMEWORKS:
-            raise WeightstreamError(
+            raise ConfigError(
                 f"framework={framework!r}: expected one of {', '.join(FRAMEWORKS)} (the kind of tensor views "
                 "load_weights gets); fix: e.g. framework=\"torch\""
             )
@@ -144,7 +145,12 @@ class ReceiverDaemon:
         # Read on the caller's thread: that is where the rank selected its GPU (the loop thread sees device 0).
         self._device = device_identity()
         if (curve_keys is None) != (server_key is None):
-            raise WeightstreamError("CURVE needs both curve_keys= (this rank's key pair) and server_key= (the sender's public key)")
+            raise ConfigError(
+                "CURVE needs both curve_keys= (this rank's key pair) and server_key= (the sender's public key), got "
+                f"only {'curve_keys' if curve_keys is not None else 'server_key'}; fix: pass both, or neither"
+            )
+        if server_key is not None:
+            check_curve_key("server_key", server_key)
         check_network_endpoint(endpoint, curve_keys is not None, insecure)
         # an ipc endpoint in a directory another user controls would let that user feed this rank
         prepare_ipc_endpoint(endpoint, insecure)

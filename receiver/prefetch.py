@@ -11,7 +11,7 @@ import asyncio
 import queue
 from typing import Any
 
-from ..protocol.errors import PeerTimeout, WeightstreamError
+from ..protocol.errors import ConfigError, PeerTimeout, WeightstreamError
 
 
 class _Abort:
@@ -22,7 +22,7 @@ class _Abort:
 class PrefetchQueue:
     def __init__(self, depth: int, loop: asyncio.AbstractEventLoop) -> None:
         if depth < 1:
-            raise WeightstreamError(f"prefetch depth must be >= 1, got {depth}")
+            raise ConfigError(f"prefetch depth must be >= 1, got {depth}")
         self._loop = loop
         self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._space = asyncio.Semaphore(depth)

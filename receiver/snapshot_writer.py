@@ -27,7 +27,7 @@ import numpy as np
 
 from ..frameworks import Framework, dtype_of, host_bytes, to_host
 from ..protocol.dtypes import DType
-from ..protocol.errors import VersionAborted, WeightstreamError
+from ..protocol.errors import ConfigError, VersionAborted, WeightstreamError
 from ..versions import write_version
 from .sinks.base import name_groups_of
 from .snapshot_format import (
@@ -74,9 +74,9 @@ class SnapshotWriter:
 
     def __init__(self, directory: str | Path, rank: int, max_part_bytes: int = 1 << 30) -> None:
         if not isinstance(rank, int) or rank < 0:
-            raise WeightstreamError(f"SnapshotWriter: rank must be an int >= 0, got {rank!r}")
+            raise ConfigError(f"SnapshotWriter: rank must be an int >= 0, got {rank!r}; fix: the daemon's rank")
         if max_part_bytes < 4096:
-            raise WeightstreamError(f"SnapshotWriter: max_part_bytes must be >= 4096, got {max_part_bytes}")
+            raise ConfigError(f"SnapshotWriter: max_part_bytes must be >= 4096, got {max_part_bytes}; fix: e.g. 1 << 30")
         self.directory = Path(directory)
         self.rank = rank
         self.max_part_bytes = max_part_bytes
@@ -319,11 +319,11 @@ class Tee:
         from .sinks import as_sink
 
         if not sinks:
-            raise WeightstreamError("Tee: expected at least one sink, got none; fix: Tee(model_sink, writer)")
+            raise ConfigError("Tee: expected at least one sink, got none; fix: Tee(model_sink, writer)")
         self.sinks = [as_sink(s) if not isinstance(s, SnapshotWriter) else s for s in sinks]
         for sink in self.sinks:
             if not callable(getattr(sink, "load_one", None)):
-                raise WeightstreamError(
+                raise ConfigError(
                     f"Tee: expected sinks with load_one(name, tensor), got {type(sink).__qualname__} without it; "
                     "fix: add load_one so the tee can stream"
                 )

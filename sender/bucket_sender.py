@@ -15,9 +15,9 @@ from typing import Any
 
 from ..gc_pause import gc_paused
 from ..protocol import messages as m
-from ..protocol.errors import PeerTimeout, TransportError, VersionAborted, WeightstreamError, from_wire
+from ..protocol.errors import ConfigError, PeerTimeout, TransportError, VersionAborted, WeightstreamError, from_wire
 from ..protocol.packed import pack_shapes
-from ..protocol.transports import PushLayout, StreamSpec, get_transport, refusal
+from ..protocol.transports import TRANSPORTS, PushLayout, StreamSpec, get_transport, refusal
 from ..security import CurveKeys
 from ..versions import read_version
 from .manifest import Aliased, Manifest, describe, from_specs, take_aliases
@@ -120,14 +120,16 @@ class BucketSender:
         insecure: bool = False,
     ) -> None:
         if receivers < 1:
-            raise WeightstreamError(f"receivers must be >= 1, got {receivers}")
+            raise ConfigError(f"receivers must be >= 1, got {receivers}; fix: the number of ranks a push waits for")
         if not 1 <= num_buffers <= m.MAX_SLOTS:
-            raise WeightstreamError(f"num_buffers must be 1..{m.MAX_SLOTS}, got {num_buffers}")
+            raise ConfigError(f"num_buffers must be 1..{m.MAX_SLOTS}, got {num_buffers}; fix: 2 overlaps packing with applying")
         if timeout <= 0 or heartbeat_interval <= 0 or heartbeat_timeout <= heartbeat_interval:
-            raise WeightstreamError(
+            raise ConfigError(
                 "expected timeout > 0 and heartbeat_timeout > heartbeat_interval > 0, got "
                 f"timeout={timeout}, heartbeat_interval={heartbeat_interval}, heartbeat_timeout={heartbeat_timeout}"
             )
+        if transport not in TRANSPORTS:  # a known one this host cannot run is a TransportError, below
+            raise ConfigError(f"transport={transport!r}: expected one of {sorted(TRANSPORTS)}; fix: e.g. transport='shm'")
         plan_buckets([], bucket_bytes, alignment)  # validates bucket_bytes/alignment early
         self.endpoint = endpoint
         self.receivers = receivers
@@ -273,13 +275,13 @@ class BucketSender:
         timeout = self.timeout if timeout is None else timeout
         if version is None:
             if self.model_dir is None:
-                raise WeightstreamError(
+                raise ConfigError(
                     "push needs a version: pass version='step_N' or give BucketSender(model_dir=...) "
                     "holding a version.yaml with 'step:'"
                 )
             version = read_version(self.model_dir)
         if not isinstance(version, str) or not version or len(version) > m.MAX_NAME_LEN:
-            raise WeightstreamError(f"version must be a non-empty str of at most {m.MAX_NAME_LEN} chars, got {version!r}")
+            raise ConfigError(f"version must be a non-empty str of at most {m.MAX_NAME_LEN} chars, got {version!r}")
         source: Iterator[tuple[str, Any]] | None = None
         if specs is not None:
             manifest = from_specs(specs)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..protocol.errors import WeightstreamError
+from ..protocol.errors import ConfigError, WeightstreamError
 from ..protocol.packed import pack_u64
 
 
@@ -77,9 +77,9 @@ def plan_buckets(
     chunked, in consecutive buckets whose pieces cover it exactly once).
     """
     if alignment <= 0 or alignment & (alignment - 1):
-        raise WeightstreamError(f"alignment must be a power of two, got {alignment}")
+        raise ConfigError(f"alignment must be a power of two, got {alignment}; fix: e.g. alignment=256")
     if bucket_bytes < alignment or bucket_bytes % alignment:
-        raise WeightstreamError(
+        raise ConfigError(
             f"bucket_bytes must be a positive multiple of the {alignment}-byte alignment, got {bucket_bytes}; "
             f"use e.g. {max(alignment, align_up(bucket_bytes, alignment))}"
         )
@@ -87,7 +87,7 @@ def plan_buckets(
         index = next(i for i, size in enumerate(sizes) if size < 0)
         raise WeightstreamError(f"tensor {index}: size must be >= 0, got {sizes[index]}")
     if max_entries < 1:
-        raise WeightstreamError(f"max_entries must be >= 1, got {max_entries}")
+        raise ConfigError(f"max_entries must be >= 1, got {max_entries}")
     if len(sizes) > _VECTOR_MIN and max(sizes) <= bucket_bytes:
         return _plan_unchunked(sizes, bucket_bytes, alignment, max_entries)
     buckets: list[PlannedBucket] = []

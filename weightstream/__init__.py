@@ -4,6 +4,7 @@
 """
 
 from .protocol.errors import (
+    ConfigError,
     IdentityRefused,
     ManifestMismatch,
     PeerLost,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BucketSender",
+    "ConfigError",
     "CurveKeys",
     "DaemonStatus",
     "IdentityRefused",

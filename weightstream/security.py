@@ -12,10 +12,12 @@ import os
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
+from zmq.utils import z85
 
-from .protocol.errors import WeightstreamError
+from .protocol.errors import ConfigError, WeightstreamError
 
 
 @dataclass(frozen=True)
@@ -25,10 +27,31 @@ class CurveKeys:
     public: bytes
     secret: bytes
 
+    def __post_init__(self) -> None:
+        check_curve_key("CurveKeys.public", self.public)
+        check_curve_key("CurveKeys.secret", self.secret)
+
     @classmethod
     def generate(cls) -> CurveKeys:
         public, secret = zmq.curve_keypair()
         return cls(public, secret)
+
+
+def check_curve_key(what: str, key: Any) -> None:
+    """A CURVE key as libzmq takes it: 40 bytes of Z85 text, or the 32 raw bytes."""
+    if isinstance(key, bytes) and len(key) == 32:
+        return
+    if isinstance(key, bytes) and len(key) == 40:
+        try:
+            z85.decode(key)
+            return
+        except (KeyError, ValueError, IndexError):  # a byte outside Z85's alphabet: named below
+            pass
+    got = f"{type(key).__name__} of {len(key)}" if isinstance(key, (bytes, str)) else type(key).__name__
+    raise ConfigError(
+        f"{what}: expected a CURVE key (40 bytes of Z85, or 32 raw bytes), got {got}; "
+        "fix: use the keys of CurveKeys.generate() (a str key: .encode() it)"
+    )
 
 
 def needs_network_security(endpoint: str) -> bool:
@@ -37,12 +60,12 @@ def needs_network_security(endpoint: str) -> bool:
 
 def check_network_endpoint(endpoint: str, has_curve: bool, insecure: bool) -> None:
     if not isinstance(endpoint, str) or "://" not in endpoint:
-        raise WeightstreamError(
+        raise ConfigError(
             f"endpoint {endpoint!r} has no scheme; expected ipc:///path/to/socket (same host) or tcp://host:port, "
             "e.g. ipc:///tmp/ws/gpu0.sock"
         )
     if needs_network_security(endpoint) and not has_curve and not insecure:
-        raise WeightstreamError(
+        raise ConfigError(
             f"{endpoint} is reachable over the network but no CURVE keys were given; pass "
             "curve_keys=CurveKeys.generate() on the sender (and its public key as server_key= plus "
             "curve_keys= on each receiver), or insecure=True to accept plain TCP on a trusted network"
@@ -63,7 +86,7 @@ def prepare_ipc_endpoint(endpoint: str, insecure: bool = False) -> None:
     if path.startswith("@"):  # Linux abstract namespace: no directory, so anyone on the host can bind it
         if insecure:
             return
-        raise WeightstreamError(
+        raise ConfigError(
             f"{endpoint} is an abstract unix socket: any local user can bind or reach it, and no permission "
             "protects it; use a path in a directory of yours (e.g. ipc:///tmp/ws-<uid>/gpu0.sock), or pass "
             "insecure=True on a host whose users you trust"
@@ -81,7 +104,7 @@ def prepare_ipc_endpoint(endpoint: str, insecure: bool = False) -> None:
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         problems.append(f"its mode {stat.S_IMODE(st.st_mode):o} lets other users in (expected 700)")
     if problems:
-        raise WeightstreamError(
+        raise ConfigError(
             f"ipc directory {directory} is not private: {'; '.join(problems)}. Another user could bind a sender "
             f"there or connect to yours. Use a fresh directory of yours (e.g. ipc:///tmp/ws-{os.getuid()}/gpu0.sock), "
             "chmod 700 it, or pass insecure=True"
@@ -101,7 +124,7 @@ def _check_ancestors(directory: str) -> None:
         if st is not None:
             mode = stat.S_IMODE(st.st_mode)
             if st.st_uid not in (os.getuid(), 0) or (mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX):
-                raise WeightstreamError(
+                raise ConfigError(
                     f"ipc endpoint directory {directory} lies under {path} (owner uid {st.st_uid}, mode {mode:o}), which "
                     "another user can change: they could replace the endpoint's directory with one of theirs. Put the "
                     f"endpoint under a directory of yours (e.g. ipc:///tmp/ws-{os.getuid()}/gpu0.sock), or pass "

@@ -12,7 +12,7 @@ import numpy as np
 from ...frameworks import Framework
 from ...frameworks import paddle as paddle_fw
 from ...frameworks import torch as torch_fw
-from ...protocol.errors import ManifestMismatch, WeightstreamError
+from ...protocol.errors import ConfigError, ManifestMismatch
 
 #: name -> (canonical dtype name from protocol.dtypes.DTYPES, shape)
 ParamSpecs = dict[str, tuple[str, tuple[int, ...]]]
@@ -118,7 +118,7 @@ def as_sink(obj: Any) -> Any:
         from .numpy_sink import NumpySink
 
         return NumpySink(obj)
-    raise WeightstreamError(
+    raise ConfigError(
         f"sink: expected a torch.nn.Module, paddle.nn.Layer, dict of numpy arrays or an object with "
         f"load_weights/param_specs/framework, got {type(obj).__qualname__}; "
         "fix: pass one of those, or a plain load_weights callable to ReceiverDaemon"

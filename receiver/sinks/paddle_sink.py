@@ -10,7 +10,7 @@ import numpy as np
 from ...frameworks import Framework
 from ...frameworks import paddle as paddle_fw
 from ...gc_pause import gc_paused
-from ...protocol.errors import WeightstreamError
+from ...protocol.errors import ConfigError, WeightstreamError
 from .base import ParamSpecs, SpecsCache, spec_mismatch, unknown_name
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ class PaddleLayerSink:
         import paddle
 
         if not isinstance(layer, paddle.nn.Layer):
-            raise WeightstreamError(
+            raise ConfigError(
                 f"PaddleLayerSink: expected a paddle.nn.Layer, got {type(layer).__qualname__}; fix: pass the model"
             )
         self.layer = layer

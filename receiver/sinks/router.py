@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ...frameworks import Framework
-from ...protocol.errors import ManifestMismatch, WeightstreamError
+from ...protocol.errors import ConfigError, ManifestMismatch
 from .base import NameGroups, ParamSpecs, as_sink, name_groups_of
 
 
@@ -31,19 +31,19 @@ class PrefixRouter:
         self.default = None if default is None else as_sink(default)
         children = [*self.routes.values(), *([self.default] if self.default is not None else [])]
         if not children:
-            raise WeightstreamError(
+            raise ConfigError(
                 "PrefixRouter: expected at least one route or a default, got none; fix: pass routes"
             )
         for sink in children:
             if not callable(getattr(sink, "load_one", None)):
-                raise WeightstreamError(
+                raise ConfigError(
                     "PrefixRouter: expected sinks with load_one(name, tensor), "
                     f"got {type(sink).__qualname__} without it; "
                     "fix: add load_one (load_weights can loop over it) so the router can stream"
                 )
         frameworks = {s.framework for s in children}
         if len(frameworks) != 1:
-            raise WeightstreamError(
+            raise ConfigError(
                 f"PrefixRouter: expected all sinks to want one framework, got {sorted(frameworks)}; "
                 "fix: use sinks of one framework per router (one ReceiverDaemon per framework)"
             )

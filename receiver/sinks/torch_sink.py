@@ -10,7 +10,7 @@ import numpy as np
 from ...frameworks import Framework
 from ...frameworks import torch as torch_fw
 from ...gc_pause import gc_paused
-from ...protocol.errors import WeightstreamError
+from ...protocol.errors import ConfigError, WeightstreamError
 from .base import ParamSpecs, SpecsCache, check_tied, spec_mismatch, unknown_name
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class TorchModuleSink:
         import torch
 
         if not isinstance(module, torch.nn.Module):
-            raise WeightstreamError(
+            raise ConfigError(
                 f"TorchModuleSink: expected a torch.nn.Module, got {type(module).__qualname__}; fix: pass the model"
             )
         self.module = module
