@@ -23,6 +23,7 @@ import os
 import secrets
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -108,7 +109,7 @@ class ReceiverDaemon:
         expected: ParamSpecs | None = None,
         allow_missing: bool = False,
         heartbeat_interval: float = 1.0,
-        heartbeat_timeout: float = 10.0,
+        heartbeat_timeout: float | None = None,
         apply_timeout: float = 300.0,
         curve_keys: CurveKeys | None = None,
         server_key: bytes | None = None,
@@ -132,7 +133,13 @@ class ReceiverDaemon:
         self._expected = expected
         self._allow_missing = allow_missing
         self._hb_interval = heartbeat_interval
-        self._hb_timeout = heartbeat_timeout
+        if heartbeat_timeout is not None:  # a rank waits as long as its sender's WELCOME says
+            warnings.warn(
+                f"ReceiverDaemon(heartbeat_timeout={heartbeat_timeout}) has no effect and will be removed: a rank "
+                "reconnects after the silence its sender's WELCOME allows; set BucketSender(heartbeat_timeout=) instead",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         self._apply_timeout = apply_timeout
         self._staged = staged
         # (specs, names, dtypes, shapes) of the last manifest that passed the check; a sink returns

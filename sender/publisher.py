@@ -185,7 +185,6 @@ class Publisher:
                 self._socket_file = (path, st.st_dev, st.st_ino)
             except OSError:
                 pass
-        self._stop = False
         self._thread = threading.Thread(target=self._run, name="weightstream-publisher", daemon=True)
         self._thread.start()
 

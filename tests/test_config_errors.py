@@ -1,9 +1,11 @@
 """Configuration mistakes raise ConfigError (a WeightstreamError and a ValueError) at the call that
-made them, naming the argument; a transport this host cannot run stays a TransportError."""
+made them, naming the argument; a transport this host cannot run stays a TransportError; an
+argument that does nothing says so."""
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -111,3 +113,10 @@ def test_a_transport_this_host_cannot_run_stays_a_transport_error(endpoint: str)
         BucketSender(endpoint, transport="cuda_ipc")
     assert not isinstance(info.value, ConfigError)
 
+
+def test_the_daemons_heartbeat_timeout_does_nothing_and_says_so(endpoint: str) -> None:
+    with pytest.warns(DeprecationWarning, match=r"BucketSender\(heartbeat_timeout=\)"):
+        ReceiverDaemon(endpoint, _never, heartbeat_timeout=5.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ReceiverDaemon(endpoint, _never)  # not passing it: no warning

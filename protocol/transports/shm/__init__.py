@@ -226,7 +226,8 @@ class ShmImportedSlot(SlotReader):
         if descriptor.get("host") != host_identity():
             raise TransportError(
                 f"shm slot {name} lives on host {descriptor.get('host')!r}, this receiver runs on {host_identity()!r}; "
-                "shared memory only works on one host: use transport='tcp' across hosts"
+                "shared memory only works on one host, and weightstream has no cross-host transport yet: run the "
+                "rank on the sender's host"
             )
         if _posixshmem is None:  # pragma: no cover
             raise TransportError("POSIX shared memory is not available on this platform")
