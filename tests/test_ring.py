@@ -26,7 +26,7 @@ from weightstream.sender.planner import plan_buckets
 
 pytestmark = [
     pytest.mark.timeout(120),
-    pytest.mark.skipif(shm_ring.Control is None, reason="weightstream._ring is not built (no C compiler, or not Linux)"),
+    pytest.mark.skipif(shm_ring.Control is None, reason="weightstream.native._ring is not built (no C compiler, or not Linux)"),
 ]
 CTX = mp.get_context("spawn")
 PAGE = shm_ring.PAGE

@@ -198,7 +198,7 @@ def ring_slot(monkeypatch: pytest.MonkeyPatch) -> Iterator[ShmExportedSlot]:
     (exported,) = get_transport("shm").create_slots(1, 64 << 20)
     if exported.ring is None:
         exported.close()
-        pytest.skip("no ring here (weightstream._ring not built)")
+        pytest.skip("no ring here (weightstream.native._ring not built)")
     yield exported
     exported.close()
 

@@ -7,7 +7,7 @@ it out right behind, the rank reads what the sender wrote a moment ago from the 
 two crossings, as for one memcpy.
 
 Each slot keeps its full size (a bucket a rank takes as views still needs it) and adds a ring
-over its first ``ring_bytes``, mapped twice in a row (``weightstream._ring``): a bucket keeps its
+over its first ``ring_bytes``, mapped twice in a row (``weightstream.native._ring``): a bucket keeps its
 layout, its byte at offset o lives at o % ring_bytes, and any copy of at most ``ring_bytes`` is
 contiguous across the wrap. Counters in a control block after the slot say how far the sender
 wrote and each rank read; each side sleeps on a futex, with a timeout, when it gets too far
