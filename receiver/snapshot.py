@@ -5,8 +5,8 @@
 - :func:`load_snapshot` (``snapshot_loader``): find and stream a rank's snapshot.
 - :func:`restore_into`: ``ReceiverDaemon.restore`` — apply a snapshot through the same
   PrefetchQueue + VersionRun iterator + load_weights as a live update, no sender needed.
-- :func:`check_version_order` (from ``weightstream.versions``): the one rule that refuses
-  going back in time, with :func:`version_key` / :func:`compare_versions`, the order.
+- :func:`version_key` / :func:`compare_versions`: the version ordering used to refuse
+  going back in time.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,12 @@ from ..protocol import messages as m
 from ..protocol.dtypes import from_numpy
 from ..protocol.errors import VersionAborted, WeightstreamError
 from ..versions import check_version_order, compare_versions, version_key
+from .consumer import Consumer
 from .manifest import check_manifest
 from .prefetch import PrefetchQueue
 from .snapshot_loader import MappedPart, SnapshotSource, load_snapshot
 from .snapshot_writer import SnapshotWriter, Tee
+from .state import RankState
 from .version_run import PreparedBucket, VersionRun
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("weightstream.snapshot")
+
 
 
 # --- bootstrap verification ---------------------------------------------------------------
@@ -132,7 +136,7 @@ def _begin(source: SnapshotSource) -> m.Begin:
 
 
 def _stream(
-    daemon: Any,
+    consumer: Consumer,
     source: SnapshotSource,
     run: VersionRun,
     queue: PrefetchQueue,
@@ -147,7 +151,7 @@ def _stream(
                 part = source.open_part(seq)
                 part.prefetch()
                 live[seq] = part
-                await queue.put(_bucket(seq, part, daemon.framework))
+                await queue.put(_bucket(seq, part, consumer.framework))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a corrupt/unreadable part: the consumer raises it
@@ -164,12 +168,12 @@ def _stream(
         finally:
             loop.close()
 
-    thread = threading.Thread(target=reader, name=f"weightstream-snapshot-read{daemon.rank}", daemon=True)
+    thread = threading.Thread(target=reader, name=f"weightstream-snapshot-read{consumer.rank}", daemon=True)
     thread.start()
 
     run.started = time.perf_counter()
     try:
-        daemon._load(run.iterate())
+        consumer.load(run.iterate())
         if not run.complete:
             raise VersionAborted(
                 f"load_weights returned after applying {run.applied} of {run.total_tensors} tensors of snapshot "
@@ -177,56 +181,52 @@ def _stream(
             )
     finally:
         loop.call_soon_threadsafe(task.cancel)
-        timeout = float(getattr(daemon, "_apply_timeout", 300.0))
+        timeout = consumer.apply_timeout
         thread.join(timeout)  # the reader stops at its next await; only a hung disk read keeps it
         if thread.is_alive():
-            log.error("rank %d: snapshot reader still blocked %.0fs after cancel (hung disk read?)", daemon.rank, timeout)
+            log.error("rank %d: snapshot reader still blocked %.0fs after cancel (hung disk read?)", consumer.rank, timeout)
         for part in live.values():
             part.release()
 
 
 def restore_into(
-    daemon: Any, directory: str | Path, version: str | None = None, *, fallback_dir: str | Path | None = None, force: bool = False
+    consumer: Consumer,
+    state: RankState,
+    directory: str | Path,
+    version: str | None = None,
+    *,
+    fallback_dir: str | Path | None = None,
+    force: bool = False,
+    executor: Executor | None = None,
 ) -> str:
     """``ReceiverDaemon.restore``: apply a snapshot without a sender; return its version.
 
-    Blocks the calling thread (never call it on the daemon's event loop). While the daemon
-    serves, the whole restore (finding the snapshot included) runs on its apply thread, so
-    it never overlaps a live version and sees every snapshot a committed version wrote.
+    Blocks the calling thread (never call it on the daemon's event loop). Given the serving
+    daemon's apply thread (``executor``), the whole restore (finding the snapshot included)
+    runs there, so it never overlaps a live version and sees every snapshot a committed
+    version wrote.
     """
-    executor = getattr(daemon, "_executor", None)
-    if getattr(daemon, "_serving", False) and executor is not None:
-        return executor.submit(_restore, daemon, directory, version, fallback_dir, force).result()  # type: ignore[no-any-return]
-    return _restore(daemon, directory, version, fallback_dir, force)
+    if executor is not None:
+        return executor.submit(_restore, consumer, state, directory, version, fallback_dir, force).result()
+    return _restore(consumer, state, directory, version, fallback_dir, force)
 
 
 def _restore(
-    daemon: Any, directory: str | Path, version: str | None, fallback_dir: str | Path | None, force: bool
+    consumer: Consumer, state: RankState, directory: str | Path, version: str | None, fallback_dir: str | Path | None,
+    force: bool,
 ) -> str:
-    source = load_snapshot(directory, daemon.rank, version, fallback_dir=fallback_dir)
-    version = source.version
+    source = load_snapshot(directory, consumer.rank, version, fallback_dir=fallback_dir)
     begin = _begin(source)
-    sink = daemon._sink
-    expected = getattr(daemon, "_expected", None)
-    if expected is None and sink is not None:
-        expected = sink.param_specs()
+    sink = consumer.sink
+    expected, _ = consumer.specs()
     if expected:
-        check_manifest(begin.names, begin.dtypes, begin.shapes(), expected, allow_missing=bool(getattr(daemon, "_allow_missing", False)))
+        check_manifest(begin.names, begin.dtypes, begin.shapes(), expected, allow_missing=consumer.allow_missing)
     models = _models_of(sink) if sink is not None else []
-    with daemon._cond:
-        if daemon._state == "receiving":
-            raise WeightstreamError(
-                f"restore: expected an idle daemon, got one receiving a version (rank {daemon.rank}); "
-                "fix: wait_for_version() first, or restore before start()"
-            )
-        check_version_order(version, daemon._committed, force=force, fix="restore with force=True")
-        before = daemon._state
-        if before != "stopped":
-            daemon._state = "receiving"
+    local = state.begin_local(source.version, rank=consumer.rank, force=force)
 
     def work() -> int:
         loop = asyncio.new_event_loop()
-        queue = PrefetchQueue(daemon.prefetch, loop)
+        queue = PrefetchQueue(consumer.prefetch, loop)
         live: dict[int, MappedPart] = {}  # parts mapped and not yet consumed
 
         def on_ack(seq: int, slot: int) -> None:  # the consumer moved past part seq: drop its pages
@@ -236,38 +236,26 @@ def _restore(
 
         run = VersionRun(
             begin,
-            framework=daemon.framework,
+            framework=consumer.framework,
             queue=queue,
-            timeout=float(getattr(daemon, "_apply_timeout", 300.0)),
+            timeout=consumer.apply_timeout,
             on_ack=on_ack,
             destination=None,  # whole tensors only: no chunk is ever written in place
         )
         try:
-            _stream(daemon, source, run, queue, loop, live)
+            _stream(consumer, source, run, queue, loop, live)
             if models:
                 verify_materialised(sink)
         except BaseException as exc:
-            with daemon._cond:
-                if hasattr(daemon, "_last_error"):
-                    daemon._last_error = f"{type(exc).__name__}: {exc}"
-                if run.touched:
-                    daemon._model_intact = False
-                if before != "stopped":
-                    daemon._state = "idle" if daemon._model_intact else "aborted"
-                daemon._cond.notify_all()
+            state.fail_local(local, exc, touched=run.touched)
             raise
-        with daemon._cond:
-            daemon._committed = version
-            daemon._model_intact = True
-            if before != "stopped" and getattr(daemon, "_run", None) is None:
-                daemon._state = "idle"
-            daemon._cond.notify_all()
+        state.commit_local(local)
         return run.applied
 
     started = time.perf_counter()
     applied = work()
     log.info(
         "rank %d: restored version %s from %s (%d tensors, %d part(s), %.3fs)",
-        daemon.rank, version, source.paths[0].parent, applied, len(source), time.perf_counter() - started,
+        consumer.rank, source.version, source.paths[0].parent, applied, len(source), time.perf_counter() - started,
     )
-    return version
+    return source.version

@@ -314,17 +314,9 @@ class BucketSender:
         self.wait_for_receivers(timeout=timeout)
         start = time.perf_counter()
         pub = self._publisher
-        with pub.cond:
-            ranks = {rank: peer.identity for rank, peer in pub.peers.items()}
-            # ranks that said READY to this layout last are sent its number, the rest the manifest
-            reusing = [peer.identity for peer in pub.peers.values() if peer.layout == layout.number]
-            for peer in pub.peers.values():
-                peer.layout = None  # until this BEGIN's READY
-            rnd = Round(
-                version=version, ranks=ranks, layout=layout.number,
-                max_consumers=self._transport.capabilities.max_consumers,
-            )
-            pub.round = rnd
+        rnd = pub.open_round(version, layout.number, self._transport.capabilities.max_consumers)
+        # ranks that said READY to this layout last are sent its number, the rest the manifest
+        ranks, reusing = rnd.ranks, rnd.reusing
         idents = list(ranks.values())
         self._ring.reset()
         try:
@@ -361,7 +353,7 @@ class BucketSender:
 
             def wait_ready() -> None:
                 pub.wait(
-                    lambda: len(rnd.ready) + len(rnd.rejected) == len(ranks),
+                    rnd.all_checked,
                     timeout,
                     f"ranks {describe_ranks(set(ranks) - rnd.ready - set(rnd.rejected))} to check the manifest of {version!r}",
                 )
@@ -374,35 +366,30 @@ class BucketSender:
             # Two-phase: COMMIT only once every rank holds every byte (PREPARED); until then any
             # failure aborts the version on every rank and none commits it.
             pub.wait(
-                lambda: len(rnd.prepared) == len(ranks),
+                rnd.all_prepared,
                 timeout,
                 f"ranks {describe_ranks(set(ranks) - set(rnd.prepared))} to prepare {version!r}",
             )
-            with pub.cond:
-                rnd.commit_sent = True
+            pub.commit_going_out(rnd)
             pub.broadcast(idents, m.Commit(version=version))
             pub.wait(
-                lambda: len(rnd.committed) == len(ranks),
+                rnd.all_committed,
                 timeout,
                 f"ranks {describe_ranks(set(ranks) - set(rnd.committed))} to commit {version!r}",
             )
         except BaseException as exc:
-            with pub.cond:
-                commit_sent, rnd.aborted = rnd.commit_sent, not rnd.commit_sent
-                if isinstance(exc, PeerTimeout):  # the ranks that did not answer in time
-                    for rank in ranks:
-                        if not rnd.settled(rank) and (commit_sent or rank not in rnd.prepared):
-                            rnd.lost[rank] = f"no answer within {timeout:.1f}s"
+            # a timeout: the ranks that did not answer in time are lost
+            commit_sent = pub.round_failed(rnd, timeout if isinstance(exc, PeerTimeout) else None)
             if not commit_sent:  # after COMMIT the decision stands: ranks commit what they hold
                 reason = f"{type(exc).__name__}: {exc}"
                 if len(reason) > _ABORT_REASON_CHARS:  # every rank repeats it in its own answer
                     reason = reason[: _ABORT_REASON_CHARS - 1] + "…"
                 pub.broadcast(idents, m.Abort(version=version, reason=reason))
             try:  # bounded: ranks answer an ABORT (or COMMIT) with how it ended for them
-                pub.wait_quiet(lambda: all(rnd.settled(rank) for rank in ranks), min(timeout, _OUTCOME_WAIT_S))
+                pub.wait_quiet(rnd.all_settled, min(timeout, _OUTCOME_WAIT_S))
             finally:
-                with pub.cond:  # the I/O thread may still be recording answers
-                    report = _report(rnd, total, len(manifest), len(plan), time.perf_counter() - start)
+                seconds = time.perf_counter() - start
+                report = pub.read_round(rnd, lambda r: _report(r, total, len(manifest), len(plan), seconds))
             log.warning("push of %s failed: %s", version, "; ".join(
                 f"rank {r.rank} {r.outcome}" + (f" ({r.error})" if r.error else "") for r in report.receivers.values()
             ))
@@ -417,12 +404,10 @@ class BucketSender:
                 raise aborted from exc
             raise
         finally:
-            with pub.cond:
-                pub.round = None
+            pub.close_round(rnd)
         seconds = time.perf_counter() - start
         self.committed_version = version
-        with pub.cond:
-            report = _report(rnd, total, len(manifest), len(plan), seconds)
+        report = pub.read_round(rnd, lambda r: _report(r, total, len(manifest), len(plan), seconds))
         log.info(
             "pushed %s: %d tensors, %d bytes, %d buckets to %d ranks in %.3fs",
             version, len(manifest), total, len(plan), len(ranks), seconds,
@@ -489,8 +474,7 @@ class BucketSender:
         frames: list[Any],
     ) -> None:
         pub = self._publisher
-        with pub.cond:
-            rnd.pending[bucket.seq] = (slot_index, set(rnd.ranks))
+        pub.expect_acks(rnd, bucket.seq, slot_index)
         # whole tensors packed from 0: the ranks derive the arrays from the manifest (protocol v5)
         offsets, nbytes, chunks = (b"", b"", b"") if bucket.whole else bucket.packed()
         pub.broadcast(

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 
@@ -48,6 +48,8 @@ from ..security import (
 )
 
 log = logging.getLogger("weightstream.sender")
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -87,6 +89,9 @@ class Round:
     failure: WeightstreamError | None = None
     # seq -> (slot, ranks still to ack)
     pending: dict[int, tuple[int, set[int]]] = field(default_factory=dict)
+    # the ranks (routing identities) that said READY to this layout last: BEGIN names the layout
+    # to them instead of resending its manifest
+    reusing: list[bytes] = field(default_factory=list)
 
     def fail(self, error: WeightstreamError, rank: int | None = None) -> None:
         if self.failure is None:
@@ -101,6 +106,19 @@ class Round:
     def settled(self, rank: int) -> bool:
         """Has this rank said how the round ended for it (or can it no longer)?"""
         return rank in self.answered or rank in self.lost or rank in self.rejected or rank in self.committed
+
+    def all_checked(self) -> bool:
+        """Has every rank answered the manifest (READY or REJECT)?"""
+        return len(self.ready) + len(self.rejected) == len(self.ranks)
+
+    def all_prepared(self) -> bool:
+        return len(self.prepared) == len(self.ranks)
+
+    def all_committed(self) -> bool:
+        return len(self.committed) == len(self.ranks)
+
+    def all_settled(self) -> bool:
+        return all(self.settled(rank) for rank in self.ranks)
 
 
 class Publisher:
@@ -187,6 +205,57 @@ class Publisher:
                 pass
         self._thread = threading.Thread(target=self._run, name="weightstream-publisher", daemon=True)
         self._thread.start()
+
+    # --- rounds: the trainer thread opens, records and closes them through these ------
+
+    def open_round(self, version: str, layout: int, max_consumers: int | None) -> Round:
+        """Start the round of ``version`` over every connected rank. The ranks that said READY to
+        ``layout`` last are the round's ``reusing``; every rank's layout is forgotten until it says
+        READY to this BEGIN (a rank that fails in between gets the manifest again next time)."""
+        with self.cond:
+            rnd = Round(
+                version=version,
+                ranks={rank: peer.identity for rank, peer in self.peers.items()},
+                layout=layout,
+                max_consumers=max_consumers,
+                reusing=[peer.identity for peer in self.peers.values() if peer.layout == layout],
+            )
+            for peer in self.peers.values():
+                peer.layout = None
+            self.round = rnd
+        return rnd
+
+    def expect_acks(self, rnd: Round, seq: int, slot: int) -> None:
+        """Bucket ``seq`` is going out in ``slot``: the slot is free again once every rank acked it."""
+        with self.cond:
+            rnd.pending[seq] = (slot, set(rnd.ranks))
+
+    def commit_going_out(self, rnd: Round) -> None:
+        """Every rank prepared: from here on the version is decided and is never aborted."""
+        with self.cond:
+            rnd.commit_sent = True
+
+    def round_failed(self, rnd: Round, timed_out: float | None) -> bool:
+        """The push failed: mark the round aborted unless COMMIT went out (return whether it did).
+        ``timed_out``: the push timed out after this many seconds; the ranks that had not answered
+        are recorded as lost."""
+        with self.cond:
+            commit_sent, rnd.aborted = rnd.commit_sent, not rnd.commit_sent
+            if timed_out is not None:
+                for rank in rnd.ranks:
+                    if not rnd.settled(rank) and (commit_sent or rank not in rnd.prepared):
+                        rnd.lost[rank] = f"no answer within {timed_out:.1f}s"
+        return commit_sent
+
+    def read_round(self, rnd: Round, read: Callable[[Round], _T]) -> _T:
+        """``read(rnd)`` under the lock: the I/O thread may still be recording answers."""
+        with self.cond:
+            return read(rnd)
+
+    def close_round(self, rnd: Round) -> None:
+        with self.cond:
+            if self.round is rnd:
+                self.round = None
 
     # --- called from the trainer thread ----------------------------------------------
 

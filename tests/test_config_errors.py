@@ -5,7 +5,7 @@ argument that does nothing says so."""
 from __future__ import annotations
 
 import os
-import warnings
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,9 +114,40 @@ def test_a_transport_this_host_cannot_run_stays_a_transport_error(endpoint: str)
     assert not isinstance(info.value, ConfigError)
 
 
-def test_the_daemons_heartbeat_timeout_does_nothing_and_says_so(endpoint: str) -> None:
-    with pytest.warns(DeprecationWarning, match=r"BucketSender\(heartbeat_timeout=\)"):
-        ReceiverDaemon(endpoint, _never, heartbeat_timeout=5.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ReceiverDaemon(endpoint, _never)  # not passing it: no warning
+def test_the_daemons_heartbeat_timeout_must_be_above_its_interval(endpoint: str) -> None:
+    with pytest.raises(ConfigError, match="heartbeat_timeout must be above heartbeat_interval"):
+        ReceiverDaemon(endpoint, _never, heartbeat_interval=1.0, heartbeat_timeout=0.5)
+
+
+@pytest.mark.timeout(30)
+def test_the_daemons_own_heartbeat_timeout_ends_a_silent_session_sooner(endpoint: str) -> None:
+    """A rank reconnects after its own heartbeat_timeout of silence when it sets one, not after
+    the (much longer) one its sender's WELCOME allows."""
+    from test_malformed import FakeSender
+
+    from weightstream.protocol import messages as m
+
+    fake = FakeSender(endpoint)
+    patient = ReceiverDaemon(endpoint, _never, rank=0, heartbeat_interval=0.1).start()
+    try:
+        fake.wait_for(m.Hello)
+        fake.send(fake.welcome())  # heartbeat_timeout=30.0; then the fake answers nothing
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            fake.recv(0.05)
+        assert patient.status.reconnects == 0  # the sender's 30 s have not passed
+    finally:
+        patient.stop()
+        fake.close()
+    fake = FakeSender(endpoint)
+    eager = ReceiverDaemon(endpoint, _never, rank=0, heartbeat_interval=0.1, heartbeat_timeout=0.5).start()
+    try:
+        fake.wait_for(m.Hello)
+        fake.send(fake.welcome())
+        deadline = time.monotonic() + 10.0
+        while eager.status.reconnects == 0 and time.monotonic() < deadline:
+            fake.recv(0.05)
+        assert eager.status.reconnects >= 1, eager.status
+    finally:
+        eager.stop()
+        fake.close()
