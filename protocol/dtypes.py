@@ -30,19 +30,6 @@ class DType:
     def numpy(self) -> np.dtype:
         return _NUMPY[self.code]
 
-    # Kept for callers not yet moved to weightstream.frameworks (receiver/version_run.py,
-    # the cuda_ipc transport): each is that framework module's native_dtype(). Importing it
-    # here, lazily, keeps this module free of any framework knowledge.
-    def torch(self) -> Any:
-        from ..frameworks import torch as fw
-
-        return fw.native_dtype(self)
-
-    def paddle(self) -> Any:
-        from ..frameworks import paddle as fw
-
-        return fw.native_dtype(self)
-
 
 DTYPES: tuple[DType, ...] = (
     DType(0, "bool", 1),

@@ -16,60 +16,18 @@ tensors that is most of the receiver's per-tensor cost.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .. import native as speedups
-from ..frameworks import INT_OF_ITEMSIZE, Framework, bytes_view, host_bytes
+from ..frameworks import Framework, bytes_view, host_bytes, module
 from ..protocol import messages as m
 from ..protocol.dtypes import DTYPES
 from ..protocol.errors import ManifestMismatch, ProtocolError, VersionAborted
 from ..protocol.transports import ImportedSlot, StreamRead
+from .appliers import Applier, PreparedBucket, choose_applier
 from .prefetch import PrefetchQueue
 from .run_manifest import RunManifest, address_of
-
-_NUMPY_DTYPES = tuple(d.numpy for d in DTYPES)
-_TORCH_VIEWS: tuple[tuple[np.dtype, Any], ...] | None = None
-_from_numpy: Any = None
-
-
-def _torch_view_table() -> tuple[tuple[np.dtype, Any], ...]:
-    """Per dtype code: the same-width NumPy int to view slot bytes as, and the torch dtype to
-    reinterpret that as (None when torch.from_numpy already gives the right dtype)."""
-    global _TORCH_VIEWS, _from_numpy
-    if _TORCH_VIEWS is None:
-        import torch
-
-        _from_numpy = torch.from_numpy
-        table = []
-        for d in DTYPES:
-            as_ints = INT_OF_ITEMSIZE[d.itemsize] if d.name != "bool" else np.dtype(np.bool_)
-            target = d.torch()
-            table.append((as_ints, None if torch.from_numpy(np.zeros(1, as_ints)).dtype == target else target))
-        _TORCH_VIEWS = tuple(table)
-    return _TORCH_VIEWS
-
-
-
-@dataclass
-class PreparedBucket:
-    seq: int
-    slot: int
-    mapping: ImportedSlot
-    checksum: int | None
-    used: int  # end of the last piece in the slot: the checksummed range
-    # (name, typed view, -1) for a whole tensor; (name, raw uint8 piece, byte offset) for a chunk
-    entries: list[tuple[str, Any, int]]
-    # direct mode: the whole tensors, as (manifest index of the first, their slot offsets as
-    # int64); the rest (chunk pieces) stay in ``entries``
-    whole: tuple[int, np.ndarray] | None = None
-    # a streamed bucket (read as the sender writes it): the entries' (offset, nbytes) in the slot,
-    # and how many entries come before the whole tensors (all of it is read in offset order)
-    streamed: bool = False
-    spans: list[tuple[int, int]] | None = None
-    head: int = 0
 
 
 class VersionRun:
@@ -86,7 +44,15 @@ class VersionRun:
         manifest: RunManifest | None = None,
         targets_owner: Any = None,
         alignment: int = m.ALIGNMENT,
+        staged: bool = False,
+        streamed: bool = False,
+        stream_index: int = 0,
+        domain: str = "host",
     ) -> None:
+        """``staged``: the consumer only copies, the model is untouched until COMMIT. ``streamed``:
+        this rank said READY streamed (it takes buckets read as the sender writes them, as the
+        ``stream_index``-th reader). ``domain``: where the session's slots live ("host" or a
+        device), from the transport's capabilities."""
         self.version = begin.version
         self.num_buckets = begin.buckets
         self.total_bytes = begin.total_bytes
@@ -98,6 +64,7 @@ class VersionRun:
         self.names, self.dtypes, self.fulls = self.manifest.names, self.manifest.codes, self.manifest.fulls
         self._index: dict[str, int] = {}  # name -> manifest index, built on the first chunk piece
         self.framework = framework
+        self._host_view = module(framework).view  # typed views of host bytes, unchecked (the hot path)
         self.queue = queue
         self.timeout = timeout
         self._on_ack = on_ack
@@ -124,12 +91,12 @@ class VersionRun:
         self.swap_task: Any = None  # staged: the load_weights call COMMIT started
         self.prepared_seconds = 0.0
         self.started = 0.0
-        self.staged = False  # staged mode: the consumer only copies; the model is untouched
-        # set by the daemon when this rank said READY streamed: its index among a streamed bucket's
-        # consumers, and the check that raises once the version was aborted
-        self.streamed = False
-        self.stream_index = 0
-        self.check: Callable[[], None] = lambda: None
+        self.staged = staged
+        self.streamed = streamed and self.direct
+        self.stream_index = stream_index
+        self.check: Callable[[], None] = queue.check  # raises once the version was aborted
+        # how buckets reach the model, chosen once for the whole version
+        self.applier: Applier = choose_applier(self, direct=self.direct and domain == "host", streamed=self.streamed)
 
     # --- loop side -----------------------------------------------------------------------
 
@@ -142,7 +109,7 @@ class VersionRun:
             raise ProtocolError(f"BUCKET: field 'seq': expected {self.next_seq}, got {msg.seq}")
         if msg.seq >= self.num_buckets:
             raise ProtocolError(f"BUCKET: field 'seq': version {self.version!r} has {self.num_buckets} buckets, got seq {msg.seq}")
-        streamed = self._streamed(msg, slot)
+        self.applier.check(msg, slot)
         if msg.count is None:
             offsets, nbytes, chunks = msg.arrays()
             first = self._advance(msg, offsets, nbytes, chunks)
@@ -152,38 +119,7 @@ class VersionRun:
         self.next_seq += 1
         n = len(offsets)
         used = int((offsets + nbytes).max()) if n else 0
-        if not (self.direct and slot.domain == "host"):
-            pieces = zip(range(first, first + n), offsets.tolist(), nbytes.tolist(), chunks.tolist())
-            entries = [self._entry(slot, *piece) for piece in pieces]
-            return PreparedBucket(msg.seq, msg.slot, slot, msg.checksum, used, entries)
-        # Only the first and the last entry can be chunk pieces; the whole tensors between go direct.
-        fulls, lo, hi = self.fulls, 0, n
-        if n and (chunks[0] or nbytes[0] != fulls[first]):
-            lo = 1
-        if hi > lo and (chunks[hi - 1] or nbytes[hi - 1] != fulls[first + hi - 1]):
-            hi -= 1
-        ends = [*range(lo), *range(hi, n)]
-        if not streamed:
-            entries = [self._entry(slot, first + k, int(offsets[k]), int(nbytes[k]), int(chunks[k])) for k in ends]
-            whole = (first + lo, offsets[lo:hi]) if hi > lo else None
-            return PreparedBucket(msg.seq, msg.slot, slot, msg.checksum, used, entries, whole)
-        # streamed: only chunk pieces and whole tensors with an address (the rank said so at READY)
-        entries = [(self.names[first + k], None, int(chunks[k])) for k in ends]
-        spans = [(int(offsets[k]), int(nbytes[k])) for k in ends]
-        whole = (first + lo, offsets[lo:hi]) if hi > lo else None
-        return PreparedBucket(msg.seq, msg.slot, slot, None, used, entries, whole, True, spans, lo)
-
-    def _streamed(self, msg: m.Bucket, slot: ImportedSlot) -> bool:
-        if not msg.ring:
-            return False
-        if not slot.can_stream or not self.streamed or not self.direct:
-            raise ProtocolError(
-                f"BUCKET {msg.seq}: field 'ring': expected none, since this rank did not offer to take "
-                f"{self.version!r} streamed (READY streamed), got ring=True"
-            )
-        if msg.checksum is not None:
-            raise ProtocolError(f"BUCKET {msg.seq}: fields 'ring' and 'checksum': a streamed bucket cannot be checksummed")
-        return True
+        return self.applier.prepare(msg, slot, first, offsets, nbytes, chunks, used)
 
     def _advance(self, msg: m.Bucket, offsets: np.ndarray, nbytes: np.ndarray, chunks: np.ndarray) -> int:
         """Check that the bucket continues the manifest in order; return its first manifest index."""
@@ -242,22 +178,19 @@ class VersionRun:
         self._cursor = first + (msg.count or 0)
         return first
 
-    def _entry(self, slot: ImportedSlot, index: int, offset: int, nbytes: int, chunk: int) -> tuple[str, Any, int]:
+    def entry(self, slot: ImportedSlot, index: int, offset: int, nbytes: int, chunk: int) -> tuple[str, Any, int]:
         name = self.names[index]
         data = slot.raw(offset, nbytes)
         if chunk or nbytes != self.fulls[index]:
             return name, data, chunk
-        return name, self._view(slot, data, self.dtypes[index], self.shapes[index]), -1
+        return name, self.view(slot, data, self.dtypes[index], self.shapes[index]), -1
 
-    def _view(self, slot: ImportedSlot, data: Any, code: int, shape: tuple[int, ...]) -> Any:
-        framework = self.framework
-        if slot.domain == "host" and framework == "numpy":  # the hot path for many small tensors: a plain view
-            return data.view(_NUMPY_DTYPES[code]).reshape(shape)
-        if slot.domain == "host" and framework == "torch":  # same for torch: ints of the same width, reinterpreted
-            as_ints, target = _torch_view_table()[code]
-            tensor = _from_numpy(data.view(as_ints).reshape(shape))
-            return tensor if target is None else tensor.view(target)
-        return slot.typed(framework, data, DTYPES[code], tuple(shape))
+    def view(self, slot: ImportedSlot, data: Any, code: int, shape: tuple[int, ...]) -> Any:
+        """Tensor bytes as the framework's typed view: host bytes without a check (the hot path for
+        many small tensors), device bytes through the slot."""
+        if slot.domain == "host":
+            return self._host_view(data, DTYPES[code], shape)
+        return slot.typed(self.framework, data, DTYPES[code], tuple(shape))
 
     # --- consumer side -----------------------------------------------------------------
 
@@ -277,40 +210,51 @@ class VersionRun:
                         f"bucket {bucket.seq} of {self.version!r} failed its checksum (expected {bucket.checksum:#018x}, "
                         f"got {got:#018x}): the slot was overwritten or corrupted in transit; the version was not committed"
                     )
-            if bucket.streamed:
-                yield from self._apply_streamed(bucket)
-                self._on_ack(bucket.seq, bucket.slot)
-                continue
-            if bucket.whole is not None:
-                yield from self._apply_whole(bucket)
-            linked = self.manifest.aliases_of or self._ties
-            for name, data, chunk in bucket.entries:
-                if chunk >= 0:
-                    data = self._write_piece(bucket.mapping, name, data, chunk)
-                    if data is None:  # held in scratch until complete, or written in place
-                        done = self._in_place_done
-                        if done is not None and linked:
-                            self._in_place_done = None
-                            yield from self._alias_deliveries(bucket.mapping, *done)
-                        continue
-                if linked:
-                    index = self._index_of(name)
-                    if index in self._ties:
-                        self._check_tie(index, self._bytes_of(data))
-                        self.applied += 1
-                        continue
-                if not self.staged:
-                    self.touched = True  # load_weights gets it: the model may change from here on
-                self.last_given = name
-                yield name, data
-                self.applied += 1
-                if linked and index in self.manifest.aliases_of:
-                    yield from self._alias_deliveries(bucket.mapping, index, self._bytes_of(data), data)
+            yield from self.applier.apply(bucket)
             bucket.mapping.sync()  # e.g. a CUDA stream sync: copies out of the slot must be complete
             if bucket.checksum is not None:
                 self._check_unchanged(bucket)
             self._on_ack(bucket.seq, bucket.slot)
         self.finished = True
+
+    def targets(self) -> tuple[list[Any], np.ndarray | None]:
+        """Direct mode: every tensor's destination in the model (None: none), and their addresses
+        for the C copy (None without it)."""
+        if self._destination is None:
+            raise VersionAborted(f"version {self.version!r}: direct mode without the sink's destinations")
+        return self.manifest.targets(self._destination, self._targets_owner)  # type: ignore[no-any-return]
+
+    @property
+    def ties(self) -> dict[int, int]:
+        """Tensors tied in this rank's model but sent apart (manifest index -> its twin), this run."""
+        return self._ties
+
+    def deliver(self, bucket: PreparedBucket) -> Iterator[tuple[str, Any]]:
+        """A bucket's entries: typed views to hand over, chunk pieces to assemble (in place or in
+        scratch), tied and aliased names resolved."""
+        linked = self.manifest.aliases_of or self._ties
+        for name, data, chunk in bucket.entries:
+            if chunk >= 0:
+                data = self.write_piece(bucket.mapping, name, data, chunk)
+                if data is None:  # held in scratch until complete, or written in place
+                    done = self._in_place_done
+                    if done is not None and linked:
+                        self._in_place_done = None
+                        yield from self.alias_deliveries(bucket.mapping, *done)
+                    continue
+            if linked:
+                index = self._index_of(name)
+                if index in self._ties:
+                    self.check_tie(index, self._bytes_of(data))
+                    self.applied += 1
+                    continue
+            if not self.staged:
+                self.touched = True  # load_weights gets it: the model may change from here on
+            self.last_given = name
+            yield name, data
+            self.applied += 1
+            if linked and index in self.manifest.aliases_of:
+                yield from self.alias_deliveries(bucket.mapping, index, self._bytes_of(data), data)
 
     def _check_unchanged(self, bucket: PreparedBucket) -> None:
         """The digest again, once the consumer moved past the bucket and before its ACK: the
@@ -349,7 +293,7 @@ class VersionRun:
             self._alias_dests[name] = dest
         return self._alias_dests[name]
 
-    def _alias_deliveries(
+    def alias_deliveries(
         self, slot: ImportedSlot, index: int, raw: np.ndarray, view: Any = None
     ) -> Iterator[tuple[str, Any]]:
         """The sender's aliases of tensor ``index`` (its bytes ``raw``): a model that ties them to
@@ -364,9 +308,9 @@ class VersionRun:
                     np.copyto(dest, raw)
                 continue
             self.last_given = alias
-            yield alias, view if view is not None else self._view(slot, raw, self.dtypes[index], self.shapes[index])
+            yield alias, view if view is not None else self.view(slot, raw, self.dtypes[index], self.shapes[index])
 
-    def _check_tie(self, index: int, raw: np.ndarray) -> None:
+    def check_tie(self, index: int, raw: np.ndarray) -> None:
         """Tensor ``index`` shares its memory with ``tie_of[index]`` in this model but came apart:
         one write is enough if the bytes agree; different values cannot both be served."""
         twin = self._ties[index]
@@ -379,79 +323,7 @@ class VersionRun:
             "or the same tensor under both names), or untie them in the inference model"
         )
 
-    def _apply_whole(self, bucket: PreparedBucket) -> Iterator[tuple[str, Any]]:
-        """Direct mode: copy whole tensors into their destinations; yield only those without one."""
-        first, offsets = bucket.whole  # type: ignore[misc]
-        end = first + len(offsets)
-        targets, addresses = self.manifest.targets(self._destination, self._targets_owner)  # type: ignore[arg-type]
-        slot = bucket.mapping
-        raw = slot.raw(0, slot.size)
-        mv = memoryview(raw)
-        self.touched = True  # the model's own memory is written from here on
-        count, names, fulls = end - first, self.names, self.fulls
-        stream = slot.streams
-        # C: every target with an address, the GIL released over the whole run; without the C
-        # module (no addresses) the loop below takes every tensor
-        spans = None if addresses is None else (offsets, self.manifest.sizes[first:end], addresses[first:end])
-        k = 0 if spans is None else speedups.scatter(raw, *spans, 0, stream)
-        while k < count:
-            index = first + k
-            target, offset, n = targets[index], int(offsets[k]), fulls[index]
-            if type(target) is memoryview:  # small: per-tensor overhead dominates, a memoryview copy is the cheapest
-                target[:] = mv[offset : offset + n]
-            elif target is not None:  # NumPy releases the GIL for big copies, so the daemon's loop keeps running
-                np.copyto(target, raw[offset : offset + n])
-            elif index in self._ties:  # tied here, sent apart: the first one's bytes must match
-                self._check_tie(index, raw[offset : offset + n])
-            else:  # no place to write it: load_weights gets a view
-                self.last_given = names[index]
-                yield names[index], self._view(slot, raw[offset : offset + n], self.dtypes[index], self.shapes[index])
-            k = k + 1 if spans is None else speedups.scatter(raw, *spans, k + 1, stream)
-        self.applied += end - first
-        aliased = self.manifest.aliases_of
-        if aliased:  # the sender's aliases of this bucket's tensors, from the bytes just written
-            for index in sorted(i for i in aliased if first <= i < end):
-                offset = int(offsets[index - first])
-                yield from self._alias_deliveries(slot, index, raw[offset : offset + fulls[index]])
-
-    def _apply_streamed(self, bucket: PreparedBucket) -> Iterator[tuple[str, Any]]:
-        """A streamed bucket, in offset order: the chunk piece it may start with, the whole tensors
-        (each straight to its address), the chunk piece it may end with. Only a chunked tensor
-        completed in scratch is yielded (a private copy, not the slot's stream)."""
-        read = bucket.mapping.stream_reader(self.stream_index, bucket.used, self.check, self.timeout)
-        slot, spans = bucket.mapping, bucket.spans or []
-        pieces = list(zip(bucket.entries, spans))
-
-        def piece(k: int) -> Iterator[tuple[str, Any]]:
-            (name, _, chunk), (offset, nbytes) = pieces[k]
-            data = self._write_piece(slot, name, None, chunk, (read, offset, nbytes))
-            if data is not None:
-                self.touched = True
-                self.last_given = name
-                yield name, data
-                self.applied += 1
-
-        for k in range(bucket.head):
-            yield from piece(k)
-        if bucket.whole is not None:
-            first, offsets = bucket.whole
-            end = first + len(offsets)
-            targets, addresses = self.manifest.targets(self._destination, self._targets_owner)  # type: ignore[arg-type]
-            if addresses is None:
-                raise VersionAborted("a streamed bucket came but this rank has no destination addresses (no C module)")
-            self.touched = True  # the model's own memory is written from here on
-            k = read.scatter(offsets, self.manifest.sizes[first:end], addresses[first:end], 0, len(offsets), slot.streams)
-            if k < len(offsets):
-                raise VersionAborted(
-                    f"tensor {self.names[first + k]!r} has no place to be written, yet this rank took "
-                    f"{self.version!r} streamed; the version was aborted"
-                )
-            self.applied += end - first
-        for k in range(bucket.head, len(pieces)):
-            yield from piece(k)
-        read.consume(bucket.used)
-
-    def _write_piece(
+    def write_piece(
         self, slot: ImportedSlot, name: str, data: Any, chunk: int, ring: tuple[StreamRead, int, int] | None = None
     ) -> Any | None:
         """Write a chunk into its destination; return a view to yield once complete. From a

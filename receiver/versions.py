@@ -132,6 +132,9 @@ class VersionMachine:
             ))
             return
         loop = asyncio.get_running_loop()
+        # whole tensors go straight into the sink's memory only when the manifest was checked
+        # against that same sink, so every destination has the tensor's dtype and shape
+        direct = from_sink and bool(expected) and not consumer.staged and consumer.direct_copy
         run = VersionRun(
             msg,
             framework=consumer.framework,
@@ -139,18 +142,16 @@ class VersionMachine:
             timeout=consumer.apply_timeout,
             on_ack=lambda seq, slot: loop.call_soon_threadsafe(self._ack, run, seq, slot),
             destination=consumer.destination,
-            # whole tensors go straight into the sink's memory only when the manifest was checked
-            # against that same sink, so every destination has the tensor's dtype and shape
-            direct=from_sink and bool(expected) and not consumer.staged and consumer.direct_copy,
+            direct=direct,
             manifest=manifest,
             # a direct-copy sink returns the same specs object only while its arrays are unchanged
             targets_owner=expected,
             alignment=link.welcome.alignment if link.welcome is not None else m.ALIGNMENT,
+            staged=consumer.staged,
+            streamed=direct and self._streamable(manifest, expected),
+            stream_index=self.rank,
+            domain=link.transport.capabilities.device if link.transport is not None else "host",
         )
-        run.staged = consumer.staged
-        run.streamed = self._streamable(run, manifest, expected)
-        run.stream_index = self.rank
-        run.check = run.queue.check
         self._run = run
         self._inbox = asyncio.Queue()
         self._busy_slots.clear()
@@ -202,14 +203,14 @@ class VersionMachine:
             )
         return manifest
 
-    def _streamable(self, run: VersionRun, manifest: RunManifest, expected: Any) -> bool:
+    def _streamable(self, manifest: RunManifest, expected: Any) -> bool:
         """Can this rank take the version's buckets streamed (read as the sender writes them)? Only
         if it copies every whole tensor to an address itself, so no view of a slot that is being
         rewritten reaches load_weights (chunked tensors are written piece by piece, in place or
         into scratch)."""
         link, destination = self.link, self.consumer.destination
         welcome, transport = link.welcome, link.transport
-        if not run.direct or welcome is None or transport is None or destination is None:
+        if welcome is None or transport is None or destination is None:
             return False
         most = transport.capabilities.max_consumers
         if not transport.capabilities.streamed or (most is not None and self.rank >= most):
@@ -221,7 +222,7 @@ class VersionMachine:
         try:
             _, addresses = manifest.targets(destination, expected)
         except Exception as exc:  # the sink's own code: the apply thread meets it again and fails the version
-            log.debug("rank %d: not streamed for %r, the sink's destinations raised %s", self.rank, run.version, type(exc).__name__)
+            log.debug("rank %d: not streamed, the sink's destinations raised %s", self.rank, type(exc).__name__)
             return False
         if addresses is None or manifest.tie_of:
             return False

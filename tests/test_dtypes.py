@@ -74,7 +74,7 @@ def test_torch_dtypes() -> None:
     torch = pytest.importorskip("torch")
     for d in DTYPES:
         td = torch_fw.native_dtype(d)
-        assert td == getattr(torch, d.name) and d.torch() is td  # DType.torch(): a shim until its callers move
+        assert td == getattr(torch, d.name)
         assert dtype_of(torch.zeros(2, dtype=td)) is d
         assert torch.empty((), dtype=td).element_size() == d.itemsize
     with pytest.raises(WeightstreamError, match="complex64"):
@@ -85,7 +85,7 @@ def test_paddle_dtypes() -> None:
     paddle = pytest.importorskip("paddle")
     for d in DTYPES:
         pd = paddle_fw.native_dtype(d)
-        assert pd == getattr(paddle, d.name) and d.paddle() is pd  # DType.paddle(): a shim until its callers move
+        assert pd == getattr(paddle, d.name)
         t = paddle.zeros([2], dtype=pd)
         assert dtype_of(t) is d
         assert t.element_size() == d.itemsize

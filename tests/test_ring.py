@@ -5,6 +5,7 @@ including the faults that a ring adds: a sender that stops writing, a rank that 
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -402,10 +403,20 @@ def test_a_sender_killed_mid_ring_bucket(endpoint: str, small_rings: None) -> No
 def test_a_ring_bucket_to_a_rank_that_did_not_offer_is_refused() -> None:
     from weightstream.protocol import messages as m
     from weightstream.protocol.errors import ProtocolError
+    from weightstream.receiver.prefetch import PrefetchQueue
     from weightstream.receiver.version_run import VersionRun
 
     begin = m.Begin.build(version="v", names=["w"], dtypes=[8], shapes=[(4,)], total_bytes=16, buckets=1)
-    run = VersionRun(begin, framework="numpy", queue=None, timeout=1.0, on_ack=lambda s, k: None)  # type: ignore[arg-type]
+    loop = asyncio.new_event_loop()
+    queue = PrefetchQueue(1, loop)
+
+    def version_run(streamed: bool) -> VersionRun:
+        return VersionRun(
+            begin, framework="numpy", queue=queue, timeout=1.0, on_ack=lambda s, k: None,
+            destination=lambda name: None, direct=streamed, streamed=streamed,
+        )
+
+    run = version_run(False)
     bucket = m.Bucket.build(version="v", seq=0, slot=0, first=0, offsets=[0], nbytes=[16], chunks=[0], ring=True)
 
     class Slot:
@@ -414,10 +425,12 @@ def test_a_ring_bucket_to_a_rank_that_did_not_offer_is_refused() -> None:
     with pytest.raises(ProtocolError, match="'ring'"):
         run.prepare(bucket, Slot())  # type: ignore[arg-type]
     assert run.next_seq == 0  # refused before it counted
-    run.streamed = run.direct = True
+    run = version_run(True)
     checked = m.Bucket.build(version="v", seq=0, slot=0, first=0, offsets=[0], nbytes=[16], chunks=[0], checksum=1, ring=True)
     with pytest.raises(ProtocolError, match="checksum"):
         run.prepare(checked, Slot())  # type: ignore[arg-type]
+    assert run.next_seq == 0
+    loop.close()
 
 
 def test_closing_a_mapped_slot_under_a_waiting_reader_keeps_its_memory(monkeypatch: pytest.MonkeyPatch) -> None:
