@@ -99,7 +99,7 @@ def test_a_sender_and_a_daemon_in_one_process_keep_their_own_manifests(endpoint_
                 sender.push(list(pushed.items()), version=f"step_{step}")
                 assert all(np.array_equal(states[key][n], t) for n, t in pushed.items()), key
         assert rank_a.committed_version == rank_b.committed_version == "step_1"
-        codecs = [send_a._publisher._codec, send_b._publisher._codec, rank_a._codec, rank_b._codec]
+        codecs = [send_a._publisher._codec, send_b._publisher._codec, rank_a._session.codec, rank_b._session.codec]
         assert len({id(c) for c in codecs}) == 4
         assert codecs[0]._joined is not None and codecs[0]._joined[0] == list(models["a"])
         assert codecs[1]._joined is not None and codecs[1]._joined[0] == list(models["b"])
