@@ -106,3 +106,73 @@ def not_cuda_tensor(obj: Any) -> TransportError:
         f"tensor: expected a CUDA torch or paddle tensor for transport='cuda_ipc', got {type(obj).__qualname__}; "
         "fix: move it to the GPU, or use transport='shm' for host tensors"
     )
+
+
+# --- the dtype table of a framework that has its own dtype objects (torch, paddle) ------------
+
+
+class NativeDtypes:
+    """Wire dtypes <-> a framework's dtype objects, built on first use (importing the framework
+    only then). ``fix`` says what to do when this install of the framework lacks a dtype."""
+
+    def __init__(self, module: str, fix: str) -> None:
+        self.module, self.fix = module, fix
+        self._natives: tuple[Any, ...] | None = None  # by wire code; None where the framework lacks it
+        self._by_native: dict[Any, DType] | None = None
+        self._codes: dict[Any, int] | None = None
+        self._ints: dict[int, Any] | None = None  # itemsize -> the framework's same-width integer
+
+    def _framework(self) -> Any:
+        import importlib
+
+        return importlib.import_module(self.module)
+
+    def natives(self) -> tuple[Any, ...]:
+        if self._natives is None:
+            from ..protocol.dtypes import DTYPES
+
+            framework = self._framework()
+            self._natives = tuple(getattr(framework, d.name, None) for d in DTYPES)
+        return self._natives
+
+    def native_dtype(self, dtype: DType) -> Any:
+        """The framework's dtype of a wire dtype (imports the framework)."""
+        found = self.natives()[dtype.code]
+        if found is None:
+            version = getattr(self._framework(), "__version__", "?")
+            raise WeightstreamError(
+                f"{self.module} {version} has no dtype {dtype.name!r} (weightstream code {dtype.code}); "
+                f"fix: {self.fix} or send this tensor in another dtype"
+            )
+        return found
+
+    def by_native(self) -> dict[Any, DType]:
+        if self._by_native is None:
+            from ..protocol.dtypes import DTYPES
+
+            self._by_native = {native: d for d, native in zip(DTYPES, self.natives()) if native is not None}
+        return self._by_native
+
+    def wire_dtype(self, native: Any) -> DType:
+        """The wire dtype of one of the framework's dtypes."""
+        found = self.by_native().get(native)
+        if found is None:
+            from ..protocol.dtypes import unsupported
+
+            raise unsupported(native)
+        return found
+
+    def codes(self) -> dict[Any, int]:
+        """Wire dtype codes keyed by the framework's dtype (shared: do not modify)."""
+        if self._codes is None:
+            self._codes = {native: d.code for native, d in self.by_native().items()}
+        return self._codes
+
+    def ints(self) -> dict[int, Any]:
+        """Itemsize -> the framework's integer dtype of that width (views reinterpret through it)."""
+        if self._ints is None:
+            from ..protocol.dtypes import INT_OF_ITEMSIZE
+
+            framework = self._framework()
+            self._ints = {n: getattr(framework, dt.name) for n, dt in INT_OF_ITEMSIZE.items()}
+        return self._ints

@@ -29,16 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from ..protocol.dtypes import DTYPES, INT_OF_ITEMSIZE, DType, unsupported
+from ..protocol.dtypes import DTYPES, INT_OF_ITEMSIZE, DType
 from ..protocol.errors import WeightstreamError
-from ._api import CudaSource, DeviceMemory, Framework, not_cuda_tensor, not_on_gpu, not_on_host
+from ._api import CudaSource, DeviceMemory, Framework, NativeDtypes, not_cuda_tensor, not_on_gpu, not_on_host
 
 NAME: Framework = "paddle"
 
-_NATIVE: tuple[Any, ...] | None = None  # paddle dtype by wire code (None where this paddle lacks it)
-_BY_NATIVE: dict[Any, DType] | None = None
-_CODES: dict[Any, int] | None = None
-_INTS: dict[int, Any] | None = None  # itemsize -> paddle's same-width integer
 _VIEWS: tuple[tuple[np.dtype, Any], ...] | None = None  # by code: (NumPy int to view as, paddle dtype or None)
 _from_dlpack: Any = None
 
@@ -61,62 +57,15 @@ def is_model(obj: Any) -> bool:
 # --- dtypes ------------------------------------------------------------------------------------
 
 
-def _natives() -> tuple[Any, ...]:
-    global _NATIVE
-    if _NATIVE is None:
-        import paddle
-
-        _NATIVE = tuple(getattr(paddle, d.name, None) for d in DTYPES)
-    return _NATIVE
-
-
-def native_dtype(dtype: DType) -> Any:
-    """The paddle dtype of a wire dtype (imports paddle)."""
-    found = _natives()[dtype.code]
-    if found is None:
-        import paddle
-
-        raise WeightstreamError(
-            f"paddle {paddle.__version__} has no dtype {dtype.name!r} (weightstream code {dtype.code}); "
-            "fix: upgrade paddlepaddle to >= 3.0 or send this tensor in another dtype"
-        )
-    return found
-
-
-def _by_native() -> dict[Any, DType]:
-    global _BY_NATIVE
-    if _BY_NATIVE is None:
-        _BY_NATIVE = {native: d for d, native in zip(DTYPES, _natives()) if native is not None}
-    return _BY_NATIVE
-
-
-def wire_dtype(native: Any) -> DType:
-    """The wire dtype of a paddle dtype (``paddle.float32`` or a tensor's ``.dtype``)."""
-    found = _by_native().get(native)
-    if found is None:
-        raise unsupported(native)
-    return found
+_DTYPES = NativeDtypes("paddle", "upgrade paddlepaddle to >= 3.0")
+native_dtype = _DTYPES.native_dtype
+wire_dtype = _DTYPES.wire_dtype
+codes_by_dtype = _DTYPES.codes
+_ints = _DTYPES.ints
 
 
 def dtype_of(tensor: Any) -> DType:
     return wire_dtype(tensor.dtype)
-
-
-def codes_by_dtype() -> dict[Any, int]:
-    """Wire dtype codes keyed by paddle dtype (imports paddle; shared: do not modify)."""
-    global _CODES
-    if _CODES is None:
-        _CODES = {native: d.code for native, d in _by_native().items()}
-    return _CODES
-
-
-def _ints() -> dict[int, Any]:
-    global _INTS
-    if _INTS is None:
-        import paddle
-
-        _INTS = {n: getattr(paddle, dt.name) for n, dt in INT_OF_ITEMSIZE.items()}
-    return _INTS
 
 
 # --- a tensor's facts --------------------------------------------------------------------------
