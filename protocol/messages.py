@@ -461,8 +461,10 @@ def _encode(msg: Message, codec: Codec | None) -> bytes:
         value = getattr(msg, name)
         if required or value is not None:  # optional fields travel only when set
             body[name] = _joined_names(value, name, codec) if names else value
+    frame: bytes  # msgpack ships no type information
     if msg.TYPE not in _BULK:
-        return msgpack.packb(body, use_bin_type=True)
+        frame = msgpack.packb(body, use_bin_type=True)
+        return frame
     with gc_paused():
         frame = msgpack.packb(body, use_bin_type=True)
     if len(frame) > MAX_MESSAGE_BYTES:  # libzmq on the rank would drop the connection unread
@@ -685,7 +687,7 @@ def _check_names(spec: _Names, value: Any, where: str, codec: Codec | None) -> l
             "a decode may cost at most 4x its frame + 64 MiB"
         )
     try:
-        names = value.decode("utf-8").split("\0")
+        names: list[str] = value.decode("utf-8").split("\0")
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"field '{where}': expected UTF-8 names, got an invalid byte at {exc.start}") from None
     if names and (min(map(len, names)) == 0 or max(map(len, names)) > spec.max_len):

@@ -86,7 +86,8 @@ def element_counts(ndims: bytes, dims: np.ndarray) -> np.ndarray | None:
         grid = dims.reshape(n, rank)
         if float(grid.astype(np.float64).prod(axis=1).max()) > MAX_VALUE:
             return None
-        return grid.prod(axis=1)
+        products: np.ndarray = grid.prod(axis=1)  # NumPy types prod(axis=) as Any
+        return products
     ranks = np.frombuffer(ndims, np.uint8)
     starts = np.cumsum(ranks, dtype=np.int64) - ranks
     padded = np.append(dims, 1)  # a trailing scalar's start is then in range
@@ -104,4 +105,5 @@ def packed_offsets(sizes: np.ndarray, alignment: int) -> np.ndarray:
     ``alignment``-byte boundary after the last (an empty one takes no space): a packed BUCKET's
     offsets, which the wire leaves out because both sides derive them. int64, like ``sizes``."""
     aligned = (sizes + (alignment - 1)) & ~(alignment - 1)
-    return np.cumsum(aligned) - aligned
+    offsets: np.ndarray = np.cumsum(aligned) - aligned
+    return offsets

@@ -138,6 +138,7 @@ class ReceiverDaemon:
         started = threading.Event()
 
         def main() -> None:
+            loop: asyncio.AbstractEventLoop
             try:
                 import uvloop
 

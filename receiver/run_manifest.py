@@ -115,7 +115,7 @@ class RunManifest:
                         targets.append(None)
                         continue
                 if full <= _SMALL_COPY:
-                    targets.append(memoryview(np.asarray(dest)).cast("B"))
+                    targets.append(memoryview(np.asarray(dest)).cast("B"))  # type: ignore[arg-type]  # NumPy's __buffer__: 3.12+ stubs only
                 else:
                     targets.append(dest)
             addresses = speedups.destinations(targets, self.fulls)

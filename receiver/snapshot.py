@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Executor
-from pathlib import Path
 from typing import Any
 
 from ..frameworks import is_model, unmaterialised, view_as
@@ -192,10 +192,10 @@ def _stream(
 def restore_into(
     consumer: Consumer,
     state: RankState,
-    directory: str | Path,
+    directory: str | os.PathLike[str],
     version: str | None = None,
     *,
-    fallback_dir: str | Path | None = None,
+    fallback_dir: str | os.PathLike[str] | None = None,
     force: bool = False,
     executor: Executor | None = None,
 ) -> str:
@@ -212,8 +212,8 @@ def restore_into(
 
 
 def _restore(
-    consumer: Consumer, state: RankState, directory: str | Path, version: str | None, fallback_dir: str | Path | None,
-    force: bool,
+    consumer: Consumer, state: RankState, directory: str | os.PathLike[str], version: str | None,
+    fallback_dir: str | os.PathLike[str] | None, force: bool,
 ) -> str:
     source = load_snapshot(directory, consumer.rank, version, fallback_dir=fallback_dir)
     begin = _begin(source)

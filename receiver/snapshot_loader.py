@@ -174,7 +174,8 @@ class SnapshotSource:
 
 
 def load_snapshot(
-    directory: str | Path, rank: int, version: str | None = None, fallback_dir: str | Path | None = None
+    directory: str | os.PathLike[str], rank: int, version: str | None = None,
+    fallback_dir: str | os.PathLike[str] | None = None,
 ) -> SnapshotSource:
     """Find rank ``rank``'s snapshot of ``version`` (default: ``step`` of ``directory/version.yaml``).
 

@@ -135,12 +135,16 @@ class VersionMachine:
         # whole tensors go straight into the sink's memory only when the manifest was checked
         # against that same sink, so every destination has the tensor's dtype and shape
         direct = from_sink and bool(expected) and not consumer.staged and consumer.direct_copy
+
+        def on_ack(seq: int, slot: int) -> None:  # called on the apply thread
+            loop.call_soon_threadsafe(self._ack, run, seq, slot)
+
         run = VersionRun(
             msg,
             framework=consumer.framework,
             queue=PrefetchQueue(consumer.prefetch, loop),
             timeout=consumer.apply_timeout,
-            on_ack=lambda seq, slot: loop.call_soon_threadsafe(self._ack, run, seq, slot),
+            on_ack=on_ack,
             destination=consumer.destination,
             direct=direct,
             manifest=manifest,

@@ -338,10 +338,10 @@ class BucketSender:
                     alias_of=alias_of,
                     transport=fields,
                 )
-                full = [ident for ident in idents if ident not in reusing]
+                needs_manifest = [ident for ident in idents if ident not in reusing]
                 # a manifest over one frame's limit travels as BEGIN + MANIFEST parts
                 for frame in m.split_begin(begin) if layout.may_split else [begin]:
-                    pub.broadcast(full, frame)
+                    pub.broadcast(needs_manifest, frame)
             if reusing:
                 again = m.Begin.reusing(version, layout.number, total, len(plan), forced)
                 pub.broadcast(reusing, replace(again, transport=fields) if fields is not None else again)

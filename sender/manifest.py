@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from operator import attrgetter, itemgetter
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -120,7 +120,7 @@ def _describe_numpy(items: list[Any]) -> Manifest | None:
     codes = list(map(_CODE_OF_NUMPY.get, map(_dtype, tensors)))
     if None in codes:
         return None
-    return Manifest(names, tensors, codes, _shared(list(map(_shape, tensors))), list(map(_nbytes, tensors)))
+    return Manifest(names, tensors, cast("list[int]", codes), _shared(list(map(_shape, tensors))), list(map(_nbytes, tensors)))
 
 
 def _shared(shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:

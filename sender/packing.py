@@ -66,7 +66,8 @@ class PieceCache:
 
     def __init__(self, manifest: Manifest, source: Iterator[tuple[str, Any]] | None) -> None:
         self.manifest, self.source = manifest, source
-        self._index, self._bytes = -1, None
+        self._index = -1
+        self._bytes: Any = None  # the current tensor's host bytes (its slot's source_bytes)
         self._items: tuple[Any, ...] | None = None
 
     def items(self) -> tuple[Any, ...]:

@@ -96,7 +96,10 @@ def plan_buckets(
     mask = alignment - 1
     # The loop body for a tensor that fits is kept to a few list appends: at 100k tensors
     # this runs once per tensor per push.
-    tensors_, offsets_, nbytes_, chunks_ = [], [], [], []
+    tensors_: list[int] = []
+    offsets_: list[int] = []
+    nbytes_: list[int] = []
+    chunks_: list[int] = []
     for index, size in enumerate(sizes):
         if current is not None and cursor + size <= bucket_bytes and len(tensors_) < max_entries:
             tensors_.append(index)
@@ -126,12 +129,15 @@ def plan_buckets(
             current.add(index, cursor, piece, 0)
             current.whole = False
             done = piece
-        while done < size:
+        # At least one whole bucket follows (size > bucket_bytes >= what was left above).
+        while True:
             current = PlannedBucket(seq=len(buckets), whole=False)
             buckets.append(current)
             piece = min(bucket_bytes, size - done)
             current.add(index, 0, piece, done)
             done += piece
+            if done >= size:
+                break
         tensors_, offsets_, nbytes_, chunks_ = current.tensors, current.offsets, current.nbytes, current.chunks
         cursor = align_up(current.used, alignment)
     if current is not None:

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import zmq
 
@@ -381,16 +381,21 @@ class Publisher:
         want_key = self._rank_keys is not None
         while True:
             try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=not want_key)
+                received = self._router.recv_multipart(zmq.NOBLOCK, copy=not want_key)
             except zmq.Again:
                 return
-            if len(frames) != 2:
-                log.warning("dropped a message of %d frames; expected [identity, body]", len(frames))
+            if len(received) != 2:
+                log.warning("dropped a message of %d frames; expected [identity, body]", len(received))
                 continue
             user_id: str | None = None
+            frames: list[bytes]
             if want_key:
-                user_id = frames[1].get("User-Id")  # the ZAP handler's name for the CURVE key
-                frames = [f.bytes for f in frames]
+                copies = cast("list[zmq.Frame]", received)  # copy=False: Frames, for their metadata
+                # the ZAP handler's name for the CURVE key; pyzmq types Frame.get(str) as int | str
+                user_id = cast(str, copies[1].get("User-Id"))
+                frames = [f.bytes for f in copies]
+            else:
+                frames = cast("list[bytes]", received)
             ident, body = frames
             known = ident in self._by_ident  # read by this thread only (the lock guards writes)
             try:

@@ -68,7 +68,7 @@ def _receiver_main(endpoint: str, rank: int, specs: dict[str, Any], versions: li
 def _recv(conn: Any, rank: int, what: str) -> dict[str, Any]:
     if not conn.poll(REPLY_TIMEOUT):
         raise TimeoutError(f"rank {rank}: no {what} within {REPLY_TIMEOUT}s")
-    reply = msgpack.unpackb(conn.recv_bytes(), strict_map_key=False)
+    reply: dict[str, Any] = msgpack.unpackb(conn.recv_bytes(), strict_map_key=False)
     if "error" in reply:
         raise RuntimeError(f"rank {rank} failed: {reply['error']}")
     return reply

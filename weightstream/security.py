@@ -154,19 +154,19 @@ def _makedirs_private(directory: str) -> None:
         os.chmod(path, 0o700)  # mkdir's mode is masked by the umask
 
 
-def apply_server_curve(sock: zmq.Socket, keys: CurveKeys) -> None:
+def apply_server_curve(sock: zmq.Socket[Any], keys: CurveKeys) -> None:
     sock.setsockopt(zmq.CURVE_SERVER, 1)
     sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
     sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
 
 
-def apply_client_curve(sock: zmq.Socket, keys: CurveKeys, server_key: bytes) -> None:
+def apply_client_curve(sock: zmq.Socket[Any], keys: CurveKeys, server_key: bytes) -> None:
     sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
     sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
     sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
 
 
-def start_authenticator(ctx: zmq.Context, allowed_clients: Iterable[bytes] | None) -> object:
+def start_authenticator(ctx: zmq.Context[Any], allowed_clients: Iterable[bytes] | None) -> object:
     """Run ZAP so only listed client public keys (or any CURVE client) get in."""
     from zmq.auth import CURVE_ALLOW_ANY
     from zmq.auth.thread import ThreadAuthenticator

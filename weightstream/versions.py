@@ -14,7 +14,7 @@ from .protocol.errors import VersionAborted, WeightstreamError
 VERSION_FILE = "version.yaml"
 
 
-def read_version(model_dir: str | Path) -> str:
+def read_version(model_dir: str | os.PathLike[str]) -> str:
     """Return ``step`` from ``model_dir/version.yaml`` as a string."""
     path = Path(model_dir) / VERSION_FILE
     try:

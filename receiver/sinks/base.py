@@ -82,7 +82,10 @@ def name_groups_of(sink: Any) -> NameGroups:
     """A sink's (tied, optional, unmaterialised) names for the manifest check; none for a sink
     that does not say (see TorchModuleSink.name_groups)."""
     groups = getattr(sink, "name_groups", None)
-    return groups() if callable(groups) else NO_GROUPS  # type: ignore[no-any-return]
+    if not callable(groups):
+        return NO_GROUPS
+    found: NameGroups = groups()
+    return found
 
 
 def check_tied(first: str, second: str, equal: bool) -> None:

@@ -54,7 +54,7 @@ class PaddleLayerSink:
     def _target(self, name: str) -> Any:
         # Walk the structured name through _sub_layers (O(depth)); fall back to state_dict().
         *path, key = name.split(".")
-        owner = self.layer
+        owner: Any = self.layer  # a sublayer, or None where the path leaves the tree
         for part in path:
             owner = owner._sub_layers.get(part)
             if owner is None:

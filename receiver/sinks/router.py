@@ -84,7 +84,10 @@ class PrefixRouter:
         children = [*self.routes.items(), *([("", self.default)] if self.default is not None else [])]
         for prefix, sink in children:
             child_tied, child_optional, child_meta = name_groups_of(sink)
-            reach = lambda n, p=prefix, s=sink: self.route(p + n)[0] is s  # noqa: E731 - shadowed names excluded
+
+            def reach(n: str, p: str = prefix, s: Any = sink) -> bool:  # shadowed names excluded
+                return self.route(p + n)[0] is s
+
             tied.update((prefix + n, (prefix, key)) for n, key in child_tied.items() if reach(n))
             optional.update(prefix + n for n in child_optional if reach(n))
             meta.update(prefix + n for n in child_meta if reach(n))

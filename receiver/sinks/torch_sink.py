@@ -138,14 +138,15 @@ class TorchModuleSink:
             new.__dict__.update(old.__dict__)  # e.g. vLLM's weight_loader attribute
         else:
             new = data.requires_grad_(old.requires_grad)
-        entry = self._meta_index.get(id(old)) if self._meta_index is not None else None
-        if entry is None or entry[0] is not old:
-            self._meta_index = self._build_meta_index()
-            entry = self._meta_index.get(id(old), (old, []))
+        index = self._meta_index
+        entry = index.get(id(old)) if index is not None else None
+        if index is None or entry is None or entry[0] is not old:
+            index = self._meta_index = self._build_meta_index()
+            entry = index.get(id(old), (old, []))
         for table, key in entry[1]:
             if table.get(key) is old:
                 table[key] = new
-        self._meta_index.pop(id(old), None)
+        index.pop(id(old), None)
 
     def _build_meta_index(self) -> dict[int, tuple[Any, list[_Slot]]]:
         index: dict[int, tuple[Any, list[_Slot]]] = {}

@@ -112,7 +112,8 @@ def _bytes(t: Any) -> np.ndarray:
     t = t.detach()
     if t.is_neg():  # a lazily negated view (torch._neg_view): its memory does not hold its values
         t = t.resolve_neg()
-    return (t if t.dtype == itype else t.view(itype)).numpy().reshape(-1).view(np.uint8)
+    flat: np.ndarray = (t if t.dtype == itype else t.view(itype)).numpy().reshape(-1).view(np.uint8)
+    return flat
 
 
 def _check_host(tensor: Any) -> None:

@@ -18,9 +18,9 @@ import mmap
 import os
 import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing import shared_memory
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -134,15 +134,16 @@ class ShmExportedSlot(SlotWriter):
         self.size = size
         self.name = name
         self.streams = slot_streams(size)  # a bucket this big is in DRAM before a rank reads it
-        self._view: np.ndarray | None = np.frombuffer(self._shm.buf, dtype=np.uint8, count=size)
+        buf = cast(memoryview, self._shm.buf)  # typeshed: None after close() only
+        self._view: np.ndarray | None = np.frombuffer(buf, dtype=np.uint8, count=size)
         self._view.fill(0)  # allocate every page now, not as page faults inside the first push
-        self._mv = memoryview(self._view)
+        self._mv = memoryview(self._view)  # type: ignore[arg-type]  # NumPy's __buffer__ is typed on 3.12+ only
         self.ring: shm_ring.RingWriter | None = None
         self._ring_map: Any = None
         if ring_bytes:
             try:
                 self._ring_map = shm_ring.RingMap(self._shm._fd, ring_bytes, 2 * ring_bytes)  # type: ignore[attr-defined]
-                control = shm_ring.Control(self._shm.buf, shm_ring.control_offset(size))
+                control = shm_ring.Control(buf, shm_ring.control_offset(size))
             except (OSError, ValueError) as exc:
                 self.close()
                 raise TransportError(f"could not map the ring of shm slot {name} ({exc}); set {shm_ring.ENV}=0") from exc
@@ -175,7 +176,7 @@ class ShmExportedSlot(SlotWriter):
         else:  # the GIL is released for big copies, so the I/O thread keeps running
             speedups.copy(self.host_view()[offset : offset + nbytes], source[start : start + nbytes], self.streams)
 
-    def write_tensors(self, offsets: list[int], tensors: list[Any], nbytes: list[int]) -> int | None:
+    def write_tensors(self, offsets: list[int], tensors: Sequence[Any], nbytes: list[int]) -> int | None:
         """Whole tensors at ``offsets``. The C accelerator copies every C-contiguous buffer of the
         right size (~0.1 us per tensor over the memcpy); the rest, and everything without it,
         takes :func:`write_one`."""

@@ -33,9 +33,12 @@ from ...errors import PeerTimeout, VersionAborted
 from .streaming import last_level_cache_bytes
 
 try:
-    from ....native._ring import CONTROL_BYTES, MAX_CONSUMERS, Control, RingMap
+    from ....native._ring import CONTROL_BYTES as CONTROL_BYTES
+    from ....native._ring import MAX_CONSUMERS as MAX_CONSUMERS
+    from ....native._ring import Control as Control
+    from ....native._ring import RingMap as RingMap
 except ImportError:  # no C compiler at install, or not Linux: slots stay plain
-    Control = RingMap = None
+    Control = RingMap = None  # type: ignore[misc,assignment]
     CONTROL_BYTES, MAX_CONSUMERS = 0, 0
 
 ENV = "WEIGHTSTREAM_RING_BYTES"  # "0": no rings; a size in bytes: rings of that size
@@ -146,7 +149,7 @@ class RingWriter:
     def __init__(self, control: Any, view: np.ndarray, ring_bytes: int) -> None:
         self.control, self.view, self.ring_bytes = control, view, ring_bytes
         self.piece = ring_bytes // 8
-        self._mv = memoryview(view)
+        self._mv = memoryview(view)  # type: ignore[arg-type]  # NumPy's __buffer__ is typed on 3.12+ only
         self._waiter = _Waiter(lambda: None, 1.0, "")
         self.produced = 0
 
