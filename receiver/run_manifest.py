@@ -115,7 +115,8 @@ class RunManifest:
                         targets.append(None)
                         continue
                 if full <= _SMALL_COPY:
-                    targets.append(memoryview(np.asarray(dest)).cast("B"))  # type: ignore[arg-type]  # NumPy's __buffer__: 3.12+ stubs only
+                    # NumPy's stubs type ndarray.__buffer__ on 3.12+ only (mypy checks as 3.10)
+                    targets.append(memoryview(np.asarray(dest)).cast("B"))  # type: ignore[arg-type]
                 else:
                     targets.append(dest)
             addresses = speedups.destinations(targets, self.fulls)

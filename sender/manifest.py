@@ -120,7 +120,8 @@ def _describe_numpy(items: list[Any]) -> Manifest | None:
     codes = list(map(_CODE_OF_NUMPY.get, map(_dtype, tensors)))
     if None in codes:
         return None
-    return Manifest(names, tensors, cast("list[int]", codes), _shared(list(map(_shape, tensors))), list(map(_nbytes, tensors)))
+    known = cast("list[int]", codes)  # no None in it (checked above), which mypy cannot narrow
+    return Manifest(names, tensors, known, _shared(list(map(_shape, tensors))), list(map(_nbytes, tensors)))
 
 
 def _shared(shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:

@@ -158,5 +158,5 @@ def digests(tensors: list[tuple[str, np.ndarray]] | Model | dict[str, np.ndarray
     out = {}
     for name, t in items:
         b = np.ascontiguousarray(t).reshape(-1).view(np.uint8)
-        out[name] = xxhash.xxh3_64_intdigest(b)  # type: ignore[arg-type]  # NumPy's __buffer__: 3.12+ stubs only
+        out[name] = xxhash.xxh3_64_intdigest(b)  # type: ignore[arg-type]  # NumPy types __buffer__ on 3.12+ only
     return out

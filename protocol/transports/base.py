@@ -163,7 +163,8 @@ def host_identity() -> str:
 
 def host_digest(data: np.ndarray) -> int:
     """xxh3_64 of host bytes: fast enough to check every bucket (GB/s per core)."""
-    return int(xxhash.xxh3_64_intdigest(memoryview(data)))  # type: ignore[arg-type]  # NumPy's __buffer__: 3.12+ stubs only
+    # NumPy's stubs type ndarray.__buffer__ on 3.12+ only (mypy checks as 3.10)
+    return int(xxhash.xxh3_64_intdigest(memoryview(data)))  # type: ignore[arg-type]
 
 
 def refusal(transport: Transport, rank: int, offered: list[str], host: str) -> str | None:

@@ -137,7 +137,7 @@ class ShmExportedSlot(SlotWriter):
         buf = cast(memoryview, self._shm.buf)  # typeshed: None after close() only
         self._view: np.ndarray | None = np.frombuffer(buf, dtype=np.uint8, count=size)
         self._view.fill(0)  # allocate every page now, not as page faults inside the first push
-        self._mv = memoryview(self._view)  # type: ignore[arg-type]  # NumPy's __buffer__ is typed on 3.12+ only
+        self._mv = memoryview(self._view)  # type: ignore[arg-type]  # NumPy types __buffer__ on 3.12+ only
         self.ring: shm_ring.RingWriter | None = None
         self._ring_map: Any = None
         if ring_bytes:

@@ -149,7 +149,7 @@ class RingWriter:
     def __init__(self, control: Any, view: np.ndarray, ring_bytes: int) -> None:
         self.control, self.view, self.ring_bytes = control, view, ring_bytes
         self.piece = ring_bytes // 8
-        self._mv = memoryview(view)  # type: ignore[arg-type]  # NumPy's __buffer__ is typed on 3.12+ only
+        self._mv = memoryview(view)  # type: ignore[arg-type]  # NumPy types __buffer__ on 3.12+ only
         self._waiter = _Waiter(lambda: None, 1.0, "")
         self.produced = 0
 
