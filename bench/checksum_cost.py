@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.bucket_mib} MiB x {args.buffers} buckets; every byte verified")
     for checksum in (False, True):
         t = times[checksum]
-        print(f"  checksum={str(checksum):<5}  best {min(t) * 1e3:7.1f} ms  median {statistics.median(t) * 1e3:7.1f} ms  "
+        print(f"  checksum={checksum!s:<5}  best {min(t) * 1e3:7.1f} ms  median {statistics.median(t) * 1e3:7.1f} ms  "
               f"({gb / min(t):.2f} GB/s best)")
     ratio = statistics.median(times[True]) / statistics.median(times[False])
     print(f"  checksum=True takes {ratio:.2f}x the time of checksum=False (medians)")

@@ -53,7 +53,7 @@ def model_shapes(gib: float, scale: int = 1) -> list[tuple[str, tuple[int, ...]]
     """Embedding + N decoder layers + head, N chosen so the total is about ``gib`` GiB of bf16.
 
     ``scale`` divides every dimension (CPU rehearsals); 1 is Llama-3-8B's."""
-    HIDDEN, INTER, VOCAB, KV = (d // scale for d in LLAMA3_8B)  # noqa: N806
+    HIDDEN, INTER, VOCAB, KV = (d // scale for d in LLAMA3_8B)
     layer = [
         ("self_attn.q_proj.weight", (HIDDEN, HIDDEN)),
         ("self_attn.k_proj.weight", (KV, HIDDEN)),
@@ -174,7 +174,7 @@ def ws_receiver(
             done.put(("ok", digests(dict(module.state_dict()))))
         finally:
             daemon.stop()
-    except BaseException:  # noqa: BLE001 - reported to the sender, which fails the method with it
+    except BaseException:  # reported to the sender, which fails the method with it
         done.put(("error", traceback.format_exc()))
 
 
@@ -193,7 +193,7 @@ def handle_receiver(shapes: list[tuple[str, tuple[int, ...]]], device: str, inbo
                 del src
             sync(device)
             outbox.put(("applied", None))
-    except BaseException:  # noqa: BLE001
+    except BaseException:
         outbox.put(("error", traceback.format_exc()))
 
 
@@ -395,7 +395,7 @@ def main() -> int:
         started = time.perf_counter()
         try:
             times, wrong = run()
-        except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others' figures
+        except Exception as exc:  # one method failing must not lose the others' figures
             ok = False
             print(f"{method:36} FAILED after {time.perf_counter() - started:.1f}s: {exc}", flush=True)
             traceback.print_exc()

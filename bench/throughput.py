@@ -354,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     # a SIGTERM (e.g. timeout) unwinds through the runs' finally blocks: segments and receivers go
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     plan = presets("quick" if args.quick else "full")
-    ints = lambda s: [int(x) for x in s.split(",")]
+
+    def ints(s: str) -> list[int]:
+        return [int(x) for x in s.split(",")]
+
     if args.shapes:
         plan.shapes = args.shapes.split(",")
     if args.methods:

@@ -15,9 +15,9 @@ from .messages import ALIGNMENT, PROTOCOL_VERSION, Codec, decode, encode
 
 __all__ = [
     "ALIGNMENT",
+    "PROTOCOL_VERSION",
     "Codec",
     "ConfigError",
-    "PROTOCOL_VERSION",
     "ManifestMismatch",
     "PeerLost",
     "PeerTimeout",

@@ -759,8 +759,7 @@ def _manifest_arrays(msg: Begin | ManifestPart, codec: Codec | None) -> Manifest
     sizes = _ITEMSIZES[codes] * counts
     if float(sizes.sum(dtype=np.float64)) > MAX_VALUE:
         raise ProtocolError(f"BEGIN: tensors of more than {MAX_VALUE} bytes in all; expected a real model")
-    arrays = ManifestArrays(codes, dims, sizes)
-    return arrays
+    return ManifestArrays(codes, dims, sizes)
 
 
 def _check_begin(msg: Begin, codec: Codec | None) -> None:

@@ -416,9 +416,8 @@ class VersionMachine:
                     self._inbox = None
             return
         run.queue.abort(error)
-        if task is not None and not task.done():
-            if not await wait_bounded(task, timeout):
-                log.error("rank %d: load_weights did not return within %.0fs of an abort", self.rank, timeout)
+        if task is not None and not task.done() and not await wait_bounded(task, timeout):
+            log.error("rank %d: load_weights did not return within %.0fs of an abort", self.rank, timeout)
         if self._run is run:  # _apply did not already record it: the rank had PREPARED
             self.consumer.run_hook("on_abort", self.state)
             run.held = None

@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import fault_workers
 import numpy as np
@@ -307,7 +307,7 @@ class SenderProc(fault_workers.SenderProc):
     """A BucketSender in a subprocess running this module's sender; ``request`` a command."""
 
     SCRIPT = HERE
-    DEFAULTS = {"num_buffers": NUM_BUFFERS}
+    DEFAULTS: ClassVar[dict[str, Any]] = {"num_buffers": NUM_BUFFERS}
 
 
 def _sender_main(cfg: dict[str, Any]) -> None:

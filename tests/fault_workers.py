@@ -27,7 +27,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import psutil
@@ -143,7 +143,7 @@ class SenderProc:
     another worker module runs that module's sender (``SCRIPT``) with its own ``DEFAULTS``."""
 
     SCRIPT: Path = HERE
-    DEFAULTS: dict[str, Any] = {}
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, endpoint: str, **opts: Any) -> None:
         cfg = {"endpoint": endpoint, "opts": {**HB, "bucket_bytes": BUCKET_BYTES, "timeout": 30.0, **self.DEFAULTS, **opts}}

@@ -105,7 +105,7 @@ def readme_rank_main(endpoint: str, rank: int, queue: Any) -> None:
         model = build(True, "float32", seed=200 + rank)
         namespace: dict[str, Any] = {"model": model}
         queue.put({"event": "started", "rank": rank})
-        exec(compile(code, "README.md (rank)", "exec"), namespace)  # noqa: S102 - the README's own code
+        exec(compile(code, "README.md (rank)", "exec"), namespace)  # the README's own code
         queue.put({"event": "done", "rank": rank, "committed": namespace["daemon"].committed_version,
                    "intact": namespace["daemon"].status.model_intact, "digests": state_digests(model),
                    "tokens": generate(model)})

@@ -72,7 +72,7 @@ class _Specs:
 
 @pytest.mark.parametrize(("make", "names"), [(c[1], c[2]) for c in CASES], ids=[c[0] for c in CASES])
 def test_a_configuration_mistake_is_a_config_error(make: Callable[[str], Any], names: str, endpoint: str) -> None:
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ConfigError) as info:  # noqa: PT012 - the close runs only if the mistake went unnoticed
         made = make(endpoint)
         getattr(made, "close", lambda: None)()  # only if the mistake went unnoticed
     error = info.value

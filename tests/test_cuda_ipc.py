@@ -268,7 +268,7 @@ def _receiver(
         finally:
             daemon.stop()
         events.put({"rank": rank, "event": "done", "free_before": free_before, **counters()})
-    except BaseException as exc:  # noqa: BLE001 - reported to the test, which fails with it
+    except BaseException as exc:  # reported to the test, which fails with it
         events.put({"rank": rank, "event": "crashed", "error": repr(exc), "tb": traceback.format_exc()})
 
 

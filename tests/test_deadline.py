@@ -79,7 +79,7 @@ def test_the_slot_ring_waits_through_the_helper() -> None:
     cond = threading.Condition()
     ring = SlotRing(1, cond)
     assert ring.acquire(1.0, lambda: None) == 0
-    with pytest.raises(PeerTimeout, match="no bucket slot was freed within 0.1s"):
+    with pytest.raises(PeerTimeout, match=r"no bucket slot was freed within 0.1s"):
         ring.acquire(0.1, lambda: None)
 
     def free() -> None:

@@ -62,7 +62,7 @@ def test_by_name_rejects_with_list() -> None:
 
 
 def test_unsupported_numpy_dtype() -> None:
-    with pytest.raises(WeightstreamError, match="complex64.*supported: bool"):
+    with pytest.raises(WeightstreamError, match=r"complex64.*supported: bool"):
         dtype_of(np.zeros(2, np.complex64))
     with pytest.raises(WeightstreamError, match="supported"):
         from_numpy(np.dtype(">f4"))  # non-native byte order is not a wire dtype

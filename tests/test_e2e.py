@@ -395,7 +395,7 @@ def test_a_repeated_layout_is_named_and_a_new_rank_or_layout_gets_the_manifest(
             sender.wait_for_receivers(3, timeout=30)
             for name, line in [("v6", "0, 1; its manifest sent to ranks: 2")] * 2:
                 since = len(caplog.records)
-                with pytest.raises(ManifestMismatch, match="head.bias"):
+                with pytest.raises(ManifestMismatch, match=r"head.bias"):
                     sender.push(version(7, True).items(), version=name)
                 assert begins(since) == [f"BEGIN {name}: layout 2 named to ranks: {line}"]
         finally:

@@ -39,7 +39,7 @@ def test_load_weights_error_names_the_tensor_it_was_given_last(endpoint: str) ->
     seen: list[str] = []
 
     def load_weights(weights: Any) -> None:
-        for name, tensor in weights:
+        for name, _tensor in weights:
             seen.append(name)
             if name == "b":
                 raise KeyError("no such parameter in this engine")

@@ -309,7 +309,7 @@ def test_late_bucket_of_a_failed_version_is_not_an_error(endpoint: str) -> None:
     """A sender streams the buckets it already queued after a rank failed the version.
     The rank must drop them quietly: an ERROR carries no version, so the sender would
     charge it to whatever round runs when it arrives (the next push fails spuriously)."""
-    with _after_v1(endpoint) as (collector, fake, daemon, ident):
+    with _after_v1(endpoint) as (collector, fake, _daemon, ident):
         named = _small("v2")
         collector.fail = ("KeyError", 0)  # read when load_weights starts, at BEGIN
         fake.send_msg(ident, fake.begin("v2", named, buckets=2))
@@ -319,7 +319,7 @@ def test_late_bucket_of_a_failed_version_is_not_an_error(endpoint: str) -> None:
         fake.expect((m.Failed,), 5, lambda x: x.version == "v2")
         second = fake.bucket_messages("v2", named[2:], slot=1, first=2)
         fake.send_msg(ident, replace(second, seq=1))
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError):  # noqa: PT012 - an answer is the failure, reported as such
             err = fake.expect((m.Error,), 1.0)
             pytest.fail(f"the rank answered a late BUCKET of the version it failed with {err}")
 

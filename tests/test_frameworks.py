@@ -214,9 +214,9 @@ def test_memory_key_finds_aliases_only(name: str) -> None:
 def test_host_tensors_are_no_cuda_source(name: str) -> None:
     fw = need(name)
     t = fw.view(aligned(np.zeros(8, np.uint8)), by_name("float32"), (2,))
-    with pytest.raises(TransportError, match="transport='cuda_ipc'.*transport='shm'"):
+    with pytest.raises(TransportError, match=r"transport='cuda_ipc'.*transport='shm'"):
         fw.cuda_source(t)
-    with pytest.raises(TransportError, match="transport='cuda_ipc'.*transport='shm'"):
+    with pytest.raises(TransportError, match=r"transport='cuda_ipc'.*transport='shm'"):
         frameworks.cuda_source(t)
     with pytest.raises(TransportError, match="expected a CUDA torch or paddle tensor"):
         fw.cuda_source(object())

@@ -81,7 +81,7 @@ def test_expected_specs_for_a_plain_callable(endpoint: str) -> None:
     specs = {"w": ("float32", (4,)), "b": ("int64", ())}
     with BucketSender(endpoint, bucket_bytes=BUCKET, timeout=30) as sender:
         with ReceiverDaemon(endpoint, load_weights, expected=specs, heartbeat_interval=0.2) as daemon:
-            with pytest.raises(ManifestMismatch, match="'?b'?"):
+            with pytest.raises(ManifestMismatch, match=r"'?b'?"):
                 sender.push([("w", np.zeros(4, np.float32)), ("b", np.zeros(1, np.int64))], version="bad")
             assert got == [], "load_weights ran for a rejected version"
             sender.push([("w", np.zeros(4, np.float32)), ("b", np.array(3, np.int64))], version="ok")

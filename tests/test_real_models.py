@@ -14,9 +14,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import real_model_workers as rw  # noqa: E402
+import real_model_workers as rw
 
-from weightstream import BucketSender, ManifestMismatch  # noqa: E402
+from weightstream import BucketSender, ManifestMismatch
 
 pytestmark = pytest.mark.timeout(240)
 

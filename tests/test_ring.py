@@ -183,7 +183,9 @@ def test_a_bucket_through_a_small_ring_arrives_whole(sizes: list[int], seed: int
             writer.begin([0], lambda: None, 5.0)
             errors: list[BaseException] = []
 
-            def rank(bucket: Any = bucket, first: int = first, last: int = last) -> None:
+            def rank(
+                bucket: Any = bucket, first: int = first, last: int = last, errors: list[BaseException] = errors
+            ) -> None:
                 try:
                     read = reader.reading(0, bucket.used, lambda: None, 5.0)
                     offsets = np.asarray(bucket.offsets, np.int64)
@@ -301,7 +303,7 @@ def test_a_tensor_that_changes_mid_push_aborts_the_ranks_waiting_in_the_ring(end
                     yield name, (tensor[:-1] if name == "embed.big" else tensor)  # long after a ring bucket went out
 
             began = time.monotonic()
-            with pytest.raises(WeightstreamError, match="embed.big"):
+            with pytest.raises(WeightstreamError, match=r"embed.big"):
                 sender.push(broken(), version="bad", specs=specs)
             assert _streamed(sender)
             deadline = time.monotonic() + 5

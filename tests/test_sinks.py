@@ -80,7 +80,7 @@ def test_numpy_sink_in_place() -> None:
 
 def test_numpy_sink_errors() -> None:
     sink = NumpySink({"w": np.zeros(3, np.float32)})
-    with pytest.raises(ManifestMismatch, match="'x'.*close names: w|'x'"):
+    with pytest.raises(ManifestMismatch, match=r"'x'.*close names: w|'x'"):
         sink.load_weights(stream("numpy", {"x": np.zeros(3, np.float32)}))
     with pytest.raises(ManifestMismatch, match=r"expected float32\[3\], got float16\[3\]"):
         sink.load_weights(stream("numpy", {"w": np.zeros(3, np.float16)}))
@@ -197,11 +197,11 @@ def test_torch_sink_meta_tied_weights() -> None:
 def test_torch_sink_errors() -> None:
     pytest.importorskip("torch")
     sink = as_sink(torch_model())
-    with pytest.raises(ManifestMismatch, match="0.wieght.*close names: 0.weight"):
+    with pytest.raises(ManifestMismatch, match=r"0.wieght.*close names: 0.weight"):
         sink.load_one("0.wieght", None)
     with pytest.raises(ManifestMismatch, match=r"expected float32\[2, 3\], got float16\[2, 3\]"):
         sink.load_weights(stream("torch", {"0.weight": np.zeros((2, 3), np.float16)}))
-    with pytest.raises(WeightstreamError, match="torch.nn.Module"):
+    with pytest.raises(WeightstreamError, match=r"torch.nn.Module"):
         type(sink)(object())
 
 
@@ -286,7 +286,7 @@ def test_paddle_sink_materialises_lazy() -> None:
 def test_paddle_sink_errors() -> None:
     pytest.importorskip("paddle")
     sink = as_sink(paddle_model())
-    with pytest.raises(ManifestMismatch, match="close names: layers.0.weight"):
+    with pytest.raises(ManifestMismatch, match=r"close names: layers.0.weight"):
         sink.load_weights(stream("paddle", {"layers.0.wieght": np.zeros((3, 2), np.float32)}))
     with pytest.raises(ManifestMismatch, match=r"expected float32\[3, 2\], got float32\[2, 3\]"):
         sink.load_weights(stream("paddle", {"layers.0.weight": np.zeros((2, 3), np.float32)}))
@@ -325,7 +325,7 @@ def test_router_strips_prefix_and_streams() -> None:
 
 def test_router_errors() -> None:
     router = PrefixRouter({"mtp.": NumpySink({"w": np.zeros(1, np.float32)})})
-    with pytest.raises(ManifestMismatch, match="'main.w'.*mtp.*default="):
+    with pytest.raises(ManifestMismatch, match=r"'main.w'.*mtp.*default="):
         router.load_weights(stream("numpy", {"main.w": np.zeros(1, np.float32)}))
     with pytest.raises(ManifestMismatch, match="'x'"):  # the child's own error, stripped name
         router.load_weights(stream("numpy", {"mtp.x": np.zeros(1, np.float32)}))
@@ -364,7 +364,7 @@ def test_router_over_torch_modules() -> None:
 
 
 def test_as_sink_rejects_unknown() -> None:
-    with pytest.raises(WeightstreamError, match="torch.nn.Module, paddle.nn.Layer"):
+    with pytest.raises(WeightstreamError, match=r"torch.nn.Module, paddle.nn.Layer"):
         as_sink([1, 2])
     sink = NumpySink()
     assert as_sink(sink) is sink

@@ -142,7 +142,7 @@ def test_a_crash_mid_version_leaves_no_snapshot_and_the_next_writer_cleans_up(tm
     temps = list(tmp_path.glob(TEMP_PREFIX + "*"))
     assert len(temps) == 1 and len(list(temps[0].iterdir())) >= 5  # the half version, hidden
     assert not list(tmp_path.glob("model_state*")) and not (tmp_path / "version.yaml").exists()
-    with pytest.raises(Exception, match="version.yaml"):
+    with pytest.raises(Exception, match=r"version.yaml"):
         load_snapshot(tmp_path, 0)
     SnapshotWriter(tmp_path, 0).close()
     assert not list(tmp_path.glob(TEMP_PREFIX + "*"))
@@ -318,15 +318,13 @@ def test_restore_while_serving_and_after_a_live_push_through_a_tee(tmp_path: Pat
 def torch_meta_model() -> Any:
     torch = pytest.importorskip("torch")
     with torch.device("meta"):
-        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2, dtype=torch.bfloat16))
-    return model
+        return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2, dtype=torch.bfloat16))
 
 
 def paddle_lazy_model() -> Any:
     paddle = pytest.importorskip("paddle")
     with paddle.LazyGuard():
-        layer = paddle.nn.Sequential(paddle.nn.Linear(3, 4), paddle.nn.Linear(4, 2))
-    return layer
+        return paddle.nn.Sequential(paddle.nn.Linear(3, 4), paddle.nn.Linear(4, 2))
 
 
 def specs_state(specs: dict[str, tuple[str, tuple[int, ...]]], seed: int) -> dict[str, np.ndarray]:

@@ -157,7 +157,7 @@ def test_back_to_back_tensors_are_copied_as_runs_bit_exact(sizes: list[int], cut
 @settings(max_examples=200, deadline=None)
 @given(items=sources(), gap=st.integers(0, 9), wrong_size=st.integers(-1, 5))
 def test_destinations_give_an_address_only_where_the_c_copy_may_write(items: list[Any], gap: int, wrong_size: int) -> None:
-    offsets, nbytes, size = layout(items, gap)
+    _offsets, nbytes, _size = layout(items, gap)
     if 0 <= wrong_size < len(items):
         nbytes[wrong_size] += 1  # a target of another size than its span: no address
     got = np.frombuffer(speedups._spans.destinations(items, nbytes), np.uint64)

@@ -33,7 +33,7 @@ def _imports(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("side", ["sender", "receiver"])
 def test_sender_and_receiver_never_import_a_transport_module(side: str) -> None:
-    names = {name for name in TRANSPORTS} | {"ring", "streaming", "slots", "wire"}
+    names = set(TRANSPORTS) | {"ring", "streaming", "slots", "wire"}
     offenders = []
     for path in sorted((ROOT / side).rglob("*.py")):
         for module in _imports(path):

@@ -270,7 +270,7 @@ def test_lost_rank_aborts_the_others(endpoint: str) -> None:
             def push() -> None:
                 try:
                     sender.push(make_weights(2), "v2")
-                except BaseException as exc:  # noqa: BLE001 - asserted below
+                except BaseException as exc:  # asserted below
                     box["exc"] = exc
 
             pusher = threading.Thread(target=push)
@@ -432,7 +432,7 @@ def _sender_kill_rounds(endpoint: str, seeds: list[int]) -> None:
                 )
             )
             # the dead sender's own resource tracker unlinks its slots
-            assert wait_until(lambda: not shm_segments(dead), 10.0), f"seed {seed}: slots of {dead} left: {shm_segments(dead)}"
+            assert wait_until(lambda dead=dead: not shm_segments(dead), 10.0), f"seed {seed}: slots of {dead} left: {shm_segments(dead)}"
 
             fresh = SenderProc(endpoint)
             try:

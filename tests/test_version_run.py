@@ -126,12 +126,12 @@ def test_bucket_that_skips_or_resizes_a_tensor_is_refused(loop: asyncio.Abstract
         msg, slot = buckets[0]
         with pytest.raises(ProtocolError, match=r"'first': expected manifest index 0 \('a'\), got 1 \(buckets carry .* in order"):
             new_run(begin, loop).prepare(changed(msg, first=1), slot)
-        offsets, nbytes, chunks = (a.tolist() for a in msg.arrays())
+        _offsets, nbytes, _chunks = (a.tolist() for a in msg.arrays())
         with pytest.raises(ProtocolError, match="'a': expected its bytes from offset 0 on to its end \\(of 256\\), got a 200-byte"):
             new_run(begin, loop).prepare(changed(msg, nbytes=[200, *nbytes[1:]]), slot)
-        with pytest.raises(ProtocolError, match="'a': .*got a 0-byte piece"):
+        with pytest.raises(ProtocolError, match=r"'a': .*got a 0-byte piece"):
             new_run(begin, loop).prepare(changed(msg, nbytes=[0, *nbytes[1:]]), slot)
-        with pytest.raises(ProtocolError, match="'big': expected its bytes from offset 0 .*got a 3840-byte piece at 256"):
+        with pytest.raises(ProtocolError, match=r"'big': expected its bytes from offset 0 .*got a 3840-byte piece at 256"):
             new_run(begin, loop).prepare(changed(msg, chunks=[0, 256]), slot)
 
 

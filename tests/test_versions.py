@@ -65,7 +65,7 @@ def test_rank_refuses_older_version_unless_forced(endpoint: str) -> None:
     try:
         with BucketSender(endpoint, receivers=1, bucket_bytes=4096, timeout=20) as sender:
             sender.push([("w", np.full(64, 10, np.float32))], version="step_10")
-            with pytest.raises(VersionAborted, match="older than the committed 'step_10'.*force=True"):
+            with pytest.raises(VersionAborted, match=r"older than the committed 'step_10'.*force=True"):
                 sender.push([("w", np.full(64, 9, np.float32))], version="step_9")
             assert daemon.committed_version == "step_10"
             np.testing.assert_array_equal(state["w"], np.full(64, 10, np.float32))  # untouched

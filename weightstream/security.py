@@ -55,7 +55,7 @@ def check_curve_key(what: str, key: Any) -> None:
 
 
 def needs_network_security(endpoint: str) -> bool:
-    return not (endpoint.startswith("ipc://") or endpoint.startswith("inproc://"))
+    return not endpoint.startswith(("ipc://", "inproc://"))
 
 
 def check_network_endpoint(endpoint: str, has_curve: bool, insecure: bool) -> None:

@@ -47,7 +47,7 @@ def manifest(model: list[tuple[str, np.ndarray]]) -> Manifest:
     return describe(model)
 
 
-@pytest.fixture()
+@pytest.fixture
 def slot() -> Iterator[ShmExportedSlot]:
     (exported,) = get_transport("shm").create_slots(1, N * TENSOR_BYTES)
     yield exported
@@ -192,7 +192,7 @@ def test_baseline_one_streaming_copy_out_of_the_slot(benchmark: Any, slot: ShmEx
     assert np.array_equal(target, source)
 
 
-@pytest.fixture()
+@pytest.fixture
 def ring_slot(monkeypatch: pytest.MonkeyPatch) -> Iterator[ShmExportedSlot]:
     monkeypatch.setenv(shm_ring.ENV, str(4 << 20))
     (exported,) = get_transport("shm").create_slots(1, 64 << 20)

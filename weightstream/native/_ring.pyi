@@ -1,9 +1,9 @@
 """weightstream.native._ring (_ring.c, Linux only): a bucket streamed through a ring in shared memory."""
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 from numpy.typing import NDArray
-from typing_extensions import Buffer, TypeAlias
+from typing_extensions import Buffer
 
 # Any object exporting a writable C-contiguous buffer; NumPy's stubs give ndarray ``__buffer__`` on 3.12+ only.
 _Bytes: TypeAlias = Buffer | NDArray[Any]

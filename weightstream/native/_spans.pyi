@@ -1,10 +1,10 @@
 """weightstream.native._spans (_spans.c): the per-tensor copy loops. Positional arguments only."""
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 from numpy.typing import NDArray
-from typing_extensions import Buffer, TypeAlias
+from typing_extensions import Buffer
 
 # Any object exporting a C-contiguous buffer; NumPy's stubs give ndarray ``__buffer__`` on 3.12+ only.
 _Bytes: TypeAlias = Buffer | NDArray[Any]

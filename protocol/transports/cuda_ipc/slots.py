@@ -92,7 +92,7 @@ def _error_name(err: Any) -> tuple[str, str]:
     try:
         e, text = cudart.cudaGetErrorString(err)
         return name, text.decode() if e == _OK and isinstance(text, bytes) else ""
-    except Exception:  # noqa: BLE001 - the error string is only decoration
+    except Exception:  # the error string is only decoration
         return name, ""
 
 
@@ -154,7 +154,7 @@ def _device_index(uuid: str) -> int:
 def _has_context(index: int) -> bool:
     try:
         err, _flags, active = cudrv.cuDevicePrimaryCtxGetState(index)
-    except Exception:  # noqa: BLE001 - unknown: restore, as the runtime would
+    except Exception:  # unknown: restore, as the runtime would
         return True
     return err != cudrv.CUresult.CUDA_SUCCESS or bool(active)
 
@@ -236,7 +236,7 @@ def _free(ptr: int, device: int) -> None:
             err = cudart.cudaFree(ptr)[0]
         if err != _OK:
             log.warning("cudaFree(%#x) on device %d: %s", ptr, device, _error_name(err)[0])
-    except Exception as exc:  # noqa: BLE001 - interpreter shutdown: the driver reclaims it with the process
+    except Exception as exc:  # interpreter shutdown: the driver reclaims it with the process
         log.debug("cudaFree(%#x): %s", ptr, exc)
 
 
