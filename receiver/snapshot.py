@@ -24,13 +24,14 @@ from ..protocol import messages as m
 from ..protocol.dtypes import from_numpy
 from ..protocol.errors import VersionAborted, WeightstreamError
 from ..versions import check_version_order, compare_versions, version_key
+from .appliers import PreparedBucket
 from .consumer import Consumer
 from .manifest import check_manifest
 from .prefetch import PrefetchQueue
 from .snapshot_loader import MappedPart, SnapshotSource, load_snapshot
 from .snapshot_writer import SnapshotWriter, Tee
 from .state import RankState
-from .version_run import PreparedBucket, VersionRun
+from .version_run import VersionRun
 
 __all__ = [
     "SnapshotSource",
