@@ -222,7 +222,7 @@ class VersionRun:
         for the C copy (None without it)."""
         if self._destination is None:
             raise VersionAborted(f"version {self.version!r}: direct mode without the sink's destinations")
-        return self.manifest.targets(self._destination, self._targets_owner)  # type: ignore[no-any-return]
+        return self.manifest.targets(self._destination, self._targets_owner)
 
     @property
     def ties(self) -> dict[int, int]:
@@ -334,11 +334,12 @@ class VersionRun:
         code, shape, full = self.dtypes[index], self.shapes[index], self.fulls[index]
         held = self._partial.get(name)
         if held is None:
+            destination = self._destination
             usable = (
-                self._destination is not None and slot.domain == "host" and not self.staged
+                destination is not None and slot.domain == "host" and not self.staged
                 and index not in self._ties  # compared with its twin once complete, never written
             )
-            dest = self._destination(name) if usable else None
+            dest = destination(name) if usable and destination is not None else None
             if dest is not None and dest.nbytes == full and dest.dtype == np.uint8:
                 held = (dest, True)  # the model's own memory: no full-size temporary
             else:
