@@ -43,6 +43,11 @@ class TransportError(WeightstreamError):
     """A transport could not create, export or map a bucket slot."""
 
 
+class UnknownTransport(ConfigError, TransportError):
+    """``transport=`` names no registered transport: a configuration mistake, and a TransportError
+    as it always was (code that falls back on TransportError keeps working)."""
+
+
 class PeerTimeout(WeightstreamError):
     """A peer did not answer within the configured time."""
 

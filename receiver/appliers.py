@@ -105,7 +105,7 @@ class Direct(Views):
         end = first + len(offsets)
         targets, addresses = run.targets()
         slot = bucket.mapping
-        raw = slot.raw(0, slot.size)
+        raw = slot.raw(0, bucket.used)  # every piece of the bucket lies below its end
         mv = memoryview(raw)
         run.touched = True  # the model's own memory is written from here on
         count, names, fulls, ties = end - first, run.names, run.fulls, run.ties

@@ -75,10 +75,10 @@ class ReceiverDaemon:
             raise ConfigError(f"rank must be an int >= 0, got {rank!r}; fix: this rank's index among the sender's ranks")
         if prefetch < 1:
             raise ConfigError(f"prefetch must be >= 1, got {prefetch}; fix: e.g. prefetch=2 (buckets mapped ahead)")
-        if heartbeat_timeout is not None and not heartbeat_timeout > max(heartbeat_interval, 0):
+        if heartbeat_timeout is not None and not heartbeat_timeout > 0:
             raise ConfigError(
-                f"heartbeat_timeout must be above heartbeat_interval ({heartbeat_interval}), got {heartbeat_timeout}; "
-                "fix: a few intervals, or None to wait as long as the sender's WELCOME says"
+                f"heartbeat_timeout must be > 0 seconds, got {heartbeat_timeout}; fix: a few heartbeat intervals, or "
+                "None to wait as long as the sender's WELCOME says (a rank waits at least two of its intervals)"
             )
         self.endpoint = endpoint
         self.rank = rank
@@ -194,12 +194,12 @@ class ReceiverDaemon:
         Streams part by part through the same iterator as a live update; refuses a version
         older than the committed one unless ``force``. Returns the version now committed.
         """
-        from .snapshot import restore_into
+        from .snapshot import restore_rank
 
         # while serving, on the apply thread: never beside a live version, after every snapshot
         # a committed version queued there
         executor = self._executor if self._serving else None
-        return restore_into(
+        return restore_rank(
             self._consumer, self._state, directory, version, fallback_dir=fallback_dir, force=force, executor=executor
         )
 

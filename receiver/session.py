@@ -63,7 +63,7 @@ class Session:
         self._device = device  # read on the rank's thread, where it selected its GPU
         self._hb_interval = heartbeat_interval
         self._hb_timeout = heartbeat_timeout  # None: the silence the sender's WELCOME allows
-        self.codec = m.Codec()  # this connection's: it remembers the manifest it took last
+        self.codec = m.Codec()  # this daemon's: it remembers the manifest it took last (keyed by content)
         self._curve = curve
         self._insecure = insecure
         self.versions: Versions | None = None  # set by the daemon before run()
@@ -222,8 +222,10 @@ class Session:
                         self._last_heard = time.monotonic()
             except ProtocolError as exc:
                 # Name the version the bad frame was about (else the one in flight) so the
-                # sender fails that round only.
-                version = getattr(msg, "version", None) or self._versions.in_flight
+                # sender fails that round only; frames after a message that takes none belong
+                # to no version, and the one in flight goes on.
+                stray = msg is not None and not isinstance(msg, m.Bucket) and len(frames) > 1
+                version = None if stray else getattr(msg, "version", None) or self._versions.in_flight
                 self.protocol_error(exc, version)
             except Exception as exc:  # a sink's own code, say: the version fails, the daemon keeps serving
                 log.error("rank %d: handling %s raised %s: %s", self.rank, msg.TYPE if msg else "a frame", type(exc).__name__, exc)

@@ -191,6 +191,18 @@ def _stream(
 
 
 def restore_into(
+    daemon: Any,
+    directory: str | os.PathLike[str],
+    version: str | None = None,
+    *,
+    fallback_dir: str | os.PathLike[str] | None = None,
+    force: bool = False,
+) -> str:
+    """``daemon.restore(...)``: apply a snapshot to a ReceiverDaemon without a sender; return its version."""
+    return str(daemon.restore(directory, version, fallback_dir=fallback_dir, force=force))
+
+
+def restore_rank(
     consumer: Consumer,
     state: RankState,
     directory: str | os.PathLike[str],
@@ -200,7 +212,8 @@ def restore_into(
     force: bool = False,
     executor: Executor | None = None,
 ) -> str:
-    """``ReceiverDaemon.restore``: apply a snapshot without a sender; return its version.
+    """What ``ReceiverDaemon.restore`` does, through the rank's public parts: its consumer
+    (load_weights, sink) and its state. Returns the version now committed.
 
     Blocks the calling thread (never call it on the daemon's event loop). Given the serving
     daemon's apply thread (``executor``), the whole restore (finding the snapshot included)

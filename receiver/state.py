@@ -215,8 +215,7 @@ class RankState:
             check_version_order(version, self._committed, force=force, fix="restore with force=True")
             local = LocalVersion(version, self._state)
             if local.before != "stopped":
-                self._state = "receiving"
-                self._receiving = None
+                self._state = "receiving"  # a live version that waits for COMMIT keeps its name
             return local
 
     def commit_local(self, local: LocalVersion) -> None:

@@ -253,8 +253,14 @@ class VersionMachine:
         m.check_bucket_fits(msg, [s.size for s in slots], welcome.alignment)
         if msg.slot in self._busy_slots:
             raise ProtocolError(f"BUCKET {msg.seq}: slot {msg.slot} reused before this receiver acked it")
-        if data:  # the bytes came with the message: into the rank's copy of the slot
-            slots[msg.slot].accept(data)
+        transport = self.link.transport
+        if transport is not None and transport.capabilities.data_frames:
+            if not data:
+                raise ProtocolError(
+                    f"BUCKET {msg.seq}: field 'frames': expected the bucket's bytes as data frames (transport "
+                    f"{welcome.transport!r} moves them so), got none"
+                )
+            slots[msg.slot].accept(data)  # the bytes came with the message: into the rank's copy of the slot
         self._busy_slots.add(msg.slot)
         self._inbox.put_nowait(msg)
 

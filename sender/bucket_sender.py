@@ -15,7 +15,15 @@ from typing import Any
 
 from ..gc_pause import gc_paused
 from ..protocol import messages as m
-from ..protocol.errors import ConfigError, PeerTimeout, TransportError, VersionAborted, WeightstreamError, from_wire
+from ..protocol.errors import (
+    ConfigError,
+    PeerTimeout,
+    TransportError,
+    UnknownTransport,
+    VersionAborted,
+    WeightstreamError,
+    from_wire,
+)
 from ..protocol.packed import pack_shapes
 from ..protocol.transports import TRANSPORTS, PushLayout, StreamSpec, get_transport, refusal
 from ..security import CurveKeys
@@ -129,7 +137,9 @@ class BucketSender:
                 f"timeout={timeout}, heartbeat_interval={heartbeat_interval}, heartbeat_timeout={heartbeat_timeout}"
             )
         if transport not in TRANSPORTS:  # a known one this host cannot run is a TransportError, below
-            raise ConfigError(f"transport={transport!r}: expected one of {sorted(TRANSPORTS)}; fix: e.g. transport='shm'")
+            raise UnknownTransport(
+                f"transport={transport!r}: expected one of {sorted(TRANSPORTS)}; fix: e.g. transport='shm'"
+            )
         plan_buckets([], bucket_bytes, alignment)  # validates bucket_bytes/alignment early
         self.endpoint = endpoint
         self.receivers = receivers

@@ -57,9 +57,10 @@ class FrameImportedSlot(base.SlotReader):
             raise TransportError(f"frames slot descriptor: expected a positive 'size', got {size!r}")
         self.size = size
         self.buf = np.zeros(size, np.uint8)
+        self.received = 0  # bytes the last bucket's frames filled: nothing past them is read
 
     def accept(self, frames: list[Any]) -> None:
-        at = 0
+        at = self.received = 0
         for frame in frames:
             data = np.frombuffer(frame, np.uint8)
             if at + data.nbytes > self.size:
@@ -68,8 +69,14 @@ class FrameImportedSlot(base.SlotReader):
                 )
             self.buf[at : at + data.nbytes] = data
             at += data.nbytes
+        self.received = at
 
     def raw(self, offset: int, nbytes: int) -> np.ndarray:
+        if offset + nbytes > self.received and nbytes:
+            raise ProtocolError(
+                f"BUCKET: bytes {offset}..{offset + nbytes} of the slot: expected them in the bucket's data frames, "
+                f"which held {self.received} bytes"
+            )
         return self.buf[offset : offset + nbytes]
 
     def typed(self, framework: str, buffer: np.ndarray, dtype: DType, shape: tuple[int, ...]) -> Any:

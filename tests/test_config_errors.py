@@ -114,9 +114,11 @@ def test_a_transport_this_host_cannot_run_stays_a_transport_error(endpoint: str)
     assert not isinstance(info.value, ConfigError)
 
 
-def test_the_daemons_heartbeat_timeout_must_be_above_its_interval(endpoint: str) -> None:
-    with pytest.raises(ConfigError, match="heartbeat_timeout must be above heartbeat_interval"):
-        ReceiverDaemon(endpoint, _never, heartbeat_interval=1.0, heartbeat_timeout=0.5)
+def test_the_daemons_heartbeat_timeout_must_be_positive(endpoint: str) -> None:
+    for bad in (0, -1.0):
+        with pytest.raises(ConfigError, match=r"heartbeat_timeout must be > 0 seconds"):
+            ReceiverDaemon(endpoint, _never, heartbeat_interval=1.0, heartbeat_timeout=bad)
+    ReceiverDaemon(endpoint, _never, heartbeat_interval=1.0, heartbeat_timeout=1.0)  # at its interval: fine
 
 
 @pytest.mark.timeout(30)

@@ -124,11 +124,15 @@ def test_a_rank_that_unties_two_tensors_between_pushes_gets_both_written(endpoin
 def test_a_torn_rank_says_so_in_every_later_report(endpoint: str) -> None:
     state = {"w": np.zeros(1000, np.float32)}
     fail = {"on": True}
+    ranks: dict[int, ReceiverDaemon] = {}
 
     def refusing(weights: Any) -> None:
         for _ in weights:
             pass
         if fail["on"]:
+            # only once rank 0 holds step_1 in its model (PREPARED, applied in place) is it torn
+            # by the abort this causes; otherwise the abort may overtake its apply
+            wait_until(lambda: 0 in ranks and ranks[0].status.state == "prepared", 10)
             raise RuntimeError("rank 1's engine refused the version")
 
     def raising() -> Any:
@@ -138,6 +142,7 @@ def test_a_torn_rank_says_so_in_every_later_report(endpoint: str) -> None:
     with BucketSender(endpoint, receivers=2, timeout=20, **HB) as sender, ReceiverDaemon(
         endpoint, NumpySink(state), rank=0, **HB
     ) as rank0, ReceiverDaemon(endpoint, refusing, framework="numpy", rank=1, **HB):
+        ranks[0] = rank0
         sender.wait_for_receivers(timeout=10)
         with pytest.raises(RemoteError) as first:
             sender.push([("w", np.full(1000, 1.0, np.float32))], version="step_1")  # rank 0 applied in place

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import TransportError
+from ..errors import TransportError, UnknownTransport
 from .base import (
     BucketWriter,
     Capabilities,
@@ -44,7 +44,7 @@ def register(name: str, module: str) -> None:
 
 def get_transport(name: str) -> Transport:
     if name not in TRANSPORTS:
-        raise TransportError(f"unknown transport {name!r}; expected one of {sorted(TRANSPORTS)}")
+        raise UnknownTransport(f"unknown transport {name!r}; expected one of {sorted(TRANSPORTS)}")
     try:
         module = importlib.import_module(TRANSPORTS[name])
     except ImportError as exc:
