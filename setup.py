@@ -15,7 +15,7 @@ import os
 from setuptools import Extension, setup
 
 # Import name -> directory. sender/, receiver/ and protocol/ sit beside weightstream/ in the
-# checkout and install as its subpackages (DESIGN.md's layout).
+# checkout and install as its subpackages (the design brief's layout: docs/design.md).
 PACKAGE_DIRS = {
     "weightstream": "weightstream",
     "weightstream.protocol": "protocol",

@@ -33,6 +33,7 @@ from ..protocol.errors import ConfigError, PeerTimeout, WeightstreamError
 from ..protocol.transports import device_identity
 from ..security import CurveKeys, check_curve_key, check_network_endpoint, prepare_ipc_endpoint
 from .consumer import Consumer, ParamSpecs
+from .manifest import check_specs
 from .session import MIN_HEARTBEAT_INTERVAL, Session
 from .state import DaemonStatus, RankState
 from .targets import resolve_target
@@ -89,6 +90,8 @@ class ReceiverDaemon:
                 f"framework={framework!r}: expected one of {', '.join(FRAMEWORKS)} (the kind of tensor views "
                 "load_weights gets); fix: e.g. framework=\"torch\""
             )
+        if expected is not None:
+            check_specs(expected, "expected=")
         self.framework: Framework = framework or getattr(sink, "framework", None) or "numpy"
         self._consumer = Consumer(
             rank=rank, load=load, sink=sink, framework=self.framework, expected=expected, allow_missing=allow_missing,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
 
 from ..protocol.dtypes import DTYPES, by_name
-from ..protocol.errors import ManifestMismatch
+from ..protocol.errors import ConfigError, ManifestMismatch
 
 ParamSpecs = Mapping[str, tuple[str, Sequence[int]]]
 
@@ -83,3 +86,25 @@ def check_manifest(
 def _first(items: list[str]) -> str:
     shown = ", ".join(items[:MAX_LISTED])
     return shown + (f", … (+{len(items) - MAX_LISTED})" if len(items) > MAX_LISTED else "")
+
+
+def check_specs(specs: Any, where: str) -> None:
+    """Refuse malformed ``{name: (dtype name, shape)}`` specs where they are given (``where``:
+    the argument), naming the tensor, instead of at the first push from inside the rank."""
+    if not isinstance(specs, Mapping):
+        raise ConfigError(f"{where}: expected a mapping {{name: (dtype, shape)}}, got {type(specs).__qualname__}")
+    for name, spec in specs.items():
+        fix = f"fix: e.g. {where}{{{name!r}: ('float32', (4096, 4096))}} (dtype names: 'float32', 'bfloat16', ...)"
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}: expected tensor names as str, got {name!r}; {fix}")
+        if not isinstance(spec, (tuple, list)) or len(spec) != 2:
+            raise ConfigError(f"{where}: tensor {name!r}: expected a (dtype, shape) pair, got {spec!r}; {fix}")
+        dtype, shape = spec
+        if not isinstance(dtype, str) or dtype not in _DTYPE_NAMES:
+            raise ConfigError(
+                f"{where}: tensor {name!r}: expected a dtype name (one of {', '.join(_DTYPE_NAMES)}), got {dtype!r}; {fix}"
+            )
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) or not all(
+            isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise ConfigError(f"{where}: tensor {name!r}: expected a shape as a sequence of ints >= 0, got {shape!r}; {fix}")

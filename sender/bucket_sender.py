@@ -223,11 +223,15 @@ class BucketSender:
         try:
             pub.wait(lambda: len(pub.peers) >= count, timeout, f"{count} receiver(s) to connect to {self.endpoint}")
         except PeerTimeout:
-            lost = pub.describe_lost()
+            lost, refused = pub.describe_lost(), pub.describe_refused()
+            fix = (
+                "fix the refusal above on the rank (or the sender), then its daemon is admitted at its next HELLO"
+                if refused else "start (or restart) the ReceiverDaemons, or lower receivers="
+            )
             raise PeerTimeout(
                 f"timed out after {timeout:.1f}s waiting for {count} receiver(s) at {self.endpoint}; connected ranks: "
                 f"{describe_ranks(pub.snapshot_peers())}" + (f"; lost: {lost}" if lost else "")
-                + "; start (or restart) the ReceiverDaemons, or lower receivers="
+                + (f"; refused: {refused}" if refused else "") + f"; {fix}"
             ) from None
         return sorted(pub.snapshot_peers())
 

@@ -149,6 +149,7 @@ class Publisher:
         self._by_ident: dict[bytes, Peer] = {}
         self._refusals_logged: dict[str, float] = {}  # refusal text -> when it was last logged
         self.lost: dict[int, tuple[float, str]] = {}  # rank -> (when, why), for error messages
+        self.refused: dict[int, tuple[float, str]] = {}  # rank -> (when, why) its last claim was refused
         self.round: Round | None = None
         self.on_slot_free: Callable[[int], None] = lambda slot: None
         self._error_limiter = m.ErrorReplyLimiter()
@@ -450,9 +451,11 @@ class Publisher:
                 return
             self._on_round_message(peer, msg)
 
-    def _refuse(self, ident: bytes, error: WeightstreamError) -> None:
+    def _refuse(self, ident: bytes, rank: int, error: WeightstreamError) -> None:
         # a refused daemon retries its HELLO every second: log each distinct refusal once a minute
         text, now = str(error), time.monotonic()
+        with self.cond:  # a push waiting for this rank says why it never came
+            self.refused[rank] = (now, f"{type(error).__name__}: {text}")
         if now - self._refusals_logged.get(text, -1e9) > 60.0:
             self._refusals_logged = {k: t for k, t in self._refusals_logged.items() if now - t <= 60.0}
             self._refusals_logged[text] = now
@@ -464,7 +467,7 @@ class Publisher:
             allowed = self._rank_keys.get(msg.rank)
             if user_id is None or allowed is None or user_id.encode() != allowed:
                 mine = [r for r, k in self._rank_keys.items() if user_id is not None and k == user_id.encode()]
-                self._refuse(ident, IdentityRefused(
+                self._refuse(ident, msg.rank, IdentityRefused(
                     f"rank {msg.rank} was claimed with CURVE key {(user_id or '?')[:8]}..., which allowed_clients "
                     f"lets claim only rank {describe_ranks(mine)}; start the daemon with rank= matching its key, or "
                     "map the key to this rank in the sender's allowed_clients"
@@ -473,7 +476,7 @@ class Publisher:
         try:
             reply = self._welcome(msg)
         except WeightstreamError as exc:
-            self._refuse(ident, exc)
+            self._refuse(ident, msg.rank, exc)
             return
         with self.cond:
             holder = self.peers.get(msg.rank)
@@ -482,7 +485,7 @@ class Publisher:
                     self._drop_peer(holder, f"rank {msg.rank} reconnected")
                 elif self._try_send(holder.identity, m.Pong(session=self.session, known=True)):
                     # the holder's connection is alive (a send to a closed one raises): refuse
-                    self._refuse(ident, RankInUse(
+                    self._refuse(ident, msg.rank, RankInUse(
                         f"rank {msg.rank} is held by a live connection (pid {holder.pid} on {holder.host}); the "
                         f"claim of pid {msg.pid} on {msg.host} is refused. "
                         "Give each daemon its own rank; a restarted rank is adopted once the old one has been "
@@ -493,7 +496,7 @@ class Publisher:
                     self._drop_peer(holder, f"rank {msg.rank}: its connection closed")
             peer = self._by_ident.get(ident)
             if peer is not None and peer.rank != msg.rank:
-                self._refuse(ident, IdentityRefused(
+                self._refuse(ident, msg.rank, IdentityRefused(
                     f"this connection holds rank {peer.rank} and now claims rank {msg.rank}; a daemon has one rank"
                 ))
                 return
@@ -502,6 +505,7 @@ class Publisher:
                 self.peers[msg.rank] = self._by_ident[ident] = peer
             peer.last_seen = now
             self.lost.pop(msg.rank, None)
+            self.refused.pop(msg.rank, None)
             self.cond.notify_all()
         log.info("rank %d connected (pid %d)", msg.rank, msg.pid)
         self._try_send(ident, reply)
@@ -592,6 +596,14 @@ class Publisher:
             stale = [p for p in self.peers.values() if now - p.last_seen > self._heartbeat_timeout]
             for peer in stale:
                 self._drop_peer(peer, f"rank {peer.rank} sent nothing for {now - peer.last_seen:.1f}s (heartbeat timeout)")
+
+    def describe_refused(self) -> str:
+        """Ranks whose last claim was refused, and why (the last refusal of each)."""
+        now = time.monotonic()
+        with self.cond:
+            return "; ".join(
+                f"rank {rank} ({now - when:.1f}s ago): {why}" for rank, (when, why) in sorted(self.refused.items())
+            )
 
     def describe_lost(self) -> str:
         now = time.monotonic()

@@ -153,3 +153,40 @@ def test_the_daemons_own_heartbeat_timeout_ends_a_silent_session_sooner(endpoint
     finally:
         eager.stop()
         fake.close()
+
+
+@pytest.mark.parametrize(
+    ("specs", "mentions"),
+    [
+        ({"w": ("float99", (4,))}, "tensor 'w': expected a dtype name"),
+        ({"w": (np.float32, (4,))}, "tensor 'w': expected a dtype name"),
+        ({"w": ("float32", 4)}, "tensor 'w': expected a shape as a sequence of ints"),
+        ({"w": ("float32", (4, -1))}, "tensor 'w': expected a shape as a sequence of ints"),
+        ({"w": ("float32",)}, "tensor 'w': expected a (dtype, shape) pair"),
+        ([("w", ("float32", (4,)))], "expected a mapping"),
+    ],
+)
+def test_a_malformed_expected_is_refused_where_it_is_given(endpoint: str, specs: Any, mentions: str) -> None:
+    """Not at the first push, from inside the rank: at construction, naming the tensor."""
+    with pytest.raises(ConfigError, match="expected=: ") as info:
+        ReceiverDaemon(endpoint, _never, expected=specs)
+    assert mentions in str(info.value)
+    if "mapping" not in mentions:
+        assert "fix: e.g. expected={'w': ('float32', (4096, 4096))}" in str(info.value)
+
+
+@pytest.mark.timeout(30)
+def test_a_push_that_waits_for_a_refused_rank_says_why(endpoint: str) -> None:
+    """A daemon refused at HELLO (here: its rank is held) is named with the refusal in the
+    PeerTimeout of a push waiting for it, not told to start its daemon."""
+    from weightstream import PeerTimeout
+
+    with BucketSender(endpoint, receivers=2, timeout=3.0, heartbeat_interval=0.1) as sender, \
+            ReceiverDaemon(endpoint, _never, rank=0, heartbeat_interval=0.1):
+        sender.wait_for_receivers(count=1, timeout=10)
+        with ReceiverDaemon(endpoint, _never, rank=0, heartbeat_interval=0.1):
+            with pytest.raises(PeerTimeout) as info:
+                sender.wait_for_receivers(timeout=3.0)
+    text = str(info.value)
+    assert "refused: rank 0" in text and "RankInUse" in text, text
+    assert "fix the refusal" in text and "start (or restart)" not in text, text

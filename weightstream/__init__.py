@@ -13,6 +13,7 @@ from .protocol.errors import (
     RankInUse,
     RemoteError,
     TransportError,
+    UnknownTransport,
     VersionAborted,
     WeightstreamError,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "ReceiverResult",
     "RemoteError",
     "TransportError",
+    "UnknownTransport",
     "VersionAborted",
     "WeightstreamError",
 ]

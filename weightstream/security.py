@@ -62,7 +62,7 @@ def check_network_endpoint(endpoint: str, has_curve: bool, insecure: bool) -> No
     if not isinstance(endpoint, str) or "://" not in endpoint:
         raise ConfigError(
             f"endpoint {endpoint!r} has no scheme; expected ipc:///path/to/socket (same host) or tcp://host:port, "
-            "e.g. ipc:///tmp/ws/gpu0.sock"
+            f"e.g. ipc:///tmp/ws-{os.getuid()}/gpu0.sock (a directory of your own)"
         )
     if needs_network_security(endpoint) and not has_curve and not insecure:
         raise ConfigError(

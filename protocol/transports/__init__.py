@@ -50,7 +50,13 @@ def get_transport(name: str) -> Transport:
     except ImportError as exc:
         hint = "; install its extra: pip install 'weightstream[cuda]'" if "not installed" in str(exc) else ""
         raise TransportError(f"transport {name!r} is unavailable here ({exc}){hint}") from exc
-    return module.TRANSPORT  # type: ignore[no-any-return]
+    transport: Transport = module.TRANSPORT
+    if transport.name != name:  # ranks offer, and WELCOME names, the transport by this name
+        raise TransportError(
+            f"transport {name!r}: module {TRANSPORTS[name]} exposes a TRANSPORT named {transport.name!r}; expected "
+            f"{name!r}; fix: register it under its own name, or set its name to {name!r}"
+        )
+    return transport
 
 
 def available_transports() -> list[str]:

@@ -168,13 +168,13 @@ def host_digest(data: np.ndarray) -> int:
 
 
 def refusal(transport: Transport, rank: int, offered: list[str], host: str) -> str | None:
-    """Why ``transport`` cannot serve a rank that offers ``offered`` from ``host``; None if it can
-    (an ``auto`` choice picks, per rank, the first transport without one)."""
+    """Why ``transport`` cannot serve a rank that offers ``offered`` from ``host``; None if it can.
+    Decided per rank, so that a choice per rank (a sender with several transports) can use it."""
     name = transport.name
     if name not in offered:
         return (
-            f"rank {rank} offers transports {offered}, this sender uses {name!r}; install the extra for {name!r} on "
-            "the rank or pick a transport both sides have"
+            f"rank {rank} offers transports {offered}, this sender uses {name!r}; make {name!r} available on the "
+            "rank (install its extra, or register() it there as on the sender) or pick a transport both sides have"
         )
     if transport.capabilities.same_host and host != host_identity():
         return f"rank {rank} runs on host {host!r}, the sender on {host_identity()!r}; {name} needs both on one node"
