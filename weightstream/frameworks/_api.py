@@ -27,6 +27,20 @@ class DeviceMemory(Protocol):
     device: int
 
 
+class CudaArray:
+    """One typed ``__cuda_array_interface__`` (v2) export of GPU memory; holding it keeps ``base``
+    alive (what torch.as_tensor wraps zero-copy)."""
+
+    __slots__ = ("base", "shape", "typestr")
+
+    def __init__(self, base: DeviceMemory, shape: tuple[int, ...], typestr: str) -> None:
+        self.base, self.shape, self.typestr = base, shape, typestr
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        return {"shape": self.shape, "typestr": self.typestr, "data": (self.base.ptr, False), "version": 2, "strides": None}
+
+
 class CudaSource(NamedTuple):
     """A CUDA tensor's bytes for a device transport: where, how many, on which GPU, what keeps
     them alive (``owner``) and the producer's current stream, to order the copy after it."""

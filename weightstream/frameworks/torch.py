@@ -24,7 +24,7 @@ import numpy as np
 
 from ..protocol.dtypes import DTYPES, INT_OF_ITEMSIZE, DType
 from ..protocol.errors import WeightstreamError
-from ._api import CudaSource, DeviceMemory, Framework, NativeDtypes, not_cuda_tensor, not_on_gpu, not_on_host
+from ._api import CudaArray, CudaSource, DeviceMemory, Framework, NativeDtypes, not_cuda_tensor, not_on_gpu, not_on_host
 
 NAME: Framework = "torch"
 
@@ -190,20 +190,6 @@ def to_host(tensor: Any) -> Any:
 # --- device memory -----------------------------------------------------------------------------
 
 
-class _CudaInts:
-    """One ``__cuda_array_interface__`` (v2) export of same-width integers; holding it keeps ``base`` alive."""
-
-    __slots__ = ("base", "shape", "typestr")
-
-    def __init__(self, base: DeviceMemory, shape: tuple[int, ...], typestr: str) -> None:
-        self.base, self.shape, self.typestr = base, shape, typestr
-
-    @property
-    def __cuda_array_interface__(self) -> dict[str, Any]:
-        ptr = self.base.ptr
-        return {"shape": self.shape, "typestr": self.typestr, "data": (ptr, False), "version": 2, "strides": None}
-
-
 def device_view(buf: DeviceMemory, dtype: DType, shape: tuple[int, ...]) -> Any:
     """A torch tensor over GPU memory (``prod(shape) * itemsize`` bytes at ``buf.ptr``), zero-copy;
     it keeps ``buf`` alive."""
@@ -214,7 +200,7 @@ def device_view(buf: DeviceMemory, dtype: DType, shape: tuple[int, ...]) -> Any:
     if buf.nbytes == 0:
         return torch.empty(shape, dtype=target, device=device)
     # device= is explicit: older torch would otherwise copy the interface object to the default device
-    t = torch.as_tensor(_CudaInts(buf, shape, INT_OF_ITEMSIZE[dtype.itemsize].str), device=device)
+    t = torch.as_tensor(CudaArray(buf, shape, INT_OF_ITEMSIZE[dtype.itemsize].str), device=device)
     return t if t.dtype == target else t.view(target)
 
 

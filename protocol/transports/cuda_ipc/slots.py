@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from ....frameworks import FRAMEWORKS, cuda_source, module, view_as
+from ....frameworks._api import CudaArray
 from ...dtypes import DType
 from ...errors import TransportError
 from ..base import Capabilities, NoFields, SlotReader, SlotWriter, create_all, host_digest
@@ -205,20 +206,7 @@ class DeviceBytes:
 
     @property
     def __cuda_array_interface__(self) -> dict[str, Any]:
-        return _CudaArray(self, (self.nbytes,), "|u1").__cuda_array_interface__
-
-
-class _CudaArray:
-    """One typed ``__cuda_array_interface__`` (v2) export; holding it keeps ``base`` alive."""
-
-    __slots__ = ("base", "shape", "typestr")
-
-    def __init__(self, base: DeviceBytes, shape: tuple[int, ...], typestr: str) -> None:
-        self.base, self.shape, self.typestr = base, shape, typestr
-
-    @property
-    def __cuda_array_interface__(self) -> dict[str, Any]:
-        return {"shape": self.shape, "typestr": self.typestr, "data": (self.base.ptr, False), "version": 2, "strides": None}
+        return CudaArray(self, (self.nbytes,), "|u1").__cuda_array_interface__
 
 
 def _owned_device_memory(nbytes: int, device: int) -> DeviceBytes:
@@ -423,7 +411,7 @@ def device_digest(ptr: int, nbytes: int, device: int) -> int:
     total = 0
     if words:
         dev = torch.device("cuda", device)
-        x = torch.as_tensor(_CudaArray(DeviceBytes(ptr, words * 8, device, None), (words,), "<i8"), device=dev)
+        x = torch.as_tensor(CudaArray(DeviceBytes(ptr, words * 8, device, None), (words,), "<i8"), device=dev)
         acc = torch.zeros((), dtype=torch.int64, device=dev)
         for start in range(0, words, _DIGEST_CHUNK_WORDS):
             part = x[start : start + _DIGEST_CHUNK_WORDS]
