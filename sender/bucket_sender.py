@@ -25,7 +25,7 @@ from ..protocol.errors import (
     from_wire,
 )
 from ..protocol.packed import pack_shapes
-from ..protocol.transports import TRANSPORTS, PushLayout, StreamSpec, get_transport, refusal
+from ..protocol.transports import TRANSPORTS, PushLayout, StreamSpec, check_begin_fields, get_transport, refusal
 from ..security import CurveKeys
 from ..versions import read_version
 from .manifest import Aliased, Manifest, describe, from_specs, take_aliases
@@ -336,6 +336,8 @@ class BucketSender:
         try:
             forced = True if force else None
             fields = self._transport.begin_fields(self._slots, sorted(ranks))
+            if fields is not None:
+                check_begin_fields(self._transport, fields)
             if len(reusing) < len(idents):
                 alias_names, alias_of = m.pack_aliases(layout.aliases)
                 begin = m.Begin(

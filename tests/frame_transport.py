@@ -114,3 +114,26 @@ class FrameTransport(base.NoFields):
 TRANSPORT = FrameTransport()
 
 register(NAME, __name__)
+
+
+class FieldsFrameTransport(FrameTransport):
+    """The frame transport with per-push BEGIN fields, as a collective's store address would be:
+    the sender says how many ranks the push has and names its group, each rank checks it is one
+    of them (what ``join`` saw is kept in ``joined`` for the tests)."""
+
+    name = "frames_fields"
+
+    def __init__(self) -> None:
+        self.joined: list[tuple[int, dict[str, Any] | None]] = []
+
+    def begin_fields(self, slots: list[Any], ranks: list[int]) -> dict[str, Any] | None:
+        return {"world": len(ranks), "group": f"push-{ranks[0]}-{ranks[-1]}"} if ranks else None
+
+    def join(self, slots: list[Any], fields: dict[str, Any] | None, rank: int) -> None:
+        world = fields.get("world") if fields is not None else None
+        if type(world) is not int or not 0 <= rank < world:
+            raise ProtocolError(f"BEGIN: field 'transport': expected a 'world' above this rank ({rank}), got {fields!r}")
+        self.joined.append((rank, fields))
+
+
+FIELDS_TRANSPORT = FieldsFrameTransport()

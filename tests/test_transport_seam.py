@@ -72,3 +72,41 @@ def test_a_same_host_transport_refuses_a_rank_on_another_host_by_capability() ->
     frames = get_transport("frames")
     assert not frames.capabilities.same_host and frames.capabilities.data_frames
     assert refusal(frames, 0, ["frames"], "elsewhere/boot") is None  # bytes travel in frames: any host
+
+
+@pytest.mark.timeout(60)
+def test_begin_carries_a_transports_per_push_fields_to_every_rank(endpoint: str) -> None:
+    """A transport's ``begin_fields`` reach each rank's ``join`` in BEGIN, on a full manifest and
+    on a reused layout alike (the seam a collective's store address will travel through)."""
+    import numpy as np
+    from frame_fields_transport import TRANSPORT
+
+    from weightstream import BucketSender, ReceiverDaemon
+    from weightstream.receiver.sinks import NumpySink
+
+    state = {"w": np.zeros(1000, np.float32)}
+    TRANSPORT.joined.clear()
+    with BucketSender(endpoint, transport=TRANSPORT.name, bucket_bytes=1 << 12, timeout=20) as sender, \
+            ReceiverDaemon(endpoint, NumpySink(state), rank=0, heartbeat_interval=0.1):
+        for step in range(2):  # the second BEGIN reuses the layout
+            weights = np.arange(1000, dtype=np.float32) + step
+            sender.push([("w", weights)], version=f"step_{step}")
+            assert np.array_equal(state["w"], weights)
+    assert TRANSPORT.joined == [(0, {"world": 1, "group": "push-0-0"})] * 2
+
+
+def test_a_transports_fields_that_no_rank_could_decode_are_refused_at_the_sender() -> None:
+    from weightstream.protocol.errors import TransportError
+    from weightstream.protocol.transports import check_begin_fields
+
+    with pytest.raises(TransportError, match=r"transport 'shm': begin_fields\(\) returned dict with 1 keys, non-scalar"):
+        check_begin_fields(get_transport("shm"), {"ranks": [0, 1]})
+    check_begin_fields(get_transport("shm"), {"store": "10.0.0.1:29500", "world": 2})
+
+
+def test_a_transport_that_takes_no_fields_refuses_them() -> None:
+    from weightstream.protocol.errors import ProtocolError
+
+    with pytest.raises(ProtocolError, match="field 'transport': expected none for transport 'shm'"):
+        get_transport("shm").join([], {"store": "10.0.0.1:29500"}, 0)
+    get_transport("shm").join([], None, 0)

@@ -29,6 +29,7 @@ import numpy as np
 import xxhash
 
 from ..dtypes import DType
+from ..errors import TransportError
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,21 @@ def refusal(transport: Transport, rank: int, offered: list[str], host: str) -> s
     if transport.capabilities.same_host and host != host_identity():
         return f"rank {rank} runs on host {host!r}, the sender on {host_identity()!r}; {name} needs both on one node"
     return None
+
+
+BEGIN_FIELDS_MAX = 32  # BEGIN's ``transport`` map: what a rank's decoder accepts
+
+
+def check_begin_fields(transport: Transport, fields: dict[str, Any]) -> None:
+    """A transport's per-push fields must fit BEGIN's small map of scalars; a rank would refuse
+    anything else, so the sender checks before it sends (a transport's own bug, named)."""
+    bad = [k for k, v in fields.items() if type(k) is not str or type(v) not in (str, int, float, bytes, bool)]
+    if type(fields) is not dict or len(fields) > BEGIN_FIELDS_MAX or bad:
+        raise TransportError(
+            f"transport {transport.name!r}: begin_fields() returned {type(fields).__name__} with "
+            f"{len(fields)} keys{f', non-scalar at {bad[:3]}' if bad else ''}; expected a dict of at most "
+            f"{BEGIN_FIELDS_MAX} str keys with str, int, float, bytes or bool values; fix the transport"
+        )
 
 
 SlotT = TypeVar("SlotT")
