@@ -71,6 +71,7 @@ class ReceiverDaemon:
         server_key: bytes | None = None,
         insecure: bool = False,
         staged: bool = False,
+        host_id: str | None = None,
     ) -> None:
         if not isinstance(rank, int) or rank < 0:
             raise ConfigError(f"rank must be an int >= 0, got {rank!r}; fix: this rank's index among the sender's ranks")
@@ -92,6 +93,13 @@ class ReceiverDaemon:
             )
         if expected is not None:
             check_specs(expected, "expected=")
+        # the host this rank says it runs on: a sender gives same-host transports (shm, cuda_ipc)
+        # only to ranks on its own; containers on one node that share no /dev/shm set their own
+        if host_id is not None and (not isinstance(host_id, str) or not 0 < len(host_id) <= 256):
+            raise ConfigError(
+                f"host_id: expected a non-empty str of at most 256 chars, got {host_id!r}; fix: a name per machine "
+                "(or container without a shared /dev/shm), or None for this machine's own identity"
+            )
         self.framework: Framework = framework or getattr(sink, "framework", None) or "numpy"
         self._consumer = Consumer(
             rank=rank, load=load, sink=sink, framework=self.framework, expected=expected, allow_missing=allow_missing,
@@ -113,6 +121,7 @@ class ReceiverDaemon:
             token=secrets.token_hex(8),
             # read on the caller's thread: that is where the rank selected its GPU (the loop thread sees device 0)
             device=device_identity(),
+            host=host_id,
             heartbeat_interval=heartbeat_interval,
             heartbeat_timeout=heartbeat_timeout,
             curve=(curve_keys, server_key) if curve_keys is not None and server_key is not None else None,

@@ -51,6 +51,7 @@ class Session:
         *,
         token: str,
         device: Any,
+        host: str | None = None,
         heartbeat_interval: float,
         heartbeat_timeout: float | None = None,
         curve: tuple[CurveKeys, bytes] | None,
@@ -61,6 +62,7 @@ class Session:
         self.state = state
         self.token = token  # this daemon's: a reconnect shows it again, so the sender adopts it
         self._device = device  # read on the rank's thread, where it selected its GPU
+        self._host = host  # None: this machine's identity (see ReceiverDaemon's host_id)
         self._hb_interval = heartbeat_interval
         self._hb_timeout = heartbeat_timeout  # None: the silence the sender's WELCOME allows
         self.codec = m.Codec()  # this daemon's: it remembers the manifest it took last (keyed by content)
@@ -196,7 +198,7 @@ class Session:
             rank=self.rank,
             session=self.token,
             transports=available_transports(),
-            host=host_identity(),
+            host=self._host if self._host is not None else host_identity(),
             device=self._device,
             pid=os.getpid(),
         )

@@ -190,3 +190,9 @@ def test_a_push_that_waits_for_a_refused_rank_says_why(endpoint: str) -> None:
     text = str(info.value)
     assert "refused: rank 0" in text and "RankInUse" in text, text
     assert "fix the refusal" in text and "start (or restart)" not in text, text
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 257, 7])
+def test_a_bad_host_id_is_a_config_error(endpoint: str, bad: Any) -> None:
+    with pytest.raises(ConfigError, match="host_id: expected a non-empty str"):
+        ReceiverDaemon(endpoint, _never, host_id=bad)

@@ -110,3 +110,27 @@ def test_a_transport_that_takes_no_fields_refuses_them() -> None:
     with pytest.raises(ProtocolError, match="field 'transport': expected none for transport 'shm'"):
         get_transport("shm").join([], {"store": "10.0.0.1:29500"}, 0)
     get_transport("shm").join([], None, 0)
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_with_its_own_host_id_is_refused_shm_by_capability(endpoint: str) -> None:
+    """``ReceiverDaemon(host_id=...)`` (containers on one node that share no /dev/shm): the
+    sender sees a rank on another host and refuses it a same-host transport, naming both hosts;
+    the push waiting for it says so. Without host_id the same rank is served."""
+    import numpy as np
+
+    from weightstream import BucketSender, PeerTimeout, ReceiverDaemon
+    from weightstream.protocol.transports import host_identity
+    from weightstream.receiver.sinks import NumpySink
+
+    state = {"w": np.zeros(16, np.float32)}
+    with BucketSender(endpoint, timeout=2.0, heartbeat_interval=0.1) as sender:
+        with ReceiverDaemon(endpoint, NumpySink(state), rank=0, heartbeat_interval=0.1, host_id="node-b/container-3"):
+            with pytest.raises(PeerTimeout) as info:
+                sender.push([("w", np.ones(16, np.float32))], version="v1")
+        text = str(info.value)
+        assert "runs on host 'node-b/container-3'" in text and repr(host_identity()) in text, text
+        assert "shm needs both on one node" in text, text
+        with ReceiverDaemon(endpoint, NumpySink(state), rank=0, heartbeat_interval=0.1):
+            sender.push([("w", np.ones(16, np.float32))], version="v1", timeout=20)
+    assert np.array_equal(state["w"], np.ones(16, np.float32))
