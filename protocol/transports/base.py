@@ -29,7 +29,7 @@ import numpy as np
 import xxhash
 
 from ..dtypes import DType
-from ..errors import TransportError
+from ..errors import ProtocolError, TransportError
 
 
 @dataclass(frozen=True)
@@ -255,13 +255,9 @@ class SlotReader:
     can_stream = False
 
     def accept(self, frames: list[Any]) -> None:
-        from ..errors import ProtocolError
-
         raise ProtocolError(f"BUCKET: expected no data frames for slots of this transport, got {len(frames)}")
 
     def stream_reader(self, index: int, used: int, check: Callable[[], None], timeout: float) -> StreamRead:
-        from ..errors import ProtocolError
-
         raise ProtocolError("BUCKET: field 'ring': this transport's slots take no streamed buckets")
 
 
@@ -273,8 +269,6 @@ class NoFields:
 
     def join(self, slots: list[Any], fields: dict[str, Any] | None, rank: int) -> None:
         if fields is not None:
-            from ..errors import ProtocolError
-
             raise ProtocolError(
                 f"BEGIN: field 'transport': expected none for transport {getattr(self, 'name', '?')!r}, got keys "
                 f"{sorted(fields)[:8]}"
