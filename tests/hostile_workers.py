@@ -28,6 +28,7 @@ from typing import Any
 import psutil
 import zmq
 from fault_workers import wait_until as wait_until  # the tests import it from here too
+from hand_router import HandRouter
 
 HB = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.0}
 
@@ -125,7 +126,7 @@ def _daemon_main(conn: Any, endpoint: str, rank: int, opts: dict[str, Any]) -> N
 # --- a hand-played sender ---------------------------------------------------------------
 
 
-class FakeRouter:
+class FakeRouter(HandRouter):
     """A ROUTER at ``endpoint`` speaking the sender's side by hand. Single-threaded: the test
     calls ``recv``/``wait_for``, which answer PING with PONG on the way."""
 
@@ -140,47 +141,14 @@ class FakeRouter:
         self.heartbeat_timeout = heartbeat_timeout
         prepare_ipc_endpoint(endpoint)
         self.slots = TRANSPORT.create_slots(slots, slot_bytes, session=self.session)
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.bind(endpoint)
-        self.ident = b""
-        self.pings = 0
+        super().__init__(endpoint, pong_session=session, unbounded_send=True)
         self.closed = False
 
-    def recv(self, timeout: float) -> Any:
-        """The next message (decoded; None for a frame that does not decode), or None on timeout."""
-        from weightstream.protocol import messages as m
-
-        if not self.sock.poll(max(0, int(timeout * 1000))):
-            return None
-        ident, *rest = self.sock.recv_multipart()
-        self.ident = ident
-        try:
-            msg = m.decode(rest[0]) if len(rest) == 1 else None
-        except Exception:
-            return None
-        if isinstance(msg, m.Ping):
-            self.pings += 1
-            self.send(m.Pong(session=self.session))
-        return msg
-
     def wait_for(self, kind: type, timeout: float = 10.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            msg = self.recv(left)
-            if isinstance(msg, kind):
-                return msg
-        raise AssertionError(f"no {kind.TYPE} reached the fake sender within {timeout}s")  # type: ignore[attr-defined]
-
-    def send_raw(self, *frames: bytes) -> None:
-        self.sock.send_multipart([self.ident, *frames])
-
-    def send(self, msg: Any) -> None:
-        from weightstream.protocol import messages as m
-
-        self.send_raw(m.encode(msg))
+        msg = self.poll_for(kind, timeout)
+        if msg is None:
+            raise AssertionError(f"no {kind.TYPE} reached the fake sender within {timeout}s")  # type: ignore[attr-defined]
+        return msg
 
     def welcome(self, **changes: Any) -> Any:
         from weightstream.protocol import messages as m
@@ -197,8 +165,7 @@ class FakeRouter:
         if self.closed:
             return
         self.closed = True
-        self.sock.close(linger=0)
-        self.ctx.term()
+        self.close_socket()
         for slot in self.slots:
             slot.close()
 

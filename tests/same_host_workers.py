@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zmq
 from fault_workers import wait_until as wait_until  # the tests import it from here too
+from hand_router import HandRouter
 
 HERE = Path(__file__).resolve()
 HB = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.0}
@@ -269,7 +269,7 @@ class OtherUser:
 # --- a sender played by hand -------------------------------------------------------------
 
 
-class HandSender:
+class HandSender(HandRouter):
     """A bare ROUTER at ``endpoint`` (its directory made 0700 by hand). The test builds every
     WELCOME, BEGIN and BUCKET; ``slots`` made here are closed (unlinked) by ``close``."""
 
@@ -277,11 +277,7 @@ class HandSender:
         directory = os.path.dirname(endpoint[len("ipc://"):])
         os.makedirs(directory, mode=0o700, exist_ok=True)
         os.chmod(directory, 0o700)
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(endpoint)
-        self.ident = b""
+        super().__init__(endpoint)
         self.owned: list[Any] = []  # slots to close
         self.extra: list[str] = []  # /dev/shm names to unlink
 
@@ -290,34 +286,9 @@ class HandSender:
         self.owned += made
         return made
 
-    def recv(self, timeout: float) -> Any:
-        from weightstream.protocol import messages as m
-
-        if not self.sock.poll(max(0, int(timeout * 1000))):
-            return None
-        ident, *rest = self.sock.recv_multipart()
-        self.ident = ident
-        try:
-            msg = m.decode(rest[0]) if len(rest) == 1 else None
-        except Exception:
-            return None
-        if isinstance(msg, m.Ping):
-            self.send(m.Pong(session=msg.session))
-        return msg
-
     def wait_for(self, kinds: type | tuple[type, ...], timeout: float = 10.0) -> Any:
         """The next message of one of ``kinds``, or None after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            msg = self.recv(left)
-            if isinstance(msg, kinds):
-                return msg
-        return None
-
-    def send(self, msg: Any) -> None:
-        from weightstream.protocol import messages as m
-
-        self.sock.send_multipart([self.ident, m.encode(msg)])
+        return self.poll_for(kinds, timeout)
 
     def welcome(self, session: str, slots: list[dict[str, Any]], bucket_bytes: int) -> Any:
         from weightstream.protocol import messages as m
@@ -354,8 +325,7 @@ class HandSender:
         return msg, offsets
 
     def close(self) -> None:
-        self.sock.close(linger=0)
-        self.ctx.term()
+        self.close_socket()
         for slot in self.owned:
             slot.close()
         for name in self.extra:
