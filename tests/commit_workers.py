@@ -27,6 +27,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
@@ -310,43 +311,24 @@ class SenderProc(fault_workers.SenderProc):
     DEFAULTS: ClassVar[dict[str, Any]] = {"num_buffers": NUM_BUFFERS}
 
 
+def _push(sender: Any, cmd: dict[str, Any], say: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    version = version_name(cmd["step"])
+    weights = make_weights(cmd["step"], cmd.get("refuse", 0))
+    if cmd.get("announce"):
+        say({"pushing": version, "t": time.monotonic()})
+    report = sender.push(weights, version, timeout=cmd.get("timeout", 30.0))
+    return {"ok": True, "report": report_dict(report), "seconds": report.seconds}
+
+
+def _error(exc: Exception) -> dict[str, Any]:
+    return {
+        "ok": False, "type": type(exc).__name__, "rank": getattr(exc, "rank", None),
+        "message": str(exc)[:2000], "report": report_dict(getattr(exc, "report", None)),
+    }
+
+
 def _sender_main(cfg: dict[str, Any]) -> None:
-    from weightstream import BucketSender
-
-    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
-    out = sys.stdout
-
-    def say(obj: dict[str, Any]) -> None:
-        out.write(json.dumps(obj) + "\n")
-        out.flush()
-
-    sender = BucketSender(cfg["endpoint"], **cfg["opts"])
-    say({"ready": True, "pid": os.getpid(), "segments": [s.name for s in sender._slots]})
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        try:
-            if cmd["cmd"] == "close":
-                sender.close()
-                say({"ok": True})
-                return
-            if cmd["cmd"] == "wait":
-                ranks = sender.wait_for_receivers(cmd.get("count"), timeout=cmd.get("timeout", 30.0))
-                say({"ok": True, "ranks": ranks})
-            elif cmd["cmd"] == "push":
-                version = version_name(cmd["step"])
-                weights = make_weights(cmd["step"], cmd.get("refuse", 0))
-                if cmd.get("announce"):
-                    say({"pushing": version, "t": time.monotonic()})
-                report = sender.push(weights, version, timeout=cmd.get("timeout", 30.0))
-                say({"ok": True, "report": report_dict(report), "seconds": report.seconds})
-            else:
-                say({"ok": False, "type": "BadCommand", "message": str(cmd)})
-        except Exception as exc:  # reported to the test, which asserts on it
-            say({
-                "ok": False, "type": type(exc).__name__, "rank": getattr(exc, "rank", None),
-                "message": str(exc)[:2000], "report": report_dict(getattr(exc, "report", None)),
-            })
-    sender.close()
+    fault_workers.serve_sender(cfg, _push, _error, logging.ERROR)
 
 
 if __name__ == "__main__":

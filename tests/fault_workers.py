@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -224,10 +225,18 @@ def _error_fields(exc: BaseException) -> dict[str, Any]:
     }
 
 
-def _sender_main(cfg: dict[str, Any]) -> None:
+def serve_sender(
+    cfg: dict[str, Any],
+    push: Callable[[Any, dict[str, Any], Callable[[dict[str, Any]], None]], dict[str, Any]],
+    error: Callable[[Exception], dict[str, Any]],
+    level: int = logging.WARNING,
+) -> None:
+    """A sender subprocess's command loop: one JSON command a line on stdin (wait, push, close),
+    one JSON answer a line on stdout. ``push(sender, cmd, say)`` does a push and returns its
+    answer; ``error(exc)`` is the answer for a command that raised."""
     from weightstream import BucketSender
 
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    logging.basicConfig(level=level, stream=sys.stderr)
     out = sys.stdout
     sender = BucketSender(cfg["endpoint"], **cfg["opts"])
 
@@ -247,15 +256,23 @@ def _sender_main(cfg: dict[str, Any]) -> None:
                 ranks = sender.wait_for_receivers(cmd.get("count"), timeout=cmd.get("timeout", 30.0))
                 say({"ok": True, "ranks": ranks})
             elif cmd["cmd"] == "push":
-                layout = BAD_LAYOUT if cmd.get("layout") == "bad" else LAYOUT
-                weights = make_weights(cmd["seed"], cmd["version"], layout)
-                report = sender.push(weights, cmd["version"], timeout=cmd.get("timeout", 30.0))
-                say({"ok": True, "bytes": report.bytes, "buckets": report.buckets, "ranks": sorted(report.receivers)})
+                say(push(sender, cmd, say))
             else:
                 say({"ok": False, "type": "BadCommand", "message": str(cmd)})
         except Exception as exc:  # reported to the test, which asserts on it
-            say(_error_fields(exc))
+            say(error(exc))
     sender.close()
+
+
+def _push(sender: Any, cmd: dict[str, Any], say: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    layout = BAD_LAYOUT if cmd.get("layout") == "bad" else LAYOUT
+    weights = make_weights(cmd["seed"], cmd["version"], layout)
+    report = sender.push(weights, cmd["version"], timeout=cmd.get("timeout", 30.0))
+    return {"ok": True, "bytes": report.bytes, "buckets": report.buckets, "ranks": sorted(report.receivers)}
+
+
+def _sender_main(cfg: dict[str, Any]) -> None:
+    serve_sender(cfg, _push, _error_fields)
 
 
 # --- a receiver in a spawned process --------------------------------------------------------
