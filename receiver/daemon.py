@@ -249,6 +249,7 @@ class ReceiverDaemon:
                 names = ", ".join(t.get_name() for t in stuck)
                 log.error("rank %d: %s ignored cancellation for %.0fs", self.rank, names, grace * attempts)
             await session.close()  # load_weights is aborted first
+            session.versions.close()
             # Let queued work (a snapshot commit, say) finish.
             apply_timeout = self._consumer.apply_timeout
             shutdown = asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)

@@ -13,13 +13,22 @@ import logging
 import os
 import time
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import zmq
 import zmq.asyncio
 
 from ..protocol import messages as m
 from ..protocol.errors import PeerLost, ProtocolError, WeightstreamError, wire_name
-from ..protocol.transports import ImportedSlot, Transport, available_transports, get_transport, host_identity
+from ..protocol.transports import (
+    ImportContext,
+    Imported,
+    ImportedSlot,
+    Transport,
+    available_transports,
+    get_transport,
+    host_identity,
+)
 from ..security import CurveKeys, apply_client_curve
 from .state import CLAIM_ERRORS, RankState
 from .waiting import cancel_and_wait
@@ -71,7 +80,7 @@ class Session:
         self.versions: Versions | None = None  # set by the daemon before run()
         # what the sender's WELCOME gave this connection (None until then, and after it is lost)
         self.welcome: m.Welcome | None = None
-        self.slots: list[ImportedSlot] = []
+        self.imported: Imported | None = None  # the transport's side of this connection: the slots, say
         self.transport: Transport | None = None
         self._ctx: Any = None
         self._sock: Any = None
@@ -84,6 +93,10 @@ class Session:
     @property
     def connected(self) -> bool:
         return self.welcome is not None
+
+    @property
+    def slots(self) -> list[ImportedSlot]:
+        return self.imported.slots if self.imported is not None else []
 
     # --- lifetime ------------------------------------------------------------------------
 
@@ -197,7 +210,8 @@ class Session:
         return m.Hello(
             rank=self.rank,
             session=self.token,
-            transports=available_transports(),
+            # a transport this rank's security setup does not allow is not offered (see security_refusal)
+            transports=available_transports(self._curve is not None, self._insecure),
             host=self._host if self._host is not None else host_identity(),
             device=self._device,
             pid=os.getpid(),
@@ -283,33 +297,36 @@ class Session:
             await self._sender_lost("the sender restarted")
         try:
             transport = get_transport(msg.transport)
-            slots: list[ImportedSlot] = []
-            try:
-                for desc in msg.slots:
-                    slots.append(transport.open_slot(desc, (msg.pid, msg.session), self._insecure))
-            except BaseException:
-                for slot in slots:
-                    slot.close()
-                raise
+            imported = transport.attach(msg.slots, ImportContext(
+                rank=self.rank, token=self.token, owner=(msg.pid, msg.session), sender_host=_host_of(self.endpoint),
+                curve=self._curve, insecure=self._insecure,
+            ))
         except WeightstreamError as exc:
             new = self.state.remember_error(f"{type(exc).__name__}: {exc}")
             (log.warning if new else log.debug)("rank %d: cannot map the sender's slots: %s", self.rank, exc)
             self.send(m.Error(error=wire_name(exc), message=str(exc)))
             return
-        self.slots = slots
+        self.imported = imported
         self.transport = transport
         self.welcome = msg
         self._last_heard = time.monotonic()  # silence counts from the WELCOME, not from the socket's opening
         self.state.claim_accepted()
-        log.info("rank %d: connected to sender (pid %d, %d %s slots)", self.rank, msg.pid, len(slots), msg.transport)
+        log.info("rank %d: connected to sender (pid %d, %d %s slots)", self.rank, msg.pid, len(msg.slots), msg.transport)
 
     def _drop(self) -> None:
         """Forget the sender: unmap its slots (the version in flight was ended first)."""
-        for slot in self.slots:
-            slot.close()
-        self.slots = []
+        if self.imported is not None:
+            self.imported.close()
+        self.imported = None
         self.transport = None
         self.welcome = None
+
+
+def _host_of(endpoint: str) -> str:
+    """The host of a tcp endpoint ("" for ipc): the side a collective's socket faces."""
+    if not endpoint.startswith("tcp://"):
+        return ""
+    return urlsplit(endpoint).hostname or ""
 
 
 def _ignore_send_error(future: Any) -> None:

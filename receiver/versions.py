@@ -20,7 +20,7 @@ import numpy as np
 
 from ..protocol import messages as m
 from ..protocol.errors import PeerTimeout, ProtocolError, VersionAborted, WeightstreamError, from_wire, wire_name
-from ..protocol.transports import ImportedSlot, Transport
+from ..protocol.transports import Imported, ImportedSlot, Transport
 from ..versions import check_version_order
 from .consumer import Consumer
 from .manifest import check_manifest
@@ -39,8 +39,11 @@ class Link(Protocol):
     """The connection a version travels on (``receiver.session.Session``)."""
 
     welcome: m.Welcome | None
-    slots: list[ImportedSlot]
+    imported: Imported | None
     transport: Transport | None
+
+    @property
+    def slots(self) -> list[ImportedSlot]: ...
     codec: m.Codec
 
     def send(self, msg: m.Message) -> None: ...
@@ -64,6 +67,9 @@ class VersionMachine:
         self._manifest_layout: tuple[str, int] | None = None  # (sender session, layout) that named it
         self._last_checked: tuple[Any, RunManifest] | None = None
         self._pending_manifest: tuple[m.Begin, list[m.ManifestPart]] | None = None  # a split BEGIN so far
+        # a network transport's receives (one thread, FIFO): the next bucket arrives while the apply
+        # thread applies the last
+        self._receiver: ThreadPoolExecutor | None = None
 
     @property
     def in_flight(self) -> str | None:
@@ -94,6 +100,12 @@ class VersionMachine:
         self._busy_slots.clear()
         self._pending_manifest = None
 
+    def close(self) -> None:
+        """The daemon stops: no more receives (one in progress ends at its version's abort)."""
+        if self._receiver is not None:
+            self._receiver.shutdown(wait=False)
+            self._receiver = None
+
     # --- BEGIN ---------------------------------------------------------------------------
 
     async def _on_begin(self, msg: m.Begin) -> None:
@@ -110,8 +122,8 @@ class VersionMachine:
             committed = self.state.committed
             check_version_order(msg.version, committed, force=bool(msg.force), unordered=True, fix="push with force=True")
             manifest = self._manifest_of(msg)
-            if link.transport is not None:  # a collective joins the push's group here
-                link.transport.join(link.slots, msg.transport, self.rank)
+            if link.imported is not None and link.welcome is not None:  # a collective starts joining the push's group
+                link.imported.join(msg.transport, link.welcome.heartbeat_timeout)
             if expected and not (from_sink and self._checked_before(manifest, expected)):
                 # a sink names its tied tensors and the ones a push need not fill (buffers it has)
                 tied, optional, meta = name_groups_of(consumer.sink) if from_sink else NO_GROUPS
@@ -303,14 +315,30 @@ class VersionMachine:
 
     async def _feed(self, run: VersionRun, inbox: asyncio.Queue[m.Bucket]) -> None:
         """Prepare buckets (validate, slice into views) at most ``prefetch`` ahead."""
+        transport = self.link.transport
+        receives = transport is not None and transport.capabilities.receives
+        loop = asyncio.get_running_loop()
         while True:
             msg = await inbox.get()
+            slot = self.link.slots[msg.slot]
             try:
-                prepared = run.prepare(msg, self.link.slots[msg.slot])
+                prepared = run.prepare(msg, slot)
             except WeightstreamError as exc:
                 self.link.protocol_error(exc if isinstance(exc, ProtocolError) else ProtocolError(str(exc)), run.version)
                 run.queue.abort(exc)
                 return
+            if receives:  # the bucket's bytes into this rank's slot, beside the apply of the last one
+                if self._receiver is None:
+                    self._receiver = ThreadPoolExecutor(1, thread_name_prefix=f"weightstream-receive{self.rank}")
+                try:
+                    await loop.run_in_executor(
+                        self._receiver, slot.receive, msg.seq, prepared.used, run.check, self.consumer.apply_timeout
+                    )
+                except WeightstreamError as exc:
+                    if isinstance(exc, ProtocolError):
+                        self.link.protocol_error(exc, run.version)
+                    run.queue.abort(exc)
+                    return
             await run.queue.put(prepared)
 
     # --- PREPARED, COMMIT ----------------------------------------------------------------
@@ -375,10 +403,17 @@ class VersionMachine:
             # commit is visible, so a restore() or version that follows it runs after the snapshot.
             asyncio.get_running_loop().run_in_executor(self.executor, consumer.run_hook, "on_commit", self.state, run.version)
         self.state.commit(run.version, consumer.unmaterialised())
-        self._run = None
-        self._inbox = None
+        self._end_run(ok=True)
         self.link.send(m.Committed(version=run.version, tensors=run.applied, bytes=run.total_bytes, seconds=seconds))
         log.info("rank %d: committed %s (%d tensors, %.3fs)", self.rank, run.version, run.applied, seconds)
+
+    def _end_run(self, ok: bool) -> None:
+        """The version in flight ended on this rank; a failed one takes what the transport set up for
+        it (a c10d group) with it."""
+        self._run = None
+        self._inbox = None
+        if self.link.imported is not None:
+            self.link.imported.leave(ok)
 
     # --- failure and ABORT ---------------------------------------------------------------
 
@@ -392,8 +427,7 @@ class VersionMachine:
         log.warning("rank %d: version %r failed: %s: %s", self.rank, run.version, type(exc).__name__, text)
         error = exc if isinstance(exc, WeightstreamError) else from_wire(type(exc).__name__, text, rank=self.rank)
         self.state.fail(run.version, error, touched=run.touched, shown=f"{type(exc).__name__}: {text}")
-        self._run = None
-        self._inbox = None
+        self._end_run(ok=False)
         self.link.send(
             m.Failed(
                 version=run.version,
@@ -418,8 +452,7 @@ class VersionMachine:
                         f"the staged load_weights of {run.version!r} did not return within apply_timeout="
                         f"{timeout:.0f}s of its COMMIT; the model may hold part of it"
                     ), touched=True)
-                    self._run = None
-                    self._inbox = None
+                    self._end_run(ok=False)
             return
         run.queue.abort(error)
         if task is not None and not task.done() and not await wait_bounded(task, timeout):
@@ -428,8 +461,7 @@ class VersionMachine:
             self.consumer.run_hook("on_abort", self.state)
             run.held = None
             self.state.fail(run.version, error, touched=run.touched)
-            self._run = None
-            self._inbox = None
+            self._end_run(ok=False)
             self.link.send(m.Failed(  # the answer to an ABORT; dropped if the sender is gone
                 version=run.version, error=type(error).__name__, message=f"{type(error).__name__}: {error}"[: m.MAX_TEXT_LEN],
                 model_intact=self.state.model_intact,  # this version's damage and any earlier one's

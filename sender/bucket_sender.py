@@ -18,16 +18,16 @@ from ..protocol import messages as m
 from ..protocol.errors import (
     ConfigError,
     PeerTimeout,
-    TransportError,
     UnknownTransport,
     VersionAborted,
     WeightstreamError,
     from_wire,
 )
 from ..protocol.packed import pack_shapes
-from ..protocol.transports import TRANSPORTS, PushLayout, StreamSpec, check_begin_fields, get_transport, refusal
+from ..protocol.transports import TRANSPORTS, ExportContext, PushLayout, StreamSpec, check_begin_fields, host_identity
 from ..security import CurveKeys
 from ..versions import read_version
+from .lanes import AUTO, FanOut, Lane, Lanes, data_host_port
 from .manifest import Aliased, Manifest, describe, from_specs, take_aliases
 from .packing import PieceCache, fill
 from .planner import MAX_ENTRIES, RING_MAX_ENTRIES, plan_buckets
@@ -126,6 +126,7 @@ class BucketSender:
         curve_keys: CurveKeys | None = None,
         allowed_clients: Iterable[bytes] | Mapping[int, bytes] | None = None,
         insecure: bool = False,
+        data_address: str | None = None,
     ) -> None:
         if receivers < 1:
             raise ConfigError(f"receivers must be >= 1, got {receivers}; fix: the number of ranks a push waits for")
@@ -136,10 +137,11 @@ class BucketSender:
                 "expected timeout > 0 and heartbeat_timeout > heartbeat_interval > 0, got "
                 f"timeout={timeout}, heartbeat_interval={heartbeat_interval}, heartbeat_timeout={heartbeat_timeout}"
             )
-        if transport not in TRANSPORTS:  # a known one this host cannot run is a TransportError, below
+        if transport not in TRANSPORTS and transport != AUTO:  # a known one this host cannot run: TransportError, below
             raise UnknownTransport(
-                f"transport={transport!r}: expected one of {sorted(TRANSPORTS)}; fix: e.g. transport='shm'"
+                f"transport={transport!r}: expected one of {sorted([*TRANSPORTS, AUTO])}; fix: e.g. transport='shm'"
             )
+        data_host, data_port = data_host_port(data_address, endpoint)
         plan_buckets([], bucket_bytes, alignment)  # validates bucket_bytes/alignment early
         self.endpoint = endpoint
         self.receivers = receivers
@@ -151,8 +153,14 @@ class BucketSender:
         self.session = secrets.token_hex(8)
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat_timeout = heartbeat_timeout
-        self._transport = get_transport(transport)
-        self._slots = self._transport.create_slots(num_buffers, bucket_bytes, self.session)
+        allowed = None
+        if allowed_clients is not None:
+            allowed = list(allowed_clients.values()) if isinstance(allowed_clients, Mapping) else list(allowed_clients)
+        # the transport's slots, or for transport="auto" each rank's transport's, made as ranks need them
+        self._lanes = Lanes(transport, num_buffers, bucket_bytes, ExportContext(
+            session=self.session, data_host=data_host, data_port=data_port, curve_keys=curve_keys,
+            allowed_clients=allowed, insecure=insecure, heartbeat_timeout=heartbeat_timeout,
+        ))
         self._closed = False
         self._push_lock = threading.Lock()
         try:
@@ -167,8 +175,7 @@ class BucketSender:
                 insecure=insecure,
             )
         except BaseException:
-            for slot in self._slots:
-                slot.close()
+            self._lanes.close()
             raise
         self._ring = SlotRing(num_buffers, self._publisher.cond)
         # the last push's manifest, bucket plan and packed shapes: an RL loop pushes the same
@@ -195,21 +202,18 @@ class BucketSender:
             return
         self._closed = True
         self._publisher.close()
-        for slot in self._slots:
-            slot.close()
+        self._lanes.close()
 
     # --- handshake -------------------------------------------------------------------
 
     def _welcome(self, hello: m.Hello) -> m.Welcome:
-        refused = refusal(self._transport, hello.rank, hello.transports, hello.host)
-        if refused is not None:
-            raise TransportError(refused)
+        lane = self._lanes.assign(hello.rank, hello.transports, hello.host, hello.host == host_identity())
         return m.Welcome(
             session=self.session,
-            transport=self._transport.name,
+            transport=lane.transport.name,
             bucket_bytes=self.bucket_bytes,
             alignment=self.alignment,
-            slots=[slot.descriptor() for slot in self._slots],
+            slots=lane.exported.descriptors(),
             heartbeat_interval=self._heartbeat_interval,
             heartbeat_timeout=self._heartbeat_timeout,
             pid=os.getpid(),
@@ -328,39 +332,56 @@ class BucketSender:
         self.wait_for_receivers(timeout=timeout)
         start = time.perf_counter()
         pub = self._publisher
-        rnd = pub.open_round(version, layout.number, self._transport.capabilities.max_consumers)
+        single = self._lanes.single()
+        rnd = pub.open_round(version, layout.number, single.transport.capabilities.max_consumers if single else None)
         # ranks that said READY to this layout last are sent its number, the rest the manifest
         ranks, reusing = rnd.ranks, rnd.reusing
         idents = list(ranks.values())
+        # each rank's transport (one, unless transport="auto" serves ranks of several kinds)
+        lanes = self._lanes.of(ranks)
         self._ring.reset()
+        ok = False
+
+        def check() -> None:  # a transport's wait ends once the push failed, or a rank refused it
+            rnd.check()
+            if rnd.rejected:
+                raise _rejection(version, rnd)
+
         try:
             forced = True if force else None
-            fields = self._transport.begin_fields(self._slots, sorted(ranks))
-            if fields is not None:
-                check_begin_fields(self._transport, fields)
-            if len(reusing) < len(idents):
-                alias_names, alias_of = m.pack_aliases(layout.aliases)
-                begin = m.Begin(
-                    version=version,
-                    names=manifest.names,
-                    dtypes=layout.dtypes,
-                    ndims=layout.ndims,
-                    dims=layout.dims,
-                    total_bytes=total,
-                    buckets=len(plan),
-                    force=forced,
-                    layout=layout.number,
-                    alias_names=alias_names,
-                    alias_of=alias_of,
-                    transport=fields,
+            begins = []
+            for lane, share in lanes:
+                fields = lane.exported.begin_push(
+                    {rank: rnd.tokens.get(rank, "") for rank in share}, check, timeout
                 )
-                needs_manifest = [ident for ident in idents if ident not in reusing]
-                # a manifest over one frame's limit travels as BEGIN + MANIFEST parts
-                for frame in m.split_begin(begin) if layout.may_split else [begin]:
-                    pub.broadcast(needs_manifest, frame)
-            if reusing:
-                again = m.Begin.reusing(version, layout.number, total, len(plan), forced)
-                pub.broadcast(reusing, replace(again, transport=fields) if fields is not None else again)
+                if fields is not None:
+                    check_begin_fields(lane.transport, fields)
+                begins.append((list(share.values()), fields))
+            for lane_idents, fields in begins:
+                needs_manifest = [ident for ident in lane_idents if ident not in reusing]
+                if needs_manifest:
+                    alias_names, alias_of = m.pack_aliases(layout.aliases)
+                    begin = m.Begin(
+                        version=version,
+                        names=manifest.names,
+                        dtypes=layout.dtypes,
+                        ndims=layout.ndims,
+                        dims=layout.dims,
+                        total_bytes=total,
+                        buckets=len(plan),
+                        force=forced,
+                        layout=layout.number,
+                        alias_names=alias_names,
+                        alias_of=alias_of,
+                        transport=fields,
+                    )
+                    # a manifest over one frame's limit travels as BEGIN + MANIFEST parts
+                    for frame in m.split_begin(begin) if layout.may_split else [begin]:
+                        pub.broadcast(needs_manifest, frame)
+                again_to = [ident for ident in lane_idents if ident in reusing]
+                if again_to:
+                    again = m.Begin.reusing(version, layout.number, total, len(plan), forced)
+                    pub.broadcast(again_to, replace(again, transport=fields) if fields is not None else again)
             log.debug(
                 "BEGIN %s: layout %d named to ranks: %s; its manifest sent to ranks: %s", version, layout.number,
                 describe_ranks(r for r, ident in ranks.items() if ident in reusing),
@@ -378,7 +399,7 @@ class BucketSender:
 
             # Packing the first slots overlaps the receivers' manifest check; nothing is
             # published (and so nothing touches a model) before every rank said READY.
-            self._stream(manifest, layout, rnd, idents, timeout, wait_ready, source)
+            self._stream(manifest, layout, rnd, lanes, timeout, wait_ready, source)
             # Two-phase: COMMIT only once every rank holds every byte (PREPARED); until then any
             # failure aborts the version on every rank and none commits it.
             pub.wait(
@@ -393,6 +414,7 @@ class BucketSender:
                 timeout,
                 f"ranks {describe_ranks(set(ranks) - set(rnd.committed))} to commit {version!r}",
             )
+            ok = True
         except BaseException as exc:
             # a timeout: the ranks that did not answer in time are lost
             commit_sent = pub.round_failed(rnd, timeout if isinstance(exc, PeerTimeout) else None)
@@ -421,6 +443,8 @@ class BucketSender:
             raise
         finally:
             pub.close_round(rnd)
+            for lane, _ in lanes:  # a failed push's transport state (a c10d group) goes with it
+                lane.exported.end_push(ok)
         seconds = time.perf_counter() - start
         self.committed_version = version
         report = pub.read_round(rnd, lambda r: _report(r, total, len(manifest), len(plan), seconds))
@@ -435,14 +459,15 @@ class BucketSender:
         manifest: Manifest,
         layout: _Layout,
         rnd: Round,
-        idents: list[bytes],
+        lanes: list[tuple[Lane, dict[int, bytes]]],
         timeout: float,
         before_first_publish: Any,
         source: Iterator[tuple[str, Any]] | None = None,
     ) -> None:
-        """Every bucket through its slot's writer. A plain bucket is written, then published; a
-        streamed one (every rank said at READY it copies each tensor out itself) is published
-        first and written while the ranks copy it out right behind."""
+        """Every bucket through its slot's writer (a slot of each lane's transport). A plain
+        bucket is written, then published; a streamed one (every rank said at READY it copies
+        each tensor out itself) is published first and written while the ranks copy it out right
+        behind."""
         plan = layout.plan
         if not plan:
             if source is not None and next(source, None) is not None:
@@ -450,7 +475,7 @@ class BucketSender:
             before_first_publish()
             return
         stream = None
-        if self._streams_offered():
+        if len(lanes) == 1 and self._streams_offered(lanes[0][0]):
             before_first_publish()  # READY says whether every rank takes this push streamed
             self._streamed_last = all(rank in rnd.streamed for rank in rnd.ranks)
             if self._streamed_last:
@@ -458,27 +483,31 @@ class BucketSender:
         cache = PieceCache(manifest, source)
         for bucket in plan:
             slot_index = self._ring.acquire(timeout, rnd.check)
-            slot = self._slots[slot_index]
-            writer = slot.writer(bucket, layout.writers, stream)  # type: ignore[arg-type]
+            slots = [lane.exported.slots[slot_index] for lane, _ in lanes]
+            writers = [slot.writer(bucket, layout.writers, stream) for slot in slots]  # type: ignore[arg-type]
+            writer = writers[0] if len(writers) == 1 else FanOut(writers)
             if writer.streamed:
-                self._publish(bucket, slot_index, rnd, idents, None, True, [])
+                self._publish(bucket, slot_index, rnd, lanes, None, True, [[]] * len(lanes))
             try:
                 with gc_paused():
                     fill(bucket, writer, cache)
-                frames = writer.finish(bucket.used)
+                sent = writer.finish(bucket.used)
+                frames = writer.frames if isinstance(writer, FanOut) else [sent]
                 cache.check_end(bucket.seq == len(plan) - 1)
             except BaseException:
                 writer.abort()
                 raise
             if not writer.streamed:
-                digest = slot.digest(bucket.used) if self.checksum else None
+                digest = slots[0].digest(bucket.used) if self.checksum else None
                 if bucket.seq == 0:
                     before_first_publish()
-                self._publish(bucket, slot_index, rnd, idents, digest, None, frames)
+                self._publish(bucket, slot_index, rnd, lanes, digest, None, frames)
 
-    def _streams_offered(self) -> bool:
-        """Can this push's buckets be streamed? Never with checksums: a digest needs the whole bucket."""
-        return not self.checksum and all(slot.can_stream for slot in self._slots)
+    def _streams_offered(self, lane: Lane | None = None) -> bool:
+        """Can this push's buckets be streamed? Never with checksums (a digest needs the whole
+        bucket), and only through one lane whose slots can."""
+        lane = lane or self._lanes.single()
+        return not self.checksum and lane is not None and all(slot.can_stream for slot in lane.exported.slots)
 
     def _streams_expected(self) -> bool:
         """Will this push's buckets likely be streamed? The plan is fixed before the ranks say
@@ -486,16 +515,16 @@ class BucketSender:
         return self._streams_offered() and self._streamed_last is not False
 
     def _publish(
-        self, bucket: Any, slot_index: int, rnd: Round, idents: list[bytes], digest: int | None, ring: bool | None,
-        frames: list[Any],
+        self, bucket: Any, slot_index: int, rnd: Round, lanes: list[tuple[Lane, dict[int, bytes]]],
+        digest: int | None, ring: bool | None, frames: list[list[Any]],
     ) -> None:
+        """BUCKET to every rank; ``frames[i]``: the data frames lane ``i``'s ranks get after it."""
         pub = self._publisher
         pub.expect_acks(rnd, bucket.seq, slot_index)
         # whole tensors packed from 0: the ranks derive the arrays from the manifest (protocol v5)
         offsets, nbytes, chunks = (b"", b"", b"") if bucket.whole else bucket.packed()
-        pub.broadcast(
-            idents,
-            m.Bucket(
+        for (_, share), data in zip(lanes, frames, strict=True):
+            pub.broadcast(list(share.values()), m.Bucket(
                 version=rnd.version,
                 seq=bucket.seq,
                 slot=slot_index,
@@ -506,10 +535,8 @@ class BucketSender:
                 checksum=digest,
                 ring=ring,
                 count=len(bucket.tensors) if bucket.whole else None,
-                frames=len(frames) or None,
-            ),
-            frames,
-        )
+                frames=len(data) or None,
+            ), data)
 
 
 def _report(rnd: Round, total: int, tensors: int, buckets: int, seconds: float) -> PushReport:

@@ -72,6 +72,7 @@ class Round:
 
     version: str
     ranks: dict[int, bytes]  # rank -> routing identity
+    tokens: dict[int, str] = field(default_factory=dict)  # rank -> its daemon's session token
     layout: int | None = None  # the BEGIN's layout number
     ready: set[int] = field(default_factory=set)
     streamed: set[int] = field(default_factory=set)  # ranks that take buckets streamed
@@ -217,6 +218,7 @@ class Publisher:
             rnd = Round(
                 version=version,
                 ranks={rank: peer.identity for rank, peer in self.peers.items()},
+                tokens={rank: peer.session for rank, peer in self.peers.items()},
                 layout=layout,
                 max_consumers=max_consumers,
                 reusing=[peer.identity for peer in self.peers.values() if peer.layout == layout],

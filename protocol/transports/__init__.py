@@ -12,7 +12,11 @@ from ..errors import TransportError, UnknownTransport
 from .base import (
     BucketWriter,
     Capabilities,
+    ExportContext,
+    Exported,
     ExportedSlot,
+    ImportContext,
+    Imported,
     ImportedSlot,
     PushLayout,
     StreamRead,
@@ -23,6 +27,7 @@ from .base import (
     host_digest,
     host_identity,
     refusal,
+    security_refusal,
 )
 from .cuda_ipc.wire import device_identity  # what a rank says of its GPUs in HELLO (imports without CUDA)
 
@@ -30,6 +35,9 @@ from .cuda_ipc.wire import device_identity  # what a rank says of its GPUs in HE
 TRANSPORTS: dict[str, str] = {
     "shm": "weightstream.protocol.transports.shm",
     "cuda_ipc": "weightstream.protocol.transports.cuda_ipc.slots",
+    "tcp": "weightstream.protocol.transports.tcp",
+    "gloo": "weightstream.protocol.transports.gloo",
+    "nccl": "weightstream.protocol.transports.nccl",
 }
 
 _available: tuple[str, ...] | None = None
@@ -60,9 +68,10 @@ def get_transport(name: str) -> Transport:
     return transport
 
 
-def available_transports() -> list[str]:
+def available_transports(has_curve: bool | None = None, insecure: bool = False) -> list[str]:
     """Transports this process can use (offered in HELLO); probed once (until a register), since
-    a failed probe (e.g. CUDA without a driver) is not cached by the import system."""
+    a failed probe (e.g. CUDA without a driver) is not cached by the import system. Given
+    ``has_curve``, only those that side's security setup allows (see :func:`security_refusal`)."""
     global _available
     if _available is None:
         names = []
@@ -73,14 +82,20 @@ def available_transports() -> list[str]:
                 continue
             names.append(name)
         _available = tuple(names)
-    return list(_available)
+    if has_curve is None:
+        return list(_available)
+    return [n for n in _available if security_refusal(get_transport(n).capabilities, has_curve, insecure) is None]
 
 
 __all__ = [
     "TRANSPORTS",
     "BucketWriter",
     "Capabilities",
+    "ExportContext",
+    "Exported",
     "ExportedSlot",
+    "ImportContext",
+    "Imported",
     "ImportedSlot",
     "PushLayout",
     "StreamRead",
@@ -95,4 +110,5 @@ __all__ = [
     "host_identity",
     "refusal",
     "register",
+    "security_refusal",
 ]

@@ -53,6 +53,14 @@ class Capabilities:
     # bucket bytes travel as data frames after the BUCKET message on the control connection,
     # not through shared memory
     data_frames: bool = False
+    # a rank receives each bucket's bytes into its own copy of the slot over the network
+    # (``ImportedSlot.receive``, on the rank's receive thread, overlapping the apply of the last)
+    receives: bool = False
+    # bucket bytes cross the network: the transport needs CURVE keys or ``insecure=True``
+    network: bool = False
+    # the transport authenticates its peers (CURVE, or memory only this host's user can open); a
+    # c10d group cannot, so such a transport is offered and used only with ``insecure=True``
+    authenticated: bool = True
 
 
 @dataclass
@@ -64,6 +72,31 @@ class PushLayout:
     plan: list[Any]
     tensor_bytes: list[int]
     derived: dict[Any, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExportContext:
+    """What a sender gives its transport when it creates its slots (``Transport.export``)."""
+
+    session: str = ""  # the sender's session id: a transport that names its memory puts it in the name
+    data_host: str = "127.0.0.1"  # where a data socket or store binds, and what WELCOME/BEGIN announce
+    data_port: int = 0  # 0: any free port
+    curve_keys: Any = None  # the sender's security.CurveKeys (a data socket serves with them), or None
+    allowed_clients: list[bytes] | None = None  # CURVE client keys let in; None: any
+    insecure: bool = False
+    heartbeat_timeout: float = 10.0  # how long a rendezvous waits for a silent peer
+
+
+@dataclass(frozen=True)
+class ImportContext:
+    """What a rank gives its transport when it maps a WELCOME's slots (``Transport.attach``)."""
+
+    rank: int = 0
+    token: str = ""  # this daemon's session token (as in HELLO)
+    owner: tuple[int, str] | None = None  # (pid, session) of the sender
+    sender_host: str = ""  # the host of the control endpoint ("" for ipc): what a collective binds toward
+    curve: tuple[Any, bytes] | None = None  # (this rank's CurveKeys, the sender's public key), or None
+    insecure: bool = False  # skip the checks that memory belongs to this rank's user; allow c10d
 
 
 @dataclass(frozen=True)
@@ -127,8 +160,36 @@ class ImportedSlot(Protocol):
     def scratch(self, nbytes: int) -> Any: ...  # a private flat uint8 buffer in the same domain
     def copy(self, dst: Any, at: int, src: Any) -> None: ...  # dst[at:at+len(src)] = src
     def stream_reader(self, index: int, used: int, check: Callable[[], None], timeout: float) -> StreamRead: ...
+    # a receiving transport's bucket ``seq``: its bytes [0, used) into this slot (on the receive thread;
+    # ``check`` raises once the version failed, a wait with nothing arriving ends at ``timeout``)
+    def receive(self, seq: int, used: int, check: Callable[[], None], timeout: float) -> None: ...
     def sync(self) -> None: ...  # consumer copies out of the slot are complete (before ACK)
     def digest(self, nbytes: int) -> int: ...  # same function as the exporter's digest
+    def close(self) -> None: ...
+
+
+class Exported(Protocol):
+    """A sender's slots of one transport, and what the transport keeps beside them for the
+    sender's lifetime (a data socket, a store); made by ``Transport.export``."""
+
+    slots: list[ExportedSlot]
+
+    def descriptors(self) -> list[dict[str, Any]]: ...  # WELCOME's ``slots``
+    # a push to ``ranks`` ({rank: daemon token}) starts: BEGIN's per-push fields, or None. ``check``
+    # raises once the push failed; nothing waits longer than ``timeout``
+    def begin_push(self, ranks: dict[int, str], check: Callable[[], None], timeout: float) -> dict[str, Any] | None: ...
+    def end_push(self, ok: bool) -> None: ...  # the push ended (failed: drop what it set up, e.g. a group)
+    def close(self) -> None: ...
+
+
+class Imported(Protocol):
+    """A rank's mapping of one sender's slots, and what the transport keeps for that connection;
+    made by ``Transport.attach`` at WELCOME."""
+
+    slots: list[ImportedSlot]
+
+    def join(self, fields: dict[str, Any] | None, timeout: float) -> None: ...  # BEGIN's fields; never blocks
+    def leave(self, ok: bool) -> None: ...  # the version ended on this rank (failed: drop its group)
     def close(self) -> None: ...
 
 
@@ -136,17 +197,8 @@ class Transport(Protocol):
     name: str
     capabilities: Capabilities
 
-    # ``session``: the sender's session id; a transport that names its memory puts it in the name
-    def create_slots(self, count: int, size: int, session: str = "") -> list[ExportedSlot]: ...
-    # ``owner``: (pid, session) of the sender the rank is connected to; ``insecure`` skips the
-    # checks that the memory belongs to this rank's user
-    def open_slot(
-        self, descriptor: dict[str, Any], owner: tuple[int, str] | None = None, insecure: bool = False
-    ) -> ImportedSlot: ...
-    # per-push fields for BEGIN (a collective's store address, world size, group id), or None
-    def begin_fields(self, slots: list[ExportedSlot], ranks: list[int]) -> dict[str, Any] | None: ...
-    # a rank's side of those fields at BEGIN (joins the push's group); refuses fields it does not expect
-    def join(self, slots: list[ImportedSlot], fields: dict[str, Any] | None, rank: int) -> None: ...
+    def export(self, count: int, size: int, context: ExportContext) -> Exported: ...
+    def attach(self, descriptors: list[dict[str, Any]], context: ImportContext) -> Imported: ...
 
 
 # --- shared by transports -------------------------------------------------------------------
@@ -173,12 +225,25 @@ def refusal(transport: Transport, rank: int, offered: list[str], host: str) -> s
     Decided per rank, so that a choice per rank (a sender with several transports) can use it."""
     name = transport.name
     if name not in offered:
+        hint = (
+            f"; a rank offers {name!r} only with insecure=True, since it cannot authenticate its peers"
+            if not transport.capabilities.authenticated else ""
+        )
         return (
             f"rank {rank} offers transports {offered}, this sender uses {name!r}; make {name!r} available on the "
-            "rank (install its extra, or register() it there as on the sender) or pick a transport both sides have"
+            f"rank (install its extra, or register() it there as on the sender) or pick a transport both sides have{hint}"
         )
     if transport.capabilities.same_host and host != host_identity():
         return f"rank {rank} runs on host {host!r}, the sender on {host_identity()!r}; {name} needs both on one node"
+    return None
+
+
+def security_refusal(capabilities: Capabilities, has_curve: bool, insecure: bool) -> str | None:
+    """Why a side with this security setup may not use a transport with ``capabilities``; None if it may."""
+    if not capabilities.authenticated and not insecure:
+        return "it cannot authenticate its peers (c10d has no authentication), so it needs insecure=True on a trusted network"
+    if capabilities.network and not has_curve and not insecure:
+        return "its bytes cross the network, so it needs CURVE keys (curve_keys=, server_key= on ranks) or insecure=True"
     return None
 
 
@@ -260,9 +325,71 @@ class SlotReader:
     def stream_reader(self, index: int, used: int, check: Callable[[], None], timeout: float) -> StreamRead:
         raise ProtocolError("BUCKET: field 'ring': this transport's slots take no streamed buckets")
 
+    def receive(self, seq: int, used: int, check: Callable[[], None], timeout: float) -> None:
+        raise ProtocolError(f"BUCKET {seq}: this transport's slots hold the bytes already; nothing to receive")
 
-class NoFields:
-    """Defaults of a transport that needs nothing per push."""
+
+class SlotSet:
+    """:class:`Exported` for a transport whose slots are all it keeps (shm, cuda_ipc)."""
+
+    def __init__(self, transport: Any, slots: list[Any]) -> None:
+        self.transport = transport
+        self.slots = slots
+
+    def descriptors(self) -> list[dict[str, Any]]:
+        return [slot.descriptor() for slot in self.slots]
+
+    def begin_push(self, ranks: dict[int, str], check: Callable[[], None], timeout: float) -> dict[str, Any] | None:
+        fields: dict[str, Any] | None = self.transport.begin_fields(self.slots, sorted(ranks))
+        return fields
+
+    def end_push(self, ok: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        for slot in self.slots:
+            slot.close()
+
+
+class SlotImports:
+    """:class:`Imported` for a transport whose mapped slots are all a rank keeps."""
+
+    def __init__(self, transport: Any, slots: list[Any], rank: int) -> None:
+        self.transport = transport
+        self.slots = slots
+        self.rank = rank
+
+    def join(self, fields: dict[str, Any] | None, timeout: float) -> None:
+        self.transport.join(self.slots, fields, self.rank)
+
+    def leave(self, ok: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        for slot in self.slots:
+            slot.close()
+
+
+class PerSlot:
+    """``export``/``attach`` of a transport from its per-slot ``create_slots``/``open_slot``."""
+
+    def export(self, count: int, size: int, context: ExportContext) -> SlotSet:
+        return SlotSet(self, self.create_slots(count, size, context.session))  # type: ignore[attr-defined]
+
+    def attach(self, descriptors: list[dict[str, Any]], context: ImportContext) -> SlotImports:
+        slots: list[Any] = []
+        try:
+            for desc in descriptors:
+                slots.append(self.open_slot(desc, context.owner, context.insecure))  # type: ignore[attr-defined]
+        except BaseException:
+            for slot in slots:
+                slot.close()
+            raise
+        return SlotImports(self, slots, context.rank)
+
+
+class NoFields(PerSlot):
+    """Defaults of a per-slot transport that needs nothing per push."""
 
     def begin_fields(self, slots: list[Any], ranks: list[int]) -> dict[str, Any] | None:
         return None

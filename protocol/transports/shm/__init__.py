@@ -18,27 +18,16 @@ import mmap
 import os
 import secrets
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from multiprocessing import shared_memory
 from typing import Any, cast
 
 import numpy as np
 
-from .... import native as speedups
-from ....frameworks import host_bytes, view_as
-from ...dtypes import DType
+from ....frameworks import host_bytes
 from ...errors import TransportError
-from ..base import (
-    Capabilities,
-    NoFields,
-    PushLayout,
-    SlotReader,
-    SlotWriter,
-    StreamSpec,
-    create_all,
-    host_digest,
-    host_identity,
-)
+from ..base import Capabilities, NoFields, PushLayout, StreamSpec, create_all, host_identity
+from ..host import HostSlotReader, HostSlotWriter, write_one
 from . import ring as shm_ring
 from .streaming import slot_streams
 
@@ -48,7 +37,6 @@ except ImportError:  # pragma: no cover - non-POSIX
     _posixshmem = None
 
 PREFIX = "ws_"
-_SMALL_COPY = 64 << 10
 SHM_DIR = "/dev/shm"
 
 
@@ -86,34 +74,12 @@ def close_mapping(mapping: Any) -> None:
             pass
 
 
-def write_one(write: Callable[[int, np.ndarray, int, int], None], mv: memoryview, offset: int, tensor: Any, n: int) -> bool:
-    """One whole tensor into a slot; False if it is not ``n`` bytes. A small C-contiguous NumPy
-    array takes a memoryview copy into ``mv`` with no intermediate view (~0.4 us over the memcpy,
-    against ~1.3 us through ``write``); anything else, and big tensors (whose copy releases the
-    GIL), take ``write(offset, source, start, nbytes)``."""
-    if n <= _SMALL_COPY and type(tensor) is np.ndarray:
-        try:
-            if tensor.dtype.kind != "V":
-                mv[offset : offset + n] = tensor.data.cast("B")
-            else:  # bfloat16/float8 (ml_dtypes) export no buffer format: go through uint8
-                mv[offset : offset + n] = tensor.view(np.uint8).data.cast("B")
-            return True
-        except (TypeError, ValueError):  # not C-contiguous, 0-d, or not n bytes: the checked path
-            pass
-    source = host_bytes(tensor)
-    if source.nbytes != n:
-        return False
-    if n:
-        write(offset, source, 0, n)
-    return True
-
-
 def segment_name(session: str) -> str:
     """``ws_<pid>_<session>_<random>``: the creator's pid first (leak checks find a dead one's)."""
     return f"{PREFIX}{os.getpid()}_{session or 'nosession'}_{secrets.token_hex(4)}"
 
 
-class ShmExportedSlot(SlotWriter):
+class ShmExportedSlot(HostSlotWriter):
     def __init__(self, size: int, session: str = "") -> None:
         name = segment_name(session)
         ring_bytes = shm_ring.ring_bytes_for(size)
@@ -167,30 +133,6 @@ class ShmExportedSlot(SlotWriter):
             raise TransportError(f"slot {self.name} is closed")
         return self._view
 
-    def source_bytes(self, tensor: Any) -> np.ndarray:
-        return host_bytes(tensor)
-
-    def write(self, offset: int, source: np.ndarray, start: int, nbytes: int) -> None:
-        if nbytes <= _SMALL_COPY:  # per-tensor overhead dominates: a memoryview copy is ~3x cheaper
-            self._mv[offset : offset + nbytes] = source.data[start : start + nbytes]
-        else:  # the GIL is released for big copies, so the I/O thread keeps running
-            speedups.copy(self.host_view()[offset : offset + nbytes], source[start : start + nbytes], self.streams)
-
-    def write_tensors(self, offsets: list[int], tensors: Sequence[Any], nbytes: list[int]) -> int | None:
-        """Whole tensors at ``offsets``. The C accelerator copies every C-contiguous buffer of the
-        right size (~0.1 us per tensor over the memcpy); the rest, and everything without it,
-        takes :func:`write_one`."""
-        count, view = len(tensors), self.host_view()
-        i = speedups.gather(view, offsets, nbytes, tensors, 0, self.streams)
-        while i < count:
-            if not write_one(self.write, self._mv, offsets[i], tensors[i], nbytes[i]):
-                return i
-            i = speedups.gather(view, offsets, nbytes, tensors, i + 1, self.streams)
-        return None
-
-    def digest(self, nbytes: int) -> int:
-        return host_digest(self.host_view()[:nbytes])
-
     def close(self) -> None:
         if self._view is None:
             return
@@ -208,8 +150,7 @@ class ShmExportedSlot(SlotWriter):
             pass
 
 
-class ShmImportedSlot(SlotReader):
-    domain = "host"
+class ShmImportedSlot(HostSlotReader):
 
     def __init__(self, descriptor: dict[str, Any], owner: tuple[int, str] | None = None, insecure: bool = False) -> None:
         """``owner``: (pid, session) of the sender this rank is connected to; only its segments are mapped."""
@@ -286,24 +227,6 @@ class ShmImportedSlot(SlotReader):
         if self._view is None:
             raise TransportError(f"slot {self.name} is closed")
         return self._view
-
-    def raw(self, offset: int, nbytes: int) -> np.ndarray:
-        return self.host_view()[offset : offset + nbytes]
-
-    def typed(self, framework: str, buffer: np.ndarray, dtype: DType, shape: tuple[int, ...]) -> Any:
-        return view_as(framework, buffer, dtype, shape)  # type: ignore[arg-type]
-
-    def scratch(self, nbytes: int) -> np.ndarray:
-        return np.empty(nbytes, dtype=np.uint8)
-
-    def copy(self, dst: np.ndarray, at: int, src: np.ndarray) -> None:
-        speedups.copy(dst[at : at + src.nbytes], src, self.streams)
-
-    def sync(self) -> None:
-        """Host copies are synchronous: nothing to wait for."""
-
-    def digest(self, nbytes: int) -> int:
-        return host_digest(self.host_view()[:nbytes])
 
     def close(self) -> None:
         self._view = None

@@ -1,0 +1,344 @@
+"""What the c10d collectives (``gloo``, ``nccl``) share: each bucket is one broadcast from the
+sender (rank 0 of the group) to every rank of the push, through a process group made for the
+push from a ``TCPStore`` the sender hosts. Never the process's default group: the engine in a
+rank owns that one.
+
+::
+
+    sender                                         rank (each)
+    TCPStore (master) at data_address             (nothing until a push)
+    begin_push: new group id G, each rank's index
+      in the store; builds its side of G (thread)
+    BEGIN transport={store, group: G, world, fresh} -> join: builds its side of G (thread)
+    per bucket: broadcast(slot[:used]) (async)  ...  receive thread: broadcast into slot[:used], wait
+    BUCKET on control ->                             (then slices and applies it, ACK)
+    push ok: G is kept while the ranks are the same   COMMIT: G kept
+    push failed: G aborted, the next push builds G'   ABORT/failure: G aborted
+
+A group is rebuilt only after a failure or when the ranks change. Every wait (the group's
+rendezvous, each broadcast) is bounded and stops as soon as the version failed; a rank that
+dies mid-broadcast makes the others' broadcast fail at once (gloo sees the connection close),
+the control plane aborts the version, and both sides drop the group.
+
+c10d has no authentication: anyone who reaches the store or a member's port can join or feed
+a group. These transports are offered and used only with ``insecure=True``, on a network you
+trust.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import secrets
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ...deadline import Deadline
+from ..errors import ConfigError, PeerTimeout, ProtocolError, TransportError
+from .base import ExportContext, ImportContext, PushLayout, StreamSpec
+
+log = logging.getLogger("weightstream.transport.c10d")
+
+POLL_S = 0.1  # how often a wait looks at whether its version failed
+
+
+def local_address_toward(host: str) -> str:
+    """The address of this host's interface that routes to ``host`` (what a group member binds)."""
+    if host in ("", "127.0.0.1", "localhost"):
+        return "127.0.0.1"
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect((host, 9))  # UDP: no packet is sent, the kernel only picks a route
+        return str(probe.getsockname()[0])
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
+    finally:
+        probe.close()
+
+
+def wait_done(done: threading.Event, check: Callable[[], None], timeout: float, what: str) -> None:
+    """Wait for ``done``, giving up once ``check`` raises or after ``timeout``."""
+    deadline = Deadline(timeout)
+    while not done.wait(min(POLL_S, max(deadline.left(), 0.0))):
+        check()
+        if deadline.expired():
+            raise PeerTimeout(f"timed out after {timeout:.1f}s waiting for {what}")
+
+
+def wait_work(work: Any, check: Callable[[], None], timeout: float, what: str) -> None:
+    """Wait for a c10d work item, bounded and abandoned once the version failed; its own error typed."""
+    done = threading.Event()
+    work.get_future().add_done_callback(lambda _fut: done.set())
+    wait_done(done, check, timeout, what)
+    try:
+        work.wait()
+    except RuntimeError as exc:  # gloo/nccl say what broke (a peer closed, a timeout)
+        raise TransportError(f"{what} failed: {str(exc)[:400]}") from None
+
+
+class Build:
+    """A group being built on its own thread (the rendezvous waits for every member)."""
+
+    def __init__(self, make: Callable[[], Any], what: str) -> None:
+        self.what = what
+        self.group: Any = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self._done = threading.Event()
+        threading.Thread(target=self._run, args=(make,), name="weightstream-c10d-build", daemon=True).start()
+
+    def _run(self, make: Callable[[], Any]) -> None:
+        try:
+            group = make()
+            if self.cancelled:  # the push failed while it was being built: nobody will use it
+                abort_group(group)
+            else:
+                self.group = group
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self._done.set()
+
+    def wait(self, check: Callable[[], None], timeout: float) -> Any:
+        wait_done(self._done, check, timeout, self.what)
+        if self.error is not None:
+            raise TransportError(f"{self.what} failed: {str(self.error)[:400]}") from None
+        return self.group
+
+    def drop(self) -> None:
+        self.cancelled = True
+        if self._done.is_set() and self.group is not None:
+            abort_group(self.group)
+            self.group = None
+
+
+def abort_group(group: Any) -> None:
+    """End a group now: its members' pending operations fail instead of waiting out a timeout."""
+    try:
+        group.abort()
+    except Exception as exc:  # some backends/versions have no abort: dropping it closes the connections
+        log.debug("c10d group abort: %s", exc)
+
+
+def make_group(backend: str, store: Any, group_id: str, index: int, world: int, address: str, timeout: float) -> Any:
+    prefixed = dist.PrefixStore(f"weightstream/{group_id}", store)
+    if backend == "gloo":
+        options = dist.ProcessGroupGloo._Options()
+        options._timeout = datetime.timedelta(seconds=timeout)
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=address)]
+        return dist.ProcessGroupGloo(prefixed, index, world, options)
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = datetime.timedelta(seconds=timeout)
+    return dist.ProcessGroupNCCL(prefixed, index, world, options)
+
+
+# --- sender ----------------------------------------------------------------------------------
+
+
+class C10dExported:
+    """The sender's store, its group of the current ranks, and its slots (made by the transport)."""
+
+    def __init__(self, backend: str, slots: list[Any], context: ExportContext) -> None:
+        if not context.insecure:
+            raise ConfigError(
+                f"transport={backend!r}: c10d has no authentication (anyone reaching the store or a member's port can "
+                "join or feed the group); expected insecure=True, got False; fix: insecure=True on a trusted network, "
+                "or transport='tcp' with CURVE keys"
+            )
+        self.backend = backend
+        self.slots = slots
+        bind = context.data_host if context.data_host not in ("", "*") else "0.0.0.0"
+        self.address = local_address_toward("") if bind in ("127.0.0.1", "localhost") else (
+            socket.gethostbyname(socket.gethostname()) if bind == "0.0.0.0" else bind
+        )
+        try:
+            self._store = dist.TCPStore(
+                bind, context.data_port, None, True, timeout=datetime.timedelta(seconds=context.heartbeat_timeout),
+                wait_for_workers=False,
+            )
+        except (RuntimeError, ValueError) as exc:
+            raise TransportError(
+                f"transport={backend!r}: could not start its TCPStore at {bind}:{context.data_port or '<any port>'} "
+                f"({exc}); fix: data_address= an address of this host with a free port"
+            ) from exc
+        self._rendezvous = context.heartbeat_timeout
+        self._build: Build | None = None
+        self._members: tuple[tuple[int, str], ...] = ()
+        self._healthy = False  # the last push through the group went well: the next may reuse it
+        self._check: Callable[[], None] = lambda: None
+        self._timeout = 60.0
+
+    def descriptors(self) -> list[dict[str, Any]]:
+        return [{"size": slot.size} for slot in self.slots]
+
+    def begin_push(self, ranks: dict[int, str], check: Callable[[], None], timeout: float) -> dict[str, Any] | None:
+        self._check, self._timeout = check, timeout
+        members = tuple(sorted(ranks.items()))
+        fresh = not (self._build is not None and self._healthy and members == self._members)
+        if fresh:
+            self._drop()
+            group_id = secrets.token_hex(8)
+            world = len(members) + 1
+            for index, (rank, token) in enumerate(members, start=1):  # only that daemon finds its place
+                self._store.set(f"weightstream/{group_id}/member/{rank}/{token}", str(index))
+            self._members, self._group_id = members, group_id
+            self._build = Build(
+                lambda: make_group(self.backend, self._store, group_id, 0, world, self.address, timeout),
+                f"{self.backend}: the group of ranks {[r for r, _ in members]} to form",
+            )
+        self._healthy = False
+        return {
+            "store": f"{self.address}:{self._store.port}", "group": self._group_id, "world": len(members) + 1,
+            "fresh": fresh, "timeout": float(timeout),
+        }
+
+    def broadcast(self, tensor: Any, seq: int, used: int) -> Any:
+        """Start bucket ``seq``'s broadcast from ``tensor[:used]``; the work, to wait on before the
+        slot is written again."""
+        if not used:  # both sides skip an empty bucket
+            return None
+        build = self._build
+        if build is None:
+            raise TransportError(f"{self.backend}: bucket {seq} outside a push")
+        group = build.wait(self._check, self._timeout)
+        return group.broadcast(tensor[:used], 0, timeout=datetime.timedelta(seconds=self._timeout))
+
+    def settle(self, work: Any, seq: int) -> None:
+        if work is not None:
+            wait_work(work, self._check, self._timeout, f"{self.backend}: broadcast of bucket {seq}")
+
+    def end_push(self, ok: bool) -> None:
+        if ok:
+            for slot in self.slots:
+                slot.settle()
+            self._healthy = True
+        else:
+            for slot in self.slots:
+                slot.work = None
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._build is not None:
+            self._build.drop()
+            self._build = None
+        self._healthy = False
+
+    def close(self) -> None:
+        self._drop()
+        for slot in self.slots:
+            slot.close()
+        self._store = None
+
+
+class C10dSlotWriting:
+    """A sender slot's part in the broadcasts (mixed into each backend's slot class)."""
+
+    exported: C10dExported
+    tensor: Any  # the slot's memory as a torch tensor (what the group broadcasts)
+    work: Any = None
+    _seq = 0
+
+    def writer(self, bucket: Any, layout: PushLayout, stream: StreamSpec | None) -> Any:
+        self.settle()  # its last broadcast is done before the slot is written again
+        self._seq = bucket.seq
+        return self
+
+    def settle(self) -> None:
+        work, self.work = self.work, None
+        self.exported.settle(work, self._seq)
+
+    def send(self, used: int) -> None:
+        self.work = self.exported.broadcast(self.tensor, self._seq, used)
+
+
+# --- rank ------------------------------------------------------------------------------------
+
+
+def _fields(backend: str, fields: dict[str, Any] | None) -> tuple[str, int, str, int, bool, float]:
+    f = fields or {}
+    store, group, world, fresh, timeout = f.get("store"), f.get("group"), f.get("world"), f.get("fresh"), f.get("timeout")
+    host, _, port = store.rpartition(":") if isinstance(store, str) else ("", "", "")
+    if (
+        not host or not port.isdigit() or not isinstance(group, str) or not 0 < len(group) <= 64
+        or type(world) is not int or not 2 <= world <= 1 << 20 or type(fresh) is not bool
+        or type(timeout) is not float or not 0 < timeout <= 86400 or len(f) != 5
+    ):
+        raise ProtocolError(
+            f"BEGIN: field 'transport': expected {{store: 'host:port', group, world >= 2, fresh, timeout}} for transport "
+            f"{backend!r}, got {fields!r}"
+        )
+    return host, int(port), group, world, fresh, timeout
+
+
+class C10dImported:
+    """A rank's receive slots and its side of the push's group."""
+
+    def __init__(self, backend: str, slots: list[Any], context: ImportContext) -> None:
+        if not context.insecure:
+            raise TransportError(
+                f"transport {backend!r}: c10d has no authentication, so this rank joins a group only with insecure=True; "
+                "fix: ReceiverDaemon(insecure=True) on a trusted network, or have the sender use transport='tcp'"
+            )
+        self.backend = backend
+        self.slots = slots
+        self._rank = context.rank
+        self._token = context.token
+        self._toward = context.sender_host
+        self._build: Build | None = None
+        self._group_id = ""
+        self._timeout = 60.0
+
+    def join(self, fields: dict[str, Any] | None, timeout: float) -> None:
+        host, port, group_id, world, fresh, push_timeout = _fields(self.backend, fields)
+        self._timeout = push_timeout
+        if not fresh:
+            if self._build is None or self._group_id != group_id:
+                raise TransportError(
+                    f"{self.backend}: the sender reuses group {group_id}, this rank holds {self._group_id or 'none'}; "
+                    "this push fails, and the next one builds a new group"
+                )
+            return
+        self._drop()
+        self._group_id = group_id
+        rank, token, address = self._rank, self._token, local_address_toward(self._toward or host)
+
+        def make() -> Any:
+            store = dist.TCPStore(host, port, None, False, timeout=datetime.timedelta(seconds=timeout))
+            index = int(store.get(f"weightstream/{group_id}/member/{rank}/{token}"))
+            return make_group(self.backend, store, group_id, index, world, address, push_timeout)
+
+        self._build = Build(make, f"{self.backend}: rank {rank} joining group {group_id} at {host}:{port}")
+
+    def receive(self, tensor: Any, seq: int, used: int, check: Callable[[], None], timeout: float) -> None:
+        if not used:
+            return
+        build = self._build
+        if build is None:
+            raise TransportError(f"{self.backend}: bucket {seq} before the push's BEGIN joined a group")
+        group = build.wait(check, self._timeout)
+        work = group.broadcast(tensor[:used], 0, timeout=datetime.timedelta(seconds=self._timeout))
+        wait_work(work, check, min(timeout, self._timeout), f"{self.backend}: rank {self._rank}: broadcast of bucket {seq}")
+
+    def leave(self, ok: bool) -> None:
+        if not ok:
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._build is not None:
+            self._build.drop()
+            self._build = None
+        self._group_id = ""
+
+    def close(self) -> None:
+        self._drop()
+        for slot in self.slots:
+            slot.close()
+
+
+def torch_zeros(size: int, device: str = "cpu") -> Any:
+    return torch.zeros(size, dtype=torch.uint8, device=device)
