@@ -137,6 +137,14 @@ class Lanes:
             lane.exported.close()
 
 
+class Sources(list[Any]):
+    """A tensor's bytes as each lane's writer takes them (``nbytes``: the same for all)."""
+
+    @property
+    def nbytes(self) -> int:
+        return int(self[0].nbytes)
+
+
 class FanOut:
     """One bucket written into the same slot of several lanes (a mixed ``auto`` push): every
     write goes to each lane's writer; ``frames[i]`` is what lane ``i``'s writer had to send."""
@@ -147,10 +155,10 @@ class FanOut:
         self.writers = writers
         self.frames: list[list[Any]] = [[] for _ in writers]
 
-    def source_bytes(self, tensor: Any) -> list[Any]:
-        return [w.source_bytes(tensor) for w in self.writers]
+    def source_bytes(self, tensor: Any) -> Sources:
+        return Sources(w.source_bytes(tensor) for w in self.writers)
 
-    def write(self, offset: int, source: list[Any], start: int, nbytes: int) -> None:
+    def write(self, offset: int, source: Sources, start: int, nbytes: int) -> None:
         for w, s in zip(self.writers, source, strict=True):
             w.write(offset, s, start, nbytes)
 
