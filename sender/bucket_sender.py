@@ -188,6 +188,12 @@ class BucketSender:
         self._publisher.on_slot_free = self._ring.release
         self.committed_version: str | None = None
 
+    @property
+    def _slots(self) -> list[Any]:
+        """The slots of the sender's transport while it has one (what leak and fault tests inspect)."""
+        lane = self._lanes.single()
+        return list(lane.exported.slots) if lane is not None else []
+
     # --- context manager -------------------------------------------------------------
 
     def __enter__(self) -> BucketSender:

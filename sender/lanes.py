@@ -1,9 +1,13 @@
 """Which transport serves each rank, and the sender's slots of each transport (a *lane*).
 
 A sender with one named transport has one lane. ``transport="auto"`` picks per rank at its
-HELLO (:func:`choose_auto`, pure): a rank on the sender's host gets shared memory, a rank on
-another host a c10d group when it offers one, else the tcp data socket; every lane of a push
+HELLO (:func:`choose_auto`, pure, by capabilities): a rank on the sender's host gets a same-host
+transport (shared memory), a rank on another host a collective when it offers one (gloo: it has
+torch and insecure=True), else one that receives over the network (tcp). Every lane of a push
 takes the same buckets in the same slot indices, and the push commits once, on every rank.
+
+Decided per rank, not per push: a remote rank without torch gets tcp while the others keep
+their group. ``auto`` moves host memory; GPU tensors take ``cuda_ipc``/``nccl`` by name.
 """
 
 from __future__ import annotations
@@ -15,12 +19,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..protocol.errors import ConfigError, TransportError
-from ..protocol.transports import ExportContext, Exported, Transport, get_transport, refusal, security_refusal
+from ..protocol.transports import (
+    Capabilities,
+    ExportContext,
+    Exported,
+    Transport,
+    get_transport,
+    refusal,
+    security_refusal,
+)
 
 AUTO = "auto"
-# the order ``auto`` tries for a rank on the sender's host, and for one on another host
-AUTO_SAME_HOST = ("shm",)
-AUTO_OTHER_HOST = ("gloo", "tcp")
 
 
 @dataclass
@@ -29,20 +38,36 @@ class Lane:
     exported: Exported
 
 
+def auto_preference(caps: Capabilities, same_host: bool) -> int | None:
+    """How ``auto`` ranks a transport for a rank on the sender's host or another (lower first); None:
+    not for it. On one host, shared memory first; across hosts a collective (one broadcast feeds
+    every rank), then a transport that receives over the network; never device memory (by name)."""
+    if caps.device != "host" or (caps.same_host and not same_host):
+        return None
+    if caps.same_host:
+        return 0
+    return 1 + (not caps.collective) + (not caps.receives)
+
+
 def choose_auto(
-    rank: int, offered: Sequence[str], same_host: bool, usable_here: Callable[[str], bool]
+    rank: int, offered: Sequence[str], same_host: bool, capabilities: Callable[[str], Capabilities | None]
 ) -> tuple[str | None, str]:
-    """``auto``'s transport for one rank: the first of its host's order that the rank offers and
-    this sender can use; else (None, why)."""
-    order = AUTO_SAME_HOST if same_host else AUTO_OTHER_HOST
-    for name in order:
-        if name in offered and usable_here(name):
-            return name, ""
+    """``auto``'s transport for one rank: of what the rank offers and this sender can use
+    (``capabilities`` is None for one it cannot), the one :func:`auto_preference` ranks first;
+    else (None, why)."""
+    ranked = []
+    for i, name in enumerate(offered):
+        caps = capabilities(name)
+        score = auto_preference(caps, same_host) if caps is not None else None
+        if score is not None:
+            ranked.append((score, i, name))
+    if ranked:
+        return min(ranked)[2], ""
     where = "this sender's host" if same_host else "another host"
     return None, (
-        f"rank {rank} runs on {where} and offers {list(offered)}; transport='auto' uses one of {list(order)} there, "
-        "usable on both sides; fix: give the rank one of them (on another host, tcp needs CURVE keys or insecure=True "
-        "on both sides, gloo needs torch and insecure=True)"
+        f"rank {rank} runs on {where} and offers {list(offered)}, none of which transport='auto' can use for it "
+        "here; fix: on another host, give both sides CURVE keys (or insecure=True) for the tcp data socket, or "
+        "torch and insecure=True for a gloo group; on this host, shared memory"
     )
 
 
@@ -95,12 +120,13 @@ class Lanes:
         """The lane that serves ``rank`` (HELLO's transports and host); TransportError if none can."""
         with self._lock:
             if self.auto:
-                def usable_here(name: str) -> bool:
+                def usable_here(name: str) -> Capabilities | None:
                     try:
                         caps = get_transport(name).capabilities
                     except TransportError:
-                        return False
-                    return security_refusal(caps, self.context.curve_keys is not None, self.context.insecure) is None
+                        return None
+                    has_curve = self.context.curve_keys is not None
+                    return caps if security_refusal(caps, has_curve, self.context.insecure) is None else None
 
                 name, why = choose_auto(rank, offered, same_host, usable_here)
                 if name is None:

@@ -536,7 +536,7 @@ def _digest_on_host(data: Any) -> int:
     as their xxh3 (host_digest)."""
     import numpy as np
 
-    from weightstream.protocol.transports.shm import host_digest
+    from weightstream.protocol.transports import host_digest
 
     words, tail = divmod(data.nbytes, 8)
     total = 0
@@ -568,7 +568,7 @@ def test_digest_formula_on_the_host_matches_the_torch_expression() -> None:
             acc += (part * (index * golden | 1)).sum()
         total = int(acc.item()) & ((1 << 64) - 1)
         if nbytes % 8:
-            from weightstream.protocol.transports.shm import host_digest
+            from weightstream.protocol.transports import host_digest
 
             total ^= host_digest(data[words * 8 :])
         assert _digest_on_host(data) == total, nbytes

@@ -35,12 +35,17 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
 from ...deadline import Deadline
 from ..errors import ConfigError, PeerTimeout, ProtocolError, TransportError
 from .base import ExportContext, ImportContext, PushLayout, StreamSpec
+
+
+def c10d() -> Any:
+    """torch.distributed, imported when a group is first needed (a rank that offers gloo but is
+    served by shm never pays for it). Typed Any: torch's stubs leave the c10d classes unexported."""
+    import torch.distributed
+
+    return torch.distributed
 
 log = logging.getLogger("weightstream.transport.c10d")
 
@@ -126,6 +131,7 @@ def abort_group(group: Any) -> None:
 
 
 def make_group(backend: str, store: Any, group_id: str, index: int, world: int, address: str, timeout: float) -> Any:
+    dist = c10d()
     prefixed = dist.PrefixStore(f"weightstream/{group_id}", store)
     if backend == "gloo":
         options = dist.ProcessGroupGloo._Options()
@@ -157,7 +163,7 @@ class C10dExported:
             socket.gethostbyname(socket.gethostname()) if bind == "0.0.0.0" else bind
         )
         try:
-            self._store = dist.TCPStore(
+            self._store: Any = c10d().TCPStore(
                 bind, context.data_port, None, True, timeout=datetime.timedelta(seconds=context.heartbeat_timeout),
                 wait_for_workers=False,
             )
@@ -308,7 +314,7 @@ class C10dImported:
         rank, token, address = self._rank, self._token, local_address_toward(self._toward or host)
 
         def make() -> Any:
-            store = dist.TCPStore(host, port, None, False, timeout=datetime.timedelta(seconds=timeout))
+            store = c10d().TCPStore(host, port, None, False, timeout=datetime.timedelta(seconds=timeout))
             index = int(store.get(f"weightstream/{group_id}/member/{rank}/{token}"))
             return make_group(self.backend, store, group_id, index, world, address, push_timeout)
 
@@ -341,4 +347,6 @@ class C10dImported:
 
 
 def torch_zeros(size: int, device: str = "cpu") -> Any:
+    import torch
+
     return torch.zeros(size, dtype=torch.uint8, device=device)

@@ -3,6 +3,7 @@ between host slots: for ranks on other hosts that have torch. Needs ``insecure=T
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,9 @@ from .shm.streaming import slot_streams
 
 NAME = "gloo"
 
+if importlib.util.find_spec("torch") is None:  # an ImportError marks the transport unavailable here
+    raise ImportError("transport 'gloo' needs torch (pip install torch); it is not installed here")
+
 
 class GlooExportedSlot(C10dSlotWriting, HostSlotWriter):
     def __init__(self, size: int) -> None:
@@ -22,7 +26,7 @@ class GlooExportedSlot(C10dSlotWriting, HostSlotWriter):
         self.streams = slot_streams(size)
         self.tensor = torch_zeros(size)
         self._view: np.ndarray = self.tensor.numpy()
-        self._mv = memoryview(self._view)  # type: ignore[arg-type]  # NumPy types __buffer__ on 3.12+ only
+        self._mv = memoryview(self._view)
 
     def host_view(self) -> np.ndarray:
         return self._view

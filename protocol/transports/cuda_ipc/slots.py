@@ -424,24 +424,17 @@ def device_digest(ptr: int, nbytes: int, device: int) -> int:
     return total
 
 
-class CudaImportedSlot(SlotReader):
+class DeviceSlotReader(SlotReader):
+    """A rank's reads out of a slot of device memory at ``ptr`` (``size`` bytes on GPU ``device``):
+    an IPC-mapped sender slot, or a rank's own receive slot (nccl)."""
+
     domain = "cuda"
     streams = False  # device copies: no host cache to bypass
-
-    def __init__(self, descriptor: dict[str, Any]) -> None:
-        desc = decode_descriptor(descriptor)
-        if desc.pid == os.getpid():
-            raise TransportError(
-                "cuda_ipc: this slot was exported by this very process; CUDA cannot open an IPC handle in the "
-                "process that created it. fix: run the receiver in a second process, or use transport='shm'"
-            )
-        self.device = _device_index(desc.device)
-        self.size = desc.size
-        self._handle = desc.handle
-        mapping = _open(desc, self.device)
-        self.ptr = mapping.ptr
-        self._stream = 0  # created on first use (chunk copies)
-        self._used: set[str] = set()  # frameworks that read from this slot: their streams are synced
+    ptr: int
+    size: int
+    device: int
+    _stream = 0  # created on first use (chunk copies)
+    _used: set[str]  # frameworks that read from this slot: their streams are synced
 
     def _own_stream(self) -> int:
         if not self._stream:
@@ -500,6 +493,23 @@ class CudaImportedSlot(SlotReader):
 
     def digest(self, nbytes: int) -> int:
         return device_digest(self.ptr, nbytes, self.device)
+
+
+class CudaImportedSlot(DeviceSlotReader):
+    def __init__(self, descriptor: dict[str, Any]) -> None:
+        desc = decode_descriptor(descriptor)
+        if desc.pid == os.getpid():
+            raise TransportError(
+                "cuda_ipc: this slot was exported by this very process; CUDA cannot open an IPC handle in the "
+                "process that created it. fix: run the receiver in a second process, or use transport='shm'"
+            )
+        self.device = _device_index(desc.device)
+        self.size = desc.size
+        self._handle = desc.handle
+        mapping = _open(desc, self.device)
+        self.ptr = mapping.ptr
+        self._stream = 0
+        self._used = set()
 
     def close(self) -> None:
         if not self.ptr:
