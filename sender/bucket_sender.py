@@ -64,6 +64,7 @@ class ReceiverResult:
     "failed" (its own error, in ``error``); "lost" (disconnected, silent or timed out).
     ``model_intact``: False when the rank's served model holds bytes of a version it did not
     commit (it applied in place and then aborted); None when the rank did not say.
+    ``transport``: the transport that served the rank in this push.
     """
 
     rank: int
@@ -73,6 +74,7 @@ class ReceiverResult:
     outcome: str = "committed"
     error: str | None = None
     model_intact: bool | None = True
+    transport: str | None = None  # what carried its bytes (with transport="auto", chosen per rank)
 
 
 @dataclass(frozen=True)
@@ -345,6 +347,7 @@ class BucketSender:
         idents = list(ranks.values())
         # each rank's transport (one, unless transport="auto" serves ranks of several kinds)
         lanes = self._lanes.of(ranks)
+        carriers = {rank: lane.transport.name for lane, share in lanes for rank in share}
         self._ring.reset()
         ok = False
 
@@ -433,7 +436,7 @@ class BucketSender:
                 pub.wait_quiet(rnd.all_settled, min(timeout, _OUTCOME_WAIT_S))
             finally:
                 seconds = time.perf_counter() - start
-                report = pub.read_round(rnd, lambda r: _report(r, total, len(manifest), len(plan), seconds))
+                report = pub.read_round(rnd, lambda r: _report(r, total, len(manifest), len(plan), seconds, carriers))
             log.warning("push of %s failed: %s", version, "; ".join(
                 f"rank {r.rank} {r.outcome}" + (f" ({r.error})" if r.error else "") for r in report.receivers.values()
             ))
@@ -453,7 +456,7 @@ class BucketSender:
                 lane.exported.end_push(ok)
         seconds = time.perf_counter() - start
         self.committed_version = version
-        report = pub.read_round(rnd, lambda r: _report(r, total, len(manifest), len(plan), seconds))
+        report = pub.read_round(rnd, lambda r: _report(r, total, len(manifest), len(plan), seconds, carriers))
         log.info(
             "pushed %s: %d tensors, %d bytes, %d buckets to %d ranks in %.3fs",
             version, len(manifest), total, len(plan), len(ranks), seconds,
@@ -545,7 +548,9 @@ class BucketSender:
             ), data)
 
 
-def _report(rnd: Round, total: int, tensors: int, buckets: int, seconds: float) -> PushReport:
+def _report(
+    rnd: Round, total: int, tensors: int, buckets: int, seconds: float, carriers: dict[int, str]
+) -> PushReport:
     """Every rank's outcome of a round; the caller holds the publisher's lock."""
     results: dict[int, ReceiverResult] = {}
     for rank in sorted(rnd.ranks):
@@ -569,6 +574,7 @@ def _report(rnd: Round, total: int, tensors: int, buckets: int, seconds: float) 
             results[rank] = ReceiverResult(rank, *applied, "lost", rnd.lost[rank], intact)
         else:
             results[rank] = ReceiverResult(rank, *applied, "aborted", None, intact)
+    results = {rank: replace(r, transport=carriers.get(rank)) for rank, r in results.items()}
     ok = bool(results) and all(r.outcome == "committed" for r in results.values())
     return PushReport(rnd.version, total, tensors, buckets, seconds, results, ok)
 

@@ -38,14 +38,21 @@ EVENT_TIMEOUT = 90.0  # a spawned rank importing torch/paddle on a busy 2-core b
 
 
 _BucketSender = BucketSender
+_ReceiverDaemon = ReceiverDaemon
+RANKS_INSECURE = False  # the ranks' insecure=: a c10d group (and plain tcp data) needs it on both sides
 
 
-@pytest.fixture(params=["shm", "frames"])
+@pytest.fixture(params=["shm", "frames", "tcp", "gloo"])
 def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The test runs over shm, then over the tests' own transport (frame_transport: bucket bytes
-    as data frames beside BUCKET, registered in one line): the same checks hold for any transport
-    behind the interface."""
-    monkeypatch.setattr(sys.modules[__name__], "BucketSender", functools.partial(_BucketSender, transport=request.param))
+    """The test runs over shm, the tests' own transport (frame_transport: bucket bytes as data
+    frames beside BUCKET, registered in one line), and the cross-host ones on loopback (tcp's data
+    socket, a gloo group per push): the same checks hold for any transport behind the interface."""
+    network = request.param in ("tcp", "gloo")
+    options: dict[str, Any] = {"transport": request.param, **({"insecure": True} if network else {})}
+    monkeypatch.setattr(sys.modules[__name__], "BucketSender", functools.partial(_BucketSender, **options))
+    monkeypatch.setattr(sys.modules[__name__], "RANKS_INSECURE", network)
+    if network:
+        monkeypatch.setattr(sys.modules[__name__], "ReceiverDaemon", functools.partial(_ReceiverDaemon, insecure=True))
     return str(request.param)
 
 
@@ -63,7 +70,7 @@ class Ranks:
     ) -> None:
         proc = CTX.Process(
             target=w.receiver_main,
-            args=(self.endpoint, rank, kind, seed, versions, self.queue, 60.0, delay, direct),
+            args=(self.endpoint, rank, kind, seed, versions, self.queue, 60.0, delay, direct, RANKS_INSECURE),
             name=f"ws-test-rank{rank}",
             daemon=True,
         )

@@ -36,7 +36,10 @@ LAYOUT = {
     "weightstream.receiver": "receiver",
 }
 # Modules that need an optional dependency to import, and the module that brings it
-NEEDS = {"weightstream.protocol.transports.cuda_ipc.slots": "cuda.bindings"}
+NEEDS = {
+    "weightstream.protocol.transports.cuda_ipc.slots": "cuda.bindings",
+    "weightstream.protocol.transports.nccl": "cuda.bindings",  # and torch, imported when a group is made
+}
 
 
 @pytest.fixture(scope="module")

@@ -219,6 +219,7 @@ def receiver_main(
     wait_timeout: float = 60.0,
     delay: float = 0.0,
     direct: bool = False,
+    insecure: bool = False,
 ) -> None:
     """Run one rank: report "started", then per version "committed" or "failed", then "done".
 
@@ -229,7 +230,7 @@ def receiver_main(
         model, sink = build(kind, seed)
         recorder = Recorder(sink, delay)
         daemon = ReceiverDaemon(endpoint, sink if direct else recorder, rank=rank, prefetch=2,
-                                heartbeat_interval=0.2, heartbeat_timeout=10.0)
+                                heartbeat_interval=0.2, heartbeat_timeout=10.0, insecure=insecure)
         daemon.start()
         try:
             queue.put({"event": "started", "rank": rank, "model": model_state(kind, model), "native": speedups.NATIVE})
