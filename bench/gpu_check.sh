@@ -23,7 +23,7 @@
 #                    PYTHONSAFEPATH=1: `weightstream` is the installed package, never the source
 #                    folder of the same name in the repo root. Then one import check.   (<= 60 s)
 #   3. gpu_tests.log `pytest -m gpu` on every tests/test_*.py that marks a test gpu
-#                    (tests/test_cuda_ipc.py today; cross-host ones once they exist)     (<= 110 s)
+#                    (tests/test_cuda_ipc.py: cuda_ipc, and the c10d device slots via gloo) (<= 110 s)
 #   4. gpu_update.log/.json  bench/gpu_update.py: a GPU_CHECK_GIB (6) GiB bf16 model of Llama
 #                    shapes into a preallocated CUDA model in a second process, weightstream
 #                    cuda_ipc against the two-device-copy limit and per-tensor reduce_tensor
@@ -176,7 +176,7 @@ if [ "$install_rc" -ne 0 ]; then
 fi
 say "install: $(tail -n 1 "$OUT_DIR/install.log")"
 
-# 3. the gpu-marked tests (every tests/ file that marks one: gloo/cross-host ones too once they exist)
+# 3. the gpu-marked tests (every tests/ file that marks one; the c10d device slots through gloo among them)
 mapfile -t gpu_files < <(grep -l -E 'mark\.gpu|mark\(["'"'"']gpu' tests/test_*.py)
 [ ${#gpu_files[@]} -gt 0 ] || gpu_files=(tests/test_cuda_ipc.py)
 plugins=()

@@ -115,7 +115,8 @@ class Ranks:
 
 def sender(endpoint: str, transport: str, receivers: int, **options: Any) -> BucketSender:
     options.setdefault("insecure", True)
-    return BucketSender(endpoint, receivers=receivers, transport=transport, bucket_bytes=256 << 10, timeout=60,
+    options.setdefault("bucket_bytes", 256 << 10)
+    return BucketSender(endpoint, receivers=receivers, transport=transport, timeout=60,
                         heartbeat_interval=0.2, heartbeat_timeout=3.0, **options)
 
 
@@ -142,17 +143,20 @@ def test_a_numpy_only_and_a_paddle_only_rank_over_tcp_three_versions_bit_exact(e
 
 
 def test_tcp_with_curve_serves_an_allowed_key_and_refuses_another(endpoint: str) -> None:
+    """Full 16 MiB data frames under CURVE (whose per-message overhead must fit the rank's frame limit)."""
     server, good, wrong = CurveKeys.generate(), CurveKeys.generate(), CurveKeys.generate()
     with Ranks(endpoint) as ranks:
         ranks.spawn(0, ["v1"], curve=((good.public, good.secret), server.public))
         ranks.spawn(1, ["v1"], curve=((wrong.public, wrong.secret), server.public), wait=8.0)
-        with sender(endpoint, "tcp", 1, insecure=False, curve_keys=server, allowed_clients=[good.public]) as s:
+        with sender(endpoint, "tcp", 1, insecure=False, curve_keys=server, allowed_clients=[good.public],
+                    bucket_bytes=40 * MiB) as s:
             ranks.expect(0, "started")
             ranks.expect(1, "started")
             assert s.wait_for_receivers(1) == [0]
             with pytest.raises(PeerTimeout, match="waiting for 2 receiver"):
                 s.wait_for_receivers(2, timeout=2.0)  # the wrong key never gets through CURVE
             model = every_dtype_model(7)
+            model["huge"] = np.random.default_rng(7).integers(0, 255, 36 * MiB, dtype=np.uint8)  # 3 frames
             report = s.push(model.items(), version="v1")
             assert list(report.receivers) == [0]
             assert got(ranks.expect(0, "committed", "v1")) == expected(model)
@@ -242,7 +246,12 @@ def test_network_transports_without_insecure_or_curve_are_refused_with_the_reaso
             s.wait_for_receivers(timeout=3.0)
 
 
-def test_auto_refuses_a_remote_rank_it_cannot_serve_and_says_how(endpoint: str) -> None:
+def test_auto_refuses_a_remote_rank_it_cannot_serve_and_says_how(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import weightstream.protocol.transports as transports
+
+    for name in [n for n in transports.TRANSPORTS if n not in ("shm", "cuda_ipc", "tcp", "gloo", "nccl")]:
+        monkeypatch.delitem(transports.TRANSPORTS, name)  # the tests' own transports, registered by other tests
+    monkeypatch.setattr(transports, "_available", None)
     with sender(endpoint, "auto", 1, insecure=False) as s, ReceiverDaemon(
         endpoint, NumpySink({}), heartbeat_interval=0.1, host_id="far/away"
     ):
@@ -309,6 +318,7 @@ def test_a_tcp_rank_skips_stale_frames_and_refuses_bad_ones() -> None:
     desc = {"size": 1024, "address": f"tcp://127.0.0.1:{port}", "frame": 512}
     imported = tcp_transport.TRANSPORT.attach([desc], ImportContext(rank=0, token="tok", insecure=True))
     try:
+        assert router.poll(10_000), "the rank's data socket did not say hello"
         ident, hello = router.recv_multipart()
         assert ident == tcp_transport.data_identity("tok") and hello == tcp_transport.HELLO
         imported.join({"push": 7}, 5.0)
@@ -320,10 +330,69 @@ def test_a_tcp_rank_skips_stale_frames_and_refuses_bad_ones() -> None:
         slot.receive(0, 600, lambda: None, 5.0)
         assert bytes(slot.raw(0, 512)) == bytes(range(256)) * 2 and bytes(slot.raw(512, 88)) == b"\x01" * 88
         router.send_multipart([ident, header.pack(7, 1, 100, 10), b"x" * 10])
-        with pytest.raises(ProtocolError, match="expected a frame of bucket 1 at offset 0 .* got bucket 1 at 100"):
+        with pytest.raises(ProtocolError, match=r"expected a frame of bucket 1 at offset 0 .* got bucket 1 at 100"):
             slot.receive(1, 600, lambda: None, 5.0)
         with pytest.raises(PeerTimeout, match="no data frame arrived"):
             slot.receive(2, 10, lambda: None, 0.3)
+    finally:
+        imported.close()
+        router.close(0)
+        ctx.term()
+
+
+# --- fuzz: what a rank takes from the network -------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402 - grouped with the fuzz tests
+from hypothesis import strategies as st  # noqa: E402
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70), st.floats(allow_nan=True),
+                     st.text(max_size=40), st.binary(max_size=40))
+_fields_st = st.one_of(st.none(), st.dictionaries(
+    st.sampled_from(["store", "group", "world", "fresh", "timeout", "push", "x"]), _scalars, max_size=7))
+_fuzz = settings(max_examples=400, derandomize=True, deadline=None, database=None,
+                 suppress_health_check=list(HealthCheck))
+
+
+@_fuzz
+@given(_fields_st)
+def test_fuzz_begin_fields_of_the_network_transports_are_taken_or_refused_by_name(fields: Any) -> None:
+    """Any BEGIN ``transport`` map a rank may be sent: a valid one, or a ProtocolError naming the field."""
+    refusals = []
+    try:
+        c10d_fields("gloo", fields)
+    except ProtocolError as exc:
+        refusals.append(str(exc))
+    imported = tcp_transport.TcpImported.__new__(tcp_transport.TcpImported)  # join touches no socket
+    try:
+        imported.join(fields, 1.0)
+        assert isinstance(fields, dict) and type(fields["push"]) is int
+    except ProtocolError as exc:
+        refusals.append(str(exc))
+    assert all("field 'transport'" in text for text in refusals), refusals
+
+
+@settings(max_examples=150, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.binary(max_size=48), min_size=1, max_size=3))
+def test_fuzz_tcp_data_frames_are_taken_skipped_or_refused(parts: list[bytes]) -> None:
+    """Arbitrary data messages before a valid bucket: each is skipped or refused with a
+    ProtocolError, never written past the slot, and a refusal leaves the socket in step."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    desc = {"size": 64, "address": f"tcp://127.0.0.1:{port}", "frame": 32}
+    imported = tcp_transport.TRANSPORT.attach([desc], ImportContext(rank=0, token="f", insecure=True))
+    try:
+        assert router.poll(10_000), "the rank's data socket did not say hello"
+        ident, _ = router.recv_multipart()
+        imported.join({"push": 5}, 1.0)
+        router.send_multipart([ident, *parts])
+        router.send_multipart([ident, tcp_transport.HEADER.pack(5, 0, 0, 16), b"y" * 16])
+        slot = imported.slots[0]
+        try:
+            slot.receive(0, 16, lambda: None, 2.0)
+        except ProtocolError:
+            slot.receive(0, 16, lambda: None, 2.0)  # the bad message was consumed whole
+        assert bytes(slot.raw(0, 16)) == b"y" * 16
     finally:
         imported.close()
         router.close(0)

@@ -217,7 +217,8 @@ def _digest(t: Any) -> str:
 
 
 def _receiver(
-    endpoint: str, rank: int, versions: list[str], events: Any, device: str = "cuda", expect_fail: tuple[str, ...] = ()
+    endpoint: str, rank: int, versions: list[str], events: Any, device: str = "cuda", expect_fail: tuple[str, ...] = (),
+    transport: str | None = None,
 ) -> None:
     """Spawned: a torch module on ``device`` fed by a ReceiverDaemon; reports digests and counters.
 
@@ -237,6 +238,8 @@ def _receiver(
             from weightstream.protocol.transports.cuda_ipc import slots as cuda_ipc
 
             torch.cuda.init()
+        if transport == "gloo_cuda":
+            import gloo_cuda_transport  # noqa: F401 - registers it in this process too
 
         def counters() -> dict[str, int]:
             if not cuda:
@@ -250,7 +253,8 @@ def _receiver(
 
         module = _Params.build(device)
         free_before = counters()["free"]
-        daemon = ReceiverDaemon(endpoint, TorchModuleSink(module), rank=rank, heartbeat_interval=0.2)
+        daemon = ReceiverDaemon(endpoint, TorchModuleSink(module), rank=rank, heartbeat_interval=0.2,
+                                insecure=transport == "gloo_cuda")  # a c10d group: no authentication
         daemon.start()
         try:
             for version in versions:
@@ -328,11 +332,12 @@ def _version(gen: Any, device: str) -> dict[str, Any]:
 
 
 def _start(
-    endpoint: str, ranks: int, versions: list[str], device: str, expect_fail: tuple[str, ...] = ()
+    endpoint: str, ranks: int, versions: list[str], device: str, expect_fail: tuple[str, ...] = (),
+    transport: str | None = None,
 ) -> tuple[Any, list[Any]]:
     events: Any = CTX.Queue()
-    procs = [CTX.Process(target=_receiver, args=(endpoint, r, versions, events, device, expect_fail), daemon=True)
-             for r in range(ranks)]  # fmt: skip
+    procs = [CTX.Process(target=_receiver, args=(endpoint, r, versions, events, device, expect_fail, transport),
+                         daemon=True) for r in range(ranks)]  # fmt: skip
     for p in procs:
         p.start()
     return events, procs
@@ -366,7 +371,8 @@ def _join(events: Any, procs: list[Any]) -> None:
 
 
 def _run_versions(
-    endpoint: str, versions: list[str], ranks: int, *, device: str = "cuda", checksum: bool = False
+    endpoint: str, versions: list[str], ranks: int, *, device: str = "cuda", checksum: bool = False,
+    transport: str | None = None,
 ) -> dict[int, list[dict[str, Any]]]:
     """Push ``versions`` to ``ranks`` spawned receivers; every rank must hold each bit for bit.
 
@@ -381,14 +387,17 @@ def _run_versions(
         torch.cuda.init()
         torch.cuda.synchronize()
         baseline = torch.cuda.mem_get_info()[0]  # device-wide: measured before and after the ranks live
-    events, procs = _start(endpoint, ranks, versions, device)
+    events, procs = _start(endpoint, ranks, versions, device, transport=transport)
     ev = _Events(events)
     seen: dict[int, list[dict[str, Any]]] = {r: [] for r in range(ranks)}
     gen = torch.Generator().manual_seed(1234)
-    transport = "cuda_ipc" if cuda else "shm"
+    insecure = transport == "gloo_cuda"
+    if insecure:
+        import gloo_cuda_transport  # noqa: F401 - registers it
+    transport = transport or ("cuda_ipc" if cuda else "shm")
     try:
         with BucketSender(endpoint, receivers=ranks, transport=transport, bucket_bytes=BUCKET, timeout=90,
-                          checksum=checksum) as sender:  # fmt: skip
+                          checksum=checksum, insecure=insecure) as sender:  # fmt: skip
             _connect(sender, ev, procs)
             for version in versions:
                 named = _version(gen, device)
@@ -473,6 +482,17 @@ def test_every_dtype_bit_exact_to_two_processes_with_one_open_per_slot(endpoint:
         assert opens[0] == 2, f"rank {rank}: expected 2 slot opens (num_buffers=2) at v1, got {opens[0]}"
         assert len(set(opens)) == 1, f"rank {rank}: handles re-opened after the first version: {opens}"
         assert events[-1]["mappings"] == 0, f"rank {rank}: mappings left open after BYE"
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_c10d_device_slots_through_gloo_bit_exact_to_two_processes(endpoint: str) -> None:
+    """The nccl transport's code (device slots, a group per push, broadcast per bucket) with the
+    gloo backend, which shares one GPU between the sender and two ranks; NCCL itself needs a GPU
+    per process, so ``nccl`` proper stays unverified on one GPU."""
+    _require_gpu()
+    seen = _run_versions(endpoint, ["v1", "v2", "v3"], ranks=2, transport="gloo_cuda")
+    assert all(len(events) == 4 for events in seen.values())
 
 
 @pytest.mark.gpu

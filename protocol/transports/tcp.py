@@ -46,7 +46,13 @@ from .shm.streaming import slot_streams
 log = logging.getLogger("weightstream.transport.tcp")
 
 NAME = "tcp"
-FRAME_BYTES = 32 << 20  # per data frame; a bucket of more travels in several
+# Per data frame; a bucket of more travels in several. Below glibc's largest mmap threshold
+# (32 MiB): libzmq allocates each received message whole, and a 32 MiB one would get fresh
+# mmap'd pages (a page fault per 4 KiB) every time, halving throughput (bench/zmq_frame_cliff.py).
+FRAME_BYTES = 16 << 20
+# what a message may exceed its frame by on the wire: CURVE adds 33 bytes per message, and the
+# handshake's commands must fit too
+FRAME_SLACK = 4096
 HEADER = struct.Struct("<QQQQ")  # push, seq, offset in the slot, bytes
 HELLO = b"weightstream-data-hello"
 POLL_S = 0.1  # how often a waiting receive looks at whether its version failed
@@ -273,7 +279,7 @@ class TcpImported:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTING_ID, data_identity(context.token))
         sock.setsockopt(zmq.RCVHWM, 0)  # the sender sends at most num_buffers buckets ahead
-        sock.setsockopt(zmq.MAXMSGSIZE, max(self.frame_bytes, HEADER.size))
+        sock.setsockopt(zmq.MAXMSGSIZE, self.frame_bytes + FRAME_SLACK)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if context.curve is not None:
