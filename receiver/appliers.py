@@ -47,6 +47,10 @@ class PreparedBucket:
     streamed: bool = False
     spans: list[tuple[int, int]] | None = None
     head: int = 0
+    # every piece's (slot offsets, sizes): what a network transport receives (Capabilities.receives)
+    pieces: tuple[np.ndarray, np.ndarray] | None = None
+    # direct: which of ``whole`` a network transport received straight into the model (not copied again)
+    landed: np.ndarray | None = None
 
 
 class Views:
@@ -110,11 +114,18 @@ class Direct(Views):
         run.touched = True  # the model's own memory is written from here on
         count, names, fulls, ties = end - first, run.names, run.fulls, run.ties
         stream = slot.streams
+        landed = bucket.landed  # received straight into the model: nothing to copy (address 0 stops the C copy)
         # C: every target with an address, the GIL released over the whole run; without the C
         # module (no addresses) the loop below takes every tensor
-        spans = None if addresses is None else (offsets, run.manifest.sizes[first:end], addresses[first:end])
+        spans = None if addresses is None else (
+            offsets, run.manifest.sizes[first:end],
+            addresses[first:end] if landed is None or not landed.any() else np.where(landed, 0, addresses[first:end]),
+        )
         k = 0 if spans is None else speedups.scatter(raw, *spans, 0, stream)
         while k < count:
+            if landed is not None and landed[k]:
+                k = k + 1 if spans is None else speedups.scatter(raw, *spans, k + 1, stream)
+                continue
             index = first + k
             target, offset, n = targets[index], int(offsets[k]), fulls[index]
             if type(target) is memoryview:  # small: per-tensor overhead dominates, a memoryview copy is the cheapest

@@ -15,6 +15,7 @@ tensors that is most of the receiver's per-tensor cost.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,7 +26,7 @@ from ..protocol import messages as m
 from ..protocol.dtypes import DTYPES
 from ..protocol.errors import ManifestMismatch, ProtocolError, VersionAborted
 from ..protocol.transports import ImportedSlot, StreamRead
-from .appliers import Applier, PreparedBucket, choose_applier
+from .appliers import Applier, Direct, PreparedBucket, choose_applier
 from .prefetch import PrefetchQueue
 from .run_manifest import RunManifest, address_of
 
@@ -119,7 +120,9 @@ class VersionRun:
         self.next_seq += 1
         n = len(offsets)
         used = int((offsets + nbytes).max()) if n else 0
-        return self.applier.prepare(msg, slot, first, offsets, nbytes, chunks, used)
+        prepared = self.applier.prepare(msg, slot, first, offsets, nbytes, chunks, used)
+        prepared.pieces = (offsets, nbytes)
+        return prepared
 
     def _advance(self, msg: m.Bucket, offsets: np.ndarray, nbytes: np.ndarray, chunks: np.ndarray) -> int:
         """Check that the bucket continues the manifest in order; return its first manifest index."""
@@ -223,6 +226,32 @@ class VersionRun:
         if self._destination is None:
             raise VersionAborted(f"version {self.version!r}: direct mode without the sink's destinations")
         return self.manifest.targets(self._destination, self._targets_owner)
+
+    def landing(self, bucket: PreparedBucket) -> Callable[[int, int], np.ndarray | None] | None:
+        """Direct mode over a network transport: where a whole tensor of ``bucket`` may be received
+        straight into the model (its destination's memory, by address), skipping the slot and the
+        copy out of it; marks ``bucket.landed``. None when this run copies nothing itself."""
+        if type(self.applier) is not Direct or bucket.whole is None:
+            return None
+        _, addresses = self.targets()
+        if addresses is None:
+            return None
+        first, offsets = bucket.whole
+        sizes, aliased = self.manifest.sizes, self.manifest.aliases_of
+        landed = bucket.landed = np.zeros(len(offsets), dtype=bool)
+
+        def into(start: int, nbytes: int) -> np.ndarray | None:
+            k = int(np.searchsorted(offsets, start))
+            if k >= len(offsets) or int(offsets[k]) != start or int(sizes[first + k]) != nbytes:
+                return None
+            address = int(addresses[first + k])
+            if not address or first + k in aliased:  # an alias is delivered from the slot's bytes
+                return None
+            self.touched = True  # the model's own memory is written from here on
+            landed[k] = True
+            return np.ctypeslib.as_array((ctypes.c_ubyte * nbytes).from_address(address))
+
+        return into
 
     @property
     def ties(self) -> dict[int, int]:

@@ -331,8 +331,10 @@ class VersionMachine:
                 if self._receiver is None:
                     self._receiver = ThreadPoolExecutor(1, thread_name_prefix=f"weightstream-receive{self.rank}")
                 try:
+                    pieces = prepared.pieces if msg.checksum is None else None  # a digested bucket comes whole
                     await loop.run_in_executor(
-                        self._receiver, slot.receive, msg.seq, prepared.used, run.check, self.consumer.apply_timeout
+                        self._receiver, slot.receive, msg.seq, pieces, prepared.used, run.check,
+                        self.consumer.apply_timeout, run.landing(prepared),
                     )
                 except WeightstreamError as exc:
                     if isinstance(exc, ProtocolError):

@@ -161,7 +161,7 @@ class BucketSender:
         # the transport's slots, or for transport="auto" each rank's transport's, made as ranks need them
         self._lanes = Lanes(transport, num_buffers, bucket_bytes, ExportContext(
             session=self.session, data_host=data_host, data_port=data_port, curve_keys=curve_keys,
-            allowed_clients=allowed, insecure=insecure, heartbeat_timeout=heartbeat_timeout,
+            allowed_clients=allowed, insecure=insecure, heartbeat_timeout=heartbeat_timeout, checksum=checksum,
         ))
         self._closed = False
         self._push_lock = threading.Lock()

@@ -327,13 +327,13 @@ def test_a_tcp_rank_skips_stale_frames_and_refuses_bad_ones() -> None:
         router.send_multipart([ident, header.pack(7, 0, 0, 512), bytes(range(256)) * 2])
         router.send_multipart([ident, header.pack(7, 0, 512, 88), b"\x01" * 88])
         slot = imported.slots[0]
-        slot.receive(0, 600, lambda: None, 5.0)
+        slot.receive(0, None, 600, lambda: None, 5.0)
         assert bytes(slot.raw(0, 512)) == bytes(range(256)) * 2 and bytes(slot.raw(512, 88)) == b"\x01" * 88
         router.send_multipart([ident, header.pack(7, 1, 100, 10), b"x" * 10])
         with pytest.raises(ProtocolError, match=r"expected a frame of bucket 1 at offset 0 .* got bucket 1 at 100"):
-            slot.receive(1, 600, lambda: None, 5.0)
+            slot.receive(1, None, 600, lambda: None, 5.0)
         with pytest.raises(PeerTimeout, match="no data frame arrived"):
-            slot.receive(2, 10, lambda: None, 0.3)
+            slot.receive(2, None, 10, lambda: None, 0.3)
     finally:
         imported.close()
         router.close(0)
@@ -389,9 +389,9 @@ def test_fuzz_tcp_data_frames_are_taken_skipped_or_refused(parts: list[bytes]) -
         router.send_multipart([ident, tcp_transport.HEADER.pack(5, 0, 0, 16), b"y" * 16])
         slot = imported.slots[0]
         try:
-            slot.receive(0, 16, lambda: None, 2.0)
+            slot.receive(0, None, 16, lambda: None, 2.0)
         except ProtocolError:
-            slot.receive(0, 16, lambda: None, 2.0)  # the bad message was consumed whole
+            slot.receive(0, None, 16, lambda: None, 2.0)  # the bad message was consumed whole
         assert bytes(slot.raw(0, 16)) == b"y" * 16
     finally:
         imported.close()

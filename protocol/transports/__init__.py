@@ -28,6 +28,7 @@ from .base import (
     host_identity,
     refusal,
     security_refusal,
+    transfer_spans,
 )
 from .cuda_ipc.wire import device_identity  # what a rank says of its GPUs in HELLO (imports without CUDA)
 
@@ -111,4 +112,5 @@ __all__ = [
     "refusal",
     "register",
     "security_refusal",
+    "transfer_spans",
 ]

@@ -85,6 +85,7 @@ class ExportContext:
     allowed_clients: list[bytes] | None = None  # CURVE client keys let in; None: any
     insecure: bool = False
     heartbeat_timeout: float = 10.0  # how long a rendezvous waits for a silent peer
+    checksum: bool = False  # buckets are digested whole: move every byte of [0, used) from the slot
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,11 @@ class StreamSpec:
     consumers: list[int]
     check: Callable[[], None]
     timeout: float
+
+
+# where a received range may land instead of the slot: (slot offset, bytes) -> a writable uint8
+# array of exactly that many bytes (a tensor's memory in the model), or None for the slot
+Landing = Callable[[int, int], Any]
 
 
 class BucketWriter(Protocol):
@@ -160,9 +166,15 @@ class ImportedSlot(Protocol):
     def scratch(self, nbytes: int) -> Any: ...  # a private flat uint8 buffer in the same domain
     def copy(self, dst: Any, at: int, src: Any) -> None: ...  # dst[at:at+len(src)] = src
     def stream_reader(self, index: int, used: int, check: Callable[[], None], timeout: float) -> StreamRead: ...
-    # a receiving transport's bucket ``seq``: its bytes [0, used) into this slot (on the receive thread;
-    # ``check`` raises once the version failed, a wait with nothing arriving ends at ``timeout``)
-    def receive(self, seq: int, used: int, check: Callable[[], None], timeout: float) -> None: ...
+    # a receiving transport's bucket ``seq`` into this slot (on the receive thread): its pieces'
+    # bytes (``pieces``: their slot offsets and sizes; None: all of [0, used), a checksummed bucket).
+    # ``into(start, nbytes)``: where a direct range (one whole tensor) may land instead of the slot,
+    # the model's own memory, or None. ``check`` raises once the version failed; a wait with
+    # nothing arriving ends at ``timeout``
+    def receive(
+        self, seq: int, pieces: tuple[Any, Any] | None, used: int, check: Callable[[], None], timeout: float,
+        into: Landing | None = None,
+    ) -> None: ...
     def sync(self) -> None: ...  # consumer copies out of the slot are complete (before ACK)
     def digest(self, nbytes: int) -> int: ...  # same function as the exporter's digest
     def close(self) -> None: ...
@@ -247,6 +259,34 @@ def security_refusal(capabilities: Capabilities, has_curve: bool, insecure: bool
     return None
 
 
+def transfer_spans(pieces: tuple[Any, Any] | None, used: int, direct_min: int) -> list[tuple[int, int, bool]]:
+    """The ranges of a bucket's slot a network transport moves, as (start, stop, direct), in order.
+    A piece of at least ``direct_min`` bytes is its own range, ``direct``: the sender moves it from
+    the tensor's own memory, never packing it (one copy less); the runs of smaller pieces between
+    are one range each, from the slot. Alignment padding is not moved. Without ``pieces`` (a
+    checksummed bucket, digested whole) or with ``direct_min`` 0: all of [0, used), from the slot.
+    Both sides derive the same ranges from the BUCKET's pieces."""
+    if pieces is None or direct_min <= 0:
+        return [(0, used, False)] if used else []
+    spans: list[tuple[int, int, bool]] = []
+    run: list[int] | None = None
+    for offset, n in zip(*pieces, strict=True):
+        start, size = int(offset), int(n)
+        if size >= direct_min:
+            if run is not None:
+                spans.append((run[0], run[1], False))
+                run = None
+            spans.append((start, start + size, True))
+        elif size:
+            if run is None:
+                run = [start, start + size]
+            else:
+                run[1] = start + size
+    if run is not None:
+        spans.append((run[0], run[1], False))
+    return spans
+
+
 BEGIN_FIELDS_MAX = 32  # BEGIN's ``transport`` map: what a rank's decoder accepts
 
 
@@ -325,7 +365,10 @@ class SlotReader:
     def stream_reader(self, index: int, used: int, check: Callable[[], None], timeout: float) -> StreamRead:
         raise ProtocolError("BUCKET: field 'ring': this transport's slots take no streamed buckets")
 
-    def receive(self, seq: int, used: int, check: Callable[[], None], timeout: float) -> None:
+    def receive(
+        self, seq: int, pieces: tuple[Any, Any] | None, used: int, check: Callable[[], None], timeout: float,
+        into: Landing | None = None,
+    ) -> None:
         raise ProtocolError(f"BUCKET {seq}: this transport's slots hold the bytes already; nothing to receive")
 
 

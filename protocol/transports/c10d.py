@@ -37,7 +37,7 @@ from typing import Any
 
 from ...deadline import Deadline
 from ..errors import ConfigError, PeerTimeout, ProtocolError, TransportError
-from .base import ExportContext, ImportContext, PushLayout, StreamSpec
+from .base import ExportContext, ImportContext, transfer_spans
 
 
 def c10d() -> Any:
@@ -149,7 +149,7 @@ def make_group(backend: str, store: Any, group_id: str, index: int, world: int, 
 class C10dExported:
     """The sender's store, its group of the current ranks, and its slots (made by the transport)."""
 
-    def __init__(self, backend: str, slots: list[Any], context: ExportContext) -> None:
+    def __init__(self, backend: str, slots: list[Any], context: ExportContext, direct_min: int = 0) -> None:
         if not context.insecure:
             raise ConfigError(
                 f"transport={backend!r}: c10d has no authentication (anyone reaching the store or a member's port can "
@@ -158,6 +158,7 @@ class C10dExported:
             )
         self.backend = backend
         self.slots = slots
+        self.direct_min = 0 if context.checksum else direct_min  # see transfer_spans
         bind = context.data_host if context.data_host not in ("", "*") else "0.0.0.0"
         self.address = local_address_toward("") if bind in ("127.0.0.1", "localhost") else (
             socket.gethostbyname(socket.gethostname()) if bind == "0.0.0.0" else bind
@@ -180,7 +181,7 @@ class C10dExported:
         self._timeout = 60.0
 
     def descriptors(self) -> list[dict[str, Any]]:
-        return [{"size": slot.size} for slot in self.slots]
+        return [{"size": slot.size, "direct": self.direct_min} for slot in self.slots]
 
     def begin_push(self, ranks: dict[int, str], check: Callable[[], None], timeout: float) -> dict[str, Any] | None:
         self._check, self._timeout = check, timeout
@@ -203,19 +204,21 @@ class C10dExported:
             "fresh": fresh, "timeout": float(timeout),
         }
 
-    def broadcast(self, tensor: Any, seq: int, used: int) -> Any:
-        """Start bucket ``seq``'s broadcast from ``tensor[:used]``; the work, to wait on before the
-        slot is written again."""
-        if not used:  # both sides skip an empty bucket
-            return None
+    def broadcast(self, ranges: list[Any], seq: int) -> list[Any]:
+        """Start bucket ``seq``'s broadcasts, one per range (a tensor: a part of the slot, or a large
+        tensor's own memory); the works, to wait on before the slot is written again (they hold
+        the tensors)."""
+        if not ranges:  # both sides skip an empty bucket
+            return []
         build = self._build
         if build is None:
             raise TransportError(f"{self.backend}: bucket {seq} outside a push")
         group = build.wait(self._check, self._timeout)
-        return group.broadcast(tensor[:used], 0, timeout=datetime.timedelta(seconds=self._timeout))
+        limit = datetime.timedelta(seconds=self._timeout)
+        return [(group.broadcast(tensor, 0, timeout=limit), tensor) for tensor in ranges]
 
-    def settle(self, work: Any, seq: int) -> None:
-        if work is not None:
+    def settle(self, works: list[Any], seq: int) -> None:
+        for work, _tensor in works:
             wait_work(work, self._check, self._timeout, f"{self.backend}: broadcast of bucket {seq}")
 
     def end_push(self, ok: bool) -> None:
@@ -225,7 +228,7 @@ class C10dExported:
             self._healthy = True
         else:
             for slot in self.slots:
-                slot.work = None
+                slot.works = []
             self._drop()
 
     def _drop(self) -> None:
@@ -242,24 +245,25 @@ class C10dExported:
 
 
 class C10dSlotWriting:
-    """A sender slot's part in the broadcasts (mixed into each backend's slot class)."""
+    """A sender slot's part in the broadcasts (mixed into each backend's slot class, before the
+    class that writes the slot's memory)."""
 
     exported: C10dExported
     tensor: Any  # the slot's memory as a torch tensor (what the group broadcasts)
-    work: Any = None
+    works: list[Any]
     _seq = 0
 
-    def writer(self, bucket: Any, layout: PushLayout, stream: StreamSpec | None) -> Any:
-        self.settle()  # its last broadcast is done before the slot is written again
+    def writer(self, bucket: Any, layout: Any, stream: Any) -> Any:
+        self.settle()  # its last broadcasts are done before the slot is written again
         self._seq = bucket.seq
-        return self
+        return super().writer(bucket, layout, stream)  # type: ignore[misc]
 
     def settle(self) -> None:
-        work, self.work = self.work, None
-        self.exported.settle(work, self._seq)
+        works, self.works = getattr(self, "works", []), []
+        self.exported.settle(works, self._seq)
 
-    def send(self, used: int) -> None:
-        self.work = self.exported.broadcast(self.tensor, self._seq, used)
+    def send(self, ranges: list[Any]) -> None:
+        self.works = self.exported.broadcast(ranges, self._seq)
 
 
 # --- rank ------------------------------------------------------------------------------------
@@ -320,15 +324,28 @@ class C10dImported:
 
         self._build = Build(make, f"{self.backend}: rank {rank} joining group {group_id} at {host}:{port}")
 
-    def receive(self, tensor: Any, seq: int, used: int, check: Callable[[], None], timeout: float) -> None:
-        if not used:
+    def receive(
+        self, tensor: Any, seq: int, pieces: tuple[Any, Any] | None, used: int, direct_min: int,
+        check: Callable[[], None], timeout: float, into: Any = None,
+    ) -> None:
+        """Bucket ``seq``'s ranges (as the sender derives them from the same pieces) into ``tensor``,
+        one broadcast each; a direct range straight into ``into``'s memory (a host tensor's, in the
+        model) when it gives one."""
+        spans = transfer_spans(pieces, used, direct_min)
+        if not spans:
             return
         build = self._build
         if build is None:
             raise TransportError(f"{self.backend}: bucket {seq} before the push's BEGIN joined a group")
         group = build.wait(check, self._timeout)
-        work = group.broadcast(tensor[:used], 0, timeout=datetime.timedelta(seconds=self._timeout))
-        wait_work(work, check, min(timeout, self._timeout), f"{self.backend}: rank {self._rank}: broadcast of bucket {seq}")
+        limit = datetime.timedelta(seconds=self._timeout)
+        works = []
+        for start, stop, direct in spans:
+            land = into(start, stop - start) if direct and into is not None else None
+            target = tensor[start:stop] if land is None else torch_from(land)
+            works.append(group.broadcast(target, 0, timeout=limit))
+        for work in works:
+            wait_work(work, check, min(timeout, self._timeout), f"{self.backend}: rank {self._rank}: broadcast of bucket {seq}")
 
     def leave(self, ok: bool) -> None:
         if not ok:
@@ -344,6 +361,13 @@ class C10dImported:
         self._drop()
         for slot in self.slots:
             slot.close()
+
+
+def torch_from(array: Any) -> Any:
+    """A torch tensor over a NumPy array's memory (no copy)."""
+    import torch
+
+    return torch.from_numpy(array)
 
 
 def torch_zeros(size: int, device: str = "cpu") -> Any:

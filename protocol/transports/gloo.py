@@ -4,23 +4,28 @@ between host slots: for ranks on other hosts that have torch. Needs ``insecure=T
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from .base import Capabilities, ExportContext, ImportContext, create_all
+from ..errors import TransportError
+from .base import Capabilities, ExportContext, ImportContext, Landing, create_all
 from .c10d import C10dExported, C10dImported, C10dSlotWriting, torch_zeros
-from .host import HostSlotReader, HostSlotWriter
+from .host import DirectPieces, HostSlotReader
 from .shm.streaming import slot_streams
 
 NAME = "gloo"
+# a piece of at least this many bytes is broadcast from the tensor's own memory, not packed first
+# (a broadcast costs tens of microseconds: below this, the copy is cheaper)
+DIRECT_MIN = 1 << 20
 
 if importlib.util.find_spec("torch") is None:  # an ImportError marks the transport unavailable here
     raise ImportError("transport 'gloo' needs torch (pip install torch); it is not installed here")
 
 
-class GlooExportedSlot(C10dSlotWriting, HostSlotWriter):
+class GlooExportedSlot(C10dSlotWriting, DirectPieces):
     def __init__(self, size: int) -> None:
         self.size = size
         self.streams = slot_streams(size)
@@ -32,19 +37,24 @@ class GlooExportedSlot(C10dSlotWriting, HostSlotWriter):
         return self._view
 
     def descriptor(self) -> dict[str, Any]:
-        return {"size": self.size}
+        return {"size": self.size, "direct": self.direct_min}
 
     def finish(self, used: int) -> list[Any]:
-        self.send(used)
+        import torch
+
+        with warnings.catch_warnings():  # a read-only tensor's bytes: the root of a broadcast only reads them
+            warnings.simplefilter("ignore", UserWarning)
+            self.send([torch.from_numpy(data) for _start, data in self.transfers(used)])
         return []
 
     def close(self) -> None:
-        self.work = None
+        self.works = []
 
 
 class GlooImportedSlot(HostSlotReader):
-    def __init__(self, size: int, imported: C10dImported) -> None:
+    def __init__(self, size: int, direct_min: int, imported: C10dImported) -> None:
         self.size = size
+        self.direct_min = direct_min
         self.streams = slot_streams(size)
         self.tensor = torch_zeros(size)
         self._view: np.ndarray = self.tensor.numpy()
@@ -53,23 +63,27 @@ class GlooImportedSlot(HostSlotReader):
     def host_view(self) -> np.ndarray:
         return self._view
 
-    def receive(self, seq: int, used: int, check: Callable[[], None], timeout: float) -> None:
-        self._imported.receive(self.tensor, seq, used, check, timeout)
+    def receive(
+        self, seq: int, pieces: tuple[Any, Any] | None, used: int, check: Callable[[], None], timeout: float,
+        into: Landing | None = None,
+    ) -> None:
+        self._imported.receive(self.tensor, seq, pieces, used, self.direct_min, check, timeout, into)
 
     def close(self) -> None:
         pass
 
 
-def slot_sizes(descriptors: list[dict[str, Any]], name: str) -> list[int]:
-    from ..errors import TransportError
-
-    sizes = []
+def slot_fields(descriptors: list[dict[str, Any]], name: str) -> list[tuple[int, int]]:
+    """Each slot's (size, direct_min) from WELCOME, checked."""
+    found = []
     for i, desc in enumerate(descriptors):
-        size = desc.get("size")
-        if type(size) is not int or not 0 < size <= 1 << 40 or len(desc) != 1:
-            raise TransportError(f"{name} slot {i} descriptor: expected {{'size': <positive int>}}, got {desc!r}")
-        sizes.append(size)
-    return sizes
+        size, direct = desc.get("size"), desc.get("direct")
+        if type(size) is not int or not 0 < size <= 1 << 40 or type(direct) is not int or direct < 0 or len(desc) != 2:
+            raise TransportError(
+                f"{name} slot {i} descriptor: expected {{'size': <positive int>, 'direct': <int >= 0>}}, got {desc!r}"
+            )
+        found.append((size, direct))
+    return found
 
 
 class GlooTransport:
@@ -77,16 +91,16 @@ class GlooTransport:
     capabilities = Capabilities(same_host=False, device="host", receives=True, collective=True, network=True, authenticated=False)
 
     def export(self, count: int, size: int, context: ExportContext) -> C10dExported:
-        exported = C10dExported(NAME, [], context)
+        exported = C10dExported(NAME, [], context, DIRECT_MIN)
         exported.slots = create_all(GlooExportedSlot, count, size)
         for slot in exported.slots:
             slot.exported = exported
+            slot.direct_min = exported.direct_min
         return exported
 
     def attach(self, descriptors: list[dict[str, Any]], context: ImportContext) -> C10dImported:
-        sizes = slot_sizes(descriptors, NAME)
         imported = C10dImported(NAME, [], context)
-        imported.slots = [GlooImportedSlot(size, imported) for size in sizes]
+        imported.slots = [GlooImportedSlot(size, direct, imported) for size, direct in slot_fields(descriptors, NAME)]
         return imported
 
 

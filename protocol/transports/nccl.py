@@ -28,7 +28,7 @@ from ..errors import TransportError
 from .base import Capabilities, ExportContext, ImportContext, create_all
 from .c10d import C10dExported, C10dImported, C10dSlotWriting
 from .cuda_ipc.slots import CudaExportedSlot, DeviceBytes, DeviceSlotReader  # an ImportError without CUDA
-from .gloo import slot_sizes
+from .gloo import slot_fields
 
 if importlib.util.find_spec("torch") is None:  # an ImportError marks the transport unavailable here
     raise ImportError("transport 'nccl' needs torch (a CUDA build); it is not installed here")
@@ -51,22 +51,23 @@ class DeviceExportedSlot(C10dSlotWriting, CudaExportedSlot):
         self.tensor: Any = torch.as_tensor(DeviceBytes(self.ptr, size, self.device, self), device=f"cuda:{self.device}")
 
     def descriptor(self) -> dict[str, Any]:
-        return {"size": self.size}
+        return {"size": self.size, "direct": 0}  # device slots: every bucket packed, broadcast whole
 
     def finish(self, used: int) -> list[Any]:
         self.flush()  # the bucket's device copies are done before the broadcast reads the slot
-        self.send(used)
+        self.send([self.tensor[:used]] if used else [])
         return []
 
     def close(self) -> None:
-        self.work = None
+        self.works = []
         self.tensor = None
         super().close()
 
 
 class DeviceImportedSlot(DeviceSlotReader):
-    def __init__(self, size: int, imported: C10dImported) -> None:
+    def __init__(self, size: int, direct_min: int, imported: C10dImported) -> None:
         torch = _torch()
+        self.direct_min = direct_min
         self.device = torch.cuda.current_device()
         self.size = size
         self.tensor: Any = torch.zeros(size, dtype=torch.uint8, device=f"cuda:{self.device}")
@@ -74,8 +75,11 @@ class DeviceImportedSlot(DeviceSlotReader):
         self._used = set()
         self._imported = imported
 
-    def receive(self, seq: int, used: int, check: Callable[[], None], timeout: float) -> None:
-        self._imported.receive(self.tensor, seq, used, check, timeout)
+    def receive(
+        self, seq: int, pieces: tuple[Any, Any] | None, used: int, check: Callable[[], None], timeout: float,
+        into: Any = None,
+    ) -> None:
+        self._imported.receive(self.tensor, seq, pieces, used, self.direct_min, check, timeout)  # device: into the slot
         _torch().cuda.synchronize(self.device)  # the collective's stream is done before views read the slot
 
     def close(self) -> None:
@@ -99,9 +103,8 @@ class DeviceC10dTransport:
         return exported
 
     def attach(self, descriptors: list[dict[str, Any]], context: ImportContext) -> C10dImported:
-        sizes = slot_sizes(descriptors, self.name)
         imported = C10dImported(self.backend, [], context)
-        imported.slots = [DeviceImportedSlot(size, imported) for size in sizes]
+        imported.slots = [DeviceImportedSlot(size, direct, imported) for size, direct in slot_fields(descriptors, self.name)]
         return imported
 
 

@@ -39,8 +39,8 @@ from ...deadline import Deadline
 from ...security import apply_client_curve, apply_server_curve, start_authenticator
 from .. import messages as m
 from ..errors import ConfigError, PeerTimeout, ProtocolError, TransportError
-from .base import Capabilities, ExportContext, ImportContext, PushLayout, StreamSpec, create_all
-from .host import HostSlotReader, HostSlotWriter, private_buffer
+from .base import Capabilities, ExportContext, ImportContext, Landing, create_all, transfer_spans
+from .host import DirectPieces, HostSlotReader, private_buffer
 from .shm.streaming import slot_streams
 
 log = logging.getLogger("weightstream.transport.tcp")
@@ -53,6 +53,9 @@ FRAME_BYTES = 16 << 20
 # what a message may exceed its frame by on the wire: CURVE adds 33 bytes per message, and the
 # handshake's commands must fit too
 FRAME_SLACK = 4096
+# a piece of at least this many bytes is sent from the tensor's own memory, not packed first
+# (fewer memcpys; below it, a message per piece would cost more than the copy saves)
+DIRECT_MIN = 1 << 20
 HEADER = struct.Struct("<QQQQ")  # push, seq, offset in the slot, bytes
 HELLO = b"weightstream-data-hello"
 POLL_S = 0.1  # how often a waiting receive looks at whether its version failed
@@ -93,27 +96,24 @@ def check_security(context: ExportContext | ImportContext, side: str) -> None:
 # --- sender ----------------------------------------------------------------------------------
 
 
-class TcpExportedSlot(HostSlotWriter):
+class TcpExportedSlot(DirectPieces):
     def __init__(self, size: int, exported: TcpExported) -> None:
         self.size = size
         self.streams = slot_streams(size)
         self._view = private_buffer(size)
         self._mv = memoryview(self._view)  # type: ignore[arg-type]  # NumPy types __buffer__ on 3.12+ only
         self._exported = exported
-        self._seq = 0
+        self.direct_min = exported.direct_min
 
     def host_view(self) -> np.ndarray:
         return self._view
 
     def descriptor(self) -> dict[str, Any]:
-        return {"size": self.size, "address": self._exported.address, "frame": self._exported.frame_bytes}
-
-    def writer(self, bucket: Any, layout: PushLayout, stream: StreamSpec | None) -> TcpExportedSlot:
-        self._seq = bucket.seq
-        return self
+        exported = self._exported
+        return {"size": self.size, "address": exported.address, "frame": exported.frame_bytes, "direct": self.direct_min}
 
     def finish(self, used: int) -> list[Any]:
-        self._exported.send(self._view, self._seq, used)
+        self._exported.send(self.transfers(used), self._bucket.seq)
         return []
 
     def close(self) -> None:
@@ -124,6 +124,7 @@ class TcpExported:
     def __init__(self, count: int, size: int, context: ExportContext) -> None:
         check_security(context, "sender")
         self.frame_bytes = min(FRAME_BYTES, m.MAX_MESSAGE_BYTES)
+        self.direct_min = 0 if context.checksum else DIRECT_MIN
         self._ctx: Any = zmq.Context()
         self._auth: Any = None
         self._sock: Any = None
@@ -189,16 +190,16 @@ class TcpExported:
         self._push = secrets.randbits(63)
         return {"push": self._push}
 
-    def send(self, view: np.ndarray, seq: int, used: int) -> None:
-        """One bucket's bytes to every rank of the push: frames of the slot itself (zero-copy)."""
+    def send(self, transfers: list[tuple[int, np.ndarray]], seq: int) -> None:
+        """One bucket's ranges to every rank of the push, as frames of the slot or of the tensors
+        themselves (zero-copy either way)."""
         sock, frame = self._sock, self.frame_bytes
-        for at in range(0, used, frame):
-            n = min(frame, used - at)
+        for start, data, at, n in _frames(transfers, frame):
             header = HEADER.pack(self._push, seq, at, n)
-            data = memoryview(view[at : at + n])  # type: ignore[arg-type]
+            part = memoryview(data[at - start : at - start + n])
             for rank, ident in self._idents.items():
                 try:
-                    sock.send_multipart([ident, header, data], copy=False)
+                    sock.send_multipart([ident, header, part], copy=False)
                 except zmq.ZMQError as exc:
                     self._connected.discard(ident)
                     raise TransportError(
@@ -221,6 +222,13 @@ class TcpExported:
             self._ctx = None
 
 
+def _frames(transfers: list[tuple[int, Any]], frame: int) -> Any:
+    """(range start, its bytes, frame offset, frame size) of every frame of a bucket's ranges."""
+    for start, data in transfers:
+        for k in range(0, data.nbytes, frame):
+            yield start, data, start + k, min(frame, data.nbytes - k)
+
+
 # --- rank ------------------------------------------------------------------------------------
 
 
@@ -234,17 +242,20 @@ class TcpImportedSlot(HostSlotReader):
     def host_view(self) -> np.ndarray:
         return self._view
 
-    def receive(self, seq: int, used: int, check: Callable[[], None], timeout: float) -> None:
-        self._imported.receive(self._view, seq, used, check, timeout)
+    def receive(
+        self, seq: int, pieces: tuple[Any, Any] | None, used: int, check: Callable[[], None], timeout: float,
+        into: Landing | None = None,
+    ) -> None:
+        self._imported.receive(self._view, seq, pieces, used, check, timeout, into)
 
     def close(self) -> None:
         pass
 
 
-def _descriptor_fields(descriptors: list[dict[str, Any]]) -> tuple[str, int, list[int]]:
-    sizes, addresses, frames = [], set(), set()
+def _descriptor_fields(descriptors: list[dict[str, Any]]) -> tuple[str, int, int, list[int]]:
+    sizes, addresses, frames, directs = [], set(), set(), set()
     for i, desc in enumerate(descriptors):
-        size, address, frame = desc.get("size"), desc.get("address"), desc.get("frame")
+        size, address, frame, direct = desc.get("size"), desc.get("address"), desc.get("frame"), desc.get("direct", 0)
         if type(size) is not int or not 0 < size <= 1 << 40:
             raise TransportError(f"tcp slot {i} descriptor: field 'size': expected a positive int, got {size!r}")
         if not isinstance(address, str) or not address.startswith("tcp://") or len(address) > 300:
@@ -254,15 +265,18 @@ def _descriptor_fields(descriptors: list[dict[str, Any]]) -> tuple[str, int, lis
                 f"tcp slot {i} descriptor: field 'frame': expected 1..{m.MAX_MESSAGE_BYTES} (this rank's frame limit), "
                 f"got {frame!r}"
             )
+        if type(direct) is not int or not 0 <= direct <= 1 << 40:
+            raise TransportError(f"tcp slot {i} descriptor: field 'direct': expected an int >= 0, got {direct!r}")
         sizes.append(size)
         addresses.add(address)
         frames.add(frame)
-    if len(addresses) != 1 or len(frames) != 1:
+        directs.add(direct)
+    if len(addresses) != 1 or len(frames) != 1 or len(directs) != 1:
         raise TransportError(
-            f"tcp slot descriptors: expected one data address and frame size for every slot, got {sorted(addresses)} "
-            f"and {sorted(frames)}"
+            f"tcp slot descriptors: expected one data address, frame size and direct size for every slot, got "
+            f"{sorted(addresses)}, {sorted(frames)} and {sorted(directs)}"
         )
-    return addresses.pop(), frames.pop(), sizes
+    return addresses.pop(), frames.pop(), directs.pop(), sizes
 
 
 class TcpImported:
@@ -271,7 +285,7 @@ class TcpImported:
             check_security(context, "rank")
         except ConfigError as exc:
             raise TransportError(str(exc)) from None
-        self.address, self.frame_bytes, sizes = _descriptor_fields(descriptors)
+        self.address, self.frame_bytes, self.direct_min, sizes = _descriptor_fields(descriptors)
         self._lock = threading.Lock()  # the receive thread uses the socket; close waits for it
         self._ctx: Any = zmq.Context()
         sock = self._ctx.socket(zmq.DEALER)
@@ -299,42 +313,58 @@ class TcpImported:
     def leave(self, ok: bool) -> None:
         self._push = None
 
-    def receive(self, view: np.ndarray, seq: int, used: int, check: Callable[[], None], timeout: float) -> None:
-        """Bucket ``seq``'s bytes [0, used) into ``view``, frame by frame, in order."""
+    def receive(
+        self, view: np.ndarray, seq: int, pieces: tuple[Any, Any] | None, used: int, check: Callable[[], None],
+        timeout: float, into: Landing | None = None,
+    ) -> None:
+        """Bucket ``seq``'s ranges (as the sender derives them from the same pieces) into ``view``,
+        frame by frame, in order; a direct range straight into ``into``'s memory when it gives one."""
         with self._lock:
-            sock = self._sock
-            if sock is None:
-                raise TransportError("tcp: the data connection is closed")
-            header, at = self._header, 0
-            deadline = Deadline(timeout)
-            while at < used:
-                while not sock.poll(int(POLL_S * 1000), zmq.POLLIN):
-                    check()
-                    if deadline.expired():
-                        raise PeerTimeout(
-                            f"tcp: bucket {seq}: no data frame arrived for {timeout:.1f}s ({at} of {used} bytes in); "
-                            f"is the sender's data socket {self.address} reachable?"
-                        )
-                deadline = Deadline(timeout)  # bytes are moving: the limit is on silence
-                got = sock.recv_into(header, flags=zmq.NOBLOCK)
-                if got != HEADER.size or not sock.getsockopt(zmq.RCVMORE):
-                    self._skip(sock)
-                    raise ProtocolError(f"tcp: bucket {seq}: expected a {HEADER.size}-byte frame header, got {got} bytes")
-                push, fseq, fat, n = HEADER.unpack(header)
-                if push != self._push:  # left over from an aborted push
-                    self._skip(sock)
-                    continue
-                if fseq != seq or fat != at or not 0 < n <= self.frame_bytes or at + n > used:
-                    self._skip(sock)
-                    raise ProtocolError(
-                        f"tcp: bucket {seq}: expected a frame of bucket {seq} at offset {at} of at most "
-                        f"{min(self.frame_bytes, used - at)} bytes, got bucket {fseq} at {fat} of {n} bytes"
+            for start, stop, direct in transfer_spans(pieces, used, self.direct_min):
+                land = into(start, stop - start) if direct and into is not None else None
+                if land is None:
+                    self._receive_range(view, 0, seq, start, stop, check, timeout)
+                else:  # the range is one whole tensor: its bytes go straight to the model
+                    self._receive_range(land, start, seq, start, stop, check, timeout)
+
+    def _receive_range(
+        self, view: np.ndarray, shift: int, seq: int, at: int, used: int, check: Callable[[], None], timeout: float
+    ) -> None:
+        """Bytes [at, used) of bucket ``seq`` into ``view``, whose byte 0 is the bucket's byte
+        ``shift``; the caller holds the lock."""
+        sock = self._sock
+        if sock is None:
+            raise TransportError("tcp: the data connection is closed")
+        header = self._header
+        deadline = Deadline(timeout)
+        while at < used:
+            while not sock.poll(int(POLL_S * 1000), zmq.POLLIN):
+                check()
+                if deadline.expired():
+                    raise PeerTimeout(
+                        f"tcp: bucket {seq}: no data frame arrived for {timeout:.1f}s ({at} of {used} bytes in); "
+                        f"is the sender's data socket {self.address} reachable?"
                     )
-                got = sock.recv_into(memoryview(view[at : at + n]), flags=zmq.NOBLOCK)  # type: ignore[arg-type]
-                if got != n or sock.getsockopt(zmq.RCVMORE):
-                    self._skip(sock)
-                    raise ProtocolError(f"tcp: bucket {seq}: frame at {at}: expected {n} bytes, got {got}")
-                at += n
+            deadline = Deadline(timeout)  # bytes are moving: the limit is on silence
+            got = sock.recv_into(header, flags=zmq.NOBLOCK)
+            if got != HEADER.size or not sock.getsockopt(zmq.RCVMORE):
+                self._skip(sock)
+                raise ProtocolError(f"tcp: bucket {seq}: expected a {HEADER.size}-byte frame header, got {got} bytes")
+            push, fseq, fat, n = HEADER.unpack(header)
+            if push != self._push:  # left over from an aborted push
+                self._skip(sock)
+                continue
+            if fseq != seq or fat != at or not 0 < n <= self.frame_bytes or at + n > used:
+                self._skip(sock)
+                raise ProtocolError(
+                    f"tcp: bucket {seq}: expected a frame of bucket {seq} at offset {at} of at most "
+                    f"{min(self.frame_bytes, used - at)} bytes, got bucket {fseq} at {fat} of {n} bytes"
+                )
+            got = sock.recv_into(memoryview(view[at - shift : at - shift + n]), flags=zmq.NOBLOCK)  # type: ignore[arg-type]
+            if got != n or sock.getsockopt(zmq.RCVMORE):
+                self._skip(sock)
+                raise ProtocolError(f"tcp: bucket {seq}: frame at {at}: expected {n} bytes, got {got}")
+            at += n
 
     @staticmethod
     def _skip(sock: Any) -> None:
