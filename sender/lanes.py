@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -103,6 +103,7 @@ class Lanes:
         self._lock = threading.Lock()
         self._lanes: dict[str, Lane] = {}
         self._of_rank: dict[int, str] = {}
+        self._port_taken = False  # data_address's port goes to the first network lane; later ones take any
         if not self.auto:  # made now: a bad configuration fails the constructor
             self._lane(transport)
 
@@ -113,7 +114,12 @@ class Lanes:
             why = security_refusal(transport.capabilities, self.context.curve_keys is not None, self.context.insecure)
             if why is not None:
                 raise ConfigError(f"transport={name!r}: {why}")
-            lane = self._lanes[name] = Lane(transport, transport.export(self._count, self._size, self.context))
+            context = self.context
+            if transport.capabilities.network:
+                if self._port_taken:
+                    context = replace(context, data_port=0)
+                self._port_taken = True
+            lane = self._lanes[name] = Lane(transport, transport.export(self._count, self._size, context))
         return lane
 
     def assign(self, rank: int, offered: list[str], host: str, same_host: bool) -> Lane:

@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import signal
+import socket
 import threading
 import time
 from typing import Any
@@ -63,30 +64,26 @@ def got(event: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], int]]:
 
 
 class Ranks:
+    """Rank processes, each with its own event queue: a rank killed while writing to a shared
+    queue would leave its lock held and silence every other rank."""
+
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
-        self.queue: Any = CTX.Queue()
+        self.queues: dict[int, Any] = {}
         self.procs: dict[int, Any] = {}
-        self.pending: dict[int, list[dict[str, Any]]] = {}
+        self.dead: list[Any] = []
 
     def spawn(self, rank: int, versions: list[str], **options: Any) -> None:
-        proc = CTX.Process(target=rank_main, args=(self.endpoint, rank, versions, self.queue, options), daemon=True)
+        queue = self.queues[rank] = CTX.Queue()
+        proc = CTX.Process(target=rank_main, args=(self.endpoint, rank, versions, queue, options), daemon=True)
         proc.start()
         self.procs[rank] = proc
-        self.pending[rank] = []
 
     def expect(self, rank: int, kind: str, version: str | None = None, timeout: float = EVENT_TIMEOUT) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while not self.pending[rank]:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"rank {rank}: no {kind} within {timeout}s (alive: {self.procs[rank].is_alive()})")
-            try:
-                event = self.queue.get(timeout=min(left, 1.0))
-            except queue_mod.Empty:
-                continue
-            self.pending.setdefault(event["rank"], []).append(event)
-        event = self.pending[rank].pop(0)
+        try:
+            event: dict[str, Any] = self.queues[rank].get(timeout=timeout)
+        except queue_mod.Empty:
+            raise AssertionError(f"rank {rank}: no {kind} within {timeout}s (alive: {self.procs[rank].is_alive()})") from None
         if event["event"] == "crashed":
             raise AssertionError(f"rank {rank} crashed: {event['error']}\n{event['tb']}")
         assert event["event"] == kind and (version is None or event.get("version") == version), (kind, version, event)
@@ -95,7 +92,7 @@ class Ranks:
     def kill(self, rank: int) -> None:
         os.kill(self.procs[rank].pid, signal.SIGKILL)
         self.procs[rank].join(10)
-        self.pending[rank] = []
+        self.dead.append(self.queues.pop(rank))  # its lock may be held forever: never read or joined
 
     def close(self) -> None:
         for proc in self.procs.values():
@@ -103,8 +100,12 @@ class Ranks:
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)
-        self.queue.close()
-        self.queue.join_thread()
+        for queue in self.queues.values():
+            queue.close()
+            queue.join_thread()
+        for queue in self.dead:
+            queue.cancel_join_thread()
+            queue.close()
 
     def __enter__(self) -> Ranks:
         return self
@@ -220,7 +221,10 @@ def test_auto_serves_a_local_rank_by_shm_and_remote_ones_by_gloo_and_tcp_in_one_
         ranks.spawn(0, versions)
         ranks.spawn(1, versions, insecure=True, host_id="other-node/1")
         ranks.spawn(2, versions, insecure=True, host_id="other-node/2", block_torch=True)
-        with sender(endpoint, "auto", 3) as s:
+        with socket.socket() as probe:  # a free port for data_address (the first network lane's; later ones any)
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with sender(endpoint, "auto", 3, data_address=f"127.0.0.1:{port}") as s:
             for r in (0, 1, 2):
                 ranks.expect(r, "started")
             for i, version in enumerate(versions):
