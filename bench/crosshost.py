@@ -27,7 +27,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -47,6 +46,7 @@ from weightstream import BucketSender, CurveKeys, ReceiverDaemon, WeightstreamEr
 from weightstream.protocol.transports.tcp import FRAME_BYTES
 from weightstream.receiver.sinks import NumpySink
 
+from .checksum_cost import cpu_model
 from .peers import harness, raw_gloo
 from .peers.raw_zmq import RawZmqReceiver, RawZmqSender, spans
 
@@ -361,17 +361,6 @@ def presets(quick: bool) -> Plan:
     if quick:
         return Plan(size_mib=512, transports=["tcp", "gloo"], ranks=[1, 2], buckets=[16, 64, 256], repeats=5)
     return Plan(size_mib=1024, transports=["tcp", "gloo"], ranks=[1, 2], buckets=[16, 64, 256], repeats=9)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def git_commit() -> str:

@@ -7,6 +7,7 @@ Explicit transports serve ranks on the sender's own host here, which is how CI r
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -14,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import ml_dtypes
@@ -22,6 +24,8 @@ import pytest
 import xxhash
 import zmq
 from crosshost_workers import rank_main
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from weightstream import BucketSender, ConfigError, CurveKeys, PeerTimeout, ReceiverDaemon, WeightstreamError
 from weightstream.protocol.errors import ProtocolError, TransportError
@@ -342,18 +346,31 @@ def test_tcp_slot_descriptors_are_checked() -> None:
         tcp_transport.TRANSPORT.attach([], ImportContext(rank=0, token="t"))
 
 
-def test_a_tcp_rank_skips_stale_frames_and_refuses_bad_ones() -> None:
-    """A hand-played data socket: frames of another push are skipped, then a frame at the wrong
-    offset is a ProtocolError naming both."""
+@contextlib.contextmanager
+def hand_played_data_socket(size: int, frame: int, token: str) -> Iterator[tuple[Any, bytes, Any]]:
+    """A sender's data socket played by hand, and a rank's tcp side attached to it (one slot):
+    (the ROUTER, the rank's routing id once it said hello, the rank's Imported)."""
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     port = router.bind_to_random_port("tcp://127.0.0.1")
-    desc = {"size": 1024, "address": f"tcp://127.0.0.1:{port}", "frame": 512}
-    imported = tcp_transport.TRANSPORT.attach([desc], ImportContext(rank=0, token="tok", insecure=True))
+    desc = {"size": size, "address": f"tcp://127.0.0.1:{port}", "frame": frame}
+    imported = tcp_transport.TRANSPORT.attach([desc], ImportContext(rank=0, token=token, insecure=True))
     try:
         assert router.poll(10_000), "the rank's data socket did not say hello"
         ident, hello = router.recv_multipart()
-        assert ident == tcp_transport.data_identity("tok") and hello == tcp_transport.HELLO
+        assert hello == tcp_transport.HELLO
+        yield router, ident, imported
+    finally:
+        imported.close()
+        router.close(0)
+        ctx.term()
+
+
+def test_a_tcp_rank_skips_stale_frames_and_refuses_bad_ones() -> None:
+    """A hand-played data socket: frames of another push are skipped, then a frame at the wrong
+    offset is a ProtocolError naming both."""
+    with hand_played_data_socket(1024, 512, "tok") as (router, ident, imported):
+        assert ident == tcp_transport.data_identity("tok")
         imported.join({"push": 7}, 5.0)
         header = tcp_transport.HEADER
         router.send_multipart([ident, header.pack(6, 0, 0, 4), b"old!"])  # a frame of an aborted push
@@ -367,16 +384,9 @@ def test_a_tcp_rank_skips_stale_frames_and_refuses_bad_ones() -> None:
             slot.receive(1, None, 600, lambda: None, 5.0)
         with pytest.raises(PeerTimeout, match="no data frame arrived"):
             slot.receive(2, None, 10, lambda: None, 0.3)
-    finally:
-        imported.close()
-        router.close(0)
-        ctx.term()
 
 
 # --- fuzz: what a rank takes from the network -------------------------------------------------
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402 - grouped with the fuzz tests
-from hypothesis import strategies as st  # noqa: E402
 
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70), st.floats(allow_nan=True),
                      st.text(max_size=40), st.binary(max_size=40))
@@ -409,14 +419,7 @@ def test_fuzz_begin_fields_of_the_network_transports_are_taken_or_refused_by_nam
 def test_fuzz_tcp_data_frames_are_taken_skipped_or_refused(parts: list[bytes]) -> None:
     """Arbitrary data messages before a valid bucket: each is skipped or refused with a
     ProtocolError, never written past the slot, and a refusal leaves the socket in step."""
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    desc = {"size": 64, "address": f"tcp://127.0.0.1:{port}", "frame": 32}
-    imported = tcp_transport.TRANSPORT.attach([desc], ImportContext(rank=0, token="f", insecure=True))
-    try:
-        assert router.poll(10_000), "the rank's data socket did not say hello"
-        ident, _ = router.recv_multipart()
+    with hand_played_data_socket(64, 32, "f") as (router, ident, imported):
         imported.join({"push": 5}, 1.0)
         router.send_multipart([ident, *parts])
         router.send_multipart([ident, tcp_transport.HEADER.pack(5, 0, 0, 16), b"y" * 16])
@@ -426,7 +429,3 @@ def test_fuzz_tcp_data_frames_are_taken_skipped_or_refused(parts: list[bytes]) -
         except ProtocolError:
             slot.receive(0, None, 16, lambda: None, 2.0)  # the bad message was consumed whole
         assert bytes(slot.raw(0, 16)) == b"y" * 16
-    finally:
-        imported.close()
-        router.close(0)
-        ctx.term()

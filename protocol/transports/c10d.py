@@ -288,7 +288,7 @@ def _fields(backend: str, fields: dict[str, Any] | None) -> tuple[str, int, str,
 class C10dImported:
     """A rank's receive slots and its side of the push's group."""
 
-    def __init__(self, backend: str, slots: list[Any], context: ImportContext) -> None:
+    def __init__(self, backend: str, slots: list[Any], context: ImportContext, direct_min: int = 0) -> None:
         if not context.insecure:
             raise TransportError(
                 f"transport {backend!r}: c10d has no authentication, so this rank joins a group only with insecure=True; "
@@ -296,6 +296,7 @@ class C10dImported:
             )
         self.backend = backend
         self.slots = slots
+        self.direct_min = direct_min  # the sender's (WELCOME): both sides derive the same ranges
         self._rank = context.rank
         self._token = context.token
         self._toward = context.sender_host
@@ -325,13 +326,14 @@ class C10dImported:
         self._build = Build(make, f"{self.backend}: rank {rank} joining group {group_id} at {host}:{port}")
 
     def receive(
-        self, tensor: Any, seq: int, pieces: tuple[Any, Any] | None, used: int, direct_min: int,
-        check: Callable[[], None], timeout: float, into: Any = None,
+        self, slot: Any, seq: int, pieces: tuple[Any, Any] | None, used: int, check: Callable[[], None],
+        timeout: float, into: Any = None,
     ) -> None:
-        """Bucket ``seq``'s ranges (as the sender derives them from the same pieces) into ``tensor``,
-        one broadcast each; a direct range straight into ``into``'s memory (a host tensor's, in the
-        model) when it gives one."""
-        spans = transfer_spans(pieces, used, direct_min)
+        """Bucket ``seq``'s ranges (as the sender derives them from the same pieces) into the slot's
+        ``memory`` (a torch tensor), one broadcast each; a direct range straight into ``into``'s
+        memory (a host tensor's, in the model) when it gives one."""
+        tensor = slot.memory
+        spans = transfer_spans(pieces, used, self.direct_min)
         if not spans:
             return
         build = self._build

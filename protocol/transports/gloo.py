@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from ..errors import TransportError
-from .base import Capabilities, ExportContext, ImportContext, Landing, create_all
+from .base import Capabilities, ExportContext, ImportContext, create_all
 from .c10d import C10dExported, C10dImported, C10dSlotWriting, torch_zeros
-from .host import DirectPieces, HostSlotReader
+from .host import DirectPieces, ReceivingSlot
 from .shm.streaming import slot_streams
 
 NAME = "gloo"
@@ -51,39 +50,20 @@ class GlooExportedSlot(C10dSlotWriting, DirectPieces):
         self.works = []
 
 
-class GlooImportedSlot(HostSlotReader):
-    def __init__(self, size: int, direct_min: int, imported: C10dImported) -> None:
-        self.size = size
-        self.direct_min = direct_min
-        self.streams = slot_streams(size)
-        self.tensor = torch_zeros(size)
-        self._view: np.ndarray = self.tensor.numpy()
-        self._imported = imported
-
-    def host_view(self) -> np.ndarray:
-        return self._view
-
-    def receive(
-        self, seq: int, pieces: tuple[Any, Any] | None, used: int, check: Callable[[], None], timeout: float,
-        into: Landing | None = None,
-    ) -> None:
-        self._imported.receive(self.tensor, seq, pieces, used, self.direct_min, check, timeout, into)
-
-    def close(self) -> None:
-        pass
-
-
-def slot_fields(descriptors: list[dict[str, Any]], name: str) -> list[tuple[int, int]]:
-    """Each slot's (size, direct_min) from WELCOME, checked."""
-    found = []
+def slot_fields(descriptors: list[dict[str, Any]], name: str) -> tuple[list[int], int]:
+    """The slots' sizes and their one direct_min (see ``transfer_spans``) from WELCOME, checked."""
+    sizes, directs = [], set()
     for i, desc in enumerate(descriptors):
         size, direct = desc.get("size"), desc.get("direct")
         if type(size) is not int or not 0 < size <= 1 << 40 or type(direct) is not int or direct < 0 or len(desc) != 2:
             raise TransportError(
                 f"{name} slot {i} descriptor: expected {{'size': <positive int>, 'direct': <int >= 0>}}, got {desc!r}"
             )
-        found.append((size, direct))
-    return found
+        sizes.append(size)
+        directs.add(direct)
+    if len(directs) > 1:
+        raise TransportError(f"{name} slot descriptors: expected one 'direct' for every slot, got {sorted(directs)}")
+    return sizes, directs.pop() if directs else 0
 
 
 class GlooTransport:
@@ -99,8 +79,9 @@ class GlooTransport:
         return exported
 
     def attach(self, descriptors: list[dict[str, Any]], context: ImportContext) -> C10dImported:
-        imported = C10dImported(NAME, [], context)
-        imported.slots = [GlooImportedSlot(size, direct, imported) for size, direct in slot_fields(descriptors, NAME)]
+        sizes, direct = slot_fields(descriptors, NAME)
+        imported = C10dImported(NAME, [], context, direct)
+        imported.slots = [ReceivingSlot(size, imported, slot_streams(size), torch_zeros(size)) for size in sizes]
         return imported
 
 

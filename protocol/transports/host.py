@@ -16,7 +16,7 @@ from ... import native as speedups
 from ...frameworks import host_bytes, view_as
 from ..dtypes import DType
 from ..errors import TransportError
-from .base import PushLayout, SlotReader, SlotWriter, StreamSpec, host_digest, transfer_spans
+from .base import Landing, PushLayout, SlotReader, SlotWriter, StreamSpec, host_digest, transfer_spans
 
 SMALL_COPY = 64 << 10  # below this a memoryview copy beats a call into C (~3x less per-tensor overhead)
 
@@ -154,6 +154,31 @@ class HostSlotReader(SlotReader):
 
     def digest(self, nbytes: int) -> int:
         return host_digest(self.host_view()[:nbytes])
+
+
+class ReceivingSlot(HostSlotReader):
+    """A rank's own host slot that a network transport receives each bucket into: ``receiver``
+    (the transport's side of the connection) does the receiving, into ``memory`` (a private
+    buffer, or a torch tensor a collective writes into)."""
+
+    def __init__(self, size: int, receiver: Any, streams: bool, memory: Any = None) -> None:
+        self.size = size
+        self.streams = streams
+        self.memory = private_buffer(size) if memory is None else memory
+        self._view: np.ndarray = np.asarray(self.memory)  # a CPU torch tensor converts without a copy
+        self._receiver = receiver
+
+    def host_view(self) -> np.ndarray:
+        return self._view
+
+    def receive(
+        self, seq: int, pieces: tuple[Any, Any] | None, used: int, check: Callable[[], None], timeout: float,
+        into: Landing | None = None,
+    ) -> None:
+        self._receiver.receive(self, seq, pieces, used, check, timeout, into)
+
+    def close(self) -> None:
+        pass
 
 
 def private_buffer(size: int) -> np.ndarray:

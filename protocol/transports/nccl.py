@@ -65,13 +65,12 @@ class DeviceExportedSlot(C10dSlotWriting, CudaExportedSlot):
 
 
 class DeviceImportedSlot(DeviceSlotReader):
-    def __init__(self, size: int, direct_min: int, imported: C10dImported) -> None:
+    def __init__(self, size: int, imported: C10dImported) -> None:
         torch = _torch()
-        self.direct_min = direct_min
         self.device = torch.cuda.current_device()
         self.size = size
-        self.tensor: Any = torch.zeros(size, dtype=torch.uint8, device=f"cuda:{self.device}")
-        self.ptr = int(self.tensor.data_ptr())
+        self.memory: Any = torch.zeros(size, dtype=torch.uint8, device=f"cuda:{self.device}")
+        self.ptr = int(self.memory.data_ptr())
         self._used = set()
         self._imported = imported
 
@@ -79,12 +78,12 @@ class DeviceImportedSlot(DeviceSlotReader):
         self, seq: int, pieces: tuple[Any, Any] | None, used: int, check: Callable[[], None], timeout: float,
         into: Any = None,
     ) -> None:
-        self._imported.receive(self.tensor, seq, pieces, used, self.direct_min, check, timeout)  # device: into the slot
+        self._imported.receive(self, seq, pieces, used, check, timeout)  # device memory: always into the slot
         _torch().cuda.synchronize(self.device)  # the collective's stream is done before views read the slot
 
     def close(self) -> None:
         self.ptr = 0
-        self.tensor = None
+        self.memory = None
 
 
 class DeviceC10dTransport:
@@ -103,8 +102,9 @@ class DeviceC10dTransport:
         return exported
 
     def attach(self, descriptors: list[dict[str, Any]], context: ImportContext) -> C10dImported:
-        imported = C10dImported(self.backend, [], context)
-        imported.slots = [DeviceImportedSlot(size, direct, imported) for size, direct in slot_fields(descriptors, self.name)]
+        sizes, direct = slot_fields(descriptors, self.name)
+        imported = C10dImported(self.backend, [], context, direct)
+        imported.slots = [DeviceImportedSlot(size, imported) for size in sizes]
         return imported
 
 

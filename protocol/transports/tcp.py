@@ -40,7 +40,7 @@ from ...security import apply_client_curve, apply_server_curve, start_authentica
 from .. import messages as m
 from ..errors import ConfigError, PeerTimeout, ProtocolError, TransportError
 from .base import Capabilities, ExportContext, ImportContext, Landing, create_all, transfer_spans
-from .host import DirectPieces, HostSlotReader, private_buffer
+from .host import DirectPieces, ReceivingSlot, private_buffer
 from .shm.streaming import slot_streams
 
 log = logging.getLogger("weightstream.transport.tcp")
@@ -232,26 +232,6 @@ def _frames(transfers: list[tuple[int, Any]], frame: int) -> Any:
 # --- rank ------------------------------------------------------------------------------------
 
 
-class TcpImportedSlot(HostSlotReader):
-    def __init__(self, size: int, imported: TcpImported) -> None:
-        self.size = size
-        self.streams = slot_streams(size)
-        self._view = private_buffer(size)
-        self._imported = imported
-
-    def host_view(self) -> np.ndarray:
-        return self._view
-
-    def receive(
-        self, seq: int, pieces: tuple[Any, Any] | None, used: int, check: Callable[[], None], timeout: float,
-        into: Landing | None = None,
-    ) -> None:
-        self._imported.receive(self._view, seq, pieces, used, check, timeout, into)
-
-    def close(self) -> None:
-        pass
-
-
 def _descriptor_fields(descriptors: list[dict[str, Any]]) -> tuple[str, int, int, list[int]]:
     sizes, addresses, frames, directs = [], set(), set(), set()
     for i, desc in enumerate(descriptors):
@@ -302,7 +282,7 @@ class TcpImported:
         sock.send(HELLO)  # queued until connected; tells the sender this rank's data path is up
         self._header = bytearray(HEADER.size)
         self._push: int | None = None
-        self.slots = [TcpImportedSlot(size, self) for size in sizes]
+        self.slots = [ReceivingSlot(size, self, slot_streams(size)) for size in sizes]
 
     def join(self, fields: dict[str, Any] | None, timeout: float) -> None:
         push = fields.get("push") if fields is not None else None
@@ -314,11 +294,12 @@ class TcpImported:
         self._push = None
 
     def receive(
-        self, view: np.ndarray, seq: int, pieces: tuple[Any, Any] | None, used: int, check: Callable[[], None],
+        self, slot: ReceivingSlot, seq: int, pieces: tuple[Any, Any] | None, used: int, check: Callable[[], None],
         timeout: float, into: Landing | None = None,
     ) -> None:
-        """Bucket ``seq``'s ranges (as the sender derives them from the same pieces) into ``view``,
+        """Bucket ``seq``'s ranges (as the sender derives them from the same pieces) into ``slot``,
         frame by frame, in order; a direct range straight into ``into``'s memory when it gives one."""
+        view = slot.host_view()
         with self._lock:
             for start, stop, direct in transfer_spans(pieces, used, self.direct_min):
                 land = into(start, stop - start) if direct and into is not None else None
