@@ -340,13 +340,14 @@ class BucketSender:
         self.wait_for_receivers(timeout=timeout)
         start = time.perf_counter()
         pub = self._publisher
-        single = self._lanes.single()
-        rnd = pub.open_round(version, layout.number, single.transport.capabilities.max_consumers if single else None)
+        rnd = pub.open_round(version, layout.number)
         # ranks that said READY to this layout last are sent its number, the rest the manifest
         ranks, reusing = rnd.ranks, rnd.reusing
         idents = list(ranks.values())
         # each rank's transport (one, unless transport="auto" serves ranks of several kinds)
         lanes = self._lanes.of(ranks)
+        if len(lanes) == 1:  # only then may buckets be streamed (see _stream), to as many ranks as it feeds
+            pub.allow_streams(rnd, lanes[0][0].transport.capabilities.max_consumers)
         carriers = {rank: lane.transport.name for lane, share in lanes for rank in share}
         self._ring.reset()
         ok = False

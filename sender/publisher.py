@@ -76,6 +76,7 @@ class Round:
     layout: int | None = None  # the BEGIN's layout number
     ready: set[int] = field(default_factory=set)
     streamed: set[int] = field(default_factory=set)  # ranks that take buckets streamed
+    streams: bool = False  # buckets may be streamed this round (one transport serves every rank)
     max_consumers: int | None = None  # ranks a streamed bucket can feed (the transport's capability)
     rejected: dict[int, tuple[str, str, bool | None]] = field(default_factory=dict)  # error, reason, model_intact
     prepared: dict[int, m.Prepared] = field(default_factory=dict)
@@ -210,7 +211,7 @@ class Publisher:
 
     # --- rounds: the trainer thread opens, records and closes them through these ------
 
-    def open_round(self, version: str, layout: int, max_consumers: int | None) -> Round:
+    def open_round(self, version: str, layout: int) -> Round:
         """Start the round of ``version`` over every connected rank. The ranks that said READY to
         ``layout`` last are the round's ``reusing``; every rank's layout is forgotten until it says
         READY to this BEGIN (a rank that fails in between gets the manifest again next time)."""
@@ -220,13 +221,17 @@ class Publisher:
                 ranks={rank: peer.identity for rank, peer in self.peers.items()},
                 tokens={rank: peer.session for rank, peer in self.peers.items()},
                 layout=layout,
-                max_consumers=max_consumers,
                 reusing=[peer.identity for peer in self.peers.values() if peer.layout == layout],
             )
             for peer in self.peers.values():
                 peer.layout = None
             self.round = rnd
         return rnd
+
+    def allow_streams(self, rnd: Round, max_consumers: int | None) -> None:
+        """This round's ranks may take buckets streamed (READY ``streamed``), up to ``max_consumers``."""
+        with self.cond:
+            rnd.streams, rnd.max_consumers = True, max_consumers
 
     def expect_acks(self, rnd: Round, seq: int, slot: int) -> None:
         """Bucket ``seq`` is going out in ``slot``: the slot is free again once every rank acked it."""
@@ -532,7 +537,7 @@ class Publisher:
         if isinstance(msg, m.Ready):
             rnd.ready.add(peer.rank)
             peer.layout = rnd.layout
-            if msg.streamed and (rnd.max_consumers is None or peer.rank < rnd.max_consumers):
+            if msg.streamed and rnd.streams and (rnd.max_consumers is None or peer.rank < rnd.max_consumers):
                 rnd.streamed.add(peer.rank)
         elif isinstance(msg, m.Reject):
             rnd.rejected[peer.rank] = (msg.error, msg.reason, msg.model_intact)
