@@ -454,7 +454,13 @@ class BucketSender:
         finally:
             pub.close_round(rnd)
             for lane, _ in lanes:  # a failed push's transport state (a c10d group) goes with it
-                lane.exported.end_push(ok)
+                try:
+                    lane.exported.end_push(ok)
+                except Exception as exc:  # the push's outcome stands; the next push starts afresh
+                    log.warning("transport %s: ending the push of %s: %s: %s", lane.transport.name, version,
+                                type(exc).__name__, exc)
+                    if ok:
+                        lane.exported.end_push(False)
         seconds = time.perf_counter() - start
         self.committed_version = version
         report = pub.read_round(rnd, lambda r: _report(r, total, len(manifest), len(plan), seconds, carriers))

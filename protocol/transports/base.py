@@ -226,6 +226,26 @@ def host_identity() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
+def address_toward(host: str | None = None) -> str:
+    """This host's address on the interface that routes to ``host`` (None: the default route): what
+    a wildcard bind announces, and what a group member binds. No packet is sent: a UDP socket only
+    asks the kernel for a route. Not ``gethostbyname(gethostname())``, which is 127.0.1.1 on many
+    distributions; a host with several networks sets ``data_address`` instead."""
+    if host in ("127.0.0.1", "localhost"):
+        return "127.0.0.1"
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect((host or "192.0.2.1", 9))  # TEST-NET-1: routed by the default route, never reached
+        return str(probe.getsockname()[0])
+    except OSError:  # no route (an isolated host)
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+    finally:
+        probe.close()
+
+
 def host_digest(data: np.ndarray) -> int:
     """xxh3_64 of host bytes: fast enough to check every bucket (GB/s per core)."""
     # NumPy's stubs type ndarray.__buffer__ on 3.12+ only (mypy checks as 3.10)

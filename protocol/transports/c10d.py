@@ -30,14 +30,13 @@ from __future__ import annotations
 import datetime
 import logging
 import secrets
-import socket
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from ...deadline import Deadline
 from ..errors import ConfigError, PeerTimeout, ProtocolError, TransportError
-from .base import ExportContext, ImportContext, transfer_spans
+from .base import ExportContext, ImportContext, address_toward, transfer_spans
 
 
 def c10d() -> Any:
@@ -50,20 +49,6 @@ def c10d() -> Any:
 log = logging.getLogger("weightstream.transport.c10d")
 
 POLL_S = 0.1  # how often a wait looks at whether its version failed
-
-
-def local_address_toward(host: str) -> str:
-    """The address of this host's interface that routes to ``host`` (what a group member binds)."""
-    if host in ("", "127.0.0.1", "localhost"):
-        return "127.0.0.1"
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        probe.connect((host, 9))  # UDP: no packet is sent, the kernel only picks a route
-        return str(probe.getsockname()[0])
-    except OSError:
-        return socket.gethostbyname(socket.gethostname())
-    finally:
-        probe.close()
 
 
 def wait_done(done: threading.Event, check: Callable[[], None], timeout: float, what: str) -> None:
@@ -160,9 +145,8 @@ class C10dExported:
         self.slots = slots
         self.direct_min = 0 if context.checksum else direct_min  # see transfer_spans
         bind = context.data_host if context.data_host not in ("", "*") else "0.0.0.0"
-        self.address = local_address_toward("") if bind in ("127.0.0.1", "localhost") else (
-            socket.gethostbyname(socket.gethostname()) if bind == "0.0.0.0" else bind
-        )
+        # what the store is announced as, and where the sender's member of a group listens
+        self.address = address_toward(None) if bind == "0.0.0.0" else address_toward(bind) if bind == "localhost" else bind
         try:
             self._store: Any = c10d().TCPStore(
                 bind, context.data_port, None, True, timeout=datetime.timedelta(seconds=context.heartbeat_timeout),
@@ -316,7 +300,7 @@ class C10dImported:
             return
         self._drop()
         self._group_id = group_id
-        rank, token, address = self._rank, self._token, local_address_toward(self._toward or host)
+        rank, token, address = self._rank, self._token, address_toward(self._toward or host)
 
         def make() -> Any:
             store = c10d().TCPStore(host, port, None, False, timeout=datetime.timedelta(seconds=timeout))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import socket
 import struct
 import threading
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from ...deadline import Deadline
 from ...security import apply_client_curve, apply_server_curve, start_authenticator
 from .. import messages as m
 from ..errors import ConfigError, PeerTimeout, ProtocolError, TransportError
-from .base import Capabilities, ExportContext, ImportContext, Landing, create_all, transfer_spans
+from .base import Capabilities, ExportContext, ImportContext, Landing, address_toward, create_all, transfer_spans
 from .host import DirectPieces, ReceivingSlot, private_buffer
 from .shm.streaming import slot_streams
 
@@ -70,13 +69,9 @@ def data_identity(token: str) -> bytes:
 
 def announced_host(bind_host: str) -> str:
     """What ranks connect to when the sender binds ``bind_host``: a wildcard bind is announced as
-    this host's address (set ``data_address`` to a routable name if that is not it)."""
-    if bind_host in ("*", "0.0.0.0", ""):
-        try:
-            return socket.gethostbyname(socket.gethostname())
-        except OSError:
-            return "127.0.0.1"
-    return bind_host
+    this host's address on its default route (set ``data_address`` to a routable name if that is
+    not it)."""
+    return address_toward(None) if bind_host in ("*", "0.0.0.0", "") else bind_host
 
 
 def check_security(context: ExportContext | ImportContext, side: str) -> None:
