@@ -51,6 +51,9 @@ class PreparedBucket:
     pieces: tuple[np.ndarray, np.ndarray] | None = None
     # direct: which of ``whole`` a network transport received straight into the model (not copied again)
     landed: np.ndarray | None = None
+    # views mode, a bucket of whole host tensors: what load_weights gets, as batches of (names,
+    # their views), each view made only when the consumer takes it (``entries`` is then empty)
+    batches: list[tuple[list[str], Any]] | None = None
 
 
 class Views:
@@ -69,7 +72,11 @@ class Views:
         self, msg: m.Bucket, slot: ImportedSlot, first: int, offsets: np.ndarray, nbytes: np.ndarray,
         chunks: np.ndarray, used: int,
     ) -> PreparedBucket:
-        entry = self.run.entry
+        run = self.run
+        batches = run.batch_views(slot, first, offsets, nbytes, chunks, used)
+        if batches is not None:
+            return PreparedBucket(msg.seq, msg.slot, slot, msg.checksum, used, [], batches=batches)
+        entry = run.entry
         pieces = zip(range(first, first + len(offsets)), offsets.tolist(), nbytes.tolist(), chunks.tolist())
         return PreparedBucket(msg.seq, msg.slot, slot, msg.checksum, used, [entry(slot, *piece) for piece in pieces])
 

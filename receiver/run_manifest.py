@@ -41,6 +41,7 @@ class RunManifest:
         self.fulls: list[int] = arrays.sizes.tolist()  # the same as ints, for per-tensor loops
         self.total = sum(self.fulls)
         self._shapes: list[tuple[int, ...]] | None = None
+        self._kinds: np.ndarray | None = None
         self._begin = begin
         # direct mode: per tensor, where its bytes go (see ``targets``); built on first use
         self._targets: Targets | None = None
@@ -94,6 +95,19 @@ class RunManifest:
         if self._shapes is None:
             self._shapes = self._begin.shapes()
         return self._shapes
+
+    @property
+    def kinds(self) -> np.ndarray:
+        """Per tensor, an id shared by every tensor of its dtype and shape (int32), or -1 for a
+        0-d or empty one: consecutive tensors of one kind are viewed in one batch."""
+        if self._kinds is None:
+            ids: dict[tuple[int, tuple[int, ...]], int] = {}
+            codes, kinds = self.codes, np.empty(len(self.names), np.int32)
+            for i, (shape, full) in enumerate(zip(self.shapes, self.fulls)):
+                kinds[i] = ids.setdefault((codes[i], shape), len(ids)) if shape and full else -1
+            kinds.flags.writeable = False
+            self._kinds = kinds
+        return self._kinds
 
     def targets(self, destination: Callable[[str], Any], owner: Any) -> Targets:
         """Where each tensor lands: looked up through ``destination`` once, and kept while

@@ -16,6 +16,8 @@ tensors that is most of the receiver's per-tensor cost.
 from __future__ import annotations
 
 import ctypes
+import itertools
+import operator
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -66,6 +68,7 @@ class VersionRun:
         self._index: dict[str, int] = {}  # name -> manifest index, built on the first chunk piece
         self.framework = framework
         self._host_view = module(framework).view  # typed views of host bytes, unchecked (the hot path)
+        self._host_views = module(framework).views  # the same, many at equal steps in one batch
         self.queue = queue
         self.timeout = timeout
         self._on_ack = on_ack
@@ -77,9 +80,12 @@ class VersionRun:
         self._cursor = 0
         self._cursor_bytes = 0
         # consumer side
-        self.applied = 0
+        self._applied = 0
         self.touched = False  # something was handed to load_weights or written in place
-        self.last_given: str | None = None  # the tensor load_weights was given last (named when it raises)
+        self._last_given: str | None = None
+        # the bucket being handed over at C speed: per batch (its names, their iterator), and how
+        # many of them ``applied`` counted already
+        self._giving: tuple[list[tuple[list[str], Iterator[str]]], int] | None = None
         self.finished = False
         self._partial: dict[str, tuple[Any, bool]] = {}
         self._in_place_done: tuple[int, np.ndarray] | None = None  # the chunked tensor last completed in place
@@ -188,6 +194,39 @@ class VersionRun:
             return name, data, chunk
         return name, self.view(slot, data, self.dtypes[index], self.shapes[index]), -1
 
+    def batch_views(
+        self, slot: ImportedSlot, first: int, offsets: np.ndarray, nbytes: np.ndarray, chunks: np.ndarray, used: int
+    ) -> list[tuple[list[str], Any]] | None:
+        """A bucket of whole tensors in host memory as batches of (names, their views), or None (a
+        chunk piece, or device memory: :meth:`entry` per piece). Consecutive tensors of one dtype
+        and shape at equal steps are one batch, whose views the framework makes as the consumer
+        takes them (``views``): at 100k small tensors, a view made apiece and kept until its
+        bucket is done costs as much as the engine's own loop."""
+        n = len(offsets)
+        if slot.domain != "host" or not n or chunks.any():
+            return None
+        end = first + n
+        if not np.array_equal(nbytes, self.manifest.sizes[first:end]):
+            return None
+        kinds = self.manifest.kinds[first:end]
+        cut = np.ones(n, dtype=bool)  # where a batch starts
+        steps = np.diff(offsets)
+        if n > 1:
+            cut[1:] = (kinds[1:] != kinds[:-1]) | (kinds[1:] < 0)
+            cut[2:] |= steps[1:] != steps[:-1]
+        starts = np.flatnonzero(cut).tolist()
+        starts.append(n)
+        names, codes, shapes, buf = self.names, self.dtypes, self.shapes, slot.raw(0, used)
+        views, one = self._host_views, self._host_view
+        batches: list[tuple[list[str], Any]] = []
+        for a, b in itertools.pairwise(starts):
+            index, at = first + a, int(offsets[a])
+            if b - a == 1:
+                batches.append(([names[index]], (one(buf[at : at + int(nbytes[a])], DTYPES[codes[index]], shapes[index]),)))
+            else:
+                batches.append((names[index : first + b], views(buf, DTYPES[codes[index]], shapes[index], b - a, at, int(steps[a]))))
+        return batches
+
     def view(self, slot: ImportedSlot, data: Any, code: int, shape: tuple[int, ...]) -> Any:
         """Tensor bytes as the framework's typed view: host bytes without a check (the hot path for
         many small tensors), device bytes through the slot."""
@@ -198,6 +237,13 @@ class VersionRun:
     # --- consumer side -----------------------------------------------------------------
 
     def iterate(self) -> Iterator[tuple[str, Any]]:
+        """What ``load_weights`` gets: each bucket's items in turn. The chain takes a bucket's
+        items at C speed (a bucket of views is a list iterator); the generator behind it runs once
+        per bucket, when the consumer asks for the item after the bucket's last (then the bucket
+        is acked)."""
+        return itertools.chain.from_iterable(self._buckets())
+
+    def _buckets(self) -> Iterator[Iterator[tuple[str, Any]]]:
         # this run's ties, from the model as it is now (a reused manifest keeps the last run's
         # targets until the model's specs object changes): before any bucket, chunk pieces included
         self._ties = {}
@@ -213,7 +259,9 @@ class VersionRun:
                         f"bucket {bucket.seq} of {self.version!r} failed its checksum (expected {bucket.checksum:#018x}, "
                         f"got {got:#018x}): the slot was overwritten or corrupted in transit; the version was not committed"
                     )
-            yield from self.applier.apply(bucket)
+            yield self.applier.apply(bucket)
+            self._settle()  # the consumer took every item of the bucket
+            self._giving = None
             bucket.mapping.sync()  # e.g. a CUDA stream sync: copies out of the slot must be complete
             if bucket.checksum is not None:
                 self._check_unchanged(bucket)
@@ -260,8 +308,22 @@ class VersionRun:
 
     def deliver(self, bucket: PreparedBucket) -> Iterator[tuple[str, Any]]:
         """A bucket's entries: typed views to hand over, chunk pieces to assemble (in place or in
-        scratch), tied and aliased names resolved."""
+        scratch), tied and aliased names resolved. A bucket of whole tensors with nothing tied goes
+        out at C speed, its batches zipped with their names: what ``applied`` and ``last_given``
+        would count item by item is read off the names' iterators when asked (:meth:`_settle`)."""
+        batches = bucket.batches
+        if batches is not None and not (self.manifest.aliases_of or self._ties):
+            if not self.staged:
+                self.touched = True  # load_weights gets them now: the model may change from here on
+            taking = [(names, iter(names)) for names, _ in batches]
+            self._giving = (taking, 0)
+            return itertools.chain.from_iterable(map(zip, (it for _, it in taking), (views for _, views in batches)))
+        return self._deliver_entries(bucket)
+
+    def _deliver_entries(self, bucket: PreparedBucket) -> Iterator[tuple[str, Any]]:
         linked = self.manifest.aliases_of or self._ties
+        if bucket.batches is not None:
+            bucket.entries = [(name, data, -1) for names, views in bucket.batches for name, data in zip(names, views)]
         for name, data, chunk in bucket.entries:
             if chunk >= 0:
                 data = self.write_piece(bucket.mapping, name, data, chunk)
@@ -275,15 +337,55 @@ class VersionRun:
                 index = self._index_of(name)
                 if index in self._ties:
                     self.check_tie(index, self._bytes_of(data))
-                    self.applied += 1
+                    self._applied += 1
                     continue
             if not self.staged:
                 self.touched = True  # load_weights gets it: the model may change from here on
-            self.last_given = name
+            self._last_given = name
             yield name, data
-            self.applied += 1
+            self._applied += 1
             if linked and index in self.manifest.aliases_of:
                 yield from self.alias_deliveries(bucket.mapping, index, self._bytes_of(data), data)
+
+    def _settle(self) -> None:
+        """Count what ``load_weights`` took so far of the pairs being handed over."""
+        if self._giving is None:
+            return
+        taking, counted = self._giving
+        taken, last = 0, None
+        for names, left in taking:
+            k = len(names) - operator.length_hint(left)
+            taken += k
+            if k:
+                last = names[k - 1]
+            if k < len(names):
+                break
+        if taken > counted:
+            self._applied += taken - counted
+            self._last_given = last
+            self._giving = (taking, taken)
+
+    @property
+    def applied(self) -> int:
+        """Tensors applied (given to load_weights, written in place, or checked as a tie) so far."""
+        self._settle()
+        return self._applied
+
+    @applied.setter
+    def applied(self, value: int) -> None:
+        self._settle()
+        self._applied = value
+
+    @property
+    def last_given(self) -> str | None:
+        """The tensor load_weights was given last (named when it raises)."""
+        self._settle()
+        return self._last_given
+
+    @last_given.setter
+    def last_given(self, name: str | None) -> None:
+        self._settle()
+        self._last_given = name
 
     def _check_unchanged(self, bucket: PreparedBucket) -> None:
         """The digest again, once the consumer moved past the bucket and before its ACK: the

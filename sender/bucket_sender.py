@@ -30,7 +30,7 @@ from ..versions import read_version
 from .lanes import AUTO, FanOut, Lane, Lanes, data_host_port
 from .manifest import Aliased, Manifest, describe, from_specs, take_aliases
 from .packing import PieceCache, fill
-from .planner import MAX_ENTRIES, RING_MAX_ENTRIES, plan_buckets
+from .planner import MAX_ENTRIES, RAMP, RING_MAX_ENTRIES, plan_buckets
 from .publisher import Publisher, Round, describe_ranks
 from .ring import SlotRing
 
@@ -324,7 +324,9 @@ class BucketSender:
             or layout.aliases != aliases
         ):
             with gc_paused():
-                plan = plan_buckets(manifest.nbytes, self.bucket_bytes, self.alignment, max_entries=cap)
+                # a bucket streamed through a ring ships before it is packed: no ramp needed
+                ramp = 0 if cap == RING_MAX_ENTRIES else RAMP
+                plan = plan_buckets(manifest.nbytes, self.bucket_bytes, self.alignment, max_entries=cap, ramp=ramp)
                 ndims, dims = pack_shapes(manifest.shapes)
             # without the tensors: a trainer that makes fresh ones per push must get its memory back
             self._layouts += 1

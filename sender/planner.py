@@ -12,6 +12,12 @@ tensors its cost is per tensor, not per byte: 100k tensors of 4 KiB in 256 MiB
 buckets would make two buckets, leaving the ranks idle while the first ~65k are
 packed. Capped, the first bucket ships after ~16k. Buckets that go through a
 slot's ring are published before they are packed, and take a higher cap.
+
+``ramp``: the ranks wait for the first bucket while the sender packs it, so the first
+buckets are smaller: bucket k < ramp holds at most ``bucket_bytes >> (ramp - k)`` bytes and
+``max_entries >> (ramp - k)`` tensors (a tensor that fits a whole bucket is never split for
+it). With 256 MiB buckets the ranks start after 32 MiB instead of 256, and the sender, which
+copies as fast as they do, stays ahead from there. The slots keep ``bucket_bytes``.
 """
 
 from __future__ import annotations
@@ -66,9 +72,20 @@ MAX_ENTRIES = 16384  # measured: 100k x 4 KiB pushes ~10% faster than uncapped; 
 RING_MAX_ENTRIES = 65536
 
 
+RAMP = 3  # the first buckets hold 1/8, 1/4, 1/2 of a bucket
+
+
+def ramp_limits(seq: int, bucket_bytes: int, max_entries: int, alignment: int, ramp: int) -> tuple[int, int]:
+    """(bytes, tensors) bucket ``seq`` may hold under a ``ramp`` (see the module's docstring)."""
+    shift = max(ramp - seq, 0)
+    if not shift:
+        return bucket_bytes, max_entries
+    return max(alignment, (bucket_bytes >> shift) // alignment * alignment), max(1, max_entries >> shift)
+
+
 def plan_buckets(
     sizes: Sequence[int], bucket_bytes: int, alignment: int = 256, *, allow_chunks: bool = True,
-    max_entries: int = MAX_ENTRIES,
+    max_entries: int = MAX_ENTRIES, ramp: int = 0,
 ) -> list[PlannedBucket]:
     """Lay out tensors of ``sizes`` bytes into buckets of ``bucket_bytes``.
 
@@ -88,11 +105,14 @@ def plan_buckets(
         raise WeightstreamError(f"tensor {index}: size must be >= 0, got {sizes[index]}")
     if max_entries < 1:
         raise ConfigError(f"max_entries must be >= 1, got {max_entries}")
+    if ramp < 0:
+        raise ConfigError(f"ramp must be >= 0, got {ramp}")
     if len(sizes) > _VECTOR_MIN and max(sizes) <= bucket_bytes:
-        return _plan_unchunked(sizes, bucket_bytes, alignment, max_entries)
+        return _plan_unchunked(sizes, bucket_bytes, alignment, max_entries, ramp)
     buckets: list[PlannedBucket] = []
     current: PlannedBucket | None = None
     cursor = 0  # next aligned free offset in ``current``
+    limit, cap = bucket_bytes, max_entries  # the current bucket's, under the ramp
     mask = alignment - 1
     # The loop body for a tensor that fits is kept to a few list appends: at 100k tensors
     # this runs once per tensor per push.
@@ -101,7 +121,7 @@ def plan_buckets(
     nbytes_: list[int] = []
     chunks_: list[int] = []
     for index, size in enumerate(sizes):
-        if current is not None and cursor + size <= bucket_bytes and len(tensors_) < max_entries:
+        if current is not None and cursor + size <= limit and len(tensors_) < cap:
             tensors_.append(index)
             offsets_.append(cursor)
             nbytes_.append(size)
@@ -111,6 +131,7 @@ def plan_buckets(
         if current is not None:
             current.used = offsets_[-1] + nbytes_[-1]
         if size <= bucket_bytes:
+            limit, cap = ramp_limits(len(buckets), bucket_bytes, max_entries, alignment, ramp)
             current = PlannedBucket(seq=len(buckets))
             tensors_, offsets_, nbytes_, chunks_ = current.tensors, current.offsets, current.nbytes, current.chunks
             buckets.append(current)
@@ -124,16 +145,17 @@ def plan_buckets(
             )
         # Chunked: use what is left of the current bucket, then whole buckets.
         done = 0
-        if current is not None and cursor < bucket_bytes and len(tensors_) < max_entries:
-            piece = bucket_bytes - cursor
+        if current is not None and cursor < limit and len(tensors_) < cap:
+            piece = limit - cursor
             current.add(index, cursor, piece, 0)
             current.whole = False
             done = piece
         # At least one whole bucket follows (size > bucket_bytes >= what was left above).
         while True:
+            limit, cap = ramp_limits(len(buckets), bucket_bytes, max_entries, alignment, ramp)
             current = PlannedBucket(seq=len(buckets), whole=False)
             buckets.append(current)
-            piece = min(bucket_bytes, size - done)
+            piece = min(limit, size - done)
             current.add(index, 0, piece, done)
             done += piece
             if done >= size:
@@ -148,7 +170,9 @@ def plan_buckets(
 _VECTOR_MIN = 64  # below this the loop is as fast and the arrays are not worth making
 
 
-def _plan_unchunked(sizes: Sequence[int], bucket_bytes: int, alignment: int, max_entries: int) -> list[PlannedBucket]:
+def _plan_unchunked(
+    sizes: Sequence[int], bucket_bytes: int, alignment: int, max_entries: int, ramp: int
+) -> list[PlannedBucket]:
     """The same layout as the loop when no tensor needs chunking, at C speed.
 
     Laid out back to back from 0, tensor j would start at ``starts[j]`` and end at
@@ -165,8 +189,9 @@ def _plan_unchunked(sizes: Sequence[int], bucket_bytes: int, alignment: int, max
     first, n = 0, len(size)
     while first < n:
         base = int(starts[first])
-        fits = int(np.searchsorted(ends, base + bucket_bytes, side="right"))  # the first that does not fit
-        last = min(fits, first + max_entries)
+        limit, cap = ramp_limits(len(buckets), bucket_bytes, max_entries, alignment, ramp)
+        fits = int(np.searchsorted(ends, base + limit, side="right"))  # the first that does not fit
+        last = max(min(fits, first + cap), first + 1)  # a tensor larger than a ramp's limit goes whole
         bucket = PlannedBucket(
             seq=len(buckets),
             tensors=list(range(first, last)),

@@ -254,7 +254,8 @@ def test_large_tensors_move_from_the_trainers_memory_into_the_models(endpoint: s
         named[f"w{i}"] = rng.standard_normal((512, 600 + i)).astype(np.float32)  # ~1.2 MiB
     named["lm_head"] = named["w0"]  # tied on the trainer: sent once, its other name as an alias
     model = {name: np.zeros_like(a) for name, a in named.items()}  # untied on the rank
-    with sender(endpoint, transport, 1, bucket_bytes=4 * MiB, checksum=checksum) as s, ReceiverDaemon(
+    # a slot per bucket (the first buckets are small, see planner.RAMP): nothing is overwritten
+    with sender(endpoint, transport, 1, bucket_bytes=4 * MiB, num_buffers=8, checksum=checksum) as s, ReceiverDaemon(
         endpoint, NumpySink(model), insecure=True, heartbeat_interval=0.1
     ) as daemon:
         for v in range(3):

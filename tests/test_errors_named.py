@@ -55,6 +55,53 @@ def test_load_weights_error_names_the_tensor_it_was_given_last(endpoint: str) ->
         assert "while loading tensor 'b'" in (daemon.status.last_error or "")
 
 
+def mixed_batches() -> list[tuple[str, np.ndarray]]:
+    """300 tensors in one bucket that the rank views in batches (runs of one shape) and apiece."""
+    named: list[tuple[str, np.ndarray]] = []
+    for i in range(300):
+        shape = (4,) if i < 100 else () if i == 100 else (2, 3) if i < 200 else (7 + i % 2,)
+        named.append((f"t{i}", np.full(shape, i, np.float32)))
+    return named
+
+
+@pytest.mark.parametrize("stop_at", [0, 57, 137, 250, 299])
+def test_load_weights_error_in_a_batch_of_views_names_its_tensor(endpoint: str, stop_at: int) -> None:
+    named = mixed_batches()
+
+    def load_weights(weights: Any) -> None:
+        for name, tensor in weights:
+            if name == f"t{stop_at}":
+                raise KeyError("no such parameter in this engine")
+            assert float(np.asarray(tensor).reshape(-1)[0]) == int(name[1:])
+
+    with ReceiverDaemon(endpoint, load_weights, framework="numpy", rank=0, **HB) as daemon, BucketSender(
+        endpoint, bucket_bytes=1 << 16, timeout=20, **HB
+    ) as sender:
+        sender.wait_for_receivers(timeout=10)
+        with pytest.raises(RemoteError) as info:
+            sender.push(named, version="v1")
+        assert f"while loading tensor 't{stop_at}'" in str(info.value), str(info.value)
+        assert daemon.status.committed_version is None
+
+
+@pytest.mark.parametrize("stop_after", [1, 137, 299])
+def test_load_weights_returning_early_in_a_batch_is_counted(endpoint: str, stop_after: int) -> None:
+    named = mixed_batches()
+
+    def load_weights(weights: Any) -> None:
+        for k, _ in enumerate(weights):
+            if k + 1 == stop_after:
+                return
+
+    with ReceiverDaemon(endpoint, load_weights, framework="numpy", rank=0, **HB), BucketSender(
+        endpoint, bucket_bytes=1 << 16, timeout=20, **HB
+    ) as sender:
+        sender.wait_for_receivers(timeout=10)
+        with pytest.raises(WeightstreamError) as info:
+            sender.push(named, version="v1")
+        assert f"after applying {stop_after} of 300 tensors" in str(info.value), str(info.value)
+
+
 def test_a_wrong_framework_fails_in_the_constructor(endpoint: str) -> None:
     with pytest.raises(WeightstreamError, match=r"framework='pytorch': expected one of numpy, paddle, torch"):
         ReceiverDaemon(endpoint, lambda weights: None, framework="pytorch", rank=0)  # type: ignore[arg-type]

@@ -184,6 +184,25 @@ def test_view_host_bytes_and_retype_bit_exact(name: str, dtype: DType) -> None:
 
 
 @pytest.mark.parametrize("name", list(MODULES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+def test_views_in_a_batch_equal_one_view_each(name: str, dtype: DType) -> None:
+    """``views`` (tensors of one shape at equal steps, made in one batch) gives what ``view``
+    gives for each: the same type, dtype, shape and bytes, and the bucket's own memory."""
+    fw = need(name)
+    for shape in [(5,), (2, 3, 4), (1,)]:
+        nbytes = dtype.itemsize * int(np.prod(shape))
+        for stride in (nbytes, -(-nbytes // 64) * 64 + 64):  # packed back to back, and aligned with a gap
+            buf = aligned(np.random.default_rng(dtype.code).integers(0, 256, 64 + 7 * stride, dtype=np.uint8))
+            batch = list(fw.views(buf, dtype, shape, 7, 64, stride))
+            assert len(batch) == 7
+            for k, t in enumerate(batch):
+                one = fw.view(buf[64 + k * stride : 64 + k * stride + nbytes], dtype, shape)
+                assert type(t) is type(one) and fw.dtype_of(t) is dtype and fw.shape_of(t) == shape
+                assert read_back(name, t) == read_back(name, one) == buf[64 + k * stride :][:nbytes].tobytes()
+                assert fw.data_ptr(t) == buf.ctypes.data + 64 + k * stride  # zero-copy
+
+
+@pytest.mark.parametrize("name", list(MODULES))
 def test_view_equals_the_checked_view_as(name: str) -> None:
     fw = need(name)
     for d in DTYPES:

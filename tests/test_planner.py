@@ -7,16 +7,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weightstream import WeightstreamError
+from weightstream import ConfigError, WeightstreamError
 from weightstream.protocol.packed import packed_offsets
-from weightstream.sender.planner import _plan_unchunked, align_up, plan_buckets
+from weightstream.sender.planner import _plan_unchunked, align_up, plan_buckets, ramp_limits
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def check_plan(sizes: list[int], bucket_bytes: int, alignment: int, max_entries: int = 16384) -> None:
+def check_plan(sizes: list[int], bucket_bytes: int, alignment: int, max_entries: int = 16384, ramp: int = 0) -> None:
     """Every invariant a receiver relies on."""
-    plan = plan_buckets(sizes, bucket_bytes, alignment, max_entries=max_entries)
+    plan = plan_buckets(sizes, bucket_bytes, alignment, max_entries=max_entries, ramp=ramp)
     covered: dict[int, list[tuple[int, int]]] = {i: [] for i in range(len(sizes))}
     order: list[int] = []
     for seq, bucket in enumerate(plan):
@@ -25,6 +25,10 @@ def check_plan(sizes: list[int], bucket_bytes: int, alignment: int, max_entries:
         n = len(bucket.tensors)
         assert len(bucket.offsets) == len(bucket.nbytes) == len(bucket.chunks) == n
         assert n <= max_entries
+        limit, cap = ramp_limits(seq, bucket_bytes, max_entries, alignment, ramp)
+        assert n <= cap, "a bucket under the ramp holds at most its share of tensors"
+        if n > 1:  # one tensor that fits a whole bucket may exceed a ramp's limit, never more
+            assert bucket.used <= limit, "a bucket under the ramp holds at most its share of bytes"
         end = 0
         for t, off, nb, chunk in zip(bucket.tensors, bucket.offsets, bucket.nbytes, bucket.chunks):
             assert off % alignment == 0, "offset not aligned"
@@ -133,13 +137,14 @@ def test_plan_properties(sizes: list[int], buckets_of: int, align_pow: int) -> N
     st.integers(1, 16),
     st.integers(0, 9),
     st.integers(1, 70),
+    st.integers(0, 4),
 )
-def test_vectorised_layout_equals_the_loop(sizes: list[int], buckets_of: int, align_pow: int, cap: int) -> None:
+def test_vectorised_layout_equals_the_loop(sizes: list[int], buckets_of: int, align_pow: int, cap: int, ramp: int) -> None:
     """Short lists take the per-tensor loop; the vectorised path must lay out the same."""
     alignment = 1 << align_pow
     bucket_bytes = align_up(max([*sizes, 1]), alignment) * buckets_of
-    loop = plan_buckets(sizes, bucket_bytes, alignment, max_entries=cap)
-    assert _plan_unchunked(sizes, bucket_bytes, alignment, cap) == loop
+    loop = plan_buckets(sizes, bucket_bytes, alignment, max_entries=cap, ramp=ramp)
+    assert _plan_unchunked(sizes, bucket_bytes, alignment, cap, ramp) == loop
 
 
 @settings(max_examples=100, deadline=None)
@@ -156,6 +161,31 @@ def test_long_unchunked_lists_keep_every_invariant(sizes: list[int], buckets_of:
 )
 def test_entry_cap_holds_with_chunked_tensors(sizes: list[int], buckets_of: int, cap: int) -> None:
     check_plan(sizes, buckets_of * 256, 256, cap)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.lists(st.one_of(st.integers(0, 600), st.integers(0, 5000)), max_size=120),
+    buckets_of=st.integers(1, 16),
+    cap=st.integers(1, 40),
+    ramp=st.integers(1, 4),
+)
+def test_ramp_keeps_every_invariant(sizes: list[int], buckets_of: int, cap: int, ramp: int) -> None:
+    check_plan(sizes, buckets_of * 256, 256, cap, ramp)
+
+
+def test_ramp_makes_the_first_buckets_small() -> None:
+    """The ranks start after an eighth of a bucket; a tensor that fits a bucket is never split
+    for the ramp; the ring (ramp 0) keeps full buckets."""
+    plan = plan_buckets([1 << 20] * 32, 8 << 20, 256, ramp=3)
+    assert [len(b.tensors) for b in plan] == [1, 2, 4, 8, 8, 8, 1]
+    plan = plan_buckets([4 << 20] * 4, 8 << 20, 256, ramp=3)
+    assert [b.tensors for b in plan] == [[0], [1], [2], [3]]
+    plan = plan_buckets([256] * 100, 1 << 20, 256, max_entries=16, ramp=2)
+    assert [len(b.tensors) for b in plan][:4] == [4, 8, 16, 16]
+    assert [len(b.tensors) for b in plan_buckets([256] * 100, 1 << 20, 256, max_entries=16)][:2] == [16, 16]
+    with pytest.raises(ConfigError, match="ramp"):
+        plan_buckets([1], 4096, ramp=-1)
 
 
 def test_entry_cap_splits_runs_of_small_tensors() -> None:

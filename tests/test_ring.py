@@ -488,13 +488,14 @@ def test_ring_pushes_plan_fewer_bigger_buckets_and_fall_back_when_a_rank_cannot_
 ) -> None:
     """Through a ring a bucket is published before its bytes are written, so a ring push plans up to
     RING_MAX_ENTRIES tensors per bucket; once a rank could not take the rings, the next push plans
-    for the plain path again (MAX_ENTRIES), and bytes arrive whole either way."""
+    for the plain path again (MAX_ENTRIES, with the ramp), and bytes arrive whole either way."""
     from weightstream.sender.planner import MAX_ENTRIES, RING_MAX_ENTRIES
 
     count = MAX_ENTRIES + 100
     assert count < RING_MAX_ENTRIES
     model = {f"t{i}": np.full(4, i, np.int32) for i in range(count)}  # 16 B each, 256 B apart
-    for sink_kind, buckets in (("direct", [1, 1]), ("plain", [1, 2])):
+    # the plain path ramps up (planner.RAMP): 2048, 4096 and 8192 tensors, then the rest
+    for sink_kind, buckets in (("direct", [1, 1]), ("plain", [1, 4])):
         state = {name: np.zeros_like(t) for name, t in model.items()}
         sink: Any = NumpySink(state) if sink_kind == "direct" else rw.PlainLoad(state)
         expected = None if sink_kind == "direct" else rw.specs_of(state)

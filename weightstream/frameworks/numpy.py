@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..protocol.dtypes import BY_NUMPY, DTYPES, DType, from_numpy
-from ._api import CudaSource, DeviceMemory, Framework, not_cuda_tensor
+from ._api import CudaSource, DeviceMemory, Framework, not_cuda_tensor, rows
 
 NAME: Framework = "numpy"
 
@@ -96,6 +96,12 @@ def bytes_view(tensor: Any) -> np.ndarray | None:
 def view(buf: np.ndarray, dtype: DType, shape: tuple[int, ...]) -> np.ndarray:
     """A typed view over ``buf`` (1-D uint8, ``prod(shape) * itemsize`` bytes); nothing checked."""
     return buf.view(_NUMPY[dtype.code]).reshape(shape)
+
+
+def views(buf: np.ndarray, dtype: DType, shape: tuple[int, ...], count: int, offset: int, stride: int) -> Any:
+    """``count`` typed views of ``shape`` over ``buf`` (1-D uint8), the first at byte ``offset``,
+    each ``stride`` bytes after the last: :func:`view` of each, made in one batch; nothing checked."""
+    return rows(buf, _NUMPY[dtype.code], shape, count, offset, stride)
 
 
 def retype(flat: Any, dtype: DType, shape: tuple[int, ...]) -> np.ndarray:

@@ -200,6 +200,14 @@ def view(buf: np.ndarray, dtype: DType, shape: tuple[int, ...]) -> Any:
     return t if target is None else t.view(target)
 
 
+def views(buf: np.ndarray, dtype: DType, shape: tuple[int, ...], count: int, offset: int, stride: int) -> Any:
+    """``count`` paddle tensors of ``shape`` over ``buf`` (1-D uint8, writable), the first at byte
+    ``offset``, each ``stride`` bytes after the last: :func:`view` of each (paddle has no cheaper
+    batch: a strided DLPack import is refused)."""
+    nbytes = dtype.itemsize * math.prod(shape)
+    return [view(buf[at : at + nbytes], dtype, shape) for at in range(offset, offset + count * stride, stride)]
+
+
 def retype(flat: Any, dtype: DType, shape: tuple[int, ...]) -> Any:
     """A typed view over ``flat``, a 1-D uint8 paddle tensor of ``prod(shape) * itemsize`` bytes
     starting at its allocation's offset 0 (paddle's itemsize-changing view is only safe there)."""

@@ -24,7 +24,17 @@ import numpy as np
 
 from ..protocol.dtypes import DTYPES, INT_OF_ITEMSIZE, DType
 from ..protocol.errors import WeightstreamError
-from ._api import CudaArray, CudaSource, DeviceMemory, Framework, NativeDtypes, not_cuda_tensor, not_on_gpu, not_on_host
+from ._api import (
+    CudaArray,
+    CudaSource,
+    DeviceMemory,
+    Framework,
+    NativeDtypes,
+    not_cuda_tensor,
+    not_on_gpu,
+    not_on_host,
+    rows,
+)
 
 NAME: Framework = "torch"
 
@@ -168,6 +178,14 @@ def view(buf: np.ndarray, dtype: DType, shape: tuple[int, ...]) -> Any:
     as_ints, target = (_VIEWS or _views())[dtype.code]
     t = _from_numpy(buf.view(as_ints).reshape(shape))
     return t if target is None else t.view(target)
+
+
+def views(buf: np.ndarray, dtype: DType, shape: tuple[int, ...], count: int, offset: int, stride: int) -> Any:
+    """``count`` torch tensors of ``shape`` over ``buf`` (1-D uint8, writable), the first at byte
+    ``offset``, each ``stride`` bytes after the last: :func:`view` of each, made in one batch."""
+    as_ints, target = (_VIEWS or _views())[dtype.code]
+    t = _from_numpy(rows(buf, as_ints, shape, count, offset, stride))
+    return (t if target is None else t.view(target)).unbind(0)
 
 
 def retype(flat: Any, dtype: DType, shape: tuple[int, ...]) -> Any:

@@ -1,0 +1,221 @@
+"""The engine's path (``load_weights`` over views) against this machine's two-copy limit.
+
+    python -m bench.engine --quick     # ~3 min on 2 cores: 1 GiB x 64 and 100k x 4 KiB, 1 rank
+    python -m bench.engine             # + 2 ranks, the 2 GiB transformer mix, torch views
+
+Yardsticks, measured in the same run and interleaved with the project's rows (yardstick,
+project, yardstick, ...):
+
+- ``handoff``: the minimal two-process pipeline of bench/handoff.py, its slot size swept from
+  1 to 256 MiB on every repeat and the slot size with the best median counted; with 2 ranks,
+  its 2-reader variant (one writer, two readers each copying every slot out);
+- ``memcpy``: one ``np.copyto`` of the same bytes in one process;
+- ``floor``: the engine's own cost, the same ``load_weights`` loop over in-process tensors.
+
+Project rows push through shm (2 x 256 MiB buffers, prefetch 2) to ranks whose
+``load_weights`` copies each NumPy view (``numpy``) or torch view (``torch``) into its own
+parameter, and to ranks with the direct-copy sink (``direct``). Every version is verified
+(xxh3 per tensor). Each row prints its median, its spread (min-max) and its ratio to its
+yardstick: median yardstick / median row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from weightstream import BucketSender, synthetic
+
+from . import engine_run, handoff
+from .peers import harness
+
+MiB = 1 << 20
+GiB = 1 << 30
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = ("large", "small", "transformer")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def make_model(shape: str) -> synthetic.Model:
+    if shape == "large":
+        return synthetic.few_large(GiB, count=64)
+    if shape == "small":
+        return synthetic.many_small(100_000, 4096)
+    if shape == "transformer":
+        return synthetic.transformer_like(2 * GiB)
+    raise SystemExit(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
+
+
+@dataclass
+class Row:
+    shape: str
+    name: str
+    receivers: int
+    seconds: list[float] = field(default_factory=list)
+    yardstick: str = ""
+    verified: bool = True
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds) if self.seconds else float("nan")
+
+
+def floor_timer(model: synthetic.Model, mode: str) -> Any:
+    """The engine's own loop over in-process tensors: what ``load_weights`` costs with no transport."""
+    dest = {name: np.zeros_like(a) for name, a in model.tensors}
+    load = engine_run.torch_loader(dest) if mode == "torch" else engine_run.numpy_loader(dest)
+    if mode == "torch":
+        from weightstream.frameworks import numpy as nf
+        from weightstream.frameworks import torch as tf
+
+        items = [(n, tf.view(nf.host_bytes(a), nf.dtype_of(a), a.shape)) for n, a in model.tensors]
+    else:
+        items = list(model.tensors)
+
+    def timed() -> float:
+        t0 = time.perf_counter()
+        load(iter(items))
+        return time.perf_counter() - t0
+
+    return timed
+
+
+def run_shape(shape: str, receivers: int, modes: list[str], repeats: int, log: Any) -> list[Row]:
+    model = make_model(shape)
+    log(f"== {shape}: {len(model.tensors)} tensors, {model.nbytes / GiB:.3f} GiB, {receivers} rank(s)")
+    sizes = handoff.SLOT_SIZES
+    sweep: dict[int, list[float]] = {s: [] for s in sizes}
+    memcpy = Row(shape, "memcpy", 0)
+    floors = {mode: Row(shape, f"floor[{mode}]", 0) for mode in modes if mode != "direct"}
+    rows: list[Row] = []
+    with handoff.Handoff(model.nbytes, readers=receivers) as pipe:
+        for s in sizes:  # one warm-up lap
+            pipe.run(s)
+
+        def yardsticks(mode: str) -> float:
+            for s in sizes:
+                sweep[s].append(pipe.run(s))
+            memcpy.seconds.append(memcpy_timer())
+            if mode in floors:
+                floors[mode].seconds.append(floor_timers[mode]())
+            return 0.0
+
+        floor_timers = {mode: floor_timer(model, mode) for mode in floors}
+        memcpy_timer = handoff.memcpy_timer(model.nbytes)
+        for mode in modes:
+            row = Row(shape, f"weightstream[{mode}]", receivers)
+            bucket, buffers = 256 * MiB, 2
+
+            def setup(workdir: str, n: int, bucket: int = bucket, buffers: int = buffers) -> BucketSender:
+                return BucketSender(f"ipc://{workdir}/ws/s.sock", receivers=n, bucket_bytes=bucket,
+                                    num_buffers=buffers, timeout=600.0)
+
+            def send(sender: BucketSender, v: int) -> None:
+                sender.push(model.tensors, version=f"v{v}")
+
+            res = harness.run("bench.engine_run", model, send, setup=setup, teardown=lambda s: s.close(),
+                              receivers=receivers, versions=repeats, options={"mode": mode, "prefetch": 2},
+                              paired=lambda mode=mode: yardsticks(mode))
+            row.seconds, row.verified = res.seconds, res.verified and not res.mismatches
+            row.error = res.error or (f"{res.mismatches} tensor digests mismatched" if res.mismatches else None)
+            rows.append(row)
+            log(f"   {row.name:<22} median {row.median * 1e3:8.1f} ms  {'ok' if row.verified else 'FAIL ' + str(row.error)}")
+    medians = {s: statistics.median(t) for s, t in sweep.items() if t}
+    best = min(medians, key=lambda s: medians[s])
+    yard = Row(shape, f"handoff[{best >> 20}M]" + ("x2" if receivers > 1 else ""), receivers, seconds=sweep[best],
+               extra={"slot_medians_ms": {f"{s >> 20}M": round(m * 1e3, 1) for s, m in medians.items()}})
+    for row in rows:  # many small tensors: the engine's own loop is the limit, not the bytes
+        mode = row.name[len("weightstream[") : -1]
+        floor = floors.get(mode) or floors.get("numpy")
+        row.yardstick = floor.name if shape == "small" and floor else yard.name
+    out = [yard, memcpy, *floors.values(), *rows]
+    for row in out:
+        row.extra["bytes"] = model.nbytes
+    return out
+
+
+def ratio(row: Row, rows: list[Row]) -> float | None:
+    for other in rows:
+        if other.name == row.yardstick and other.shape == row.shape and other.seconds:
+            return other.median / row.median
+    return None
+
+
+def print_table(rows: list[Row]) -> None:
+    print()
+    print(f"{'shape':<12} {'row':<24} {'rk':>2} {'median ms':>10} {'spread ms':>17} {'GB/s':>6} {'ratio':>6}  against")
+    for row in rows:
+        if not row.seconds:
+            print(f"{row.shape:<12} {row.name:<24} {row.receivers:>2}  FAILED {row.error}")
+            continue
+        nbytes = row.extra.get("bytes", 0)
+        r = ratio(row, rows)
+        spread = f"{min(row.seconds) * 1e3:7.1f}-{max(row.seconds) * 1e3:7.1f}"
+        gbps = f"{nbytes / row.median / 1e9:6.2f}" if nbytes else f"{'':>6}"
+        print(f"{row.shape:<12} {row.name:<24} {row.receivers:>2} {row.median * 1e3:>10.1f} {spread:>17} {gbps} "
+              f"{(f'{r:6.2f}' if r else ''):>6}  {row.yardstick}{'' if row.verified else '  FAIL'}")
+        if "slot_medians_ms" in row.extra:
+            print(f"{'':<12}   slot sweep (median ms): " + " ".join(f"{k}:{v}" for k, v in row.extra["slot_medians_ms"].items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="large and small, 1 rank, numpy and direct, 5 repeats")
+    ap.add_argument("--shapes", help=f"comma list of {','.join(SHAPES)}")
+    ap.add_argument("--modes", help="comma list of numpy,torch,direct")
+    ap.add_argument("--receivers", help="comma list, e.g. 1,2")
+    ap.add_argument("--repeats", type=int, help="timed repeats per row (after one warm-up)")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    shapes = ["large", "small"] if args.quick else list(SHAPES)
+    modes = ["numpy", "direct"] if args.quick else ["numpy", "torch", "direct"]
+    receivers = [1] if args.quick else [1, 2]
+    repeats = 5 if args.quick else 7
+    shapes = args.shapes.split(",") if args.shapes else shapes
+    modes = args.modes.split(",") if args.modes else modes
+    receivers = [int(r) for r in args.receivers.split(",")] if args.receivers else receivers
+    repeats = args.repeats or repeats
+    info = f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}"
+    print(info)
+    t0 = time.perf_counter()
+    rows: list[Row] = []
+    for shape in shapes:
+        for r in receivers:
+            if shape == "small" and r > 1:
+                continue
+            rows += run_shape(shape, r, modes, repeats, print)
+    print(info)
+    print_table(rows)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"engine-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({"machine": info, "wall_s": time.perf_counter() - t0,
+                               "rows": [asdict(r) | {"median": r.median} for r in rows]}, indent=1))
+    print(f"\nwrote {out}  ({time.perf_counter() - t0:.0f} s)")
+    return 0 if all(r.verified for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""A rank as engines use weightstream: a plain ``load_weights(iterator)`` that copies each view.
+
+vLLM, SGLang and FastDeploy cannot hand weightstream their parameters' memory: their
+``load_weights`` fuses, slices and converts per tensor, so it takes each yielded view and
+copies it into its own parameter. ``mode`` picks what the rank runs:
+
+- ``numpy``: ``load_weights`` gets NumPy views and ``np.copyto``s each into the model;
+- ``torch``: the same with torch views (``framework="torch"``) and ``Tensor.copy_``;
+- ``direct``: the direct-copy sink (:class:`NumpySink`), for comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from weightstream import ReceiverDaemon
+from weightstream.receiver.sinks import NumpySink
+
+
+def numpy_loader(model: dict[str, np.ndarray]) -> Callable[[Iterable[tuple[str, Any]]], None]:
+    def load_weights(weights: Iterable[tuple[str, Any]]) -> None:
+        for name, view in weights:
+            np.copyto(model[name], view)
+
+    return load_weights
+
+
+def torch_loader(model: dict[str, np.ndarray]) -> Callable[[Iterable[tuple[str, Any]]], None]:
+
+    from weightstream.frameworks import numpy as numpy_frames
+    from weightstream.frameworks import torch as torch_frames
+
+    # each parameter as a torch tensor over the model's memory, in the dtype weightstream yields
+    params = {name: torch_frames.view(numpy_frames.host_bytes(a), numpy_frames.dtype_of(a), a.shape)
+              for name, a in model.items()}
+
+    def load_weights(weights: Iterable[tuple[str, Any]]) -> None:
+        for name, view in weights:
+            params[name].copy_(view)
+
+    return load_weights
+
+
+def receive(workdir: str, rank: int, model: dict[str, np.ndarray], options: dict[str, Any], versions: int,
+            report: Any, ready: Any) -> None:
+    mode = options.get("mode", "numpy")
+    endpoint = f"ipc://{workdir}/ws/s.sock"
+    prefetch = int(options.get("prefetch", 2))
+    if mode == "direct":
+        daemon = ReceiverDaemon(endpoint, NumpySink(model), rank=rank, prefetch=prefetch)
+    elif mode == "torch":
+        daemon = ReceiverDaemon(endpoint, torch_loader(model), rank=rank, prefetch=prefetch, framework="torch")
+    else:
+        daemon = ReceiverDaemon(endpoint, numpy_loader(model), rank=rank, prefetch=prefetch, framework="numpy")
+    daemon.start()
+    ready()
+    try:
+        for v in range(versions):
+            daemon.wait_for_version(f"v{v}", timeout=600.0)
+            report(v)
+    finally:
+        daemon.stop()

@@ -1,0 +1,187 @@
+"""The yardstick for two (or three) processes: a minimal handoff pipeline over shared memory.
+
+One writer copies a private source into shm slots in turn; each reader copies every slot
+out into its own private destination as soon as the slot is full; semaphores hand the slots
+back and forth; ``np.copyto`` on both sides. Nothing else: no sockets, no metadata, no
+threads. This is what any two-copy transport between processes can reach on the machine at
+hand, and its best slot size depends on the machine (a few MiB where the slot and the copy
+around it stay in the last-level cache, larger on machines whose cache is small or shared
+with noisy neighbours), so :func:`sweep` runs every slot size and the best one counts.
+
+    handoff = Handoff(1 << 30, readers=1)     # persistent processes, slots of up to 256 MiB
+    seconds = handoff.run(4 << 20)            # one 1 GiB handoff through 2 x 4 MiB slots
+    handoff.close()
+
+The processes stay up between runs so a bench can interleave this yardstick with the
+project's own runs (yardstick, project, yardstick, ...).
+"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing as mp
+import os
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+MiB = 1 << 20
+SLOTS = 2
+MAX_SLOT = 256 * MiB
+SLOT_SIZES = tuple(MiB << k for k in range(9))  # 1 .. 256 MiB
+TIMEOUT = 120.0
+
+
+def _map(path: str, size: int) -> tuple[Any, np.ndarray]:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        mm = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    return mm, np.frombuffer(mm, np.uint8)
+
+
+def _writer(path: str, nbytes: int, readers: int, empty: list[Any], full: list[list[Any]], conn: Any) -> None:
+    mm, shared = _map(path, SLOTS * MAX_SLOT)
+    source = np.frombuffer(np.random.default_rng(1).bytes(nbytes), np.uint8).copy()
+    conn.send(("ready", 0.0))
+    while True:
+        cmd = conn.recv()
+        if cmd is None:
+            break
+        slot_bytes = cmd
+        t0 = time.perf_counter()
+        for k, at in enumerate(range(0, nbytes, slot_bytes)):
+            i = k % SLOTS
+            n = min(slot_bytes, nbytes - at)
+            for _ in range(readers):
+                if not empty[i].acquire(timeout=TIMEOUT):
+                    raise TimeoutError("a reader stopped taking slots")
+            np.copyto(shared[i * MAX_SLOT : i * MAX_SLOT + n], source[at : at + n])
+            for r in range(readers):
+                full[r][i].release()
+        conn.send(("done", time.perf_counter() - t0))
+    del shared
+    mm.close()
+
+
+def _reader(path: str, nbytes: int, index: int, empty: list[Any], full: list[Any], conn: Any) -> None:
+    mm, shared = _map(path, SLOTS * MAX_SLOT)
+    dest = np.zeros(nbytes, np.uint8)  # faulted in, like a live model's params
+    expected = np.frombuffer(np.random.default_rng(1).bytes(nbytes), np.uint8)
+    conn.send(("ready", 0.0))
+    while True:
+        cmd = conn.recv()
+        if cmd is None:
+            break
+        slot_bytes = cmd
+        dest[:: 4096] = 0
+        t0 = time.perf_counter()
+        for k, at in enumerate(range(0, nbytes, slot_bytes)):
+            i = k % SLOTS
+            n = min(slot_bytes, nbytes - at)
+            if not full[i].acquire(timeout=TIMEOUT):
+                raise TimeoutError("the writer stopped filling slots")
+            np.copyto(dest[at : at + n], shared[i * MAX_SLOT : i * MAX_SLOT + n])
+            empty[i].release()
+        elapsed = time.perf_counter() - t0
+        conn.send(("done" if np.array_equal(dest, expected) else "corrupt", elapsed))
+    del shared, expected
+    mm.close()
+
+
+class Handoff:
+    """Persistent writer and ``readers`` reader processes moving ``nbytes`` through 2 shm slots."""
+
+    def __init__(self, nbytes: int, readers: int = 1) -> None:
+        self.nbytes, self.readers = nbytes, readers
+        self.path = f"/dev/shm/ws-handoff-{uuid.uuid4().hex[:12]}"
+        with open(self.path, "wb") as f:
+            f.truncate(SLOTS * MAX_SLOT)
+        ctx = mp.get_context("spawn")
+        empty = [ctx.Semaphore(readers) for _ in range(SLOTS)]
+        full = [[ctx.Semaphore(0) for _ in range(SLOTS)] for _ in range(readers)]
+        self.conns: list[Any] = []
+        self.procs: list[Any] = []
+        try:
+            a, b = ctx.Pipe()
+            self.procs.append(ctx.Process(target=_writer, args=(self.path, nbytes, readers, empty, full, b), daemon=True))
+            self.conns.append(a)
+            for r in range(readers):
+                a, b = ctx.Pipe()
+                self.procs.append(ctx.Process(target=_reader, args=(self.path, nbytes, r, empty, full[r], b), daemon=True))
+                self.conns.append(a)
+            for p in self.procs:
+                p.start()
+            for c in self.conns:
+                self._answer(c)
+        except BaseException:
+            self.close()
+            raise
+
+    def _answer(self, conn: Any) -> tuple[str, float]:
+        if not conn.poll(TIMEOUT):
+            raise TimeoutError("a handoff process did not answer within the timeout")
+        status, seconds = conn.recv()
+        return status, float(seconds)
+
+    def run(self, slot_bytes: int) -> float:
+        """Seconds for the whole handoff through 2 slots of ``slot_bytes`` (the slowest reader's
+        time from its first wait to its last copy); raises if a reader's bytes differ."""
+        for c in self.conns:
+            c.send(slot_bytes)
+        answers = [self._answer(c) for c in self.conns]
+        if any(status == "corrupt" for status, _ in answers):
+            raise RuntimeError(f"the handoff at {slot_bytes >> 20} MiB slots delivered wrong bytes")
+        return max(seconds for _, seconds in answers)
+
+    def close(self) -> None:
+        for c in self.conns:
+            try:
+                c.send(None)
+            except OSError:
+                pass
+        for p in self.procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> Handoff:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def memcpy_timer(nbytes: int) -> Callable[[], float]:
+    """A timer of one ``np.copyto`` of ``nbytes`` in this process, between arrays faulted in once."""
+    src = np.ones(nbytes, np.uint8)
+    dst = np.ones(nbytes, np.uint8)
+
+    def timed() -> float:
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        return time.perf_counter() - t0
+
+    return timed
+
+
+if __name__ == "__main__":
+    import statistics
+
+    for readers in (1, 2):
+        with Handoff(1 << 30, readers) as h:
+            for s in SLOT_SIZES:
+                h.run(s)
+            res = {s: [h.run(s) for _ in range(3)] for s in SLOT_SIZES}
+        print(f"readers={readers}: " + "  ".join(f"{s >> 20}M:{statistics.median(t) * 1e3:.0f}ms" for s, t in res.items()))
+    memcpy = memcpy_timer(1 << 30)
+    print(f"memcpy 1 GiB: {min(memcpy() for _ in range(3)) * 1e3:.0f} ms")
