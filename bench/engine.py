@@ -102,13 +102,51 @@ def floor_timer(model: synthetic.Model, mode: str) -> Any:
     return timed
 
 
+# what a row's name says after its mode, and the environment both sides run it under (the
+# sender's own process included: the C modules' switch is read at each call)
+VARIANTS: dict[str, dict[str, str]] = {
+    "": {},
+    "pure": {"WEIGHTSTREAM_PURE_PYTHON": "1"},  # no C fast path at all (and so no ring)
+    "noring": {"WEIGHTSTREAM_RING_BYTES": "0"},
+    "ring8M": {"WEIGHTSTREAM_RING_BYTES": str(8 << 20)},
+    "stream": {"WEIGHTSTREAM_STREAMING_STORES": "1"},
+    "nostream": {"WEIGHTSTREAM_STREAMING_STORES": "0"},
+}
+
+
+class variant:
+    """Run a row under one of :data:`VARIANTS`, in this process and the ranks it spawns."""
+
+    def __init__(self, name: str) -> None:
+        self.env = VARIANTS[name]
+        self.saved: dict[str, str | None] = {}
+
+    def __enter__(self) -> None:
+        from weightstream import native
+
+        self.saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        self.native = native.NATIVE
+        native.NATIVE = native.BUILT and os.environ.get("WEIGHTSTREAM_PURE_PYTHON", "") in ("", "0")
+
+    def __exit__(self, *exc: object) -> None:
+        from weightstream import native
+
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        native.NATIVE = self.native
+
+
 def run_shape(shape: str, receivers: int, modes: list[str], repeats: int, log: Any) -> list[Row]:
     model = make_model(shape)
     log(f"== {shape}: {len(model.tensors)} tensors, {model.nbytes / GiB:.3f} GiB, {receivers} rank(s)")
     sizes = handoff.SLOT_SIZES
     sweep: dict[int, list[float]] = {s: [] for s in sizes}
     memcpy = Row(shape, "memcpy", 0)
-    floors = {mode: Row(shape, f"floor[{mode}]", 0) for mode in modes if mode != "direct"}
+    floors = {m: Row(shape, f"floor[{m}]", 0) for m in dict.fromkeys(spec.partition(":")[0] for spec in modes) if m != "direct"}
     rows: list[Row] = []
     with handoff.Handoff(model.nbytes, readers=receivers) as pipe:
         for s in sizes:  # one warm-up lap
@@ -124,8 +162,9 @@ def run_shape(shape: str, receivers: int, modes: list[str], repeats: int, log: A
 
         floor_timers = {mode: floor_timer(model, mode) for mode in floors}
         memcpy_timer = handoff.memcpy_timer(model.nbytes)
-        for mode in modes:
-            row = Row(shape, f"weightstream[{mode}]", receivers)
+        for spec in modes:
+            mode, _, var = spec.partition(":")
+            row = Row(shape, f"weightstream[{spec}]", receivers)
             bucket, buffers = 256 * MiB, 2
 
             def setup(workdir: str, n: int, bucket: int = bucket, buffers: int = buffers) -> BucketSender:
@@ -135,9 +174,10 @@ def run_shape(shape: str, receivers: int, modes: list[str], repeats: int, log: A
             def send(sender: BucketSender, v: int) -> None:
                 sender.push(model.tensors, version=f"v{v}")
 
-            res = harness.run("bench.engine_run", model, send, setup=setup, teardown=lambda s: s.close(),
-                              receivers=receivers, versions=repeats, options={"mode": mode, "prefetch": 2},
-                              paired=lambda mode=mode: yardsticks(mode))
+            with variant(var):
+                res = harness.run("bench.engine_run", model, send, setup=setup, teardown=lambda s: s.close(),
+                                  receivers=receivers, versions=repeats, options={"mode": mode, "prefetch": 2},
+                                  paired=lambda mode=mode: yardsticks(mode))
             row.seconds, row.verified = res.seconds, res.verified and not res.mismatches
             row.error = res.error or (f"{res.mismatches} tensor digests mismatched" if res.mismatches else None)
             rows.append(row)
@@ -147,7 +187,7 @@ def run_shape(shape: str, receivers: int, modes: list[str], repeats: int, log: A
     yard = Row(shape, f"handoff[{best >> 20}M]" + ("x2" if receivers > 1 else ""), receivers, seconds=sweep[best],
                extra={"slot_medians_ms": {f"{s >> 20}M": round(m * 1e3, 1) for s, m in medians.items()}})
     for row in rows:  # many small tensors: the engine's own loop is the limit, not the bytes
-        mode = row.name[len("weightstream[") : -1]
+        mode = row.name[len("weightstream[") : -1].partition(":")[0]
         floor = floors.get(mode) or floors.get("numpy")
         row.yardstick = floor.name if shape == "small" and floor else yard.name
     out = [yard, memcpy, *floors.values(), *rows]
@@ -185,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="large and small, 1 rank, numpy and direct, 5 repeats")
     ap.add_argument("--shapes", help=f"comma list of {','.join(SHAPES)}")
-    ap.add_argument("--modes", help="comma list of numpy,torch,direct")
+    ap.add_argument("--modes", help="comma list of numpy,torch,direct, each optionally with :VARIANT, one of "
+                    + ",".join(v for v in VARIANTS if v) + " (e.g. direct:noring)")
     ap.add_argument("--receivers", help="comma list, e.g. 1,2")
     ap.add_argument("--repeats", type=int, help="timed repeats per row (after one warm-up)")
     args = ap.parse_args(argv)

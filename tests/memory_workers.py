@@ -24,7 +24,7 @@ def peak_rss() -> int:
 
 
 def tensor_of(index: int, nbytes: int) -> np.ndarray:
-    return np.full(nbytes, index + 1, dtype=np.uint8)
+    return np.full(nbytes, (index + 1) % 256, dtype=np.uint8)
 
 
 def lazy_sender(endpoint: str, count: int, nbytes: int, bucket: int, out: Any) -> None:
@@ -45,21 +45,28 @@ def lazy_sender(endpoint: str, count: int, nbytes: int, bucket: int, out: Any) -
         out.put(("sender", peak_rss() - base))
 
 
-def preallocated_receiver(endpoint: str, count: int, nbytes: int, out: Any) -> None:
-    """A NumPy model allocated and touched up front; report peak RSS growth while receiving."""
+def preallocated_receiver(endpoint: str, count: int, nbytes: int, out: Any, mode: str = "direct") -> None:
+    """A NumPy model allocated and touched up front; report peak RSS growth while receiving.
+    ``mode``: "direct" (NumpySink) or "views" (a plain load_weights copying each view, as engines do)."""
     from weightstream import ReceiverDaemon
     from weightstream.receiver.sinks import NumpySink
 
     state = {f"layers.{i}.w": np.zeros(nbytes, np.uint8) for i in range(count)}
     for array in state.values():
         array.fill(0)  # touch every page: only the transfer's own memory may grow
-    daemon = ReceiverDaemon(endpoint, NumpySink(state), rank=0).start()
+
+    def load_weights(weights: Any) -> None:
+        for name, view in weights:
+            np.copyto(state[name], view)
+
+    sink: Any = NumpySink(state) if mode == "direct" else load_weights
+    daemon = ReceiverDaemon(endpoint, sink, rank=0, framework="numpy").start()
     try:
         reset_peak()
         base = peak_rss()
         daemon.wait_for_version("v1", timeout=120)
         growth = peak_rss() - base
-        exact = all(np.all(state[f"layers.{i}.w"] == i + 1) for i in range(count))
+        exact = all(np.all(state[f"layers.{i}.w"] == (i + 1) % 256) for i in range(count))
         out.put(("receiver", growth, exact))
     finally:
         daemon.stop()
