@@ -8,18 +8,31 @@ for the next forward pass. A slot that fits in the cache is better written throu
 rank, on another core, then reads it from the shared cache.
 
 glibc makes the same choice by size, above 3/4 of the cache it detects, but it reads the
-cache size from CPUID, which a VM may report as hundreds of MiB (320 MiB on our bench VM,
-whose 32 MiB L3 the kernel reports correctly): its streaming path then never runs.
+cache size from CPUID, which a VM may report as hundreds of MiB; sysfs may too (300 and
+480 MiB L3 on two Intel VMs, where copies slow down past 64-128 MiB). So the size these
+choices use, :func:`cache_bytes`, is measured (:func:`measure_cache_bytes`, ~0.15 s once per
+machine, kept in ``$XDG_CACHE_HOME/weightstream``), with sysfs only where no drop shows.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import math
 import os
+import platform
+import tempfile
+import time
 from pathlib import Path
+
+import numpy as np
 
 CACHE_FALLBACK_BYTES = 32 << 20  # where sysfs says nothing: a common server L3
 ENV = "WEIGHTSTREAM_STREAMING_STORES"  # "1" always, "0" never; anything else: by size
+CACHE_ENV = "WEIGHTSTREAM_CACHE_BYTES"  # a size in bytes: use it, measure nothing
+PROBE_LIMIT = 256 << 20  # the largest working set measured (two buffers of half of it)
+PROBE_PIECE = 4 << 20  # each memcpy call: below glibc's own switch to streaming stores
+PROBE_KEEP_S = 30 * 24 * 3600  # a kept measurement is redone after a month
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -62,4 +75,86 @@ def slot_streams(slot_bytes: int) -> bool:
     forced = os.environ.get(ENV, "")
     if forced in ("0", "1"):
         return forced == "1"
-    return streams(slot_bytes, last_level_cache_bytes())
+    return streams(slot_bytes, cache_bytes())
+
+
+def copy_rates(limit: int = PROBE_LIMIT, piece: int = PROBE_PIECE) -> dict[int, float]:
+    """Bytes a second one core copies, per working set (source + destination) from 4 MiB to
+    ``limit``, doubling: the best of three passes, each at least 32 MiB, in ``piece``-sized
+    ``memcpy`` calls (so glibc's own streaming path never runs)."""
+    half = limit // 2
+    src, dst = np.ones(half, np.uint8), np.ones(half, np.uint8)  # faulted in before any timing
+    rates: dict[int, float] = {}
+    working = 4 << 20
+    while working <= limit:
+        size = working // 2
+        laps, best = max(1, (32 << 20) // size), math.inf
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(laps):
+                for at in range(0, size, piece):
+                    end = min(at + piece, size)
+                    np.copyto(dst[at:end], src[at:end])
+            best = min(best, (time.perf_counter() - t0) / laps)
+        rates[working] = size / best
+        working *= 2
+    return rates
+
+
+def cache_from_rates(rates: dict[int, float], reported: int) -> int:
+    """The largest working set copied at >= 90% of the best rate, if the rate then drops below
+    80% of it (a cache's edge); else ``reported`` (no edge within what was measured: the cache
+    is at least that large, or nothing here behaves like one)."""
+    if not rates:
+        return reported
+    best, last = max(rates.values()), rates[max(rates)]
+    if last > 0.8 * best:
+        return max(reported, max(rates))
+    return max(w for w, r in rates.items() if r >= 0.9 * best)
+
+
+def _probe_file() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "weightstream" / "cache-probe.json"
+
+
+def _machine_key() -> str:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model or platform.processor()}|{os.cpu_count()}|{last_level_cache_bytes()}|{platform.release()}"
+
+
+def measure_cache_bytes() -> int:
+    """The cache these choices should assume, from :func:`copy_rates` on this machine."""
+    return cache_from_rates(copy_rates(), last_level_cache_bytes())
+
+
+@functools.cache
+def cache_bytes() -> int:
+    """``WEIGHTSTREAM_CACHE_BYTES`` if set; else this machine's measured cache, kept per machine
+    (CPU model, cores, reported cache, kernel) for a month; measured when not kept or not keepable."""
+    forced = os.environ.get(CACHE_ENV, "")
+    if forced.isdigit() and int(forced) > 0:
+        return int(forced)
+    path, key = _probe_file(), _machine_key()
+    try:
+        kept = json.loads(path.read_text())
+        if kept.get("key") == key and time.time() - float(kept["at"]) < PROBE_KEEP_S and int(kept["cache_bytes"]) > 0:
+            return int(kept["cache_bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    measured = measure_cache_bytes()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            json.dump({"key": key, "at": time.time(), "cache_bytes": measured}, f)
+        os.replace(f.name, path)  # whole or not at all, for processes measuring at once
+    except OSError:
+        pass  # not keepable (read-only home): measured again by the next process
+    return measured
