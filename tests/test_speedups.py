@@ -200,7 +200,8 @@ def test_copy_lands_every_byte_at_any_alignment_and_nothing_around_it(
     size: int, dst_at: int, src_at: int, stream: bool
 ) -> None:
     """Streaming copies have a cached head up to the destination's next 64-byte line, whole
-    lines, and a cached tail: every split of those, from any source alignment."""
+    lines (four pages interleaved, then single lines), and a cached tail: every split of those,
+    from any source alignment."""
     src = np.random.default_rng(size).integers(0, 256, src_at + size, dtype=np.uint8)
     dst = np.full(dst_at + size + 64, 0xAB, np.uint8)
     speedups._spans.copy(dst[dst_at : dst_at + size], src[src_at:], stream)

@@ -45,23 +45,39 @@
 #define STREAM_MIN_BYTES 256           /* below this the aligned head and tail are most of the copy */
 #define FAST_NUMPY_BYTES (16 * 1024)   /* arrays up to this size are read from their fields (numpy_bytes) */
 
+/* 64 bytes from src to dst (64-byte aligned) by non-temporal stores. */
+#if defined(__SSE2__)
+static inline void stream_line(char *dst, const char *src) {
+    __m128i a = _mm_loadu_si128((const __m128i *)src), b = _mm_loadu_si128((const __m128i *)(src + 16));
+    __m128i c = _mm_loadu_si128((const __m128i *)(src + 32)), d = _mm_loadu_si128((const __m128i *)(src + 48));
+    _mm_stream_si128((__m128i *)dst, a);
+    _mm_stream_si128((__m128i *)(dst + 16), b);
+    _mm_stream_si128((__m128i *)(dst + 32), c);
+    _mm_stream_si128((__m128i *)(dst + 48), d);
+}
+#endif
+
+#define STREAM_PAGE 4096
+
 /* dst[:n] = src[:n]. Streaming: cached stores up to dst's next 64-byte line, then whole lines
  * by non-temporal stores, then the tail; the caller fences (stream_fence) before anyone
- * else may read dst. Overlapping ranges, and anything without SSE2, take memmove. */
+ * else may read dst. Four pages are copied a line of each in turn, as glibc's own streaming
+ * path does: on the Intel VM 1 GiB in 16 MiB copies took 87 ms so against 98 ms a page at a
+ * time (reading 4 DRAM pages at once). Overlapping ranges, and anything without SSE2, take memmove. */
 static void copy_bytes(char *dst, const char *src, Py_ssize_t n, int stream) {
 #if defined(__SSE2__)
     if (stream && n >= STREAM_MIN_BYTES && (dst + n <= src || src + n <= dst)) {
         Py_ssize_t head = (Py_ssize_t)((64 - ((uintptr_t)dst & 63)) & 63);
         memcpy(dst, src, head);
         dst += head, src += head, n -= head;
-        for (; n >= 64; n -= 64, dst += 64, src += 64) {
-            __m128i a = _mm_loadu_si128((const __m128i *)src), b = _mm_loadu_si128((const __m128i *)(src + 16));
-            __m128i c = _mm_loadu_si128((const __m128i *)(src + 32)), d = _mm_loadu_si128((const __m128i *)(src + 48));
-            _mm_stream_si128((__m128i *)dst, a);
-            _mm_stream_si128((__m128i *)(dst + 16), b);
-            _mm_stream_si128((__m128i *)(dst + 32), c);
-            _mm_stream_si128((__m128i *)(dst + 48), d);
-        }
+        for (; n >= 4 * STREAM_PAGE; n -= 4 * STREAM_PAGE, dst += 4 * STREAM_PAGE, src += 4 * STREAM_PAGE)
+            for (Py_ssize_t at = 0; at < STREAM_PAGE; at += 64) {
+                stream_line(dst + at, src + at);
+                stream_line(dst + STREAM_PAGE + at, src + STREAM_PAGE + at);
+                stream_line(dst + 2 * STREAM_PAGE + at, src + 2 * STREAM_PAGE + at);
+                stream_line(dst + 3 * STREAM_PAGE + at, src + 3 * STREAM_PAGE + at);
+            }
+        for (; n >= 64; n -= 64, dst += 64, src += 64) stream_line(dst, src);
         memcpy(dst, src, n);
         return;
     }
