@@ -175,14 +175,14 @@ def test_ramp_keeps_every_invariant(sizes: list[int], buckets_of: int, cap: int,
 
 
 def test_ramp_makes_the_first_buckets_small() -> None:
-    """The ranks start after an eighth of a bucket; a tensor that fits a bucket is never split
-    for the ramp; the ring (ramp 0) keeps full buckets."""
-    plan = plan_buckets([1 << 20] * 32, 8 << 20, 256, ramp=3)
-    assert [len(b.tensors) for b in plan] == [1, 2, 4, 8, 8, 8, 1]
+    """The ranks start after an eighth of a bucket, each next bucket 1.5 times the last; a tensor
+    that fits a bucket is never split for the ramp; the ring (ramp 0) keeps full buckets."""
+    plan = plan_buckets([1 << 20] * 32, 8 << 20, 256, ramp=3)  # 1, 1.5, 2.25, ... MiB, then 8
+    assert [len(b.tensors) for b in plan] == [1, 1, 2, 3, 5, 7, 8, 5]
     plan = plan_buckets([4 << 20] * 4, 8 << 20, 256, ramp=3)
     assert [b.tensors for b in plan] == [[0], [1], [2], [3]]
     plan = plan_buckets([256] * 100, 1 << 20, 256, max_entries=16, ramp=2)
-    assert [len(b.tensors) for b in plan][:4] == [4, 8, 16, 16]
+    assert [len(b.tensors) for b in plan][:5] == [4, 6, 9, 13, 16]
     assert [len(b.tensors) for b in plan_buckets([256] * 100, 1 << 20, 256, max_entries=16)][:2] == [16, 16]
     with pytest.raises(ConfigError, match="ramp"):
         plan_buckets([1], 4096, ramp=-1)

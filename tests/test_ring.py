@@ -494,7 +494,7 @@ def test_ring_pushes_plan_fewer_bigger_buckets_and_fall_back_when_a_rank_cannot_
     count = MAX_ENTRIES + 100
     assert count < RING_MAX_ENTRIES
     model = {f"t{i}": np.full(4, i, np.int32) for i in range(count)}  # 16 B each, 256 B apart
-    # the plain path ramps up (planner.RAMP): 2048, 4096 and 8192 tensors, then the rest
+    # the plain path ramps up (planner.RAMP): 2048, 3072 and 4608 tensors, then the rest
     for sink_kind, buckets in (("direct", [1, 1]), ("plain", [1, 4])):
         state = {name: np.zeros_like(t) for name, t in model.items()}
         sink: Any = NumpySink(state) if sink_kind == "direct" else rw.PlainLoad(state)
