@@ -143,7 +143,7 @@ class variant:
 def run_shape(shape: str, receivers: int, modes: list[str], repeats: int, log: Any) -> list[Row]:
     model = make_model(shape)
     log(f"== {shape}: {len(model.tensors)} tensors, {model.nbytes / GiB:.3f} GiB, {receivers} rank(s)")
-    sizes = handoff.SLOT_SIZES
+    sizes = handoff.slot_sizes(model.nbytes)
     sweep: dict[int, list[float]] = {s: [] for s in sizes}
     memcpy = Row(shape, "memcpy", 0)
     floors = {m: Row(shape, f"floor[{m}]", 0) for m in dict.fromkeys(spec.partition(":")[0] for spec in modes) if m != "direct"}

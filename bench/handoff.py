@@ -44,8 +44,9 @@ def _map(path: str, size: int) -> tuple[Any, np.ndarray]:
     return mm, np.frombuffer(mm, np.uint8)
 
 
-def _writer(path: str, nbytes: int, readers: int, empty: list[Any], full: list[list[Any]], conn: Any) -> None:
-    mm, shared = _map(path, SLOTS * MAX_SLOT)
+def _writer(path: str, nbytes: int, readers: int, empty: list[Any], full: list[list[Any]], conn: Any,
+            max_slot: int) -> None:
+    mm, shared = _map(path, SLOTS * max_slot)
     source = np.frombuffer(np.random.default_rng(1).bytes(nbytes), np.uint8).copy()
     conn.send(("ready", 0.0))
     while True:
@@ -60,7 +61,7 @@ def _writer(path: str, nbytes: int, readers: int, empty: list[Any], full: list[l
             for _ in range(readers):
                 if not empty[i].acquire(timeout=TIMEOUT):
                     raise TimeoutError("a reader stopped taking slots")
-            np.copyto(shared[i * MAX_SLOT : i * MAX_SLOT + n], source[at : at + n])
+            np.copyto(shared[i * max_slot : i * max_slot + n], source[at : at + n])
             for r in range(readers):
                 full[r][i].release()
         conn.send(("done", time.perf_counter() - t0))
@@ -68,8 +69,8 @@ def _writer(path: str, nbytes: int, readers: int, empty: list[Any], full: list[l
     mm.close()
 
 
-def _reader(path: str, nbytes: int, index: int, empty: list[Any], full: list[Any], conn: Any) -> None:
-    mm, shared = _map(path, SLOTS * MAX_SLOT)
+def _reader(path: str, nbytes: int, index: int, empty: list[Any], full: list[Any], conn: Any, max_slot: int) -> None:
+    mm, shared = _map(path, SLOTS * max_slot)
     dest = np.zeros(nbytes, np.uint8)  # faulted in, like a live model's params
     expected = np.frombuffer(np.random.default_rng(1).bytes(nbytes), np.uint8)
     conn.send(("ready", 0.0))
@@ -85,7 +86,7 @@ def _reader(path: str, nbytes: int, index: int, empty: list[Any], full: list[Any
             n = min(slot_bytes, nbytes - at)
             if not full[i].acquire(timeout=TIMEOUT):
                 raise TimeoutError("the writer stopped filling slots")
-            np.copyto(dest[at : at + n], shared[i * MAX_SLOT : i * MAX_SLOT + n])
+            np.copyto(dest[at : at + n], shared[i * max_slot : i * max_slot + n])
             empty[i].release()
         elapsed = time.perf_counter() - t0
         conn.send(("done" if np.array_equal(dest, expected) else "corrupt", elapsed))
@@ -98,9 +99,11 @@ class Handoff:
 
     def __init__(self, nbytes: int, readers: int = 1) -> None:
         self.nbytes, self.readers = nbytes, readers
+        self.sizes = slot_sizes(nbytes)
+        self.max_slot = max(self.sizes)
         self.path = f"/dev/shm/ws-handoff-{uuid.uuid4().hex[:12]}"
         with open(self.path, "wb") as f:
-            f.truncate(SLOTS * MAX_SLOT)
+            f.truncate(SLOTS * self.max_slot)
         ctx = mp.get_context("spawn")
         empty = [ctx.Semaphore(readers) for _ in range(SLOTS)]
         full = [[ctx.Semaphore(0) for _ in range(SLOTS)] for _ in range(readers)]
@@ -108,11 +111,13 @@ class Handoff:
         self.procs: list[Any] = []
         try:
             a, b = ctx.Pipe()
-            self.procs.append(ctx.Process(target=_writer, args=(self.path, nbytes, readers, empty, full, b), daemon=True))
+            self.procs.append(ctx.Process(target=_writer, args=(self.path, nbytes, readers, empty, full, b, self.max_slot),
+                                          daemon=True))
             self.conns.append(a)
             for r in range(readers):
                 a, b = ctx.Pipe()
-                self.procs.append(ctx.Process(target=_reader, args=(self.path, nbytes, r, empty, full[r], b), daemon=True))
+                self.procs.append(ctx.Process(target=_reader, args=(self.path, nbytes, r, empty, full[r], b, self.max_slot),
+                                              daemon=True))
                 self.conns.append(a)
             for p in self.procs:
                 p.start()
@@ -161,6 +166,30 @@ class Handoff:
         self.close()
 
 
+def slot_sizes(nbytes: int) -> tuple[int, ...]:
+    """The slot sizes worth sweeping for ``nbytes``: 1 MiB doubling up to 256 MiB, none past
+    the first that holds all of it."""
+    sizes = [s for s in SLOT_SIZES if s < nbytes]
+    return (*sizes, min(SLOT_SIZES[len(sizes)], MAX_SLOT)) if len(sizes) < len(SLOT_SIZES) else SLOT_SIZES
+
+
+def sweep(nbytes: int, readers: int = 1, repeats: int = 3) -> tuple[int, list[float], dict[int, float]]:
+    """(the best slot size, its times, every slot size's median) for ``nbytes`` through the
+    handoff, every size once per repeat after one warm-up lap."""
+    import statistics
+
+    with Handoff(nbytes, readers) as pipe:
+        for s in pipe.sizes:
+            pipe.run(s)
+        times: dict[int, list[float]] = {s: [] for s in pipe.sizes}
+        for _ in range(repeats):
+            for s in pipe.sizes:
+                times[s].append(pipe.run(s))
+    medians = {s: statistics.median(t) for s, t in times.items()}
+    best = min(medians, key=lambda s: medians[s])
+    return best, times[best], medians
+
+
 def memcpy_timer(nbytes: int) -> Callable[[], float]:
     """A timer of one ``np.copyto`` of ``nbytes`` in this process, between arrays faulted in once."""
     src = np.ones(nbytes, np.uint8)
@@ -175,13 +204,9 @@ def memcpy_timer(nbytes: int) -> Callable[[], float]:
 
 
 if __name__ == "__main__":
-    import statistics
-
     for readers in (1, 2):
-        with Handoff(1 << 30, readers) as h:
-            for s in SLOT_SIZES:
-                h.run(s)
-            res = {s: [h.run(s) for _ in range(3)] for s in SLOT_SIZES}
-        print(f"readers={readers}: " + "  ".join(f"{s >> 20}M:{statistics.median(t) * 1e3:.0f}ms" for s, t in res.items()))
+        best, _, medians = sweep(1 << 30, readers)
+        print(f"readers={readers}: best {best >> 20} MiB; "
+              + "  ".join(f"{s >> 20}M:{m * 1e3:.0f}ms" for s, m in medians.items()))
     memcpy = memcpy_timer(1 << 30)
     print(f"memcpy 1 GiB: {min(memcpy() for _ in range(3)) * 1e3:.0f} ms")

@@ -8,9 +8,9 @@ Every run verifies the bytes it moved (xxh3_64 per tensor, sender vs each receiv
 writes bench/results/<timestamp>.json and .png, and prints a table plus ratios.
 Methods: memcpy (limit: one-process NumPy copy of the same bytes), memcpy_stream (the
 same copy by streaming stores, which weightstream uses for slots past the cache's size:
-the one-copy ceiling of this machine), pipeline (limit of a two-copy pipeline: two
-processes copying the same bytes into and out of shm slots at once; see
-bench/pipeline_limit.py), weightstream, naive (pickle per tensor over ZMQ), handles (one
+the one-copy ceiling of this machine), pipeline (limit of a two-copy pipeline: the minimal
+two-process handoff of bench/handoff.py, a writer and a reader copying the same bytes
+through 2 shm slots, at its best slot size, swept from 1 to 256 MiB), weightstream, naive (pickle per tensor over ZMQ), handles (one
 shm segment per tensor), lockstep (one buffer, REQ/REP acks).
 
 Each weightstream version is also paired with a NumPy memcpy of the same bytes timed just
@@ -37,7 +37,7 @@ import numpy as np
 from weightstream import native as speedups
 from weightstream import synthetic
 
-from . import pipeline_limit, ws_run
+from . import handoff, ws_run
 from .peers import handles, harness, lockstep, naive
 
 MiB = 1 << 20
@@ -130,9 +130,11 @@ def memcpy_row(shape: str, model: synthetic.Model, repeats: int = 3, stream: boo
 
 
 def pipeline_row(shape: str, model: synthetic.Model, repeats: int = 3) -> Row:
-    times, ok = pipeline_limit.measure(model.nbytes, repeats)
-    return Row(shape, "pipeline", len(model.tensors), model.nbytes, 0, seconds=times, verified=ok,
-               error=None if times else "a copier process failed")
+    try:
+        _, times, _ = handoff.sweep(model.nbytes, 1, repeats)
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        return Row(shape, "pipeline", len(model.tensors), model.nbytes, 0, verified=False, error=str(exc))
+    return Row(shape, "pipeline", len(model.tensors), model.nbytes, 0, seconds=times)
 
 
 def peer_row(method: str, shape: str, model: synthetic.Model, receivers: int, bucket: int, buffers: int,

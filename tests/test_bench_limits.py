@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import pytest
 
-from bench import pipeline_limit
+from bench import handoff
 
 pytestmark = pytest.mark.timeout(120)
 
 
+@pytest.mark.parametrize("readers", [1, 2])
 @pytest.mark.parametrize("nbytes", [(3 << 20) + 1000, (70 << 20) + 1000])
-def test_pipeline_limit_measures_and_verifies(nbytes: int) -> None:
-    """70 MiB: a model below one piece whose 4 pieces' total is above it (the copiers once
-    sized their pieces from that total and failed on the slot)."""
-    times, ok = pipeline_limit.measure(nbytes, repeats=1)
-    assert ok and len(times) == 1 and times[0] > 0
+def test_the_handoff_yardstick_sweeps_its_slot_sizes_and_verifies(nbytes: int, readers: int) -> None:
+    """Odd sizes: the last slot of every size is partial; no slot size past the first that holds
+    the whole model is tried. Each reader checks every byte (a wrong byte raises)."""
+    best, times, medians = handoff.sweep(nbytes, readers, repeats=1)
+    assert list(medians) == [s for s in handoff.SLOT_SIZES if s < 2 * nbytes][: len(medians)]
+    assert max(medians) >= nbytes > max(medians) // 2
+    assert best in medians and len(times) == 1 and times[0] > 0
+
+
+def test_the_handoff_leaves_no_segment_behind() -> None:
+    import glob
+
+    before = set(glob.glob("/dev/shm/ws-handoff-*"))
+    with handoff.Handoff(1 << 20) as pipe:
+        assert pipe.run(1 << 20) > 0 and pipe.path not in before
+    assert set(glob.glob("/dev/shm/ws-handoff-*")) == before
 
 
 def test_a_weightstream_row_pairs_each_version_with_a_memcpy_of_the_same_bytes() -> None:
