@@ -82,9 +82,17 @@ class Row:
         return statistics.median(self.seconds) if self.seconds else float("nan")
 
 
-def floor_timer(model: synthetic.Model, mode: str) -> Any:
+def model_like(model: synthetic.Model, flat: np.ndarray) -> dict[str, np.ndarray]:
+    """Arrays shaped like the model's tensors, laid over ``flat`` (one model's bytes, faulted in)."""
+    out, at = {}, 0
+    for name, a in model.tensors:
+        out[name] = flat[at : at + a.nbytes].view(a.dtype).reshape(a.shape)
+        at += a.nbytes
+    return out
+
+
+def floor_timer(model: synthetic.Model, mode: str, dest: dict[str, np.ndarray]) -> Any:
     """The engine's own loop over in-process tensors: what ``load_weights`` costs with no transport."""
-    dest = {name: np.zeros_like(a) for name, a in model.tensors}
     load = engine_run.torch_loader(dest) if mode == "torch" else engine_run.numpy_loader(dest)
     if mode == "torch":
         from weightstream.frameworks import numpy as nf
@@ -160,8 +168,9 @@ def run_shape(shape: str, receivers: int, modes: list[str], repeats: int, log: A
                 floors[mode].seconds.append(floor_timers[mode]())
             return 0.0
 
-        floor_timers = {mode: floor_timer(model, mode) for mode in floors}
-        memcpy_timer = handoff.memcpy_timer(model.nbytes)
+        flat = np.ones(model.nbytes, np.uint8)  # one destination for memcpy and the floors
+        floor_timers = {mode: floor_timer(model, mode, model_like(model, flat)) for mode in floors}
+        memcpy_timer = handoff.memcpy_timer(model.nbytes, model.buffer.reshape(-1).view(np.uint8), flat)
         for spec in modes:
             mode, _, var = spec.partition(":")
             row = Row(shape, f"weightstream[{spec}]", receivers)
@@ -243,17 +252,18 @@ def main(argv: list[str] | None = None) -> int:
     print(info)
     t0 = time.perf_counter()
     rows: list[Row] = []
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"engine-{time.strftime('%Y%m%d-%H%M%S')}.json"
     for shape in shapes:
         for r in receivers:
             if shape == "small" and r > 1:
                 continue
             rows += run_shape(shape, r, modes, repeats, print)
+            # written after each shape: a run cut short keeps what it measured
+            out.write_text(json.dumps({"machine": info, "argv": sys.argv[1:], "wall_s": time.perf_counter() - t0,
+                                       "rows": [asdict(r) | {"median": r.median} for r in rows]}, indent=1))
     print(info)
     print_table(rows)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"engine-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"machine": info, "wall_s": time.perf_counter() - t0,
-                               "rows": [asdict(r) | {"median": r.median} for r in rows]}, indent=1))
     print(f"\nwrote {out}  ({time.perf_counter() - t0:.0f} s)")
     return 0 if all(r.verified for r in rows) else 1
 
