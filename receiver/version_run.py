@@ -238,7 +238,7 @@ class VersionRun:
 
     def iterate(self) -> Iterator[tuple[str, Any]]:
         """What ``load_weights`` gets: each bucket's items in turn. The chain takes a bucket's
-        items at C speed (a bucket of views is a list iterator); the generator behind it runs once
+        items at C speed (a bucket of views is its batches zipped with their names); the generator behind it runs once
         per bucket, when the consumer asks for the item after the bucket's last (then the bucket
         is acked)."""
         return itertools.chain.from_iterable(self._buckets())
