@@ -115,6 +115,8 @@ def floor_timer(model: synthetic.Model, mode: str, dest: dict[str, np.ndarray]) 
 VARIANTS: dict[str, dict[str, str]] = {
     "": {},
     "pure": {"WEIGHTSTREAM_PURE_PYTHON": "1"},  # no C fast path at all (and so no ring)
+    "nospans": {"WEIGHTSTREAM_PURE_PYTHON": "spans"},  # no C gather/scatter/copy (and so no ring)
+    "nolayout": {"WEIGHTSTREAM_PURE_PYTHON": "layout"},  # no C layout checks
     "noring": {"WEIGHTSTREAM_RING_BYTES": "0"},
     "ring8M": {"WEIGHTSTREAM_RING_BYTES": str(8 << 20)},
     "stream": {"WEIGHTSTREAM_STREAMING_STORES": "1"},
@@ -134,8 +136,7 @@ class variant:
 
         self.saved = {k: os.environ.get(k) for k in self.env}
         os.environ.update(self.env)
-        self.native = native.NATIVE
-        native.NATIVE = native.BUILT and os.environ.get("WEIGHTSTREAM_PURE_PYTHON", "") in ("", "0")
+        native.configure()
 
     def __exit__(self, *exc: object) -> None:
         from weightstream import native
@@ -145,7 +146,7 @@ class variant:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        native.NATIVE = self.native
+        native.configure()
 
 
 def run_shape(shape: str, receivers: int, modes: list[str], repeats: int, log: Any) -> list[Row]:

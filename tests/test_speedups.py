@@ -317,6 +317,27 @@ def test_without_the_accelerator_both_hand_everything_to_the_python_loop(monkeyp
     assert not flat.any() and not target.any()
 
 
+@native
+@pytest.mark.parametrize(
+    ("value", "spans", "layout"),
+    [("", True, True), ("0", True, True), ("1", False, False), ("spans", False, True), ("layout", True, False),
+     ("spans,layout", False, False), ("bogus", False, False)],
+)
+def test_pure_python_can_switch_off_one_c_module(monkeypatch: pytest.MonkeyPatch, value: str, spans: bool, layout: bool) -> None:
+    """WEIGHTSTREAM_PURE_PYTHON=spans|layout turns off only that module's paths (a bench row per
+    module); "1", or anything it does not know, turns off all."""
+    monkeypatch.setenv("WEIGHTSTREAM_PURE_PYTHON", value)
+    try:
+        speedups.configure()
+        assert (speedups.SPANS and speedups.NATIVE, speedups.LAYOUT and speedups.NATIVE) == (spans, layout)
+        flat = np.zeros(8, np.uint8)
+        assert speedups.gather(flat, [0], [4], [np.ones(4, np.uint8)], 0) == (1 if spans else 0)
+        assert (speedups.dict_version({}) is not None) == (layout and sys.version_info < (3, 12))
+    finally:
+        monkeypatch.delenv("WEIGHTSTREAM_PURE_PYTHON")
+        speedups.configure()
+
+
 def test_write_tensors_lands_every_kind_of_tensor_and_names_the_one_that_changed(copy_mode: bool) -> None:
     """The slot's bulk write, mixing what the C path takes with what only Python can."""
     rng = np.random.default_rng(7)

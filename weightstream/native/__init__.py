@@ -15,7 +15,7 @@ and ``dict_version`` a tag that says so without a walk.
 such copy of a whole buffer, NumPy's where there is no C module.
 
 Without the C modules (no compiler at install time; ``BUILT`` says both imported) or with
-``WEIGHTSTREAM_PURE_PYTHON=1``, ``gather``/``scatter`` return ``start`` at once,
+``WEIGHTSTREAM_PURE_PYTHON=1`` (``=spans`` or ``=layout``: only that module's paths), ``gather``/``scatter`` return ``start`` at once,
 ``destinations``, ``unchanged_arrays`` and ``dict_version`` return None, ``same_items``
 compares in Python, and the Python code does everything: the same bytes, about 0.5 us more
 per small tensor.
@@ -39,7 +39,23 @@ else:
     _spans.use_numpy(np.ndarray)
 
 BUILT = _spans is not None and _layout is not None
-NATIVE = BUILT and os.environ.get("WEIGHTSTREAM_PURE_PYTHON", "") in ("", "0")
+MODULES = ("spans", "layout")
+NATIVE = SPANS = LAYOUT = BUILT
+
+
+def configure() -> None:
+    """Read ``WEIGHTSTREAM_PURE_PYTHON``: "1" turns every C path off (``NATIVE`` False), a comma
+    list of ``spans``/``layout`` only those modules' paths (what a bench row measures each
+    without); unset or "0" none."""
+    global NATIVE, SPANS, LAYOUT
+    value = os.environ.get("WEIGHTSTREAM_PURE_PYTHON", "")
+    named = set(value.split(","))
+    off = set() if value in ("", "0") else named & set(MODULES) if named <= set(MODULES) else set(MODULES)
+    NATIVE = BUILT and off != set(MODULES)
+    SPANS, LAYOUT = "spans" not in off, "layout" not in off
+
+
+configure()
 
 
 def gather(
@@ -53,7 +69,7 @@ def gather(
     ``data_ptr`` may not be the whole tensor's bytes (a DTensor's is its local shard). Lists are
     copied into tuples per call, tuples are not: a caller that copies a long sequence part by part
     passes tuples and ``stop`` rather than slices."""
-    if not NATIVE:
+    if not (NATIVE and SPANS):
         return start
     if stop is None and not shift:
         return _spans.gather(dst, offsets, nbytes, sources, start, _tensor_types(), stream)
@@ -64,7 +80,7 @@ def gather(
 def destinations(targets: Sequence[Any], nbytes: Sequence[int]) -> bytes | None:
     """Per target, the native uint64 address of its writable C-contiguous buffer of exactly
     ``nbytes[i]`` bytes, else 0; None without the C module."""
-    return _spans.destinations(targets, nbytes) if NATIVE else None
+    return _spans.destinations(targets, nbytes) if NATIVE and SPANS else None
 
 
 def scatter(src: Any, offsets: np.ndarray, nbytes: np.ndarray, addresses: np.ndarray, start: int,
@@ -72,12 +88,12 @@ def scatter(src: Any, offsets: np.ndarray, nbytes: np.ndarray, addresses: np.nda
     """``src[offsets[i]:offsets[i] + nbytes[i]]`` to ``addresses[i]`` from ``start`` on, until an
     address is 0; that index. Arrays of 8-byte ints; the addresses from :func:`destinations`, over
     targets the caller keeps alive for as long as it uses them."""
-    return _spans.scatter(src, offsets, nbytes, addresses, start, stream) if NATIVE else start
+    return _spans.scatter(src, offsets, nbytes, addresses, start, stream) if NATIVE and SPANS else start
 
 
 def copy(dst: np.ndarray, src: np.ndarray, stream: bool = False) -> None:
     """``dst[:] = src`` for two C-contiguous uint8 arrays of one size; GIL released for big ones."""
-    if NATIVE and dst.flags.c_contiguous and dst.flags.writeable and src.flags.c_contiguous:
+    if NATIVE and SPANS and dst.flags.c_contiguous and dst.flags.writeable and src.flags.c_contiguous:
         _spans.copy(dst, src, stream)
     else:
         np.copyto(dst, src)
@@ -89,7 +105,7 @@ def unchanged_arrays(
     """The tensors of ``items`` if every pair is a NumPy array (or a plain CPU-or-not torch
     tensor/Parameter) with exactly ``names[i]``, dtype code ``codes[i]`` (through ``code_of``,
     keyed by NumPy and torch dtypes) and ``shapes[i]``; None if any differs or there is no C module."""
-    if not NATIVE or not all(type(x) is list for x in (items, names, codes, shapes)):
+    if not (NATIVE and LAYOUT) or not all(type(x) is list for x in (items, names, codes, shapes)):
         return None
     return _layout.unchanged_arrays(items, np.ndarray, code_of, names, codes, shapes, _tensor_types())
 
@@ -101,7 +117,7 @@ def _tensor_types() -> tuple[type, ...]:
 
 def same_items(mapping: dict[Any, Any], keys: list[Any], values: list[Any]) -> bool:
     """Does ``mapping`` hold exactly ``keys`` (equal) bound to the very objects in ``values``, in order?"""
-    if NATIVE and type(mapping) is dict and type(keys) is list and type(values) is list:
+    if NATIVE and LAYOUT and type(mapping) is dict and type(keys) is list and type(values) is list:
         return _layout.same_items(mapping, keys, values)
     return (
         len(mapping) == len(keys) == len(values)
@@ -113,6 +129,6 @@ def same_items(mapping: dict[Any, Any], keys: list[Any], values: list[Any]) -> b
 def dict_version(mapping: dict[Any, Any]) -> int | None:
     """The dict's PEP 509 version tag: unchanged exactly while no entry was added, removed or
     bound to another object. None without the C module or on Python 3.12 and later."""
-    if NATIVE and type(mapping) is dict:
+    if NATIVE and LAYOUT and type(mapping) is dict:
         return _layout.dict_version(mapping)
     return None

@@ -53,7 +53,7 @@ def ring_bytes_for(slot_bytes: int, cache_bytes: int | None = None) -> int:
     32 MiB L3, two processes moving 2 GiB: 15-17 GB/s through a 4-8 MiB ring, 10-11 GB/s through
     256 MiB slots; on an Intel VM measuring 64 MiB (sysfs: 300 MiB), 1 GiB in 64 tensors to the
     direct sink: 112 ms through an 8 MiB ring, 113 through 37.5 MiB, 136 without."""
-    if Control is None or not speedups.NATIVE:
+    if Control is None or not (speedups.NATIVE and speedups.SPANS):
         return 0
     forced = os.environ.get(ENV, "")
     if forced.isdigit():
