@@ -327,6 +327,10 @@ class VersionMachine:
                 self.link.protocol_error(exc if isinstance(exc, ProtocolError) else ProtocolError(str(exc)), run.version)
                 run.queue.abort(exc)
                 return
+            except Exception as exc:  # a defect here or in the transport: fail the version, say what it was
+                log.exception("rank %d: preparing bucket %d of %r failed", self.rank, msg.seq, run.version)
+                run.queue.abort(self._defect(run, msg, "preparing", exc))
+                return
             if receives:  # the bucket's bytes into this rank's slot, beside the apply of the last one
                 if self._receiver is None:
                     self._receiver = ThreadPoolExecutor(1, thread_name_prefix=f"weightstream-receive{self.rank}")
@@ -341,7 +345,20 @@ class VersionMachine:
                         self.link.protocol_error(exc, run.version)
                     run.queue.abort(exc)
                     return
+                except Exception as exc:
+                    log.exception("rank %d: receiving bucket %d of %r failed", self.rank, msg.seq, run.version)
+                    run.queue.abort(self._defect(run, msg, "receiving", exc))
+                    return
             await run.queue.put(prepared)
+
+    @staticmethod
+    def _defect(run: VersionRun, msg: m.Bucket, doing: str, exc: Exception) -> VersionAborted:
+        """An unexpected exception while a bucket was being prepared or received: the version fails
+        at once with it (the sender would otherwise wait for the rank until its timeout)."""
+        return VersionAborted(
+            f"bucket {msg.seq} of {run.version!r}: {doing} it failed with {type(exc).__name__}: {exc}; the version was "
+            "not committed. This is a defect in weightstream or in the session's transport: please report it"
+        )
 
     # --- PREPARED, COMMIT ----------------------------------------------------------------
 

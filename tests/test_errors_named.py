@@ -102,6 +102,26 @@ def test_load_weights_returning_early_in_a_batch_is_counted(endpoint: str, stop_
         assert f"after applying {stop_after} of 300 tensors" in str(info.value), str(info.value)
 
 
+def test_a_defect_while_a_rank_prepares_a_bucket_fails_the_push_at_once(endpoint: str) -> None:
+    """A plain exception (not a WeightstreamError) from a transport on the rank's side fails the
+    version with its type and text within moments, not when the push's timeout runs out."""
+    import time
+
+    import buggy_transport
+
+    named = [("w", np.ones(8, np.float32))]
+    with ReceiverDaemon(endpoint, lambda weights: [None for _ in weights], framework="numpy", rank=0,
+                        **HB) as daemon, BucketSender(endpoint, transport=buggy_transport.NAME, timeout=60, **HB) as sender:
+        sender.wait_for_receivers(timeout=10)
+        t0 = time.monotonic()
+        with pytest.raises(WeightstreamError) as info:
+            sender.push(named, version="v1")
+        assert time.monotonic() - t0 < 10, "the push waited for its timeout"
+        text = str(info.value)
+        assert "RuntimeError" in text and "a defect in this transport's raw()" in text and "bucket 0" in text, text
+        assert daemon.status.connected and daemon.status.committed_version is None
+
+
 def test_a_wrong_framework_fails_in_the_constructor(endpoint: str) -> None:
     with pytest.raises(WeightstreamError, match=r"framework='pytorch': expected one of numpy, paddle, torch"):
         ReceiverDaemon(endpoint, lambda weights: None, framework="pytorch", rank=0)  # type: ignore[arg-type]
