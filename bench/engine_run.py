@@ -19,6 +19,8 @@ import numpy as np
 from weightstream import ReceiverDaemon
 from weightstream.receiver.sinks import NumpySink
 
+from .ws_run import serve
+
 
 def numpy_loader(model: dict[str, np.ndarray]) -> Callable[[Iterable[tuple[str, Any]]], None]:
     def load_weights(weights: Iterable[tuple[str, Any]]) -> None:
@@ -55,11 +57,4 @@ def receive(workdir: str, rank: int, model: dict[str, np.ndarray], options: dict
         daemon = ReceiverDaemon(endpoint, torch_loader(model), rank=rank, prefetch=prefetch, framework="torch")
     else:
         daemon = ReceiverDaemon(endpoint, numpy_loader(model), rank=rank, prefetch=prefetch, framework="numpy")
-    daemon.start()
-    ready()
-    try:
-        for v in range(versions):
-            daemon.wait_for_version(f"v{v}", timeout=600.0)
-            report(v)
-    finally:
-        daemon.stop()
+    serve(daemon, versions, report, ready)

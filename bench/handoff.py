@@ -124,6 +124,7 @@ class Handoff:
                 p.start()
             for c in self.conns:
                 self._answer(c)
+            os.unlink(self.path)  # every process mapped it: gone with them, even after a kill -9
         except BaseException:
             self.close()
             raise

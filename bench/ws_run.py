@@ -33,6 +33,11 @@ def receive(workdir: str, rank: int, model: dict[str, np.ndarray], options: dict
             versions: int, report: Any, ready: Any) -> None:
     daemon = ReceiverDaemon(f"ipc://{workdir}/ws/s.sock", NumpySink(model), rank=rank,
                             prefetch=int(options.get("prefetch", 2)))
+    serve(daemon, versions, report, ready)
+
+
+def serve(daemon: ReceiverDaemon, versions: int, report: Any, ready: Any) -> None:
+    """Start ``daemon``, say ready, report each of ``versions`` once committed, stop."""
     daemon.start()
     ready()
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from bench import handoff
@@ -25,6 +27,7 @@ def test_the_handoff_leaves_no_segment_behind() -> None:
 
     before = set(glob.glob("/dev/shm/ws-handoff-*"))
     with handoff.Handoff(1 << 20) as pipe:
+        assert not os.path.exists(pipe.path), "unlinked once mapped: nothing left even if the bench is killed"
         assert pipe.run(1 << 20) > 0 and pipe.path not in before
     assert set(glob.glob("/dev/shm/ws-handoff-*")) == before
 
