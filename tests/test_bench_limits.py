@@ -23,13 +23,10 @@ def test_the_handoff_yardstick_sweeps_its_slot_sizes_and_verifies(nbytes: int, r
 
 
 def test_the_handoff_leaves_no_segment_behind() -> None:
-    import glob
-
-    before = set(glob.glob("/dev/shm/ws-handoff-*"))
     with handoff.Handoff(1 << 20) as pipe:
         assert not os.path.exists(pipe.path), "unlinked once mapped: nothing left even if the bench is killed"
-        assert pipe.run(1 << 20) > 0 and pipe.path not in before
-    assert set(glob.glob("/dev/shm/ws-handoff-*")) == before
+        assert pipe.run(1 << 20) > 0
+    assert not os.path.exists(pipe.path)
 
 
 def test_a_weightstream_row_pairs_each_version_with_a_memcpy_of_the_same_bytes() -> None:
