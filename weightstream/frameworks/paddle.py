@@ -202,8 +202,8 @@ def view(buf: np.ndarray, dtype: DType, shape: tuple[int, ...]) -> Any:
 
 def views(buf: np.ndarray, dtype: DType, shape: tuple[int, ...], count: int, offset: int, stride: int) -> Any:
     """``count`` paddle tensors of ``shape`` over ``buf`` (1-D uint8, writable), the first at byte
-    ``offset``, each ``stride`` bytes after the last: :func:`view` of each (paddle has no cheaper
-    batch: a strided DLPack import is refused)."""
+    ``offset``, each ``stride`` bytes after the last: :func:`view` of each, one by one (a batch
+    through one strided DLPack import, which paddle takes, and ``unbind`` is not measured yet)."""
     nbytes = dtype.itemsize * math.prod(shape)
     return [view(buf[at : at + nbytes], dtype, shape) for at in range(offset, offset + count * stride, stride)]
 
