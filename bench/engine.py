@@ -93,12 +93,13 @@ def model_like(model: synthetic.Model, flat: np.ndarray) -> dict[str, np.ndarray
 
 def floor_timer(model: synthetic.Model, mode: str, dest: dict[str, np.ndarray]) -> Any:
     """The engine's own loop over in-process tensors: what ``load_weights`` costs with no transport."""
-    load = engine_run.torch_loader(dest) if mode == "torch" else engine_run.numpy_loader(dest)
-    if mode == "torch":
+    load = engine_run.LOADERS[mode](dest)
+    if mode != "numpy":
+        from weightstream.frameworks import module
         from weightstream.frameworks import numpy as nf
-        from weightstream.frameworks import torch as tf
 
-        items = [(n, tf.view(nf.host_bytes(a), nf.dtype_of(a), a.shape)) for n, a in model.tensors]
+        fw = module(mode)
+        items = [(n, fw.view(nf.host_bytes(a), nf.dtype_of(a), a.shape)) for n, a in model.tensors]
     else:
         items = list(model.tensors)
 
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="large and small, 1 rank, numpy and direct, 5 repeats")
     ap.add_argument("--shapes", help=f"comma list of {','.join(SHAPES)}")
-    ap.add_argument("--modes", help="comma list of numpy,torch,direct, each optionally with :VARIANT, one of "
+    ap.add_argument("--modes", help="comma list of numpy,torch,paddle,direct, each optionally with :VARIANT, one of "
                     + ",".join(v for v in VARIANTS if v) + " (e.g. direct:noring)")
     ap.add_argument("--receivers", help="comma list, e.g. 1,2")
     ap.add_argument("--repeats", type=int, help="timed repeats per row (after one warm-up)")

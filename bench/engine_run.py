@@ -6,6 +6,7 @@ copies it into its own parameter. ``mode`` picks what the rank runs:
 
 - ``numpy``: ``load_weights`` gets NumPy views and ``np.copyto``s each into the model;
 - ``torch``: the same with torch views (``framework="torch"``) and ``Tensor.copy_``;
+- ``paddle``: the same with Paddle views and ``Tensor.copy_`` (FastDeploy-style ranks);
 - ``direct``: the direct-copy sink (:class:`NumpySink`), for comparison.
 """
 
@@ -46,6 +47,24 @@ def torch_loader(model: dict[str, np.ndarray]) -> Callable[[Iterable[tuple[str, 
     return load_weights
 
 
+def paddle_loader(model: dict[str, np.ndarray]) -> Callable[[Iterable[tuple[str, Any]]], None]:
+    from weightstream.frameworks import numpy as numpy_frames
+    from weightstream.frameworks import paddle as paddle_frames
+
+    # each parameter as a paddle tensor over the model's memory (FastDeploy-style ranks)
+    params = {name: paddle_frames.view(numpy_frames.host_bytes(a), numpy_frames.dtype_of(a), a.shape)
+              for name, a in model.items()}
+
+    def load_weights(weights: Iterable[tuple[str, Any]]) -> None:
+        for name, view in weights:
+            params[name].copy_(view, False)
+
+    return load_weights
+
+
+LOADERS = {"numpy": numpy_loader, "torch": torch_loader, "paddle": paddle_loader}
+
+
 def receive(workdir: str, rank: int, model: dict[str, np.ndarray], options: dict[str, Any], versions: int,
             report: Any, ready: Any) -> None:
     mode = options.get("mode", "numpy")
@@ -53,8 +72,6 @@ def receive(workdir: str, rank: int, model: dict[str, np.ndarray], options: dict
     prefetch = int(options.get("prefetch", 2))
     if mode == "direct":
         daemon = ReceiverDaemon(endpoint, NumpySink(model), rank=rank, prefetch=prefetch)
-    elif mode == "torch":
-        daemon = ReceiverDaemon(endpoint, torch_loader(model), rank=rank, prefetch=prefetch, framework="torch")
     else:
-        daemon = ReceiverDaemon(endpoint, numpy_loader(model), rank=rank, prefetch=prefetch, framework="numpy")
+        daemon = ReceiverDaemon(endpoint, LOADERS[mode](model), rank=rank, prefetch=prefetch, framework=mode)
     serve(daemon, versions, report, ready)
