@@ -11,26 +11,15 @@ two settings so that a drift of the host's memory bandwidth hits both alike.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 
 from weightstream import synthetic
+from weightstream.protocol.transports.shm.streaming import cpu_model
 
 from . import ws_run
 from .peers import harness
 
 MiB = 1 << 20
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from weightstream import BucketSender, synthetic
+from weightstream.protocol.transports.shm.streaming import cpu_model
 
 from . import engine_run, handoff
 from .peers import harness
@@ -44,16 +45,6 @@ MiB = 1 << 20
 GiB = 1 << 30
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = ("large", "small", "transformer")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_model(shape: str) -> synthetic.Model:
@@ -94,14 +85,7 @@ def model_like(model: synthetic.Model, flat: np.ndarray) -> dict[str, np.ndarray
 def floor_timer(model: synthetic.Model, mode: str, dest: dict[str, np.ndarray]) -> Any:
     """The engine's own loop over in-process tensors: what ``load_weights`` costs with no transport."""
     load = engine_run.LOADERS[mode](dest)
-    if mode != "numpy":
-        from weightstream.frameworks import module
-        from weightstream.frameworks import numpy as nf
-
-        fw = module(mode)
-        items = [(n, fw.view(nf.host_bytes(a), nf.dtype_of(a), a.shape)) for n, a in model.tensors]
-    else:
-        items = list(model.tensors)
+    items = list(model.tensors) if mode == "numpy" else engine_run.as_framework(mode, model.tensors)
 
     def timed() -> float:
         t0 = time.perf_counter()

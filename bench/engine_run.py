@@ -31,38 +31,32 @@ def numpy_loader(model: dict[str, np.ndarray]) -> Callable[[Iterable[tuple[str, 
     return load_weights
 
 
-def torch_loader(model: dict[str, np.ndarray]) -> Callable[[Iterable[tuple[str, Any]]], None]:
-
+def as_framework(framework: str, arrays: Iterable[tuple[str, np.ndarray]]) -> list[tuple[str, Any]]:
+    """Each NumPy array as a ``framework`` tensor over the same memory, in the dtype weightstream yields."""
+    from weightstream.frameworks import module
     from weightstream.frameworks import numpy as numpy_frames
-    from weightstream.frameworks import torch as torch_frames
 
-    # each parameter as a torch tensor over the model's memory, in the dtype weightstream yields
-    params = {name: torch_frames.view(numpy_frames.host_bytes(a), numpy_frames.dtype_of(a), a.shape)
-              for name, a in model.items()}
-
-    def load_weights(weights: Iterable[tuple[str, Any]]) -> None:
-        for name, view in weights:
-            params[name].copy_(view)
-
-    return load_weights
+    fw = module(framework)  # type: ignore[arg-type]
+    return [(name, fw.view(numpy_frames.host_bytes(a), numpy_frames.dtype_of(a), a.shape)) for name, a in arrays]
 
 
-def paddle_loader(model: dict[str, np.ndarray]) -> Callable[[Iterable[tuple[str, Any]]], None]:
-    from weightstream.frameworks import numpy as numpy_frames
-    from weightstream.frameworks import paddle as paddle_frames
+def tensor_loader(framework: str) -> Callable[[dict[str, np.ndarray]], Callable[[Iterable[tuple[str, Any]]], None]]:
+    """A ``load_weights`` that ``copy_``s each view into the model's parameter as a ``framework``
+    tensor (torch's and Paddle's ``copy_(src, False)``: a blocking copy in both)."""
 
-    # each parameter as a paddle tensor over the model's memory (FastDeploy-style ranks)
-    params = {name: paddle_frames.view(numpy_frames.host_bytes(a), numpy_frames.dtype_of(a), a.shape)
-              for name, a in model.items()}
+    def loader(model: dict[str, np.ndarray]) -> Callable[[Iterable[tuple[str, Any]]], None]:
+        params = dict(as_framework(framework, model.items()))
 
-    def load_weights(weights: Iterable[tuple[str, Any]]) -> None:
-        for name, view in weights:
-            params[name].copy_(view, False)
+        def load_weights(weights: Iterable[tuple[str, Any]]) -> None:
+            for name, view in weights:
+                params[name].copy_(view, False)
 
-    return load_weights
+        return load_weights
+
+    return loader
 
 
-LOADERS = {"numpy": numpy_loader, "torch": torch_loader, "paddle": paddle_loader}
+LOADERS = {"numpy": numpy_loader, "torch": tensor_loader("torch"), "paddle": tensor_loader("paddle")}
 
 
 def receive(workdir: str, rank: int, model: dict[str, np.ndarray], options: dict[str, Any], versions: int,

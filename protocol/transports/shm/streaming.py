@@ -118,16 +118,19 @@ def _probe_file() -> Path:
     return Path(root) / "weightstream" / "cache-probe.json"
 
 
-def _machine_key() -> str:
-    model = ""
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform says, else "unknown"."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{model or platform.processor()}|{os.cpu_count()}|{last_level_cache_bytes()}|{platform.release()}"
+    return platform.processor() or "unknown"
+
+
+def _machine_key() -> str:
+    return f"{cpu_model()}|{os.cpu_count()}|{last_level_cache_bytes()}|{platform.release()}"
 
 
 def measure_cache_bytes() -> int:
