@@ -41,7 +41,7 @@ from .packed import MAX_VALUE, element_counts, pack_shapes, pack_u64, packed_off
 # 6: two-phase commit (PREPARED, then COMMIT only once every rank prepared); per-connection
 #    routing identities (PONG's ``known``); a manifest split over BEGIN ``parts`` + MANIFEST
 #    frames; BEGIN's ``transport`` (per-push transport parameters); bounded decoding
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 ALIGNMENT = 256
 
 # Decoder limits: a hostile or broken peer must not make us allocate without bound.
@@ -338,11 +338,15 @@ class Commit(Message):
 
 @dataclass(frozen=True, slots=True)
 class Committed(Message):
+    """``seconds``: BEGIN to commit on the rank. ``changing``: how long its served model was being
+    changed, from the first write into it to the commit (staged: the swap at COMMIT alone)."""
+
     TYPE = "COMMITTED"
     version: str = field(metadata=_spec(_VERSION))
     tensors: int = field(metadata=_spec(_Int()))
     bytes: int = field(metadata=_spec(_Int()))
     seconds: float = field(metadata=_spec(_Float()))
+    changing: float | None = field(default=None, metadata=_spec(_Float()))
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,18 +29,20 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..frameworks import FRAMEWORKS, Framework
+from ..metrics import metrics_for
 from ..protocol.errors import ConfigError, PeerTimeout, WeightstreamError
 from ..protocol.transports import device_identity
 from ..security import CurveKeys, check_curve_key, check_network_endpoint, prepare_ipc_endpoint
 from .consumer import Consumer, ParamSpecs
 from .manifest import check_specs
 from .session import MIN_HEARTBEAT_INTERVAL, Session
-from .state import DaemonStatus, RankState
+from .state import DaemonStatus, RankState, VersionRecord
+from .status_endpoint import StatusServer, check_status_endpoint, status_dict
 from .targets import resolve_target
 from .versions import VersionMachine
 from .waiting import cancel_and_wait, wait_bounded
 
-__all__ = ["MIN_HEARTBEAT_INTERVAL", "DaemonStatus", "ParamSpecs", "ReceiverDaemon"]
+__all__ = ["MIN_HEARTBEAT_INTERVAL", "DaemonStatus", "ParamSpecs", "ReceiverDaemon", "VersionRecord"]
 
 log = logging.getLogger("weightstream.receiver")
 
@@ -52,6 +54,11 @@ class ReceiverDaemon:
     ``(name, tensor)`` pairs, or a sink (``TorchModuleSink``, ``PaddleLayerSink``,
     ``NumpySink``, ``PrefixRouter``) or a bound ``load_weights`` of one; a sink
     supplies ``param_specs`` for the manifest check and the views' framework.
+
+    ``metrics=True`` (or a ``prometheus_client.CollectorRegistry``) records the rank's versions,
+    apply and model-change seconds and heartbeat misses (``weightstream.metrics``).
+    ``status_endpoint="ipc:///..."`` answers ``weightstream status`` there: state, committed
+    version, last error and the last versions' timings (``receiver.status_endpoint``).
     """
 
     def __init__(
@@ -72,6 +79,8 @@ class ReceiverDaemon:
         insecure: bool = False,
         staged: bool = False,
         host_id: str | None = None,
+        metrics: Any = None,
+        status_endpoint: str | None = None,
     ) -> None:
         if not isinstance(rank, int) or rank < 0:
             raise ConfigError(f"rank must be an int >= 0, got {rank!r}; fix: this rank's index among the sender's ranks")
@@ -115,6 +124,11 @@ class ReceiverDaemon:
         check_network_endpoint(endpoint, curve_keys is not None, insecure)
         # an ipc endpoint in a directory another user controls would let that user feed this rank
         prepare_ipc_endpoint(endpoint, insecure)
+        self._metrics = metrics_for(metrics, "ReceiverDaemon")
+        self._status_server = (
+            StatusServer(check_status_endpoint(status_endpoint, endpoint, insecure), self._describe)
+            if status_endpoint is not None else None
+        )
         self._state = RankState()
         self._session = Session(
             endpoint, rank, self._state,
@@ -127,7 +141,9 @@ class ReceiverDaemon:
             curve=(curve_keys, server_key) if curve_keys is not None and server_key is not None else None,
             insecure=insecure,
         )
+        self._session.metrics = self._metrics
         self._thread: threading.Thread | None = None
+        self._start_error: BaseException | None = None  # why serve() ended before it started serving
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._executor: ThreadPoolExecutor | None = None  # the apply thread, while serving
@@ -160,6 +176,12 @@ class ReceiverDaemon:
             asyncio.set_event_loop(loop)
             try:
                 loop.run_until_complete(self.serve(_started=started))
+            except BaseException as exc:
+                if not started.is_set():  # start() raises it
+                    self._start_error = exc
+                    started.set()
+                    return
+                raise
             finally:
                 loop.close()
 
@@ -167,6 +189,11 @@ class ReceiverDaemon:
         self._thread.start()
         if not started.wait(timeout):
             raise PeerTimeout(f"daemon thread did not start within {timeout}s")
+        if self._start_error is not None:
+            error, self._start_error = self._start_error, None
+            self._thread.join(timeout)
+            self._thread = None
+            raise error
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -215,6 +242,15 @@ class ReceiverDaemon:
             self._consumer, self._state, directory, version, fallback_dir=fallback_dir, force=force, executor=executor
         )
 
+    def _describe(self) -> dict[str, Any]:
+        """What the status endpoint answers (on the daemon's loop)."""
+        from .. import __version__
+
+        return status_dict(
+            self.status, rank=self.rank, endpoint=self.endpoint, pid=os.getpid(), weightstream=__version__,
+            framework=self.framework, staged=self._consumer.staged,
+        )
+
     # --- the daemon ------------------------------------------------------------------
 
     async def serve(self, _started: threading.Event | None = None) -> None:
@@ -226,13 +262,23 @@ class ReceiverDaemon:
         self._stop_event = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"weightstream-apply{self.rank}")
         session = self._session
-        session.versions = VersionMachine(self._consumer, self._state, session, self._executor)
+        status_server = self._status_server
+        if status_server is not None:
+            try:
+                status_server.bind()
+            except BaseException:
+                self._executor.shutdown(wait=False)
+                self._serving = False
+                raise
+        session.versions = VersionMachine(self._consumer, self._state, session, self._executor, self._metrics)
         session.open()
         self._state.serving()
         tasks = [
             asyncio.create_task(session.connection_loop(), name="weightstream-read"),
             asyncio.create_task(session.heartbeat_loop(), name="weightstream-heartbeat"),
         ]
+        if status_server is not None:
+            tasks.append(asyncio.create_task(status_server.serve(), name="weightstream-status"))
         if _started is not None:
             _started.set()
         try:
@@ -255,5 +301,7 @@ class ReceiverDaemon:
             shutdown = asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
             if not await wait_bounded(shutdown, apply_timeout):
                 log.error("rank %d: the apply thread did not finish within %.0fs of stop()", self.rank, apply_timeout)
+            if status_server is not None:
+                status_server.close()
             self._state.stopped()
             self._serving = False

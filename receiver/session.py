@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import zmq
 import zmq.asyncio
 
+from ..metrics import Metrics
 from ..protocol import messages as m
 from ..protocol.errors import PeerLost, ProtocolError, WeightstreamError, wire_name
 from ..protocol.transports import (
@@ -78,6 +79,7 @@ class Session:
         self._curve = curve
         self._insecure = insecure
         self.versions: Versions | None = None  # set by the daemon before run()
+        self.metrics: Metrics | None = None  # the daemon's, if it records any
         # what the sender's WELCOME gave this connection (None until then, and after it is lost)
         self.welcome: m.Welcome | None = None
         self.imported: Imported | None = None  # the transport's side of this connection: the slots, say
@@ -185,6 +187,9 @@ class Session:
             silent = time.monotonic() - self._last_heard
             limit = welcome.heartbeat_timeout if self._hb_timeout is None else self._hb_timeout
             if silent > max(limit, 2 * interval) and not self._dispatching:
+                self.state.heartbeat_missed()
+                if self.metrics is not None:
+                    self.metrics.heartbeat_missed("rank", self.rank)
                 self.request_reconnect(f"the sender sent nothing for {silent:.1f}s (heartbeat timeout)")
             else:
                 self.send(m.Ping(session=welcome.session))

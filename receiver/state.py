@@ -10,6 +10,7 @@ version that was not committed reached the model); ``restore`` moves it through
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 from ..deadline import Deadline, wait_until
@@ -19,6 +20,7 @@ from ..versions import check_version_order
 # the sender's answers to a claim it refused (another connection holds the rank, or the key may not claim it)
 CLAIM_ERRORS = ("RankInUse:", "IdentityRefused:")
 _FAILED_KEPT = 64  # failed versions remembered for wait_for_version
+VERSIONS_KEPT = 16  # ended versions a status shows, with their timings
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,31 @@ class DaemonStatus:
     connected: bool
     reconnects: int = 0  # times the daemon dropped its connection and opened a new one
     last_reconnect: str | None = None  # why it last did
+    heartbeat_misses: int = 0  # times the sender went silent past the heartbeat timeout
+    versions: tuple[VersionRecord, ...] = ()  # the last versions that ended here, oldest first
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """How one version ended on this rank, with its timings.
+
+    ``outcome``: "committed"; "rejected" (the manifest check refused it); "failed" (this rank's
+    own error); "aborted" (the sender aborted it, or a newer version superseded it).
+    ``seconds``: BEGIN to the end. ``prepare_seconds``: BEGIN to PREPARED (receiving, verifying,
+    applying; None if it never got there). ``change_seconds``: how long the served model was being
+    changed, from the first write into it to the commit or the failure (staged: the swap alone;
+    None if it was never touched). ``ended``: wall-clock time (``time.time()``) of the end.
+    """
+
+    version: str
+    outcome: str
+    tensors: int
+    bytes: int
+    seconds: float
+    prepare_seconds: float | None
+    change_seconds: float | None
+    ended: float
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +81,8 @@ class RankState:
         self._last_error: str | None = None
         self._reconnects = 0
         self._last_reconnect: str | None = None
+        self._heartbeat_misses = 0
+        self._versions: deque[VersionRecord] = deque(maxlen=VERSIONS_KEPT)
 
     # --- reading -------------------------------------------------------------------------
 
@@ -88,6 +117,8 @@ class RankState:
                 connected=connected,
                 reconnects=self._reconnects,
                 last_reconnect=self._last_reconnect,
+                heartbeat_misses=self._heartbeat_misses,
+                versions=tuple(self._versions),
             )
 
     def failed_already(self, version: str, in_flight: str | None) -> bool:
@@ -134,6 +165,15 @@ class RankState:
         with self.cond:
             self._reconnects += 1
             self._last_reconnect = reason
+
+    def heartbeat_missed(self) -> None:
+        with self.cond:
+            self._heartbeat_misses += 1
+
+    def record(self, record: VersionRecord) -> None:
+        """A version ended: kept (the last ``VERSIONS_KEPT``) for ``status``."""
+        with self.cond:
+            self._versions.append(record)
 
     def serving(self) -> None:
         with self.cond:

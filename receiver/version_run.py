@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import operator
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -98,6 +99,9 @@ class VersionRun:
         self.swap_task: Any = None  # staged: the load_weights call COMMIT started
         self.prepared_seconds = 0.0
         self.started = 0.0
+        # when the served model began to change: the first bucket handed to it (in place), or the
+        # staged swap at COMMIT; None while it is untouched
+        self.changing_since: float | None = None
         self.staged = staged
         self.streamed = streamed and self.direct
         self.stream_index = stream_index
@@ -259,6 +263,8 @@ class VersionRun:
                         f"bucket {bucket.seq} of {self.version!r} failed its checksum (expected {bucket.checksum:#018x}, "
                         f"got {got:#018x}): the slot was overwritten or corrupted in transit; the version was not committed"
                     )
+            if self.changing_since is None and not self.staged:
+                self.changing_since = time.perf_counter()
             yield self.applier.apply(bucket)
             self._settle()  # the consumer took every item of the bucket
             self._giving = None

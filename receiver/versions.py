@@ -18,21 +18,25 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..metrics import Metrics
 from ..protocol import messages as m
 from ..protocol.errors import PeerTimeout, ProtocolError, VersionAborted, WeightstreamError, from_wire, wire_name
 from ..protocol.transports import Imported, ImportedSlot, Transport
+from ..version_log import log_version
 from ..versions import check_version_order
 from .consumer import Consumer
 from .manifest import check_manifest
 from .prefetch import PrefetchQueue
 from .run_manifest import RunManifest
 from .sinks.base import NO_GROUPS, name_groups_of
-from .state import RankState
+from .state import RankState, VersionRecord
 from .targets import detached_copy
 from .version_run import VersionRun
 from .waiting import wait_bounded
 
 log = logging.getLogger("weightstream.receiver")
+
+_ERROR_CHARS = 300  # of an error's text in a version's record and log line
 
 
 class Link(Protocol):
@@ -52,10 +56,14 @@ class Link(Protocol):
 
 
 class VersionMachine:
-    def __init__(self, consumer: Consumer, state: RankState, link: Link, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, consumer: Consumer, state: RankState, link: Link, executor: ThreadPoolExecutor,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.consumer = consumer
         self.state = state
         self.link = link
+        self.metrics = metrics
         self.executor = executor  # the apply thread: load_weights, sink hooks, restore
         self.rank = consumer.rank
         self._run: VersionRun | None = None
@@ -134,8 +142,8 @@ class VersionMachine:
                 )
                 self._last_checked = (expected, manifest)
         except WeightstreamError as exc:
-            log.warning("rank %d: rejected version %r: %s", self.rank, msg.version, exc)
             self.state.fail(msg.version, exc, touched=False)
+            self._ended(msg.version, "rejected", None, exc, f"{type(exc).__name__}: {exc}")
             if consumer.unmaterialised():  # never filled yet: the model cannot run
                 self.state.model_unfilled()
             link.send(m.Reject(
@@ -406,6 +414,7 @@ class VersionMachine:
 
         try:
             run.touched = True
+            run.changing_since = time.perf_counter()  # staged: the served model changes only now
             await asyncio.shield(loop.run_in_executor(self.executor, self.consumer.load, given()))
         except Exception as exc:  # after COMMIT: this rank reports the failure, the model may be torn
             self._fail_run(run, exc)
@@ -415,7 +424,9 @@ class VersionMachine:
     def _commit(self, run: VersionRun) -> None:
         if run is not self._run:
             return
-        seconds = time.perf_counter() - run.started
+        now = time.perf_counter()
+        seconds = now - run.started
+        changing = None if run.changing_since is None else now - run.changing_since
         consumer = self.consumer
         if consumer.has_hook("on_commit"):
             # e.g. a SnapshotWriter: disk I/O on the (FIFO, single) apply thread. Queued before the
@@ -423,8 +434,39 @@ class VersionMachine:
             asyncio.get_running_loop().run_in_executor(self.executor, consumer.run_hook, "on_commit", self.state, run.version)
         self.state.commit(run.version, consumer.unmaterialised())
         self._end_run(ok=True)
-        self.link.send(m.Committed(version=run.version, tensors=run.applied, bytes=run.total_bytes, seconds=seconds))
-        log.info("rank %d: committed %s (%d tensors, %.3fs)", self.rank, run.version, run.applied, seconds)
+        self.link.send(m.Committed(
+            version=run.version, tensors=run.applied, bytes=run.total_bytes, seconds=seconds, changing=changing,
+        ))
+        self._ended(run.version, "committed", run)
+
+    def _ended(
+        self, version: str, outcome: str, run: VersionRun | None, exc: BaseException | None = None,
+        text: str | None = None,
+    ) -> None:
+        """A version ended on this rank: its record (for ``status``), its log line, its metrics."""
+        now = time.perf_counter()
+        prepare = change = None
+        tensors = nbytes = 0
+        seconds = 0.0
+        if run is not None:
+            seconds = now - run.started if run.started else 0.0
+            prepare = run.prepared_seconds if run.applied_ok else None
+            change = None if run.changing_since is None else now - run.changing_since
+            tensors, nbytes = run.applied, (run.total_bytes if outcome == "committed" else 0)
+        reason = type(exc).__name__ if exc is not None else None
+        self.state.record(VersionRecord(
+            version, outcome, tensors, nbytes, seconds, prepare, change, time.time(),
+            None if text is None else text[:_ERROR_CHARS],
+        ))
+        log_version(
+            log, side="rank", rank=self.rank, version=version, outcome=outcome, tensors=tensors, bytes=nbytes,
+            seconds=seconds, prepare_s=prepare, change_s=change, reason=reason,
+            error=None if text is None else text[:_ERROR_CHARS],
+        )
+        if self.metrics is not None:
+            self.metrics.version_ended("rank", outcome, reason)
+            # a version that failed after touching the model is in the record and the log line, not in the histogram
+            self.metrics.rank_timings("rank", self.rank, prepare, change if outcome == "committed" else None)
 
     def _end_run(self, ok: bool) -> None:
         """The version in flight ended on this rank; a failed one takes what the transport set up for
@@ -443,9 +485,9 @@ class VersionMachine:
         text = str(exc)
         if not isinstance(exc, WeightstreamError) and run.last_given is not None:  # the engine's own error
             text += f" (while loading tensor {run.last_given!r}, the last one load_weights was given)"
-        log.warning("rank %d: version %r failed: %s: %s", self.rank, run.version, type(exc).__name__, text)
         error = exc if isinstance(exc, WeightstreamError) else from_wire(type(exc).__name__, text, rank=self.rank)
         self.state.fail(run.version, error, touched=run.touched, shown=f"{type(exc).__name__}: {text}")
+        self._ended(run.version, "failed", run, exc, f"{type(exc).__name__}: {text}")
         self._end_run(ok=False)
         self.link.send(
             m.Failed(
@@ -480,6 +522,7 @@ class VersionMachine:
             self.consumer.run_hook("on_abort", self.state)
             run.held = None
             self.state.fail(run.version, error, touched=run.touched)
+            self._ended(run.version, "aborted", run, error, f"{type(error).__name__}: {error}")
             self._end_run(ok=False)
             self.link.send(m.Failed(  # the answer to an ABORT; dropped if the sender is gone
                 version=run.version, error=type(error).__name__, message=f"{type(error).__name__}: {error}"[: m.MAX_TEXT_LEN],

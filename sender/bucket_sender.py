@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -14,6 +15,7 @@ from types import TracebackType
 from typing import Any
 
 from ..gc_pause import gc_paused
+from ..metrics import metrics_for
 from ..protocol import messages as m
 from ..protocol.errors import (
     ConfigError,
@@ -26,6 +28,7 @@ from ..protocol.errors import (
 from ..protocol.packed import pack_shapes
 from ..protocol.transports import TRANSPORTS, ExportContext, PushLayout, StreamSpec, check_begin_fields, host_identity
 from ..security import CurveKeys
+from ..version_log import log_version
 from ..versions import read_version
 from .lanes import AUTO, FanOut, Lane, Lanes, data_host_port
 from .manifest import Aliased, Manifest, describe, from_specs, take_aliases
@@ -65,6 +68,10 @@ class ReceiverResult:
     ``model_intact``: False when the rank's served model holds bytes of a version it did not
     commit (it applied in place and then aborted); None when the rank did not say.
     ``transport``: the transport that served the rank in this push.
+    ``prepare_seconds``: the rank's BEGIN to PREPARED (receiving, verifying and applying the
+    version); None if it did not prepare. ``change_seconds``: how long its served model was
+    being changed, from the first write into it to the commit (``staged=True``: the swap at
+    COMMIT alone); None if it did not commit.
     """
 
     rank: int
@@ -75,12 +82,21 @@ class ReceiverResult:
     error: str | None = None
     model_intact: bool | None = True
     transport: str | None = None  # what carried its bytes (with transport="auto", chosen per rank)
+    prepare_seconds: float | None = None
+    change_seconds: float | None = None
 
 
 @dataclass(frozen=True)
 class PushReport:
     """What one ``push`` moved and how each rank ended it. ``push`` returns it when every rank
-    committed (``committed``); a failed push raises with it as ``exc.report``."""
+    committed (``committed``); a failed push raises with it as ``exc.report``.
+
+    Pause vs prepare: ``prepare_seconds`` is the slowest rank's time to hold the whole version
+    (receive, verify, apply); ``change_seconds`` the longest any rank's served model was being
+    changed (with ``staged=True`` ranks, the swap at COMMIT alone, while ranks that apply in place
+    change their model for about as long as they prepare). ``slot_wait_seconds``: the trainer's
+    packer waiting for slots the ranks had not acked yet.
+    """
 
     version: str
     bytes: int
@@ -89,6 +105,19 @@ class PushReport:
     seconds: float
     receivers: dict[int, ReceiverResult] = field(default_factory=dict)
     committed: bool = True
+    slot_wait_seconds: float = 0.0
+
+    @property
+    def prepare_seconds(self) -> float | None:
+        """The slowest rank's BEGIN to PREPARED; None if no rank prepared."""
+        times = [r.prepare_seconds for r in self.receivers.values() if r.prepare_seconds is not None]
+        return max(times) if times else None
+
+    @property
+    def change_seconds(self) -> float | None:
+        """The longest time any rank's served model was being changed; None if none committed."""
+        times = [r.change_seconds for r in self.receivers.values() if r.change_seconds is not None]
+        return max(times) if times else None
 
     @property
     def gbps(self) -> float:
@@ -129,6 +158,7 @@ class BucketSender:
         allowed_clients: Iterable[bytes] | Mapping[int, bytes] | None = None,
         insecure: bool = False,
         data_address: str | None = None,
+        metrics: Any = None,
     ) -> None:
         if receivers < 1:
             raise ConfigError(f"receivers must be >= 1, got {receivers}; fix: the number of ranks a push waits for")
@@ -144,6 +174,7 @@ class BucketSender:
                 f"transport={transport!r}: expected one of {sorted([*TRANSPORTS, AUTO])}; fix: e.g. transport='shm'"
             )
         data_host, data_port = data_host_port(data_address, endpoint)
+        self._metrics = metrics_for(metrics, "BucketSender")
         plan_buckets([], bucket_bytes, alignment)  # validates bucket_bytes/alignment early
         self.endpoint = endpoint
         self.receivers = receivers
@@ -188,6 +219,8 @@ class BucketSender:
         self._layouts = 0  # layouts planned so far: the last one's number
         self._streamed_last: bool | None = None  # did every rank take the last push streamed?
         self._publisher.on_slot_free = self._ring.release
+        if self._metrics is not None:
+            self._publisher.on_silent = functools.partial(self._metrics.heartbeat_missed, "sender")
         self.committed_version: str | None = None
 
     @property
@@ -439,10 +472,8 @@ class BucketSender:
                 pub.wait_quiet(rnd.all_settled, min(timeout, _OUTCOME_WAIT_S))
             finally:
                 seconds = time.perf_counter() - start
-                report = pub.read_round(rnd, lambda r: _report(r, total, len(manifest), len(plan), seconds, carriers))
-            log.warning("push of %s failed: %s", version, "; ".join(
-                f"rank {r.rank} {r.outcome}" + (f" ({r.error})" if r.error else "") for r in report.receivers.values()
-            ))
+                report = pub.read_round(rnd, lambda r: _report(r, total, len(manifest), len(plan), seconds, carriers, self._ring.waited))
+            self._ended(report, exc)
             if isinstance(exc, WeightstreamError):
                 exc.report = report
                 raise
@@ -465,12 +496,30 @@ class BucketSender:
                         lane.exported.end_push(False)
         seconds = time.perf_counter() - start
         self.committed_version = version
-        report = pub.read_round(rnd, lambda r: _report(r, total, len(manifest), len(plan), seconds, carriers))
-        log.info(
-            "pushed %s: %d tensors, %d bytes, %d buckets to %d ranks in %.3fs",
-            version, len(manifest), total, len(plan), len(ranks), seconds,
-        )
+        report = pub.read_round(rnd, lambda r: _report(r, total, len(manifest), len(plan), seconds, carriers, self._ring.waited))
+        self._ended(report, None)
         return report
+
+    def _ended(self, report: PushReport, exc: BaseException | None) -> None:
+        """A push ended: its log line and its metrics."""
+        outcome = "committed" if exc is None else "failed"
+        reason = None if exc is None else type(exc).__name__
+        ranks = report.receivers.values()
+        log_version(
+            log, side="sender", version=report.version, outcome=outcome, bytes=report.bytes, tensors=report.tensors,
+            buckets=report.buckets, ranks=len(report.receivers), seconds=report.seconds,
+            prepare_s=report.prepare_seconds, change_s=report.change_seconds, slot_wait_s=report.slot_wait_seconds,
+            reason=reason,
+            outcomes=None if exc is None else ",".join(f"{r.rank}:{r.outcome}" for r in ranks),
+            error=None if exc is None else str(exc)[:300],
+        )
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.push(outcome, report.seconds, report.bytes)
+            metrics.version_ended("sender", outcome, reason)
+            metrics.slot_waited(report.slot_wait_seconds)
+            for r in ranks:
+                metrics.rank_timings("sender", r.rank, r.prepare_seconds, r.change_seconds)
 
     def _stream(
         self,
@@ -558,16 +607,16 @@ class BucketSender:
 
 
 def _report(
-    rnd: Round, total: int, tensors: int, buckets: int, seconds: float, carriers: dict[int, str]
+    rnd: Round, total: int, tensors: int, buckets: int, seconds: float, carriers: dict[int, str], slot_wait: float,
 ) -> PushReport:
     """Every rank's outcome of a round; the caller holds the publisher's lock."""
     results: dict[int, ReceiverResult] = {}
     for rank in sorted(rnd.ranks):
         done = rnd.committed.get(rank)
-        if done is not None:
-            results[rank] = ReceiverResult(rank, done.tensors, done.bytes, done.seconds)
-            continue
         prep = rnd.prepared.get(rank)
+        if done is not None:
+            results[rank] = ReceiverResult(rank, done.tensors, done.bytes, done.seconds, change_seconds=done.changing)
+            continue
         applied = (prep.tensors, prep.bytes, prep.seconds) if prep is not None else (0, 0, 0.0)
         # a rank that prepared in place holds the uncommitted version in its served model
         intact: bool | None = None if prep is None else not prep.in_place
@@ -583,9 +632,14 @@ def _report(
             results[rank] = ReceiverResult(rank, *applied, "lost", rnd.lost[rank], intact)
         else:
             results[rank] = ReceiverResult(rank, *applied, "aborted", None, intact)
-    results = {rank: replace(r, transport=carriers.get(rank)) for rank, r in results.items()}
+    results = {
+        rank: replace(
+            r, transport=carriers.get(rank), prepare_seconds=rnd.prepared[rank].seconds if rank in rnd.prepared else None,
+        )
+        for rank, r in results.items()
+    }
     ok = bool(results) and all(r.outcome == "committed" for r in results.values())
-    return PushReport(rnd.version, total, tensors, buckets, seconds, results, ok)
+    return PushReport(rnd.version, total, tensors, buckets, seconds, results, ok, slot_wait)
 
 
 def _rejection(version: str, rnd: Round) -> WeightstreamError:

@@ -17,9 +17,7 @@ holds no rank are decoded only up to PRE_HELLO_MAX_BYTES.
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,9 +39,11 @@ from ..protocol.errors import (
 )
 from ..security import (
     CurveKeys,
+    SocketFile,
     apply_server_curve,
     check_network_endpoint,
     prepare_ipc_endpoint,
+    refuse_live_ipc_endpoint,
     start_authenticator,
 )
 
@@ -154,6 +154,7 @@ class Publisher:
         self.refused: dict[int, tuple[float, str]] = {}  # rank -> (when, why) its last claim was refused
         self.round: Round | None = None
         self.on_slot_free: Callable[[int], None] = lambda slot: None
+        self.on_silent: Callable[[int], None] = lambda rank: None  # a rank dropped for silence (heartbeat miss)
         self._error_limiter = m.ErrorReplyLimiter()
         self._codec = m.Codec()  # this sender's: it remembers the names of the manifest it sent last
         self._outbox: queue.SimpleQueue[tuple[Any, ...] | threading.Event | None] = queue.SimpleQueue()
@@ -186,9 +187,9 @@ class Publisher:
         self._wake_tx.setsockopt(zmq.LINGER, 0)
         self._wake_tx.connect(wake_addr)
         self._wake_lock = threading.Lock()
-        self._socket_file: tuple[str, int, int] | None = None  # (path, dev, inode) of the ipc socket we bound
+        self._socket_file: SocketFile | None = None  # the ipc socket file this sender bound
         try:
-            _refuse_live_ipc_endpoint(endpoint)
+            refuse_live_ipc_endpoint(endpoint, "sender", "one BucketSender per endpoint")
             self._router.bind(endpoint)
         except zmq.ZMQError as exc:
             self._close_sockets()
@@ -199,13 +200,7 @@ class Publisher:
         except BaseException:
             self._close_sockets()
             raise
-        path = _ipc_path(endpoint)
-        if path is not None:
-            try:
-                st = os.stat(path)
-                self._socket_file = (path, st.st_dev, st.st_ino)
-            except OSError:
-                pass
+        self._socket_file = SocketFile.bound_at(endpoint)
         self._thread = threading.Thread(target=self._run, name="weightstream-publisher", daemon=True)
         self._thread.start()
 
@@ -325,13 +320,7 @@ class Publisher:
             log.warning("publisher thread did not stop within 10s")
         self._close_sockets()
         if self._socket_file is not None:  # only the socket file this sender bound, never a successor's
-            path, dev, ino = self._socket_file
-            try:
-                st = os.stat(path)
-                if (st.st_dev, st.st_ino) == (dev, ino):
-                    os.unlink(path)
-            except OSError:
-                pass
+            self._socket_file.remove()
 
     def _close_sockets(self) -> None:
         for sock in (self._router, getattr(self, "_wake_rx", None), getattr(self, "_wake_tx", None)):
@@ -603,6 +592,7 @@ class Publisher:
             stale = [p for p in self.peers.values() if now - p.last_seen > self._heartbeat_timeout]
             for peer in stale:
                 self._drop_peer(peer, f"rank {peer.rank} sent nothing for {now - peer.last_seen:.1f}s (heartbeat timeout)")
+                self.on_silent(peer.rank)
 
     def describe_refused(self) -> str:
         """Ranks whose last claim was refused, and why (the last refusal of each)."""
@@ -632,29 +622,3 @@ def _z85(key: bytes | str) -> bytes:
     return zmq.utils.z85.encode(raw) if len(raw) == 32 else raw
 
 
-def _ipc_path(endpoint: str) -> str | None:
-    """The socket file of an ipc endpoint (None for other endpoints and abstract sockets)."""
-    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
-        return None
-    return endpoint[len("ipc://"):]
-
-
-def _refuse_live_ipc_endpoint(endpoint: str) -> None:
-    """libzmq binds over an existing socket file silently, stealing a live sender's endpoint.
-    A file that accepts a connection belongs to a live sender: refuse. A stale one (its sender
-    died) refuses the connection, and the bind replaces it."""
-    path = _ipc_path(endpoint)
-    if path is None or not os.path.exists(path):
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(2.0)
-    try:
-        probe.connect(path)
-    except OSError:
-        return  # ECONNREFUSED (stale), or not a socket: libzmq's bind says what is wrong
-    finally:
-        probe.close()
-    raise WeightstreamError(
-        f"another sender is bound at {endpoint} (its socket accepts connections); one BucketSender per endpoint: "
-        "close the other one first, or give this one its own endpoint (e.g. one per GPU)"
-    )

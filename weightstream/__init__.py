@@ -17,7 +17,7 @@ from .protocol.errors import (
     VersionAborted,
     WeightstreamError,
 )
-from .receiver.daemon import DaemonStatus, ReceiverDaemon
+from .receiver.daemon import DaemonStatus, ReceiverDaemon, VersionRecord
 from .security import CurveKeys
 from .sender.bucket_sender import BucketSender, PushReport, ReceiverResult
 
@@ -41,5 +41,6 @@ __all__ = [
     "TransportError",
     "UnknownTransport",
     "VersionAborted",
+    "VersionRecord",
     "WeightstreamError",
 ]

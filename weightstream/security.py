@@ -9,6 +9,7 @@ it must be encrypted and authenticated with ZMQ CURVE unless the user says
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -184,3 +185,60 @@ def start_authenticator(ctx: zmq.Context[Any], allowed_clients: Iterable[bytes] 
 
         auth.configure_curve_callback(domain="*", credentials_provider=_Keys())
     return auth
+
+
+def ipc_path(endpoint: str) -> str | None:
+    """The socket file of an ipc endpoint (None for other endpoints and abstract sockets)."""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return None
+    return endpoint[len("ipc://"):]
+
+
+def refuse_live_ipc_endpoint(endpoint: str, who: str, rule: str) -> None:
+    """libzmq binds over an existing socket file silently, stealing a live peer's endpoint.
+    A file that accepts a connection belongs to a live ``who``: refuse. A stale one (its owner
+    died) refuses the connection, and the bind replaces it."""
+    path = ipc_path(endpoint)
+    if path is None or not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return  # ECONNREFUSED (stale), or not a socket: libzmq's bind says what is wrong
+    finally:
+        probe.close()
+    raise WeightstreamError(
+        f"another {who} is bound at {endpoint} (its socket accepts connections); {rule}: close the other one "
+        "first, or give this one its own endpoint"
+    )
+
+
+@dataclass(frozen=True)
+class SocketFile:
+    """The ipc socket file a bind made, known by inode: closing removes that file only, never one
+    a successor bound at the same path since."""
+
+    path: str
+    dev: int
+    ino: int
+
+    @classmethod
+    def bound_at(cls, endpoint: str) -> SocketFile | None:
+        path = ipc_path(endpoint)
+        if path is None:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return cls(path, st.st_dev, st.st_ino)
+
+    def remove(self) -> None:
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == (self.dev, self.ino):
+                os.unlink(self.path)
+        except OSError:
+            pass

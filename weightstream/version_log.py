@@ -1,0 +1,34 @@
+"""One structured log line per version per side.
+
+The line is ``key=value`` pairs (logfmt), so it greps and parses without a JSON formatter, and
+the same fields ride on the record as ``record.weightstream`` (a dict) for handlers that emit
+JSON. Only names, counts, sizes and timings: never tensor contents.
+
+    INFO weightstream.sender: version side=sender version=step_7 outcome=committed bytes=1073741824 tensors=64 ...
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+__all__ = ["log_version"]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6f}"
+    text = str(value)
+    if not text or any(c in text for c in ' "=\\\n\t'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
+    return text
+
+
+def log_version(logger: logging.Logger, **fields: Any) -> None:
+    """Log the end of a version: INFO when it committed, WARNING otherwise. ``fields`` must
+    hold ``side``, ``version`` and ``outcome``; None values are left out."""
+    present = {key: value for key, value in fields.items() if value is not None}
+    level = logging.INFO if present.get("outcome") == "committed" else logging.WARNING
+    if logger.isEnabledFor(level):
+        line = " ".join(f"{key}={_text(value)}" for key, value in present.items())
+        logger.log(level, "version %s", line, extra={"weightstream": present})
