@@ -25,6 +25,7 @@ import logging
 import os
 import secrets
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -226,12 +227,15 @@ class ReceiverDaemon:
         self.stop()
 
     def restore(
-        self, directory: str | os.PathLike[str], version: str | None = None, *, fallback_dir: str | os.PathLike[str] | None = None, force: bool = False
+        self, directory: str | os.PathLike[str], version: str | None = None, *,
+        fallback_dir: str | os.PathLike[str] | None = None, force: bool = False,
+        progress: Callable[[int, int], None] | None = None,
     ) -> str:
         """Apply this rank's snapshot of ``version`` (default: ``directory/version.yaml``) without a sender.
 
         Streams part by part through the same iterator as a live update; refuses a version
-        older than the committed one unless ``force``. Returns the version now committed.
+        older than the committed one unless ``force``. ``progress(bytes_done, bytes_total)`` is
+        called before the first part and after each. Returns the version now committed.
         """
         from .snapshot import restore_rank
 
@@ -239,7 +243,8 @@ class ReceiverDaemon:
         # a committed version queued there
         executor = self._executor if self._serving else None
         return restore_rank(
-            self._consumer, self._state, directory, version, fallback_dir=fallback_dir, force=force, executor=executor
+            self._consumer, self._state, directory, version, fallback_dir=fallback_dir, force=force, executor=executor,
+            progress=progress,
         )
 
     def _describe(self) -> dict[str, Any]:

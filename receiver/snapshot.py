@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
@@ -34,6 +35,7 @@ from .state import RankState
 from .version_run import VersionRun
 
 __all__ = [
+    "Progress",
     "SnapshotSource",
     "SnapshotWriter",
     "Tee",
@@ -41,12 +43,15 @@ __all__ = [
     "compare_versions",
     "load_snapshot",
     "restore_into",
+    "restore_rank",
     "verify_materialised",
     "version_key",
 ]
 
 log = logging.getLogger("weightstream.snapshot")
 
+#: ``progress(bytes_done, bytes_total)``: tensor bytes of the snapshot applied so far
+Progress = Callable[[int, int], None]
 
 
 # --- bootstrap verification ---------------------------------------------------------------
@@ -197,9 +202,14 @@ def restore_into(
     *,
     fallback_dir: str | os.PathLike[str] | None = None,
     force: bool = False,
+    progress: Progress | None = None,
 ) -> str:
-    """``daemon.restore(...)``: apply a snapshot to a ReceiverDaemon without a sender; return its version."""
-    return str(daemon.restore(directory, version, fallback_dir=fallback_dir, force=force))
+    """``daemon.restore(...)``: apply a snapshot to a ReceiverDaemon without a sender; return its version.
+
+    ``progress`` is passed on only when given (a daemon's ``restore`` that takes it).
+    """
+    extra: dict[str, Any] = {} if progress is None else {"progress": progress}
+    return str(daemon.restore(directory, version, fallback_dir=fallback_dir, force=force, **extra))
 
 
 def restore_rank(
@@ -211,6 +221,7 @@ def restore_rank(
     fallback_dir: str | os.PathLike[str] | None = None,
     force: bool = False,
     executor: Executor | None = None,
+    progress: Progress | None = None,
 ) -> str:
     """What ``ReceiverDaemon.restore`` does, through the rank's public parts: its consumer
     (load_weights, sink) and its state. Returns the version now committed.
@@ -218,18 +229,49 @@ def restore_rank(
     Blocks the calling thread (never call it on the daemon's event loop). Given the serving
     daemon's apply thread (``executor``), the whole restore (finding the snapshot included)
     runs there, so it never overlaps a live version and sees every snapshot a committed
-    version wrote.
+    version wrote. Every part of the chosen version is opened before the first is read, so a
+    concurrent prune cannot break it. ``progress(done, total)`` is called with tensor bytes
+    applied: ``(0, total)`` first, then after each part, on the thread applying; an error
+    it raises is logged once and the callback is dropped (a progress bar never fails a restore).
     """
     if executor is not None:
-        return executor.submit(_restore, consumer, state, directory, version, fallback_dir, force).result()
-    return _restore(consumer, state, directory, version, fallback_dir, force)
+        return executor.submit(_restore, consumer, state, directory, version, fallback_dir, force, progress).result()
+    return _restore(consumer, state, directory, version, fallback_dir, force, progress)
+
+
+class _Reporter:
+    """Calls ``progress`` with cumulative bytes; drops it after its first error."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress = progress
+        self.total = total
+        self.done = 0
+
+    def add(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.progress is None:
+            return
+        try:
+            self.progress(self.done, self.total)
+        except Exception as exc:
+            log.warning("snapshot: restore progress callback raised %r; no more progress is reported", exc)
+            self.progress = None
 
 
 def _restore(
     consumer: Consumer, state: RankState, directory: str | os.PathLike[str], version: str | None,
-    fallback_dir: str | os.PathLike[str] | None, force: bool,
+    fallback_dir: str | os.PathLike[str] | None, force: bool, progress: Progress | None = None,
 ) -> str:
     source = load_snapshot(directory, consumer.rank, version, fallback_dir=fallback_dir)
+    try:
+        return _restore_source(consumer, state, source, force, progress)
+    finally:
+        source.close()  # parts never mapped (a refused manifest, a failed load)
+
+
+def _restore_source(
+    consumer: Consumer, state: RankState, source: SnapshotSource, force: bool, progress: Progress | None
+) -> str:
     begin = _begin(source)
     sink = consumer.sink
     expected, _ = consumer.specs()
@@ -242,11 +284,14 @@ def _restore(
         loop = asyncio.new_event_loop()
         queue = PrefetchQueue(consumer.prefetch, loop)
         live: dict[int, MappedPart] = {}  # parts mapped and not yet consumed
+        reporter = _Reporter(progress, source.total_bytes)
+        reporter.add(0)
 
         def on_ack(seq: int, slot: int) -> None:  # the consumer moved past part seq: drop its pages
             part = live.pop(seq, None)
             if part is not None:
                 part.release()
+            reporter.add(source.part_bytes(seq))
 
         run = VersionRun(
             begin,

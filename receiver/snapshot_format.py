@@ -16,6 +16,9 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+
+import xxhash
 
 from ..protocol.dtypes import DType, by_name
 from ..protocol.errors import WeightstreamError
@@ -45,6 +48,12 @@ META_FORMAT = "weightstream.format"
 META_PART = "weightstream.part"
 META_PARTS = "weightstream.parts"
 FORMAT_TAG = "snapshot-v1"
+# xxh3_64 of the data section, one 16-hex-digit digest per DIGEST_BLOCK bytes, comma-separated:
+# ``snapshot verify`` then names the bad byte range and its tensors, not just the file. Parts
+# written before these keys existed have none and are verified structurally.
+META_DIGEST = "weightstream.xxh3_64"
+META_DIGEST_BLOCK = "weightstream.xxh3_block"
+DIGEST_BLOCK = 16 << 20
 
 
 def base_name(rank: int, version: str) -> str:
@@ -98,15 +107,21 @@ class Header:
 def read_header(path: Path) -> Header:
     """Parse and validate a safetensors header; every entry must lie inside the file."""
     with open(path, "rb") as f:
-        raw = f.read(8)
-        size = f.seek(0, 2)
-        if len(raw) != 8:
-            raise _bad(path, f"expected an 8-byte header length, got a {len(raw)}-byte file")
-        (n,) = struct.unpack("<Q", raw)
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise _bad(path, f"expected a header length below {min(MAX_HEADER_BYTES, size - 8)}, got {n}")
-        f.seek(8)
-        text = f.read(n)
+        return read_header_from(f, path)
+
+
+def read_header_from(f: BinaryIO, path: Path) -> Header:
+    """:func:`read_header` of an already open file (``path`` only names it in errors)."""
+    f.seek(0)
+    raw = f.read(8)
+    size = f.seek(0, 2)
+    if len(raw) != 8:
+        raise _bad(path, f"expected an 8-byte header length, got a {len(raw)}-byte file")
+    (n,) = struct.unpack("<Q", raw)
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise _bad(path, f"expected a header length below {min(MAX_HEADER_BYTES, size - 8)}, got {n}")
+    f.seek(8)
+    text = f.read(n)
     try:
         header = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -157,3 +172,72 @@ def entry_header_bytes(name: str, dtype: DType, shape: tuple[int, ...], end: int
     """Upper bound of what one entry adds to the header (used to keep parts under the limit)."""
     spec = {"dtype": NAME_TO_ST[dtype.name], "shape": list(shape), "data_offsets": [end, end]}
     return len(json.dumps({name: spec}, separators=(",", ":"))) + len(str(end)) + 1
+
+
+def layout_problem(header: Header) -> str | None:
+    """What is wrong with how the entries tile the data section, or None.
+
+    safetensors data is the entries back to back, without gaps or overlap, from the end of
+    the header to the end of the file; :func:`read_header` only checks each one is inside.
+    """
+    at = header.data_start
+    for e in header.entries:
+        if e.begin != at:
+            kind = "a gap" if e.begin > at else "an overlap"
+            return f"tensor {e.name!r} starts at byte {e.begin}, expected {at} ({kind} in the data)"
+        at += e.nbytes
+    if at != header.file_size:
+        return f"the tensors end at byte {at} but the file has {header.file_size} bytes"
+    return None
+
+
+def parts_problem(indices: Sequence[int], metadata: Sequence[dict[str, str]]) -> str | None:
+    """Why a set of weightstream-written parts (their indices, ascending, and metadata) is not
+    one whole version, or None. Only the last part carries the count, so a set missing it (a
+    commit or a prune cut short) never looks whole."""
+    counts = sorted({m[META_PARTS] for m in metadata if META_PARTS in m})
+    if not counts:
+        return f"parts {list(indices)} are there but none says how many the version has (the last part is missing)"
+    if len(counts) > 1 or not counts[0].isdigit():
+        return f"parts {list(indices)} give part counts {counts}; expected one number on the last part"
+    if list(indices) != list(range(int(counts[0]))):
+        return f"expected parts 0..{int(counts[0]) - 1}, found {list(indices)}"
+    return None
+
+
+def digest_meta_bytes(data_bytes: int) -> int:
+    """Upper bound of what the digest keys add to a part's header for ``data_bytes`` of data."""
+    blocks = -(-data_bytes // DIGEST_BLOCK)
+    return len(META_DIGEST) + len(META_DIGEST_BLOCK) + 17 * blocks + len(str(DIGEST_BLOCK)) + 16
+
+
+class BlockHasher:
+    """xxh3_64 of a byte stream, one digest per ``block`` bytes (the last block may be short)."""
+
+    def __init__(self, block: int = DIGEST_BLOCK) -> None:
+        if block < 1:
+            raise WeightstreamError(f"digest block: expected a size >= 1, got {block}")
+        self.block = block
+        self.digests: list[str] = []
+        self._hash = xxhash.xxh3_64()
+        self._fill = 0
+
+    def update(self, data: memoryview) -> None:
+        view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        while len(view):
+            take = min(len(view), self.block - self._fill)
+            self._hash.update(view[:take])
+            self._fill += take
+            view = view[take:]
+            if self._fill == self.block:
+                self.digests.append(self._hash.hexdigest())
+                self._hash.reset()
+                self._fill = 0
+
+    def finish(self) -> list[str]:
+        """Every block's digest, the short last one included."""
+        if self._fill:
+            self.digests.append(self._hash.hexdigest())
+            self._hash.reset()
+            self._fill = 0
+        return self.digests

@@ -7,6 +7,13 @@ a. part files ``model_state.tp{rank}.{version}.part{N}.safetensors`` in ascendin
 b. one full file ``model_state.tp{rank}.{version}.safetensors``;
 c. the legacy names ``model_state.tp0{version}.safetensors`` / ``.pdparams``.
 
+Every file of the version found is opened before :func:`load_snapshot` returns, and read
+through those open files: on Linux an open file outlives its unlink, so a concurrent prune
+(``SnapshotWriter(keep=...)``, ``weightstream snapshot prune``) cannot tear a version out
+from under a restore that found it whole. A part that vanishes between the directory
+listing and its open makes the version refused as incomplete, never loaded torn. One file
+descriptor per part is held until that part is mapped (the mapping keeps its own).
+
 Parts are memory-mapped privately (copy-on-write), so reading one costs page cache, not
 a heap copy; a consumed part's pages are dropped (``MADV_DONTNEED``) so resident memory
 stays at about one part. Arrays are NumPy with ml_dtypes for bfloat16/float8.
@@ -14,6 +21,7 @@ stays at about one part. Arrays are NumPy with ml_dtypes for bfloat16/float8.
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -21,6 +29,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -31,14 +40,14 @@ from ..protocol.errors import WeightstreamError
 from ..versions import read_version
 from .snapshot_format import (
     META_FORMAT,
-    META_PARTS,
     Header,
     base_name,
     check_version_text,
     full_name,
     legacy_names,
     part_regex,
-    read_header,
+    parts_problem,
+    read_header_from,
 )
 
 log = logging.getLogger("weightstream.snapshot")
@@ -70,9 +79,10 @@ class MappedPart:
         self.raw = []
 
 
-def _map_part(path: Path, header: Header) -> MappedPart:
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable views, file never written
+def _map_part(path: Path, header: Header, f: BinaryIO) -> MappedPart:
+    """Map the part through ``f``, the file opened when the version was found (the mapping
+    holds the file from here on, whatever happens to its name)."""
+    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable views, file never written
     if len(mm) != header.file_size:
         raise WeightstreamError(f"{path}: changed size while loading (expected {header.file_size} bytes, got {len(mm)})")
     tensors: list[tuple[str, np.ndarray]] = []
@@ -132,6 +142,8 @@ class SnapshotSource:
     tried: list[Path] = field(default_factory=list)
     _headers: list[Header | None] = field(default_factory=list, repr=False)
     _pdparams: MappedPart | None = field(default=None, repr=False)
+    # each safetensors file, open since the version was found; None once mapped (or closed)
+    _files: list[BinaryIO | None] = field(default_factory=list, repr=False)
 
     @property
     def specs(self) -> list[tuple[str, DType, tuple[int, ...]]]:
@@ -148,6 +160,11 @@ class SnapshotSource:
     def total_bytes(self) -> int:
         return sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, d, s in self.specs)
 
+    def part_bytes(self, index: int) -> int:
+        """Tensor bytes in part ``index`` (a .pdparams file: the whole snapshot)."""
+        header = self._headers[index]
+        return sum(e.nbytes for e in header.entries) if header is not None else self.total_bytes
+
     def __len__(self) -> int:
         return len(self.paths)
 
@@ -161,7 +178,32 @@ class SnapshotSource:
         if header is None:
             part, self._pdparams = self._pdparams_part(index), None
             return part
-        return _map_part(self.paths[index], header)
+        f = self._files[index] if index < len(self._files) else None
+        if f is None:  # mapped before (a second pass): the name must still be there
+            f = open(self.paths[index], "rb")  # noqa: SIM115 - closed just below, after mapping
+        else:
+            self._files[index] = None
+        try:
+            return _map_part(self.paths[index], header, f)
+        finally:
+            f.close()
+
+    def close(self) -> None:
+        """Close the files not mapped yet (an abandoned or failed load); parts already
+        handed out stay valid."""
+        files, self._files = getattr(self, "_files", []), []  # getattr: __del__ after a failed __init__
+        for f in files:
+            if f is not None:
+                f.close()
+
+    def __enter__(self) -> SnapshotSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
 
     def __iter__(self) -> Iterator[list[tuple[str, np.ndarray]]]:
         """Each part as ``[(name, array), ...]``; a part's pages are dropped once the next is asked for."""
@@ -179,7 +221,9 @@ def load_snapshot(
 ) -> SnapshotSource:
     """Find rank ``rank``'s snapshot of ``version`` (default: ``step`` of ``directory/version.yaml``).
 
-    Raises FileNotFoundError listing every path tried when nothing is found. A legacy
+    Every safetensors file of it is open when this returns (see the module docstring), until
+    its part is mapped or :meth:`SnapshotSource.close`. Raises FileNotFoundError listing
+    every path tried when nothing is found. A legacy
     ``.pdparams`` file is read with ``paddle.load``, which unpickles: only point this at
     local files you trust (never at a directory others can write to).
     """
@@ -213,21 +257,45 @@ def _search(where: Path, rank: int, version: str, tried: list[Path], notes: list
     tried.append(where / f"{base_name(rank, version)}.part<N>.safetensors")
     parts = _find_parts(where, rank, version, notes)
     if parts:
-        return SnapshotSource(version, rank, "parts", [p for p, _ in parts], _headers=[h for _, h in parts])
+        return SnapshotSource(
+            version, rank, "parts", [p for p, _, _ in parts], _headers=[h for _, _, h in parts], _files=[f for _, f, _ in parts]
+        )
     full = where / full_name(rank, version)
     tried.append(full)
     if full.is_file():
-        return SnapshotSource(version, rank, "full", [full], _headers=[read_header(full)])
+        f, header = _open_header(full)
+        return SnapshotSource(version, rank, "full", [full], _headers=[header], _files=[f])
     for name in legacy_names(version):
         path = where / name
         tried.append(path)
         if path.is_file():
-            header = read_header(path) if path.suffix == ".safetensors" else None
-            return SnapshotSource(version, rank, "legacy", [path], _headers=[header])
+            if path.suffix != ".safetensors":
+                return SnapshotSource(version, rank, "legacy", [path], _headers=[None], _files=[None])
+            f, header = _open_header(path)
+            return SnapshotSource(version, rank, "legacy", [path], _headers=[header], _files=[f])
     return None
 
 
-def _find_parts(where: Path, rank: int, version: str, notes: list[str]) -> list[tuple[Path, Header]]:
+def _open_header(path: Path) -> tuple[BinaryIO, Header]:
+    """Open ``path`` and read its header through the open file (kept open for the mapping)."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - held open on purpose: the SnapshotSource closes it
+    except OSError as exc:
+        if exc.errno == errno.EMFILE:
+            raise WeightstreamError(
+                f"{path}: cannot open it: too many open files (a snapshot's parts are all held open while it "
+                "loads, one descriptor each); fix: raise the limit (ulimit -n) or write fewer, bigger parts "
+                "(SnapshotWriter max_part_bytes)"
+            ) from exc
+        raise
+    try:
+        return f, read_header_from(f, path)
+    except BaseException:
+        f.close()
+        raise
+
+
+def _find_parts(where: Path, rank: int, version: str, notes: list[str]) -> list[tuple[Path, BinaryIO, Header]]:
     if not where.is_dir():
         return []
     pattern = part_regex(rank, version)
@@ -247,18 +315,35 @@ def _find_parts(where: Path, rank: int, version: str, notes: list[str]) -> list[
     if not indexed:
         return []
     ordered = [(i, indexed[i]) for i in sorted(indexed)]  # numeric: part2 before part10
-    parts = [(p, read_header(p)) for _, p in ordered]
-    ours = [h for _, h in parts if h.metadata.get(META_FORMAT)]
-    if ours:  # written by SnapshotWriter: the last part says how many there are
-        counts = {h.metadata[META_PARTS] for h in ours if META_PARTS in h.metadata}
-        indices = [i for i, _ in ordered]
-        count = counts.pop() if len(counts) == 1 else ""
-        if not count.isdigit() or indices != list(range(int(count))):
-            notes.append(
-                f"{where}: parts {indices} of {base_name(rank, version)} are incomplete "
-                "(a crash while committing?); they were not used"
-            )
-            log.warning("snapshot: %s", notes[-1])
-            return []
+    indices = [i for i, _ in ordered]
+    parts: list[tuple[Path, BinaryIO, Header]] = []
+    try:
+        for _, path in ordered:  # every part open before anything is read: a prune can no longer tear it
+            f, header = _open_header(path)
+            parts.append((path, f, header))
+    except FileNotFoundError as exc:
+        for _, f, _ in parts:
+            f.close()
+        notes.append(
+            f"{where}: parts {indices} of {base_name(rank, version)} are incomplete: {Path(exc.filename or '').name} "
+            "vanished while opening (pruned meanwhile?); they were not used"
+        )
+        log.warning("snapshot: %s", notes[-1])
+        return []
+    except BaseException:
+        for _, f, _ in parts:
+            f.close()
+        raise
+    ours = [h.metadata for _, _, h in parts if h.metadata.get(META_FORMAT)]
+    problem = parts_problem(indices, ours) if ours else None  # ours: the last part says how many there are
+    if problem is not None:
+        for _, f, _ in parts:
+            f.close()
+        notes.append(
+            f"{where}: parts {indices} of {base_name(rank, version)} are incomplete ({problem}; "
+            "a crash or prune while committing?); they were not used"
+        )
+        log.warning("snapshot: %s", notes[-1])
+        return []
     return parts
 

@@ -9,6 +9,10 @@ parts are renamed into place, last part last (it carries the part count), then
 ``version.yaml`` is replaced. A crash leaves either a temp directory (ignored by the
 loader, removed by the next writer) or parts without the last one (refused by the
 loader as incomplete), never a half snapshot that looks whole.
+
+After each commit the writer prunes its own rank's older versions beyond the newest
+``keep`` (rules and atomicity: :mod:`.snapshot_store`); a prune failure is logged, never
+raised. Each part records xxh3 digests of its data for ``weightstream snapshot verify``.
 """
 
 from __future__ import annotations
@@ -31,21 +35,28 @@ from ..protocol.errors import ConfigError, VersionAborted, WeightstreamError
 from ..versions import write_version
 from .sinks.base import name_groups_of
 from .snapshot_format import (
+    DIGEST_BLOCK,
     FORMAT_TAG,
+    META_DIGEST,
+    META_DIGEST_BLOCK,
     META_FORMAT,
     META_PART,
     META_PARTS,
+    BlockHasher,
     build_header,
     check_version_text,
+    digest_meta_bytes,
     entry_header_bytes,
     part_name,
     part_regex,
 )
+from .snapshot_store import check_keep, execute_prune, list_snapshots, plan_prune
 
 log = logging.getLogger("weightstream.snapshot")
 
 TEMP_PREFIX = ".snapshot-tmp-"
 _HEADER_SLACK = 256  # __metadata__, braces and padding
+DEFAULT_KEEP = 3  # the version being served, the one before, and one more to roll back to
 
 
 class _Part:
@@ -56,7 +67,8 @@ class _Part:
         self.header_bytes = _HEADER_SLACK
 
     def size_with(self, extra_data: int, extra_header: int) -> int:
-        return 8 + self.header_bytes + extra_header + self.data_bytes + extra_data
+        data = self.data_bytes + extra_data
+        return 8 + self.header_bytes + extra_header + digest_meta_bytes(data) + data
 
 
 class SnapshotWriter:
@@ -68,15 +80,22 @@ class SnapshotWriter:
     version is committed and :meth:`abort` when it failed; ``load_one`` without ``begin``
     opens a version implicitly. Accepts NumPy, torch and paddle tensors (GPU ones are
     copied to the host first).
+
+    ``keep``: after each commit, delete this rank's versions older than the newest ``keep``
+    (never the one ``version.yaml`` names, never another rank's files, never a writer's
+    temp dir; rules in :mod:`.snapshot_store`). ``None`` keeps every version.
     """
 
     framework: Framework = "numpy"
 
-    def __init__(self, directory: str | Path, rank: int, max_part_bytes: int = 1 << 30) -> None:
+    def __init__(
+        self, directory: str | Path, rank: int, max_part_bytes: int = 1 << 30, keep: int | None = DEFAULT_KEEP
+    ) -> None:
         if not isinstance(rank, int) or rank < 0:
             raise ConfigError(f"SnapshotWriter: rank must be an int >= 0, got {rank!r}; fix: the daemon's rank")
         if max_part_bytes < 4096:
             raise ConfigError(f"SnapshotWriter: max_part_bytes must be >= 4096, got {max_part_bytes}; fix: e.g. 1 << 30")
+        self.keep = None if keep is None else check_keep(keep, "SnapshotWriter")
         self.directory = Path(directory)
         self.rank = rank
         self.max_part_bytes = max_part_bytes
@@ -192,6 +211,8 @@ class SnapshotWriter:
                 raise
             self._discard()
         log.info("snapshot: rank %d committed version %s in %d part(s) under %s", self.rank, version, count, self.directory)
+        if self.keep is not None:
+            self._prune(version)
         return targets
 
     def on_commit(self, version: str) -> None:
@@ -268,6 +289,24 @@ class SnapshotWriter:
             if found and (not found.group(1).isdigit() or int(found.group(1)) >= count):
                 path.unlink(missing_ok=True)
 
+    def _prune(self, committed: str) -> None:
+        """Delete this rank's versions beyond the newest ``keep``; never fails the commit."""
+        keep = self.keep
+        if keep is None:
+            return
+        try:
+            snaps = list_snapshots(self.directory, self.rank)
+            plan = plan_prune(snaps, keep, rank=self.rank, protect=(committed,))
+            result = execute_prune(plan)  # logs each file it could not delete, with why
+        except Exception as exc:
+            log.warning("snapshot: rank %d could not prune %s after committing %s: %s", self.rank, self.directory, committed, exc)
+            return
+        if result.versions:
+            log.info(
+                "snapshot: rank %d pruned version(s) %s (keep=%d) under %s",
+                self.rank, ", ".join(s.version for s in result.versions), keep, self.directory,
+            )
+
     def _remove_stale_temp_dirs(self) -> None:
         """Temp dirs of this rank left by a crashed writer (another pid): never complete, never needed."""
         for path in self.directory.glob(f"{TEMP_PREFIX}tp{self.rank}-*"):
@@ -279,6 +318,10 @@ class SnapshotWriter:
 def _write_part(path: Path, part: _Part, meta: dict[str, str]) -> None:
     # Widest dtype first so every tensor lands aligned to its itemsize (the data start is 8-aligned).
     items = sorted(part.items, key=lambda it: -it[1].itemsize)
+    hasher = BlockHasher(DIGEST_BLOCK)
+    for *_, data in items:
+        hasher.update(data.data)
+    meta = {**meta, META_DIGEST: ",".join(hasher.finish()), META_DIGEST_BLOCK: str(DIGEST_BLOCK)}
     header = build_header([(n, d, s, a.nbytes) for n, d, s, a in items], meta)
     with open(path, "wb") as f:
         f.write(header)
