@@ -16,8 +16,11 @@ CONFIG = LlamaConfig(
 
 
 def build_model(seed: int | None, meta: bool = False) -> Any:
+    model: Any
     if meta:
         with torch.device("meta"):
-            return LlamaForCausalLM(CONFIG).eval()
-    torch.manual_seed(seed or 0)
-    return LlamaForCausalLM(CONFIG).eval()
+            model = LlamaForCausalLM(CONFIG)
+    else:
+        torch.manual_seed(seed or 0)
+        model = LlamaForCausalLM(CONFIG)
+    return model.eval()

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -301,8 +302,10 @@ def _restore_source(
             on_ack=on_ack,
             destination=None,  # whole tensors only: no chunk is ever written in place
         )
+        restoring = getattr(sink, "restoring", None)  # a Tee skips its snapshot writers
         try:
-            _stream(consumer, source, run, queue, loop, live)
+            with restoring() if callable(restoring) else contextlib.nullcontext():
+                _stream(consumer, source, run, queue, loop, live)
             if models:
                 verify_materialised(sink)
         except BaseException as exc:

@@ -17,12 +17,13 @@ raised. Each part records xxh3 digests of its data for ``weightstream snapshot v
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import shutil
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -372,6 +373,17 @@ class Tee:
                     "fix: add load_one so the tee can stream"
                 )
         self.framework: Framework = self.sinks[0].framework
+        self._restoring = False
+
+    @contextlib.contextmanager
+    def restoring(self) -> Iterator[None]:
+        """While ``daemon.restore`` streams a snapshot, its writers are skipped: they would
+        copy aside, and write again, what is being read back from disk."""
+        self._restoring = True
+        try:
+            yield
+        finally:
+            self._restoring = False
 
     def param_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         return dict(self.sinks[0].param_specs())
@@ -388,8 +400,11 @@ class Tee:
         check = getattr(self.sinks[0], "unmaterialised", None)
         return list(check()) if callable(check) else []
 
+    def _active(self) -> list[Any]:
+        return [s for s in self.sinks if not isinstance(s, SnapshotWriter)] if self._restoring else self.sinks
+
     def load_one(self, name: str, tensor: Any) -> None:
-        for sink in self.sinks:
+        for sink in self._active():
             sink.load_one(name, tensor)
 
     def on_commit(self, version: str) -> None:
@@ -407,10 +422,11 @@ class Tee:
                 hook()
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
-        for sink in self.sinks:
+        sinks = self._active()
+        for sink in sinks:
             begin = getattr(sink, "begin", None)
             if callable(begin):
                 begin()
         for name, tensor in weights:
-            for sink in self.sinks:
+            for sink in sinks:
                 sink.load_one(name, tensor)

@@ -35,6 +35,7 @@ def fill(bucket: Any, writer: BucketWriter, cache: PieceCache) -> None:
             raise _named(exc, manifest, writer, [index]) from exc
         if nbytes:
             writer.write(offset, data, chunk, nbytes)
+        del data  # a lazy push's tensor must not outlive its pieces while the next one is pulled
 
 
 def _named(exc: Exception, manifest: Manifest, slot: Any, indices: Any) -> Exception:
@@ -78,6 +79,7 @@ class PieceCache:
 
     def bytes_of(self, index: int, slot: Any) -> Any:
         if index != self._index:
+            self._index, self._bytes = -1, None  # the last tensor goes before the next is pulled (a lazy push holds one)
             manifest = self.manifest
             tensor = manifest.tensors[index] if self.source is None else pull(self.source, manifest, index)  # type: ignore[index]
             self._index, self._bytes = index, slot.source_bytes(tensor)

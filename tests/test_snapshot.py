@@ -301,6 +301,8 @@ def test_restore_while_serving_and_after_a_live_push_through_a_tee(tmp_path: Pat
         model["big"][:] = 0
         assert daemon.restore(tmp_path / "snap") == "1"  # serving: runs on the apply thread
         assert raw(model["big"]) == raw(named["big"])
+        # the restore skipped the writer: nothing copied aside, no temp part written again
+        assert not list((tmp_path / "snap").glob(".snapshot-tmp-*")) and not writer._part.items
         named2 = {k: v + 1 for k, v in named.items()}
         sender.push(named2.items(), version="2")
         daemon.wait_for_version("2", 30)
