@@ -22,8 +22,9 @@ from .peers import harness
 MiB = 1 << 20
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run the bench with ``argv`` (default: the command line); ``prog`` names it in usage and errors."""
+    ap = argparse.ArgumentParser(prog=prog or "python -m bench.checksum_cost", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=1024, help="bytes of the transformer-like model")
     ap.add_argument("--bucket-mib", type=int, default=256)
     ap.add_argument("--buffers", type=int, default=2)
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.rounds):
         for checksum in (False, True):
             res = harness.run(
-                "bench.ws_run", model, ws_run.make_sender(model),
+                ws_run.__name__, model, ws_run.make_sender(model),
                 setup=ws_run.make_setup(args.bucket_mib * MiB, args.buffers, checksum), teardown=ws_run.teardown,
                 receivers=args.receivers, versions=args.versions,
             )

@@ -46,12 +46,12 @@ from weightstream import BucketSender, CurveKeys, ReceiverDaemon, WeightstreamEr
 from weightstream.protocol.transports.tcp import FRAME_BYTES
 from weightstream.receiver.sinks import NumpySink
 
+from . import results_dir
 from .checksum_cost import cpu_model
 from .peers import harness, raw_gloo
 from .peers.raw_zmq import RawZmqReceiver, RawZmqSender, spans
 
 MiB = 1 << 20
-RESULTS = Path(__file__).resolve().parent / "results"
 TIMEOUT = 60.0  # every wait of the bench: a push, a rank's answer, a group's rendezvous (a push takes ~1 s)
 TRANSPORTS = ("tcp", "gloo", "tcp+curve")
 
@@ -381,8 +381,9 @@ HEADER = (f"{'transport':<10} {'ranks':>5} {'bucket MiB':>10} {'ws GB/s':>8} {'r
           f"{'raw CPU s':>8}  check")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.crosshost", description=__doc__,
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run the bench with ``argv`` (default: the command line); ``prog`` names it in usage and errors."""
+    ap = argparse.ArgumentParser(prog=prog or "python -m bench.crosshost", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="512 MiB model, 5 repeats: ~1 minute on 2 cores")
     ap.add_argument("--curve", action="store_true", help="also run tcp with CURVE keys (raw ZMQ with CURVE too)")
@@ -434,8 +435,9 @@ def main(argv: list[str] | None = None) -> int:
           "CPU s: median CPU seconds of the sender and all ranks together per run")
     print(f"load average at end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}; total {wall:.1f} s")
 
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"crosshost-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    results = results_dir()
+    results.mkdir(parents=True, exist_ok=True)
+    out = results / f"crosshost-{time.strftime('%Y%m%d-%H%M%S')}.json"
     meta = {"cpu": cpu, "cpus": os.cpu_count(), "python": sys.version.split()[0], "numpy": np.__version__,
             "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(), "commit": git_commit(),
             "frame_bytes": FRAME_BYTES, "plan": asdict(plan), "loadavg_start": load_start, "loadavg_end": load_end,

@@ -30,7 +30,6 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,12 +37,11 @@ import numpy as np
 from weightstream import BucketSender, synthetic
 from weightstream.protocol.transports.shm.streaming import cpu_model
 
-from . import engine_run, handoff
+from . import engine_run, handoff, results_dir
 from .peers import harness
 
 MiB = 1 << 20
 GiB = 1 << 30
-RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = ("large", "small", "transformer")
 
 
@@ -170,7 +168,7 @@ def run_shape(shape: str, receivers: int, modes: list[str], repeats: int, log: A
                 sender.push(model.tensors, version=f"v{v}")
 
             with variant(var):
-                res = harness.run("bench.engine_run", model, send, setup=setup, teardown=lambda s: s.close(),
+                res = harness.run(engine_run.__name__, model, send, setup=setup, teardown=lambda s: s.close(),
                                   receivers=receivers, versions=repeats, options={"mode": mode, "prefetch": 2},
                                   paired=lambda mode=mode: yardsticks(mode))
             row.seconds, row.verified = res.seconds, res.verified and not res.mismatches
@@ -215,8 +213,9 @@ def print_table(rows: list[Row]) -> None:
             print(f"{'':<12}   slot sweep (median ms): " + " ".join(f"{k}:{v}" for k, v in row.extra["slot_medians_ms"].items()))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__,
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run the bench with ``argv`` (default: the command line); ``prog`` names it in usage and errors."""
+    ap = argparse.ArgumentParser(prog=prog or "python -m bench.engine", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="large and small, 1 rank, numpy and direct, 5 repeats")
     ap.add_argument("--shapes", help=f"comma list of {','.join(SHAPES)}")
@@ -238,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     print(info)
     t0 = time.perf_counter()
     rows: list[Row] = []
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"engine-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    results = results_dir()
+    results.mkdir(parents=True, exist_ok=True)
+    out = results / f"engine-{time.strftime('%Y%m%d-%H%M%S')}.json"
     for shape in shapes:
         for r in receivers:
             if shape == "small" and r > 1:

@@ -13,14 +13,19 @@ with noisy neighbours), so :func:`sweep` runs every slot size and the best one c
     handoff.close()
 
 The processes stay up between runs so a bench can interleave this yardstick with the
-project's own runs (yardstick, project, yardstick, ...).
+project's own runs (yardstick, project, yardstick, ...). Alone:
+
+    python -m bench.handoff            # 1 GiB, 1 and 2 readers, 3 repeats of every slot size
+    python -m bench.handoff --quick    # 64 MiB, 1 reader, 1 repeat: a smoke run of seconds
 """
 
 from __future__ import annotations
 
+import argparse
 import mmap
 import multiprocessing as mp
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -206,10 +211,38 @@ def memcpy_timer(nbytes: int, src: np.ndarray | None = None, dst: np.ndarray | N
     return timed
 
 
-if __name__ == "__main__":
-    for readers in (1, 2):
-        best, _, medians = sweep(1 << 30, readers)
+def _counts(text: str) -> list[int]:
+    """``--readers 1,2``: whole numbers, comma-separated."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of whole numbers such as 1,2, got {text!r}") from None
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """The yardstick alone: every slot size swept, per reader count, and a memcpy of the same bytes.
+    ``argv`` defaults to the command line; ``prog`` names the command in usage and errors."""
+    ap = argparse.ArgumentParser(prog=prog or "python -m bench.handoff", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 64 MiB, 1 reader, 1 repeat (seconds)")
+    ap.add_argument("--size-mib", type=int, help="bytes handed off per run (default 1024; --quick: 64)")
+    ap.add_argument("--readers", type=_counts, help="comma list of reader counts (default 1,2; --quick: 1)")
+    ap.add_argument("--repeats", type=int, help="timed laps over every slot size, after one warm-up (default 3; --quick: 1)")
+    args = ap.parse_args(argv)
+    mib = args.size_mib if args.size_mib is not None else 64 if args.quick else 1024
+    readers_list = args.readers if args.readers is not None else [1] if args.quick else [1, 2]
+    repeats = args.repeats if args.repeats is not None else 1 if args.quick else 3
+    if mib < 1 or repeats < 1 or min(readers_list) < 1:
+        ap.error(f"expected --size-mib, --readers and --repeats >= 1, got {mib}, {readers_list} and {repeats}")
+    nbytes = mib * MiB
+    for readers in readers_list:
+        best, _, medians = sweep(nbytes, readers, repeats)
         print(f"readers={readers}: best {best >> 20} MiB; "
-              + "  ".join(f"{s >> 20}M:{m * 1e3:.0f}ms" for s, m in medians.items()))
-    memcpy = memcpy_timer(1 << 30)
-    print(f"memcpy 1 GiB: {min(memcpy() for _ in range(3)) * 1e3:.0f} ms")
+              + "  ".join(f"{s >> 20}M:{m * 1e3:.0f}ms" for s, m in medians.items()), flush=True)
+    memcpy = memcpy_timer(nbytes)
+    print(f"memcpy {mib} MiB: {min(memcpy() for _ in range(3)) * 1e3:.0f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,7 +5,7 @@
     python -m bench.throughput --shapes small --methods weightstream,naive --receivers 1
 
 Every run verifies the bytes it moved (xxh3_64 per tensor, sender vs each receiver),
-writes bench/results/<timestamp>.json and .png, and prints a table plus ratios.
+writes <timestamp>.json and .png to bench/results (``bench.results_dir``), and prints a table plus ratios.
 Methods: memcpy (limit: one-process NumPy copy of the same bytes), memcpy_stream (the
 same copy by streaming stores, which weightstream uses for slots past the cache's size:
 the one-copy ceiling of this machine), pipeline (limit of a two-copy pipeline: the minimal
@@ -37,12 +37,11 @@ import numpy as np
 from weightstream import native as speedups
 from weightstream import synthetic
 
-from . import handoff, ws_run
+from . import handoff, results_dir, ws_run
 from .peers import handles, harness, lockstep, naive
 
 MiB = 1 << 20
 GiB = 1 << 30
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("memcpy", "memcpy_stream", "pipeline", "weightstream", "naive", "handles", "lockstep")
 LIMITS = ("memcpy", "memcpy_stream", "pipeline")  # machine ceilings, measured without receivers
 
@@ -142,19 +141,19 @@ def peer_row(method: str, shape: str, model: synthetic.Model, receivers: int, bu
     row = Row(shape, method, len(model.tensors), model.nbytes, receivers)
     if method == "weightstream":
         row.bucket_mib, row.buffers, row.prefetch = bucket // MiB, buffers, prefetch
-        res = harness.run("bench.ws_run", model, ws_run.make_sender(model), setup=ws_run.make_setup(bucket, buffers),
+        res = harness.run(ws_run.__name__, model, ws_run.make_sender(model), setup=ws_run.make_setup(bucket, buffers),
                           teardown=ws_run.teardown, receivers=receivers, versions=versions,
                           options={"prefetch": prefetch}, paired=paired_memcpy(model))
         row.paired_memcpy = res.paired
     elif method == "naive":
-        res = harness.run("bench.peers.naive", model, naive.make_sender(model), setup=naive.setup,
+        res = harness.run(naive.__name__, model, naive.make_sender(model), setup=naive.setup,
                           teardown=naive.teardown, receivers=receivers, versions=versions)
     elif method == "handles":
-        res = harness.run("bench.peers.handles", model, handles.make_sender(model), setup=handles.setup,
+        res = harness.run(handles.__name__, model, handles.make_sender(model), setup=handles.setup,
                           teardown=handles.teardown, receivers=receivers, versions=versions)
     elif method == "lockstep":
         row.bucket_mib = bucket // MiB
-        res = harness.run("bench.peers.lockstep", model, lockstep.make_sender(model, bucket),
+        res = harness.run(lockstep.__name__, model, lockstep.make_sender(model, bucket),
                           setup=lockstep.make_setup(bucket), teardown=lockstep.teardown, receivers=receivers,
                           versions=versions)
     else:
@@ -337,8 +336,9 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run the bench with ``argv`` (default: the command line); ``prog`` names it in usage and errors."""
+    ap = argparse.ArgumentParser(prog=prog or "python -m bench.throughput", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small preset, < 2 minutes on 2 cores")
     ap.add_argument("--shapes", help="comma list of large,transformer,small,large_same")
@@ -384,9 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_plan(plan)
     rats = ratios(rows, plan)
     print_table(rows, rats)
-    RESULTS.mkdir(exist_ok=True)
+    results = results_dir()
+    results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = RESULTS / f"{stamp}.json"
+    out = results / f"{stamp}.json"
     meta = {"python": sys.version.split()[0], "numpy": np.__version__, "machine": platform.machine(),
             "cpus": os.cpu_count(), "plan": asdict(plan), "wall_s": time.perf_counter() - t0}
     out.write_text(json.dumps({"meta": meta, "rows": [{**asdict(r), "gbps": r.gbps} for r in rows],

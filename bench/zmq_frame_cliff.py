@@ -98,8 +98,9 @@ def measure(total: int, frame: int, runs: int) -> tuple[list[float], list[int]]:
     return gbps, faults
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.zmq_frame_cliff", description=__doc__,
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run the bench with ``argv`` (default: the command line); ``prog`` names it in usage and errors."""
+    ap = argparse.ArgumentParser(prog=prog or "python -m bench.zmq_frame_cliff", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames-mib", default="16,24,31.9,32,64", help="comma list of frame sizes in MiB")
     ap.add_argument("--total-mib", type=int, default=512)

@@ -21,9 +21,12 @@ def test_demo_cli_streams_and_verifies_bit_exact() -> None:
     assert out.count("digests OK") == 2, out
 
 
-def test_demo_cli_rejects_bad_arguments() -> None:
+@pytest.mark.parametrize(("option", "value"), [("--receivers", "0"), ("--size-gib", "0"), ("--framework", "jax")])
+def test_demo_cli_rejects_bad_arguments(option: str, value: str) -> None:
+    """Exit 2 before anything starts, with a message that names the option."""
     proc = subprocess.run(
-        [sys.executable, "-m", "weightstream", "demo", "--receivers", "0"], check=False, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "weightstream", "demo", option, value], check=False, capture_output=True, text=True, timeout=60
     )
-    assert proc.returncode == 2
-    assert "expected" in proc.stderr
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"'{option}'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "model:" not in proc.stdout, "the demo started"

@@ -1,8 +1,11 @@
 """Packaging from a checkout: setup's package list holds every package directory of the tree (a
 new subpackage cannot be left out of the wheel), every module imports, each C module has its
 stub and the stub says what the C module takes, and without the C modules weightstream still
-imports and takes its pure-Python paths. Building, installing and importing the wheel itself is
-.ci/run's job (it takes longer than a unit test should)."""
+imports and takes its pure-Python paths. Then the distributions themselves, built from a copy of
+the tree: the sdist and the wheel pass ``twine check --strict`` and carry the license, the sdist
+builds the wheel (C sources and header in it), and with no C compiler the sdist still installs,
+with no C module, and runs (a demo push, a bench, from outside the checkout). Importing every
+module of the installed wheel is .ci/run's job, which repeats these steps too."""
 
 from __future__ import annotations
 
@@ -13,28 +16,42 @@ import inspect
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
+import venv
 import warnings
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
+import weightstream
 from weightstream import native
 
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parents[1]
 NATIVE_DIR = ROOT / "weightstream" / "native"
-# DESIGN.md's layout: sender/, receiver/ and protocol/ install as subpackages of weightstream
+# DESIGN.md's layout: sender/, receiver/ and protocol/ install as subpackages of weightstream;
+# bench/ too, so that an installed `weightstream bench` runs the benches
 LAYOUT = {
     "weightstream": "weightstream",
     "weightstream.protocol": "protocol",
     "weightstream.sender": "sender",
     "weightstream.receiver": "receiver",
+    "weightstream.bench": "bench",
 }
+# Package directories of the tree that stay out of the wheel (setup.py's EXCLUDED), with all below them
+EXCLUDED = {"weightstream.bench.micro"}  # pytest-benchmark files: tests
+# Roots with a link under weightstream/ for mypy (pyproject's [tool.mypy]); bench/ has none: mypy
+# is not run on it, so in a checkout with no install that maps weightstream.bench it is `bench`
+MYPY_LINKED = ("weightstream.protocol", "weightstream.sender", "weightstream.receiver")
+CHECKOUT_NAMES = {"weightstream.bench": "bench"}
 # Modules that need an optional dependency to import, and the module that brings it
 NEEDS = {
     "weightstream.protocol.transports.cuda_ipc.slots": "cuda.bindings",
@@ -62,15 +79,18 @@ def dist() -> Any:
 
 
 def package_directories() -> dict[str, Path]:
-    """Every directory with an ``__init__.py`` under a root of the layout, by import name."""
+    """Every directory with an ``__init__.py`` under a root of the layout, by import name, but
+    those that stay out of the wheel (``EXCLUDED`` and below)."""
     found = {}
     for name, directory in LAYOUT.items():
         top = ROOT / directory
         for init in top.rglob("__init__.py"):  # rglob does not enter symlinked directories
             if "__pycache__" in init.parts or init.parent.is_symlink():
                 continue
-            below = init.parent.relative_to(top).parts
-            found[".".join((name, *below))] = init.parent
+            package = ".".join((name, *init.parent.relative_to(top).parts))
+            if any(package == x or package.startswith(x + ".") for x in EXCLUDED):
+                continue
+            found[package] = init.parent
     return found
 
 
@@ -86,13 +106,13 @@ def test_every_package_directory_is_in_setups_package_list(dist: Any) -> None:
     extra = sorted(set(dist.packages) - set(tree))
     assert not extra, f"packages in setup's list with no directory in the tree: {extra}"
     assert len(dist.packages) == len(set(dist.packages)), f"a package listed twice: {dist.packages}"
+    assert "weightstream.bench" in dist.packages and not EXCLUDED & set(dist.packages), dist.packages
 
 
 def test_the_mypy_links_point_at_their_package_roots() -> None:
     """weightstream/protocol etc. let mypy see the installed names; packaging must skip them."""
-    for name, directory in LAYOUT.items():
-        if name == "weightstream":
-            continue
+    for name in MYPY_LINKED:
+        directory = LAYOUT[name]
         link = ROOT / "weightstream" / name.rpartition(".")[2]
         assert link.is_symlink(), f"{link}: expected a symlink to ../{directory} (pyproject's [tool.mypy])"
         target = link.resolve()
@@ -118,21 +138,33 @@ def test_every_module_imports() -> None:
     etc. into the package, where a walk from ``weightstream`` alone cannot see them."""
     script = r"""
 import importlib, json, pkgutil, sys
+checkout_names = json.loads(sys.argv[2])
+
+def load(name):
+    # a root with no mypy link (bench/) is, in a checkout with no install mapping it, its own top-level package
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        root = next((r for r in checkout_names if name == r or name.startswith(r + ".")), None)
+        if root is None or exc.name != root:
+            raise
+        return importlib.import_module(checkout_names[root] + name[len(root):])
+
 names, failed = [], {}
 for package in json.loads(sys.argv[1]):
     names.append(package)
-    found = pkgutil.iter_modules(importlib.import_module(package).__path__, package + ".")
+    found = pkgutil.iter_modules(load(package).__path__, package + ".")
     names += [m.name for m in found if not m.ispkg and m.name.rpartition(".")[2] != "__main__"]
 for name in names:
     try:
-        importlib.import_module(name)
+        load(name)
     except Exception as exc:
         failed[name] = f"{type(exc).__name__}: {exc}"
 print(json.dumps({"names": names, "failed": failed}))
 """
     packages = sorted(package_directories())
-    done = subprocess.run([sys.executable, "-c", script, json.dumps(packages)], capture_output=True, text=True,
-                          timeout=50, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(packages), json.dumps(CHECKOUT_NAMES)],
+                          capture_output=True, text=True, timeout=50, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.splitlines()[-1])
     names, failed = report["names"], report["failed"]
@@ -244,6 +276,7 @@ class NoCompiler(importlib.abc.MetaPathFinder):  # as if setup.py's optional ext
 sys.meta_path.insert(0, NoCompiler())
 import numpy as np
 import weightstream
+import weightstream
 from weightstream import native
 from weightstream.protocol.transports.shm import ring
 
@@ -260,3 +293,144 @@ print("ok", weightstream.__name__)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50, cwd=ROOT)
     assert done.returncode == 0 and done.stdout.strip() == "ok weightstream", done.stderr or done.stdout
+
+
+# --- the distributions, built -------------------------------------------------------
+
+@dataclass
+class Built:
+    """An sdist and the wheel ``python -m build`` made from it, from a copy of the tree."""
+
+    sdist: Path
+    wheel: Path
+    tmp: Path
+
+    @property
+    def base(self) -> str:
+        """``weightstream-<version>``: the sdist's top folder, the wheel's .dist-info stem."""
+        return self.sdist.name.removesuffix(".tar.gz")
+
+
+def _copy_of_the_tree(into: Path) -> Path:
+    """The tracked files and the untracked ones git does not ignore, as .ci/run's copy: a build in
+    the checkout would pack what an earlier one left in build/ and *.egg-info (and write there)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, timeout=30, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src, dst = ROOT / rel, into / rel
+        if not (src.is_symlink() or src.is_file()):  # deleted since it was tracked
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():  # the mypy links stay links, as in a checkout
+            dst.symlink_to(os.readlink(src))
+        else:
+            shutil.copy2(src, dst)
+    return into
+
+
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout: the build copies the tree git lists")
+    pytest.importorskip("build")
+    tmp = tmp_path_factory.mktemp("dist")
+    src = _copy_of_the_tree(tmp / "src")
+    # --no-isolation: the build backend installed here, no download; the wheel is built from the sdist
+    done = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp / "dist"), str(src)],
+                          capture_output=True, text=True, timeout=150, cwd=tmp)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    (sdist,), (wheel,) = (tmp / "dist").glob("weightstream-*.tar.gz"), (tmp / "dist").glob("weightstream-*.whl")
+    return Built(sdist, wheel, tmp)
+
+
+@pytest.mark.timeout(180)
+def test_sdist_and_wheel_pass_twine_check_strict(built: Built) -> None:
+    pytest.importorskip("twine")
+    done = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", str(built.sdist), str(built.wheel)],
+                          capture_output=True, text=True, timeout=60)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert out.count("PASSED") == 2 and "WARNING" not in out.upper(), out
+
+
+@pytest.mark.timeout(180)
+def test_the_license_and_classifiers_ship_in_both(built: Built) -> None:
+    license_text = (ROOT / "LICENSE").read_bytes()
+    base = built.base
+    assert base == f"weightstream-{weightstream.__version__}", f"{base}: pyproject's version and __version__ differ"
+    with zipfile.ZipFile(built.wheel) as whl:
+        assert whl.read(f"{base}.dist-info/licenses/LICENSE") == license_text, "the wheel's license differs"
+        metadata = whl.read(f"{base}.dist-info/METADATA").decode()
+    with tarfile.open(built.sdist) as sdist:
+        member = sdist.extractfile(f"{base}/LICENSE")
+        assert member is not None and member.read() == license_text, "the sdist's license differs"
+        pkg_info = sdist.extractfile(f"{base}/PKG-INFO")
+        assert pkg_info is not None and b"License-File: LICENSE" in pkg_info.read()
+    assert "License-Expression: Apache-2.0" in metadata and "License-File: LICENSE" in metadata, metadata[:2000]
+    classifiers = {line.partition(": ")[2] for line in metadata.splitlines() if line.startswith("Classifier: ")}
+    want = {"Programming Language :: Python :: 3.10", "Operating System :: POSIX :: Linux", "Typing :: Typed"}
+    assert want <= classifiers and any(c.startswith("Topic :: ") for c in classifiers), classifiers
+
+
+@pytest.mark.timeout(180)
+def test_the_sdist_builds_on_its_own_and_the_wheel_holds_the_package(built: Built) -> None:
+    """The wheel was built from the sdist: so the sdist has every C source and header; the wheel
+    has the benches once (bench/micro, tests, stays out) and no C source."""
+    base = built.base
+    with tarfile.open(built.sdist) as sdist:
+        in_sdist = set(sdist.getnames())
+    c_files = {f"{base}/weightstream/native/{p.name}" for p in NATIVE_DIR.iterdir() if p.suffix in (".c", ".h", ".pyi")}
+    assert c_files <= in_sdist, sorted(c_files - in_sdist)
+    with zipfile.ZipFile(built.wheel) as whl:
+        files = whl.namelist()
+    assert len(files) == len(set(files)), "a file listed twice in the wheel"
+    benches = {f"weightstream/bench/{p.relative_to(ROOT / 'bench').as_posix()}" for p in (ROOT / "bench").rglob("*.py")
+               if "__pycache__" not in p.parts and "micro" not in p.parts}
+    assert "weightstream/bench/engine.py" in benches and benches <= set(files), sorted(benches - set(files))
+    assert not [f for f in files if "/micro/" in f or f.endswith((".c", ".h", ".sh"))], files
+
+
+@pytest.mark.timeout(180)
+def test_without_a_c_compiler_the_sdist_installs_and_runs_in_pure_python(built: Built) -> None:
+    """``CC=/bin/false``: every optional C module fails to build, the wheel has none, and the
+    installed package, from outside the checkout, imports, says so, pushes (the demo: spawned
+    receivers, every byte checked) and runs a bench."""
+    wheels = built.tmp / "nocc"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "WEIGHTSTREAM_PURE_PYTHON",
+                                                              "WEIGHTSTREAM_REQUIRE_NATIVE")}
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-cache-dir", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                           str(built.sdist)], capture_output=True, text=True, timeout=120, env={**env, "CC": "/bin/false"},
+                          cwd=built.tmp)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (wheel,) = wheels.glob("weightstream-*.whl")
+    with zipfile.ZipFile(wheel) as whl:
+        native_files = [f for f in whl.namelist() if f.endswith((".so", ".pyd"))]
+    assert not native_files, f"built with CC=/bin/false, yet the wheel has {native_files}"
+
+    env_dir = built.tmp / "venv"
+    venv.create(env_dir, system_site_packages=True, with_pip=True)  # dependencies from this interpreter's site
+    python = env_dir / "bin" / "python"
+    done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-cache-dir", "--no-deps", str(wheel)], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def run(*args: str) -> str:
+        proc = subprocess.run([str(env_dir / "bin" / "weightstream"), *args], capture_output=True, text=True,
+                              timeout=100, env=env, cwd=built.tmp)  # outside the checkout: no `weightstream` from cwd
+        assert proc.returncode == 0, f"weightstream {' '.join(args)}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+        return proc.stdout
+
+    check = ("import json, weightstream; from weightstream import native; "
+             "print(json.dumps([weightstream.__file__, native.BUILT, native.NATIVE]))")
+    proc = subprocess.run([str(python), "-c", check], capture_output=True, text=True, timeout=60, env=env, cwd=built.tmp)
+    assert proc.returncode == 0, proc.stderr
+    where, built_native, native_on = json.loads(proc.stdout)
+    assert Path(where).resolve().is_relative_to(env_dir.resolve()), f"imported from {where}, not the venv"
+    assert not built_native and not native_on
+    assert "C modules: none loaded" in run("--version")
+    out = run("demo", "--size-gib", "0.01", "--versions", "2", "--receivers", "1", "--bucket-mib", "4")
+    assert "verification OK" in out and out.count("digests OK") == 2, out
+    out = run("bench", "handoff", "--quick", "--size-mib", "8")
+    assert "readers=1: best" in out and "memcpy 8 MiB" in out, out

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,9 @@ import numpy as np
 from . import synthetic
 
 REPLY_TIMEOUT = 300.0
+
+Progress = Callable[[int, int, str], None]
+"""``progress(done, total, stage)``: ``done`` of ``total`` versions pushed and verified, and what runs now."""
 
 
 @dataclass
@@ -102,7 +106,9 @@ class _Printer:
         try:
             from rich.console import Console
 
-            self._console: Any = Console(highlight=False)
+            # soft_wrap: a line is never broken at the console's width, so a log (stdout not a
+            # terminal, where rich also drops the styles) reads line for line as on a terminal
+            self._console: Any = Console(highlight=False, soft_wrap=True)
         except ImportError:
             self._console = None
 
@@ -113,11 +119,16 @@ class _Printer:
             print(text, flush=True)
 
 
-def run_demo(cfg: DemoConfig) -> int:
-    """Run the demo; return the process exit code (0 only if every digest matched)."""
+def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> int:
+    """Run the demo; return the process exit code (0 only if every digest matched).
+
+    ``progress``, if given, is called as each stage starts and after each version was verified
+    on every receiver (``weightstream demo`` draws its progress bar with it)."""
     from weightstream import BucketSender
 
     say = _Printer()
+    report_progress: Progress = progress or (lambda done, total, stage: None)
+    report_progress(0, cfg.versions, "building the model")
     bucket = cfg.bucket_mib << 20
     total = int(cfg.size_gib * (1 << 30))
     model = synthetic.transformer_like(total, seed=cfg.seed, min_embedding_bytes=min(bucket + bucket // 4, total // 3))
@@ -128,6 +139,7 @@ def run_demo(cfg: DemoConfig) -> int:
         f"(largest {largest / 2**20:.0f} MiB{', chunked' if largest > bucket else ''}); "
         f"bucket {cfg.bucket_mib} MiB x {cfg.buffers}, {cfg.receivers} receivers, framework {cfg.framework}"
     )
+    report_progress(0, cfg.versions, "timing memcpy")
     limit = memcpy_gbps(model.nbytes)
     say(f"memcpy limit (1 process, numpy, same bytes, best of 3): {limit:.2f} GB/s")
 
@@ -141,6 +153,7 @@ def run_demo(cfg: DemoConfig) -> int:
     rates: list[float] = []
     try:
         with BucketSender(endpoint, receivers=cfg.receivers, bucket_bytes=bucket, num_buffers=cfg.buffers) as sender:
+            report_progress(0, cfg.versions, f"starting {cfg.receivers} receivers")
             for rank in range(cfg.receivers):
                 parent, child = ctx.Pipe()
                 p = ctx.Process(target=_receiver_main, args=(endpoint, rank, specs, versions, child), daemon=True)
@@ -152,6 +165,7 @@ def run_demo(cfg: DemoConfig) -> int:
                 _recv(conn, rank, "start")
             sender.wait_for_receivers(timeout=REPLY_TIMEOUT)
             for i, version in enumerate(versions):
+                report_progress(i, cfg.versions, f"pushing {version}")
                 if i:
                     model.bump()
                 expected = synthetic.digests(model)
@@ -171,6 +185,7 @@ def run_demo(cfg: DemoConfig) -> int:
                     f"({report.gbps / limit:.0%} of memcpy); digests {'OK' if not bad else f'{bad} MISMATCHED'}",
                     style=None if not bad else "bold red",
                 )
+                report_progress(i + 1, cfg.versions, f"{version} verified")
         for p in procs:
             p.join(30)
     finally:
