@@ -200,11 +200,6 @@ class RankState:
         with self.cond:
             self._state = "prepared"
 
-    def model_unfilled(self) -> None:
-        """The model still has tensors no version filled: it cannot run."""
-        with self.cond:
-            self._model_intact = False
-
     def commit(self, version: str, unfilled: list[str]) -> None:
         with self.cond:
             self._committed = version
@@ -220,8 +215,12 @@ class RankState:
                 )
             self.cond.notify_all()
 
-    def fail(self, version: str, error: WeightstreamError, *, touched: bool, shown: str | None = None) -> None:
-        """``version`` failed (rejected, aborted or broken); ``touched``: bytes of it reached the model."""
+    def fail(
+        self, version: str, error: WeightstreamError, *, touched: bool, shown: str | None = None, unfilled: bool = False
+    ) -> None:
+        """``version`` failed (rejected, aborted or broken); ``touched``: bytes of it reached the model;
+        ``unfilled``: the model still has tensors no version filled, so it cannot run (said in the
+        same step, so a waiter woken by the failure sees it)."""
         with self.cond:
             self._failed[version] = error
             if self._receiving == version:
@@ -234,6 +233,8 @@ class RankState:
                 self._state = "aborted"
             elif self._state in ("receiving", "prepared"):
                 self._state = "idle" if self._model_intact else "aborted"
+            if unfilled:
+                self._model_intact = False
             self.cond.notify_all()
 
     def hook_failed(self, text: str) -> None:

@@ -142,10 +142,9 @@ class VersionMachine:
                 )
                 self._last_checked = (expected, manifest)
         except WeightstreamError as exc:
-            self.state.fail(msg.version, exc, touched=False)
+            # never filled yet (a meta-device model): it cannot run
+            self.state.fail(msg.version, exc, touched=False, unfilled=bool(consumer.unmaterialised()))
             self._ended(msg.version, "rejected", None, exc, f"{type(exc).__name__}: {exc}")
-            if consumer.unmaterialised():  # never filled yet: the model cannot run
-                self.state.model_unfilled()
             link.send(m.Reject(
                 version=msg.version, error=wire_name(exc), reason=str(exc)[: m.MAX_TEXT_LEN],
                 model_intact=self.state.model_intact,

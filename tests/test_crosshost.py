@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from weightstream import BucketSender, ConfigError, CurveKeys, PeerTimeout, ReceiverDaemon, WeightstreamError
+from weightstream import native as speedups
 from weightstream.protocol.errors import ProtocolError, TransportError
 from weightstream.protocol.transports import Capabilities, ImportContext
 from weightstream.protocol.transports import tcp as tcp_transport
@@ -265,9 +266,12 @@ def test_large_tensors_move_from_the_trainers_memory_into_the_models(endpoint: s
             daemon.wait_for_version(f"v{v}", timeout=30)
             assert expected(model) == expected(named)
         slots = b"".join(slot.raw(0, slot.size).tobytes() for slot in daemon._session.slots)
+    # the model's addresses come from the C module (native.destinations): without it every piece
+    # goes through the slot (WEIGHTSTREAM_PURE_PYTHON=1, or an install without a compiler)
+    lands = speedups.NATIVE and speedups.SPANS
     for name in ("w1", "w2", "w3", "w0", "norm1"):
         in_slot = named[name].reshape(-1)[:16].tobytes() in slots
-        assert in_slot == (checksum or name in ("w0", "norm1")), (name, in_slot)
+        assert in_slot == (checksum or name in ("w0", "norm1") or not lands), (name, in_slot)
 
 
 # --- refusals --------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightstream import BucketSender, PeerLost, ReceiverDaemon, WeightstreamError
+from weightstream import native as speedups
 from weightstream.protocol.transports.shm import ShmExportedSlot, ShmImportedSlot, write_one
 from weightstream.protocol.transports.shm import ring as shm_ring
 from weightstream.receiver.sinks import NumpySink
@@ -27,7 +28,11 @@ from weightstream.sender.planner import plan_buckets
 
 pytestmark = [
     pytest.mark.timeout(120),
-    pytest.mark.skipif(shm_ring.Control is None, reason="weightstream.native._ring is not built (no C compiler, or not Linux)"),
+    pytest.mark.skipif(
+        shm_ring.Control is None or not (speedups.NATIVE and speedups.SPANS),
+        reason="no ring in use: weightstream.native._ring is not built (no C compiler, or not Linux), or "
+        "WEIGHTSTREAM_PURE_PYTHON turned the C paths off (rings copy through _spans)",
+    ),
 ]
 CTX = mp.get_context("spawn")
 PAGE = shm_ring.PAGE
