@@ -212,7 +212,9 @@ class ReceiverDaemon:
             self._thread = None
 
     def wait_for_version(self, version: str, timeout: float) -> None:
-        """Block until ``version`` is committed; raise its error if it failed, PeerTimeout on timeout."""
+        """Block until ``version`` is committed, or a newer one of its family (``step_3`` when
+        waiting for ``step_2``: a rank that starts late may never see a version the trainer pushed
+        before it came); raise its error if it failed, PeerTimeout on timeout."""
         if self._thread is None and not self._serving and self._state.name != "stopped":
             raise WeightstreamError(
                 f"wait_for_version({version!r}) on a daemon that is not running; call daemon.start() first "
@@ -270,7 +272,7 @@ class ReceiverDaemon:
         status_server = self._status_server
         if status_server is not None:
             try:
-                status_server.bind()
+                await status_server.start()
             except BaseException:
                 self._executor.shutdown(wait=False)
                 self._serving = False
@@ -282,8 +284,6 @@ class ReceiverDaemon:
             asyncio.create_task(session.connection_loop(), name="weightstream-read"),
             asyncio.create_task(session.heartbeat_loop(), name="weightstream-heartbeat"),
         ]
-        if status_server is not None:
-            tasks.append(asyncio.create_task(status_server.serve(), name="weightstream-status"))
         if _started is not None:
             _started.set()
         try:
@@ -307,6 +307,6 @@ class ReceiverDaemon:
             if not await wait_bounded(shutdown, apply_timeout):
                 log.error("rank %d: the apply thread did not finish within %.0fs of stop()", self.rank, apply_timeout)
             if status_server is not None:
-                status_server.close()
+                await status_server.close()
             self._state.stopped()
             self._serving = False

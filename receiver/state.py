@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..deadline import Deadline, wait_until
 from ..protocol.errors import PeerTimeout, WeightstreamError
-from ..versions import check_version_order
+from ..versions import check_version_order, compare_versions
 
 # the sender's answers to a claim it refused (another connection holds the rank, or the key may not claim it)
 CLAIM_ERRORS = ("RankInUse:", "IdentityRefused:")
@@ -44,7 +44,8 @@ class VersionRecord:
     """How one version ended on this rank, with its timings.
 
     ``outcome``: "committed"; "rejected" (the manifest check refused it); "failed" (this rank's
-    own error); "aborted" (the sender aborted it, or a newer version superseded it).
+    own error); "aborted" (the sender aborted it, a newer version superseded it, or the connection
+    to the sender ended before its commit).
     ``seconds``: BEGIN to the end. ``prepare_seconds``: BEGIN to PREPARED (receiving, verifying,
     applying; None if it never got there). ``change_seconds``: how long the served model was being
     changed, from the first write into it to the commit or the failure (staged: the swap alone;
@@ -127,7 +128,8 @@ class RankState:
             return version in self._failed and in_flight != version
 
     def wait_for(self, version: str, timeout: float) -> None:
-        """Block until ``version`` is committed; raise its error if it failed, PeerTimeout on timeout."""
+        """Block until ``version``, or a newer one of its family (``step_3`` for ``step_2``), is
+        committed; raise its error if it failed, PeerTimeout on timeout."""
         deadline = Deadline(timeout)
 
         def committed() -> bool:
@@ -135,6 +137,9 @@ class RankState:
                 return True
             if version in self._failed:
                 raise self._failed[version]
+            # a rank that joined late, or waited late, may never see the version itself: a newer one has it
+            if self._committed is not None and compare_versions(self._committed, version) == 1:
+                return True
             if self._state == "stopped":
                 raise WeightstreamError(f"daemon stopped before version {version!r} was committed")
             return False

@@ -102,6 +102,7 @@ class VersionRun:
         # when the served model began to change: the first bucket handed to it (in place), or the
         # staged swap at COMMIT; None while it is untouched
         self.changing_since: float | None = None
+        self.aborted = False  # ended by the sender's ABORT (or a newer BEGIN), not by this rank's own error
         self.staged = staged
         self.streamed = streamed and self.direct
         self.stream_index = stream_index

@@ -486,7 +486,7 @@ class VersionMachine:
             text += f" (while loading tensor {run.last_given!r}, the last one load_weights was given)"
         error = exc if isinstance(exc, WeightstreamError) else from_wire(type(exc).__name__, text, rank=self.rank)
         self.state.fail(run.version, error, touched=run.touched, shown=f"{type(exc).__name__}: {text}")
-        self._ended(run.version, "failed", run, exc, f"{type(exc).__name__}: {text}")
+        self._ended(run.version, "aborted" if run.aborted else "failed", run, exc, f"{type(exc).__name__}: {text}")
         self._end_run(ok=False)
         self.link.send(
             m.Failed(
@@ -514,6 +514,7 @@ class VersionMachine:
                     ), touched=True)
                     self._end_run(ok=False)
             return
+        run.aborted = True
         run.queue.abort(error)
         if task is not None and not task.done() and not await wait_bounded(task, timeout):
             log.error("rank %d: load_weights did not return within %.0fs of an abort", self.rank, timeout)

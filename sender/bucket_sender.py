@@ -502,9 +502,12 @@ class BucketSender:
 
     def _ended(self, report: PushReport, exc: BaseException | None) -> None:
         """A push ended: its log line and its metrics."""
-        outcome = "committed" if exc is None else "failed"
-        reason = None if exc is None else type(exc).__name__
         ranks = report.receivers.values()
+        outcome = "committed"
+        if exc is not None:  # refused by a manifest check before any byte was written, or failed
+            ended = {r.outcome for r in ranks}
+            outcome = "rejected" if "rejected" in ended and not ended & {"failed", "lost"} else "failed"
+        reason = None if exc is None else type(exc).__name__
         log_version(
             log, side="sender", version=report.version, outcome=outcome, bytes=report.bytes, tensors=report.tensors,
             buckets=report.buckets, ranks=len(report.receivers), seconds=report.seconds,
@@ -515,7 +518,7 @@ class BucketSender:
         )
         metrics = self._metrics
         if metrics is not None:
-            metrics.push(outcome, report.seconds, report.bytes)
+            metrics.push(outcome, report.seconds, 0 if outcome == "rejected" else report.bytes)
             metrics.version_ended("sender", outcome, reason)
             metrics.slot_waited(report.slot_wait_seconds)
             for r in ranks:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
+import struct
 import threading
 import time
 import urllib.request
@@ -18,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 import typer
-import zmq
 from observe_workers import SPECS, RankProc, weights
 
 from weightstream import BucketSender, ConfigError, PeerTimeout, ProtocolError, ReceiverDaemon, WeightstreamError
@@ -159,26 +161,14 @@ def test_status_endpoint_answers_with_state_and_timings(endpoint: str, endpoint_
         with BucketSender(endpoint, bucket_bytes=BUCKET, heartbeat_interval=0.2) as sender:
             sender.push(weights(1), version="step_1")
             assert rank.wait("step_1")["ok"]
-            # a hostile or confused client: garbage, a wrong type, an oversized frame; the endpoint keeps answering
-            ctx = zmq.Context()
-            try:
-                for payload in (b"\xc1not msgpack", msgpack.packb({"type": "PING", "v": 1}), msgpack.packb([1, 2]),
-                                msgpack.packb({"type": "STATUS", "v": 99})):
-                    req = ctx.socket(zmq.REQ)
-                    req.setsockopt(zmq.LINGER, 0)
-                    req.connect(status_at)
-                    req.send(payload)
-                    assert req.poll(10_000), f"no answer to {payload!r}"
-                    answer = msgpack.unpackb(req.recv())
-                    assert answer["type"] == "ERROR" and answer["error"], answer
-                    req.close()
-                big = ctx.socket(zmq.DEALER)
-                big.setsockopt(zmq.LINGER, 0)
-                big.connect(status_at)
-                big.send_multipart([b"", b"x" * 100_000])  # over the request limit: libzmq drops this peer
-                big.close()
-            finally:
-                ctx.term()
+            # a hostile or confused client: garbage, a wrong type, an oversized length; each gets an ERROR
+            path = status_at[len("ipc://"):]
+            for payload in (b"\xc1not msgpack", msgpack.packb({"type": "PING", "v": 1}), msgpack.packb([1, 2]),
+                            msgpack.packb({"type": "STATUS", "v": 99}), b"x" * 1000):
+                answer = raw_request(path, struct.pack(">I", len(payload)) + payload)
+                assert answer is not None and answer["type"] == "ERROR" and answer["error"], (payload[:20], answer)
+            assert raw_request(path, struct.pack(">I", 1 << 31)) == {  # a length over the limit: refused unread
+                "type": "ERROR", "v": 1, "error": "status request: expected at most 256 bytes, got a length of 2147483648"}
             after = query_status(status_at, timeout=10)
             shown = status_cli(status_at)
     finally:
@@ -211,6 +201,28 @@ def status_cli(endpoint: str) -> dict[str, Any]:
     return {"json": json.loads(raw.output), "text": text.output}
 
 
+def test_status_text_that_looks_like_markup_prints_verbatim() -> None:
+    """Versions and errors come from the wire: "[/bold]" in them is text, never rich markup."""
+    import io
+
+    from rich.console import Console
+
+    from weightstream.cli.status import render
+
+    status = {
+        "rank": 0, "pid": 1, "weightstream": "x", "state": "aborted", "committed_version": "step_5[/x]",
+        "receiving_version": None, "model_intact": False, "connected": True, "reconnects": 0, "heartbeat_misses": 0,
+        "last_reconnect": None, "last_error": "ValueError: expected [/bold] shape [red]x", "endpoint": "ipc:///e[/]",
+        "versions": [{"version": "step_5[/x]", "outcome": "failed", "tensors": 3, "bytes": "many", "seconds": 0.5,
+                      "prepare_seconds": None, "change_seconds": 2.0, "ended": "not a time"}, "junk"],
+    }
+    out = io.StringIO()
+    render(status, Console(file=out, width=200, no_color=True))
+    text = out.getvalue()
+    for shown in ("step_5[/x]", "ValueError: expected [/bold] shape [red]x", "ipc:///e[/]"):
+        assert shown in text, text
+
+
 def test_status_cli_errors(endpoint_dir: Path) -> None:
     from typer.testing import CliRunner
 
@@ -233,37 +245,134 @@ def test_status_endpoint_bad_input(endpoint: str, endpoint_dir: Path) -> None:
         query_status(f"ipc://{endpoint_dir}/none/x.sock", timeout=1)
     with pytest.raises(ConfigError, match="ipc://"):
         query_status("tcp://127.0.0.1:1", timeout=1)
-    # something bound there that never answers: a bounded wait, then PeerTimeout
+    # something listening there that never answers: a bounded wait, then PeerTimeout
     (endpoint_dir / "mute").mkdir(mode=0o700)
-    mute_at = f"ipc://{endpoint_dir}/mute/x.sock"
-    ctx = zmq.Context()
-    mute = ctx.socket(zmq.ROUTER)
-    try:
-        mute.bind(mute_at)
-        started = time.monotonic()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as mute, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as liar:
+        mute.bind(str(endpoint_dir / "mute" / "x.sock"))
+        mute.listen(4)
         with pytest.raises(PeerTimeout, match="no answer"):
-            query_status(mute_at, timeout=0.5)
-        assert time.monotonic() - started < 30
-        # an answer that is not a status
-        replier = ctx.socket(zmq.ROUTER)
-        replier.bind(f"ipc://{endpoint_dir}/mute/y.sock")
+            query_status(f"ipc://{endpoint_dir}/mute/x.sock", timeout=0.5)
+        # an answer that is not a status, and one that announces more than the limit
+        liar.bind(str(endpoint_dir / "mute" / "y.sock"))
+        liar.listen(4)
+        for reply, error in ((msgpack.packb({"type": "STATUS", "v": 1, "status": 3}), "'status' map"),
+                             (b"", "more than the 1048576 allowed")):
+            framed = struct.pack(">I", len(reply) if reply else 1 << 30) + reply
 
-        def answer() -> None:
-            if replier.poll(10_000):
-                ident, empty, _ = replier.recv_multipart()
-                replier.send_multipart([ident, empty, msgpack.packb({"type": "STATUS", "v": 1, "status": 3})])
+            def answer(framed: bytes = framed) -> None:
+                conn, _ = liar.accept()
+                with conn:
+                    conn.recv(1024)
+                    conn.sendall(framed)
 
-        t = threading.Thread(target=answer)
-        t.start()
+            t = threading.Thread(target=answer)
+            t.start()
+            try:
+                with pytest.raises(ProtocolError, match=error):
+                    query_status(f"ipc://{endpoint_dir}/mute/y.sock", timeout=10)
+            finally:
+                t.join(15)
+    # a regular file at the path is nobody's socket: refused, and never replaced
+    precious = endpoint_dir / "mute" / "precious.txt"
+    precious.write_text("precious data")
+    with pytest.raises(WeightstreamError, match="not a socket"):
+        query_status(f"ipc://{precious}", timeout=1)
+    daemon = ReceiverDaemon(endpoint, lambda named: None, expected=SPECS, status_endpoint=f"ipc://{precious}")
+    with pytest.raises(ConfigError, match="not a socket"):
+        daemon.start()
+    with pytest.raises(ConfigError, match="not a socket"):
+        BucketSender(f"ipc://{precious}")  # libzmq's bind would have deleted it
+    assert precious.read_text() == "precious data"
+
+
+def raw_request(path: str, data: bytes, timeout: float = 10.0) -> dict[str, Any] | None:
+    """One request as raw bytes on the status socket; the decoded answer, or None if it closed unanswered."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(data)
+        head = b""
+        while len(head) < 4:
+            chunk = sock.recv(4 - len(head))
+            if not chunk:
+                return None
+            head += chunk
+        (length,) = struct.unpack(">I", head)
+        body = b""
+        while len(body) < length:
+            chunk = sock.recv(length - len(body))
+            if not chunk:
+                return None
+            body += chunk
+    got: dict[str, Any] = msgpack.unpackb(body)
+    return got
+
+
+def status_when_free(endpoint: str, within: float = 30.0) -> dict[str, Any]:
+    """query_status, again while the daemon closes connections unanswered (all its places taken)."""
+    deadline = time.monotonic() + within
+    while True:
         try:
-            with pytest.raises(ProtocolError, match="'status' map"):
-                query_status(f"ipc://{endpoint_dir}/mute/y.sock", timeout=10)
-        finally:
-            t.join(15)
-        replier.close(linger=0)
+            return query_status(endpoint, timeout=10)
+        except WeightstreamError as exc:
+            if "unanswered" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.mark.timeout(120)
+def test_clients_that_flood_or_stall_the_status_socket_never_stop_the_pushes(endpoint: str, endpoint_dir: Path) -> None:
+    """Many clients at once asking in a loop, clients that never send or never read, and lengths over
+    the limit: the rank keeps its heartbeats (a tight sender timeout) and commits every push."""
+    status_at = f"ipc://{endpoint_dir}/st/rank0.sock"
+    path = status_at[len("ipc://"):]
+    rank = RankProc(endpoint, 0, status_endpoint=status_at)
+    stop = threading.Event()
+    answered = [0]
+
+    def flood() -> None:
+        request = msgpack.packb({"type": "STATUS", "v": 1})
+        while not stop.is_set():
+            try:
+                if raw_request(path, struct.pack(">I", len(request)) + request, timeout=5) is not None:
+                    answered[0] += 1
+            except OSError:
+                pass
+
+    def stall() -> None:
+        held = []
+        while not stop.is_set():
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(5)
+                s.connect(path)
+                s.sendall(struct.pack(">I", 200))  # promises 200 bytes, sends none
+                held.append(s)
+                if len(held) > 50:
+                    held.pop(0).close()
+            except OSError:
+                time.sleep(0.01)
+        for s in held:
+            s.close()
+
+    workers = [threading.Thread(target=flood) for _ in range(4)] + [threading.Thread(target=stall)]
+    try:
+        with BucketSender(endpoint, bucket_bytes=BUCKET, heartbeat_interval=0.1, heartbeat_timeout=1.0) as sender:
+            sender.wait_for_receivers(timeout=30)
+            for w in workers:
+                w.start()
+            for step in range(1, 9):
+                sender.push(weights(step), version=f"step_{step}")
+                time.sleep(0.2)
+            stop.set()
+            for w in workers:
+                w.join(30)
+            final = status_when_free(status_at)
     finally:
-        mute.close(linger=0)
-        ctx.term()
+        stop.set()
+        rank.close()
+    assert answered[0] > 0 and final["committed_version"] == "step_8" and final["heartbeat_misses"] == 0, (answered, final)
 
 
 def test_a_second_daemon_on_a_live_status_endpoint_is_refused(endpoint: str, endpoint_dir: Path) -> None:
@@ -279,10 +388,19 @@ def test_a_second_daemon_on_a_live_status_endpoint_is_refused(endpoint: str, end
 
 
 def test_metrics_bad_input(endpoint: str) -> None:
+    from weightstream.metrics import serve_metrics
+
     with pytest.raises(ConfigError, match="metrics"):
         BucketSender(endpoint, metrics="yes")
     with pytest.raises(ConfigError, match="metrics"):
         ReceiverDaemon(endpoint, lambda named: None, expected=SPECS, metrics=object())
+    taken = prometheus_client.CollectorRegistry()
+    prometheus_client.Counter("weightstream_versions", "someone else's", registry=taken)
+    with pytest.raises(ConfigError, match="already has a metric of the same name"):
+        ReceiverDaemon(endpoint, lambda named: None, expected=SPECS, metrics=taken)
+    for port in (True, -1, 70000, "9400"):
+        with pytest.raises(ConfigError, match="port"):
+            serve_metrics(port)  # type: ignore[arg-type]
 
 
 @pytest.mark.timeout(60)
@@ -308,3 +426,86 @@ def test_status_request_decoder_fuzz() -> None:
 
     decode()
     _check_request(msgpack.packb({"type": "STATUS", "v": 1}))  # the one good request
+
+
+def test_waiting_for_a_version_a_newer_one_superseded_returns(endpoint: str) -> None:
+    """A rank that waits late (or joined after the trainer moved on) never sees step_1 itself:
+    step_2 committed has it; a version of another family still waits, and times out."""
+    model: dict[str, Any] = {}
+    with BucketSender(endpoint, bucket_bytes=BUCKET, heartbeat_interval=0.2) as sender, ReceiverDaemon(
+        endpoint, lambda named: model.update((n, np.array(t)) for n, t in named), expected=SPECS
+    ) as daemon:
+        sender.push(weights(1), version="step_1")
+        sender.push(weights(2), version="step_2")
+        daemon.wait_for_version("step_1", timeout=10)
+        daemon.wait_for_version("step_2", timeout=10)
+        with pytest.raises(PeerTimeout, match="'ckpt_1' was not committed"):
+            daemon.wait_for_version("ckpt_1", timeout=0.5)
+        with pytest.raises(PeerTimeout, match="'step_3' was not committed"):
+            daemon.wait_for_version("step_3", timeout=0.5)
+
+
+@pytest.mark.timeout(120)
+def test_outcomes_name_who_ended_a_version(endpoint: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Rank 1's load_weights raises: it "failed", rank 0 (fine, then aborted by the sender) says
+    "aborted". A manifest refusal is "rejected" on the sender, with no bytes counted as pushed."""
+    registry = prometheus_client.CollectorRegistry()
+    fine, failing = RankProc(endpoint, 0), RankProc(endpoint, 1, fail_step=1)
+    caplog.set_level(logging.INFO, logger="weightstream.sender")
+    try:
+        with BucketSender(endpoint, receivers=2, bucket_bytes=BUCKET, heartbeat_interval=0.2, metrics=registry) as sender:
+            with pytest.raises(WeightstreamError):
+                sender.push(weights(1), version="step_1")
+            seen = {0: fine.wait("step_1"), 1: failing.wait("step_1")}
+            bad = [(n, a) for n, a in weights(2)][:-1]  # one tensor short: both manifest checks refuse it
+            with pytest.raises(WeightstreamError, match="rejected before any byte"):
+                sender.push(bad, version="step_2")
+    finally:
+        fine.close()
+        failing.close()
+    outcomes = {rank: [f["outcome"] for _, f in got["lines"]] for rank, got in seen.items()}
+    assert outcomes == {0: ["aborted"], 1: ["failed"]}, outcomes
+    lines = [r.weightstream for r in caplog.records if getattr(r, "weightstream", None) is not None]
+    assert [f["outcome"] for f in lines] == ["failed", "rejected"], lines
+    assert lines[1]["reason"] == "ManifestMismatch", lines[1]
+    assert sample(registry, "weightstream_push_bytes_total", outcome="rejected") == 0
+    assert sample(registry, "weightstream_versions_total", side="sender", outcome="rejected", reason="ManifestMismatch") == 1
+
+
+def test_log_fields_never_carry_raw_control_characters() -> None:
+    """Versions and error texts come from the wire: quoted, escaped, one printable line."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from weightstream.version_log import _text
+
+    assert _text("step_1") == "step_1" and _text("a b") == '"a b"' and _text('q"x') == '"q\\"x"'
+    assert _text("x\r\x1b[2Kversion outcome=committed\u2028") == '"x\\r\\x1b[2Kversion outcome=committed\\u2028"'
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text())
+    def check(text: str) -> None:
+        shown = _text(text)
+        assert shown.isprintable() and "\n" not in shown, repr(shown)
+        assert shown == text or (shown.startswith('"') and shown.endswith('"') and len(shown) >= 2)
+
+    check()
+
+
+@pytest.mark.timeout(120)
+def test_a_sender_that_closes_says_bye_every_time(endpoint: str) -> None:
+    """A clean close reaches the rank (BYE), so it never waits out a heartbeat timeout nor counts a
+    miss: over several senders in turn on one endpoint."""
+    model: dict[str, Any] = {}
+    with ReceiverDaemon(
+        endpoint, lambda named: model.update((n, np.array(t)) for n, t in named), expected=SPECS,
+        heartbeat_interval=0.2, heartbeat_timeout=30.0,
+    ) as daemon:
+        for step in range(1, 7):
+            with BucketSender(endpoint, bucket_bytes=BUCKET, heartbeat_interval=0.2) as sender:
+                sender.push(weights(step), version=f"step_{step}")
+            deadline = time.monotonic() + 10  # a third of the heartbeat timeout: only a BYE gets it there
+            while daemon.status.connected:
+                assert time.monotonic() < deadline, f"step {step}: the rank never heard the sender's BYE"
+                time.sleep(0.02)
+        assert daemon.status.heartbeat_misses == 0, daemon.status

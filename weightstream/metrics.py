@@ -9,8 +9,8 @@ a ``rank`` label tell them apart); label values are bounded: outcomes, error typ
 
 | metric | labels | what |
 | --- | --- | --- |
-| ``weightstream_push_seconds`` | outcome | a push, end to end (histogram) |
-| ``weightstream_push_bytes_total`` | outcome | payload bytes of pushes |
+| ``weightstream_push_seconds`` | outcome | a push, end to end (histogram); outcome: committed, rejected, failed |
+| ``weightstream_push_bytes_total`` | outcome | payload bytes of pushes (none for a rejected one) |
 | ``weightstream_versions_total`` | side, outcome, reason | versions by how they ended; reason: the error type |
 | ``weightstream_apply_seconds`` | side, rank | a rank's BEGIN to PREPARED: receiving, verifying, applying |
 | ``weightstream_model_change_seconds`` | side, rank | a rank's first write into its served model to the commit (staged: the swap) |
@@ -133,7 +133,13 @@ def metrics_for(metrics: object, who: str) -> Metrics | None:
     with _lock:
         held = _by_registry.get(id(registry))
         if held is None or held[0] is not registry:
-            held = (registry, Metrics.create(registry))
+            try:
+                held = (registry, Metrics.create(registry))
+            except ValueError as exc:  # prometheus_client: "Duplicated timeseries in CollectorRegistry"
+                raise ConfigError(
+                    f"{who}(metrics=...): the registry already has a metric of the same name ({exc}), registered by "
+                    "something other than weightstream; fix: give weightstream a CollectorRegistry of its own"
+                ) from exc
             _by_registry[id(registry)] = held
         return held[1]
 
@@ -144,7 +150,7 @@ def serve_metrics(port: int, addr: str = "127.0.0.1", registry: object = None) -
     ``registry``: default ``prometheus_client.REGISTRY``. Binds localhost unless told otherwise:
     the metrics name versions and ranks."""
     pc = _client()
-    if not isinstance(port, int) or not 0 <= port <= 65535:
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise ConfigError(f"serve_metrics(port=...): expected an int 0..65535 (0: any free port), got {port!r}")
     server, _thread = pc.start_http_server(port, addr=addr, registry=pc.REGISTRY if registry is None else registry)
     return server

@@ -199,8 +199,17 @@ def refuse_live_ipc_endpoint(endpoint: str, who: str, rule: str) -> None:
     A file that accepts a connection belongs to a live ``who``: refuse. A stale one (its owner
     died) refuses the connection, and the bind replaces it."""
     path = ipc_path(endpoint)
-    if path is None or not os.path.exists(path):
+    if path is None:
         return
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):  # libzmq's bind would delete it
+        raise ConfigError(
+            f"{endpoint}: {path} exists and is not a socket; a bind there would replace it; fix: an endpoint path "
+            "that names nothing yet (or a socket file left by a process that died)"
+        )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2.0)
     try:

@@ -19,9 +19,13 @@ def _text(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6f}"
     text = str(value)
-    if not text or any(c in text for c in ' "=\\\n\t'):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
-    return text
+    if text and text.isprintable() and not any(c in text for c in ' "=\\'):
+        return text
+    # quoted, and every character that is not printable escaped: a version or an error text from
+    # the wire cannot start a line of its own, move the cursor or colour a terminal
+    return '"' + "".join(
+        "\\" + c if c in '"\\' else c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    ) + '"'
 
 
 def log_version(logger: logging.Logger, **fields: Any) -> None:
