@@ -68,6 +68,10 @@ class IdentityRefused(WeightstreamError):
     """A peer claimed a rank its credentials do not allow (allowed_clients maps keys to ranks)."""
 
 
+class CorruptSnapshot(WeightstreamError):
+    """A snapshot part's data does not match the xxh3 digests written with it."""
+
+
 class RemoteError(WeightstreamError):
     """A receiver's ``load_weights`` (or sink) raised; carries the original type name."""
 
@@ -89,6 +93,7 @@ _BY_NAME: dict[str, type[WeightstreamError]] = {
         VersionAborted,
         RankInUse,
         IdentityRefused,
+        CorruptSnapshot,
         RemoteError,
     )
 }

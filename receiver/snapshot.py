@@ -155,7 +155,7 @@ def _stream(
     async def feed() -> None:
         try:
             for seq in range(len(source)):
-                part = source.open_part(seq)
+                part = source.open_part(seq, check_digests=True)  # before any of its bytes reach the model
                 part.prefetch()
                 live[seq] = part
                 await queue.put(_bucket(seq, part, consumer.framework))
@@ -231,9 +231,13 @@ def restore_rank(
     daemon's apply thread (``executor``), the whole restore (finding the snapshot included)
     runs there, so it never overlaps a live version and sees every snapshot a committed
     version wrote. Every part of the chosen version is opened before the first is read, so a
-    concurrent prune cannot break it. ``progress(done, total)`` is called with tensor bytes
-    applied: ``(0, total)`` first, then after each part, on the thread applying; an error
-    it raises is logged once and the callback is dropped (a progress bar never fails a restore).
+    concurrent prune cannot break it. Each part's data is checked against its xxh3 digests
+    (where it has them) before its tensors reach the model: a mismatch raises
+    :class:`~.snapshot_format.CorruptSnapshot` naming the file, byte range and tensors; the
+    model is intact when the first part was the bad one (``status.model_intact`` says).
+    ``progress(done, total)`` is called with tensor bytes applied: ``(0, total)`` first, then
+    after each part, on the thread applying; an error it raises is logged once and the
+    callback is dropped (a progress bar never fails a restore).
     """
     if executor is not None:
         return executor.submit(_restore, consumer, state, directory, version, fallback_dir, force, progress).result()

@@ -13,7 +13,7 @@ import json
 import math
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -21,7 +21,7 @@ from typing import BinaryIO
 import xxhash
 
 from ..protocol.dtypes import DType, by_name
-from ..protocol.errors import WeightstreamError
+from ..protocol.errors import CorruptSnapshot, WeightstreamError
 
 #: safetensors dtype string -> our canonical dtype name
 ST_TO_NAME: dict[str, str] = {
@@ -54,6 +54,7 @@ FORMAT_TAG = "snapshot-v1"
 META_DIGEST = "weightstream.xxh3_64"
 META_DIGEST_BLOCK = "weightstream.xxh3_block"
 DIGEST_BLOCK = 16 << 20
+_READ_CHUNK = 4 << 20
 
 
 def base_name(rank: int, version: str) -> str:
@@ -79,10 +80,24 @@ def part_regex(rank: int, version: str) -> re.Pattern[str]:
     return re.compile(re.escape(f"{base_name(rank, version)}.part") + r"(.*)" + re.escape(".safetensors"))
 
 
+def version_text_problem(version: str) -> str | None:
+    """Why ``version`` cannot be part of a snapshot file name, or None when it can."""
+    if not version:
+        return "it is empty"
+    for bad, what in (("/", "a '/'"), ("\\", "a '\\'"), ("\0", "a NUL byte")):
+        if bad in version:
+            return f"it contains {what}"
+    if version in (".", ".."):
+        return f"{version!r} names a directory"
+    return None
+
+
 def check_version_text(version: str) -> None:
-    if not version or "/" in version or "\\" in version or version in (".", "..") or "\0" in version:
+    """Raise WeightstreamError unless ``version`` is usable in a file name (no '/', '\\', NUL; not '.'/'..')."""
+    problem = version_text_problem(version)
+    if problem is not None:
         raise WeightstreamError(
-            f"snapshot version: expected a non-empty string usable in a file name, got {version!r}; "
+            f"snapshot version: expected a non-empty string usable in a file name, got {version!r} ({problem}); "
             "fix: use versions like '1234' or 'step_1234'"
         )
 
@@ -241,3 +256,64 @@ class BlockHasher:
             self._hash.reset()
             self._fill = 0
         return self.digests
+
+
+def digests_of(header: Header) -> tuple[list[str], int] | None:
+    """The part's recorded xxh3 digests and their block size, or None when it has none (an older
+    or foreign part). Raises CorruptSnapshot when the digest keys are there but unreadable."""
+    text = header.metadata.get(META_DIGEST)
+    if text is None:
+        return None
+    block_text = header.metadata.get(META_DIGEST_BLOCK) or str(DIGEST_BLOCK)
+    if not (block_text.isascii() and block_text.isdigit()) or int(block_text) < 1:
+        raise CorruptSnapshot(f"its {META_DIGEST_BLOCK} is {block_text!r}; expected a block size in bytes >= 1")
+    return (text.split(",") if text else []), int(block_text)
+
+
+def read_range(
+    f: BinaryIO, start: int, end: int, hasher: BlockHasher | None, advance: Callable[[int], None] | None = None
+) -> int:
+    """Read bytes ``[start, end)`` of ``f`` in 4 MiB pieces into ``hasher``; return how many were
+    read (fewer when the file shrank meanwhile). Through the file, not a mapping: a bad sector is
+    an OSError here, where a mapping would be killed by SIGBUS."""
+    f.seek(start)
+    buf = bytearray(min(_READ_CHUNK, max(end - start, 1)))
+    view = memoryview(buf)
+    done = 0
+    while done < end - start:
+        n = f.readinto(view[: min(len(buf), end - start - done)])  # type: ignore[attr-defined]
+        if not n:
+            break
+        if hasher is not None:
+            hasher.update(view[:n])
+        done += n
+        if advance is not None:
+            advance(n)
+    return done
+
+
+def digest_mismatches(header: Header, want: Sequence[str], got: Sequence[str], block: int) -> list[str]:
+    """Each data block whose digest differs: its byte range and the tensors in it (no fix: the
+    caller says what to do)."""
+    if len(want) != len(got):
+        return [f"the header lists {len(want)} xxh3 digest(s) for its data, expected {len(got)} (one per {block} bytes)"]
+    problems = []
+    for i, (w, g) in enumerate(zip(want, got)):
+        if w == g:
+            continue
+        lo, hi = i * block, min((i + 1) * block, header.file_size - header.data_start)
+        names = [
+            e.name for e in header.entries
+            if e.nbytes and e.begin - header.data_start < hi and e.begin - header.data_start + e.nbytes > lo
+        ]
+        if not names:
+            shown = "no tensor (only padding) is"
+        elif len(names) == 1:
+            shown = f"tensor {names[0]!r} is"
+        else:
+            shown = f"tensors {names[0]!r} .. {names[-1]!r} ({len(names)}) are"
+        problems.append(
+            f"data bytes [{lo}, {hi}) (file offsets {header.data_start + lo}..{header.data_start + hi}) do not match "
+            f"their xxh3 digest (expected {w}, got {g}): {shown} corrupt"
+        )
+    return problems

@@ -14,6 +14,11 @@ from under a restore that found it whole. A part that vanishes between the direc
 listing and its open makes the version refused as incomplete, never loaded torn. One file
 descriptor per part is held until that part is mapped (the mapping keeps its own).
 
+A restore (``open_part(i, check_digests=True)``) first reads each part's data through
+its file against the xxh3 digests written with it, so a flipped bit is a
+:class:`~.snapshot_format.CorruptSnapshot` naming the file, byte range and tensors before
+any byte of that part reaches the model (parts without digests load as before).
+
 Parts are memory-mapped privately (copy-on-write), so reading one costs page cache, not
 a heap copy; a consumed part's pages are dropped (``MADV_DONTNEED``) so resident memory
 stays at about one part. Arrays are NumPy with ml_dtypes for bfloat16/float8.
@@ -25,6 +30,7 @@ import errno
 import logging
 import mmap
 import os
+import shlex
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,18 +42,22 @@ import numpy as np
 from ..frameworks import dtype_of, host_bytes
 from ..frameworks import paddle as paddle_fw
 from ..protocol.dtypes import DType
-from ..protocol.errors import WeightstreamError
+from ..protocol.errors import CorruptSnapshot, WeightstreamError
 from ..versions import read_version
 from .snapshot_format import (
     META_FORMAT,
+    BlockHasher,
     Header,
     base_name,
     check_version_text,
+    digest_mismatches,
+    digests_of,
     full_name,
     legacy_names,
     part_regex,
     parts_problem,
     read_header_from,
+    read_range,
 )
 
 log = logging.getLogger("weightstream.snapshot")
@@ -173,7 +183,10 @@ class SnapshotSource:
             self._pdparams = _load_pdparams(self.paths[index])
         return self._pdparams
 
-    def open_part(self, index: int) -> MappedPart:
+    def open_part(self, index: int, *, check_digests: bool = False) -> MappedPart:
+        """Map part ``index``. ``check_digests``: first read its data through the file against
+        the xxh3 digests written with it (a part without them is mapped unchecked) and raise
+        :class:`CorruptSnapshot` naming the file, byte range and tensors of a mismatch."""
         header = self._headers[index]
         if header is None:
             part, self._pdparams = self._pdparams_part(index), None
@@ -184,9 +197,36 @@ class SnapshotSource:
         else:
             self._files[index] = None
         try:
+            if check_digests:
+                self._check_digests(index, header, f)
             return _map_part(self.paths[index], header, f)
         finally:
             f.close()
+
+    def _check_digests(self, index: int, header: Header, f: BinaryIO) -> None:
+        path = self.paths[index]
+        where = self.paths[0].parent
+        fix = (
+            f"fix: run `weightstream snapshot verify {shlex.quote(str(where))} --rank {self.rank} --version "
+            f"{shlex.quote(self.version)}`, then restore "
+            "another version (daemon.restore(dir, version=..., force=True for an older one)) or delete this one"
+        )
+        what = f"{path}: part {index} of rank {self.rank}'s snapshot of version {self.version!r}"
+        try:
+            recorded = digests_of(header)
+            if recorded is None:
+                return
+            want, block = recorded
+            hasher = BlockHasher(block)
+            read_range(f, header.data_start, header.file_size, hasher)
+        except CorruptSnapshot as exc:
+            raise CorruptSnapshot(f"{what}: {exc}; it was not applied; {fix}") from None
+        except OSError as exc:
+            raise CorruptSnapshot(f"{what}: cannot read it ({exc.strerror or exc}); it was not applied; {fix}") from exc
+        problems = digest_mismatches(header, want, hasher.finish(), block)
+        if problems:
+            more = f" (and {len(problems) - 1} more corrupt block(s))" if len(problems) > 1 else ""
+            raise CorruptSnapshot(f"{what}: {problems[0]}{more}; it was not applied; {fix}")
 
     def close(self) -> None:
         """Close the files not mapped yet (an abandoned or failed load); parts already

@@ -8,15 +8,18 @@ Prune rules (:func:`plan_prune`), per rank, over the part sets SnapshotWriter wr
 of other writers, full files and legacy names are listed but never deleted):
 
 - the newest ``keep`` whole versions stay, and so does every incomplete set newer than the
-  oldest of them (a commit may be renaming it into place right now);
+  oldest of them (a commit may be renaming it into place right now); a rank with fewer than
+  ``keep`` whole versions loses nothing;
 - the version ``version.yaml`` names stays, and so does any version in ``protect``;
 - a version with a file modified less than ``grace_s`` seconds ago stays;
-- "newest" (:func:`newest_first`): versions that end in a number are ordered by it, as ranks
-  order them (:mod:`weightstream.versions`: ``step_9`` < ``step_10``); versions without one
-  (opaque strings) come after all numbered ones (pruned first) and are ordered among
-  themselves by commit time, the newest mtime of their parts (the last part is written just
-  before the commit renames it into place). The order of two versions never depends on the
-  others, so pruning again prunes nothing more.
+- "newest" (:func:`newest_first`): within a family (``9``, ``step_10``, ``v11``; or
+  ``ckpt_5``, ``ckpt_6``: what :mod:`weightstream.versions` orders) by number, as ranks
+  order them; across families (``v1.9`` and ``v2.0`` are two: ``v1``/``v2``), and for
+  versions without a number, by commit time, the newest mtime of their parts (the last part
+  is written just before the commit renames it into place). A version counts as committed
+  no earlier than any lower-numbered version of its family, so the two rules never
+  disagree; that version (a rollback committed after it) stays while it does, when the
+  kept versions span families, so that pruning again prunes nothing more.
 
 A version is deleted last part first: that part carries the part count, so from the first
 unlink on the loader refuses the rest as incomplete (a prune killed midway leaves such an
@@ -26,7 +29,7 @@ every part of its version before reading any (:mod:`.snapshot_loader`).
 
 from __future__ import annotations
 
-import io
+import itertools
 import logging
 import math
 import os
@@ -36,20 +39,20 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..protocol.errors import ConfigError, WeightstreamError
+from ..protocol.errors import ConfigError, CorruptSnapshot, WeightstreamError
 from ..versions import read_version, version_key
 from .snapshot_format import (
-    DIGEST_BLOCK,
-    META_DIGEST,
-    META_DIGEST_BLOCK,
     META_FORMAT,
     META_PART,
     META_PARTS,
     BlockHasher,
     Header,
+    digest_mismatches,
+    digests_of,
     layout_problem,
     parts_problem,
     read_header_from,
+    read_range,
 )
 
 log = logging.getLogger("weightstream.snapshot")
@@ -58,7 +61,6 @@ log = logging.getLogger("weightstream.snapshot")
 # the version is greedy so that a dotted version ("1.5") keeps its dots
 _PART_FILE = re.compile(r"model_state\.tp(0|[1-9][0-9]*)\.(.+)\.part([0-9]+)\.safetensors")
 _FULL_FILE = re.compile(r"model_state\.tp(0|[1-9][0-9]*)\.(.+)\.safetensors")
-_READ_CHUNK = 4 << 20
 
 #: ``progress(bytes_done, bytes_total)`` while verifying
 Progress = Callable[[int, int], None]
@@ -214,20 +216,66 @@ def _snapshot(rank: int, version: str, kind: str, parts: list[PartInfo], current
     return SnapshotInfo(rank, version, kind, tuple(parts), version == current, problem)
 
 
+def _family(version: str) -> tuple[str, str]:
+    """What a version is ordered by number against: ``("numbered", prefix)`` for versions
+    :func:`~weightstream.versions.version_key` orders (``12``, ``step_12`` and ``v12`` share
+    the prefix ""), ``("unnumbered", version)`` for every other one (a family of its own)."""
+    found = version_key(version)
+    return ("numbered", found[0]) if found is not None else ("unnumbered", version)
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where a snapshot sorts (:func:`newest_first`) and which version of its family set it."""
+
+    key: tuple[float, int, float, str]  # (commit time, number or -1, own mtime, version)
+    anchor: int  # index of the snapshot whose mtime is key[0]: itself, or a lower-numbered one
+
+
+def _places(snapshots: Sequence[SnapshotInfo]) -> list[_Place]:
+    by_family: dict[tuple[str, str], list[int]] = {}
+    for i, s in enumerate(snapshots):
+        by_family.setdefault(_family(s.version), []).append(i)
+    places: dict[int, _Place] = {}
+    for (kind, _), members in by_family.items():
+        if kind == "unnumbered":
+            for i in members:
+                s = snapshots[i]
+                places[i] = _Place((s.mtime, -1, s.mtime, s.version), i)
+            continue
+        number = {i: _number(snapshots[i].version) for i in members}
+        members.sort(key=lambda i: number[i])
+        latest = members[0]  # the latest commit among the numbers up to the current one
+        for _, group in itertools.groupby(members, key=lambda i: number[i]):
+            same = list(group)  # equal numbers ("12", "step_12") share one commit time
+            for i in same:
+                if snapshots[i].mtime > snapshots[latest].mtime:
+                    latest = i
+            for i in same:
+                s = snapshots[i]
+                anchor = i if s.mtime >= snapshots[latest].mtime else latest
+                places[i] = _Place((snapshots[anchor].mtime, number[i], s.mtime, s.version), anchor)
+    return [places[i] for i in range(len(snapshots))]
+
+
+def _number(version: str) -> int:
+    found = version_key(version)
+    return found[1] if found is not None else -1
+
+
 def newest_first(snapshots: Sequence[SnapshotInfo]) -> list[SnapshotInfo]:
     """One rank's snapshots, newest first.
 
-    Versions ending in an integer (``12``, ``step_12``, ``v12``, ``ckpt_12``) by that number
-    (a directory normally holds one family; different ones are not told apart here), then
-    every version without a number by commit time (mtime). Ties: the newer mtime, then the
-    name. A fixed order of pairs: removing some snapshots never reorders the rest.
+    Within a family (versions :func:`~weightstream.versions.version_key` gives the same
+    prefix: ``9``, ``step_10``, ``v11``; or ``ckpt_5``, ``ckpt_6``) by number, as ranks order
+    them; across families, and for versions without a number, by commit time (the newest
+    mtime of a version's parts). So that the two agree, a version's commit time is the latest
+    of its own and of every lower-numbered version of its family: a rollback to ``step_3``
+    committed after ``step_5`` makes ``step_5`` at least that new. Ties: the number, then the
+    version's own mtime, then its name.
     """
-
-    def key(s: SnapshotInfo) -> tuple[int, int, float, str]:
-        found = version_key(s.version)
-        return (1, found[1], s.mtime, s.version) if found is not None else (0, 0, s.mtime, s.version)
-
-    return sorted(snapshots, key=key, reverse=True)
+    places = _places(snapshots)
+    return [snapshots[i] for i in sorted(range(len(snapshots)), key=lambda i: places[i].key, reverse=True)]
 
 
 # --- pruning ------------------------------------------------------------------------------
@@ -278,24 +326,54 @@ def plan_prune(
             skipped.append((snap, "not written by SnapshotWriter (full, foreign or unreadable files): never pruned"))
             continue
         by_rank.setdefault(snap.rank, []).append(snap)
-    for snaps in by_rank.values():
-        whole = 0
-        for snap in newest_first(snaps):
-            in_window = whole < keep
-            if snap.complete and in_window:
-                whole += 1
-                kept.append((snap, f"one of the newest {keep}"))
-            elif in_window:
-                kept.append((snap, "incomplete but newer than a kept version (a commit in progress?)"))
-            elif snap.current:
-                kept.append((snap, "named by version.yaml"))
-            elif snap.version in protected:
-                kept.append((snap, "protected"))
-            elif snap.mtime > now - grace_s:
-                kept.append((snap, f"modified less than {grace_s:g}s ago"))
-            else:
-                remove.append(snap)
+    for r, snaps in by_rank.items():
+        rank_kept, rank_remove = _plan_rank(r, snaps, keep, protected, now - grace_s, grace_s)
+        kept.extend(rank_kept)
+        remove.extend(rank_remove)
     return PrunePlan(tuple(remove), tuple(kept), tuple(skipped))
+
+
+def _plan_rank(
+    rank: int, snaps: list[SnapshotInfo], keep: int, protected: set[str], fresh_after: float, grace_s: float
+) -> tuple[list[tuple[SnapshotInfo, str]], list[SnapshotInfo]]:
+    places = _places(snaps)
+    order = sorted(range(len(snaps)), key=lambda i: places[i].key, reverse=True)
+    wholes = [i for i in order if snaps[i].complete]
+    cut = order.index(wholes[keep - 1]) + 1 if len(wholes) >= keep else len(order)
+    why: dict[int, str] = {}
+    for at, i in enumerate(order[:cut]):  # the window: the newest keep whole versions and all newer
+        if snaps[i].complete:
+            why[i] = f"one of the newest {keep}"
+        elif any(snaps[j].complete for j in order[at + 1 : cut]):
+            why[i] = "incomplete but newer than a kept whole version (a commit in progress?)"
+        elif not wholes:
+            why[i] = f"incomplete, and rank {rank} has no whole version to keep: nothing of it is pruned until one is"
+        else:
+            why[i] = (
+                f"incomplete, and rank {rank} has {len(wholes)} whole version(s), fewer than keep={keep}: "
+                "nothing of it is pruned until it has more"
+            )
+    for i in order[cut:]:
+        s = snaps[i]
+        if s.current:
+            why[i] = "named by version.yaml"
+        elif s.version in protected:
+            why[i] = "protected"
+        elif s.mtime > fresh_after:
+            why[i] = f"modified less than {grace_s:g}s ago"
+    # A kept version ranks by the commit time of a lower-numbered version of its family (a
+    # rollback): that one stays too while the kept ones span families, or a prune run again
+    # would rank the kept version lower than another family's and prune more.
+    if len({_family(snaps[i].version) for i in why}) > 1:
+        for i in order[:cut]:
+            anchor = places[i].anchor
+            if anchor not in why:
+                why[anchor] = (
+                    f"committed after the kept version {snaps[i].version!r} of its family (a rollback): it sets "
+                    "where that version ranks against other families, so it stays while that one does"
+                )
+    kept = [(snaps[i], why[i]) for i in order if i in why]
+    return kept, [snaps[i] for i in order if i not in why]
 
 
 @dataclass
@@ -427,17 +505,24 @@ def _verify_part(snapshot: SnapshotInfo, part: PartInfo, advance: Callable[[int]
             if layout is not None:
                 problems.append(f"{name}: {layout}")
             advance(header.data_start)
-            digest = header.metadata.get(META_DIGEST)
-            if digest is None or layout is not None:
-                _read_all(f, header.data_start, header.file_size, None, advance)
-                return problems, digest is not None
-            block = int(header.metadata.get(META_DIGEST_BLOCK, DIGEST_BLOCK) or DIGEST_BLOCK)
+            try:
+                recorded = digests_of(header)
+            except CorruptSnapshot as exc:
+                problems.append(f"{name}: {exc}; {_FIX}")
+                recorded = None
+            if recorded is None or layout is not None:
+                read_range(f, header.data_start, header.file_size, None, advance)
+                return problems, recorded is not None
+            want, block = recorded
             hasher = BlockHasher(block)
-            _read_all(f, header.data_start, header.file_size, hasher, advance)
-            problems.extend(f"{name}: {p}" for p in _compare_digests(header, digest.split(",") if digest else [], hasher.finish(), block))
+            read_range(f, header.data_start, header.file_size, hasher, advance)
+            problems.extend(f"{name}: {p}; {_FIX}" for p in digest_mismatches(header, want, hasher.finish(), block))
             return problems, True
     except OSError as exc:
         return [f"{name}: cannot read it ({exc.strerror or exc})"], False
+
+
+_FIX = "fix: delete this version's snapshot (or prune it) and let the next commit write a new one"
 
 
 def _check_metadata(snapshot: SnapshotInfo, part: PartInfo, header: Header) -> list[str]:
@@ -450,45 +535,4 @@ def _check_metadata(snapshot: SnapshotInfo, part: PartInfo, header: Header) -> l
     last = part.index == max(p.index for p in snapshot.parts)
     if not last and META_PARTS in meta:
         problems.append(f"part {part.index} ({part.path}): carries the part count {meta[META_PARTS]!r} but is not the last part")
-    return problems
-
-
-def _read_all(f: io.BufferedReader, start: int, end: int, hasher: BlockHasher | None, advance: Callable[[int], None]) -> None:
-    f.seek(start)
-    buf = bytearray(min(_READ_CHUNK, max(end - start, 1)))
-    view = memoryview(buf)
-    left = end - start
-    while left > 0:
-        n = f.readinto(view[: min(len(buf), left)])
-        if not n:
-            break  # the file shrank under us: the digest comparison reports the missing bytes
-        if hasher is not None:
-            hasher.update(view[:n])
-        left -= n
-        advance(n)
-
-
-def _compare_digests(header: Header, want: list[str], got: list[str], block: int) -> list[str]:
-    if len(want) != len(got):
-        return [f"the header lists {len(want)} xxh3 digest(s) for its data, expected {len(got)} (one per {block} bytes)"]
-    problems = []
-    for i, (w, g) in enumerate(zip(want, got)):
-        if w == g:
-            continue
-        lo, hi = i * block, min((i + 1) * block, header.file_size - header.data_start)
-        names = [
-            e.name for e in header.entries
-            if e.nbytes and e.begin - header.data_start < hi and e.begin - header.data_start + e.nbytes > lo
-        ]
-        if not names:
-            shown = "no tensor (only padding) is"
-        elif len(names) == 1:
-            shown = f"tensor {names[0]!r} is"
-        else:
-            shown = f"tensors {names[0]!r} .. {names[-1]!r} ({len(names)}) are"
-        problems.append(
-            f"data bytes [{lo}, {hi}) (file offsets {header.data_start + lo}..{header.data_start + hi}) do not match "
-            f"their xxh3 digest (expected {w}, got {g}): {shown} corrupt; "
-            "fix: delete this version's snapshot (or prune it) and let the next commit write a new one"
-        )
     return problems

@@ -12,7 +12,12 @@ loader as incomplete), never a half snapshot that looks whole.
 
 After each commit the writer prunes its own rank's older versions beyond the newest
 ``keep`` (rules and atomicity: :mod:`.snapshot_store`); a prune failure is logged, never
-raised. Each part records xxh3 digests of its data for ``weightstream snapshot verify``.
+raised. Each part records xxh3 digests of its data for ``weightstream snapshot verify`` and
+``daemon.restore``.
+
+Weights are as private as the rank's endpoints: a directory the writer creates is 0700, and
+every part (temp or final) is 0600, like ``version.yaml``. An existing directory is left as
+it is, with a warning (once per process) when other users can enter it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,11 +51,11 @@ from .snapshot_format import (
     META_PARTS,
     BlockHasher,
     build_header,
-    check_version_text,
     digest_meta_bytes,
     entry_header_bytes,
     part_name,
     part_regex,
+    version_text_problem,
 )
 from .snapshot_store import check_keep, execute_prune, list_snapshots, plan_prune
 
@@ -100,7 +106,7 @@ class SnapshotWriter:
         self.directory = Path(directory)
         self.rank = rank
         self.max_part_bytes = max_part_bytes
-        self.directory.mkdir(parents=True, exist_ok=True)
+        _private_directory(self.directory)
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"weightstream-snapshot{rank}")
         self._tmp: Path | None = None  # temp dir of the open version
@@ -174,9 +180,17 @@ class SnapshotWriter:
 
     def commit(self, version: str) -> list[Path]:
         """Finish the open version: write the last part, rename every part into place, then
-        ``version.yaml``. Blocks on disk I/O: call it off the event loop. Returns the part paths."""
-        check_version_text(str(version))
+        ``version.yaml``. Blocks on disk I/O: call it off the event loop. Returns the part paths.
+
+        A version not usable in a file name raises before anything becomes visible, and what
+        was copied of it is dropped (see :meth:`check_version`)."""
         version = str(version)
+        try:
+            self.check_version(version)
+        except WeightstreamError:
+            with self._lock:
+                self._discard()
+            raise
         with self._lock:
             error, self._error = self._error, None
             if error is not None:
@@ -215,6 +229,24 @@ class SnapshotWriter:
         if self.keep is not None:
             self._prune(version)
         return targets
+
+    def check_version(self, version: str) -> None:
+        """Raise WeightstreamError unless ``version`` can name this writer's files.
+
+        Versions are part of the file names (``model_state.tp{rank}.{version}.part{N}.safetensors``),
+        so ``/``, ``\\``, NUL, ``.`` and ``..`` cannot be snapshotted. :meth:`commit` checks
+        it; a host that knows the version before streaming it (a daemon at BEGIN) can call this
+        first to refuse such a version before anything is written."""
+        problem = version_text_problem(str(version))
+        if problem is None:
+            return
+        raise WeightstreamError(
+            f"snapshot writer of rank {self.rank}: version {version!r} cannot be snapshotted: {problem}, and a "
+            f"version is part of its snapshot's file names (model_state.tp{self.rank}.<version>.part<N>.safetensors "
+            f"in {self.directory}); no snapshot of it is written (the model itself is not affected); fix: give "
+            "versions usable in a file name: no '/', '\\' or NUL, not '.' or '..' (the rule of "
+            f"weightstream.receiver.snapshot_format.check_version_text), e.g. {_safe_example(str(version))!r}"
+        )
 
     def on_commit(self, version: str) -> None:
         """Daemon hook: a version committed, so publish its snapshot."""
@@ -324,13 +356,52 @@ def _write_part(path: Path, part: _Part, meta: dict[str, str]) -> None:
         hasher.update(data.data)
     meta = {**meta, META_DIGEST: ",".join(hasher.finish()), META_DIGEST_BLOCK: str(DIGEST_BLOCK)}
     header = build_header([(n, d, s, a.nbytes) for n, d, s, a in items], meta)
-    with open(path, "wb") as f:
+    # 0600 like version.yaml: weights are as private as the rank's endpoints
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
         f.write(header)
         # NumPy's stubs type ndarray.__buffer__ on 3.12+ only (mypy checks as 3.10)
         f.writelines(memoryview(data) for *_, data in items)  # type: ignore[arg-type]
         f.flush()
         os.fsync(f.fileno())
     part.items.clear()  # free the part as soon as it is on disk
+
+
+def _safe_example(version: str) -> str:
+    """A file-name-safe spelling of ``version`` to suggest."""
+    fixed = version.replace("/", "_").replace("\\", "_").replace("\0", "")
+    return fixed if version_text_problem(fixed) is None else "step_1234"
+
+
+_warned_shared: set[Path] = set()  # directories already warned about, once per process
+
+
+def _private_directory(directory: Path) -> None:
+    """Create ``directory`` 0700 (whatever the umask); an existing one is left as it is, with a
+    warning, once per process, when other users can enter or read it."""
+    try:
+        directory.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    else:
+        os.chmod(directory, 0o700)  # mkdir's mode is masked by the umask
+        return
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return  # not there any more, or unreadable: the first write names the problem
+    if not stat.S_ISDIR(st.st_mode):
+        return  # a file: the first write names the problem
+    mode = stat.S_IMODE(st.st_mode)
+    resolved = directory.resolve()
+    if mode & 0o077 and resolved not in _warned_shared:
+        _warned_shared.add(resolved)
+        log.warning(
+            "snapshot: directory %s is mode %o: other users can list the versions it holds (and read any snapshot "
+            "file written before SnapshotWriter made them 0600); weights are as private as the rank's endpoints; "
+            "fix: chmod 700 %s",
+            directory, mode, directory,
+        )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -407,19 +478,39 @@ class Tee:
         for sink in self._active():
             sink.load_one(name, tensor)
 
-    def on_commit(self, version: str) -> None:
-        """Called by the daemon (on its apply thread) once ``version`` committed."""
+    def check_version(self, version: str) -> None:
+        """Each sink's ``check_version(version)``, where it has one (a SnapshotWriter refuses a
+        version it could not name): for a host that can refuse a version before streaming it."""
         for sink in self.sinks:
-            hook = getattr(sink, "on_commit", None)
-            if callable(hook):
-                hook(version)
+            check = getattr(sink, "check_version", None)
+            if callable(check):
+                check(version)
+
+    def on_commit(self, version: str) -> None:
+        """Called by the daemon (on its apply thread) once ``version`` committed. Every sink's
+        hook runs even when one fails; then the failure is raised (several: one error naming all)."""
+        self._each("on_commit", version)
 
     def on_abort(self) -> None:
-        """Called by the daemon when a version failed or was aborted."""
+        """Called by the daemon when a version failed or was aborted (every sink's hook, as on_commit)."""
+        self._each("on_abort")
+
+    def _each(self, name: str, *args: Any) -> None:
+        errors: list[Exception] = []
         for sink in self.sinks:
-            hook = getattr(sink, "on_abort", None)
-            if callable(hook):
-                hook()
+            hook = getattr(sink, name, None)
+            if not callable(hook):
+                continue
+            try:
+                hook(*args)
+            except Exception as exc:  # the other sinks' hooks still run
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            raise WeightstreamError(
+                f"Tee: {len(errors)} sink {name} hooks failed: " + "; ".join(f"{type(e).__name__}: {e}" for e in errors)
+            ) from errors[0]
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
         sinks = self._active()

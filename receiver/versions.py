@@ -129,6 +129,8 @@ class VersionMachine:
         try:
             committed = self.state.committed
             check_version_order(msg.version, committed, force=bool(msg.force), unordered=True, fix="push with force=True")
+            if consumer.has_hook("check_version"):  # e.g. a SnapshotWriter: the version must make a file name
+                consumer.sink.check_version(msg.version)
             manifest = self._manifest_of(msg)
             if link.imported is not None and link.welcome is not None:  # a collective starts joining the push's group
                 link.imported.join(msg.transport, link.welcome.heartbeat_timeout)

@@ -8,6 +8,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import re
 from pathlib import Path
 from typing import Any
 
@@ -533,3 +534,161 @@ def test_a_pdparams_file_others_can_write_is_never_unpickled(tmp_path: Path) -> 
     part = load_snapshot(tmp_path, 0, "7").open_part(0)
     assert [name for name, _ in part.tensors] == ["w"]
     part.release()
+
+
+# --- corrupt parts, file modes, version names -------------------------------------------------
+
+
+def flip(path: Path, offset: int) -> None:
+    """Flip one bit of the byte at ``offset``: real on-disk corruption."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
+def six_parts(version: int) -> dict[str, np.ndarray]:
+    return {f"t{i}": np.full(1500, version * 100 + i, np.float32) for i in range(6)}  # 6000 B each: one per part
+
+
+def test_restore_refuses_a_part_with_a_flipped_bit_before_it_reaches_the_model(tmp_path: Path) -> None:
+    from weightstream.receiver.snapshot_format import CorruptSnapshot, read_header
+
+    write(tmp_path, 0, "1", six_parts(1), max_part_bytes=8192)
+    paths = write(tmp_path, 0, "2", six_parts(2), max_part_bytes=8192)
+    assert len(paths) == 6
+    target = {k: np.zeros_like(v) for k, v in six_parts(0).items()}
+    daemon = daemon_for(NumpySink(target), prefetch=2)
+
+    # a bad FIRST part: nothing was applied, the model is untouched and intact
+    start = read_header(paths[0]).data_start
+    flip(paths[0], start + 100)
+    with pytest.raises(CorruptSnapshot) as err:
+        daemon.restore(tmp_path)
+    msg = str(err.value)
+    assert isinstance(err.value, WeightstreamError)
+    assert str(paths[0]) in msg and "part 0" in msg and "version '2'" in msg
+    assert "data bytes [0, 6000)" in msg and "tensor 't0' is corrupt" in msg
+    assert "weightstream snapshot verify" in msg and "restore another version" in msg
+    assert not any(v.any() for v in target.values())
+    status = daemon.status
+    assert status.model_intact and status.committed_version is None and "CorruptSnapshot" in (status.last_error or "")
+    flip(paths[0], start + 100)  # repaired
+
+    # a bad later part: the parts before it were applied, so the model is no longer intact
+    start = read_header(paths[3]).data_start
+    flip(paths[3], start + 5999)
+    with pytest.raises(CorruptSnapshot, match=r"part 3 .*tensor 't3' is corrupt") as err:
+        daemon.restore(tmp_path)
+    assert str(paths[3]) in str(err.value)
+    assert [raw(target[f"t{i}"]) for i in range(3)] == [raw(six_parts(2)[f"t{i}"]) for i in range(3)]
+    assert not target["t3"].any() and not target["t5"].any()  # never handed to the model
+    assert not daemon.status.model_intact and daemon.committed_version is None
+
+    # the fix the error gives: another version restores whole
+    assert daemon.restore(tmp_path, "1") == "1"
+    assert {k: raw(v) for k, v in target.items()} == {k: raw(v) for k, v in six_parts(1).items()}
+    assert daemon.status.model_intact
+
+
+def test_restore_of_parts_without_digests_is_unchecked_as_before(tmp_path: Path) -> None:
+    for i in range(3):  # an older or foreign writer: no weightstream metadata, no digests
+        save_st(tmp_path / f"model_state.tp0.7.part{i}.safetensors", {f"t{i}": np.full(8, i + 1, np.int32)})
+    target = {f"t{i}": np.zeros(8, np.int32) for i in range(3)}
+    assert daemon_for(NumpySink(target)).restore(tmp_path, "7") == "7"
+    assert [int(target[f"t{i}"][0]) for i in range(3)] == [1, 2, 3]
+
+
+def test_snapshot_files_are_private_whatever_the_umask(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import stat
+
+    def mode(p: Path) -> int:
+        return stat.S_IMODE(p.stat().st_mode)
+
+    old = os.umask(0)  # the most permissive umask: the writer's modes must not depend on it
+    try:
+        directory = tmp_path / "new" / "snap"
+        writer = SnapshotWriter(directory, 0, max_part_bytes=8192)
+        assert mode(directory) == 0o700
+        writer.begin()
+        for i in range(4):
+            writer.load_one(f"t{i}", np.full(1500, i, np.float32))
+        writer._wait_pending()
+        (tmp,) = directory.glob(TEMP_PREFIX + "*")
+        assert mode(tmp) == 0o700 and [mode(p) for p in tmp.iterdir()] and all(mode(p) == 0o600 for p in tmp.iterdir())
+        paths = writer.commit("1")
+        writer.close()
+        assert [mode(p) for p in paths] == [0o600] * len(paths) and mode(directory / "version.yaml") == 0o600
+
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        shared.chmod(0o755)
+        with caplog.at_level(logging.WARNING, "weightstream.snapshot"):
+            SnapshotWriter(shared, 0).close()
+            SnapshotWriter(shared, 1).close()  # warned once per directory
+        assert mode(shared) == 0o755  # an existing directory is left as it is
+        assert caplog.text.count(f"directory {shared} is mode 755") == 1 and f"chmod 700 {shared}" in caplog.text
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, "weightstream.snapshot"):
+            SnapshotWriter(directory, 1).close()  # private already: nothing to say
+        assert "is mode" not in caplog.text
+    finally:
+        os.umask(old)
+
+
+def test_a_version_unusable_in_a_file_name_says_which_why_and_the_fix(tmp_path: Path) -> None:
+    write(tmp_path, 0, "1", {"a": np.ones(3, np.float32)})
+    writer = SnapshotWriter(tmp_path, 0, max_part_bytes=8192)
+    writer.begin()
+    for i in range(3):
+        writer.load_one(f"t{i}", np.full(1500, i, np.float32))
+    with pytest.raises(WeightstreamError) as err:
+        writer.commit("step_2/x")
+    msg = str(err.value)
+    assert "version 'step_2/x' cannot be snapshotted: it contains a '/'" in msg and "rank 0" in msg
+    assert "check_version_text" in msg and "e.g. 'step_2_x'" in msg
+    assert not list(tmp_path.glob(TEMP_PREFIX + "*"))  # what was copied of it is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_state.tp0.1.part0.safetensors", "version.yaml"]
+    for bad, why in (("..", "names a directory"), ("a\\b", "contains a '\\'"), ("", "it is empty")):
+        with pytest.raises(WeightstreamError, match=re.escape(why)):
+            writer.check_version(bad)
+    writer.check_version("step_2")
+    tee = Tee(NumpySink({"a": np.zeros(3, np.float32)}), writer)
+    with pytest.raises(WeightstreamError, match="'x/y' cannot be snapshotted"):
+        tee.check_version("x/y")  # the hook a daemon could call at BEGIN, before anything is written
+    tee.check_version("2")
+    writer.close()
+
+
+def test_a_daemon_refuses_a_version_its_snapshot_writer_cannot_name(tmp_path: Path, endpoint: str) -> None:
+    """A version that cannot be a file name is refused at BEGIN (the Tee's check_version hook), with
+    the model untouched and the reason; the next version goes through to every sink."""
+    named = {"a": np.arange(3000, dtype=np.float32), "b": np.arange(5, dtype=np.int64)}
+    model = {k: np.zeros_like(v) for k, v in named.items()}
+    snap = tmp_path / "snap"
+
+    class Recording(NumpySink):  # a second sink with an on_commit
+        def __init__(self, target: dict[str, np.ndarray]) -> None:
+            super().__init__(target)
+            self.committed: list[str] = []
+
+        def on_commit(self, version: str) -> None:
+            self.committed.append(version)
+
+    other = Recording({k: np.zeros_like(v) for k, v in named.items()})
+    writer = SnapshotWriter(snap, 0)
+    with BucketSender(endpoint, receivers=1) as sender, ReceiverDaemon(
+        endpoint, Tee(NumpySink(model), writer, other), rank=0
+    ) as daemon:
+        with pytest.raises(WeightstreamError, match="rejected before any byte was written") as refused:
+            sender.push(named.items(), version="step_2/x")
+        assert "version 'step_2/x' cannot be snapshotted: it contains a '/'" in str(refused.value)
+        assert all(not v.any() for v in model.values()), "a refused version touched the model"
+        assert daemon.status.model_intact
+        sender.push(named.items(), version="step_3")
+        daemon.wait_for_version("step_3", 30)
+    writer.close()
+    assert {k: raw(v) for k, v in model.items()} == {k: raw(v) for k, v in named.items()}
+    assert other.committed == ["step_3"]
+    assert sorted(p.name for p in snap.iterdir()) == ["model_state.tp0.step_3.part0.safetensors", "version.yaml"]

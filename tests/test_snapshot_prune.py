@@ -116,6 +116,24 @@ def test_keep_orders_opaque_versions_by_commit_time(tmp_path: Path) -> None:
         assert versions(tmp_path, 0) == ["gamma", "beta"]
 
 
+def test_keep_orders_each_family_by_number_and_families_by_commit_time(tmp_path: Path) -> None:
+    """``v1.9`` and ``v2.x`` are two families (``v1``, ``v2``), as ranks see them: a trailing
+    number is only compared within its family, so v1.9 is not "newer" than v2.3 (9 > 3), and a
+    stale ``ckpt_500`` is not kept forever beside ``step_N`` (500 > N)."""
+    for case, names, left in (
+        ("dotted", ["v1.9", "v2.0", "v2.1", "v2.2", "v2.3"], ["v2.2", "v2.3"]),
+        ("prefixes", ["ckpt_500", "step_1", "step_2", "step_3"], ["step_2", "step_3"]),
+    ):
+        directory = tmp_path / case
+        with SnapshotWriter(directory, 0, max_part_bytes=8192, keep=2) as writer:
+            for i, name in enumerate(names):
+                commit(writer, name, state_of(i))
+                age(directory, 0, name, 1000 - 10 * i)  # committed in this order, 10 s apart
+        assert versions(directory, 0) == left, case
+        for name in left:
+            assert loaded(directory, 0, name) == as_bytes(state_of(names.index(name)))
+
+
 def test_keep_none_keeps_every_version_and_bad_keep_is_refused(tmp_path: Path) -> None:
     with SnapshotWriter(tmp_path, 0, max_part_bytes=8192, keep=None) as writer:
         for v in range(1, 6):

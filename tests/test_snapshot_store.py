@@ -110,9 +110,46 @@ def test_newest_first_by_number_then_by_commit_time() -> None:
     assert [s.version for s in newest_first(numbered)] == ["11", "step_10", "step_9", "v8"]  # by number, not text or time
     opaque = [snap("alpha", 2.0), snap("gamma", 1.0), snap("beta", 3.0)]
     assert [s.version for s in newest_first(opaque)] == ["beta", "alpha", "gamma"]  # by commit time
-    mixed = [snap("alpha", 9.0), snap("step_4", 0.0), snap("step_2", 5.0)]  # unnumbered ones are pruned first
-    assert [s.version for s in newest_first(mixed)] == ["step_4", "step_2", "alpha"]
+    mixed = [snap("alpha", 9.0), snap("step_4", 4.0), snap("step_2", 2.0)]  # an unnumbered one: by commit time
+    assert [s.version for s in newest_first(mixed)] == ["alpha", "step_4", "step_2"]
     assert [s.version for s in newest_first([snap("12", 1.0), snap("step_12", 2.0)])] == ["step_12", "12"]  # tie: mtime
+    families = [snap("v1.9", 1.0), snap("v2.0", 2.0), snap("v2.3", 3.0), snap("ckpt_500", 0.5), snap("step_1", 4.0)]
+    assert [s.version for s in newest_first(families)] == ["step_1", "v2.3", "v2.0", "v1.9", "ckpt_500"]
+    # a rollback: step_3 committed again after step_5. Within the family step_5 is still the
+    # newer, so it counts as committed no earlier than step_3: ckpt_9 (between the two) is older
+    rollback = [snap("step_3", 30.0), snap("step_5", 10.0), snap("ckpt_9", 20.0)]
+    assert [s.version for s in newest_first(rollback)] == ["step_5", "step_3", "ckpt_9"]
+
+
+def test_prune_the_dotted_and_prefixed_families_of_the_trial() -> None:
+    def plan(names: list[str], keep: int) -> tuple[list[str], list[str]]:
+        snaps = [
+            SnapshotInfo(0, v, "parts", (PartInfo(Path(v), 0, 1, float(i), 1, 4, {META_FORMAT: "snapshot-v1"}),), False, None)
+            for i, v in enumerate(names)  # committed in list order
+        ]
+        p = plan_prune(snaps, keep, now=NOW)
+        return [s.version for s, _ in p.keep], [s.version for s in p.remove]
+
+    assert plan(["v1.9", "v2.0", "v2.1", "v2.2", "v2.3"], 2) == (["v2.3", "v2.2"], ["v2.1", "v2.0", "v1.9"])
+    assert plan(["ckpt_500", "step_1", "step_2", "step_3"], 2) == (["step_3", "step_2"], ["step_1", "ckpt_500"])
+
+
+def test_a_rollback_that_ranks_a_kept_version_stays_while_families_mix() -> None:
+    """step_2 ranks by step_1's later commit (a rollback). Pruning step_1 would drop step_2
+    below the protected ckpt_5, and a second prune would then delete step_2: so step_1 stays."""
+
+    def snap(version: str, mtime: float) -> SnapshotInfo:
+        return SnapshotInfo(0, version, "parts", (PartInfo(Path(version), 0, 1, mtime, 1, 4, {META_FORMAT: "x"}),), False, None)
+
+    snaps = [snap("step_1", 100.0), snap("step_2", 0.0), snap("ckpt_5", 50.0)]
+    plan = plan_prune(snaps, 1, now=NOW, protect=["ckpt_5"])
+    assert plan.remove == ()
+    reasons = {s.version: why for s, why in plan.keep}
+    assert reasons["step_2"] == "one of the newest 1" and reasons["ckpt_5"] == "protected"
+    assert "committed after the kept version 'step_2' of its family (a rollback)" in reasons["step_1"]
+    # one family only: the order is by number whatever is pruned, so the rollback can go
+    single = plan_prune([snap("step_1", 100.0), snap("step_2", 0.0)], 1, now=NOW)
+    assert [s.version for s in single.remove] == ["step_1"]
 
 
 # --- the prune planner ----------------------------------------------------------------------
@@ -125,12 +162,13 @@ def listings(draw: Any) -> tuple[list[SnapshotInfo], str | None]:
     names = st.one_of(
         st.integers(0, 12).map(str),
         st.integers(0, 12).map(lambda n: f"step_{n}"),
-        st.sampled_from(["alpha", "beta", "gamma", "ckpt_3", "1.5"]),
+        st.sampled_from(["alpha", "beta", "gamma", "ckpt_3", "ckpt_5", "ckpt_500", "1.5", "v1.9", "v2.0", "v2.3"]),
     )
     entries = draw(st.lists(st.tuples(st.integers(0, 1), names), min_size=0, max_size=14, unique=True))
     snaps = []
     for rank, version in entries:
-        mtime = draw(st.floats(NOW - 500, NOW + 5, allow_nan=False))
+        # a few shared times too: ties, and rollbacks (a lower number committed later) across families
+        mtime = draw(st.sampled_from([NOW - 400, NOW - 300, NOW - 30]) | st.floats(NOW - 500, NOW + 5, allow_nan=False))
         complete = draw(st.booleans() | st.just(True))
         ours = draw(st.booleans() | st.just(True))
         meta = {META_FORMAT: "snapshot-v1"} if ours else {}
@@ -147,7 +185,7 @@ def listings(draw: Any) -> tuple[list[SnapshotInfo], str | None]:
     keep=st.integers(1, 3),
     rank=st.none() | st.integers(0, 1),
     grace=st.sampled_from([0.0, 0.0, 60.0, 1000.0]),
-    protect=st.lists(st.sampled_from(["alpha", "7", "step_3"]), max_size=2),
+    protect=st.lists(st.sampled_from(["alpha", "7", "step_3", "ckpt_5"]), max_size=2),
 )
 def test_prune_plan_invariants(
     listing: tuple[list[SnapshotInfo], str | None], keep: int, rank: int | None, grace: float, protect: list[str]
@@ -353,3 +391,37 @@ def test_cli_help_renders(command: list[str]) -> None:
                 "prune": ["--keep", "--rank", "--dry-run", "--grace-seconds"]}[command[0] if command else ""]  # fmt: skip
     for word in expected:
         assert word in res.output
+
+
+def test_cli_usage_errors_and_reasons_say_it_once_and_truly(tmp_path: Path) -> None:
+    res = cli("prune", tmp_path, "--keep", "0")
+    assert res.exit_code == 2 and res.stderr.startswith("snapshot prune --keep: keep must be") and res.stderr.count("snapshot prune") == 1
+    for command in ("ls", "verify", "prune"):
+        res = runner.invoke(app, [command, str(tmp_path), "--rank", "-1", *(["--keep", "1"] if command == "prune" else [])])
+        assert res.exit_code == 2 and "--rank" in res.output, (command, res.output)
+        usage = runner.invoke(app, [command, "--help"], terminal_width=100).output
+        assert f"{command} [OPTIONS] DIR" in usage and "{DIR}" not in usage
+    paths = write(tmp_path, 0, "1", state_of(1))
+    write(tmp_path, 0, "2", state_of(2))[-1].unlink()  # no version of rank 0 is whole
+    paths[-1].unlink()
+    res = cli("prune", tmp_path, "--keep", "1")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.count("rank 0 has no whole version to keep") == 2 and "newer than a kept" not in res.stdout
+    assert "removed 0 version(s)" in res.stdout
+
+
+def test_cli_prints_names_verbatim_through_rich(tmp_path: Path) -> None:
+    """Versions and directories are file names: rich markup and :emoji: codes in them are text."""
+    where = tmp_path / "a[" / "x]" / "[bold]"  # its path reads .../a[/x]/[bold]: a closing tag rich would choke on
+    names = ["[red]v1", "v:fire:2", "step_5[x]", "[bold]v3"]
+    for i, name in enumerate(names):
+        write(where, 0, name, state_of(i))
+    for args in (["ls", where], ["verify", where], ["prune", where, "--keep", "1", "--dry-run"]):
+        res = cli(*args)
+        assert res.exit_code == 0, res.output
+        for name in names:
+            assert name in res.stdout, (args[0], name, res.stdout)
+        assert "🔥" not in res.output
+    assert f"snapshots in {where}" in cli("ls", where).stdout
+    res = cli("ls", where / "no[/x]")
+    assert res.exit_code == 2 and f"{where / 'no[/x]'}" in res.stderr

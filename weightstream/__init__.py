@@ -5,6 +5,7 @@
 
 from .protocol.errors import (
     ConfigError,
+    CorruptSnapshot,
     IdentityRefused,
     ManifestMismatch,
     PeerLost,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BucketSender",
     "ConfigError",
+    "CorruptSnapshot",
     "CurveKeys",
     "DaemonStatus",
     "IdentityRefused",

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
+from typer.core import TyperCommand
 
 from ..protocol.errors import WeightstreamError
 from ..receiver.snapshot_store import (
@@ -39,15 +40,30 @@ app = typer.Typer(
 )
 
 DirArg = Annotated[Path, typer.Argument(metavar="DIR", help="the snapshot directory (the one given to SnapshotWriter)", show_default=False)]
-RankOpt = Annotated[int | None, typer.Option("--rank", help="only this rank's snapshots", show_default=False)]
+RankOpt = Annotated[int | None, typer.Option("--rank", min=0, help="only this rank's snapshots", show_default=False)]
 
 
+class _Command(TyperCommand):
+    """A required argument reads ``DIR`` in the usage line, as click writes it (typer: ``{DIR}``)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:  # Any: typer's vendored click.Context
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument" and param.required and param.nargs == 1 and param.metavar:
+                pieces.append(param.metavar)
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+
+# Text from file names, versions and errors is printed verbatim: markup=False, or escape() where
+# the text sits inside markup (a table), and no :emoji: codes anywhere ("v:fire:1" is a version).
 def _out() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    return Console(highlight=False, soft_wrap=True, emoji=False)
 
 
 def _err() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 @contextmanager
@@ -56,7 +72,10 @@ def _errors(command: str) -> Iterator[None]:
     try:
         yield
     except WeightstreamError as exc:
-        _err().print(f"snapshot {command}: {exc}", markup=False)
+        text = str(exc)
+        prefix = f"snapshot {command}"
+        # an error that names the command already (check_keep's "snapshot prune --keep: ...") is not prefixed again
+        _err().print(text if text.startswith(prefix) else f"{prefix}: {text}", markup=False)
         raise typer.Exit(2) from None
 
 
@@ -95,7 +114,7 @@ def _as_json(snap: SnapshotInfo) -> dict[str, Any]:
     }
 
 
-@app.command("ls")
+@app.command("ls", cls=_Command)
 def ls_command(
     directory: DirArg,
     rank: RankOpt = None,
@@ -115,7 +134,7 @@ def ls_command(
     if not snaps:
         out.print(f"no snapshots in {directory}" + (f" for rank {rank}" if rank is not None else ""), markup=False)
         return
-    table = Table(title=f"snapshots in {directory}", title_justify="left")
+    table = Table(title=f"snapshots in {escape(str(directory))}", title_justify="left")
     for name, justify in (("rank", "right"), ("version", "left"), ("parts", "right"), ("tensors", "right"),
                           ("size", "right"), ("state", "left"), ("current", "center"), ("modified", "left")):  # fmt: skip
         table.add_column(name, justify=justify, no_wrap=name in ("version", "modified"))  # type: ignore[arg-type]
@@ -131,7 +150,7 @@ def ls_command(
             out.print(f"{_label(s)}: {s.problem}", markup=False)
 
 
-@app.command("verify")
+@app.command("verify", cls=_Command)
 def verify_command(
     directory: DirArg,
     rank: RankOpt = None,
@@ -175,14 +194,14 @@ def verify_command(
 def _verify_with_bar(snaps: list[SnapshotInfo]) -> list[VerifyResult]:
     console = _err()
     total = sum(s.file_bytes for s in snaps)
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(binary_units=True),
                TransferSpeedColumn(), TimeRemainingColumn())  # fmt: skip
     results = []
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("verify", total=total)
         base = 0
         for snap in snaps:
-            bar.update(task, description=f"verify {escape(_label(snap))}")
+            bar.update(task, description=f"verify {_label(snap)}")  # the column takes no markup
             results.append(verify_snapshot(snap, _advance(bar, task, base)))
             base += snap.file_bytes
             bar.update(task, completed=base)
@@ -196,7 +215,7 @@ def _advance(bar: Progress, task: Any, base: int) -> Callable[[int, int], None]:
     return progress
 
 
-@app.command("prune")
+@app.command("prune", cls=_Command)
 def prune_command(
     directory: DirArg,
     keep: Annotated[int, typer.Option("--keep", help="versions to keep per rank, newest first (at least 1)", show_default=False)],
