@@ -5,7 +5,9 @@ when it arrives, and again after its tensors were applied, before the ACK. Bucke
 whole slots (no ring: the digest needs the whole bucket at once). Runs alternate between the
 two settings so that a drift of the host's memory bandwidth hits both alike.
 
-    python -m bench.checksum_cost --size-mib 1024 --receivers 1 --rounds 3
+    weightstream bench checksum-cost --size-mib 1024 --receivers 1 --rounds 3
+
+From a checkout, ``python -m bench.checksum_cost`` runs the same with the same options.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from weightstream import synthetic
 from weightstream.protocol.transports.shm.streaming import cpu_model
 
 from . import ws_run
+from .options import BUFFERS, MAX_MIB, MAX_RANKS, REPEATS, SIZE_MIB, segments_removed, whole
 from .peers import harness
 
 MiB = 1 << 20
@@ -25,14 +28,18 @@ MiB = 1 << 20
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run the bench with ``argv`` (default: the command line); ``prog`` names it in usage and errors."""
     ap = argparse.ArgumentParser(prog=prog or "python -m bench.checksum_cost", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-mib", type=int, default=1024, help="bytes of the transformer-like model")
-    ap.add_argument("--bucket-mib", type=int, default=256)
-    ap.add_argument("--buffers", type=int, default=2)
-    ap.add_argument("--receivers", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating runs of each setting")
-    ap.add_argument("--versions", type=int, default=3, help="timed versions per run (after one warm-up)")
+    ap.add_argument("--size-mib", type=SIZE_MIB, default=1024, help="bytes of the transformer-like model")
+    ap.add_argument("--bucket-mib", type=whole(1, MAX_MIB), default=256)
+    ap.add_argument("--buffers", type=BUFFERS, default=2)
+    ap.add_argument("--receivers", type=whole(1, MAX_RANKS), default=1)
+    ap.add_argument("--rounds", type=REPEATS, default=3, help="alternating runs of each setting")
+    ap.add_argument("--versions", type=REPEATS, default=3, help="timed versions per run (after one warm-up)")
     args = ap.parse_args(argv)
+    with segments_removed():
+        return _run(args)
 
+
+def _run(args: argparse.Namespace) -> int:
     model = synthetic.transformer_like(args.size_mib * MiB)
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(args.rounds):

@@ -1,8 +1,10 @@
 """Cross-host transports (tcp, gloo) on loopback, against the raw engine under each.
 
-    python -m bench.crosshost --quick           # 512 MiB model, 5 repeats: ~1 min on a 2-core box
-    python -m bench.crosshost                   # 1 GiB model, 9 repeats
-    python -m bench.crosshost --quick --curve   # also tcp with CURVE (and the raw ZMQ engine with it)
+    weightstream bench crosshost --quick           # 512 MiB model, 5 repeats
+    weightstream bench crosshost                   # 1 GiB model, 9 repeats
+    weightstream bench crosshost --quick --curve   # also tcp with CURVE (and the raw ZMQ engine with it)
+
+From a checkout, ``python -m bench.crosshost`` runs the same with the same options.
 
 For every (transport, ranks, bucket size) it starts a BucketSender (control endpoint ipc://
 in a temp dir, data over TCP on 127.0.0.1) and rank processes (spawn), each applying into a
@@ -48,6 +50,7 @@ from weightstream.receiver.sinks import NumpySink
 
 from . import results_dir
 from .checksum_cost import cpu_model
+from .options import MAX_MIB, RANKS, REPEATS, SIZE_MIB, names, segments_removed, wholes
 from .peers import harness, raw_gloo
 from .peers.raw_zmq import RawZmqReceiver, RawZmqSender, spans
 
@@ -385,33 +388,34 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run the bench with ``argv`` (default: the command line); ``prog`` names it in usage and errors."""
     ap = argparse.ArgumentParser(prog=prog or "python -m bench.crosshost", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="512 MiB model, 5 repeats: ~1 minute on 2 cores")
+    ap.add_argument("--quick", action="store_true", help="512 MiB model, 5 repeats")
     ap.add_argument("--curve", action="store_true", help="also run tcp with CURVE keys (raw ZMQ with CURVE too)")
-    ap.add_argument("--transports", help=f"comma list of {','.join(TRANSPORTS)}")
-    ap.add_argument("--ranks", help="comma list, e.g. 1,2")
-    ap.add_argument("--buckets", help="bucket sizes in MiB, e.g. 16,64,256")
-    ap.add_argument("--size-mib", type=int, help="model size")
-    ap.add_argument("--repeats", type=int, help="interleaved (weightstream, raw) pairs per row, after a warm-up")
+    ap.add_argument("--transports", type=names(TRANSPORTS), help=f"comma list of {','.join(TRANSPORTS)}")
+    ap.add_argument("--ranks", type=RANKS, help="comma list, e.g. 1,2")
+    ap.add_argument("--buckets", type=wholes(1, MAX_MIB, "16,64,256"), help="bucket sizes in MiB, e.g. 16,64,256")
+    ap.add_argument("--size-mib", type=SIZE_MIB, help="model size")
+    ap.add_argument("--repeats", type=REPEATS, help="interleaved (weightstream, raw) pairs per row, after a warm-up")
     args = ap.parse_args(argv)
     # a SIGTERM (e.g. timeout) unwinds through the sessions' finally blocks: ranks and sockets go
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     plan = presets(args.quick)
     if args.transports:
-        plan.transports = args.transports.split(",")
+        plan.transports = args.transports
     if args.curve and "tcp+curve" not in plan.transports:
         plan.transports.append("tcp+curve")
     if args.ranks:
-        plan.ranks = [int(x) for x in args.ranks.split(",")]
+        plan.ranks = args.ranks
     if args.buckets:
-        plan.buckets = [int(x) for x in args.buckets.split(",")]
+        plan.buckets = args.buckets
     if args.size_mib:
         plan.size_mib = args.size_mib
     if args.repeats:
         plan.repeats = args.repeats
-    unknown = [t for t in plan.transports if t not in TRANSPORTS]
-    if unknown:
-        raise SystemExit(f"unknown transports {unknown}; expected some of {TRANSPORTS}")
+    with segments_removed():
+        return _run(plan)
 
+
+def _run(plan: Plan) -> int:
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     model = synthetic.transformer_like(plan.size_mib * MiB)

@@ -1,7 +1,9 @@
 """The engine's path (``load_weights`` over views) against this machine's two-copy limit.
 
-    python -m bench.engine --quick     # ~3 min on 2 cores: 1 GiB x 64 and 100k x 4 KiB, 1 rank
-    python -m bench.engine             # + 2 ranks, the 2 GiB transformer mix, torch views
+    weightstream bench engine --quick     # 1 GiB x 64 and 100k x 4 KiB, 1 rank
+    weightstream bench engine             # + 2 ranks, the 2 GiB transformer mix, torch views
+
+From a checkout, ``python -m bench.engine`` runs the same with the same options.
 
 Yardsticks, measured in the same run and interleaved with the project's rows (yardstick,
 project, yardstick, ...):
@@ -38,11 +40,13 @@ from weightstream import BucketSender, synthetic
 from weightstream.protocol.transports.shm.streaming import cpu_model
 
 from . import engine_run, handoff, results_dir
+from .options import RANKS, REPEATS, names, segments_removed
 from .peers import harness
 
 MiB = 1 << 20
 GiB = 1 << 30
 SHAPES = ("large", "small", "transformer")
+MODES = ("numpy", "torch", "paddle", "direct")
 
 
 def make_model(shape: str) -> synthetic.Model:
@@ -213,26 +217,40 @@ def print_table(rows: list[Row]) -> None:
             print(f"{'':<12}   slot sweep (median ms): " + " ".join(f"{k}:{v}" for k, v in row.extra["slot_medians_ms"].items()))
 
 
+def parse_modes(text: str) -> list[str]:
+    """``--modes``: a comma list of MODE or MODE:VARIANT (MODE one of :data:`MODES`, VARIANT one of :data:`VARIANTS`)."""
+    specs = [spec.partition(":") for spec in text.split(",")]
+    names(MODES)(",".join(mode for mode, _, _ in specs))  # refuses an unknown mode, naming it
+    unknown = [variant for _, colon, variant in specs if colon and (not variant or variant not in VARIANTS)]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected each MODE or MODE:VARIANT, VARIANT one of {','.join(v for v in VARIANTS if v)}, got "
+            f"{', '.join(map(repr, unknown))} in {text!r}"
+        )
+    return text.split(",")
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run the bench with ``argv`` (default: the command line); ``prog`` names it in usage and errors."""
     ap = argparse.ArgumentParser(prog=prog or "python -m bench.engine", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="large and small, 1 rank, numpy and direct, 5 repeats")
-    ap.add_argument("--shapes", help=f"comma list of {','.join(SHAPES)}")
-    ap.add_argument("--modes", help="comma list of numpy,torch,paddle,direct, each optionally with :VARIANT, one of "
-                    + ",".join(v for v in VARIANTS if v) + " (e.g. direct:noring)")
-    ap.add_argument("--receivers", help="comma list, e.g. 1,2")
-    ap.add_argument("--repeats", type=int, help="timed repeats per row (after one warm-up)")
+    ap.add_argument("--shapes", type=names(SHAPES), help=f"comma list of {','.join(SHAPES)}")
+    ap.add_argument("--modes", type=parse_modes, help=f"comma list of {','.join(MODES)}, each optionally with :VARIANT, "
+                    "one of " + ",".join(v for v in VARIANTS if v) + " (e.g. direct:noring)")
+    ap.add_argument("--receivers", type=RANKS, help="comma list of rank counts, e.g. 1,2")
+    ap.add_argument("--repeats", type=REPEATS, help="timed repeats per row (after one warm-up)")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    shapes = ["large", "small"] if args.quick else list(SHAPES)
-    modes = ["numpy", "direct"] if args.quick else ["numpy", "torch", "direct"]
-    receivers = [1] if args.quick else [1, 2]
-    repeats = 5 if args.quick else 7
-    shapes = args.shapes.split(",") if args.shapes else shapes
-    modes = args.modes.split(",") if args.modes else modes
-    receivers = [int(r) for r in args.receivers.split(",")] if args.receivers else receivers
-    repeats = args.repeats or repeats
+    shapes: list[str] = args.shapes or (["large", "small"] if args.quick else list(SHAPES))
+    modes: list[str] = args.modes or (["numpy", "direct"] if args.quick else ["numpy", "torch", "direct"])
+    receivers: list[int] = args.receivers or ([1] if args.quick else [1, 2])
+    repeats: int = args.repeats or (5 if args.quick else 7)
+    with segments_removed():
+        return _run(shapes, modes, receivers, repeats)
+
+
+def _run(shapes: list[str], modes: list[str], receivers: list[int], repeats: int) -> int:
     info = f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}"
     print(info)
     t0 = time.perf_counter()

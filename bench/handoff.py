@@ -15,8 +15,10 @@ with noisy neighbours), so :func:`sweep` runs every slot size and the best one c
 The processes stay up between runs so a bench can interleave this yardstick with the
 project's own runs (yardstick, project, yardstick, ...). Alone:
 
-    python -m bench.handoff            # 1 GiB, 1 and 2 readers, 3 repeats of every slot size
-    python -m bench.handoff --quick    # 64 MiB, 1 reader, 1 repeat: a smoke run of seconds
+    weightstream bench handoff            # 1 GiB, 1 and 2 readers, 3 repeats of every slot size
+    weightstream bench handoff --quick    # 64 MiB, 1 reader, 1 repeat: a smoke run
+
+From a checkout, ``python -m bench.handoff`` runs the same with the same options.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from typing import Any
 
 import numpy as np
 import xxhash
+
+from .options import HANDOFF_PREFIX, RANKS, REPEATS, SIZE_MIB, segments_removed
 
 MiB = 1 << 20
 SLOTS = 2
@@ -107,15 +111,16 @@ class Handoff:
         self.nbytes, self.readers = nbytes, readers
         self.sizes = slot_sizes(nbytes)
         self.max_slot = max(self.sizes)
-        self.path = f"/dev/shm/ws-handoff-{uuid.uuid4().hex[:12]}"
-        with open(self.path, "wb") as f:
-            f.truncate(SLOTS * self.max_slot)
-        ctx = mp.get_context("spawn")
-        empty = [ctx.Semaphore(readers) for _ in range(SLOTS)]
-        full = [[ctx.Semaphore(0) for _ in range(SLOTS)] for _ in range(readers)]
+        # the pid in the name: bench.options.segments_removed() finds what a failed run of this process left
+        self.path = f"/dev/shm/{HANDOFF_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.conns: list[Any] = []
         self.procs: list[Any] = []
         try:
+            with open(self.path, "wb") as f:
+                f.truncate(SLOTS * self.max_slot)
+            ctx = mp.get_context("spawn")
+            empty = [ctx.Semaphore(readers) for _ in range(SLOTS)]
+            full = [[ctx.Semaphore(0) for _ in range(SLOTS)] for _ in range(readers)]
             a, b = ctx.Pipe()
             self.procs.append(ctx.Process(target=_writer, args=(self.path, nbytes, readers, empty, full, b, self.max_slot),
                                           daemon=True))
@@ -211,29 +216,24 @@ def memcpy_timer(nbytes: int, src: np.ndarray | None = None, dst: np.ndarray | N
     return timed
 
 
-def _counts(text: str) -> list[int]:
-    """``--readers 1,2``: whole numbers, comma-separated."""
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of whole numbers such as 1,2, got {text!r}") from None
-
-
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """The yardstick alone: every slot size swept, per reader count, and a memcpy of the same bytes.
     ``argv`` defaults to the command line; ``prog`` names the command in usage and errors."""
     ap = argparse.ArgumentParser(prog=prog or "python -m bench.handoff", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a smoke run: 64 MiB, 1 reader, 1 repeat (seconds)")
-    ap.add_argument("--size-mib", type=int, help="bytes handed off per run (default 1024; --quick: 64)")
-    ap.add_argument("--readers", type=_counts, help="comma list of reader counts (default 1,2; --quick: 1)")
-    ap.add_argument("--repeats", type=int, help="timed laps over every slot size, after one warm-up (default 3; --quick: 1)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 64 MiB, 1 reader, 1 repeat")
+    ap.add_argument("--size-mib", type=SIZE_MIB, help="bytes handed off per run (default 1024; --quick: 64)")
+    ap.add_argument("--readers", type=RANKS, help="comma list of reader counts (default 1,2; --quick: 1)")
+    ap.add_argument("--repeats", type=REPEATS, help="timed laps over every slot size, after one warm-up (default 3; --quick: 1)")
     args = ap.parse_args(argv)
     mib = args.size_mib if args.size_mib is not None else 64 if args.quick else 1024
     readers_list = args.readers if args.readers is not None else [1] if args.quick else [1, 2]
     repeats = args.repeats if args.repeats is not None else 1 if args.quick else 3
-    if mib < 1 or repeats < 1 or min(readers_list) < 1:
-        ap.error(f"expected --size-mib, --readers and --repeats >= 1, got {mib}, {readers_list} and {repeats}")
+    with segments_removed():
+        return _run(mib, readers_list, repeats)
+
+
+def _run(mib: int, readers_list: list[int], repeats: int) -> int:
     nbytes = mib * MiB
     for readers in readers_list:
         best, _, medians = sweep(nbytes, readers, repeats)

@@ -1,8 +1,10 @@
 """Bucket throughput over the shm transport, against the machine's limit and peer baselines.
 
-    python -m bench.throughput --quick          # < 2 min on a 2-core box
-    python -m bench.throughput                  # full preset (2 GiB models, all axes)
-    python -m bench.throughput --shapes small --methods weightstream,naive --receivers 1
+    weightstream bench throughput --quick          # the small preset (256 MiB models)
+    weightstream bench throughput                  # full preset (2 GiB models, all axes)
+    weightstream bench throughput --shapes small --methods weightstream,naive --receivers 1
+
+From a checkout, ``python -m bench.throughput`` runs the same with the same options.
 
 Every run verifies the bytes it moved (xxh3_64 per tensor, sender vs each receiver),
 writes <timestamp>.json and .png to bench/results (``bench.results_dir``), and prints a table plus ratios.
@@ -36,14 +38,17 @@ import numpy as np
 
 from weightstream import native as speedups
 from weightstream import synthetic
+from weightstream.protocol.messages import MAX_SLOTS
 
 from . import handoff, results_dir, ws_run
+from .options import BUFFERS, MAX_MIB, MAX_RANKS, RANKS, REPEATS, SIZE_MIB, names, segments_removed, whole, wholes
 from .peers import handles, harness, lockstep, naive
 
 MiB = 1 << 20
 GiB = 1 << 30
 METHODS = ("memcpy", "memcpy_stream", "pipeline", "weightstream", "naive", "handles", "lockstep")
 LIMITS = ("memcpy", "memcpy_stream", "pipeline")  # machine ceilings, measured without receivers
+SHAPES = ("large", "transformer", "small", "large_same")
 
 
 @dataclass
@@ -340,46 +345,48 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run the bench with ``argv`` (default: the command line); ``prog`` names it in usage and errors."""
     ap = argparse.ArgumentParser(prog=prog or "python -m bench.throughput", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small preset, < 2 minutes on 2 cores")
-    ap.add_argument("--shapes", help="comma list of large,transformer,small,large_same")
-    ap.add_argument("--methods", help=f"comma list of {','.join(METHODS)}")
-    ap.add_argument("--size-mib", type=int, help="bytes of the large/transformer models")
-    ap.add_argument("--receivers", help="comma list, e.g. 1,2")
-    ap.add_argument("--buckets", help="bucket sizes in MiB to sweep, e.g. 16,64,256,1024")
-    ap.add_argument("--buffers", help="num_buffers to sweep, e.g. 1,2,3,4")
-    ap.add_argument("--prefetch", help="receiver prefetch depths to sweep, e.g. 1,2,4")
-    ap.add_argument("--bucket-mib", type=int, help="default bucket size (MiB)")
-    ap.add_argument("--num-buffers", type=int, help="default num_buffers")
-    ap.add_argument("--versions", type=int, help="timed versions per run (after one warm-up)")
+    ap.add_argument("--quick", action="store_true", help="the small preset: 256 MiB models, fewer configurations")
+    ap.add_argument("--shapes", type=names(SHAPES), help=f"comma list of {','.join(SHAPES)}")
+    ap.add_argument("--methods", type=names(METHODS), help=f"comma list of {','.join(METHODS)}")
+    ap.add_argument("--size-mib", type=SIZE_MIB, help="bytes of the large/transformer models")
+    ap.add_argument("--receivers", type=RANKS, help="comma list, e.g. 1,2")
+    ap.add_argument("--buckets", type=wholes(1, MAX_MIB, "16,64,256,1024"),
+                    help="bucket sizes in MiB to sweep, e.g. 16,64,256,1024")
+    ap.add_argument("--buffers", type=wholes(1, MAX_SLOTS, "1,2,3,4"), help="num_buffers to sweep, e.g. 1,2,3,4")
+    ap.add_argument("--prefetch", type=wholes(1, MAX_RANKS, "1,2,4"), help="receiver prefetch depths to sweep, e.g. 1,2,4")
+    ap.add_argument("--bucket-mib", type=whole(1, MAX_MIB), help="default bucket size (MiB)")
+    ap.add_argument("--num-buffers", type=BUFFERS, help="default num_buffers")
+    ap.add_argument("--versions", type=REPEATS, help="timed versions per run (after one warm-up)")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
     # a SIGTERM (e.g. timeout) unwinds through the runs' finally blocks: segments and receivers go
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     plan = presets("quick" if args.quick else "full")
-
-    def ints(s: str) -> list[int]:
-        return [int(x) for x in s.split(",")]
-
     if args.shapes:
-        plan.shapes = args.shapes.split(",")
+        plan.shapes = args.shapes
     if args.methods:
-        plan.methods = args.methods.split(",")
+        plan.methods = args.methods
     if args.size_mib:
         plan.size = args.size_mib * MiB
     if args.receivers:
-        plan.receivers = ints(args.receivers)
+        plan.receivers = args.receivers
     if args.buckets:
-        plan.buckets = ints(args.buckets)
+        plan.buckets = args.buckets
     if args.buffers:
-        plan.buffers = ints(args.buffers)
+        plan.buffers = args.buffers
     if args.prefetch:
-        plan.prefetch = ints(args.prefetch)
+        plan.prefetch = args.prefetch
     if args.bucket_mib:
         plan.default_bucket = args.bucket_mib
     if args.num_buffers:
         plan.default_buffers = args.num_buffers
     if args.versions:
         plan.versions = args.versions
+    with segments_removed():
+        return _run(plan, args.no_plot)
+
+
+def _run(plan: Plan, no_plot: bool) -> int:
     t0 = time.perf_counter()
     rows = run_plan(plan)
     rats = ratios(rows, plan)
@@ -393,7 +400,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     out.write_text(json.dumps({"meta": meta, "rows": [{**asdict(r), "gbps": r.gbps} for r in rows],
                                "ratios": rats}, indent=1))
     print(f"\nwrote {out}")
-    if not args.no_plot:
+    if not no_plot:
         plot(rows, out.with_suffix(".png"))
         print(f"wrote {out.with_suffix('.png')}")
     print(f"total {time.perf_counter() - t0:.1f} s")

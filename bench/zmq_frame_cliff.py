@@ -1,7 +1,9 @@
 """ZMQ receive throughput over loopback TCP by frame size, and the receiver's page faults.
 
-    python -m bench.zmq_frame_cliff                     # frames of 16, 24, 31.9, 32, 64 MiB
-    python -m bench.zmq_frame_cliff --frames-mib 8,32
+    weightstream bench zmq-frame-cliff                     # frames of 16, 24, 31.9, 32, 64 MiB
+    weightstream bench zmq-frame-cliff --frames-mib 8,32
+
+From a checkout, ``python -m bench.zmq_frame_cliff`` runs the same with the same options.
 
 libzmq allocates each received message with malloc. glibc serves an allocation above its mmap
 threshold with a fresh mmap (and frees it with munmap), so every page of such a message faults
@@ -27,6 +29,8 @@ import numpy as np
 import zmq
 
 from weightstream.protocol.transports.tcp import FRAME_BYTES
+
+from .options import MAX_MIB, REPEATS, numbers, segments_removed, whole
 
 MiB = 1 << 20
 TIMEOUT_S = 60.0
@@ -102,15 +106,22 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run the bench with ``argv`` (default: the command line); ``prog`` names it in usage and errors."""
     ap = argparse.ArgumentParser(prog=prog or "python -m bench.zmq_frame_cliff", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--frames-mib", default="16,24,31.9,32,64", help="comma list of frame sizes in MiB")
-    ap.add_argument("--total-mib", type=int, default=512)
-    ap.add_argument("--runs", type=int, default=4, help="runs per frame size; the first is not counted")
+    # about 1 KiB a frame at least (one of 0 bytes never ends a run); at most 4 GiB, one receive buffer
+    ap.add_argument("--frames-mib", type=numbers(0.001, 4096, "16,32"), default="16,24,31.9,32,64",
+                    help="comma list of frame sizes in MiB")
+    ap.add_argument("--total-mib", type=whole(1, MAX_MIB), default=512)
+    ap.add_argument("--runs", type=REPEATS, default=4, help="runs per frame size (2 at least); the first is not counted")
     args = ap.parse_args(argv)
-    total = args.total_mib * MiB
-    print(f"{args.total_mib} MiB per run over loopback TCP; weightstream's tcp FRAME_BYTES = {FRAME_BYTES / MiB:g} MiB")
+    with segments_removed():
+        return _run(args.frames_mib, args.total_mib, args.runs)
+
+
+def _run(frames_mib: list[float], total_mib: int, runs: int) -> int:
+    total = total_mib * MiB
+    print(f"{total_mib} MiB per run over loopback TCP; weightstream's tcp FRAME_BYTES = {FRAME_BYTES / MiB:g} MiB")
     print(f"{'frame MiB':>9} {'GB/s (median)':>13} {'page faults per run':>20}")
-    for mib in (float(x) for x in args.frames_mib.split(",")):
-        gbps, faults = measure(total, int(mib * MiB), max(2, args.runs))
+    for mib in frames_mib:
+        gbps, faults = measure(total, int(mib * MiB), max(2, runs))
         print(f"{mib:>9g} {statistics.median(gbps[1:]):>13.2f} {statistics.median(faults[1:]):>20.0f}", flush=True)
     return 0
 

@@ -131,6 +131,118 @@ def test_a_bad_command_line_exits_2_naming_what_is_wrong(args: tuple[str, ...], 
     assert named in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+def own_segments(pid: int) -> set[str]:
+    """The /dev/shm segments process ``pid`` made: weightstream's slots, the handoff's and the
+    handles peer's files (each name carries its creator's pid; other sessions share /dev/shm)."""
+    marks = (f"ws_{pid}_", f"ws-handoff-{pid}-", f"wsbench_{pid}_")
+    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(marks)}
+
+
+# Found by an outside-in trial: each was a traceback, a run that started anyway, or an exit 1.
+REFUSED = [
+    (("demo", "--size-gib", "inf"), "'--size-gib'", "got inf"),
+    (("demo", "--size-gib", "nan"), "'--size-gib'", "got nan"),
+    (("demo", "--size-gib", "1e6"), "'--size-gib'", "available; fix: --size-gib"),
+    (("demo", "--seed", "-5"), "'--seed'", "got -5"),
+    (("demo", "--versions", "99999999999999999999"), "'--versions'", "got 99999999999999999999"),
+    (("demo", "--buffers", "100000"), "'--buffers'", "from 1 to 64, got 100000"),
+    (("demo", "--bucket-mib", "1000000"), "'--bucket-mib'", "of /dev/shm"),
+    (("status", "--timeout", "1e12", "ipc:///nonexistent/s.sock"), "'--timeout'", "3600"),
+    (("status", "--timeout", "inf", "ipc:///nonexistent/s.sock"), "'--timeout'", "3600"),
+    (("bench", "engine", "--receivers", "0"), "--receivers", "got 0"),
+    (("bench", "engine", "--receivers", "abc"), "--receivers", "got 'abc'"),
+    (("bench", "engine", "--modes", "bogus"), "--modes", "'bogus'"),
+    (("bench", "engine", "--modes", "numpy:bogus"), "--modes", "'bogus'"),
+    (("bench", "engine", "--repeats", "0"), "--repeats", "got 0"),
+    (("bench", "engine", "--shapes", "bogus"), "--shapes", "'bogus'"),
+    (("bench", "throughput", "--shapes", "large,bogus"), "--shapes", "'bogus'"),
+    (("bench", "throughput", "--methods", "naive,bogus"), "--methods", "'bogus'"),
+    (("bench", "throughput", "--buffers", "1,65"), "--buffers", "got 65"),
+    (("bench", "throughput", "--receivers", "1,x"), "--receivers", "'1,x'"),
+    (("bench", "throughput", "--versions", "0"), "--versions", "got 0"),
+    (("bench", "handoff", "--readers", "0"), "--readers", "got 0"),
+    (("bench", "handoff", "--repeats", "-1"), "--repeats", "got -1"),
+    (("bench", "checksum-cost", "--buffers", "0"), "--buffers", "got 0"),
+    (("bench", "checksum-cost", "--size-mib", "huge"), "--size-mib", "got 'huge'"),
+    (("bench", "crosshost", "--transports", "udp"), "--transports", "'udp'"),
+    (("bench", "crosshost", "--ranks", "0"), "--ranks", "got 0"),
+    (("bench", "crosshost", "--buckets", "0"), "--buckets", "got 0"),
+    (("bench", "zmq-frame-cliff", "--frames-mib", "0"), "--frames-mib", "got 0"),
+    (("bench", "zmq-frame-cliff", "--frames-mib", "16,inf"), "--frames-mib", "got inf"),
+    (("bench", "zmq-frame-cliff", "--total-mib", "0"), "--total-mib", "got 0"),
+]
+
+
+@pytest.mark.parametrize(("args", "named", "said"), REFUSED, ids=[" ".join(args) for args, _, _ in REFUSED])
+def test_a_bad_value_exits_2_naming_the_option_before_anything_starts(
+    args: tuple[str, ...], named: str, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In this process (the benches run here too, as `weightstream bench` runs them): exit 2, the
+    option, what was expected and what came; no model built, no rank spawned, no segment made."""
+    before = own_segments(os.getpid())
+    assert main(list(args)) == 2
+    out, err = capsys.readouterr()
+    flat = " ".join(err.split())  # click wraps its message at the terminal's width
+    assert named in err and said in flat and "Traceback" not in err, err
+    assert "model:" not in out and "==" not in out, f"the run started:\n{out}"
+    assert own_segments(os.getpid()) == before
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("-m", "weightstream", "bench", "engine", "--shapes", "bogus"), ("-m", "bench.engine", "--shapes", "bogus"),
+     ("-m", "weightstream", "demo", "--buffers", "100000")],
+    ids=["weightstream bench engine", "python -m bench.engine", "weightstream demo"],
+)
+def test_a_bad_value_in_its_own_process_exits_2_and_leaves_no_segment(command: tuple[str, ...]) -> None:
+    proc = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 2, out + err
+    assert ("--shapes" in err or "'--buffers'" in err) and "Traceback" not in err, err
+    assert not own_segments(proc.pid), "the bench left shared-memory segments behind"
+
+
+def test_a_bench_that_fails_half_way_removes_the_segments_it_made(tmp_path: Path) -> None:
+    """Every bench runs under bench.options.segments_removed: a sender made and never closed (an
+    exception raised between the two) leaves nothing in /dev/shm."""
+    from bench.options import segments_removed
+    from weightstream import BucketSender
+
+    before = own_segments(os.getpid())
+    made: list[BucketSender] = []
+    counted: list[int] = []
+
+    def bench() -> None:
+        with segments_removed():
+            made.append(BucketSender(f"ipc://{tmp_path}/s.sock", receivers=1, bucket_bytes=1 << 20, num_buffers=2))
+            counted.append(len(own_segments(os.getpid()) - before))
+            raise RuntimeError("half way")
+
+    with pytest.raises(RuntimeError, match="half way"):
+        bench()
+    assert counted == [2], "the sender made no slots to leave behind"
+    assert own_segments(os.getpid()) == before
+    (sender,) = made
+    sender.close()  # its sockets; the slots it would unlink are gone already
+
+
+@pytest.mark.parametrize("name", list(BENCHES))
+def test_a_bench_help_says_both_ways_to_run_it_and_no_duration(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`weightstream bench NAME`, or `python -m bench.MODULE` from a checkout; no run time, which
+    differs from machine to machine (README's and the bench's disagreed)."""
+    assert main(["bench", name, "--help"]) == 0
+    out = capsys.readouterr().out
+    module = BENCHES[name][0]
+    assert f"weightstream bench {name} " in out and f"python -m bench.{module}" in out, out
+    assert not re.search(r"~\s*\d|\d\s*(min|minutes|seconds)\b", out), out
+
+
 def test_no_command_shows_the_help_and_exits_2() -> None:
     proc = cli(timeout=60)
     assert proc.returncode == 2 and "Usage: weightstream" in proc.stdout + proc.stderr, proc.stdout + proc.stderr

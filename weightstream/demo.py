@@ -8,6 +8,7 @@ control channel, not the product wire), and the sender compares them with its ow
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -15,14 +16,26 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
 
 from . import synthetic
+from .protocol.errors import ConfigError
+from .protocol.messages import MAX_SLOTS
 
 REPLY_TIMEOUT = 300.0
+GiB = 1 << 30
+MiB = 1 << 20
+FRAMEWORKS = ("numpy", "torch", "paddle")
+MAX_SIZE_GIB = 1 << 20  # 1 PiB
+MAX_RECEIVERS = 64  # receiver processes on this one host
+MAX_VERSIONS = 10_000
+MAX_BUCKET_MIB = 1 << 20  # 1 TiB; /dev/shm refuses far less
+MAX_SEED = 2**64 - 1  # SFC64's seed: a whole number >= 0
+PROCESS_BYTES = 128 << 20  # roughly what a Python process with NumPy, ZeroMQ and weightstream holds
 
 Progress = Callable[[int, int, str], None]
 """``progress(done, total, stage)``: ``done`` of ``total`` versions pushed and verified, and what runs now."""
@@ -30,6 +43,8 @@ Progress = Callable[[int, int, str], None]
 
 @dataclass
 class DemoConfig:
+    """What ``weightstream demo`` runs: its options, one field each (:func:`check_config` says which fit)."""
+
     size_gib: float = 1.0
     receivers: int = 2
     versions: int = 3
@@ -37,6 +52,113 @@ class DemoConfig:
     buffers: int = 2
     framework: str = "numpy"
     seed: int = 0
+
+
+class DemoConfigError(ConfigError):
+    """A :class:`DemoConfig` that cannot run. ``field`` names the setting (``weightstream demo``'s
+    option ``--`` + field with ``-`` for ``_``); ``detail`` is the message without it."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"DemoConfig.{field}: {detail}")
+        self.field = field
+        self.detail = detail
+
+    @property
+    def option(self) -> str:
+        """The ``weightstream demo`` option of ``field``, e.g. ``--size-gib``."""
+        return "--" + self.field.replace("_", "-")
+
+
+def _whole(cfg: DemoConfig, field: str, lo: int, hi: int, fix: str) -> None:
+    value = getattr(cfg, field)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise DemoConfigError(field, f"expected a whole number from {lo} to {hi}, got {value!r}; fix: {fix}")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can have now: /proc/meminfo's MemAvailable (page cache the
+    kernel can drop counts), else the free pages os.sysconf reports; no more than a cgroup (v2)
+    memory limit leaves. None where neither can be read."""
+    found: int | None = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if found is None:
+        try:
+            found = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            found = min(found, max(0, int(limit) - used))
+    except (OSError, ValueError):  # no cgroup v2 limit here
+        pass
+    return found
+
+
+def model_bytes(cfg: DemoConfig) -> int:
+    """The bytes of the model ``run_demo`` builds for ``cfg`` (its shapes, no allocation)."""
+    bucket, total = cfg.bucket_mib * MiB, int(cfg.size_gib * GiB)
+    specs = synthetic.transformer_specs(total, min_embedding_bytes=min(bucket + bucket // 4, total // 3))
+    return sum(dtype.itemsize * math.prod(shape) for _, dtype, shape in specs)
+
+
+def needs(cfg: DemoConfig) -> tuple[int, int]:
+    """(bytes of memory, bytes of /dev/shm) the demo needs at its peak. The sender holds the model
+    and, while it times memcpy, two more copies of it; then it keeps the model while each receiver
+    process holds one; the bucket slots in /dev/shm are memory too."""
+    shm = cfg.buffers * cfg.bucket_mib * MiB
+    model = model_bytes(cfg)
+    return max(3, cfg.receivers + 1) * model + (cfg.receivers + 1) * PROCESS_BYTES + shm, shm
+
+
+def check_config(cfg: DemoConfig) -> None:
+    """Raise :class:`DemoConfigError` (a ConfigError) for a setting the demo cannot run with,
+    before anything is built: each out of its range, and a model or buckets larger than this
+    machine's free memory and /dev/shm."""
+    size = cfg.size_gib
+    # past MAX_SIZE_GIB the memory check below would not be exact (and no host holds it)
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or not (math.isfinite(size) and 0 < size <= MAX_SIZE_GIB):
+        raise DemoConfigError("size_gib", f"expected a size in GiB > 0 and <= {MAX_SIZE_GIB}, got {size!r}; fix: e.g. 1")
+    _whole(cfg, "receivers", 1, MAX_RECEIVERS, "e.g. 2 (each is a process holding the whole model)")
+    _whole(cfg, "versions", 1, MAX_VERSIONS, "e.g. 3")
+    _whole(cfg, "bucket_mib", 1, MAX_BUCKET_MIB, "e.g. 256")
+    _whole(cfg, "buffers", 1, MAX_SLOTS, "e.g. 2 (packs one bucket while the ranks apply the last)")
+    _whole(cfg, "seed", 0, MAX_SEED, "e.g. 0")
+    if cfg.framework not in FRAMEWORKS:
+        raise DemoConfigError("framework", f"expected one of {', '.join(FRAMEWORKS)}, got {cfg.framework!r}; fix: e.g. numpy")
+    ram, shm = needs(cfg)
+    try:
+        shm_free: int | None = shutil.disk_usage("/dev/shm").free
+    except OSError:  # no /dev/shm: the transport says so itself
+        shm_free = None
+    if shm_free is not None and shm > shm_free:
+        raise DemoConfigError(
+            "bucket_mib",
+            f"{cfg.buffers} buffers x {cfg.bucket_mib} MiB need {shm / MiB:.0f} MiB of /dev/shm, it has "
+            f"{shm_free / MiB:.0f} MiB free; fix: a smaller --bucket-mib or --buffers (the model is sent in "
+            "as many buckets as it takes), or a larger /dev/shm (docker run --shm-size=...)",
+        )
+    free = available_memory()
+    if free is not None and ram > free:
+        copies = max(3, cfg.receivers + 1)
+        fits = math.floor((free - (cfg.receivers + 1) * PROCESS_BYTES - shm) / copies / GiB * 100) / 100
+        fix = f"--size-gib {fits:g} or less" if fits >= 0.01 else "fewer --receivers or a smaller --bucket-mib"
+        if fits >= 0.01 and cfg.receivers > 2:
+            fix += ", or fewer --receivers"
+        raise DemoConfigError(
+            "size_gib",
+            f"a model of {size:g} GiB with {cfg.receivers} receivers needs about {ram / GiB:.1f} GiB of memory "
+            f"({copies} copies of the model: the sender's and each receiver's, 3 while the sender times memcpy; "
+            f"and the buckets), this machine has {free / GiB:.1f} GiB available; fix: {fix}",
+        )
 
 
 def _receiver_main(endpoint: str, rank: int, specs: dict[str, Any], versions: list[str], conn: Any) -> None:
@@ -126,6 +248,7 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> int:
     on every receiver (``weightstream demo`` draws its progress bar with it)."""
     from weightstream import BucketSender
 
+    check_config(cfg)  # before anything is built or spawned
     say = _Printer()
     report_progress: Progress = progress or (lambda done, total, stage: None)
     report_progress(0, cfg.versions, "building the model")

@@ -28,7 +28,9 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from .. import demo as demo_lib
 from ..protocol.errors import ConfigError, WeightstreamError
+from ..protocol.messages import MAX_SLOTS
 from . import snapshot
 from .status import status_command
 
@@ -138,39 +140,40 @@ class Framework(str, Enum):
     paddle = "paddle"
 
 
-def _positive(value: float) -> float:
-    if not value > 0:  # also NaN
-        raise typer.BadParameter(f"expected a size > 0, got {value}")
-    return value
-
-
+# Each option's range and this machine's limits are checked by demo.check_config (its messages say
+# what came, which typer's own range checks do not), so the options here only convert.
 @app.command(short_help="Stream a synthetic model to receivers; verify every byte.")
 def demo(
-    size_gib: Annotated[float, typer.Option("--size-gib", callback=_positive, help="Model size in GiB.")] = 1.0,
-    receivers: Annotated[int, typer.Option("--receivers", min=1, help="Receiver processes.")] = 2,
-    versions: Annotated[int, typer.Option("--versions", min=1, help="Versions to push.")] = 3,
-    bucket_mib: Annotated[int, typer.Option("--bucket-mib", min=1, help="Bucket size in MiB.")] = 256,
-    buffers: Annotated[int, typer.Option("--buffers", min=1, help="Bucket slots in flight.")] = 2,
+    size_gib: Annotated[float, typer.Option("--size-gib", help="Model size in GiB (> 0).")] = 1.0,
+    receivers: Annotated[
+        int, typer.Option("--receivers", help=f"Receiver processes, 1 to {demo_lib.MAX_RECEIVERS}.")
+    ] = 2,
+    versions: Annotated[int, typer.Option("--versions", help=f"Versions to push, 1 to {demo_lib.MAX_VERSIONS}.")] = 3,
+    bucket_mib: Annotated[int, typer.Option("--bucket-mib", help="Bucket size in MiB (>= 1).")] = 256,
+    buffers: Annotated[int, typer.Option("--buffers", help=f"Bucket slots in flight, 1 to {MAX_SLOTS}.")] = 2,
     framework: Annotated[Framework, typer.Option("--framework", help="Tensor type handed to push.")] = Framework.numpy,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed of the synthetic model.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed of the synthetic model (>= 0).")] = 0,
 ) -> None:
     """Stream a synthetic model to receiver processes and verify every byte.
 
     The sender runs here, each receiver in its own process; after each version every receiver's
-    xxh3 digest of each tensor is compared with the sender's. Exit 0 only if all matched."""
-    from ..demo import DemoConfig, run_demo
-
-    cfg = DemoConfig(size_gib, receivers, versions, bucket_mib, buffers, framework.value, seed)
+    xxh3 digest of each tensor is compared with the sender's. Exit 0 only if all matched. A model
+    or buckets larger than this machine's free memory or /dev/shm are refused before anything starts."""
+    cfg = demo_lib.DemoConfig(size_gib, receivers, versions, bucket_mib, buffers, framework.value, seed)
+    try:
+        demo_lib.check_config(cfg)  # the limits of this machine, before the model is built
+    except demo_lib.DemoConfigError as exc:
+        raise typer.BadParameter(exc.detail, param_hint=f"'{exc.option}'") from None
     console = _console()
     if not console.is_terminal:  # a log: the demo's own lines only
-        raise typer.Exit(run_demo(cfg))
+        raise typer.Exit(demo_lib.run_demo(cfg))
     with _progress(console) as progress:
         task = progress.add_task("demo", total=versions)
 
         def report(done: int, total: int, stage: str) -> None:
             progress.update(task, completed=done, total=total, description=f"demo: {stage}")
 
-        code = run_demo(cfg, progress=report)
+        code = demo_lib.run_demo(cfg, progress=report)
         progress.update(task, description="demo: verified" if code == 0 else "demo: FAILED")
     raise typer.Exit(code)
 
@@ -181,13 +184,18 @@ def demo(
 def bench_module(module: str) -> ModuleType:
     """``weightstream.bench.<module>``, as a wheel or an editable install has it; in a checkout run
     with no install that maps that name (bench/ has no link under weightstream/, as sender/ has:
-    mypy would check it), the checkout's ``bench.<module>`` beside weightstream/."""
+    mypy would check it), the checkout's ``bench.<module>`` beside weightstream/. Never the benches
+    of another tree (an editable install of another checkout maps weightstream.bench there too)."""
+    root = Path(__file__).resolve().parents[2]
     try:
-        return importlib.import_module(f"weightstream.bench.{module}")
+        found = importlib.import_module(f"weightstream.bench.{module}")
     except ModuleNotFoundError as exc:
         if exc.name != "weightstream.bench":
             raise
-    root = Path(__file__).resolve().parents[2]
+    else:
+        where = Path(found.__file__ or "").resolve()
+        if where.is_relative_to(root / "weightstream" / "bench") or where.is_relative_to(root / "bench"):
+            return found
     if not (root / "bench" / "__init__.py").is_file():
         raise ConfigError(
             f"weightstream bench: expected the package weightstream.bench beside weightstream in {root.parent}, "

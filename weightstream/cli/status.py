@@ -80,7 +80,7 @@ def render(status: dict[str, Any], console: Console) -> None:
 
 def status_command(
     endpoint: Annotated[str, typer.Argument(metavar="ENDPOINT", help="the daemon's status_endpoint, e.g. ipc:///tmp/ws-1000/rank0-status.sock")],
-    timeout: Annotated[float, typer.Option(min=0.01, help="seconds to wait for the answer")] = 5.0,
+    timeout: Annotated[float, typer.Option(min=0.01, max=3600.0, help="seconds to wait for the answer (at most an hour)")] = 5.0,
     json_output: Annotated[bool, typer.Option("--json", help="print the raw status as JSON")] = False,
 ) -> None:
     """Ask a rank's daemon (started with status_endpoint=) for its state, committed version, last error and
