@@ -14,8 +14,11 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from weightstream.protocol.messages import MAX_SLOTS
+
+T = TypeVar("T")
 
 MAX_RANKS = 64  # receiver processes (or handoff readers) of one run on one host
 MAX_MIB = 1 << 20  # 1 TiB: a model, a bucket or a run's bytes
@@ -41,42 +44,36 @@ def whole(lo: int, hi: int) -> Callable[[str], int]:
     return parse
 
 
-def wholes(lo: int, hi: int, example: str = "1,2") -> Callable[[str], list[int]]:
-    """A comma list of whole numbers, each from ``lo`` to ``hi``."""
+def _comma_list(convert: Callable[[str], T], ok: Callable[[T], bool], expected: str) -> Callable[[str], list[T]]:
+    """A comma list whose every item ``convert`` takes and ``ok`` accepts; else argparse's error
+    with ``expected`` and the item that came."""
 
-    def parse(text: str) -> list[int]:
-        expected = f"expected a comma list of whole numbers from {lo} to {hi}, such as {example}"
+    def parse(text: str) -> list[T]:
         values = []
         for part in text.split(","):
             try:
-                value = int(part)
+                value = convert(part)
             except ValueError:
                 raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
-            if not lo <= value <= hi:
-                raise argparse.ArgumentTypeError(f"{expected}, got {value} in {text!r}")
-            values.append(value)
-        return values
-
-    return parse
-
-
-def numbers(lo: float, hi: float, example: str) -> Callable[[str], list[float]]:
-    """A comma list of finite numbers, each from ``lo`` to ``hi``."""
-
-    def parse(text: str) -> list[float]:
-        expected = f"expected a comma list of numbers from {lo:g} to {hi:g}, such as {example}"
-        values = []
-        for part in text.split(","):
-            try:
-                value = float(part)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
-            if not (math.isfinite(value) and lo <= value <= hi):  # NaN fails here too
+            if not ok(value):
                 raise argparse.ArgumentTypeError(f"{expected}, got {part.strip()} in {text!r}")
             values.append(value)
         return values
 
     return parse
+
+
+def wholes(lo: int, hi: int, example: str = "1,2") -> Callable[[str], list[int]]:
+    """A comma list of whole numbers, each from ``lo`` to ``hi``."""
+    return _comma_list(int, lambda v: lo <= v <= hi, f"expected a comma list of whole numbers from {lo} to {hi}, such as {example}")
+
+
+def numbers(lo: float, hi: float, example: str) -> Callable[[str], list[float]]:
+    """A comma list of finite numbers, each from ``lo`` to ``hi``."""
+    return _comma_list(  # NaN fails ``ok`` too
+        float, lambda v: math.isfinite(v) and lo <= v <= hi,
+        f"expected a comma list of numbers from {lo:g} to {hi:g}, such as {example}",
+    )
 
 
 def names(choices: Iterable[str]) -> Callable[[str], list[str]]:

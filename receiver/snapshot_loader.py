@@ -357,19 +357,20 @@ def _find_parts(where: Path, rank: int, version: str, notes: list[str]) -> list[
     ordered = [(i, indexed[i]) for i in sorted(indexed)]  # numeric: part2 before part10
     indices = [i for i, _ in ordered]
     parts: list[tuple[Path, BinaryIO, Header]] = []
+
+    def refused(why: str) -> list[tuple[Path, BinaryIO, Header]]:
+        for _, f, _ in parts:
+            f.close()
+        notes.append(f"{where}: parts {indices} of {base_name(rank, version)} are incomplete{why}; they were not used")
+        log.warning("snapshot: %s", notes[-1])
+        return []
+
     try:
         for _, path in ordered:  # every part open before anything is read: a prune can no longer tear it
             f, header = _open_header(path)
             parts.append((path, f, header))
     except FileNotFoundError as exc:
-        for _, f, _ in parts:
-            f.close()
-        notes.append(
-            f"{where}: parts {indices} of {base_name(rank, version)} are incomplete: {Path(exc.filename or '').name} "
-            "vanished while opening (pruned meanwhile?); they were not used"
-        )
-        log.warning("snapshot: %s", notes[-1])
-        return []
+        return refused(f": {Path(exc.filename or '').name} vanished while opening (pruned meanwhile?)")
     except BaseException:
         for _, f, _ in parts:
             f.close()
@@ -377,13 +378,6 @@ def _find_parts(where: Path, rank: int, version: str, notes: list[str]) -> list[
     ours = [h.metadata for _, _, h in parts if h.metadata.get(META_FORMAT)]
     problem = parts_problem(indices, ours) if ours else None  # ours: the last part says how many there are
     if problem is not None:
-        for _, f, _ in parts:
-            f.close()
-        notes.append(
-            f"{where}: parts {indices} of {base_name(rank, version)} are incomplete ({problem}; "
-            "a crash or prune while committing?); they were not used"
-        )
-        log.warning("snapshot: %s", notes[-1])
-        return []
+        return refused(f" ({problem}; a crash or prune while committing?)")
     return parts
 
