@@ -438,14 +438,16 @@ class VersionMachine:
         self.link.send(m.Committed(
             version=run.version, tensors=run.applied, bytes=run.total_bytes, seconds=seconds, changing=changing,
         ))
-        self._ended(run.version, "committed", run)
+        self._ended(run.version, "committed", run, now=now)  # the record says what COMMITTED said
 
     def _ended(
         self, version: str, outcome: str, run: VersionRun | None, exc: BaseException | None = None,
-        text: str | None = None,
+        text: str | None = None, now: float | None = None,
     ) -> None:
-        """A version ended on this rank: its record (for ``status``), its log line, its metrics."""
-        now = time.perf_counter()
+        """A version ended on this rank (at ``now``, perf_counter): its record (for ``status``), its
+        log line, its metrics."""
+        if now is None:
+            now = time.perf_counter()
         prepare = change = None
         tensors = nbytes = 0
         seconds = 0.0
