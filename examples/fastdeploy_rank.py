@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 from paddle_model import MainModel, MTPDraft, build_models  # examples/paddle_model.py, beside this script
+from rich.console import Console
+from rich.progress import DownloadColumn, Progress
 
 from weightstream import ReceiverDaemon, WeightstreamError
 from weightstream.receiver.sinks import PaddleLayerSink, PrefixRouter
@@ -55,13 +57,20 @@ def _newer_or_same(a: str, b: str) -> bool:
 
 
 def bootstrap(daemon: ReceiverDaemon, model_dir: Path, snapshot_dir: Path) -> tuple[str, str]:
-    """Load the newest weights this rank can find without a sender; return (their version, where from)."""
+    """Load the newest weights this rank can find without a sender; return (their version, where from).
+    On a terminal a progress bar follows the restore by bytes (``restore(progress=...)``)."""
     base = read_step(model_dir)
     if (snapshot_dir / "version.yaml").is_file() and _newer_or_same(read_step(snapshot_dir), base):
-        found = daemon.restore(snapshot_dir), "snapshot"  # the newest committed version
+        where, source = snapshot_dir, "snapshot"  # the newest committed version
     else:
-        found = daemon.restore(model_dir), "model dir"  # the checkpoint every rank starts from
-    return found  # (a restore skips the Tee's SnapshotWriter: what it reads is on disk already)
+        where, source = model_dir, "model dir"  # the checkpoint every rank starts from
+    # (a restore skips the Tee's SnapshotWriter: what it reads is on disk already)
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return daemon.restore(where), source
+    with Progress(*Progress.get_default_columns(), DownloadColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(f"restoring from the {source}", total=None)
+        return daemon.restore(where, progress=lambda done, total: bar.update(task, completed=done, total=total)), source
 
 
 def run(
