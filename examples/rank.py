@@ -33,7 +33,8 @@ def main() -> int:
             daemon.wait_for_version(f"step_{step}", timeout=120)
             with torch.no_grad():
                 tokens = model.generate(torch.tensor(PROMPT), max_new_tokens=4, do_sample=False, pad_token_id=0)
-            print(f"rank {args.rank}: serving step_{step} (model intact: {daemon.status.model_intact}); "
+            # what it serves: step_{step}, or a newer step if it started after the trainer moved on
+            print(f"rank {args.rank}: serving {daemon.committed_version} (model intact: {daemon.status.model_intact}); "
                   f"generated {tokens[0, len(PROMPT[0]):].tolist()}", flush=True)
     return 0
 

@@ -47,7 +47,8 @@ MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit: a larger header is a cor
 META_FORMAT = "weightstream.format"
 META_PART = "weightstream.part"
 META_PARTS = "weightstream.parts"
-FORMAT_TAG = "snapshot-v1"
+FORMAT_TAG = "snapshot-v2"  # v2: every part has its xxh3 digests (v1 parts, older, have none)
+FORMATS_WITHOUT_DIGESTS = ("snapshot-v1",)
 # xxh3_64 of the data section, one 16-hex-digit digest per DIGEST_BLOCK bytes, comma-separated:
 # ``snapshot verify`` then names the bad byte range and its tensors, not just the file. Parts
 # written before these keys existed have none and are verified structurally.
@@ -262,7 +263,12 @@ def digests_of(header: Header) -> tuple[list[str], int] | None:
     """The part's recorded xxh3 digests and their block size, or None when it has none (an older
     or foreign part). Raises CorruptSnapshot when the digest keys are there but unreadable."""
     text = header.metadata.get(META_DIGEST)
+    form = header.metadata.get(META_FORMAT)
+    if form is not None and form != FORMAT_TAG and form not in FORMATS_WITHOUT_DIGESTS:
+        raise CorruptSnapshot(f"its {META_FORMAT} is {form!r}; expected {FORMAT_TAG!r} (or an older {FORMATS_WITHOUT_DIGESTS})")
     if text is None:
+        if form == FORMAT_TAG:  # a flipped bit in the key would otherwise switch the check off
+            raise CorruptSnapshot(f"it has no {META_DIGEST}, which every {FORMAT_TAG} part has")
         return None
     block_text = header.metadata.get(META_DIGEST_BLOCK) or str(DIGEST_BLOCK)
     if not (block_text.isascii() and block_text.isdigit()) or int(block_text) < 1:

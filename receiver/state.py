@@ -138,7 +138,7 @@ class RankState:
             if version in self._failed:
                 raise self._failed[version]
             # a rank that joined late, or waited late, may never see the version itself: a newer one has it
-            if self._committed is not None and compare_versions(self._committed, version) == 1:
+            if self._committed is not None and compare_versions(self._committed, version) in (0, 1):
                 return True
             if self._state == "stopped":
                 raise WeightstreamError(f"daemon stopped before version {version!r} was committed")

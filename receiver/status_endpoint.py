@@ -164,6 +164,13 @@ def _check_request(payload: bytes) -> None:
         raise ProtocolError(f"status request: field 'v': expected {STATUS_VERSION}, got {body.get('v')!r}")
 
 
+def _unanswered(endpoint: str) -> WeightstreamError:
+    return WeightstreamError(
+        f"{endpoint} closed the connection unanswered: the daemon serves at most {MAX_CLIENTS} clients at once (a "
+        f"silent one is dropped after {REQUEST_TIMEOUT_S:.0f}s) or is stopping, or this is not a status socket; try again"
+    )
+
+
 def _recv_exactly(sock: socket.socket, count: int, deadline: Deadline, endpoint: str) -> bytes:
     chunks: list[bytes] = []
     got = 0
@@ -176,12 +183,11 @@ def _recv_exactly(sock: socket.socket, count: int, deadline: Deadline, endpoint:
             chunk = sock.recv(min(count - got, 1 << 16))
         except TimeoutError:
             continue
+        except (ConnectionResetError, BrokenPipeError):
+            chunk = b""
         if not chunk:
             if not chunks and count == _LENGTH.size:
-                raise WeightstreamError(
-                    f"{endpoint} closed the connection unanswered: the daemon serves at most {MAX_CLIENTS} clients at "
-                    f"once (a silent one is dropped after {REQUEST_TIMEOUT_S:.0f}s) or is stopping; try again"
-                )
+                raise _unanswered(endpoint)
             raise ProtocolError(f"status reply from {endpoint}: the connection closed after {got} of {count} bytes")
         chunks.append(chunk)
         got += len(chunk)
@@ -215,6 +221,8 @@ def query_status(endpoint: str, timeout: float = 5.0, *, insecure: bool = False)
             sock.sendall(_LENGTH.pack(len(request)) + request)
         except TimeoutError:
             raise PeerTimeout(f"no answer from {endpoint} within {timeout:.1f}s; is the rank's daemon running?") from None
+        except (ConnectionResetError, BrokenPipeError):  # it accepted, then closed: full, or not ours
+            raise _unanswered(endpoint) from None
         except OSError as exc:
             raise WeightstreamError(
                 f"could not reach a daemon at {endpoint} ({exc}); is the rank's daemon running with status_endpoint= "

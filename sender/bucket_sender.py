@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import multiprocessing.util
 import os
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -125,6 +128,24 @@ class PushReport:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
+# Senders not closed yet: a trainer that exits without close() (or `with`) still says BYE to its
+# ranks, which would otherwise wait out their heartbeat timeout, and frees its slots and socket file.
+_OPEN: weakref.WeakSet[BucketSender] = weakref.WeakSet()
+
+
+def _close_open_senders() -> None:
+    for sender in list(_OPEN):
+        try:
+            sender.close()
+        except Exception as exc:  # exiting anyway: say what was left, never raise from atexit
+            log.warning("closing a BucketSender at exit: %s: %s", type(exc).__name__, exc)
+
+
+atexit.register(_close_open_senders)
+# a multiprocessing child leaves through os._exit, which skips atexit but runs these finalizers
+multiprocessing.util.Finalize(None, _close_open_senders, exitpriority=10)
+
+
 # an ABORT's reason is repeated in every rank's answer and log line: keep it short
 _ABORT_REASON_CHARS = 500
 # after a failure, how long a push waits for the other ranks to say how it ended for them
@@ -222,6 +243,7 @@ class BucketSender:
         if self._metrics is not None:
             self._publisher.on_silent = functools.partial(self._metrics.heartbeat_missed, "sender")
         self.committed_version: str | None = None
+        _OPEN.add(self)
 
     @property
     def _slots(self) -> list[Any]:
@@ -242,6 +264,7 @@ class BucketSender:
         if self._closed:
             return
         self._closed = True
+        _OPEN.discard(self)
         self._publisher.close()
         self._lanes.close()
 

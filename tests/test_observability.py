@@ -211,16 +211,28 @@ def test_status_text_that_looks_like_markup_prints_verbatim() -> None:
 
     status = {
         "rank": 0, "pid": 1, "weightstream": "x", "state": "aborted", "committed_version": "step_5[/x]",
-        "receiving_version": None, "model_intact": False, "connected": True, "reconnects": 0, "heartbeat_misses": 0,
-        "last_reconnect": None, "last_error": "ValueError: expected [/bold] shape [red]x", "endpoint": "ipc:///e[/]",
-        "versions": [{"version": "step_5[/x]", "outcome": "failed", "tensors": 3, "bytes": "many", "seconds": 0.5,
-                      "prepare_seconds": None, "change_seconds": 2.0, "ended": "not a time"}, "junk"],
+        "receiving_version": "step_6\\", "model_intact": False, "connected": True, "reconnects": 0,
+        "heartbeat_misses": 0, "last_reconnect": None, "last_error": "ValueError: expected [/bold] shape [red]x :smile:",
+        "endpoint": "ipc:///e[/]",
+        "versions": [{"version": "step_5\x1b[31mRED\x07", "outcome": "failed", "tensors": 3, "bytes": "many",
+                      "seconds": 0.5, "prepare_seconds": None, "change_seconds": 2.0, "ended": "not a time"}, "junk"],
     }
     out = io.StringIO()
-    render(status, Console(file=out, width=200, no_color=True))
+    render(status, Console(file=out, width=200, no_color=True, emoji=False))
     text = out.getvalue()
-    for shown in ("step_5[/x]", "ValueError: expected [/bold] shape [red]x", "ipc:///e[/]"):
-        assert shown in text, text
+    for shown in ("step_5[/x]", "ValueError: expected [/bold] shape [red]x :smile:", "ipc:///e[/]",
+                  "step_5\\x1b[31mRED\\x07", "step_6\\ "):
+        assert shown in text, (shown, text)
+    assert "\x1b" not in text and "\x07" not in text and "step_6\\\\" not in text, text
+
+
+def test_asking_a_socket_that_is_not_a_status_socket_is_a_typed_error(endpoint: str) -> None:
+    """The sender's own ipc endpoint (a ZeroMQ socket) answers nothing a status client reads: a typed
+    error every time, never a raw OSError."""
+    with BucketSender(endpoint, bucket_bytes=BUCKET):
+        for _ in range(5):
+            with pytest.raises(WeightstreamError):
+                query_status(endpoint, timeout=2)
 
 
 def test_status_cli_errors(endpoint_dir: Path) -> None:
@@ -509,3 +521,48 @@ def test_a_sender_that_closes_says_bye_every_time(endpoint: str) -> None:
                 assert time.monotonic() < deadline, f"step {step}: the rank never heard the sender's BYE"
                 time.sleep(0.02)
         assert daemon.status.heartbeat_misses == 0, daemon.status
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["returns", "raises SystemExit", "spawned child", "forked child"])
+def test_a_trainer_that_exits_without_closing_still_says_bye(endpoint: str, how: str, tmp_path: Path) -> None:
+    """No close(), no `with`: at exit the sender still says BYE (the rank never waits out its 30 s
+    heartbeat timeout) and removes its socket file."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from weightstream import BucketSender\n"
+        f"s = BucketSender({endpoint!r}, bucket_bytes=1 << 20, heartbeat_interval=0.2)\n"
+        "s.push([('w', np.ones(1000, np.float32))], version='step_1')\n"
+        + ("raise SystemExit(3)\n" if how == "raises SystemExit" else "")
+    )
+    if how.endswith("child"):  # a forked child leaves through os._exit: no atexit, multiprocessing's finalizers
+        code = (
+            "import multiprocessing as mp\nimport sys\n"
+            "def main():\n" + "".join(f"    {line}\n" for line in code.splitlines()) +
+            "if __name__ == '__main__':\n"
+            f"    p = mp.get_context({how.split()[0][:-2]!r}).Process(target=main)\n"
+            "    p.start(); p.join(60); sys.exit(p.exitcode)\n"
+        )
+    with ReceiverDaemon(
+        endpoint, lambda named: [None for _ in named], expected={"w": ("float32", (1000,))},
+        heartbeat_interval=0.2, heartbeat_timeout=30.0,
+    ) as daemon:
+        script = tmp_path / "trainer.py"  # a file: a spawned child imports its __main__ from it
+        script.write_text(code)
+        import weightstream
+
+        root = str(Path(weightstream.__file__).resolve().parent.parent)  # this test's weightstream, not another install
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90, env=env)
+        assert done.returncode == (3 if how == "raises SystemExit" else 0), done.stderr
+        assert daemon.committed_version == "step_1"
+        deadline = time.monotonic() + 10
+        while daemon.status.connected:
+            assert time.monotonic() < deadline, "the rank never heard a BYE from the exiting trainer"
+            time.sleep(0.05)
+        assert daemon.status.heartbeat_misses == 0
+    assert not Path(endpoint[len("ipc://"):]).exists(), "the exited sender left its socket file"
+    assert "leaked shared_memory" not in done.stderr, done.stderr

@@ -592,6 +592,28 @@ def test_restore_refuses_a_part_with_a_flipped_bit_before_it_reaches_the_model(t
     assert daemon.status.model_intact
 
 
+def test_a_flipped_bit_in_a_parts_digest_key_does_not_switch_its_check_off(tmp_path: Path) -> None:
+    """A part of this format always has its digests: one whose digest key is damaged is corrupt,
+    for restore and for verify alike, not a part that never had digests; so is an unknown format."""
+    from weightstream.receiver.snapshot_format import CorruptSnapshot, read_header
+    from weightstream.receiver.snapshot_store import list_snapshots, verify_snapshot
+
+    paths = write(tmp_path, 0, "2", six_parts(2), max_part_bytes=8192)
+    raw_bytes = paths[0].read_bytes()
+    for key, damaged in ((b"weightstream.xxh3_64", b"weightstream.x|h3_64"), (b"snapshot-v2", b"snapshot-v3")):
+        at = raw_bytes.index(key)
+        paths[0].write_bytes(raw_bytes[:at] + damaged + raw_bytes[at + len(key):])
+        flip(paths[0], read_header(paths[0]).data_start + 100)  # and the data: it must not be restored
+        target = {k: np.zeros_like(v) for k, v in six_parts(0).items()}
+        with pytest.raises(CorruptSnapshot, match="part 0"):
+            daemon_for(NumpySink(target)).restore(tmp_path)
+        assert not any(v.any() for v in target.values())
+        (snap,) = list_snapshots(tmp_path)
+        result = verify_snapshot(snap)
+        assert not result.ok, (damaged, result)
+        paths[0].write_bytes(raw_bytes)
+
+
 def test_restore_of_parts_without_digests_is_unchecked_as_before(tmp_path: Path) -> None:
     for i in range(3):  # an older or foreign writer: no weightstream metadata, no digests
         save_st(tmp_path / f"model_state.tp0.7.part{i}.safetensors", {f"t{i}": np.full(8, i + 1, np.int32)})

@@ -11,8 +11,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ..protocol.errors import WeightstreamError
 
@@ -36,25 +36,37 @@ def _ago(ended: Any) -> str:
     return f"{age:.0f} s ago" if age < 120 else f"{age / 60:.0f} min ago"
 
 
+def _shown(value: Any, style: str = "") -> Text:
+    """A value the daemon sent, as plain text: never markup or emoji, and every non-printable
+    character (a terminal escape in a version or an error) written out as an escape."""
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(value))
+    return Text(text, style=style)
+
+
 def render(status: dict[str, Any], console: Console) -> None:
     """A status as a summary and a table of the last versions."""
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
     intact = status.get("model_intact")
-    # every value the daemon sent is text to show as it is (a version "step_5[/x]" is no markup)
-    text = {key: escape(str(value)) for key, value in status.items() if key != "versions"}
-    rows = [
-        ("rank", f"{text.get('rank')}  (pid {text.get('pid')}, weightstream {text.get('weightstream')})"),
-        ("state", text.get("state", "?")),
-        ("committed", text.get("committed_version", "?")),
-        ("receiving", text["receiving_version"] if status.get("receiving_version") else "-"),
-        ("model intact", "[green]yes[/]" if intact else "[red]no[/]"),
-        ("connected", "yes" if status.get("connected") else "[yellow]no[/]"),
-        ("reconnects", f"{text.get('reconnects', 0)} (heartbeat misses {text.get('heartbeat_misses', 0)})"
-         + (f": {text['last_reconnect']}" if status.get("last_reconnect") else "")),
-        ("last error", f"[red]{text['last_error']}[/]" if status.get("last_error") else "-"),
-        ("sender", text.get("endpoint", "?")),
+
+    def field(key: str, style: str = "") -> Text:
+        return _shown(status.get(key, "?"), style)
+
+    reconnects = Text.assemble(
+        field("reconnects"), " (heartbeat misses ", field("heartbeat_misses"), ")",
+        *((": ", field("last_reconnect")) if status.get("last_reconnect") else ()),
+    )
+    rows: list[tuple[str, Text]] = [
+        ("rank", Text.assemble(field("rank"), "  (pid ", field("pid"), ", weightstream ", field("weightstream"), ")")),
+        ("state", field("state")),
+        ("committed", field("committed_version")),
+        ("receiving", field("receiving_version") if status.get("receiving_version") else Text("-")),
+        ("model intact", Text("yes", "green") if intact else Text("no", "red")),
+        ("connected", Text("yes") if status.get("connected") else Text("no", "yellow")),
+        ("reconnects", reconnects),
+        ("last error", field("last_error", "red") if status.get("last_error") else Text("-")),
+        ("sender", field("endpoint")),
     ]
     for key, value in rows:
         head.add_row(key, value)
@@ -71,7 +83,7 @@ def render(status: dict[str, Any], console: Console) -> None:
             continue
         style = "green" if v.get("outcome") == "committed" else "red"
         table.add_row(
-            escape(str(v.get("version"))), f"[{style}]{escape(str(v.get('outcome')))}[/]", escape(str(v.get("tensors"))),
+            _shown(v.get("version")), _shown(v.get("outcome"), style), _shown(v.get("tensors")),
             _number(v.get("bytes"), 1e-6, "{:.1f}"), _seconds(v.get("seconds")), _seconds(v.get("prepare_seconds")),
             _seconds(v.get("change_seconds")), _ago(v.get("ended")),
         )
@@ -90,9 +102,9 @@ def status_command(
     try:
         status = query_status(endpoint, timeout=timeout)
     except WeightstreamError as exc:
-        Console(stderr=True).print(f"[red]status:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
+        Console(stderr=True, emoji=False).print(Text.assemble(("status: ", "red"), _shown(f"{type(exc).__name__}: {exc}")))
         raise typer.Exit(1) from None
     if json_output:
         typer.echo(json.dumps(status, indent=2, sort_keys=True))
         return
-    render(status, Console())
+    render(status, Console(emoji=False, highlight=False))
