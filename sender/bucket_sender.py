@@ -135,6 +135,8 @@ _OPEN: weakref.WeakSet[BucketSender] = weakref.WeakSet()
 
 def _close_open_senders() -> None:
     for sender in list(_OPEN):
+        if sender._pid != os.getpid():  # a forked child's copy (a data-loader worker): the parent's to close
+            continue
         try:
             sender.close()
         except Exception as exc:  # exiting anyway: say what was left, never raise from atexit
@@ -243,6 +245,7 @@ class BucketSender:
         if self._metrics is not None:
             self._publisher.on_silent = functools.partial(self._metrics.heartbeat_missed, "sender")
         self.committed_version: str | None = None
+        self._pid = os.getpid()
         _OPEN.add(self)
 
     @property

@@ -9,6 +9,7 @@ a staged rank swaps after it prepared).
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 import signal
 import socket
@@ -27,6 +28,7 @@ from observe_workers import SPECS, RankProc, weights
 
 from weightstream import BucketSender, ConfigError, PeerTimeout, ProtocolError, ReceiverDaemon, WeightstreamError
 from weightstream.receiver.status_endpoint import query_status
+from weightstream.sender.bucket_sender import _close_open_senders
 
 prometheus_client = pytest.importorskip("prometheus_client")
 
@@ -566,3 +568,39 @@ def test_a_trainer_that_exits_without_closing_still_says_bye(endpoint: str, how:
         assert daemon.status.heartbeat_misses == 0
     assert not Path(endpoint[len("ipc://"):]).exists(), "the exited sender left its socket file"
     assert "leaked shared_memory" not in done.stderr, done.stderr
+
+
+def _forked_child_exits() -> None:
+    """A data-loader worker, say: forked from the trainer, it ends without touching the sender."""
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_leaves_its_parents_sender_alone(endpoint: str) -> None:
+    """The exit-time close is the creating process's only: a forked child that exits (through
+    multiprocessing's finalizers) neither unlinks the parent's slots nor says BYE for it."""
+    before = {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(f"ws_{os.getpid()}_")}
+    with ReceiverDaemon(endpoint, lambda named: [None for _ in named], expected=SPECS, heartbeat_interval=0.2) as daemon, \
+            BucketSender(endpoint, bucket_bytes=BUCKET, heartbeat_interval=0.2) as sender:
+        sender.push(weights(1), version="step_1")
+        slots = {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(f"ws_{os.getpid()}_")} - before
+        assert slots, "expected the sender's shm slots"
+        for how in ("multiprocessing", "os.fork"):
+            if how == "multiprocessing":  # its finalizers run at the child's exit
+                child = mp.get_context("fork").Process(target=_forked_child_exits)
+                child.start()
+                child.join(30)
+                assert child.exitcode == 0
+                continue
+            pid = os.fork()  # a plain fork that exits normally runs the atexit handler it inherited: that one
+            if pid == 0:
+                try:
+                    _close_open_senders()
+                finally:
+                    os._exit(0)
+            assert os.waitpid(pid, 0)[1] == 0
+        left = {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(f"ws_{os.getpid()}_")}
+        assert slots <= left, f"the forked child unlinked its parent's slots: {sorted(slots - left)}"
+        time.sleep(0.5)
+        assert daemon.status.connected, "the forked child said BYE for its parent's sender"
+        sender.push(weights(2), version="step_2")
+        daemon.wait_for_version("step_2", timeout=10)
