@@ -12,7 +12,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-__all__ = ["log_version"]
+__all__ = ["log_version", "printable"]
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable written out as its escape: a version
+    or an error text from the wire cannot start a line of its own, move the cursor or colour a
+    terminal, in a log line or on a status screen."""
+    return text if text.isprintable() else "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
 
 
 def _text(value: Any) -> str:
@@ -21,11 +30,8 @@ def _text(value: Any) -> str:
     text = str(value)
     if text and text.isprintable() and not any(c in text for c in ' "=\\'):
         return text
-    # quoted, and every character that is not printable escaped: a version or an error text from
-    # the wire cannot start a line of its own, move the cursor or colour a terminal
-    return '"' + "".join(
-        "\\" + c if c in '"\\' else c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
-    ) + '"'
+    # quoted: quotes and backslashes escaped, then what is not printable
+    return '"' + printable(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
 
 
 def log_version(logger: logging.Logger, **fields: Any) -> None:

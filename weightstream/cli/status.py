@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..protocol.errors import WeightstreamError
+from ..version_log import printable
 
 
 def _number(value: Any, scale: float, form: str) -> str:
@@ -39,8 +40,7 @@ def _ago(ended: Any) -> str:
 def _shown(value: Any, style: str = "") -> Text:
     """A value the daemon sent, as plain text: never markup or emoji, and every non-printable
     character (a terminal escape in a version or an error) written out as an escape."""
-    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(value))
-    return Text(text, style=style)
+    return Text(printable(str(value)), style=style)
 
 
 def render(status: dict[str, Any], console: Console) -> None:
