@@ -57,6 +57,11 @@ def describe(named_tensors: Iterable[tuple[str, Any]], previous: Manifest | None
 
     Names equal to ``previous``'s (the last push's, already checked) are not checked again.
     """
+    if isinstance(named_tensors, Mapping):  # iterating a state_dict gives its names alone
+        raise WeightstreamError(
+            f"push expects (name, tensor) pairs, got a {type(named_tensors).__name__} of {len(named_tensors)} "
+            "entries, whose iteration gives names only; pass its items, e.g. push(state_dict.items())"
+        )
     with gc_paused():
         items = named_tensors if type(named_tensors) is list else list(named_tensors)
         if previous is not None:  # an RL loop's every push after the first: nothing to build or check
@@ -73,10 +78,11 @@ def describe(named_tensors: Iterable[tuple[str, Any]], previous: Manifest | None
         codes: list[int] = []
         shapes: list[tuple[int, ...]] = []
         sizes: list[int] = []
-        for item in items:
+        for index, item in enumerate(items):
             if not isinstance(item, tuple) or len(item) != 2:
+                got = f"a tuple of {len(item)}" if isinstance(item, tuple) else f"a {type(item).__name__}"
                 raise WeightstreamError(
-                    f"push expects (name, tensor) pairs, e.g. model.named_parameters(); got {type(item).__name__}"
+                    f"push expects (name, tensor) pairs, e.g. model.named_parameters(); item {index} is {got}"
                 )
             name, tensor = item
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import msgpack
@@ -335,6 +336,30 @@ def test_a_name_the_wire_cannot_carry_is_refused_when_encoding(names: list[str])
 def test_describe_names_a_tensor_whose_name_the_wire_cannot_carry(bad: str, shown: str) -> None:
     with pytest.raises(WeightstreamError, match=f"valid UTF-8 without NUL, got {shown}"):
         describe([("a", np.zeros(1)), (bad, np.zeros(1))])
+
+
+@pytest.mark.parametrize(
+    ("bad", "said"),
+    [
+        ({"a": np.zeros(1)}, r"got a dict of 1 entries, whose iteration gives names only; pass its items, e\.g\. push\(state_dict\.items\(\)\)"),
+        (["a"], "item 0 is a str"),
+        ([("a", np.zeros(1)), ("b", np.zeros(1), 0)], "item 1 is a tuple of 3"),
+    ],
+    ids=["state-dict", "names", "triple"],
+)
+def test_describe_says_which_item_is_not_a_pair_and_how_to_pass_a_state_dict(bad: Any, said: str) -> None:
+    with pytest.raises(WeightstreamError, match=said):
+        describe(bad)
+
+
+def test_a_state_dict_passed_whole_is_refused_before_the_push_waits_for_a_rank(tmp_path: Any) -> None:
+    from weightstream import BucketSender
+
+    with BucketSender(f"ipc://{tmp_path}/s.sock", receivers=1, timeout=30.0) as sender:
+        t0 = time.monotonic()
+        with pytest.raises(WeightstreamError, match=r"push\(state_dict\.items\(\)\)"):
+            sender.push({"w": np.zeros(4, np.float32)}, version="1")
+        assert time.monotonic() - t0 < 5.0  # refused at once, not after waiting for the rank
 
 
 def test_a_repeated_manifest_is_still_checked_where_it_differs() -> None:
