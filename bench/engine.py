@@ -12,7 +12,10 @@ project, yardstick, ...):
   1 to 256 MiB on every repeat and the slot size with the best median counted; with 2 ranks,
   its 2-reader variant (one writer, two readers each copying every slot out);
 - ``memcpy``: one ``np.copyto`` of the same bytes in one process;
-- ``floor``: the engine's own cost, the same ``load_weights`` loop over in-process tensors.
+- ``floor``: the engine's own cost, the same ``load_weights`` loop over in-process tensors;
+- ``floor[numpy,hot]`` (1 rank, tensors of 1 MiB and more): that loop when each tensor was written a moment
+  before ``load_weights`` copies it, so it reads from the cache. No transport can hand an engine
+  its views faster, so its ratio to ``handoff`` bounds the views rows' ratio from above.
 
 Project rows push through shm (2 x 256 MiB buffers, prefetch 2) to ranks whose
 ``load_weights`` copies each NumPy view (``numpy``) or torch view (``torch``) into its own
@@ -97,6 +100,35 @@ def floor_timer(model: synthetic.Model, mode: str, dest: dict[str, np.ndarray]) 
     return timed
 
 
+def hot_floor_timer(model: synthetic.Model, dest: dict[str, np.ndarray]) -> Any:
+    """The NumPy engine loop, each tensor copied into a scratch the size of the largest just before
+    ``load_weights`` takes it (as a transport that delivers into the cache would); only the engine's
+    copies are timed."""
+    load = engine_run.numpy_loader(dest)
+    scratch = np.ones(max(a.nbytes for _, a in model.tensors), np.uint8)
+
+    def timed() -> float:
+        spent = 0.0
+
+        def fresh() -> Any:
+            nonlocal spent
+            for name, a in model.tensors:
+                t = time.perf_counter()
+                view = scratch[: a.nbytes].view(a.dtype).reshape(a.shape)
+                np.copyto(view, a)
+                spent += time.perf_counter() - t
+                yield name, view
+
+        t0 = time.perf_counter()
+        load(fresh())
+        return time.perf_counter() - t0 - spent
+
+    return timed
+
+
+HOT_MIN_BYTES = 1 << 20  # below this a tensor is cached either way, and the loop's cost is per tensor
+
+
 # what a row's name says after its mode, and the environment both sides run it under (the
 # sender's own process included: the C modules' switch is read at each call)
 VARIANTS: dict[str, dict[str, str]] = {
@@ -143,6 +175,8 @@ def run_shape(shape: str, receivers: int, modes: list[str], repeats: int, log: A
     sweep: dict[int, list[float]] = {s: [] for s in sizes}
     memcpy = Row(shape, "memcpy", 0)
     floors = {m: Row(shape, f"floor[{m}]", 0) for m in dict.fromkeys(spec.partition(":")[0] for spec in modes) if m != "direct"}
+    if "numpy" in floors and receivers == 1 and max(a.nbytes for _, a in model.tensors) >= HOT_MIN_BYTES:
+        floors["numpy,hot"] = Row(shape, "floor[numpy,hot]", 0)
     rows: list[Row] = []
     with handoff.Handoff(model.nbytes, readers=receivers) as pipe:
         for s in sizes:  # one warm-up lap
@@ -152,12 +186,15 @@ def run_shape(shape: str, receivers: int, modes: list[str], repeats: int, log: A
             for s in sizes:
                 sweep[s].append(pipe.run(s))
             memcpy.seconds.append(memcpy_timer())
-            if mode in floors:
-                floors[mode].seconds.append(floor_timers[mode]())
+            for name in (mode, f"{mode},hot"):
+                if name in floors:
+                    floors[name].seconds.append(floor_timers[name]())
             return 0.0
 
         flat = np.ones(model.nbytes, np.uint8)  # one destination for memcpy and the floors
-        floor_timers = {mode: floor_timer(model, mode, model_like(model, flat)) for mode in floors}
+        floor_timers = {mode: floor_timer(model, mode, model_like(model, flat)) for mode in floors if mode in MODES}
+        if "numpy,hot" in floors:
+            floor_timers["numpy,hot"] = hot_floor_timer(model, model_like(model, flat))
         memcpy_timer = handoff.memcpy_timer(model.nbytes, model.buffer.reshape(-1).view(np.uint8), flat)
         for spec in modes:
             mode, _, var = spec.partition(":")
@@ -187,6 +224,8 @@ def run_shape(shape: str, receivers: int, modes: list[str], repeats: int, log: A
         mode = row.name[len("weightstream[") : -1].partition(":")[0]
         floor = floors.get(mode) or floors.get("numpy")
         row.yardstick = floor.name if shape == "small" and floor else yard.name
+    if "numpy,hot" in floors:
+        floors["numpy,hot"].yardstick = yard.name  # the bound on the views rows' ratio
     out = [yard, memcpy, *floors.values(), *rows]
     for row in out:
         row.extra["bytes"] = model.nbytes
