@@ -51,3 +51,19 @@ def test_a_weightstream_row_pairs_each_version_with_a_memcpy_of_the_same_bytes()
     (s, _) = throughput.ratios([small, large], plan)
     assert s["vs_memcpy_paired"] == pytest.approx((1 / 2 + 1 / 3) / 2)
     assert s["time_vs_large_same_bytes_paired"] == pytest.approx(((0.5 + 0.25) / 2) / ((1 / 2 + 1 / 3) / 2))
+
+
+def test_the_hot_floor_times_the_engine_copies_only_and_copies_every_tensor() -> None:
+    """floor[numpy,hot]: each tensor goes through the scratch, the engine's loop copies it into
+    its model, and the time left out is the scratch's fill."""
+    import numpy as np
+
+    from bench import engine
+    from weightstream import synthetic
+
+    model = synthetic.few_large(8 << 20, count=4)
+    dest = {name: np.zeros_like(a) for name, a in model.tensors}
+    timed = engine.hot_floor_timer(model, dest)
+    assert timed() > 0
+    for name, a in model.tensors:
+        assert np.array_equal(dest[name].view(np.uint8), a.view(np.uint8)), name
