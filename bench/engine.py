@@ -138,6 +138,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "nolayout": {"WEIGHTSTREAM_PURE_PYTHON": "layout"},  # no C layout checks
     "noring": {"WEIGHTSTREAM_RING_BYTES": "0"},
     "ring8M": {"WEIGHTSTREAM_RING_BYTES": str(8 << 20)},
+    "nohot": {"WEIGHTSTREAM_HOT_BUCKET_BYTES": "0"},  # plain buckets up to bucket_bytes, not a quarter of the cache
     "stream": {"WEIGHTSTREAM_STREAMING_STORES": "1"},
     "nostream": {"WEIGHTSTREAM_STREAMING_STORES": "0"},
 }

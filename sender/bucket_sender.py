@@ -56,6 +56,7 @@ class _Layout:
     total: int  # payload bytes
     may_split: bool  # the manifest may not fit one frame: BEGIN is then split into MANIFEST parts
     max_entries: int  # the planner's cap on tensors per bucket
+    max_bytes: int  # and on bytes (0: bucket_bytes)
     number: int  # names it in a BEGIN to ranks that took it already (this sender's count)
     aliases: list[tuple[str, int]] = field(default_factory=list)  # tied names sent once: (name, manifest index)
     writers: PushLayout | None = None  # what the transport's writers take of it (and derive once)
@@ -377,21 +378,25 @@ class BucketSender:
             # tied weights (one tensor under several names) travel once, the other names as aliases
             manifest, self._aliased = take_aliases(full, self._aliased)
         aliases = self._aliased.aliases if specs is None and self._aliased is not None else []
-        layout, cap = self._last_layout, RING_MAX_ENTRIES if self._streams_expected() else MAX_ENTRIES
+        streamed = self._streams_expected()
+        layout, cap = self._last_layout, RING_MAX_ENTRIES if streamed else MAX_ENTRIES
+        hot = 0 if streamed else self._hot_bytes()
         if (
-            layout is None or layout.max_entries != cap or not manifest.same_layout(layout.manifest)
-            or layout.aliases != aliases
+            layout is None or layout.max_entries != cap or layout.max_bytes != hot
+            or not manifest.same_layout(layout.manifest) or layout.aliases != aliases
         ):
             with gc_paused():
                 # a bucket streamed through a ring ships before it is packed: no ramp needed
-                ramp = 0 if cap == RING_MAX_ENTRIES else RAMP
-                plan = plan_buckets(manifest.nbytes, self.bucket_bytes, self.alignment, max_entries=cap, ramp=ramp)
+                ramp = 0 if streamed else RAMP
+                plan = plan_buckets(
+                    manifest.nbytes, self.bucket_bytes, self.alignment, max_entries=cap, ramp=ramp, max_bytes=hot
+                )
                 ndims, dims = pack_shapes(manifest.shapes)
             # without the tensors: a trainer that makes fresh ones per push must get its memory back
             self._layouts += 1
             layout = self._last_layout = _Layout(
                 replace(manifest, tensors=None), plan, ndims, dims, bytes(manifest.dtypes), sum(manifest.nbytes),
-                m.may_need_split(manifest.names, len(dims)), cap, self._layouts, aliases,
+                m.may_need_split(manifest.names, len(dims)), cap, hot, self._layouts, aliases,
                 PushLayout(plan, manifest.nbytes),
             )
         plan, total = layout.plan, layout.total
@@ -604,6 +609,12 @@ class BucketSender:
         bucket), and only through one lane whose slots can."""
         lane = lane or self._lanes.single()
         return not self.checksum and lane is not None and all(slot.can_stream for slot in lane.exported.slots)
+
+    def _hot_bytes(self) -> int:
+        """The cap on a plain bucket's bytes that lets ranks read it from the cache (the slots'
+        ``hot_bytes``; 0 with several lanes, whose slots differ)."""
+        lane = self._lanes.single()
+        return min((slot.hot_bytes for slot in lane.exported.slots), default=0) if lane is not None else 0
 
     def _streams_expected(self) -> bool:
         """Will this push's buckets likely be streamed? The plan is fixed before the ranks say

@@ -20,6 +20,10 @@ fits a whole bucket is never split for it). With 256 MiB buckets the ranks start
 instead of 256. The growth stays below how much faster the sender packs than an engine's
 ``load_weights`` copies (1.6x on the Intel VM): doubling made the ranks wait 1.6, 2.7 and
 4.6 ms for the 2nd to 4th buckets of a 1 GiB push. The slots keep ``bucket_bytes``.
+
+``max_bytes``: no bucket holds more than this many bytes (a tensor that fits a whole bucket is
+never split for it either), so that a rank reads each bucket from the cache right after the
+sender wrote it (the transport says how much that is: ``hot_bytes`` of its slots).
 """
 
 from __future__ import annotations
@@ -78,19 +82,23 @@ RAMP = 3  # the first bucket holds 1/8 of a bucket
 RAMP_GROWTH = 1.5  # and each next one 1.5 times the last, until full
 
 
-def ramp_limits(seq: int, bucket_bytes: int, max_entries: int, alignment: int, ramp: int) -> tuple[int, int]:
-    """(bytes, tensors) bucket ``seq`` may hold under a ``ramp`` (see the module's docstring)."""
+def ramp_limits(
+    seq: int, bucket_bytes: int, max_entries: int, alignment: int, ramp: int, max_bytes: int = 0
+) -> tuple[int, int]:
+    """(bytes, tensors) bucket ``seq`` may hold under a ``ramp`` and ``max_bytes`` (see the module's
+    docstring)."""
+    limit = bucket_bytes if not max_bytes else max(alignment, min(bucket_bytes, max_bytes // alignment * alignment))
     if not ramp:
-        return bucket_bytes, max_entries
+        return limit, max_entries
     share = RAMP_GROWTH**seq / (1 << ramp)
     if share >= 1:
-        return bucket_bytes, max_entries
-    return max(alignment, int(bucket_bytes * share) // alignment * alignment), max(1, int(max_entries * share))
+        return limit, max_entries
+    return min(limit, max(alignment, int(bucket_bytes * share) // alignment * alignment)), max(1, int(max_entries * share))
 
 
 def plan_buckets(
     sizes: Sequence[int], bucket_bytes: int, alignment: int = 256, *, allow_chunks: bool = True,
-    max_entries: int = MAX_ENTRIES, ramp: int = 0,
+    max_entries: int = MAX_ENTRIES, ramp: int = 0, max_bytes: int = 0,
 ) -> list[PlannedBucket]:
     """Lay out tensors of ``sizes`` bytes into buckets of ``bucket_bytes``.
 
@@ -112,8 +120,10 @@ def plan_buckets(
         raise ConfigError(f"max_entries must be >= 1, got {max_entries}")
     if ramp < 0:
         raise ConfigError(f"ramp must be >= 0, got {ramp}")
+    if max_bytes < 0:
+        raise ConfigError(f"max_bytes must be >= 0 (0: no cap), got {max_bytes}")
     if len(sizes) > _VECTOR_MIN and max(sizes) <= bucket_bytes:
-        return _plan_unchunked(sizes, bucket_bytes, alignment, max_entries, ramp)
+        return _plan_unchunked(sizes, bucket_bytes, alignment, max_entries, ramp, max_bytes)
     buckets: list[PlannedBucket] = []
     current: PlannedBucket | None = None
     cursor = 0  # next aligned free offset in ``current``
@@ -136,7 +146,7 @@ def plan_buckets(
         if current is not None:
             current.used = offsets_[-1] + nbytes_[-1]
         if size <= bucket_bytes:
-            limit, cap = ramp_limits(len(buckets), bucket_bytes, max_entries, alignment, ramp)
+            limit, cap = ramp_limits(len(buckets), bucket_bytes, max_entries, alignment, ramp, max_bytes)
             current = PlannedBucket(seq=len(buckets))
             tensors_, offsets_, nbytes_, chunks_ = current.tensors, current.offsets, current.nbytes, current.chunks
             buckets.append(current)
@@ -157,7 +167,7 @@ def plan_buckets(
             done = piece
         # At least one whole bucket follows (size > bucket_bytes >= what was left above).
         while True:
-            limit, cap = ramp_limits(len(buckets), bucket_bytes, max_entries, alignment, ramp)
+            limit, cap = ramp_limits(len(buckets), bucket_bytes, max_entries, alignment, ramp, max_bytes)
             current = PlannedBucket(seq=len(buckets), whole=False)
             buckets.append(current)
             piece = min(limit, size - done)
@@ -176,7 +186,7 @@ _VECTOR_MIN = 64  # below this the loop is as fast and the arrays are not worth 
 
 
 def _plan_unchunked(
-    sizes: Sequence[int], bucket_bytes: int, alignment: int, max_entries: int, ramp: int
+    sizes: Sequence[int], bucket_bytes: int, alignment: int, max_entries: int, ramp: int, max_bytes: int = 0
 ) -> list[PlannedBucket]:
     """The same layout as the loop when no tensor needs chunking, at C speed.
 
@@ -194,7 +204,7 @@ def _plan_unchunked(
     first, n = 0, len(size)
     while first < n:
         base = int(starts[first])
-        limit, cap = ramp_limits(len(buckets), bucket_bytes, max_entries, alignment, ramp)
+        limit, cap = ramp_limits(len(buckets), bucket_bytes, max_entries, alignment, ramp, max_bytes)
         fits = int(np.searchsorted(ends, base + limit, side="right"))  # the first that does not fit
         last = max(min(fits, first + cap), first + 1)  # a tensor larger than a ramp's limit goes whole
         bucket = PlannedBucket(

@@ -14,9 +14,11 @@ from weightstream.sender.planner import _plan_unchunked, align_up, plan_buckets,
 pytestmark = pytest.mark.timeout(60)
 
 
-def check_plan(sizes: list[int], bucket_bytes: int, alignment: int, max_entries: int = 16384, ramp: int = 0) -> None:
+def check_plan(
+    sizes: list[int], bucket_bytes: int, alignment: int, max_entries: int = 16384, ramp: int = 0, max_bytes: int = 0
+) -> None:
     """Every invariant a receiver relies on."""
-    plan = plan_buckets(sizes, bucket_bytes, alignment, max_entries=max_entries, ramp=ramp)
+    plan = plan_buckets(sizes, bucket_bytes, alignment, max_entries=max_entries, ramp=ramp, max_bytes=max_bytes)
     covered: dict[int, list[tuple[int, int]]] = {i: [] for i in range(len(sizes))}
     order: list[int] = []
     for seq, bucket in enumerate(plan):
@@ -25,7 +27,7 @@ def check_plan(sizes: list[int], bucket_bytes: int, alignment: int, max_entries:
         n = len(bucket.tensors)
         assert len(bucket.offsets) == len(bucket.nbytes) == len(bucket.chunks) == n
         assert n <= max_entries
-        limit, cap = ramp_limits(seq, bucket_bytes, max_entries, alignment, ramp)
+        limit, cap = ramp_limits(seq, bucket_bytes, max_entries, alignment, ramp, max_bytes)
         assert n <= cap, "a bucket under the ramp holds at most its share of tensors"
         if n > 1:  # one tensor that fits a whole bucket may exceed a ramp's limit, never more
             assert bucket.used <= limit, "a bucket under the ramp holds at most its share of bytes"
@@ -145,6 +147,9 @@ def test_vectorised_layout_equals_the_loop(sizes: list[int], buckets_of: int, al
     bucket_bytes = align_up(max([*sizes, 1]), alignment) * buckets_of
     loop = plan_buckets(sizes, bucket_bytes, alignment, max_entries=cap, ramp=ramp)
     assert _plan_unchunked(sizes, bucket_bytes, alignment, cap, ramp) == loop
+    hot = bucket_bytes // 3  # and under a byte cap (shm.streaming.hot_bytes)
+    loop = plan_buckets(sizes, bucket_bytes, alignment, max_entries=cap, ramp=ramp, max_bytes=hot)
+    assert _plan_unchunked(sizes, bucket_bytes, alignment, cap, ramp, hot) == loop
 
 
 @settings(max_examples=100, deadline=None)
@@ -172,6 +177,33 @@ def test_entry_cap_holds_with_chunked_tensors(sizes: list[int], buckets_of: int,
 )
 def test_ramp_keeps_every_invariant(sizes: list[int], buckets_of: int, cap: int, ramp: int) -> None:
     check_plan(sizes, buckets_of * 256, 256, cap, ramp)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.lists(st.one_of(st.integers(0, 600), st.integers(0, 5000)), max_size=120),
+    buckets_of=st.integers(1, 16),
+    cap=st.integers(1, 40),
+    ramp=st.integers(0, 4),
+    hot=st.integers(1, 4096),
+)
+def test_a_byte_cap_keeps_every_invariant(sizes: list[int], buckets_of: int, cap: int, ramp: int, hot: int) -> None:
+    check_plan(sizes, buckets_of * 256, 256, cap, ramp, hot)
+
+
+def test_a_byte_cap_makes_buckets_small_without_splitting_a_tensor_that_fits_a_bucket() -> None:
+    """max_bytes (a quarter of the cache, for ranks to read a bucket from it): small tensors
+    share buckets of at most max_bytes; a tensor above it but within a bucket travels whole,
+    alone; one larger than a bucket is chunked in pieces of max_bytes."""
+    plan = plan_buckets([1 << 20] * 10, 8 << 20, 256, max_bytes=3 << 20)
+    assert [len(b.tensors) for b in plan] == [3, 3, 3, 1]
+    plan = plan_buckets([1 << 20, 5 << 20, 1 << 20], 8 << 20, 256, max_bytes=2 << 20)
+    assert [b.tensors for b in plan] == [[0], [1], [2]] and plan[1].nbytes == [5 << 20]
+    plan = plan_buckets([10 << 20], 8 << 20, 256, max_bytes=4 << 20)
+    assert [(b.chunks, b.nbytes) for b in plan] == [([0], [4 << 20]), ([4 << 20], [4 << 20]), ([8 << 20], [2 << 20])]
+    assert plan_buckets([1 << 20] * 4, 8 << 20, 256, max_bytes=0) == plan_buckets([1 << 20] * 4, 8 << 20, 256)
+    with pytest.raises(ConfigError, match="max_bytes must be >= 0"):
+        plan_buckets([1], 4096, max_bytes=-1)
 
 
 def test_ramp_makes_the_first_buckets_small() -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from weightstream.protocol.transports.shm import streaming
@@ -59,6 +61,41 @@ def test_the_environment_forces_either_way(monkeypatch: pytest.MonkeyPatch, valu
     assert (streaming.slot_streams(4096), streaming.slot_streams(big)) == (small, large)
 
 
+@pytest.mark.parametrize(
+    ("slot", "cache", "want"),
+    [(256 << 20, 64 << 20, 16 << 20), (256 << 20, 128 << 20, 32 << 20), (16 << 20, 64 << 20, 0),
+     (17 << 20, 64 << 20, 16 << 20), (256 << 20, 32 << 20, 0)],
+    ids=["64M-cache", "128M-cache", "slot-within-cap", "slot-above-cap", "cap-below-minimum"],
+)
+def test_buckets_are_capped_at_a_quarter_of_the_cache_in_larger_slots(slot: int, cache: int, want: int) -> None:
+    """A quarter of the cache, where that is at least HOT_MIN_BYTES (16 MiB) and less than the slot."""
+    assert streaming.hot_bytes(slot, cache) == want
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "want"),
+    [
+        (streaming.HOT_ENV, "0", 0),  # off
+        (streaming.HOT_ENV, str(4 << 20), 4 << 20),  # that cap
+        (streaming.HOT_ENV, str(512 << 20), 0),  # no smaller than the slot: no cap
+        (streaming.ENV, "1", 0),  # a forced way of copying: no cap either
+        (streaming.ENV, "0", 0),
+        (streaming.CACHE_ENV, str(64 << 20), 16 << 20),  # by the cache
+    ],
+)
+def test_the_environment_sets_or_removes_the_bucket_cap(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, want: int
+) -> None:
+    for name in (streaming.HOT_ENV, streaming.ENV, streaming.CACHE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(env, value)
+    streaming.cache_bytes.cache_clear()
+    try:
+        assert streaming.hot_bucket_bytes(256 << 20) == want
+    finally:
+        streaming.cache_bytes.cache_clear()
+
+
 # --- the cache size, measured ----------------------------------------------------------------
 
 MiB = 1 << 20
@@ -109,4 +146,57 @@ def test_cache_bytes_is_forced_kept_or_measured_and_kept(tmp_path: Path, monkeyp
         streaming.cache_bytes.cache_clear()
         assert streaming.cache_bytes() == 48 * MiB
     finally:
+        streaming.cache_bytes.cache_clear()
+
+
+# --- buckets a rank reads from the cache ------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("hot", [str(1 << 20), "0"], ids=["capped", "off"])
+def test_plain_buckets_are_capped_and_written_through_the_cache_in_slots_larger_than_the_cap(
+    endpoint: str, monkeypatch: pytest.MonkeyPatch, hot: str
+) -> None:
+    """With a (forced) 4 MiB cache 4 MiB slots stream; with a (forced) 1 MiB cap they take buckets
+    of at most 1 MiB, each written through the cache; with the cap off
+    (``WEIGHTSTREAM_HOT_BUCKET_BYTES=0``) buckets fill the slot, written with streaming stores.
+    Views ranks get every byte either way."""
+    import xxhash
+
+    from weightstream import BucketSender, ReceiverDaemon
+
+    monkeypatch.setenv(streaming.CACHE_ENV, str(4 * MiB))
+    monkeypatch.setenv(streaming.HOT_ENV, hot)
+    monkeypatch.delenv(streaming.ENV, raising=False)
+    streaming.cache_bytes.cache_clear()
+    rng = np.random.default_rng(7)
+    model = {f"w{i}": rng.standard_normal(64 << 10, dtype=np.float32) for i in range(24)}  # 24 x 256 KiB
+    state = {name: np.zeros_like(t) for name, t in model.items()}
+
+    def load_weights(items: Any) -> None:  # an engine's: copies each view
+        for name, view in items:
+            np.copyto(state[name], view)
+
+    daemon = ReceiverDaemon(endpoint, load_weights, rank=0, expected={k: ("float32", t.shape) for k, t in model.items()})
+    daemon.start()
+    try:
+        with BucketSender(endpoint, receivers=1, bucket_bytes=4 * MiB, timeout=30.0) as sender:
+            for version in ("v1", "v2"):
+                report = sender.push(model.items(), version=version)
+                daemon.wait_for_version(version, timeout=30)
+                for name, t in model.items():
+                    assert xxhash.xxh3_64_digest(state[name]) == xxhash.xxh3_64_digest(t), name
+                model = {name: t + 1 for name, t in model.items()}
+            plan = sender._last_layout.plan  # type: ignore[union-attr]
+            slots = sender._lanes.single().exported.slots  # type: ignore[union-attr]
+            if hot != "0":
+                assert all(slot.hot_bytes == MiB for slot in slots)
+                assert max(b.used for b in plan) <= MiB and report.buckets >= 6
+                assert not any(slot.streams for slot in slots), "a capped bucket is written through the cache"
+            else:
+                assert all(slot.hot_bytes == 0 for slot in slots)
+                assert max(b.used for b in plan) > MiB and report.buckets < 6
+                assert all(slot.streams for slot in slots)
+    finally:
+        daemon.stop()
         streaming.cache_bytes.cache_clear()

@@ -135,6 +135,9 @@ class ExportedSlot(Protocol):
 
     size: int
     can_stream: bool  # this slot can take streamed buckets
+    # the most bytes a plain (not streamed) bucket should hold so that ranks read it from the
+    # cache right after it is written (shm.streaming.hot_bytes); 0: no such cap
+    hot_bytes: int
 
     def descriptor(self) -> dict[str, Any]: ...
     def source_bytes(self, tensor: Any) -> Any: ...
@@ -344,6 +347,7 @@ class SlotWriter:
 
     streamed = False
     can_stream = False
+    hot_bytes = 0
 
     def write_tensors(self, offsets: list[int], tensors: Sequence[Any], nbytes: list[int]) -> int | None:
         """Whole tensors at ``offsets``: the index of one whose byte size is not ``nbytes[i]``, else None."""

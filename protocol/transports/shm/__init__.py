@@ -29,7 +29,7 @@ from ...errors import TransportError
 from ..base import Capabilities, NoFields, PushLayout, StreamSpec, create_all, host_identity
 from ..host import HostSlotReader, HostSlotWriter, write_one
 from . import ring as shm_ring
-from .streaming import slot_streams
+from .streaming import hot_bucket_bytes, slot_streams
 
 try:  # CPython's own binding of shm_open, used by multiprocessing.shared_memory
     import _posixshmem
@@ -99,7 +99,8 @@ class ShmExportedSlot(HostSlotWriter):
             raise _no_room(segment, f"shm slot {name}", f" ({exc.strerror})") from exc
         self.size = size
         self.name = name
-        self.streams = slot_streams(size)  # a bucket this big is in DRAM before a rank reads it
+        self._streams = self.streams = slot_streams(size)  # a bucket this big is in DRAM before a rank reads it
+        self.hot_bytes = hot_bucket_bytes(size)  # a bucket this small is read from the cache: written through it
         buf = cast(memoryview, self._shm.buf)  # typeshed: None after close() only
         self._view: np.ndarray | None = np.frombuffer(buf, dtype=np.uint8, count=size)
         self._view.fill(0)  # allocate every page now, not as page faults inside the first push
@@ -117,8 +118,10 @@ class ShmExportedSlot(HostSlotWriter):
         self.can_stream = self.ring is not None
 
     def writer(self, bucket: Any, layout: PushLayout, stream: StreamSpec | None) -> Any:
-        """A streamed bucket goes through the slot's ring; any other is written into the slot."""
+        """A streamed bucket goes through the slot's ring; any other is written into the slot, through
+        the cache when it is small enough for a rank to read it from there."""
         if stream is None or self.ring is None:
+            self.streams = self._streams and not (self.hot_bytes and bucket.used <= self.hot_bytes)
             return self
         return RingBucketWriter(self.ring, bucket.seq, layout, stream)
 
