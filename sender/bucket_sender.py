@@ -43,6 +43,14 @@ from .ring import SlotRing
 log = logging.getLogger("weightstream.sender")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which a container's cpuset narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class _Layout:
     """What a push derives from its layout alone. An RL loop pushes the same layout every
@@ -612,9 +620,14 @@ class BucketSender:
 
     def _hot_bytes(self) -> int:
         """The cap on a plain bucket's bytes that lets ranks read it from the cache (the slots'
-        ``hot_bytes``; 0 with several lanes, whose slots differ)."""
+        ``hot_bytes``; 0 with several lanes, whose slots differ). Only while the sender and every
+        rank can run at once: with more processes than cores, a rank is off its core when its bucket
+        is written, and the small buckets' lock-step costs more than the cache saves (2 ranks on 2
+        cores, 1 GiB to views: 245 ms capped against 222 ms uncapped)."""
         lane = self._lanes.single()
-        return min((slot.hot_bytes for slot in lane.exported.slots), default=0) if lane is not None else 0
+        if lane is None or self.receivers + 1 > usable_cores():
+            return 0
+        return min((slot.hot_bytes for slot in lane.exported.slots), default=0)
 
     def _streams_expected(self) -> bool:
         """Will this push's buckets likely be streamed? The plan is fixed before the ranks say

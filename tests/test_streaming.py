@@ -164,7 +164,10 @@ def test_plain_buckets_are_capped_and_written_through_the_cache_in_slots_larger_
     import xxhash
 
     from weightstream import BucketSender, ReceiverDaemon
+    from weightstream.sender.bucket_sender import usable_cores
 
+    if usable_cores() < 2:
+        pytest.skip("the cap needs the sender and the rank on a core each")
     monkeypatch.setenv(streaming.CACHE_ENV, str(4 * MiB))
     monkeypatch.setenv(streaming.HOT_ENV, hot)
     monkeypatch.delenv(streaming.ENV, raising=False)
@@ -200,3 +203,21 @@ def test_plain_buckets_are_capped_and_written_through_the_cache_in_slots_larger_
     finally:
         daemon.stop()
         streaming.cache_bytes.cache_clear()
+
+
+@pytest.mark.timeout(30)
+def test_no_cap_while_the_sender_and_its_ranks_outnumber_the_cores(
+    endpoint_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ranks read a bucket from the cache only if they run while it is written: with more
+    processes (sender + ranks) than usable cores the buckets fill their slots."""
+    from weightstream import BucketSender
+    from weightstream.sender.bucket_sender import usable_cores
+
+    monkeypatch.setenv(streaming.HOT_ENV, str(1 << 20))
+    cores = usable_cores()
+    for receivers, want in ((cores - 1, 1 << 20), (cores, 0)):
+        if receivers < 1:
+            continue
+        with BucketSender(f"ipc://{endpoint_dir}/r{receivers}.sock", receivers=receivers, bucket_bytes=4 * MiB) as sender:
+            assert sender._hot_bytes() == want, receivers
