@@ -88,7 +88,7 @@ def ramp_limits(
     """(bytes, tensors) bucket ``seq`` may hold under a ``ramp`` and ``max_bytes`` (see the module's
     docstring)."""
     limit = bucket_bytes if not max_bytes else max(alignment, min(bucket_bytes, max_bytes // alignment * alignment))
-    if not ramp:
+    if not ramp or seq >= 2 * ramp:  # 1.5 ** (2 * ramp) > 2 ** ramp: full (and no float overflow later on)
         return limit, max_entries
     share = RAMP_GROWTH**seq / (1 << ramp)
     if share >= 1:

@@ -206,6 +206,15 @@ def test_a_byte_cap_makes_buckets_small_without_splitting_a_tensor_that_fits_a_b
         plan_buckets([1], 4096, max_bytes=-1)
 
 
+def test_a_plan_of_thousands_of_buckets_under_the_ramp() -> None:
+    """The ramp's share is not computed past the bucket that is full anyway: 1.5 ** seq overflowed
+    a float at ~1,750 buckets (28 GiB in 16 MiB buckets) and the push failed with OverflowError."""
+    for sizes, bucket in (([1 << 20] * (28 * 1024), 16 << 20), ([4096] * 5000, 4096)):
+        plan = plan_buckets(sizes, 256 << 20 if bucket > 4096 else bucket, 256, ramp=3, max_bytes=bucket)
+        assert len(plan) > 1750 and plan[-1].tensors[-1] == len(sizes) - 1
+    assert ramp_limits(10**6, 1 << 20, 16, 256, 3) == (1 << 20, 16)
+
+
 def test_ramp_makes_the_first_buckets_small() -> None:
     """The ranks start after an eighth of a bucket, each next bucket 1.5 times the last; a tensor
     that fits a bucket is never split for the ramp; the ring (ramp 0) keeps full buckets."""
