@@ -214,7 +214,7 @@ def parts_problem(indices: Sequence[int], metadata: Sequence[dict[str, str]]) ->
     counts = sorted({m[META_PARTS] for m in metadata if META_PARTS in m})
     if not counts:
         return f"parts {list(indices)} are there but none says how many the version has (the last part is missing)"
-    if len(counts) > 1 or not counts[0].isdigit():
+    if len(counts) > 1 or not (counts[0].isascii() and counts[0].isdigit()):
         return f"parts {list(indices)} give part counts {counts}; expected one number on the last part"
     if list(indices) != list(range(int(counts[0]))):
         return f"expected parts 0..{int(counts[0]) - 1}, found {list(indices)}"

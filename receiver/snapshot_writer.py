@@ -319,7 +319,7 @@ class SnapshotWriter:
         pattern = part_regex(self.rank, version)
         for path in self.directory.iterdir():
             found = pattern.fullmatch(path.name)
-            if found and (not found.group(1).isdigit() or int(found.group(1)) >= count):
+            if found and (not (found.group(1).isascii() and found.group(1).isdigit()) or int(found.group(1)) >= count):
                 path.unlink(missing_ok=True)
 
     def _prune(self, committed: str) -> None:
@@ -344,7 +344,7 @@ class SnapshotWriter:
         """Temp dirs of this rank left by a crashed writer (another pid): never complete, never needed."""
         for path in self.directory.glob(f"{TEMP_PREFIX}tp{self.rank}-*"):
             pid = path.name.split("-")[-2]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            if pid.isascii() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
 
 

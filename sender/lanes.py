@@ -85,7 +85,7 @@ def data_host_port(data_address: str | None, endpoint: str) -> tuple[str, int]:
             "reach, e.g. '10.0.0.5' or '10.0.0.5:29600')"
         )
     host, _, port = data_address.partition(":")
-    if port and (not port.isdigit() or not 0 < int(port) < 65536):
+    if port and (not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536):
         raise ConfigError(f"data_address={data_address!r}: expected a port in 1..65535 after ':', got {port!r}")
     return host or "0.0.0.0", int(port) if port else 0
 

@@ -59,8 +59,8 @@ def describe(named_tensors: Iterable[tuple[str, Any]], previous: Manifest | None
     """
     if isinstance(named_tensors, Mapping):  # iterating a state_dict gives its names alone
         raise WeightstreamError(
-            f"push expects (name, tensor) pairs, got a {type(named_tensors).__name__} of {len(named_tensors)} "
-            "entries, whose iteration gives names only; pass its items, e.g. push(state_dict.items())"
+            f"push expects (name, tensor) pairs, got a mapping ({type(named_tensors).__name__}, {len(named_tensors)} "
+            "entries), whose iteration gives names only; pass its items, e.g. push(state_dict.items())"
         )
     with gc_paused():
         items = named_tensors if type(named_tensors) is list else list(named_tensors)

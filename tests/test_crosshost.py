@@ -325,7 +325,7 @@ def test_data_address_defaults_and_errors() -> None:
     assert data_host_port(None, "tcp://10.1.2.3:5555") == ("10.1.2.3", 0)
     assert data_host_port(None, "tcp://*:5555") == ("0.0.0.0", 0)
     assert data_host_port("10.0.0.5:29600", "ipc:///x") == ("10.0.0.5", 29600)
-    for bad in ("", "tcp://host:1", "host:0", "host:http"):
+    for bad in ("", "tcp://host:1", "host:0", "host:http", "host:\u00b2"):  # a superscript passes str.isdigit
         with pytest.raises(ConfigError, match="data_address="):
             data_host_port(bad, "ipc:///x")
 
@@ -333,7 +333,8 @@ def test_data_address_defaults_and_errors() -> None:
 def test_c10d_begin_fields_are_checked_by_the_rank() -> None:
     good = {"store": "10.0.0.1:29500", "group": "ab12", "world": 3, "fresh": True, "timeout": 30.0}
     assert c10d_fields("gloo", good) == ("10.0.0.1", 29500, "ab12", 3, True, 30.0)
-    for bad in (None, {**good, "world": 1}, {**good, "store": "nohost"}, {**good, "extra": 1}, {**good, "fresh": 1}):
+    for bad in (None, {**good, "world": 1}, {**good, "store": "nohost"}, {**good, "extra": 1}, {**good, "fresh": 1},
+                {**good, "store": "10.0.0.1:\u00b2"}):
         with pytest.raises(ProtocolError, match="BEGIN: field 'transport': expected"):
             c10d_fields("gloo", bad)
 

@@ -341,7 +341,7 @@ def test_describe_names_a_tensor_whose_name_the_wire_cannot_carry(bad: str, show
 @pytest.mark.parametrize(
     ("bad", "said"),
     [
-        ({"a": np.zeros(1)}, r"got a dict of 1 entries, whose iteration gives names only; pass its items, e\.g\. push\(state_dict\.items\(\)\)"),
+        ({"a": np.zeros(1)}, r"got a mapping \(dict, 1 entries\), whose iteration gives names only; pass its items, e\.g\. push\(state_dict\.items\(\)\)"),
         (["a"], "item 0 is a str"),
         ([("a", np.zeros(1)), ("b", np.zeros(1), 0)], "item 1 is a tuple of 3"),
     ],

@@ -73,10 +73,47 @@ def test_buckets_are_capped_at_a_quarter_of_the_cache_in_larger_slots(slot: int,
 
 
 @pytest.mark.parametrize(
+    ("text", "want"),
+    [("0", 0), ("16777216", 16 << 20), ("16M", 16 << 20), (" 64k ", 64 << 10), ("1G", 1 << 30), ("", None),
+     ("abc", None), ("-5", None), ("1e6", None), ("\u00b2", None), ("16MiB", None)],
+)
+def test_byte_counts_from_the_environment(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+                                          text: str, want: int | None) -> None:
+    """A byte count, with K/M/G; anything else is ignored with one warning naming the variable (a
+    superscript digit passes str.isdigit but not int())."""
+    monkeypatch.setenv("WEIGHTSTREAM_TEST_BYTES", text)
+    streaming._refused.clear()
+    with caplog.at_level("WARNING", logger="weightstream.transport"):
+        assert streaming.env_bytes("WEIGHTSTREAM_TEST_BYTES") == want
+        assert streaming.env_bytes("WEIGHTSTREAM_TEST_BYTES") == want
+    warned = [r for r in caplog.records if "WEIGHTSTREAM_TEST_BYTES" in r.getMessage()]
+    assert len(warned) == (1 if want is None and text.strip() else 0), warned
+
+
+def test_a_bad_environment_value_neither_fails_a_slot_nor_leaks_its_segment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from weightstream.protocol.transports.shm import ShmExportedSlot
+
+    for name in (streaming.HOT_ENV, streaming.CACHE_ENV, "WEIGHTSTREAM_RING_BYTES"):
+        monkeypatch.setenv(name, "\u00b2")
+    streaming.cache_bytes.cache_clear()
+    try:
+        slot = ShmExportedSlot(1 << 20)
+        try:
+            assert os.path.exists(f"/dev/shm/{slot.name}")
+        finally:
+            slot.close()
+    finally:
+        streaming.cache_bytes.cache_clear()
+
+
+@pytest.mark.parametrize(
     ("env", "value", "want"),
     [
         (streaming.HOT_ENV, "0", 0),  # off
         (streaming.HOT_ENV, str(4 << 20), 4 << 20),  # that cap
+        (streaming.HOT_ENV, "4M", 4 << 20),
         (streaming.HOT_ENV, str(512 << 20), 0),  # no smaller than the slot: no cap
         (streaming.ENV, "1", 0),  # a forced way of copying: no cap either
         (streaming.ENV, "0", 0),

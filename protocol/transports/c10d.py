@@ -258,7 +258,7 @@ def _fields(backend: str, fields: dict[str, Any] | None) -> tuple[str, int, str,
     store, group, world, fresh, timeout = f.get("store"), f.get("group"), f.get("world"), f.get("fresh"), f.get("timeout")
     host, _, port = store.rpartition(":") if isinstance(store, str) else ("", "", "")
     if (
-        not host or not port.isdigit() or not isinstance(group, str) or not 0 < len(group) <= 64
+        not host or not (port.isascii() and port.isdigit()) or not isinstance(group, str) or not 0 < len(group) <= 64
         or type(world) is not int or not 2 <= world <= 1 << 20 or type(fresh) is not bool
         or type(timeout) is not float or not 0 < timeout <= 86400 or len(f) != 5
     ):

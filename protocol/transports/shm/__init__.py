@@ -82,7 +82,9 @@ def segment_name(session: str) -> str:
 class ShmExportedSlot(HostSlotWriter):
     def __init__(self, size: int, session: str = "") -> None:
         name = segment_name(session)
+        # every choice read from the machine or the environment first: nothing to undo if one fails
         ring_bytes = shm_ring.ring_bytes_for(size)
+        streams, hot = slot_streams(size), hot_bucket_bytes(size)
         segment = shm_ring.segment_bytes(size, ring_bytes)
         try:
             self._shm = shared_memory.SharedMemory(name=name, create=True, size=segment)
@@ -99,8 +101,8 @@ class ShmExportedSlot(HostSlotWriter):
             raise _no_room(segment, f"shm slot {name}", f" ({exc.strerror})") from exc
         self.size = size
         self.name = name
-        self._streams = self.streams = slot_streams(size)  # a bucket this big is in DRAM before a rank reads it
-        self.hot_bytes = hot_bucket_bytes(size)  # a bucket this small is read from the cache: written through it
+        self._streams = self.streams = streams  # a bucket this big is in DRAM before a rank reads it
+        self.hot_bytes = hot  # a bucket this small is read from the cache: written through it
         buf = cast(memoryview, self._shm.buf)  # typeshed: None after close() only
         self._view: np.ndarray | None = np.frombuffer(buf, dtype=np.uint8, count=size)
         self._view.fill(0)  # allocate every page now, not as page faults inside the first push

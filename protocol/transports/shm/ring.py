@@ -20,7 +20,6 @@ lap, and never with checksums, whose digest needs the whole bucket at once.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -31,6 +30,7 @@ from ....deadline import Deadline
 from ....frameworks import host_bytes
 from ...errors import PeerTimeout, VersionAborted
 from .streaming import cache_bytes as measured_cache_bytes
+from .streaming import env_bytes
 
 try:
     from ....native._ring import CONTROL_BYTES as CONTROL_BYTES
@@ -55,9 +55,9 @@ def ring_bytes_for(slot_bytes: int, cache_bytes: int | None = None) -> int:
     direct sink: 112 ms through an 8 MiB ring, 113 through 37.5 MiB, 136 without."""
     if Control is None or not (speedups.NATIVE and speedups.SPANS):
         return 0
-    forced = os.environ.get(ENV, "")
-    if forced.isdigit():
-        ring = int(forced) // PAGE * PAGE
+    forced = env_bytes(ENV)
+    if forced is not None:
+        ring = forced // PAGE * PAGE
         return ring if 0 < ring < slot_bytes else 0
     cache = measured_cache_bytes() if cache_bytes is None else cache_bytes
     ring = max(cache // 8 // PAGE * PAGE, 1 << 20)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import platform
@@ -37,13 +38,29 @@ PROBE_PIECE = 4 << 20  # each memcpy call: below glibc's own switch to streaming
 PROBE_KEEP_S = 30 * 24 * 3600  # a kept measurement is redone after a month
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
+log = logging.getLogger("weightstream.transport")
+_refused: set[tuple[str, str]] = set()  # environment values already warned about
+
 
 def parse_cache_size(text: str) -> int | None:
     """sysfs's cache size ("32768K", "1M", "512") in bytes; None if unreadable."""
     text = text.strip().upper()
     scale = _UNITS.get(text[-1:], 1)
     digits = text[:-1] if text[-1:] in _UNITS else text
-    return int(digits) * scale if digits.isdigit() and int(digits) > 0 else None
+    return int(digits) * scale if digits.isascii() and digits.isdigit() and int(digits) > 0 else None
+
+
+def env_bytes(name: str) -> int | None:
+    """The byte count in the environment variable ``name`` ("0", "16777216", "16M", "512K"); None
+    when it is unset or empty, and, with one warning naming it, when it is not a byte count."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    value = 0 if text.isascii() and text.isdigit() and int(text) == 0 else parse_cache_size(text)
+    if value is None and (name, text) not in _refused:
+        _refused.add((name, text))
+        log.warning("ignoring %s=%r: expected a byte count such as 16777216, 16M or 0; fix or unset it", name, text)
+    return value
 
 
 @functools.cache
@@ -91,10 +108,9 @@ def hot_bytes(slot_bytes: int, cache_bytes: int) -> int:
 def hot_bucket_bytes(slot_bytes: int) -> int:
     """:func:`hot_bytes` for this machine, unless ``WEIGHTSTREAM_HOT_BUCKET_BYTES`` sets the cap
     (0: none), or ``WEIGHTSTREAM_STREAMING_STORES`` forces a way of copying (then: none)."""
-    forced = os.environ.get(HOT_ENV, "")
-    if forced.isdigit():
-        cap = int(forced)
-        return cap if 0 < cap < slot_bytes else 0
+    forced = env_bytes(HOT_ENV)
+    if forced is not None:
+        return forced if forced < slot_bytes else 0
     if os.environ.get(ENV, "") in ("0", "1"):
         return 0
     return hot_bytes(slot_bytes, cache_bytes())
@@ -172,9 +188,9 @@ def measure_cache_bytes() -> int:
 def cache_bytes() -> int:
     """``WEIGHTSTREAM_CACHE_BYTES`` if set; else this machine's measured cache, kept per machine
     (CPU model, cores, reported cache, kernel) for a month; measured when not kept or not keepable."""
-    forced = os.environ.get(CACHE_ENV, "")
-    if forced.isdigit() and int(forced) > 0:
-        return int(forced)
+    forced = env_bytes(CACHE_ENV)
+    if forced:
+        return forced
     path, key = _probe_file(), _machine_key()
     try:
         kept = json.loads(path.read_text())
