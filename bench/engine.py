@@ -216,7 +216,7 @@ def run_shape(shape: str, receivers: int, modes: list[str], repeats: int, log: A
             row.seconds, row.verified = res.seconds, res.verified and not res.mismatches
             row.error = res.error or (f"{res.mismatches} tensor digests mismatched" if res.mismatches else None)
             rows.append(row)
-            log(f"   {row.name:<22} median {row.median * 1e3:8.1f} ms  {'ok' if row.verified else 'FAIL ' + str(row.error)}")
+            log(f"   {row.name:<28} median {row.median * 1e3:8.1f} ms  {'ok' if row.verified else 'FAIL ' + str(row.error)}")
     medians = {s: statistics.median(t) for s, t in sweep.items() if t}
     best = min(medians, key=lambda s: medians[s])
     yard = Row(shape, f"handoff[{best >> 20}M]" + ("x2" if receivers > 1 else ""), receivers, seconds=sweep[best],
@@ -242,16 +242,16 @@ def ratio(row: Row, rows: list[Row]) -> float | None:
 
 def print_table(rows: list[Row]) -> None:
     print()
-    print(f"{'shape':<12} {'row':<24} {'rk':>2} {'median ms':>10} {'spread ms':>17} {'GB/s':>6} {'ratio':>6}  against")
+    print(f"{'shape':<12} {'row':<28} {'rk':>2} {'median ms':>10} {'spread ms':>17} {'GB/s':>6} {'ratio':>6}  against")
     for row in rows:
         if not row.seconds:
-            print(f"{row.shape:<12} {row.name:<24} {row.receivers:>2}  FAILED {row.error}")
+            print(f"{row.shape:<12} {row.name:<28} {row.receivers:>2}  FAILED {row.error}")
             continue
         nbytes = row.extra.get("bytes", 0)
         r = ratio(row, rows)
         spread = f"{min(row.seconds) * 1e3:7.1f}-{max(row.seconds) * 1e3:7.1f}"
         gbps = f"{nbytes / row.median / 1e9:6.2f}" if nbytes else f"{'':>6}"
-        print(f"{row.shape:<12} {row.name:<24} {row.receivers:>2} {row.median * 1e3:>10.1f} {spread:>17} {gbps} "
+        print(f"{row.shape:<12} {row.name:<28} {row.receivers:>2} {row.median * 1e3:>10.1f} {spread:>17} {gbps} "
               f"{(f'{r:6.2f}' if r else ''):>6}  {row.yardstick}{'' if row.verified else '  FAIL'}")
         if "slot_medians_ms" in row.extra:
             print(f"{'':<12}   slot sweep (median ms): " + " ".join(f"{k}:{v}" for k, v in row.extra["slot_medians_ms"].items()))
