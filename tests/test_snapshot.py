@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from disk_faults import flip
 
 from weightstream import BucketSender, ReceiverDaemon, WeightstreamError
 from weightstream.frameworks import dtype_of, host_bytes
@@ -537,15 +538,6 @@ def test_a_pdparams_file_others_can_write_is_never_unpickled(tmp_path: Path) -> 
 
 
 # --- corrupt parts, file modes, version names -------------------------------------------------
-
-
-def flip(path: Path, offset: int) -> None:
-    """Flip one bit of the byte at ``offset``: real on-disk corruption."""
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x10]))
 
 
 def six_parts(version: int) -> dict[str, np.ndarray]:

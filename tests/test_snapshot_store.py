@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from disk_faults import flip
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -55,14 +56,6 @@ def write(directory: Path, rank: int, version: str, state: dict[str, np.ndarray]
 def one(directory: Path, rank: int, version: str) -> SnapshotInfo:
     (snap,) = [s for s in list_snapshots(directory, rank) if s.version == version]
     return snap
-
-
-def flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x40]))
 
 
 # --- listing --------------------------------------------------------------------------------
@@ -269,13 +262,13 @@ def test_verify_names_the_corrupt_block_and_its_tensors(tmp_path: Path) -> None:
     assert seen[0] == (0, path.stat().st_size) and seen[-1] == (path.stat().st_size,) * 2
     assert all(a[0] <= b[0] for a, b in pairwise(seen))
 
-    flip(path, header.data_start + 34 * mib)  # the third 16 MiB block: inside 'c' only
+    flip(path, header.data_start + 34 * mib, 0x40)  # the third 16 MiB block: inside 'c' only
     bad = verify_snapshot(one(tmp_path, 0, "1"))
     (problem,) = bad.problems
     assert str(path) in problem and "part 0" in problem and f"data bytes [{32 * mib}, {36 * mib})" in problem
     assert "tensor 'c' is corrupt" in problem
-    flip(path, header.data_start + 34 * mib)
-    flip(path, header.data_start + 5 * mib)  # the first block: 'a' and the start of 'b'
+    flip(path, header.data_start + 34 * mib, 0x40)
+    flip(path, header.data_start + 5 * mib, 0x40)  # the first block: 'a' and the start of 'b'
     (problem,) = verify_snapshot(one(tmp_path, 0, "1")).problems
     assert "data bytes [0, 16777216)" in problem and "tensors 'a' .. 'b' (2) are corrupt" in problem
 
@@ -293,7 +286,7 @@ def test_verify_catches_truncation_a_missing_part_and_a_bad_header(tmp_path: Pat
     assert "expected parts 0..5, found [0, 1, 2, 4, 5]" in problem
 
     paths = write(tmp_path, 0, "3", state_of(3))
-    flip(paths[1], 12)  # inside the JSON header
+    flip(paths[1], 12, 0x40)  # inside the JSON header
     (problem,) = verify_snapshot(one(tmp_path, 0, "3")).problems
     assert f"part 1 ({paths[1]})" in problem and "not a valid safetensors file" in problem
 
@@ -361,7 +354,7 @@ def collect(directory: Path, rank: int, version: str) -> tuple[str, dict[str, by
 def test_cli_verify_exits_1_naming_the_bad_part(tmp_path: Path) -> None:
     write(tmp_path, 0, "1", state_of(1))
     paths = write(tmp_path, 0, "2", state_of(2))
-    flip(paths[4], paths[4].stat().st_size - 1)
+    flip(paths[4], paths[4].stat().st_size - 1, 0x40)
     res = cli("verify", tmp_path, "--version", "2")
     assert res.exit_code == 1
     assert "BAD rank 0 version '2'" in res.stdout and str(paths[4]) in res.stdout and "tensor 't4' is corrupt" in res.stdout
