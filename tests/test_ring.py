@@ -78,16 +78,94 @@ def test_ring_plan_skips_buckets_with_chunk_pieces() -> None:
     assert set(found.runs) == whole
 
 
-def test_ring_size_follows_the_cache_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ring_size_is_the_calibrated_one_unless_the_environment_sets_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(shm_ring.ENV, raising=False)
-    assert shm_ring.ring_bytes_for(256 << 20, cache_bytes=32 << 20) == 4 << 20
-    assert shm_ring.ring_bytes_for(8 << 20, cache_bytes=32 << 20) == 0  # a slot under 4 rings stays plain
-    assert shm_ring.ring_bytes_for(256 << 20, cache_bytes=1 << 20) == 1 << 20  # never under 1 MiB
+    assert shm_ring.ring_bytes_for(256 << 20, ring_bytes=4 << 20) == 4 << 20
+    assert shm_ring.ring_bytes_for(8 << 20, ring_bytes=4 << 20) == 0  # a slot under 4 rings stays plain
+    assert shm_ring.ring_bytes_for(16 << 20, ring_bytes=4 << 20) == 4 << 20
     monkeypatch.setenv(shm_ring.ENV, "0")
-    assert shm_ring.ring_bytes_for(256 << 20) == 0
+    assert shm_ring.ring_bytes_for(256 << 20, ring_bytes=4 << 20) == 0
     monkeypatch.setenv(shm_ring.ENV, str(2 * PAGE + 5))
-    assert shm_ring.ring_bytes_for(64 * PAGE) == 2 * PAGE  # whole pages
+    assert shm_ring.ring_bytes_for(64 * PAGE) == 2 * PAGE  # whole pages, nothing timed
     assert shm_ring.ring_bytes_for(2 * PAGE) == 0  # not smaller than the slot
+    monkeypatch.setenv(shm_ring.ENV, "2M")
+    assert shm_ring.ring_bytes_for(256 << 20, ring_bytes=4 << 20) == 2 << 20
+
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("seconds", "want"),
+    [
+        # the AMD VM's probe: 4 and 8 MiB level within 5%, 8 taken; 1 MiB far behind, 16 behind
+        ({1 * MiB: 21.4, 2 * MiB: 9.0, 4 * MiB: 6.2, 8 * MiB: 6.1, 16 * MiB: 7.4}, 8 * MiB),
+        ({1 * MiB: 17.2, 2 * MiB: 6.1, 4 * MiB: 6.4, 8 * MiB: 6.5, 16 * MiB: 5.8}, 16 * MiB),
+        ({1 * MiB: 5.0, 2 * MiB: 9.0, 4 * MiB: 9.0}, 1 * MiB),  # the fastest, even the smallest
+        ({1 * MiB: 5.0, 2 * MiB: 5.0, 4 * MiB: 5.0}, 4 * MiB),  # all level: the largest
+        ({4 * MiB: 5.0}, 4 * MiB),
+    ],
+)
+def test_ring_from_seconds_takes_the_largest_ring_within_5_percent_of_the_fastest(
+    seconds: dict[int, float], want: int
+) -> None:
+    assert shm_ring.ring_from_seconds(seconds) == want
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.timeout(60)
+def test_ring_seconds_times_each_size_through_a_real_ring_and_leaves_nothing_open() -> None:
+    before = _open_fds()
+    found = shm_ring.ring_seconds((16 * PAGE, 64 * PAGE), total=4 * MiB, passes=2)
+    assert list(found) == [16 * PAGE, 64 * PAGE] and all(0 < t < 10 for t in found.values())
+    assert _open_fds() == before
+
+
+@pytest.mark.timeout(60)
+def test_the_calibrated_ring_is_measured_once_and_kept(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from weightstream.protocol.transports.shm import streaming
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv(shm_ring.ENV, raising=False)
+    timed: list[int] = []
+    monkeypatch.setattr(shm_ring, "measure_ring_bytes", lambda: timed.append(1) or 2 * MiB)
+    kept = tmp_path / "weightstream" / "ring-probe.json"
+    try:
+        shm_ring.calibrated_ring_bytes.cache_clear()
+        assert shm_ring.ring_bytes_for(256 * MiB) == 2 * MiB and len(timed) == 1
+        assert json.loads(kept.read_text())["ring_bytes"] == 2 * MiB
+        shm_ring.calibrated_ring_bytes.cache_clear()
+        assert shm_ring.ring_bytes_for(256 * MiB) == 2 * MiB and len(timed) == 1  # read back, not timed
+        kept.write_text(json.dumps({"key": "another machine", "at": time.time(), "ring_bytes": 4 * MiB}))
+        shm_ring.calibrated_ring_bytes.cache_clear()
+        assert shm_ring.ring_bytes_for(256 * MiB) == 2 * MiB and len(timed) == 2
+        assert json.loads(kept.read_text())["key"] == streaming._machine_key()
+    finally:
+        shm_ring.calibrated_ring_bytes.cache_clear()
+
+
+def test_a_failed_probe_falls_back_to_an_eighth_of_the_cache_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from weightstream.protocol.transports.shm import streaming
+
+    def broken(*args: Any, **kwargs: Any) -> dict[int, float]:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(shm_ring, "ring_seconds", broken)
+    monkeypatch.setenv(streaming.CACHE_ENV, str(64 * MiB))
+    streaming.cache_bytes.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="weightstream.transport"):
+            assert shm_ring.measure_ring_bytes() == 8 * MiB
+        assert "Cannot allocate memory" in caplog.text and shm_ring.ENV in caplog.text
+    finally:
+        streaming.cache_bytes.cache_clear()
 
 
 # --- the mapping and the counters --------------------------------------------------------------

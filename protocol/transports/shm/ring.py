@@ -20,6 +20,13 @@ lap, and never with checksums, whose digest needs the whole bucket at once.
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
+import mmap
+import os
+import threading
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -30,7 +37,7 @@ from ....deadline import Deadline
 from ....frameworks import host_bytes
 from ...errors import PeerTimeout, VersionAborted
 from .streaming import cache_bytes as measured_cache_bytes
-from .streaming import env_bytes
+from .streaming import env_bytes, kept
 
 try:
     from ....native._ring import CONTROL_BYTES as CONTROL_BYTES
@@ -44,24 +51,110 @@ except ImportError:  # no C compiler at install, or not Linux: slots stay plain
 ENV = "WEIGHTSTREAM_RING_BYTES"  # "0": no rings; a size in bytes: rings of that size
 PAGE = 4096
 TICK = 0.05  # seconds a wait sleeps before it looks for a dead peer or an abort
+PROBE_RINGS = tuple(1 << k for k in range(20, 25))  # ring sizes timed: 1, 2, 4, 8 and 16 MiB
+PROBE_BYTES = 64 << 20  # streamed through each, per pass: 16 laps of the largest, from memory not in cache
+PROBE_TIMEOUT = 10.0  # seconds a probe's side may wait for the other
+
+log = logging.getLogger("weightstream.transport")
 
 
-def ring_bytes_for(slot_bytes: int, cache_bytes: int | None = None) -> int:
-    """The ring for a slot of ``slot_bytes``, or 0 for none: an eighth of the cache this machine
-    measures (:func:`~.streaming.cache_bytes`; 4 MiB of a 32 MiB L3, so the ring and what each side
-    copies around it stay cached), for slots at least 4 rings long. Measured on a 2-core VM with a
-    32 MiB L3, two processes moving 2 GiB: 15-17 GB/s through a 4-8 MiB ring, 10-11 GB/s through
-    256 MiB slots; on an Intel VM measuring 64 MiB (sysfs: 300 MiB), 1 GiB in 64 tensors to the
-    direct sink: 112 ms through an 8 MiB ring, 113 through 37.5 MiB, 136 without."""
+def ring_bytes_for(slot_bytes: int, ring_bytes: int | None = None) -> int:
+    """The ring for a slot of ``slot_bytes``, or 0 for none: ``WEIGHTSTREAM_RING_BYTES`` if set,
+    else ``ring_bytes``, else the size this machine streams fastest (:func:`calibrated_ring_bytes`),
+    for slots at least 4 rings long."""
     if Control is None or not (speedups.NATIVE and speedups.SPANS):
         return 0
     forced = env_bytes(ENV)
     if forced is not None:
         ring = forced // PAGE * PAGE
         return ring if 0 < ring < slot_bytes else 0
-    cache = measured_cache_bytes() if cache_bytes is None else cache_bytes
-    ring = max(cache // 8 // PAGE * PAGE, 1 << 20)
+    ring = calibrated_ring_bytes() if ring_bytes is None else ring_bytes
     return ring if slot_bytes >= 4 * ring else 0
+
+
+def ring_seconds(sizes: tuple[int, ...] = PROBE_RINGS, total: int = PROBE_BYTES, passes: int = 3) -> dict[int, float]:
+    """Per ring size, the best of ``passes`` times two threads take to stream ``total`` bytes through
+    it as the sender and a rank do: the writer copies from memory not in cache into the ring, the
+    reader copies out behind it with streaming stores. One thread a side, the GIL released in each
+    copy and wait, so two cores run it as two processes would."""
+    fd = os.memfd_create("ws-ring-probe", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, max(sizes))
+        src, dst = np.ones(total, np.uint8), np.ones(total, np.uint8)  # faulted in before any timing
+        block = mmap.mmap(-1, CONTROL_BYTES)  # page-aligned, as the counters need
+        best = dict.fromkeys(sizes, math.inf)
+        for _ in range(passes):
+            for size in sizes:  # interleaved: a drift of the host's speed hits every size alike
+                best[size] = min(best[size], _stream_once(fd, block, size, src, dst))
+        block.close()
+        return best
+    finally:
+        os.close(fd)
+
+
+def _stream_once(fd: int, block: Any, size: int, src: np.ndarray, dst: np.ndarray) -> float:
+    mapping = RingMap(fd, size, 2 * size)
+    view = np.frombuffer(mapping, np.uint8)  # type: ignore[call-overload]  # RingMap exports a buffer
+    writer = RingWriter(Control(block, 0), view, size)
+    writer.begin([0], lambda: None, PROBE_TIMEOUT)
+    reading = RingReader(writer.control, view, size).reading(0, dst.nbytes, lambda: None, PROBE_TIMEOUT)
+    failed: list[Exception] = []
+    thread = threading.Thread(target=_read_out, args=(reading, dst, failed), name="ws-ring-probe", daemon=True)
+    try:
+        t0 = time.perf_counter()
+        thread.start()
+        writer.write(0, src, 0, src.nbytes)
+        writer.finish(src.nbytes)
+        thread.join(PROBE_TIMEOUT)
+        seconds = time.perf_counter() - t0
+    finally:
+        thread.join(PROBE_TIMEOUT)
+        writer.close()
+        del view, reading
+    mapping.close()
+    if failed:
+        raise failed[0]
+    if thread.is_alive():
+        raise PeerTimeout(f"the ring probe's reader still ran after {PROBE_TIMEOUT}s")
+    return seconds
+
+
+def _read_out(reading: RingRead, dst: np.ndarray, failed: list[Exception]) -> None:
+    try:
+        reading.copy_out(dst, 0, 0, dst.nbytes, True)
+    except Exception as exc:  # raised again by the timing thread
+        failed.append(exc)
+
+
+def ring_from_seconds(seconds: dict[int, float]) -> int:
+    """The largest ring within 5% of the fastest: within 5% the probe does not tell sizes apart,
+    and each piece of a smaller ring costs a wait, dearer between two processes than between the
+    probe's threads (on the AMD VM below the probe put 2 MiB level with 4-8 MiB; pushes through
+    it were 9-28% slower)."""
+    fastest = min(seconds.values())
+    return max(size for size, t in seconds.items() if t <= 1.05 * fastest)
+
+
+def measure_ring_bytes() -> int:
+    """:func:`ring_from_seconds` of :func:`ring_seconds` (~0.3-0.5 s); an eighth of the measured
+    cache, with a warning, if the probe itself fails."""
+    try:
+        return ring_from_seconds(ring_seconds())
+    except (OSError, ValueError, BufferError, PeerTimeout, VersionAborted) as exc:
+        fallback = max(measured_cache_bytes() // 8 // PAGE * PAGE, 1 << 20)
+        log.warning("could not time the ring sizes (%s); taking %d bytes, set %s to choose", exc, fallback, ENV)
+        return fallback
+
+
+@functools.cache
+def calibrated_ring_bytes() -> int:
+    """The ring this machine streams fastest, measured once and kept for a month
+    (:func:`~.streaming.kept`). Decided by this measurement, not by the cache size alone: on a
+    2-core AMD EPYC VM (sysfs: 32 MiB L3; copies slow past an 8 MiB working set), 1 GiB in 64
+    tensors to one direct-sink rank took 142 ms through a 1 MiB ring (an eighth of that measured
+    cache, the rule before), 99 through 2 MiB, 91 through 4, 102 through 8, 124 through 16; on an
+    Intel VM measuring 64 MiB, 4-32 MiB rings were alike (93-97 ms a GiB) and 1 MiB took 187."""
+    return kept("ring-probe", "ring_bytes", measure_ring_bytes)
 
 
 def control_offset(slot_bytes: int) -> int:

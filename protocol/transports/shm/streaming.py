@@ -24,6 +24,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -159,9 +160,9 @@ def cache_from_rates(rates: dict[int, float], reported: int) -> int:
     return max(w for w, r in rates.items() if r >= 0.9 * best)
 
 
-def _probe_file() -> Path:
+def _probe_file(name: str = "cache-probe") -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "weightstream" / "cache-probe.json"
+    return Path(root) / "weightstream" / f"{name}.json"
 
 
 def cpu_model() -> str:
@@ -184,26 +185,31 @@ def measure_cache_bytes() -> int:
     return cache_from_rates(copy_rates(), last_level_cache_bytes())
 
 
-@functools.cache
-def cache_bytes() -> int:
-    """``WEIGHTSTREAM_CACHE_BYTES`` if set; else this machine's measured cache, kept per machine
-    (CPU model, cores, reported cache, kernel) for a month; measured when not kept or not keepable."""
-    forced = env_bytes(CACHE_ENV)
-    if forced:
-        return forced
-    path, key = _probe_file(), _machine_key()
+def kept(name: str, field: str, measure: Callable[[], int]) -> int:
+    """``measure()``, kept per machine (CPU model, cores, reported cache, kernel) for a month in
+    ``$XDG_CACHE_HOME/weightstream/<name>.json``; measured again when not kept or not keepable."""
+    path, key = _probe_file(name), _machine_key()
     try:
-        kept = json.loads(path.read_text())
-        if kept.get("key") == key and time.time() - float(kept["at"]) < PROBE_KEEP_S and int(kept["cache_bytes"]) > 0:
-            return int(kept["cache_bytes"])
-    except (OSError, ValueError, KeyError, TypeError):
+        found = json.loads(path.read_text())
+        if found.get("key") == key and time.time() - float(found["at"]) < PROBE_KEEP_S and int(found[field]) > 0:
+            return int(found[field])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
-    measured = measure_cache_bytes()
+    measured = measure()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-            json.dump({"key": key, "at": time.time(), "cache_bytes": measured}, f)
+            json.dump({"key": key, "at": time.time(), field: measured}, f)
         os.replace(f.name, path)  # whole or not at all, for processes measuring at once
     except OSError:
         pass  # not keepable (read-only home): measured again by the next process
     return measured
+
+
+@functools.cache
+def cache_bytes() -> int:
+    """``WEIGHTSTREAM_CACHE_BYTES`` if set; else this machine's measured cache (:func:`kept`)."""
+    forced = env_bytes(CACHE_ENV)
+    if forced:
+        return forced
+    return kept("cache-probe", "cache_bytes", measure_cache_bytes)
