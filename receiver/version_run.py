@@ -32,6 +32,7 @@ from ..protocol.transports import ImportedSlot, StreamRead
 from .appliers import Applier, Direct, PreparedBucket, choose_applier
 from .prefetch import PrefetchQueue
 from .run_manifest import RunManifest, address_of
+from .scratch import ScratchPool
 
 
 class VersionRun:
@@ -52,11 +53,13 @@ class VersionRun:
         streamed: bool = False,
         stream_index: int = 0,
         domain: str = "host",
+        scratch: ScratchPool | None = None,
     ) -> None:
         """``staged``: the consumer only copies, the model is untouched until COMMIT. ``streamed``:
         this rank said READY streamed (it takes buckets read as the sender writes them, as the
         ``stream_index``-th reader). ``domain``: where the session's slots live ("host" or a
-        device), from the transport's capabilities."""
+        device), from the transport's capabilities. ``scratch``: where host scratch for tensors
+        larger than a bucket comes from and goes back to once the consumer moved past it."""
         self.version = begin.version
         self.num_buckets = begin.buckets
         self.total_bytes = begin.total_bytes
@@ -89,6 +92,8 @@ class VersionRun:
         self._giving: tuple[list[tuple[list[str], Iterator[str]]], int] | None = None
         self.finished = False
         self._partial: dict[str, tuple[Any, bool]] = {}
+        self._scratch = scratch if domain == "host" else None
+        self._scratch_given: list[np.ndarray] = []  # pool scratch yielded in the bucket being consumed
         self._in_place_done: tuple[int, np.ndarray] | None = None  # the chunked tensor last completed in place
         self._ties: dict[int, int] = {}  # direct mode: tensors tied in this model, sent apart (set by iterate)
         self._alias_dests: dict[str, np.ndarray | None] = {}
@@ -269,6 +274,10 @@ class VersionRun:
             yield self.applier.apply(bucket)
             self._settle()  # the consumer took every item of the bucket
             self._giving = None
+            if self._scratch is not None:  # its views are invalid now: the next large tensor may reuse them
+                for buf in self._scratch_given:
+                    self._scratch.give(buf)
+                self._scratch_given.clear()
             bucket.mapping.sync()  # e.g. a CUDA stream sync: copies out of the slot must be complete
             if bucket.checksum is not None:
                 self._check_unchanged(bucket)
@@ -481,7 +490,7 @@ class VersionRun:
             if dest is not None and dest.nbytes == full and dest.dtype == np.uint8:
                 held = (dest, True)  # the model's own memory: no full-size temporary
             else:
-                held = (slot.scratch(full), False)
+                held = (self._scratch.take(full) if self._scratch is not None else slot.scratch(full), False)
             self._partial[name] = held
         buf, in_place = held
         if in_place:
@@ -500,6 +509,8 @@ class VersionRun:
             self.applied += 1
             self._in_place_done = (index, buf)  # its aliases, if any, are delivered from the model's bytes
             return None
+        if self._scratch is not None:
+            self._scratch_given.append(buf)
         return slot.typed(self.framework, buf, DTYPES[code], tuple(shape))
 
     @property

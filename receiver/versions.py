@@ -28,6 +28,7 @@ from .consumer import Consumer
 from .manifest import check_manifest
 from .prefetch import PrefetchQueue
 from .run_manifest import RunManifest
+from .scratch import ScratchPool
 from .sinks.base import NO_GROUPS, name_groups_of
 from .state import RankState, VersionRecord
 from .targets import detached_copy
@@ -78,6 +79,7 @@ class VersionMachine:
         # a network transport's receives (one thread, FIFO): the next bucket arrives while the apply
         # thread applies the last
         self._receiver: ThreadPoolExecutor | None = None
+        self._scratch = ScratchPool()  # host scratch for tensors larger than a bucket, reused across versions
 
     @property
     def in_flight(self) -> str | None:
@@ -176,6 +178,7 @@ class VersionMachine:
             streamed=direct and self._streamable(manifest, expected),
             stream_index=self.rank,
             domain=link.transport.capabilities.device if link.transport is not None else "host",
+            scratch=self._scratch,
         )
         self._run = run
         self._inbox = asyncio.Queue()
