@@ -16,6 +16,10 @@ project, yardstick, ...):
 - ``floor[numpy,hot]`` (1 rank, tensors of 1 MiB and more): that loop when each tensor was written a moment
   before ``load_weights`` copies it, so it reads from the cache. No transport can hand an engine
   its views faster, so its ratio to ``handoff`` bounds the views rows' ratio from above.
+- ``floor[numpy,busy]`` (1 rank): that loop over in-process tensors while another thread does
+  the least any sender must, reading bytes from memory and writing them with streaming stores
+  (a 256 MiB buffer over and over): the engine's copy when it shares the memory bandwidth with
+  a sender, as a views rank does.
 
 Project rows push through shm (2 x 256 MiB buffers, prefetch 2) to ranks whose
 ``load_weights`` copies each NumPy view (``numpy``) or torch view (``torch``) into its own
@@ -33,6 +37,7 @@ import platform
 import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -126,6 +131,46 @@ def hot_floor_timer(model: synthetic.Model, dest: dict[str, np.ndarray]) -> Any:
     return timed
 
 
+BUSY_BYTES = 256 << 20  # the busy thread's buffers: larger than any cache, so it reads and writes memory
+BUSY_PIECE = 4 << 20  # per copy call: it looks for the stop between pieces
+
+
+def busy_floor_timer(model: synthetic.Model, dest: dict[str, np.ndarray]) -> Any:
+    """The NumPy engine loop over in-process tensors while a second thread streams memory to
+    memory with streaming stores, from before the loop starts until it ends; only the loop is
+    timed. Both copies release the GIL, so the two run on two cores."""
+    from weightstream import native
+
+    load = engine_run.numpy_loader(dest)
+    items = list(model.tensors)
+    size = min(BUSY_BYTES, max(model.nbytes, BUSY_PIECE))
+    src, dst = np.ones(size, np.uint8), np.ones(size, np.uint8)  # faulted in before any timing
+
+    def timed() -> float:
+        stop, started = threading.Event(), threading.Event()
+
+        def busy() -> None:
+            started.set()
+            while not stop.is_set():
+                for at in range(0, size, BUSY_PIECE):
+                    native.copy(dst[at : at + BUSY_PIECE], src[at : at + BUSY_PIECE], True)
+                    if stop.is_set():
+                        return
+
+        thread = threading.Thread(target=busy, name="floor-busy", daemon=True)
+        thread.start()
+        try:
+            started.wait(10)
+            t0 = time.perf_counter()
+            load(iter(items))
+            return time.perf_counter() - t0
+        finally:
+            stop.set()
+            thread.join(10)
+
+    return timed
+
+
 HOT_MIN_BYTES = 1 << 20  # below this a tensor is cached either way, and the loop's cost is per tensor
 
 
@@ -178,6 +223,8 @@ def run_shape(shape: str, receivers: int, modes: list[str], repeats: int, log: A
     floors = {m: Row(shape, f"floor[{m}]", 0) for m in dict.fromkeys(spec.partition(":")[0] for spec in modes) if m != "direct"}
     if "numpy" in floors and receivers == 1 and max(a.nbytes for _, a in model.tensors) >= HOT_MIN_BYTES:
         floors["numpy,hot"] = Row(shape, "floor[numpy,hot]", 0)
+    if "numpy" in floors and receivers == 1:
+        floors["numpy,busy"] = Row(shape, "floor[numpy,busy]", 0)
     rows: list[Row] = []
     with handoff.Handoff(model.nbytes, readers=receivers) as pipe:
         for s in sizes:  # one warm-up lap
@@ -187,7 +234,7 @@ def run_shape(shape: str, receivers: int, modes: list[str], repeats: int, log: A
             for s in sizes:
                 sweep[s].append(pipe.run(s))
             memcpy.seconds.append(memcpy_timer())
-            for name in (mode, f"{mode},hot"):
+            for name in (mode, f"{mode},hot", f"{mode},busy"):
                 if name in floors:
                     floors[name].seconds.append(floor_timers[name]())
             return 0.0
@@ -196,6 +243,8 @@ def run_shape(shape: str, receivers: int, modes: list[str], repeats: int, log: A
         floor_timers = {mode: floor_timer(model, mode, model_like(model, flat)) for mode in floors if mode in MODES}
         if "numpy,hot" in floors:
             floor_timers["numpy,hot"] = hot_floor_timer(model, model_like(model, flat))
+        if "numpy,busy" in floors:
+            floor_timers["numpy,busy"] = busy_floor_timer(model, model_like(model, flat))
         memcpy_timer = handoff.memcpy_timer(model.nbytes, model.buffer.reshape(-1).view(np.uint8), flat)
         for spec in modes:
             mode, _, var = spec.partition(":")
@@ -227,6 +276,8 @@ def run_shape(shape: str, receivers: int, modes: list[str], repeats: int, log: A
         row.yardstick = floor.name if shape == "small" and floor else yard.name
     if "numpy,hot" in floors:
         floors["numpy,hot"].yardstick = yard.name  # the bound on the views rows' ratio
+    if "numpy,busy" in floors:  # against what the views rows are measured against
+        floors["numpy,busy"].yardstick = floors["numpy"].name if shape == "small" else yard.name
     out = [yard, memcpy, *floors.values(), *rows]
     for row in out:
         row.extra["bytes"] = model.nbytes

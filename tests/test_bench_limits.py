@@ -67,3 +67,22 @@ def test_the_hot_floor_times_the_engine_copies_only_and_copies_every_tensor() ->
     assert timed() > 0
     for name, a in model.tensors:
         assert np.array_equal(dest[name].view(np.uint8), a.view(np.uint8)), name
+
+
+def test_the_busy_floor_times_the_engine_loop_while_memory_streams_beside_it() -> None:
+    """floor[numpy,busy]: the engine's loop copies every tensor into its model while the busy
+    thread runs, and the thread is gone once the timer returns."""
+    import threading
+
+    import numpy as np
+
+    from bench import engine
+    from weightstream import synthetic
+
+    model = synthetic.few_large(8 << 20, count=4)
+    dest = {name: np.zeros_like(a) for name, a in model.tensors}
+    timed = engine.busy_floor_timer(model, dest)
+    assert timed() > 0
+    assert not any(t.name == "floor-busy" for t in threading.enumerate())
+    for name, a in model.tensors:
+        assert np.array_equal(dest[name].view(np.uint8), a.view(np.uint8)), name
