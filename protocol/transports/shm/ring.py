@@ -78,17 +78,17 @@ def ring_seconds(sizes: tuple[int, ...] = PROBE_RINGS, total: int = PROBE_BYTES,
     reader copies out behind it with streaming stores. One thread a side, the GIL released in each
     copy and wait, so two cores run it as two processes would."""
     fd = os.memfd_create("ws-ring-probe", os.MFD_CLOEXEC)
+    block = mmap.mmap(-1, CONTROL_BYTES)  # page-aligned, as the counters need
     try:
         os.ftruncate(fd, max(sizes))
         src, dst = np.ones(total, np.uint8), np.ones(total, np.uint8)  # faulted in before any timing
-        block = mmap.mmap(-1, CONTROL_BYTES)  # page-aligned, as the counters need
         best = dict.fromkeys(sizes, math.inf)
         for _ in range(passes):
             for size in sizes:  # interleaved: a drift of the host's speed hits every size alike
                 best[size] = min(best[size], _stream_once(fd, block, size, src, dst))
-        block.close()
         return best
     finally:
+        block.close()
         os.close(fd)
 
 
@@ -111,7 +111,8 @@ def _stream_once(fd: int, block: Any, size: int, src: np.ndarray, dst: np.ndarra
         thread.join(PROBE_TIMEOUT)
         writer.close()
         del view, reading
-    mapping.close()
+        if not thread.is_alive():
+            mapping.close()  # else the thread's frame still holds a view: left to the collector
     if failed:
         raise failed[0]
     if thread.is_alive():
