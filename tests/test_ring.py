@@ -145,6 +145,19 @@ def test_the_calibrated_ring_is_measured_once_and_kept(tmp_path: Any, monkeypatc
         shm_ring.calibrated_ring_bytes.cache_clear()
         assert shm_ring.ring_bytes_for(256 * MiB) == 2 * MiB and len(timed) == 2
         assert json.loads(kept.read_text())["key"] == streaming._machine_key()
+        # a damaged or hand-edited size no probe could choose (it would fail every slot's mapping)
+        for bad in (12345, 1, True, 32 * MiB, -4096, "8M", None):
+            kept.write_text(json.dumps({"key": streaming._machine_key(), "at": time.time(), "ring_bytes": bad}))
+            shm_ring.calibrated_ring_bytes.cache_clear()
+            assert shm_ring.ring_bytes_for(256 * MiB) == 2 * MiB, bad
+            assert json.loads(kept.read_text())["ring_bytes"] == 2 * MiB, bad  # and the file mended
+        # a file that cannot be replaced (a directory in its place): measured, nothing left behind
+        kept.unlink()
+        kept.mkdir()
+        shm_ring.calibrated_ring_bytes.cache_clear()
+        before = len(timed)
+        assert shm_ring.ring_bytes_for(256 * MiB) == 2 * MiB and len(timed) == before + 1
+        assert sorted(p.name for p in kept.parent.iterdir()) == ["ring-probe.json"]
     finally:
         shm_ring.calibrated_ring_bytes.cache_clear()
 
@@ -164,6 +177,9 @@ def test_a_failed_probe_falls_back_to_an_eighth_of_the_cache_and_says_so(
         with caplog.at_level("WARNING", logger="weightstream.transport"):
             assert shm_ring.measure_ring_bytes() == 8 * MiB
         assert "Cannot allocate memory" in caplog.text and shm_ring.ENV in caplog.text
+        monkeypatch.setenv(streaming.CACHE_ENV, str(512 * MiB))
+        streaming.cache_bytes.cache_clear()
+        assert shm_ring.measure_ring_bytes() == 16 * MiB  # never outside the sizes the probe times
     finally:
         streaming.cache_bytes.cache_clear()
 

@@ -138,11 +138,11 @@ def ring_from_seconds(seconds: dict[int, float]) -> int:
 
 def measure_ring_bytes() -> int:
     """:func:`ring_from_seconds` of :func:`ring_seconds` (~0.3-0.5 s); an eighth of the measured
-    cache, with a warning, if the probe itself fails."""
+    cache (within the sizes timed), with a warning, if the probe itself fails."""
     try:
         return ring_from_seconds(ring_seconds())
     except (OSError, ValueError, BufferError, PeerTimeout, VersionAborted) as exc:
-        fallback = max(measured_cache_bytes() // 8 // PAGE * PAGE, 1 << 20)
+        fallback = min(max(measured_cache_bytes() // 8 // PAGE * PAGE, min(PROBE_RINGS)), max(PROBE_RINGS))
         log.warning("could not time the ring sizes (%s); taking %d bytes, set %s to choose", exc, fallback, ENV)
         return fallback
 
@@ -155,7 +155,12 @@ def calibrated_ring_bytes() -> int:
     tensors to one direct-sink rank took 142 ms through a 1 MiB ring (an eighth of that measured
     cache, the rule before), 99 through 2 MiB, 91 through 4, 102 through 8, 124 through 16; on an
     Intel VM measuring 64 MiB, 4-32 MiB rings were alike (93-97 ms a GiB) and 1 MiB took 187."""
-    return kept("ring-probe", "ring_bytes", measure_ring_bytes)
+    return kept("ring-probe", "ring_bytes", measure_ring_bytes, valid_ring_bytes)
+
+
+def valid_ring_bytes(ring: int) -> bool:
+    """Whether a kept ring size is one the probe could have chosen: whole pages, 1-16 MiB."""
+    return ring % PAGE == 0 and min(PROBE_RINGS) <= ring <= max(PROBE_RINGS)
 
 
 def control_offset(slot_bytes: int) -> int:

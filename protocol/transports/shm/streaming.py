@@ -16,6 +16,7 @@ machine, kept in ``$XDG_CACHE_HOME/weightstream``), with sysfs only where no dro
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -185,24 +186,29 @@ def measure_cache_bytes() -> int:
     return cache_from_rates(copy_rates(), last_level_cache_bytes())
 
 
-def kept(name: str, field: str, measure: Callable[[], int]) -> int:
+def kept(name: str, field: str, measure: Callable[[], int], valid: Callable[[int], bool] = lambda v: v > 0) -> int:
     """``measure()``, kept per machine (CPU model, cores, reported cache, kernel) for a month in
-    ``$XDG_CACHE_HOME/weightstream/<name>.json``; measured again when not kept or not keepable."""
+    ``$XDG_CACHE_HOME/weightstream/<name>.json``; measured again when not kept, not ``valid``
+    (a damaged or hand-edited file) or not keepable."""
     path, key = _probe_file(name), _machine_key()
     try:
         found = json.loads(path.read_text())
-        if found.get("key") == key and time.time() - float(found["at"]) < PROBE_KEEP_S and int(found[field]) > 0:
+        if found.get("key") == key and time.time() - float(found["at"]) < PROBE_KEEP_S and valid(int(found[field])):
             return int(found[field])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError):
         pass
     measured = measure()
+    temp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            temp = f.name
             json.dump({"key": key, "at": time.time(), field: measured}, f)
-        os.replace(f.name, path)  # whole or not at all, for processes measuring at once
-    except OSError:
-        pass  # not keepable (read-only home): measured again by the next process
+        os.replace(temp, path)  # whole or not at all, for processes measuring at once
+    except OSError:  # not keepable (read-only home, a directory in the way): measured again next time
+        if temp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
     return measured
 
 
