@@ -22,8 +22,8 @@ KEEP = 2  # free buffers kept between tensors and versions, the newest first
 class ScratchPool:
     """Free host buffers, each as large as the largest tensor asked for so far, so that any kept
     buffer serves any such tensor: which tensors overlap (one's view still out while the next is
-    assembled) then does not matter, and a layout that repeats allocates nothing after its first
-    version. A buffer smaller than that largest is dropped, not kept; at most ``keep`` are kept."""
+    assembled) then does not matter, and a layout that repeats allocates nothing after its second
+    version (the first finds the largest size, the second how many overlap at it). A buffer smaller than that largest is dropped, not kept; at most ``keep`` are kept."""
 
     def __init__(self, keep: int = KEEP) -> None:
         self.keep = keep
