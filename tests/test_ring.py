@@ -132,6 +132,8 @@ def test_the_calibrated_ring_is_measured_once_and_kept(tmp_path: Any, monkeypatc
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv(shm_ring.ENV, raising=False)
+    monkeypatch.setenv(streaming.CACHE_ENV, str(8 * MiB))
+    streaming.cache_bytes.cache_clear()
     timed: list[int] = []
     monkeypatch.setattr(shm_ring, "measure_ring_bytes", lambda: timed.append(1) or 2 * MiB)
     kept = tmp_path / "weightstream" / "ring-probe.json"
@@ -146,7 +148,9 @@ def test_the_calibrated_ring_is_measured_once_and_kept(tmp_path: Any, monkeypatc
         assert shm_ring.ring_bytes_for(256 * MiB) == 2 * MiB and len(timed) == 2
         assert json.loads(kept.read_text())["key"] == streaming._machine_key()
         # a damaged or hand-edited size no probe could choose (it would fail every slot's mapping)
-        for bad in (12345, 1, True, 32 * MiB, -4096, "8M", None):
+        # 16 MiB: a size no larger probe may choose now that the cache measures 8 MiB (a file kept
+        # before the probe left such sizes out)
+        for bad in (12345, 1, True, 32 * MiB, 16 * MiB, -4096, "8M", None):
             kept.write_text(json.dumps({"key": streaming._machine_key(), "at": time.time(), "ring_bytes": bad}))
             shm_ring.calibrated_ring_bytes.cache_clear()
             assert shm_ring.ring_bytes_for(256 * MiB) == 2 * MiB, bad
@@ -160,6 +164,39 @@ def test_the_calibrated_ring_is_measured_once_and_kept(tmp_path: Any, monkeypatc
         assert sorted(p.name for p in kept.parent.iterdir()) == ["ring-probe.json"]
     finally:
         shm_ring.calibrated_ring_bytes.cache_clear()
+        streaming.cache_bytes.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("cache", "want"),
+    [
+        (8 * MiB, (1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB)),  # the AMD VM: 16 MiB left out
+        (64 * MiB, (1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB, 16 * MiB)),  # the Intel VM: every size
+        (6 * MiB, (1 * MiB, 2 * MiB, 4 * MiB)),
+        (512 * 1024, (1 * MiB,)),  # the smallest at least
+    ],
+)
+def test_the_probe_times_only_rings_that_fit_the_measured_cache(cache: int, want: tuple[int, ...]) -> None:
+    assert shm_ring.ring_sizes(cache) == want
+
+
+def test_the_probe_is_given_the_sizes_that_fit_the_measured_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    from weightstream.protocol.transports.shm import streaming
+
+    asked: list[tuple[int, ...]] = []
+
+    def timed(sizes: tuple[int, ...] = shm_ring.PROBE_RINGS, **_: Any) -> dict[int, float]:
+        asked.append(sizes)
+        return dict.fromkeys(sizes, 1.0)  # all level: the largest timed
+
+    monkeypatch.setattr(shm_ring, "ring_seconds", timed)
+    monkeypatch.setenv(streaming.CACHE_ENV, str(8 * MiB))
+    streaming.cache_bytes.cache_clear()
+    try:
+        assert shm_ring.measure_ring_bytes() == 8 * MiB
+        assert asked == [(1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB)]
+    finally:
+        streaming.cache_bytes.cache_clear()
 
 
 def test_a_failed_probe_falls_back_to_an_eighth_of_the_cache_and_says_so(
