@@ -20,6 +20,12 @@ project, yardstick, ...):
   the least any sender must, reading bytes from memory and writing them with streaming stores
   (a 256 MiB buffer over and over): the engine's copy when it shares the memory bandwidth with
   a sender, as a views rank does.
+- ``handoff[S,whole]`` (when the best slot is smaller than the largest tensor): the same sweep's
+  best slot among those that hold the largest tensor whole. A view is a whole tensor, so
+  ``load_weights`` copies a tensor only once all its bytes are in; a transport of views
+  pipelines in steps of at least a tensor, as the handoff does in steps of a slot. Its ratio to
+  ``handoff`` bounds the views rows' ratio from above, with 1 rank and with 2; the direct-copy
+  sink copies pieces as they come and is not bound by it.
 
 Project rows push through shm (2 x 256 MiB buffers, prefetch 2) to ranks whose
 ``load_weights`` copies each NumPy view (``numpy``) or torch view (``torch``) into its own
@@ -270,6 +276,11 @@ def run_shape(shape: str, receivers: int, modes: list[str], repeats: int, log: A
     best = min(medians, key=lambda s: medians[s])
     yard = Row(shape, f"handoff[{best >> 20}M]" + ("x2" if receivers > 1 else ""), receivers, seconds=sweep[best],
                extra={"slot_medians_ms": {f"{s >> 20}M": round(m * 1e3, 1) for s, m in medians.items()}})
+    bounds = []
+    fit = whole_slot(medians, max(a.nbytes for _, a in model.tensors))
+    if fit is not None:
+        bounds.append(Row(shape, f"handoff[{fit >> 20}M,whole]" + ("x2" if receivers > 1 else ""), receivers,
+                          seconds=sweep[fit], yardstick=yard.name))
     for row in rows:  # many small tensors: the engine's own loop is the limit, not the bytes
         mode = row.name[len("weightstream[") : -1].partition(":")[0]
         floor = floors.get(mode) or floors.get("numpy")
@@ -278,10 +289,21 @@ def run_shape(shape: str, receivers: int, modes: list[str], repeats: int, log: A
         floors["numpy,hot"].yardstick = yard.name  # the bound on the views rows' ratio
     if "numpy,busy" in floors:  # against what the views rows are measured against
         floors["numpy,busy"].yardstick = floors["numpy"].name if shape == "small" else yard.name
-    out = [yard, memcpy, *floors.values(), *rows]
+    out = [yard, *bounds, memcpy, *floors.values(), *rows]
     for row in out:
         row.extra["bytes"] = model.nbytes
     return out
+
+
+def whole_slot(medians: dict[int, float], largest: int) -> int | None:
+    """The handoff's best slot size among those that hold a ``largest``-byte tensor whole, given
+    each slot size's median; None when the best slot overall already does (the views rows'
+    yardstick is then their bound too) or when none does."""
+    best = min(medians, key=lambda s: medians[s])
+    whole = [s for s in medians if s >= largest]
+    if best >= largest or not whole:
+        return None
+    return min(whole, key=lambda s: medians[s])
 
 
 def ratio(row: Row, rows: list[Row]) -> float | None:

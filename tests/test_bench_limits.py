@@ -86,3 +86,21 @@ def test_the_busy_floor_times_the_engine_loop_while_memory_streams_beside_it() -
     assert not any(t.name == "floor-busy" for t in threading.enumerate())
     for name, a in model.tensors:
         assert np.array_equal(dest[name].view(np.uint8), a.view(np.uint8)), name
+
+
+@pytest.mark.parametrize(
+    ("medians", "largest", "expected"),
+    [
+        ({1 << 20: 3.0, 4 << 20: 1.0, 16 << 20: 2.0, 256 << 20: 1.5}, 16 << 20, 256 << 20),  # best of those that hold it
+        ({1 << 20: 3.0, 4 << 20: 1.0, 16 << 20: 1.2, 256 << 20: 1.5}, 8 << 20, 16 << 20),  # a slot larger than it
+        ({1 << 20: 3.0, 4 << 20: 1.0, 16 << 20: 2.0}, 4 << 20, None),  # the best slot holds it: no other bound
+        ({1 << 20: 3.0, 4 << 20: 1.0}, 400 << 20, None),  # no slot holds it
+        ({1 << 20: 1.0}, 4096, None),
+    ],
+)
+def test_the_whole_tensor_bound_is_the_best_slot_that_holds_the_largest_tensor(
+    medians: dict[int, float], largest: int, expected: int | None
+) -> None:
+    from bench import engine
+
+    assert engine.whole_slot(medians, largest) == expected
