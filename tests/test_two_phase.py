@@ -455,7 +455,9 @@ def _sender_kill_rounds(endpoint: str, seeds: list[int]) -> None:
 
 @pytest.mark.timeout(120)
 def test_kill_sender_mid_push_two_phase(endpoint: str) -> None:
-    _sender_kill_rounds(endpoint, [1, 2, 3, 4, 5, 6])
+    # kills at 0.17, 0.31, 0.81 and 1.03 of a push: early, mid-bucket, late, around the commit
+    # (the slow-marked run below takes 30 more)
+    _sender_kill_rounds(endpoint, [1, 3, 5, 6])
 
 
 @pytest.mark.slow
