@@ -148,8 +148,8 @@ def test_the_calibrated_ring_is_measured_once_and_kept(tmp_path: Any, monkeypatc
         assert shm_ring.ring_bytes_for(256 * MiB) == 2 * MiB and len(timed) == 2
         assert json.loads(kept.read_text())["key"] == streaming._machine_key()
         # a damaged or hand-edited size no probe could choose (it would fail every slot's mapping)
-        # 16 MiB: a size no larger probe may choose now that the cache measures 8 MiB (a file kept
-        # before the probe left such sizes out)
+        # 16 MiB: larger than the 8 MiB cache measured here, so no probe chooses it now (a file
+        # kept before the probe left such sizes out)
         for bad in (12345, 1, True, 32 * MiB, 16 * MiB, -4096, "8M", None):
             kept.write_text(json.dumps({"key": streaming._machine_key(), "at": time.time(), "ring_bytes": bad}))
             shm_ring.calibrated_ring_bytes.cache_clear()
