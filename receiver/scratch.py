@@ -23,7 +23,8 @@ class ScratchPool:
     """Free host buffers, each as large as the largest tensor asked for so far, so that any kept
     buffer serves any such tensor: which tensors overlap (one's view still out while the next is
     assembled) then does not matter, and a layout that repeats allocates nothing after its second
-    version (the first finds the largest size, the second how many overlap at it). A buffer smaller than that largest is dropped, not kept; at most ``keep`` are kept."""
+    version (the first finds the largest size, the second how many overlap at it). A buffer
+    smaller than that largest is dropped, not kept; at most ``keep`` are kept."""
 
     def __init__(self, keep: int = KEEP) -> None:
         self.keep = keep
@@ -34,9 +35,9 @@ class ScratchPool:
         """A flat uint8 buffer of ``nbytes``: a kept one's first bytes if one is kept, else the first
         bytes of a new one as large as the largest asked for. Give back what ``take`` returned
         (:meth:`give` finds its base)."""
-        if nbytes > self.largest:
+        if nbytes > self.largest:  # every kept buffer is the old largest's size: none fits now
             self.largest = nbytes
-            self._free = [buf for buf in self._free if buf.nbytes >= nbytes]
+            self._free.clear()
         if self._free:
             return self._free.pop()[:nbytes]
         return np.empty(self.largest, np.uint8)[:nbytes]
