@@ -33,6 +33,7 @@ from .appliers import Applier, Direct, PreparedBucket, choose_applier
 from .prefetch import PrefetchQueue
 from .run_manifest import RunManifest, address_of
 from .scratch import ScratchPool
+from .view_keeper import ViewKeeper
 
 
 class VersionRun:
@@ -54,12 +55,15 @@ class VersionRun:
         stream_index: int = 0,
         domain: str = "host",
         scratch: ScratchPool | None = None,
+        kept_views: ViewKeeper | None = None,
     ) -> None:
         """``staged``: the consumer only copies, the model is untouched until COMMIT. ``streamed``:
         this rank said READY streamed (it takes buckets read as the sender writes them, as the
         ``stream_index``-th reader). ``domain``: where the session's slots live ("host" or a
         device), from the transport's capabilities. ``scratch``: where host scratch for tensors
-        larger than a bucket comes from and goes back to once the consumer moved past it."""
+        larger than a bucket comes from and goes back to once the consumer moved past it.
+        ``kept_views``: where NumPy views of a slot's batches are kept for the next bucket at the
+        same place (:mod:`.view_keeper`)."""
         self.version = begin.version
         self.num_buckets = begin.buckets
         self.total_bytes = begin.total_bytes
@@ -73,6 +77,8 @@ class VersionRun:
         self.framework = framework
         self._host_view = module(framework).view  # typed views of host bytes, unchecked (the hot path)
         self._host_views = module(framework).views  # the same, many at equal steps in one batch
+        # NumPy views only: their fields can be checked in C before one is handed out again
+        self._kept_views = kept_views if framework == "numpy" and domain == "host" else None
         self.queue = queue
         self.timeout = timeout
         self._on_ack = on_ack
@@ -227,14 +233,16 @@ class VersionRun:
         starts = np.flatnonzero(cut).tolist()
         starts.append(n)
         names, codes, shapes, buf = self.names, self.dtypes, self.shapes, slot.raw(0, used)
-        views, one = self._host_views, self._host_view
+        views, one, keeper = self._host_views, self._host_view, self._kept_views
         batches: list[tuple[list[str], Any]] = []
         for a, b in itertools.pairwise(starts):
             index, at = first + a, int(offsets[a])
             if b - a == 1:
                 batches.append(([names[index]], (one(buf[at : at + int(nbytes[a])], DTYPES[codes[index]], shapes[index]),)))
             else:
-                batches.append((names[index : first + b], views(buf, DTYPES[codes[index]], shapes[index], b - a, at, int(steps[a]))))
+                step = int(steps[a])
+                rows = views(buf, DTYPES[codes[index]], shapes[index], b - a, at, step)
+                batches.append((names[index : first + b], rows if keeper is None else keeper.views(slot, rows, at, step)))
         return batches
 
     def view(self, slot: ImportedSlot, data: Any, code: int, shape: tuple[int, ...]) -> Any:

@@ -33,6 +33,7 @@ from .sinks.base import NO_GROUPS, name_groups_of
 from .state import RankState, VersionRecord
 from .targets import detached_copy
 from .version_run import VersionRun
+from .view_keeper import ViewKeeper
 from .waiting import wait_bounded
 
 log = logging.getLogger("weightstream.receiver")
@@ -80,6 +81,7 @@ class VersionMachine:
         # thread applies the last
         self._receiver: ThreadPoolExecutor | None = None
         self._scratch = ScratchPool()  # host scratch for tensors larger than a bucket, reused across versions
+        self._kept_views = ViewKeeper()  # NumPy views of the slots' batches, handed out again when untouched
 
     @property
     def in_flight(self) -> str | None:
@@ -179,6 +181,7 @@ class VersionMachine:
             stream_index=self.rank,
             domain=link.transport.capabilities.device if link.transport is not None else "host",
             scratch=self._scratch,
+            kept_views=self._kept_views,
         )
         self._run = run
         self._inbox = asyncio.Queue()
