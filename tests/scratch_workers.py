@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import traceback
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+from view_workers import serve_views
 
 
 def views_rank(endpoint: str, versions: list[str], queue: Any) -> None:
-    from weightstream import ReceiverDaemon
-
     seen: dict[str, tuple[bytes, int]] = {}
     stale: list[np.ndarray] = []  # every view, kept past its validity: memory freed is never what is reused
 
@@ -20,16 +18,9 @@ def views_rank(endpoint: str, versions: list[str], queue: Any) -> None:
             seen[name] = (view.tobytes(), int(view.__array_interface__["data"][0]))
             stale.append(view)
 
-    try:
-        daemon = ReceiverDaemon(endpoint, load_weights, rank=0, framework="numpy", prefetch=2)
-        daemon.start()
-        try:
-            queue.put(("started", None))
-            for version in versions:
-                daemon.wait_for_version(version, timeout=60)
-                queue.put((version, dict(seen)))
-                seen.clear()
-        finally:
-            daemon.stop()
-    except BaseException as exc:  # reported, never a hang
-        queue.put(("crashed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    def report() -> dict[str, tuple[bytes, int]]:
+        out = dict(seen)
+        seen.clear()
+        return out
+
+    serve_views(endpoint, load_weights, versions, queue, report)

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import traceback
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
 
 def meddling_rank(endpoint: str, versions: list[str], queue: Any) -> None:
-    from weightstream import ReceiverDaemon
-
     seen: dict[str, tuple[bytes, tuple[int, ...], str]] = {}
     held: list[np.ndarray] = []  # views kept past their bucket, until the next version's load_weights
     given: dict[int, weakref.ref[np.ndarray]] = {}  # id -> every view handed out before, weakly
@@ -46,6 +44,24 @@ def meddling_rank(endpoint: str, versions: list[str], queue: Any) -> None:
             if k % 7 != 3 and (k % 5 == 1 or k % 11 == 2 or k % 13 == 4):
                 changed[id(view)] = weakref.ref(view)
 
+    def report() -> Any:
+        out = (dict(seen), dict(counts))
+        seen.clear()
+        counts.update(dict.fromkeys(counts, 0))
+        return out
+
+    serve_views(endpoint, load_weights, versions, queue, report)
+
+
+def serve_views(
+    endpoint: str, load_weights: Callable[[Iterable[tuple[str, np.ndarray]]], None], versions: list[str], queue: Any,
+    report: Callable[[], Any],
+) -> None:
+    """A NumPy views rank running ``load_weights``: ("started", None) on ``queue`` once it runs,
+    then ``(version, report())`` as each of ``versions`` commits; a crash is put there too,
+    never a hang."""
+    from weightstream import ReceiverDaemon
+
     try:
         daemon = ReceiverDaemon(endpoint, load_weights, rank=0, framework="numpy", prefetch=2)
         daemon.start()
@@ -53,9 +69,7 @@ def meddling_rank(endpoint: str, versions: list[str], queue: Any) -> None:
             queue.put(("started", None))
             for version in versions:
                 daemon.wait_for_version(version, timeout=60)
-                queue.put((version, (dict(seen), dict(counts))))
-                seen.clear()
-                counts.update(dict.fromkeys(counts, 0))
+                queue.put((version, report()))
         finally:
             daemon.stop()
     except BaseException as exc:  # reported, never a hang
