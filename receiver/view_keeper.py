@@ -10,8 +10,9 @@ holds it and it is exactly what a new one would be: address, dtype, shape, strid
 kept, or changed in place (``view.shape = ...``), is replaced by a new one.
 
 Kept per slot object, weakly: a slot the session unmapped goes with its views. At most
-:data:`MAX_BATCHES` places are kept per slot (a layout that changes every push would otherwise
-add places without end), each holding a list of its views: about 150 bytes a tensor.
+:data:`MAX_VIEWS` views are kept per slot (~130 bytes each: ~17 MiB a slot at most, ~13 MiB
+in all for 100k tensors); a place that would pass that drops the slot's others first, and a
+batch larger than that alone is not kept.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ import numpy as np
 
 from ..native import kept_views
 
-MAX_BATCHES = 4096  # places kept per slot; past it the slot's are dropped and kept anew
+MAX_VIEWS = 1 << 17  # views kept per slot
 
 
 class ViewKeeper:
     """Per slot and place (offset, step, batch shape, dtype), the views handed out last."""
 
-    def __init__(self, max_batches: int = MAX_BATCHES) -> None:
-        self.max_batches = max_batches
+    def __init__(self, max_views: int = MAX_VIEWS) -> None:
+        self.max_views = max_views
         self._slots: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], list[Any]]] = weakref.WeakKeyDictionary()
 
     def views(self, slot: Any, rows: np.ndarray, offset: int, step: int) -> Iterator[Any]:
@@ -43,9 +44,12 @@ class ViewKeeper:
         place = (offset, step, rows.shape, rows.dtype)
         kept = places.get(place)
         if kept is None:
-            if len(places) >= self.max_batches:
+            count = len(rows)
+            if count > self.max_views:
+                return iter(rows)
+            if count + sum(map(len, places.values())) > self.max_views:  # a layout that changed, say
                 places.clear()
-            kept = places[place] = [None] * len(rows)
+            kept = places[place] = [None] * count
         return kept_views(rows, kept)
 
     @property

@@ -134,19 +134,21 @@ def test_the_keeper_keeps_per_slot_and_place_and_lets_a_dropped_slot_go() -> Non
     class Slot:  # stands for an ImportedSlot: only its identity matters here
         pass
 
-    keeper, slot, other = ViewKeeper(max_batches=2), Slot(), Slot()
+    keeper, slot, other = ViewKeeper(max_views=12), Slot(), Slot()
     buf = np.arange(512, dtype=np.uint8)
     first = [id(v) for v in keeper.views(slot, batch(buf), 8, 48)]
     assert [id(v) for v in keeper.views(slot, batch(buf), 8, 48)] == first
     assert [id(v) for v in keeper.views(other, batch(buf), 8, 48)] != first  # another slot: its own views
     assert keeper.kept == 10
     list(keeper.views(slot, batch(buf, count=3, offset=16), 16, 48))
-    assert keeper.kept == 13
-    list(keeper.views(slot, batch(buf, count=2, offset=24), 24, 48))  # a third place: the slot's are dropped
-    assert keeper.kept == 5 + 2
+    assert keeper.kept == 13  # 8 views at two places in slot
+    list(keeper.views(slot, batch(buf, count=5, offset=24), 24, 48))  # would be 13 in slot: its others go
+    assert keeper.kept == 5 + 5
+    list(keeper.views(slot, batch(buf, count=13, offset=0, step=24), 0, 24))  # over the bound alone: not kept
+    assert keeper.kept == 5 + 5
     del other
     gc.collect()
-    assert keeper.kept == 2
+    assert keeper.kept == 5
     keeper.clear()
     assert keeper.kept == 0 and sys.getrefcount(buf) == 2
 
