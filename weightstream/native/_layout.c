@@ -31,7 +31,7 @@
  * 100k-entry walk is 0.5-1.5 ms on a rank's path to READY). None from Python 3.12 on, which
  * deprecated the tag (3.13 dropped it): callers walk.
  *
- *   kept_views(rows, kept) -> iterator | None
+ *   kept_views(rows, kept) -> Iterator | None
  *
  * The items rows[0], rows[1], ... of an exact ndarray ``rows`` (a batch of tensors of one dtype
  * and shape at equal steps in a slot), each the view ``kept[i]`` holds from an earlier bucket
@@ -326,7 +326,7 @@ static PyMethodDef methods[] = {
      "The dict's PEP 509 version tag, which changes with every added, removed or rebound entry; None where\n"
      "this Python has none (3.12 on)."},
     {"kept_views", kept_views, METH_VARARGS,
-     "kept_views(rows, kept) -> iterator | None\n\n"
+     "kept_views(rows, kept) -> Iterator | None\n\n"
      "The items of the ndarray rows, each the view kept[i] holds when it is exactly rows[i] and held by the\n"
      "list alone, else rows[i] made anew and kept there; None where NumPy's array head is not as expected."},
     {NULL, NULL, 0, NULL},
