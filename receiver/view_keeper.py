@@ -7,7 +7,9 @@ place in the same slot (an RL loop pushes one layout every step) would make the 
 views again, so the rank keeps the ones it made and hands each out again when nothing else
 holds it and it is exactly what a new one would be: address, dtype, shape, strides and flags
 (``weightstream.native.kept_views`` checks each as the consumer takes it). A view the engine
-kept, or changed in place (``view.shape = ...``), is replaced by a new one.
+kept, changed in place (``view.shape = ...``) or refers to weakly (a weakref, a
+``weakref.finalize``) is replaced by a new one, so that it dies as it would have without the
+keeper.
 
 Kept per slot object, weakly: a slot the session unmapped goes with its views. At most
 :data:`MAX_VIEWS` views are kept per slot (~130 bytes each: ~17 MiB a slot at most, ~13 MiB

@@ -1,7 +1,6 @@
-"""A views rank for test_kept_views: records each view's bytes, shape and dtype, keeps some views
-past their bucket and changes others in place, as an engine may, and counts the views it is
-handed again (the same object as one it got before, found through weak references, which do not
-keep a view alive)."""
+"""A views rank for test_kept_views: records each view's bytes, shape, dtype, writability and
+identity, keeps some views past their bucket, changes others in place and puts finalizers
+(weak references) on others, as an engine may."""
 
 from __future__ import annotations
 
@@ -14,24 +13,19 @@ import numpy as np
 
 
 def meddling_rank(endpoint: str, versions: list[str], queue: Any) -> None:
-    seen: dict[str, tuple[bytes, tuple[int, ...], str]] = {}
+    seen: dict[str, tuple[bytes, tuple[int, ...], str, bool, int]] = {}
     held: list[np.ndarray] = []  # views kept past their bucket, until the next version's load_weights
-    given: dict[int, weakref.ref[np.ndarray]] = {}  # id -> every view handed out before, weakly
-    changed: dict[int, weakref.ref[np.ndarray]] = {}  # id -> the views changed in place
-    counts = {"again": 0, "held_again": 0, "changed_again": 0}
+    counts = {"held_again": 0, "weak": 0, "finalized": 0}
+
+    def finalized() -> None:
+        counts["finalized"] += 1
 
     def load_weights(weights: Iterable[tuple[str, np.ndarray]]) -> None:
         keeping = list(held)
         held.clear()
         for name, view in weights:
-            seen[name] = (view.tobytes(), view.shape, view.dtype.str)
-            before = given.get(id(view))
-            if before is not None and before() is view:
-                counts["again"] += 1
-                counts["held_again"] += any(view is h for h in keeping)
-                changed_before = changed.get(id(view))
-                counts["changed_again"] += changed_before is not None and changed_before() is view
-            given[id(view)] = weakref.ref(view)
+            seen[name] = (view.tobytes(), view.shape, view.dtype.str, bool(view.flags.writeable), id(view))
+            counts["held_again"] += any(view is h for h in keeping)
             k = int(name[1:])
             if k % 7 == 3:
                 held.append(view)  # an engine that keeps a view: it must not be handed out again
@@ -41,8 +35,9 @@ def meddling_rank(endpoint: str, versions: list[str], queue: Any) -> None:
                 view.flags.writeable = False
             elif k % 13 == 4:
                 view.dtype = np.dtype(np.int32)  # retyped in place
-            if k % 7 != 3 and (k % 5 == 1 or k % 11 == 2 or k % 13 == 4):
-                changed[id(view)] = weakref.ref(view)
+            elif k % 17 == 6:
+                weakref.finalize(view, finalized)  # must run once the engine lets the view go
+                counts["weak"] += 1
 
     def report() -> Any:
         out = (dict(seen), dict(counts))

@@ -138,7 +138,8 @@ def dict_version(mapping: dict[Any, Any]) -> int | None:
 def kept_views(rows: np.ndarray, kept: list[Any]) -> Iterator[Any]:
     """The items of ``rows`` (``rows[0]``, ``rows[1]``, ...: a batch of views), each the view
     ``kept[i]`` holds from before when it is exactly ``rows[i]`` (address, dtype, shape, strides,
-    flags) and nothing but ``kept`` holds it, else ``rows[i]`` made anew and kept in its place.
+    flags) and nothing but ``kept`` holds it, not even weakly, else ``rows[i]`` made anew and kept
+    in its place.
     Without the C module, or for anything but an exact ndarray and a list as long: ``iter(rows)``,
     every view new and nothing kept."""
     if NATIVE and LAYOUT and type(rows) is np.ndarray and rows.ndim and type(kept) is list and len(kept) == len(rows):

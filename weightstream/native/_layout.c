@@ -36,7 +36,8 @@
  * The items rows[0], rows[1], ... of an exact ndarray ``rows`` (a batch of tensors of one dtype
  * and shape at equal steps in a slot), each the view ``kept[i]`` holds from an earlier bucket
  * at that place when it is exactly what rows[i] would be (an exact ndarray at the same address
- * with the same dtype object, shape, strides and flags) and nothing but the list holds it;
+ * with the same dtype object, shape, strides and flags) and nothing but the list holds it,
+ * not even weakly;
  * otherwise rows[i] made anew, which then takes that place in ``kept``. Making a view is ~0.1
  * us, 8-10% of an engine's loop over 100k small tensors, and a view that load_weights let go
  * is indistinguishable from a new one. None where NumPy's array head is not as expected
@@ -207,9 +208,19 @@ typedef struct {
 
 static PyTypeObject KeptViewsType;
 
+/* Does anything refer to ``obj`` weakly? A weakref, a WeakValueDictionary entry or a
+ * weakref.finalize on a view the engine let go must see it die, not come back as another
+ * tensor's view. Where the type keeps its weak references elsewhere than at a fixed offset,
+ * say yes: the view is then never handed out again. */
+static int weakly_held(PyObject *obj) {
+    Py_ssize_t offset = Py_TYPE(obj)->tp_weaklistoffset;
+    if (offset <= 0) return offset < 0;
+    return *(PyObject **)((char *)obj + offset) != NULL;
+}
+
 /* Is ``view`` exactly what rows[i] would be, and held by the kept list alone? */
 static int kept_view_fits(KeptViews *self, PyObject *view, Py_ssize_t i) {
-    if (Py_TYPE(view) != Py_TYPE(self->rows) || Py_REFCNT(view) != 1) return 0;
+    if (Py_TYPE(view) != Py_TYPE(self->rows) || Py_REFCNT(view) != 1 || weakly_held(view)) return 0;
     NumpyArrayHead *head = (NumpyArrayHead *)view;
     if (head->data != self->data + i * self->step || head->nd != self->nd || head->descr != self->descr ||
         head->flags != self->flags)
