@@ -305,6 +305,12 @@ class VersionMachine:
         try:
             await asyncio.shield(future)
         except Exception as exc:  # typed, or the user's load_weights raised: reported by name
+            # an engine that kept this version's iterator and asks it again later (in the next
+            # load_weights, say) gets this at once, not a wait of apply_timeout on the apply thread
+            run.queue.abort(VersionAborted(
+                f"version {run.version!r} ended ({type(exc).__name__}); its iterator gives nothing more: "
+                "iterate the one load_weights was called with this time"
+            ))
             self._fail_run(run, exc)
             return
         finally:

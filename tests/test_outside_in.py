@@ -5,6 +5,7 @@ rank reported as such in later pushes, and no fd left by a refused WELCOME."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,40 @@ def test_a_staged_load_weights_failure_names_the_tensor_it_was_given(endpoint: s
         with pytest.raises(RemoteError) as info:
             sender.push(named, version="v1")
     assert "while loading tensor 'b'" in str(info.value) and "after COMMIT" in str(info.value), str(info.value)
+
+
+@pytest.mark.timeout(60)
+def test_an_iterator_kept_from_a_failed_version_ends_at_once_when_asked_again(endpoint: str) -> None:
+    """load_weights keeps its iterator and raises mid-version; the next version's load_weights asks
+    that old iterator first: it raises at once (not after apply_timeout, with the apply thread
+    stuck and every later push timing out), and the next version commits."""
+    kept: list[Any] = []
+    asked: list[str] = []
+
+    def load_weights(weights: Any) -> None:
+        if kept:
+            try:
+                for _ in kept.pop():
+                    pass
+            except WeightstreamError as exc:
+                asked.append(type(exc).__name__)
+        it = iter(weights)
+        for name, _ in it:
+            if name == "t5" and not asked:
+                kept.append(it)
+                raise RuntimeError("the engine gave up")
+
+    named = [(f"t{i}", np.full(256, i, np.float32)) for i in range(40)]
+    with ReceiverDaemon(endpoint, load_weights, framework="numpy", rank=0, apply_timeout=120, **HB), BucketSender(
+        endpoint, bucket_bytes=4096, timeout=20, **HB
+    ) as sender:
+        sender.wait_for_receivers(timeout=10)
+        with pytest.raises(RemoteError, match="the engine gave up"):
+            sender.push(named, version="v1")
+        t0 = time.perf_counter()
+        sender.push(named, version="v2")  # the old iterator raised at once: v2 went through
+        assert time.perf_counter() - t0 < 10
+    assert asked == ["VersionAborted"]
 
 
 def test_a_trainer_side_exception_mid_push_is_typed_and_carries_the_report(endpoint: str) -> None:
