@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,37 @@ def test_copy_lands_every_byte_at_any_alignment_and_nothing_around_it(
     speedups._spans.copy(dst[dst_at : dst_at + size], src[src_at:], stream)
     assert dst[dst_at : dst_at + size].tobytes() == src[src_at:].tobytes()
     assert (dst[:dst_at] == 0xAB).all() and (dst[dst_at + size :] == 0xAB).all()
+
+
+SWEEP = """
+import numpy as np
+from weightstream.native import _spans
+print(_spans.STREAM_SIMD)
+for size in [*range(0, 300, 7), 4095, 4096, 16383, 16384, 16448, 65536 + 65, 300_001]:
+    for dst_at in (0, 1, 31, 32, 63, 64, 100):
+        for src_at in (0, 3, 32):
+            src = np.random.default_rng(size).integers(0, 256, src_at + size, dtype=np.uint8)
+            dst = np.full(dst_at + size + 64, 0xAB, np.uint8)
+            _spans.copy(dst[dst_at : dst_at + size], src[src_at:], True)
+            if dst[dst_at : dst_at + size].tobytes() != src[src_at:].tobytes() or (dst[:dst_at] != 0xAB).any() \
+                    or (dst[dst_at + size :] != 0xAB).any():
+                raise SystemExit(f"size {size} dst_at {dst_at} src_at {src_at}: bytes differ")
+"""
+
+
+@native
+@pytest.mark.parametrize("simd", ["", "sse2"])
+def test_each_streaming_store_path_lands_every_byte(simd: str) -> None:
+    """The streaming copy takes 32-byte AVX2 stores where the CPU has them and SSE2's otherwise
+    (``WEIGHTSTREAM_SIMD=sse2`` forces the latter): both, in a process of their own, at sizes
+    around every split and at any alignment."""
+    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    env = {k: v for k, v in os.environ.items() if k != "WEIGHTSTREAM_SIMD"} | ({"WEIGHTSTREAM_SIMD": simd} if simd else {})
+    out = subprocess.run([sys.executable, "-c", SWEEP], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr + out.stdout
+    flags = set(m.group(1).split()) if (m := re.search(r"^flags\s*:(.*)$", cpu, re.M)) else set()
+    want = "avx2" if "avx2" in flags and not simd else "sse2" if "sse2" in flags else "none"
+    assert out.stdout.split()[0] == want
 
 
 @native

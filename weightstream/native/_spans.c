@@ -59,6 +59,27 @@ static inline void stream_line(char *dst, const char *src) {
 
 #define STREAM_PAGE 4096
 
+/* Whole 64-byte lines by 32-byte non-temporal stores, where the CPU has AVX2 (decided at import,
+ * ``STREAM_SIMD`` says which; ``WEIGHTSTREAM_SIMD=sse2`` keeps the SSE2 path below). Measured on
+ * a 2-core AMD EPYC VM, 1 GiB x 64 to direct ranks, whose copies out of the ring are these
+ * (running medians of interleaved laps): 2 ranks 140.5 / 149.6 / 146.9 / 146.1 ms a push
+ * against 152.4 / 149.6 / 153.6 / 147.6 through SSE2's stores, 1 rank 75.6 / 67.8 against
+ * 78.2 / 76.8: never slower, 0-12 % faster. The SSE2 path's four-pages-at-a-time order made the
+ * AVX2 stores slower there (176 ms), so this one runs straight through. */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define HAVE_AVX2_PATH 1
+__attribute__((target("avx2"))) static void stream_lines_avx2(char *dst, const char *src, Py_ssize_t n) {
+    for (Py_ssize_t at = 0; at < n; at += 64) {
+        __m256i a = _mm256_loadu_si256((const __m256i *)(src + at));
+        __m256i b = _mm256_loadu_si256((const __m256i *)(src + at + 32));
+        _mm256_stream_si256((__m256i *)(dst + at), a);
+        _mm256_stream_si256((__m256i *)(dst + at + 32), b);
+    }
+}
+#endif
+static int stream_avx2 = 0; /* set at import: the CPU has AVX2 and WEIGHTSTREAM_SIMD is not "sse2" */
+
 /* dst[:n] = src[:n]. Streaming: cached stores up to dst's next 64-byte line, then whole lines
  * by non-temporal stores, then the tail; the caller fences (stream_fence) before anyone
  * else may read dst. Four pages are copied a line of each in turn, as glibc's own streaming
@@ -70,6 +91,13 @@ static void copy_bytes(char *dst, const char *src, Py_ssize_t n, int stream) {
         Py_ssize_t head = (Py_ssize_t)((64 - ((uintptr_t)dst & 63)) & 63);
         memcpy(dst, src, head);
         dst += head, src += head, n -= head;
+#ifdef HAVE_AVX2_PATH
+        if (stream_avx2) { /* dst is 64-byte aligned here: whole lines, then the tail */
+            Py_ssize_t lines = n & ~(Py_ssize_t)63;
+            stream_lines_avx2(dst, src, lines);
+            dst += lines, src += lines, n -= lines;
+        }
+#endif
         for (; n >= 4 * STREAM_PAGE; n -= 4 * STREAM_PAGE, dst += 4 * STREAM_PAGE, src += 4 * STREAM_PAGE)
             for (Py_ssize_t at = 0; at < STREAM_PAGE; at += 64) {
                 stream_line(dst + at, src + at);
@@ -532,6 +560,11 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__spans(void) {
+#ifdef HAVE_AVX2_PATH
+    const char *simd = getenv("WEIGHTSTREAM_SIMD");
+    __builtin_cpu_init();
+    stream_avx2 = __builtin_cpu_supports("avx2") && !(simd != NULL && strcmp(simd, "sse2") == 0);
+#endif
     str_is_cpu = PyUnicode_InternFromString("is_cpu");
     str_is_contiguous = PyUnicode_InternFromString("is_contiguous");
     str_is_neg = PyUnicode_InternFromString("is_neg");
@@ -539,5 +572,12 @@ PyMODINIT_FUNC PyInit__spans(void) {
     str_data_ptr = PyUnicode_InternFromString("data_ptr");
     if (intern_shared() < 0 || !str_is_cpu || !str_is_contiguous || !str_is_neg || !str_nbytes || !str_data_ptr)
         return NULL;
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+#if defined(__SSE2__)
+    const char *path = stream_avx2 ? "avx2" : "sse2";
+#else
+    const char *path = "none"; /* memmove */
+#endif
+    if (m != NULL && PyModule_AddStringConstant(m, "STREAM_SIMD", path) < 0) Py_CLEAR(m);
+    return m;
 }

@@ -9,6 +9,8 @@ from typing_extensions import Buffer
 # Any object exporting a C-contiguous buffer; NumPy's stubs give ndarray ``__buffer__`` on 3.12+ only.
 _Bytes: TypeAlias = Buffer | NDArray[Any]
 
+STREAM_SIMD: str  # the streaming copy's stores: "avx2" (32-byte), "sse2" (16-byte) or "none" (memmove)
+
 def gather(
     dst: _Bytes,
     offsets: Sequence[int],
